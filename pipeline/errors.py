@@ -1,0 +1,28 @@
+"""User errors versus bugs.
+
+A :class:`CarveError` is a problem with the user's input (a file, a model, an option): its message names the file, node or
+value at fault and says what to do. The CLI prints it on one line and exits 1 without a traceback. Any other exception is
+a bug in carve and is reported as such.
+"""
+
+from __future__ import annotations
+
+
+class CarveError(Exception):
+    """A user-facing error: bad input, unsupported model, impossible request."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class UnsupportedModelError(CarveError):
+    """The model uses something carve cannot analyse safely (e.g. control flow on the channel path)."""
+
+
+class MissingDependencyError(CarveError):
+    """An optional dependency (torchvision, TensorRT, a GPU) is not available."""

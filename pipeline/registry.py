@@ -1,0 +1,85 @@
+"""Named plugin registries: a decorator for built-ins, entry points for third parties.
+
+    criteria = Registry("criterion", entry_point_group="carve.criteria")
+
+    @criteria.register("l1")
+    class L1: ...
+
+    criteria.get("l1")      # -> L1
+    criteria.get("l3")      # CarveError: unknown criterion 'l3'; valid: l1, l2, random
+
+Built-in plugins are imported lazily from the modules named in ``builtin_modules`` the first time a registry is read, so
+importing :mod:`pipeline` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from importlib.metadata import entry_points
+from typing import Any, Generic, TypeVar
+
+from .errors import CarveError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, *, entry_point_group: str | None = None, builtin_modules: Iterable[str] = ()) -> None:
+        self.kind = kind
+        self.entry_point_group = entry_point_group
+        self._builtin_modules = tuple(builtin_modules)
+        self._items: dict[str, T] = {}
+        self._loaded = False
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator: ``@registry.register("name")``."""
+
+        def deco(obj: T) -> T:
+            if name in self._items and self._items[name] is not obj:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._items[name] = obj
+            try:
+                obj.name = name  # type: ignore[attr-defined]
+            except (AttributeError, TypeError):
+                pass
+            return obj
+
+        return deco
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for mod in self._builtin_modules:
+            importlib.import_module(mod)
+        if self.entry_point_group:
+            for ep in entry_points(group=self.entry_point_group):
+                if ep.name in self._items:
+                    continue
+                try:
+                    self._items[ep.name] = ep.load()
+                except Exception as exc:  # a broken third-party plugin must not break the built-ins
+                    raise CarveError(
+                        f"the {self.kind} plugin {ep.name!r} ({ep.value}) failed to load: {exc}",
+                        hint=f"fix or uninstall the package that provides it (entry point group {self.entry_point_group})",
+                    ) from exc
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._items)
+
+    def items(self) -> list[tuple[str, T]]:
+        self._load()
+        return sorted(self._items.items())
+
+    def get(self, name: str) -> T:
+        self._load()
+        try:
+            return self._items[name]
+        except KeyError:
+            raise CarveError(f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}") from None
+
+    def __contains__(self, name: Any) -> bool:
+        self._load()
+        return name in self._items
