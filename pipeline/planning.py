@@ -1,0 +1,130 @@
+"""From importance scores to a pruning plan: which channel units to remove.
+
+:func:`plan` scores every unit with a criterion (:mod:`pipeline.criteria`) and lets an allocator decide how many units
+each slice of each group loses. The built-in ``uniform`` allocator removes the same fraction of every slice (a slice is
+the set of units of a group that appear in exactly the same tensors, so every tensor shrinks by the same ratio), rounds
+the kept width up to a multiple of ``round_to`` (channel alignment for the engine's kernels) and never keeps fewer than
+``keep_min`` channels. Frozen units are never removed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .channels import ChannelAnalysis, Kind
+from .criteria import ScoreContext, criteria
+from .errors import CarveError
+from .registry import Registry
+
+allocators: Registry = Registry("allocator", entry_point_group="carve.allocators", builtin_modules=["plugins.allocators"])
+
+
+@dataclass
+class Plan:
+    analysis: ChannelAnalysis
+    removed: np.ndarray  # bool per unit
+    criterion: str = "manual"
+    allocator: str = "manual"
+    options: dict[str, Any] = field(default_factory=dict)
+    scores: np.ndarray | None = None
+    frozen: np.ndarray | None = None  # frozen mask used (analysis + --exclude)
+
+    @property
+    def n_removed(self) -> int:
+        return int(self.removed.sum())
+
+    def removed_channels(self) -> int:
+        """Producer output channels removed (what a user calls 'channels')."""
+        a = self.analysis
+        return sum(int(self.removed[a.source_units(s)].sum()) for s in a.sources if s.kind == Kind.OUT)
+
+    def summary(self, model_before=None, model_after=None) -> dict:
+        a = self.analysis
+        total = sum(s.count for s in a.sources if s.kind == Kind.OUT)
+        out: dict[str, Any] = {
+            "criterion": self.criterion,
+            "allocator": self.allocator,
+            "options": self.options,
+            "channels_before": total,
+            "channels_removed": self.removed_channels(),
+            "units_removed": self.n_removed,
+            "groups_touched": int(len(np.unique(a.unit_group[self.removed]))) if self.n_removed else 0,
+        }
+        if model_before is not None:
+            from .cost import model_cost
+
+            c0 = model_cost(model_before)
+            out.update(params_before=c0.params, macs_before=c0.macs)
+            if model_after is not None:
+                c1 = model_cost(model_after)
+                out.update(params_after=c1.params, macs_after=c1.macs)
+        return out
+
+
+def exclusion_mask(analysis: ChannelAnalysis, patterns: list[str] | tuple[str, ...]) -> tuple[np.ndarray, dict[int, str]]:
+    """Units touching a node whose name matches a glob pattern: produced, consumed or carried by it."""
+    mask = np.zeros(analysis.n_units, dtype=bool)
+    reasons: dict[int, str] = {}
+    if not patterns:
+        return mask, reasons
+    nodes = set(analysis.model.nodes)
+    matched = {n for n in nodes if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    if not matched:
+        raise CarveError(f"--exclude {' '.join(patterns)} matches no node", hint="`carve inspect` lists the node names")
+    for rec in analysis.slice_records:
+        if rec.node in matched:
+            for u in np.unique(analysis.unit_of[rec.ids]):
+                mask[u] = True
+                reasons.setdefault(int(u), f"excluded by --exclude ({rec.node})")
+    for s in analysis.sources:
+        if s.name in matched:
+            for u in np.unique(analysis.source_units(s)):
+                mask[u] = True
+                reasons.setdefault(int(u), f"excluded by --exclude ({s.name})")
+    return mask, reasons
+
+
+def kept_width(n: int, ratio: float, round_to: int = 1, keep_min: int = 1) -> int:
+    """How many of ``n`` channels a slice keeps at pruning ``ratio``: aligned up to ``round_to``, at least ``keep_min``."""
+    keep = math.ceil(n * (1.0 - ratio) - 1e-9)
+    if round_to > 1:
+        keep = math.ceil(keep / round_to) * round_to
+    return min(n, max(keep, keep_min, 1))
+
+
+def plan(
+    analysis: ChannelAnalysis,
+    *,
+    criterion: str = "l1",
+    ratio: float = 0.5,
+    round_to: int = 1,
+    keep_min: int = 1,
+    exclude: list[str] | tuple[str, ...] = (),
+    allocator: str = "uniform",
+    seed: int = 0,
+    calib: Any = None,
+    criterion_options: dict[str, Any] | None = None,
+    **allocator_options: Any,
+) -> Plan:
+    """Score the units with ``criterion`` and choose the ones to remove with ``allocator``."""
+    if not 0 <= ratio < 1:
+        raise CarveError(f"ratio must be in [0, 1), got {ratio}")
+    if round_to < 1 or keep_min < 1:
+        raise CarveError("--round-to and --keep-min must be at least 1")
+    crit = criteria.get(criterion)(**(criterion_options or {}))
+    ctx = ScoreContext(analysis, seed=seed, calib=calib)
+    scores = np.asarray(crit.unit_scores(ctx), dtype=np.float64)
+    if scores.shape != (analysis.n_units,):
+        raise AssertionError(f"criterion {criterion!r} returned {scores.shape} scores for {analysis.n_units} units")
+    excl, _ = exclusion_mask(analysis, exclude)
+    frozen = analysis.unit_frozen | excl
+    alloc = allocators.get(allocator)
+    removed = alloc(analysis, scores, frozen, ratio=ratio, round_to=round_to, keep_min=keep_min, **allocator_options)
+    options = {"ratio": ratio, "round_to": round_to, "keep_min": keep_min, "exclude": list(exclude), "seed": seed,
+               **allocator_options, **(criterion_options or {})}
+    return Plan(analysis, removed, criterion, allocator, options, scores, frozen)

@@ -1,0 +1,3 @@
+"""Built-in importance criteria; importing this package registers them (one criterion family per module)."""
+
+from . import magnitude, random  # noqa: F401
