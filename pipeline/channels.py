@@ -30,9 +30,6 @@ from enum import IntEnum
 
 import numpy as np
 import onnx
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
-
 from .errors import UnsupportedModelError
 from .graph import Model, attr, control_flow_nodes
 
@@ -128,15 +125,8 @@ class ChannelAnalysis:
             dst = np.concatenate([p[1] for p in a.union_pairs])
         else:
             src = dst = np.zeros(0, dtype=np.int64)
-        graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(n, n))
-        _, labels = connected_components(graph, directed=False)
-        # number units in order of first element so ids are stable and readable
-        _, first = np.unique(labels, return_index=True)
-        order = np.argsort(first)
-        remap = np.empty(len(order), dtype=np.int64)
-        remap[order] = np.arange(len(order))
-        self.unit_of: np.ndarray = remap[labels] if n else np.zeros(0, dtype=np.int64)
-        self.n_units = int(len(order))
+        self.unit_of: np.ndarray = components(n, src, dst)
+        self.n_units = int(self.unit_of.max()) + 1 if n else 0
 
         self.element_source = np.zeros(n, dtype=np.int64)
         for i, s in enumerate(self.sources):
@@ -183,21 +173,10 @@ class ChannelAnalysis:
 
     def _build_groups(self) -> None:
         ns = len(self.sources)
-        if self.n_elements:
-            # link each unit to the sources of its elements; groups are connected components of that bipartite graph
-            g = coo_matrix(
-                (np.ones(self.n_elements, dtype=np.int8), (self.element_source, ns + self.unit_of)),
-                shape=(ns + self.n_units, ns + self.n_units),
-            )
-            _, labels = connected_components(g, directed=False)
-            unit_label = labels[ns:]
-        else:
-            unit_label = np.zeros(0, dtype=np.int64)
-        _, first = np.unique(unit_label, return_index=True)
-        order = np.argsort(first)
-        remap = np.empty(len(order), dtype=np.int64)
-        remap[order] = np.arange(len(order))
-        self.unit_group = remap[unit_label] if len(unit_label) else unit_label
+        # link each unit to the sources of its elements; groups are connected components of that bipartite graph
+        labels = components(ns + self.n_units, self.element_source, ns + self.unit_of)
+        self.unit_group = _renumber(labels[ns:])
+        n_groups = int(self.unit_group.max()) + 1 if self.n_units else 0
         # slices: units of a group that appear in exactly the same tensors
         signature: dict[int, list[int]] = defaultdict(list)
         for t_idx, chan in enumerate(self.tensors.values()):
@@ -208,7 +187,7 @@ class ChannelAnalysis:
         for s_idx, s in enumerate(self.sources):
             for u in np.unique(self.unit_of[s.start : s.start + s.count]):
                 source_units[int(self.unit_group[u])].add(s_idx)
-        for gid in range(len(order)):
+        for gid in range(n_groups):
             units = np.flatnonzero(self.unit_group == gid)
             by_sig: dict[tuple[int, ...], list[int]] = defaultdict(list)
             for u in units:
@@ -284,6 +263,37 @@ class ChannelAnalysis:
             "groups": len(self.groups),
             "frozen_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
         }
+
+
+def components(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Connected components of an undirected graph on ``n`` nodes given as edge arrays; labels 0.. in order of first
+    appearance. Vectorised hook-and-compress: hook every root onto the smallest root across its edges, then jump
+    pointers until each node points at its root; repeat until no edge joins two roots (O(log n) rounds in practice)."""
+    labels = np.arange(n, dtype=np.int64)
+    src = np.asarray(src, dtype=np.int64)
+    dst = np.asarray(dst, dtype=np.int64)
+    while len(src):
+        ls, ld = labels[src], labels[dst]
+        if np.array_equal(ls, ld):
+            break
+        m = np.minimum(ls, ld)
+        np.minimum.at(labels, ls, m)
+        np.minimum.at(labels, ld, m)
+        while True:
+            nxt = labels[labels]
+            if np.array_equal(nxt, labels):
+                break
+            labels = nxt
+    return _renumber(labels)
+
+
+def _renumber(labels: np.ndarray) -> np.ndarray:
+    if not len(labels):
+        return labels
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inverse]
 
 
 def _reason_kind(reason: str) -> str:

@@ -261,7 +261,27 @@ def prepare(proto: onnx.ModelProto, source: Path | None = None) -> Model:
         _fold_constants(model)
         model.refresh()
     _remove_dead(model)
+    _complete_output_types(model)
     return model
+
+
+def _complete_output_types(model: Model) -> None:
+    """Give graph outputs declared without a shape the inferred one (the full checker requires it)."""
+    for out in model.graph.output:
+        tt = out.type.tensor_type
+        shp = model.shapes.get(out.name)
+        dtype = model.shapes.dtypes.get(out.name)
+        if shp is None or tt.HasField("shape"):
+            continue
+        if not tt.elem_type and dtype:
+            tt.elem_type = dtype
+        dims = tt.shape.dim
+        for k, d in enumerate(shp):
+            dim = dims.add()
+            if d is not None:
+                dim.dim_value = d
+            else:
+                dim.dim_param = f"{out.name}_dim{k}"
 
 
 def _name_nodes(g: onnx.GraphProto) -> None:

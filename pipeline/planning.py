@@ -43,7 +43,7 @@ class Plan:
         a = self.analysis
         return sum(int(self.removed[a.source_units(s)].sum()) for s in a.sources if s.kind == Kind.OUT)
 
-    def summary(self, model_before=None, model_after=None) -> dict:
+    def summary(self, model_before=None, model_after=None, cost_before=None) -> dict:
         a = self.analysis
         total = sum(s.count for s in a.sources if s.kind == Kind.OUT)
         out: dict[str, Any] = {
@@ -55,10 +55,10 @@ class Plan:
             "units_removed": self.n_removed,
             "groups_touched": int(len(np.unique(a.unit_group[self.removed]))) if self.n_removed else 0,
         }
-        if model_before is not None:
-            from .cost import model_cost
+        from .cost import model_cost
 
-            c0 = model_cost(model_before)
+        c0 = cost_before or (model_cost(model_before) if model_before is not None else None)
+        if c0 is not None:
             out.update(params_before=c0.params, macs_before=c0.macs)
             if model_after is not None:
                 c1 = model_cost(model_after)

@@ -53,10 +53,17 @@ def _check_plan(model: Model, plan: Plan) -> ChannelAnalysis:
     return analysis
 
 
-def prune(model: Model, plan: Plan, *, verify: bool = True, command: str | None = None) -> Model:
-    """Return a new model with the plan's channels physically removed. ``model`` is not modified."""
+def prune(model: Model, plan: Plan, *, verify: bool = True, command: str | None = None, inplace: bool = False) -> Model:
+    """Return a model with the plan's channels physically removed.
+
+    ``model`` is left untouched unless ``inplace`` (which saves a copy of every weight: the CLI uses it).
+    """
     analysis = _check_plan(model, plan)
-    out = model.copy()
+    before = {"shapes": {n: model.shape(n) for n in model.output_names}, "cost": None}
+    from .cost import model_cost
+
+    before["cost"] = model_cost(model)
+    out = model if inplace else model.copy()
     keep = _keep_fn(analysis, plan.removed)
     cut_constants(out, analysis, keep)
     for fix in analysis.fixes:
@@ -64,8 +71,8 @@ def prune(model: Model, plan: Plan, *, verify: bool = True, command: str | None 
     del out.graph.value_info[:]
     out.refresh()
     if verify:
-        verify_structure(model, out)
-    record(out, "prune", plan.summary(model_before=model, model_after=out), command=command)
+        verify_structure(before["shapes"], out)
+    record(out, "prune", plan.summary(cost_before=before["cost"], model_after=out), command=command)
     return out
 
 
@@ -86,10 +93,10 @@ def cut_constants(model: Model, analysis: ChannelAnalysis, keep) -> None:
             model.set_array(tensor, arr)
 
 
-def verify_structure(before: Model, after: Model) -> None:
+def verify_structure(output_shapes: dict, after: Model) -> None:
     """Graph outputs keep their shapes and the model passes the full ONNX checker."""
-    for name in before.output_names:
-        s0, s1 = before.shape(name), after.shape(name)
+    for name, s0 in output_shapes.items():
+        s1 = after.shape(name)
         if s0 is not None and s1 is not None and s0 != s1:
             raise AssertionError(f"pruning changed the shape of graph output {name!r}: {s0} -> {s1}")
     check(after.proto, full=True)

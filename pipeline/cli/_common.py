@@ -47,10 +47,13 @@ def int_list(text: str) -> list[int]:
 
 
 def console(quiet: bool = False):
-    """A rich console on stderr-free stdout; quiet returns one that prints nothing."""
+    """A rich console on stdout; quiet prints nothing. Piped output gets a wide page so tables stay one row a line."""
+    import os
+
     from rich.console import Console
 
-    return Console(quiet=quiet, highlight=False, soft_wrap=False)
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
+    return Console(quiet=quiet, highlight=False, soft_wrap=False, width=width)
 
 
 def require(condition: bool, message: str, hint: str | None = None) -> None:

@@ -1,0 +1,66 @@
+"""``carve inspect MODEL``: per-layer channels, params, MACs, group, and whether each layer is prunable (and why not)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="show layers, channel groups and what can be pruned",
+                       description=__doc__)
+    p.add_argument("model", help="ONNX file")
+    p.add_argument("--groups", action="store_true", help="also list the coupled channel groups")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def _si(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .. import load
+    from ..channels import analyse
+    from ..overview import overview
+    from ._common import console
+
+    model = load(args.model)
+    info = overview(model, analyse(model))
+    if args.json:
+        print(json.dumps({"model": args.model, **info}, indent=1))
+        return 0
+    con = console()
+    t = Table(title=f"{args.model}: layers", title_justify="left", show_lines=False, pad_edge=False)
+    for col, just in (("node", "left"), ("op", "left"), ("in", "right"), ("out", "right"), ("kernel", "left"),
+                      ("params", "right"), ("MACs", "right"), ("group", "right"), ("prunable", "right"),
+                      ("status", "left")):
+        t.add_column(col, justify=just, overflow="fold")
+    for r in info["layers"]:
+        status = r["status"] if not r["reason"] else f"{r['status']}: {r['reason']}"
+        t.add_row(r["node"], r["op"], str(r["cin"] if r["cin"] is not None else "?"), str(r["cout"]), r["kernel"],
+                  _si(r["params"]), _si(r["macs"]), f"G{r['group']}", f"{r['prunable']}/{r['cout']}", status)
+    con.print(t)
+    if args.groups:
+        g = Table(title="channel groups (a unit couples channels that are removed together)", title_justify="left")
+        for col in ("group", "width", "slices", "prunable", "members", "frozen because"):
+            g.add_column(col, overflow="fold")
+        for r in info["groups"]:
+            members = ", ".join(r["members"][:4]) + (f" (+{len(r['members']) - 4})" if len(r["members"]) > 4 else "")
+            g.add_row(f"G{r['id']}", str(r["width"]), "/".join(map(str, r["slices"])), str(r["prunable"]), members,
+                      r["reason"])
+        con.print(g)
+    s = info["summary"]
+    con.print(
+        f"{s['nodes']} nodes, opset {s['opset']}, {_si(s['params'])} params, {_si(s['macs'])} MACs/sample; "
+        f"{s['prunable_channels']}/{s['channels']} output channels prunable ({100 * s['prunable_fraction']:.1f}%) "
+        f"in {s['groups']} groups"
+    )
+    if s["frozen_reasons"]:
+        con.print("frozen units by reason: " + "; ".join(f"{k} ({v})" for k, v in s["frozen_reasons"].items()))
+    return 0

@@ -1,0 +1,159 @@
+"""A tiny builder of ONNX CNN graphs for tests, and the exactness check every pruning test relies on."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import pipeline as P
+from pipeline import ortutil
+from pipeline.planning import Plan
+from pipeline.surgery import prune, zero_removed
+
+
+class G:
+    """Build a graph op by op. Channel counts are tracked so layers can be chained without bookkeeping."""
+
+    def __init__(self, shape=(1, 3, 8, 8), *, opset: int = 17, seed: int = 0, dynamic_batch: bool = True) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.opset = opset
+        self.channels: dict[str, int] = {"x": shape[1]}
+        dims = ["N", *shape[1:]] if dynamic_batch else list(shape)
+        self.inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)]
+        self._n = 0
+
+    def name(self, base: str) -> str:
+        self._n += 1
+        return f"{base}{self._n}"
+
+    def const(self, arr, base: str = "c") -> str:
+        name = self.name(base)
+        self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def weight(self, *shape, base: str = "w") -> str:
+        return self.const(self.rng.standard_normal(shape).astype(np.float32) * 0.5, base)
+
+    def op(self, op_type: str, inputs: list[str], *, outputs: int = 1, channels: int | None = None, **attrs) -> str:
+        name = self.name(op_type.lower())
+        outs = [f"{name}_out{i}" if i else f"{name}_out" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, **attrs))
+        c = channels if channels is not None else self.channels.get(inputs[0]) if inputs else None
+        for o in outs:
+            if c is not None:
+                self.channels[o] = c
+        return outs[0] if outputs == 1 else outs
+
+    # layers ---------------------------------------------------------------------------------------------------------
+    def conv(self, x: str, cout: int, k: int = 3, *, stride: int = 1, group: int = 1, bias: bool = True) -> str:
+        cin = self.channels[x]
+        ins = [x, self.weight(cout, cin // group, k, k)]
+        if bias:
+            ins.append(self.const(self.rng.standard_normal(cout).astype(np.float32) * 0.1, "b"))
+        return self.op("Conv", ins, channels=cout, kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride] * 2,
+                       group=group)
+
+    def dw(self, x: str, k: int = 3, mult: int = 1) -> str:
+        c = self.channels[x]
+        return self.conv(x, c * mult, k, group=c)
+
+    def bn(self, x: str) -> str:
+        c = self.channels[x]
+        r = self.rng
+        p = [r.uniform(0.5, 1.5, c), r.standard_normal(c) * 0.1, r.standard_normal(c) * 0.1, r.uniform(0.5, 2, c)]
+        return self.op("BatchNormalization", [x, *[self.const(v.astype(np.float32), "bn") for v in p]])
+
+    def relu(self, x: str) -> str:
+        return self.op("Relu", [x])
+
+    def silu(self, x: str) -> str:
+        return self.op("Mul", [x, self.op("Sigmoid", [x])])
+
+    def prelu(self, x: str) -> str:
+        c = self.channels[x]
+        return self.op("PRelu", [x, self.const(self.rng.uniform(0.05, 0.3, (c, 1, 1)).astype(np.float32), "slope")])
+
+    def add(self, a: str, b: str) -> str:
+        return self.op("Add", [a, b])
+
+    def concat(self, *xs: str) -> str:
+        return self.op("Concat", list(xs), channels=sum(self.channels[x] for x in xs), axis=1)
+
+    def split(self, x: str, sizes: list[int]) -> list[str]:
+        s = self.const(np.array(sizes, dtype=np.int64), "split")
+        outs = self.op("Split", [x, s], outputs=len(sizes), axis=1)
+        outs = [outs] if isinstance(outs, str) else outs
+        for o, n in zip(outs, sizes):
+            self.channels[o] = n
+        return outs
+
+    def se(self, x: str, r: int = 2) -> str:
+        c = self.channels[x]
+        s = self.op("GlobalAveragePool", [x])
+        s = self.relu(self.conv(s, max(1, c // r), 1))
+        s = self.op("Sigmoid", [self.conv(s, c, 1)])
+        return self.op("Mul", [x, s])
+
+    def pad_channels(self, x: str, before: int, after: int) -> str:
+        pads = self.const(np.array([0, before, 0, 0, 0, after, 0, 0], dtype=np.int64), "pads")
+        return self.op("Pad", [x, pads], channels=self.channels[x] + before + after, mode="constant")
+
+    def head(self, x: str, classes: int = 5, *, flatten_spatial: bool = False) -> str:
+        if not flatten_spatial:
+            x = self.op("GlobalAveragePool", [x])
+            feat = self.channels[x]
+        else:
+            feat = None
+        f = self.op("Flatten", [x], axis=1)
+        if feat is None:
+            feat = self.flat_features(x)
+        w = self.weight(classes, feat)
+        b = self.const(np.zeros(classes, dtype=np.float32), "fcb")
+        return self.op("Gemm", [f, w, b], channels=classes, transB=1)
+
+    def flat_features(self, x: str) -> int:
+        m = self.model([x])
+        shp = P.graph.infer_shapes(m)[x]
+        return int(np.prod(shp[1:]))
+
+    def model(self, outputs: list[str]) -> onnx.ModelProto:
+        outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
+        graph = helper.make_graph(self.nodes, "g", self.inputs, outs, initializer=self.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+        m.ir_version = 8
+        return m
+
+
+def analyse_proto(proto: onnx.ModelProto):
+    model = P.graph.from_proto(proto)
+    return model, P.analyse(model)
+
+
+def random_removal(analysis, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
+    """A random plan: each prunable unit removed with probability p, never emptying a tensor."""
+    removed = (rng.random(analysis.n_units) < p) & ~analysis.unit_frozen
+    for chan in analysis.tensors.values():
+        units = analysis.unit_of[chan.ids]
+        if len(units) and removed[units].all():
+            removed[units[0]] = False
+    # un-removing a unit can only add channels back, so every tensor is non-empty now
+    return removed
+
+
+def assert_exact(model, plan: Plan, *, batch: int = 2, seed: int = 0, rtol: float = 1e-5):
+    """The pruned model equals the original with removed consumer columns zeroed; returns the pruned model."""
+    pruned = prune(model, plan)
+    ref = zero_removed(model, plan)
+    feeds = ortutil.random_feeds(model, batch=batch, seed=seed)
+    for a, b in zip(ortutil.run(ref, feeds), ortutil.run(pruned, feeds)):
+        assert a.shape == b.shape
+        scale = max(float(np.abs(a).max()), 1e-3)
+        np.testing.assert_allclose(b, a, rtol=0, atol=rtol * scale + 1e-6)
+    return pruned
+
+
+def manual_plan(analysis, removed: np.ndarray) -> Plan:
+    return Plan(analysis, np.asarray(removed, dtype=bool))
