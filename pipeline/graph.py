@@ -578,6 +578,17 @@ def save(
     if external_data is None:
         had_external = isinstance(model, Model) and model.external_data
         external_data = had_external or sum(_tensor_nbytes(t) for t in proto.graph.initializer) > 1_800_000_000
+    try:
+        _write_model(proto, out, external_data)
+    except OSError as exc:
+        raise CarveError(f"{out}: could not write the model ({exc.strerror or exc})",
+                         hint="check the path, its permissions and the free disk space") from None
+    return out
+
+
+def _write_model(proto: onnx.ModelProto, out: Path, external_data: bool) -> None:
+    # Everything is written into a private temporary directory next to the target, then renamed into place, so a
+    # failure leaves neither a partial model nor a partial data file behind.
     tmpdir = Path(tempfile.mkdtemp(prefix=".carve-", dir=out.resolve().parent))
     try:
         tmp_model = tmpdir / out.name
@@ -596,7 +607,6 @@ def save(
         os.replace(tmp_model, out)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return out
 
 
 @contextlib.contextmanager

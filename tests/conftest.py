@@ -34,3 +34,62 @@ def cifar_train() -> Path:
 @pytest.fixture
 def resnet20_weights() -> Path:
     return need_shared("models", "cifar10", "resnet20-12fca82f.th")
+
+
+def _tiny_resnet():
+    """A 2-stage CIFAR-style ResNet with an option-A (zero-pad) shortcut, BN kept unfused: exporter patterns in small."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+            self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+            self.pad = (cout - cin) // 2 if cout != cin else 0
+
+        def forward(self, x):
+            y = self.b2(self.c2(F.relu(self.b1(self.c1(x)))))
+            sc = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad)) if self.pad else x
+            return F.relu(y + sc)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.bn = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+            self.blocks = nn.Sequential(Block(8, 8, 1), Block(8, 16, 2))
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = self.blocks(F.relu(self.bn(self.stem(x))))
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics so pruning errors would show
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+    return net
+
+
+def export_torch(net, path: Path, shape=(1, 3, 16, 16), *, opset: int = 17) -> Path:
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(*shape),), str(path), dynamo=False, opset_version=opset,
+                          training=torch.onnx.TrainingMode.PRESERVE, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet_onnx(tmp_path_factory) -> Path:
+    """Path to the exported tiny ResNet. Tests must not modify it (copy it first)."""
+    return export_torch(_tiny_resnet(), tmp_path_factory.mktemp("models") / "tiny_resnet.onnx")

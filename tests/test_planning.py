@@ -1,0 +1,96 @@
+"""Planning: widths, alignment, minimums, exclusions, criteria and the registry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from graphs import G, analyse_proto
+
+from pipeline.criteria import ScoreContext, criteria
+from pipeline.errors import CarveError
+from pipeline.planning import kept_width, plan
+
+
+@pytest.mark.parametrize("n,ratio,round_to,keep_min,expected", [
+    (64, 0.5, 1, 1, 32), (64, 0.5, 8, 1, 32), (64, 0.3, 8, 1, 48), (10, 0.5, 8, 1, 8), (10, 0.1, 8, 1, 10), (16, 0.9, 1, 4, 4),
+    (16, 0.99, 1, 1, 1), (64, 0.0, 8, 1, 64), (17, 0.5, 1, 1, 9),
+])
+def test_kept_width(n, ratio, round_to, keep_min, expected):
+    assert kept_width(n, ratio, round_to, keep_min) == expected
+
+
+def chain(widths=(16, 24, 12)):
+    g = G()
+    x = "x"
+    for w in widths:
+        x = g.relu(g.conv(x, w))
+    return analyse_proto(g.model([g.conv(x, 3)]))
+
+
+def test_uniform_ratio_and_alignment_per_layer():
+    model, an = chain()
+    p = plan(an, ratio=0.5, round_to=8)
+    kept = [int((~p.removed[g.units]).sum()) for g in an.groups if not an.unit_frozen[g.units].any()]
+    assert kept == [8, 16, 8]
+
+
+def test_keep_min():
+    model, an = chain()
+    p = plan(an, ratio=0.95, keep_min=6)
+    kept = [int((~p.removed[g.units]).sum()) for g in an.groups if not an.unit_frozen[g.units].any()]
+    assert kept == [6, 6, 6]
+
+
+def test_lowest_scores_are_removed():
+    model, an = chain((8,))
+    w_name = next(n for n in model.graph.node if n.op_type == "Conv").input[1]
+    w = model.array(w_name).copy()
+    w[[1, 5]] *= 1e-3  # two nearly dead filters
+    model.set_array(w_name, w)
+    p = plan(an, criterion="l1", ratio=0.25)
+    src = next(s for s in an.sources if s.weight == w_name)
+    assert sorted(np.flatnonzero(p.removed[an.source_units(src)])) == [1, 5]
+
+
+def test_exclude_by_node_pattern():
+    model, an = chain()
+    first = next(n.name for n in model.graph.node if n.op_type == "Conv")
+    p = plan(an, ratio=0.5, exclude=[first])
+    src = next(s for s in an.sources if s.name == first)
+    assert not p.removed[an.source_units(src)].any()
+    assert p.removed.any()
+    with pytest.raises(CarveError, match="matches no node"):
+        plan(an, ratio=0.5, exclude=["no_such_node*"])
+
+
+def test_unknown_criterion_lists_the_valid_ones():
+    model, an = chain()
+    with pytest.raises(CarveError, match="unknown criterion 'l3'; valid: .*l1, l2.*random"):
+        plan(an, criterion="l3")
+    with pytest.raises(CarveError, match="unknown allocator"):
+        plan(an, allocator="magic")
+
+
+def test_l1_and_l2_scores_are_filter_norms():
+    model, an = chain((4,))
+    src = next(s for s in an.producers())
+    w = an.filters(src)
+    ctx = ScoreContext(an)
+    l1 = criteria.get("l1")().element_scores(ctx)[src.start:src.start + src.count]
+    l2 = criteria.get("l2")().element_scores(ctx)[src.start:src.start + src.count]
+    np.testing.assert_allclose(l1, np.abs(w).sum(1), rtol=1e-6)
+    np.testing.assert_allclose(l2, np.linalg.norm(w, axis=1), rtol=1e-6)
+
+
+def test_random_criterion_is_seeded():
+    model, an = chain()
+    a = plan(an, criterion="random", ratio=0.5, seed=1).removed
+    b = plan(an, criterion="random", ratio=0.5, seed=1).removed
+    c = plan(an, criterion="random", ratio=0.5, seed=2).removed
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_bad_ratio():
+    model, an = chain()
+    with pytest.raises(CarveError, match="ratio"):
+        plan(an, ratio=1.0)
