@@ -30,6 +30,7 @@ from enum import IntEnum
 
 import numpy as np
 import onnx
+
 from .errors import UnsupportedModelError
 from .graph import Model, attr, control_flow_nodes
 
@@ -161,7 +162,9 @@ class ChannelAnalysis:
                 same_axes = len({frozenset(v) for v in axes_by_node.values()}) == 1
                 same_units = all(
                     len(r.ids) == len(q.ids) and np.array_equal(self.unit_of[r.ids], self.unit_of[q.ids])
-                    for r in recs for q in recs if r.axis == q.axis
+                    for r in recs
+                    for q in recs
+                    if r.axis == q.axis
                 )
                 if not (same_axes and same_units):
                     problem = f"weight {tensor!r} is shared by nodes {', '.join(sorted(slicers))}"
@@ -251,7 +254,7 @@ class ChannelAnalysis:
         n_out = sum(s.count for s in out)
         frozen_out = sum(int(self.unit_frozen[self.source_units(s)].sum()) for s in out)
         reasons: dict[str, int] = defaultdict(int)
-        for u, rs in self.unit_reasons.items():
+        for rs in self.unit_reasons.values():
             reasons[_reason_kind(rs[0])] += 1
         return {
             "channels": n_out,
@@ -324,8 +327,16 @@ class _Analyser:
         self.fixes: list[Fix] = []
 
     # elements
-    def new(self, count: int, kind: Kind, name: str, *, weight: str | None = None, axis: int | None = None,
-            op: str | None = None) -> np.ndarray:
+    def new(
+        self,
+        count: int,
+        kind: Kind,
+        name: str,
+        *,
+        weight: str | None = None,
+        axis: int | None = None,
+        op: str | None = None,
+    ) -> np.ndarray:
         src = Source(name, kind, self.n, count, weight, axis, op)
         self.sources.append(src)
         self.n += count
@@ -374,7 +385,7 @@ class _Analyser:
                 self.freeze(c.ids, reason)
 
     def expect_axis(self, node: onnx.NodeProto, chan: Chan | None, axis: int) -> Chan | None:
-        """Channels must be on ``axis`` for this op; otherwise freeze them (the op would treat them as something else)."""
+        """Channels must lie on ``axis`` for this op; otherwise freeze them (the op reads them as something else)."""
         if chan is None or chan.axis == axis:
             return chan
         self.freeze(chan.ids, f"{node.op_type} {node.name!r} reads them on axis {chan.axis}, expects axis {axis}")
@@ -653,11 +664,32 @@ def _softmax(a: _Analyser, node: onnx.NodeProto) -> None:
     a.set(node.output[0], c)
 
 
-# -- elementwise between tensors ----------------------------------------------------------------------------------------
+# -- elementwise between tensors ---------------------------------------------------------------------------------
 
 
-@handles("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow", "PRelu", "Mod", "Equal", "Greater", "Less",
-         "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Where", "BitShift")
+@handles(
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Max",
+    "Min",
+    "Sum",
+    "Mean",
+    "Pow",
+    "PRelu",
+    "Mod",
+    "Equal",
+    "Greater",
+    "Less",
+    "GreaterOrEqual",
+    "LessOrEqual",
+    "And",
+    "Or",
+    "Xor",
+    "Where",
+    "BitShift",
+)
 def _elementwise(a: _Analyser, node: onnx.NodeProto) -> None:
     out = node.output[0]
     r_out = a.rank(out)
@@ -993,8 +1025,10 @@ def _squeeze(a: _Analyser, node: onnx.NodeProto) -> None:
         a.set(node.output[0], Chan(pos, c.ids))
 
 
-_REDUCE = ("ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp "
-           "ReduceSumSquare ArgMax ArgMin").split()
+_REDUCE = (
+    "ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp "
+    "ReduceSumSquare ArgMax ArgMin"
+).split()
 
 
 @handles(*_REDUCE)

@@ -71,7 +71,9 @@ def node_macs(model: Model, node: onnx.NodeProto) -> int:
 
 def node_params(model: Model, node: onnx.NodeProto) -> int:
     return sum(
-        _prod(model.init[i].dims) for i in set(node.input) if i in model.init and model.init[i].data_type in _FLOAT_TYPES
+        _prod(model.init[i].dims)
+        for i in set(node.input)
+        if i in model.init and model.init[i].data_type in _FLOAT_TYPES
     )
 
 
@@ -80,7 +82,5 @@ def model_cost(model: Model) -> Cost:
     for n in model.graph.node:
         nodes[n.name] = NodeCost(n.name, n.op_type, node_params(model, n), node_macs(model, n))
     used = {i for n in model.graph.node for i in n.input}
-    params = sum(
-        _prod(t.dims) for t in model.graph.initializer if t.name in used and t.data_type in _FLOAT_TYPES
-    )
+    params = sum(_prod(t.dims) for t in model.graph.initializer if t.name in used and t.data_type in _FLOAT_TYPES)
     return Cost(params=params, macs=sum(c.macs for c in nodes.values()), nodes=nodes)

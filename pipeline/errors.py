@@ -1,8 +1,8 @@
 """User errors versus bugs.
 
-A :class:`CarveError` is a problem with the user's input (a file, a model, an option): its message names the file, node or
-value at fault and says what to do. The CLI prints it on one line and exits 1 without a traceback. Any other exception is
-a bug in carve and is reported as such.
+A :class:`CarveError` is a problem with the user's input (a file, a model, an option): its message names the file,
+node or value at fault and says what to do. The CLI prints it on one line and exits 1 without a traceback. Any other
+exception is a bug in carve and is reported as such.
 """
 
 from __future__ import annotations

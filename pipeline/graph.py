@@ -6,10 +6,10 @@ large initializers replaced by typed graph inputs), which is ~30x cheaper than i
 
 :func:`load` prepares a model so that analysis sees what the exporter meant rather than how it spelled it:
 
-* ``Constant`` nodes become initializers and small constant subgraphs are folded (the CIFAR ResNet option-A shortcut gets
-  its channel pads from ``ConstantOfShape/Concat/Reshape/Transpose/Cast``; ReLU6 limits arrive as ``Constant`` nodes);
-* ``Identity`` of an initializer (the torch exporter de-duplicates equal initializers and feeds them through ``Identity``)
-  is folded into a private copy per use, so only genuinely tied weights stay shared;
+* ``Constant`` nodes become initializers and small constant subgraphs are folded (the CIFAR ResNet option-A shortcut
+  gets its channel pads from ``ConstantOfShape/Concat/Reshape/Transpose/Cast``; ReLU6 limits arrive as ``Constant``);
+* ``Identity`` of an initializer (the torch exporter de-duplicates equal initializers and feeds them through
+  ``Identity``) is folded into a private copy per use, so only genuinely tied weights stay shared;
 * ``Shape`` of statically known dimensions is folded;
 * unnamed nodes get unique names (error messages and plans name nodes), nodes are topologically sorted.
 
@@ -38,7 +38,14 @@ MIN_OPSET = 11
 _SKELETON_KEEP_ELEMS = 4096
 # Constant subgraphs are folded only while their results stay small; big constants pass through Identity/Cast only.
 _FOLD_MAX_ELEMS = 1 << 20
-_NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+_NONDETERMINISTIC = {
+    "RandomNormal",
+    "RandomNormalLike",
+    "RandomUniform",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+}
 # Ops that may be folded even when their result is large (they only copy or re-type an existing constant).
 _COPY_OPS = {"Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose"}
 # Folding Q/DQ would silently de-quantize a QDQ model: the runtime must see them.
@@ -212,7 +219,8 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> bool:
         loc = next((e.value for e in t.external_data if e.key == "location"), None)
         if loc is None or not (base / loc).is_file():
             raise CarveError(
-                f"{path}: initializer {t.name!r} keeps its data in external file {loc!r}, which is missing next to the model",
+                f"{path}: initializer {t.name!r} keeps its data in external file {loc!r}, "
+                "which is missing next to the model",
                 hint=f"copy {loc!r} into {base} (external data is resolved relative to the .onnx file)",
             )
     try:
@@ -557,8 +565,10 @@ def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike | None)
         inp = Path(inp)
         same = out.resolve() == inp.resolve() or (out.exists() and inp.exists() and os.path.samefile(out, inp))
         if same:
-            raise CarveError(f"{out}: the output path is the input path; carve never overwrites its input",
-                             hint="choose another output file name")
+            raise CarveError(
+                f"{out}: the output path is the input path; carve never overwrites its input",
+                hint="choose another output file name",
+            )
         if out.resolve() == Path(str(inp) + ".data").resolve() or Path(str(out) + ".data").resolve() == inp.resolve():
             raise CarveError(f"{out}: the output would overwrite the input's external data")
     return out
@@ -581,8 +591,10 @@ def save(
     try:
         _write_model(proto, out, external_data)
     except OSError as exc:
-        raise CarveError(f"{out}: could not write the model ({exc.strerror or exc})",
-                         hint="check the path, its permissions and the free disk space") from None
+        raise CarveError(
+            f"{out}: could not write the model ({exc.strerror or exc})",
+            hint="check the path, its permissions and the free disk space",
+        ) from None
     return out
 
 
@@ -596,8 +608,14 @@ def _write_model(proto: onnx.ModelProto, out: Path, external_data: bool) -> None
         if external_data:
             copy = onnx.ModelProto()
             copy.CopyFrom(proto)  # save_as_external_data rewrites the proto it is given
-            onnx.save_model(copy, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+            onnx.save_model(
+                copy,
+                str(tmp_model),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
             os.replace(tmpdir / data_name, out.resolve().parent / data_name)
         else:
             with open(tmp_model, "wb") as f:
@@ -645,11 +663,26 @@ def _first_line(exc: BaseException) -> str:
 
 
 def control_flow_nodes(model: Model) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node if n.op_type in _SUBGRAPH_OPS or any(
-        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)]
+    return [
+        n
+        for n in model.graph.node
+        if n.op_type in _SUBGRAPH_OPS
+        or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)
+    ]
 
 
 __all__ = [
-    "Model", "load", "from_proto", "prepare", "save", "check", "check_output_path", "infer_shapes", "skeleton",
-    "atomic_write", "attr", "opset_of", "UnsupportedModelError",
+    "Model",
+    "load",
+    "from_proto",
+    "prepare",
+    "save",
+    "check",
+    "check_output_path",
+    "infer_shapes",
+    "skeleton",
+    "atomic_write",
+    "attr",
+    "opset_of",
+    "UnsupportedModelError",
 ]

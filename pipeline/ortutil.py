@@ -18,7 +18,9 @@ from .graph import Model
 _DEFAULT_DIM = {0: 1}
 
 
-def session(model: Model | onnx.ModelProto | str | os.PathLike, *, threads: int = 1, providers: list[str] | None = None):
+def session(
+    model: Model | onnx.ModelProto | str | os.PathLike, *, threads: int = 1, providers: list[str] | None = None
+):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -62,5 +64,7 @@ def random_feeds(model: Model | onnx.ModelProto, *, batch: int = 1, seed: int = 
     return feeds
 
 
-def run(model: Model | onnx.ModelProto | str | os.PathLike, feeds: dict[str, np.ndarray], *, threads: int = 1) -> list[np.ndarray]:
+def run(
+    model: Model | onnx.ModelProto | str | os.PathLike, feeds: dict[str, np.ndarray], *, threads: int = 1
+) -> list[np.ndarray]:
     return session(model, threads=threads).run(None, feeds)

@@ -70,19 +70,39 @@ def overview(model: Model, analysis: ChannelAnalysis) -> dict:
             reason = analysis.frozen_reasons(int(units[np.flatnonzero(frozen)[0]]))[0]
         status = "frozen" if frozen.all() else "partly frozen" if frozen.any() else "prunable"
         nc = cost.nodes[node.name]
-        layers.append(LayerRow(node.name, node.op_type + (" (dw)" if src.kind == Kind.MEMBER else ""), cin,
-                               src.count, _kernel(model, node), nc.params, nc.macs, int(analysis.unit_group[units[0]]),
-                               int((~frozen).sum()), status, reason))
+        layers.append(
+            LayerRow(
+                node.name,
+                node.op_type + (" (dw)" if src.kind == Kind.MEMBER else ""),
+                cin,
+                src.count,
+                _kernel(model, node),
+                nc.params,
+                nc.macs,
+                int(analysis.unit_group[units[0]]),
+                int((~frozen).sum()),
+                status,
+                reason,
+            )
+        )
     groups: list[GroupRow] = []
     for g in analysis.groups:
         fr = analysis.unit_frozen[g.units]
         reason = ""
         if fr.any():
             reason = analysis.frozen_reasons(int(g.units[np.flatnonzero(fr)[0]]))[0]
-        groups.append(GroupRow(g.id, g.width, [len(s) for s in g.slices], int((~fr).sum()),
-                               list(dict.fromkeys(g.sources)), reason))
+        groups.append(
+            GroupRow(
+                g.id, g.width, [len(s) for s in g.slices], int((~fr).sum()), list(dict.fromkeys(g.sources)), reason
+            )
+        )
     reasons = Counter(_reason_kind(rs[0]) for rs in analysis.unit_reasons.values())
     summary = analysis.summary()
-    summary.update(params=cost.params, macs=cost.macs, nodes=len(model.graph.node), opset=model.opset,
-                   frozen_reasons=dict(reasons.most_common()))
+    summary.update(
+        params=cost.params,
+        macs=cost.macs,
+        nodes=len(model.graph.node),
+        opset=model.opset,
+        frozen_reasons=dict(reasons.most_common()),
+    )
     return {"summary": summary, "layers": [asdict(r) for r in layers], "groups": [asdict(g) for g in groups]}

@@ -21,7 +21,9 @@ from .criteria import ScoreContext, criteria
 from .errors import CarveError
 from .registry import Registry
 
-allocators: Registry = Registry("allocator", entry_point_group="carve.allocators", builtin_modules=["plugins.allocators"])
+allocators: Registry = Registry(
+    "allocator", entry_point_group="carve.allocators", builtin_modules=["plugins.allocators"]
+)
 
 
 @dataclass
@@ -66,7 +68,9 @@ class Plan:
         return out
 
 
-def exclusion_mask(analysis: ChannelAnalysis, patterns: list[str] | tuple[str, ...]) -> tuple[np.ndarray, dict[int, str]]:
+def exclusion_mask(
+    analysis: ChannelAnalysis, patterns: list[str] | tuple[str, ...]
+) -> tuple[np.ndarray, dict[int, str]]:
     """Units touching a node whose name matches a glob pattern: produced, consumed or carried by it."""
     mask = np.zeros(analysis.n_units, dtype=bool)
     reasons: dict[int, str] = {}
@@ -90,7 +94,7 @@ def exclusion_mask(analysis: ChannelAnalysis, patterns: list[str] | tuple[str, .
 
 
 def kept_width(n: int, ratio: float, round_to: int = 1, keep_min: int = 1) -> int:
-    """How many of ``n`` channels a slice keeps at pruning ``ratio``: aligned up to ``round_to``, at least ``keep_min``."""
+    """How many of ``n`` channels a slice keeps at ``ratio``: aligned up to ``round_to``, at least ``keep_min``."""
     keep = math.ceil(n * (1.0 - ratio) - 1e-9)
     if round_to > 1:
         keep = math.ceil(keep / round_to) * round_to
@@ -125,6 +129,13 @@ def plan(
     frozen = analysis.unit_frozen | excl
     alloc = allocators.get(allocator)
     removed = alloc(analysis, scores, frozen, ratio=ratio, round_to=round_to, keep_min=keep_min, **allocator_options)
-    options = {"ratio": ratio, "round_to": round_to, "keep_min": keep_min, "exclude": list(exclude), "seed": seed,
-               **allocator_options, **(criterion_options or {})}
+    options = {
+        "ratio": ratio,
+        "round_to": round_to,
+        "keep_min": keep_min,
+        "exclude": list(exclude),
+        "seed": seed,
+        **allocator_options,
+        **(criterion_options or {}),
+    }
     return Plan(analysis, removed, criterion, allocator, options, scores, frozen)

@@ -14,6 +14,7 @@ importing :mod:`pipeline` stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
@@ -39,10 +40,8 @@ class Registry(Generic[T]):
             if name in self._items and self._items[name] is not obj:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = obj
-            try:
+            with contextlib.suppress(AttributeError, TypeError):
                 obj.name = name  # type: ignore[attr-defined]
-            except (AttributeError, TypeError):
-                pass
             return obj
 
         return deco
@@ -62,7 +61,7 @@ class Registry(Generic[T]):
                 except Exception as exc:  # a broken third-party plugin must not break the built-ins
                     raise CarveError(
                         f"the {self.kind} plugin {ep.name!r} ({ep.value}) failed to load: {exc}",
-                        hint=f"fix or uninstall the package that provides it (entry point group {self.entry_point_group})",
+                        hint=f"fix or uninstall the package providing it (entry point group {self.entry_point_group})",
                     ) from exc
 
     def names(self) -> list[str]:

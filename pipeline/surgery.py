@@ -3,9 +3,9 @@
 Given the units a :class:`~pipeline.planning.Plan` removes, every constant recorded by the channel analysis is cut along
 its axis (filters, consumer columns, biases, BN statistics, per-channel constants, concatenated constants), every
 recorded attribute or shape constant is recomputed (Split sizes, Slice bounds, Pad pads, depthwise ``group``, Reshape
-targets, Resize sizes), shapes are inferred again, and the result is checked: graph output shapes never change and the
-model passes ``onnx.checker`` with full (strict shape inference) checking. The model's ``metadata_props`` record what was
-done so a deployed file explains itself.
+targets, Resize sizes), shapes are inferred again, and the result is checked: graph output shapes never change and
+the model passes ``onnx.checker`` with full (strict shape inference) checking. The model's ``metadata_props`` record
+what was done so a deployed file explains itself.
 
 :func:`zero_removed` builds the reference that defines correctness: the original model in which every consumer weight
 of a removed channel is zeroed. The pruned model computes exactly the same function.
@@ -38,8 +38,10 @@ def _keep_fn(analysis: ChannelAnalysis, removed_units: np.ndarray):
 def _check_plan(model: Model, plan: Plan) -> ChannelAnalysis:
     analysis = plan.analysis
     if analysis.fingerprint != fingerprint(model):
-        raise CarveError("the plan was made for a different model (or the model changed since it was analysed)",
-                         hint="analyse the model you prune: plan(analyse(model), ...)")
+        raise CarveError(
+            "the plan was made for a different model (or the model changed since it was analysed)",
+            hint="analyse the model you prune: plan(analyse(model), ...)",
+        )
     if plan.removed.shape != (analysis.n_units,):
         raise CarveError("the plan does not match the analysis it refers to")
     bad = plan.removed & analysis.unit_frozen
@@ -49,7 +51,9 @@ def _check_plan(model: Model, plan: Plan) -> ChannelAnalysis:
     keep = _keep_fn(analysis, plan.removed)
     for name, chan in analysis.tensors.items():
         if len(chan) and not keep(chan.ids).any():
-            raise CarveError(f"the plan removes every channel of tensor {name!r}", hint="keep at least one (--keep-min)")
+            raise CarveError(
+                f"the plan removes every channel of tensor {name!r}", hint="keep at least one (--keep-min)"
+            )
     return analysis
 
 
@@ -125,8 +129,13 @@ def record(model: Model, step: str, summary: dict, *, command: str | None = None
     """Append a step to the model's ``carve.history`` metadata and refresh ``carve.version`` / ``carve.<step>``."""
     props = {p.key: p for p in model.proto.metadata_props}
     history = json.loads(props["carve.history"].value) if "carve.history" in props else []
-    entry = {"step": step, "carve": __version__, "command": command or "python API",
-             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "summary": summary}
+    entry = {
+        "step": step,
+        "carve": __version__,
+        "command": command or "python API",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "summary": summary,
+    }
     history.append(entry)
     values = {"carve.version": __version__, "carve.history": json.dumps(history), f"carve.{step}": json.dumps(summary)}
     if command:

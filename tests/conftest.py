@@ -37,7 +37,7 @@ def resnet20_weights() -> Path:
 
 
 def _tiny_resnet():
-    """A 2-stage CIFAR-style ResNet with an option-A (zero-pad) shortcut, BN kept unfused: exporter patterns in small."""
+    """A 2-stage CIFAR-style ResNet, option-A (zero-pad) shortcut, BN kept unfused: the exporter's patterns in small."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -83,9 +83,17 @@ def export_torch(net, path: Path, shape=(1, 3, 16, 16), *, opset: int = 17) -> P
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.randn(*shape),), str(path), dynamo=False, opset_version=opset,
-                          training=torch.onnx.TrainingMode.PRESERVE, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+        torch.onnx.export(
+            net,
+            (torch.randn(*shape),),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            training=torch.onnx.TrainingMode.PRESERVE,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+        )
     return path
 
 

@@ -53,8 +53,9 @@ class G:
         ins = [x, self.weight(cout, cin // group, k, k)]
         if bias:
             ins.append(self.const(self.rng.standard_normal(cout).astype(np.float32) * 0.1, "b"))
-        return self.op("Conv", ins, channels=cout, kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride] * 2,
-                       group=group)
+        return self.op(
+            "Conv", ins, channels=cout, kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride] * 2, group=group
+        )
 
     def dw(self, x: str, k: int = 3, mult: int = 1) -> str:
         c = self.channels[x]

@@ -102,7 +102,9 @@ def test_conv_transpose():
     g = G()
     a = g.relu(g.conv("x", 8))
     w = g.weight(8, 6, 2, 2)
-    up = g.op("ConvTranspose", [a, w, g.const(np.zeros(6, np.float32))], channels=6, kernel_shape=[2, 2], strides=[2, 2])
+    up = g.op(
+        "ConvTranspose", [a, w, g.const(np.zeros(6, np.float32))], channels=6, kernel_shape=[2, 2], strides=[2, 2]
+    )
     y = g.conv(g.relu(up), 4)
     model, an = analyse_proto(g.model([y]))
     assert not an.unit_frozen[an.units_of_tensor(up)].any()
@@ -149,8 +151,15 @@ def test_normalisations_slice_their_parameters(norm):
 
 
 UNARY = [
-    ("Relu", {}), ("LeakyRelu", {"alpha": 0.1}), ("Sigmoid", {}), ("HardSigmoid", {}), ("HardSwish", {}),
-    ("Tanh", {}), ("Dropout", {}), ("Identity", {}), ("Elu", {}),
+    ("Relu", {}),
+    ("LeakyRelu", {"alpha": 0.1}),
+    ("Sigmoid", {}),
+    ("HardSigmoid", {}),
+    ("HardSwish", {}),
+    ("Tanh", {}),
+    ("Dropout", {}),
+    ("Identity", {}),
+    ("Elu", {}),
 ]
 
 
@@ -216,7 +225,7 @@ def test_resize_with_scales_and_with_sizes():
     assert pruned.array(n.input[3])[1] < 8  # the channel entry of `sizes` follows the pruning
 
 
-# -- between tensors ----------------------------------------------------------------------------------------------------
+# -- between tensors ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div", "Max", "Min"])
@@ -304,8 +313,11 @@ def test_split_on_channel_axis_fixes_sizes(opset):
 def test_slice_on_channel_axis():
     g = G()
     a = g.relu(g.conv("x", 10))
-    s = g.op("Slice", [a, g.const(np.array([2], np.int64)), g.const(np.array([7], np.int64)),
-                       g.const(np.array([1], np.int64))], channels=5)
+    s = g.op(
+        "Slice",
+        [a, g.const(np.array([2], np.int64)), g.const(np.array([7], np.int64)), g.const(np.array([1], np.int64))],
+        channels=5,
+    )
     y = g.add(g.conv(a, 5), s)
     model, an = analyse_proto(g.model([g.conv(y, 2)]))
     assert np.array_equal(an.units_of_tensor(s), an.units_of_tensor(a)[2:7])
@@ -315,8 +327,17 @@ def test_slice_on_channel_axis():
 def test_strided_slice_on_channel_axis_is_frozen():
     g = G()
     a = g.relu(g.conv("x", 10))
-    s = g.op("Slice", [a, g.const(np.array([0], np.int64)), g.const(np.array([10], np.int64)),
-                       g.const(np.array([1], np.int64)), g.const(np.array([2], np.int64))], channels=5)
+    s = g.op(
+        "Slice",
+        [
+            a,
+            g.const(np.array([0], np.int64)),
+            g.const(np.array([10], np.int64)),
+            g.const(np.array([1], np.int64)),
+            g.const(np.array([2], np.int64)),
+        ],
+        channels=5,
+    )
     model, an = analyse_proto(g.model([g.conv(s, 2)]))
     assert "every 2th channel" in reasons(an)
 
@@ -324,8 +345,16 @@ def test_strided_slice_on_channel_axis_is_frozen():
 def test_pad_on_channel_axis_option_a_shortcut():
     g = G()
     s = g.relu(g.conv("x", 4))
-    sub = g.op("Slice", [s, g.const(np.array([0, 0], np.int64)), g.const(np.array([99, 99], np.int64)),
-                         g.const(np.array([2, 3], np.int64)), g.const(np.array([2, 2], np.int64))])
+    sub = g.op(
+        "Slice",
+        [
+            s,
+            g.const(np.array([0, 0], np.int64)),
+            g.const(np.array([99, 99], np.int64)),
+            g.const(np.array([2, 3], np.int64)),
+            g.const(np.array([2, 2], np.int64)),
+        ],
+    )
     sc = g.pad_channels(sub, 2, 2)
     r = g.conv(g.relu(g.conv(s, 8, stride=2)), 8)
     out = g.relu(g.add(r, sc))
@@ -472,10 +501,18 @@ def test_control_flow_on_channel_path_is_refused():
 
     g = G()
     a = g.relu(g.conv("x", 8))
-    then = helper.make_graph([helper.make_node("Relu", [a], ["t"])], "then", [],
-                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
-    other = helper.make_graph([helper.make_node("Sigmoid", [a], ["e"])], "else", [],
-                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    then = helper.make_graph(
+        [helper.make_node("Relu", [a], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Sigmoid", [a], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)],
+    )
     cond = g.const(np.array(True))
     g.nodes.append(helper.make_node("If", [cond], ["y"], name="branch", then_branch=then, else_branch=other))
     proto = g.model(["y"])

@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def carve(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 def digest(p: Path) -> str:
@@ -91,12 +92,21 @@ def control_flow_model(path: Path) -> Path:
 
     g = G()
     a = g.relu(g.conv("x", 8))
-    then = helper.make_graph([helper.make_node("Relu", [a], ["t"])], "then", [],
-                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
-    other = helper.make_graph([helper.make_node("Sigmoid", [a], ["e"])], "else", [],
-                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
-    g.nodes.append(helper.make_node("If", [g.const(np.array(True))], ["y"], name="branchy", then_branch=then,
-                                    else_branch=other))
+    then = helper.make_graph(
+        [helper.make_node("Relu", [a], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Sigmoid", [a], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)],
+    )
+    g.nodes.append(
+        helper.make_node("If", [g.const(np.array(True))], ["y"], name="branchy", then_branch=then, else_branch=other)
+    )
     onnx.save(g.model(["y"]), path)
     return path
 

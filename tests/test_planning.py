@@ -11,10 +11,20 @@ from pipeline.errors import CarveError
 from pipeline.planning import kept_width, plan
 
 
-@pytest.mark.parametrize("n,ratio,round_to,keep_min,expected", [
-    (64, 0.5, 1, 1, 32), (64, 0.5, 8, 1, 32), (64, 0.3, 8, 1, 48), (10, 0.5, 8, 1, 8), (10, 0.1, 8, 1, 10), (16, 0.9, 1, 4, 4),
-    (16, 0.99, 1, 1, 1), (64, 0.0, 8, 1, 64), (17, 0.5, 1, 1, 9),
-])
+@pytest.mark.parametrize(
+    "n,ratio,round_to,keep_min,expected",
+    [
+        (64, 0.5, 1, 1, 32),
+        (64, 0.5, 8, 1, 32),
+        (64, 0.3, 8, 1, 48),
+        (10, 0.5, 8, 1, 8),
+        (10, 0.1, 8, 1, 10),
+        (16, 0.9, 1, 4, 4),
+        (16, 0.99, 1, 1, 1),
+        (64, 0.0, 8, 1, 64),
+        (17, 0.5, 1, 1, 9),
+    ],
+)
 def test_kept_width(n, ratio, round_to, keep_min, expected):
     assert kept_width(n, ratio, round_to, keep_min) == expected
 
@@ -76,8 +86,8 @@ def test_l1_and_l2_scores_are_filter_norms():
     src = next(s for s in an.producers())
     w = an.filters(src)
     ctx = ScoreContext(an)
-    l1 = criteria.get("l1")().element_scores(ctx)[src.start:src.start + src.count]
-    l2 = criteria.get("l2")().element_scores(ctx)[src.start:src.start + src.count]
+    l1 = criteria.get("l1")().element_scores(ctx)[src.start : src.start + src.count]
+    l2 = criteria.get("l2")().element_scores(ctx)[src.start : src.start + src.count]
     np.testing.assert_allclose(l1, np.abs(w).sum(1), rtol=1e-6)
     np.testing.assert_allclose(l2, np.linalg.norm(w, axis=1), rtol=1e-6)
 

@@ -10,7 +10,21 @@ from hypothesis import strategies as st
 
 from pipeline.planning import plan
 
-BLOCKS = ["conv", "dw", "res", "res_pad", "concat", "split", "se", "pool", "act", "slice", "resize", "grouped", "fc_mid"]
+BLOCKS = [
+    "conv",
+    "dw",
+    "res",
+    "res_pad",
+    "concat",
+    "split",
+    "se",
+    "pool",
+    "act",
+    "slice",
+    "resize",
+    "grouped",
+    "fc_mid",
+]
 ACTS = ["Relu", "LeakyRelu", "PRelu", "HardSwish", "SiLU", "Sigmoid", "Clip", "Tanh"]
 
 
@@ -25,8 +39,9 @@ def cnn(draw):
         c = g.channels[x]
         if block == "conv":
             stride = 2 if hw >= 4 and draw(st.booleans()) else 1
-            x = g.conv(x, draw(st.integers(1, 10)), draw(st.sampled_from([1, 3])), stride=stride,
-                       bias=draw(st.booleans()))
+            x = g.conv(
+                x, draw(st.integers(1, 10)), draw(st.sampled_from([1, 3])), stride=stride, bias=draw(st.booleans())
+            )
             hw = -(-hw // stride)
             if draw(st.booleans()):
                 x = g.bn(x)
@@ -38,8 +53,16 @@ def cnn(draw):
             x = g.relu(g.add(x, r))
         elif block == "res_pad" and hw >= 2:
             extra = draw(st.integers(1, 4))
-            sub = g.op("Slice", [x, g.const(np.array([0, 0], np.int64)), g.const(np.array([99, 99], np.int64)),
-                                 g.const(np.array([2, 3], np.int64)), g.const(np.array([2, 2], np.int64))])
+            sub = g.op(
+                "Slice",
+                [
+                    x,
+                    g.const(np.array([0, 0], np.int64)),
+                    g.const(np.array([99, 99], np.int64)),
+                    g.const(np.array([2, 3], np.int64)),
+                    g.const(np.array([2, 2], np.int64)),
+                ],
+            )
             sc = g.pad_channels(sub, extra, extra)
             r = g.bn(g.conv(g.relu(g.conv(x, c + 2 * extra, stride=2)), c + 2 * extra))
             x = g.relu(g.add(r, sc))
@@ -64,8 +87,16 @@ def cnn(draw):
         elif block == "slice" and c >= 3:
             lo = draw(st.integers(0, c - 2))
             hi = draw(st.integers(lo + 1, c))
-            x = g.op("Slice", [x, g.const(np.array([lo], np.int64)), g.const(np.array([hi], np.int64)),
-                               g.const(np.array([1], np.int64))], channels=hi - lo)
+            x = g.op(
+                "Slice",
+                [
+                    x,
+                    g.const(np.array([lo], np.int64)),
+                    g.const(np.array([hi], np.int64)),
+                    g.const(np.array([1], np.int64)),
+                ],
+                channels=hi - lo,
+            )
         elif block == "resize" and hw <= 8:
             x = g.op("Resize", [x, "", g.const(np.array([1, 1, 2, 2], np.float32))], mode="nearest")
             hw *= 2
@@ -101,8 +132,12 @@ def test_random_plans_on_random_cnns_are_exact(proto, seed, p):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(proto=cnn(), ratio=st.floats(0.0, 0.9), round_to=st.sampled_from([1, 2, 4]),
-       criterion=st.sampled_from(["l1", "l2", "random"]))
+@given(
+    proto=cnn(),
+    ratio=st.floats(0.0, 0.9),
+    round_to=st.sampled_from([1, 2, 4]),
+    criterion=st.sampled_from(["l1", "l2", "random"]),
+)
 def test_uniform_plans_are_exact_and_aligned(proto, ratio, round_to, criterion):
     model, an = analyse_proto(proto)
     p = plan(an, criterion=criterion, ratio=ratio, round_to=round_to)

@@ -22,8 +22,9 @@ def test_ratio_zero_is_the_identity_bit_for_bit(tiny_resnet_onnx):
     pruned = P.prune(m, p)
     feeds = ortutil.random_feeds(m, batch=4)
     assert np.array_equal(ortutil.run(tiny_resnet_onnx, feeds)[0], ortutil.run(pruned, feeds)[0])
-    assert [t.SerializeToString() for t in m.graph.initializer] == \
-        [t.SerializeToString() for t in pruned.graph.initializer]
+    assert [t.SerializeToString() for t in m.graph.initializer] == [
+        t.SerializeToString() for t in pruned.graph.initializer
+    ]
 
 
 def test_prune_is_exact_smaller_and_explained(tiny_resnet_onnx):

@@ -1,4 +1,4 @@
-"""``carve inspect MODEL``: per-layer channels, params, MACs, group, and whether each layer is prunable (and why not)."""
+"""``carve inspect MODEL``: per-layer channels, params, MACs, group and whether each layer is prunable (or why not)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="show layers, channel groups and what can be pruned",
-                       description=__doc__)
+    p = sub.add_parser("inspect", help="show layers, channel groups and what can be pruned", description=__doc__)
     p.add_argument("model", help="ONNX file")
     p.add_argument("--groups", action="store_true", help="also list the coupled channel groups")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -37,14 +36,33 @@ def run(args: argparse.Namespace) -> int:
         return 0
     con = console()
     t = Table(title=f"{args.model}: layers", title_justify="left", show_lines=False, pad_edge=False)
-    for col, just in (("node", "left"), ("op", "left"), ("in", "right"), ("out", "right"), ("kernel", "left"),
-                      ("params", "right"), ("MACs", "right"), ("group", "right"), ("prunable", "right"),
-                      ("status", "left")):
+    for col, just in (
+        ("node", "left"),
+        ("op", "left"),
+        ("in", "right"),
+        ("out", "right"),
+        ("kernel", "left"),
+        ("params", "right"),
+        ("MACs", "right"),
+        ("group", "right"),
+        ("prunable", "right"),
+        ("status", "left"),
+    ):
         t.add_column(col, justify=just, overflow="fold")
     for r in info["layers"]:
         status = r["status"] if not r["reason"] else f"{r['status']}: {r['reason']}"
-        t.add_row(r["node"], r["op"], str(r["cin"] if r["cin"] is not None else "?"), str(r["cout"]), r["kernel"],
-                  _si(r["params"]), _si(r["macs"]), f"G{r['group']}", f"{r['prunable']}/{r['cout']}", status)
+        t.add_row(
+            r["node"],
+            r["op"],
+            str(r["cin"] if r["cin"] is not None else "?"),
+            str(r["cout"]),
+            r["kernel"],
+            _si(r["params"]),
+            _si(r["macs"]),
+            f"G{r['group']}",
+            f"{r['prunable']}/{r['cout']}",
+            status,
+        )
     con.print(t)
     if args.groups:
         g = Table(title="channel groups (a unit couples channels that are removed together)", title_justify="left")
@@ -52,8 +70,14 @@ def run(args: argparse.Namespace) -> int:
             g.add_column(col, overflow="fold")
         for r in info["groups"]:
             members = ", ".join(r["members"][:4]) + (f" (+{len(r['members']) - 4})" if len(r["members"]) > 4 else "")
-            g.add_row(f"G{r['id']}", str(r["width"]), "/".join(map(str, r["slices"])), str(r["prunable"]), members,
-                      r["reason"])
+            g.add_row(
+                f"G{r['id']}",
+                str(r["width"]),
+                "/".join(map(str, r["slices"])),
+                str(r["prunable"]),
+                members,
+                r["reason"],
+            )
         con.print(g)
     s = info["summary"]
     con.print(

@@ -14,8 +14,15 @@ from pipeline.planning import allocators, kept_width
 
 
 @allocators.register("uniform")
-def uniform(analysis: ChannelAnalysis, scores: np.ndarray, frozen: np.ndarray, *, ratio: float, round_to: int = 1,
-            keep_min: int = 1) -> np.ndarray:
+def uniform(
+    analysis: ChannelAnalysis,
+    scores: np.ndarray,
+    frozen: np.ndarray,
+    *,
+    ratio: float,
+    round_to: int = 1,
+    keep_min: int = 1,
+) -> np.ndarray:
     removed = np.zeros(analysis.n_units, dtype=bool)
     for group in analysis.groups:
         for sl in group.slices:
