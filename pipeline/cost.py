@@ -84,3 +84,49 @@ def model_cost(model: Model) -> Cost:
     used = {i for n in model.graph.node for i in n.input}
     params = sum(_prod(t.dims) for t in model.graph.initializer if t.name in used and t.data_type in _FLOAT_TYPES)
     return Cost(params=params, macs=sum(c.macs for c in nodes.values()), nodes=nodes)
+
+
+class CostModel:
+    """Params and MACs of the model a removal mask would produce, without doing the surgery.
+
+    Pruning never changes spatial sizes, so a Conv/ConvTranspose/Gemm/MatMul's MACs scale exactly with its weight's
+    element count, and every cut tensor's size is the product of its kept counts along the cut axes. Used by the
+    allocators to bisect towards ``--target-macs`` / ``--target-params``.
+    """
+
+    def __init__(self, analysis) -> None:
+        model = analysis.model
+        self.analysis = analysis
+        self.base = model_cost(model)
+        cuts: dict[str, dict[int, np.ndarray]] = {}
+        for rec in analysis.slice_records:
+            cuts.setdefault(rec.tensor, {}).setdefault(rec.axis, analysis.unit_of[rec.ids])
+        used = {i for n in model.graph.node for i in n.input}
+        self._tensors = []  # (dims, {axis: units}, is_param, macs of the nodes whose weight it is)
+        weight_macs: dict[str, int] = {}
+        for n in model.graph.node:
+            if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1:
+                weight_macs[n.input[1]] = weight_macs.get(n.input[1], 0) + self.base.nodes[n.name].macs
+        for name, axes in cuts.items():
+            t = model.init[name]
+            is_param = name in used and t.data_type in _FLOAT_TYPES
+            self._tensors.append((tuple(int(d) for d in t.dims), axes, is_param, weight_macs.get(name, 0)))
+
+    def __call__(self, removed: np.ndarray) -> tuple[int, int]:
+        """(params, MACs) after removing the units in the boolean mask ``removed``."""
+        params, macs = self.base.params, self.base.macs
+        keep = ~np.asarray(removed, dtype=bool)
+        for dims, axes, is_param, wmacs in self._tensors:
+            new = list(dims)
+            for axis, units in axes.items():
+                new[axis] = int(keep[units].sum())
+            old_n, new_n = _prod(dims), _prod(new) if all(new) else 0
+            if is_param:
+                params -= old_n - new_n
+            if wmacs and old_n:
+                macs -= wmacs - int(round(wmacs * new_n / old_n))
+        return params, macs
+
+    def ratios(self, removed: np.ndarray) -> tuple[float, float]:
+        p, m = self(removed)
+        return p / self.base.params if self.base.params else 1.0, m / self.base.macs if self.base.macs else 1.0

@@ -113,11 +113,22 @@ def plan(
     seed: int = 0,
     calib: Any = None,
     criterion_options: dict[str, Any] | None = None,
+    target_macs: float | None = None,
+    target_params: float | None = None,
     **allocator_options: Any,
 ) -> Plan:
-    """Score the units with ``criterion`` and choose the ones to remove with ``allocator``."""
+    """Score the units with ``criterion`` and choose the ones to remove with ``allocator``.
+
+    With ``target_macs`` (or ``target_params``), a fraction of the original model's MACs (params) to keep, the
+    allocator's ``ratio`` is found by bisection: the smallest ratio whose predicted cost meets the target.
+    """
     if not 0 <= ratio < 1:
         raise CarveError(f"ratio must be in [0, 1), got {ratio}")
+    if target_macs is not None and target_params is not None:
+        raise CarveError("give --target-macs or --target-params, not both")
+    target = target_macs if target_macs is not None else target_params
+    if target is not None and not 0 < target <= 1:
+        raise CarveError(f"a target is the fraction of the original to keep, in (0, 1]; got {target}")
     if round_to < 1 or keep_min < 1:
         raise CarveError("--round-to and --keep-min must be at least 1")
     crit = criteria.get(criterion)(**(criterion_options or {}))
@@ -128,14 +139,50 @@ def plan(
     excl, _ = exclusion_mask(analysis, exclude)
     frozen = analysis.unit_frozen | excl
     alloc = allocators.get(allocator)
-    removed = alloc(analysis, scores, frozen, ratio=ratio, round_to=round_to, keep_min=keep_min, **allocator_options)
-    options = {
-        "ratio": ratio,
-        "round_to": round_to,
-        "keep_min": keep_min,
-        "exclude": list(exclude),
-        "seed": seed,
-        **allocator_options,
-        **(criterion_options or {}),
-    }
+
+    def allocate(r: float) -> np.ndarray:
+        return alloc(analysis, scores, frozen, ratio=r, round_to=round_to, keep_min=keep_min, **allocator_options)
+
+    options: dict[str, Any] = {}
+    if target is None:
+        removed = allocate(ratio)
+    else:
+        kind = "macs" if target_macs is not None else "params"
+        ratio, removed, achieved = bisect_ratio(analysis, allocate, target, kind)
+        options.update({f"target_{kind}": target, f"achieved_{kind}": achieved})
+    options.update({"ratio": ratio, "round_to": round_to, "keep_min": keep_min, "exclude": list(exclude), "seed": seed})
+    options.update({**allocator_options, **(criterion_options or {})})
     return Plan(analysis, removed, criterion, allocator, options, scores, frozen)
+
+
+def bisect_ratio(analysis: ChannelAnalysis, allocate, target: float, kind: str = "macs", *, steps: int = 30):
+    """The smallest allocator ratio whose predicted cost fraction is at most ``target``: (ratio, removed, achieved)."""
+    from .cost import CostModel
+
+    cost = CostModel(analysis)
+    pick = 1 if kind == "macs" else 0
+
+    def frac(removed: np.ndarray) -> float:
+        return cost.ratios(removed)[pick]
+
+    lo, hi = 0.0, 0.999
+    removed_hi = allocate(hi)
+    if frac(removed_hi) > target + 1e-9:
+        raise CarveError(
+            f"cannot reach {kind} {target:.3g} of the original: removing everything prunable leaves "
+            f"{frac(removed_hi):.3g} (frozen channels, --keep-min and --round-to limit it)",
+            hint="`carve inspect` shows what is frozen and why; lower --round-to / --keep-min or raise the target",
+        )
+    removed_lo = allocate(lo)
+    if frac(removed_lo) <= target + 1e-9:
+        return lo, removed_lo, frac(removed_lo)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        removed_mid = allocate(mid)
+        if frac(removed_mid) <= target + 1e-9:
+            hi, removed_hi = mid, removed_mid
+        else:
+            lo = mid
+        if hi - lo < 1e-4:
+            break
+    return hi, removed_hi, frac(removed_hi)

@@ -104,3 +104,44 @@ def test_bad_ratio():
     model, an = chain()
     with pytest.raises(CarveError, match="ratio"):
         plan(an, ratio=1.0)
+
+
+@pytest.mark.parametrize("target", [0.75, 0.5, 0.35])
+def test_target_macs_is_met_and_tight(tiny_resnet_onnx, target):
+    import pipeline as P
+    from pipeline.cost import model_cost
+
+    m = P.load(tiny_resnet_onnx)
+    an = P.analyse(m)
+    p = plan(an, target_macs=target, round_to=2)
+    real = model_cost(P.prune(m, p)).macs / model_cost(m).macs
+    assert real <= target + 1e-9
+    assert p.options["achieved_macs"] == pytest.approx(real)
+    # tight: a slightly smaller ratio would miss the target
+    looser = plan(an, ratio=max(0.0, p.options["ratio"] - 0.02), round_to=2)
+    assert model_cost(P.prune(m, looser)).macs / model_cost(m).macs > target - 0.05
+
+
+def test_target_params_and_unreachable_target(tiny_resnet_onnx):
+    import pipeline as P
+    from pipeline.cost import model_cost
+
+    m = P.load(tiny_resnet_onnx)
+    an = P.analyse(m)
+    p = plan(an, target_params=0.4)
+    assert model_cost(P.prune(m, p)).params <= 0.4 * model_cost(m).params
+    with pytest.raises(CarveError, match="cannot reach macs 0.001"):
+        plan(an, target_macs=0.001)
+
+
+def test_cost_model_predicts_surgery_exactly(tiny_resnet_onnx):
+    import pipeline as P
+    from pipeline.cost import CostModel, model_cost
+
+    m = P.load(tiny_resnet_onnx)
+    an = P.analyse(m)
+    cm = CostModel(an)
+    for seed in range(5):
+        p = plan(an, criterion="random", ratio=0.1 + 0.15 * seed, seed=seed)
+        real = model_cost(P.prune(m, p))
+        assert cm(p.removed) == (real.params, real.macs)

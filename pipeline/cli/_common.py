@@ -25,6 +25,17 @@ def fraction(text: str) -> float:
     return value
 
 
+def fraction_keep(text: str) -> float:
+    """A fraction in (0, 1] of the original to keep: ``0.5`` or ``50%``."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1]: {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

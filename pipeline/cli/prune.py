@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import fraction, positive_int
+from ._common import fraction, fraction_keep, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,6 +14,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="where to write the pruned ONNX file")
     p.add_argument(
         "--ratio", type=fraction, default=0.5, help="fraction of each group's channels to remove (0.5, 30%%)"
+    )
+    p.add_argument(
+        "--target-macs",
+        type=fraction_keep,
+        metavar="F",
+        help="instead of --ratio: keep this fraction of the MACs (the ratio is found by bisection)",
+    )
+    p.add_argument(
+        "--target-params",
+        type=fraction_keep,
+        metavar="F",
+        help="instead of --ratio: keep this fraction of the parameters",
     )
     p.add_argument("--criterion", default="l1", help="importance criterion (`carve plugins` lists them); default l1")
     p.add_argument("--allocate", dest="allocator", default="uniform", help="how to spread the removal; default uniform")
@@ -64,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         allocator=args.allocator,
         seed=args.seed,
+        target_macs=args.target_macs,
+        target_params=args.target_params,
     )
     reference = zero_removed(model, p) if args.verify else None
     pruned = prune(model, p, command=command_line(), inplace=True)
@@ -78,9 +92,13 @@ def run(args: argparse.Namespace) -> int:
     con = console(args.quiet)
     pr = summary["params_after"] / summary["params_before"]
     mr = summary["macs_after"] / summary["macs_before"]
+    how = f"ratio {summary['options']['ratio']:.3g}"
+    target = args.target_macs or args.target_params
+    if target:
+        how += f" found for target {'MACs' if args.target_macs else 'params'} {target:g}"
     con.print(
         f"removed {summary['channels_removed']}/{summary['channels_before']} output channels "
-        f"({summary['criterion']}, {summary['allocator']} ratio {args.ratio:g}, round-to {args.round_to})"
+        f"({summary['criterion']}, {summary['allocator']} {how}, round-to {args.round_to})"
     )
     con.print(
         f"params {summary['params_before']:,} -> {summary['params_after']:,} ({pr:.1%}); "
