@@ -115,7 +115,7 @@ class ChannelAnalysis:
         self.slice_records: list[SliceRecord] = a.slices
         self.fixes: list[Fix] = a.fixes
         self.tensors: dict[str, Chan] = a.chan
-        self.control_flow: list[str] = []
+        self.cache: dict = {}  # derived data that plugins memoise (e.g. kernel dispersion per group)
         self._solve(a)
 
     # -- solving -------------------------------------------------------------------------------------------------

@@ -76,3 +76,60 @@ def filter_scores(ctx: ScoreContext, fn) -> np.ndarray:
 
 def get(name: str, **options: Any) -> Criterion:
     return criteria.get(name)(**options)
+
+
+def following_bn(model, tensor: str):
+    """The BatchNormalization node that alone reads ``tensor`` (a producer's output), or None."""
+    users = model.consumers.get(tensor, [])
+    if len(users) == 1 and users[0].op_type == "BatchNormalization" and users[0].input[0] == tensor:
+        return users[0]
+    return None
+
+
+def bn_scale_shift(model, bn) -> tuple[np.ndarray, np.ndarray]:
+    """y = scale * x + shift for an inference-mode BatchNormalization node."""
+    from .graph import attr
+
+    gamma, beta, mean, var = (model.array(i).astype(np.float64) for i in bn.input[1:5])
+    scale = gamma / np.sqrt(var + float(attr(bn, "epsilon", 1e-5)))
+    return scale, beta - mean * scale
+
+
+def folded_filters(analysis: ChannelAnalysis, source, *, with_bias: bool = False) -> np.ndarray:
+    """A producer's filters with the BatchNormalization that follows it folded in (rows = output channels).
+
+    ``with_bias`` appends the folded bias as a last column: the augmented filter [w; b] of papers.md section 6.
+    """
+    model = analysis.model
+    w = analysis.filters(source).astype(np.float64)
+    node = model.nodes[source.name]
+    b = np.zeros(len(w))
+    if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 2 and node.input[2]:
+        b = model.array(node.input[2]).astype(np.float64)
+    elif node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        c = model.array(node.input[2]).astype(np.float64)
+        b = np.broadcast_to(c.reshape(-1) if c.size == len(w) else c.reshape(-1)[:1], (len(w),)).copy()
+    bn = following_bn(model, node.output[0])
+    if bn is not None and model.shape(bn.input[1]) == (len(w),) and all(model.is_const(i) for i in bn.input[1:5]):
+        scale, shift = bn_scale_shift(model, bn)
+        w = w * scale[:, None]
+        b = b * scale + shift
+    return np.concatenate([w, b[:, None]], axis=1) if with_bias else w
+
+
+def pairwise_distances(x: np.ndarray) -> np.ndarray:
+    """Euclidean distances between the rows of ``x`` (via the Gram matrix: O(n^2 d) in one matmul)."""
+    sq = (x * x).sum(1)
+    d2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
+    np.maximum(d2, 0.0, out=d2)
+    np.fill_diagonal(d2, 0.0)
+    return np.sqrt(d2)
+
+
+def cosine_distances(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    u = x / np.where(n > 0, n, 1.0)
+    d = 1.0 - u @ u.T
+    np.clip(d, 0.0, 2.0, out=d)
+    np.fill_diagonal(d, 0.0)
+    return d

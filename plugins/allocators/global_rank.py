@@ -1,0 +1,67 @@
+"""Global allocation: rank every prunable unit of the model on one scale and remove the lowest ``ratio`` of them.
+
+Scores of different layers are not comparable as they are (a 3x3x256 filter's L1 norm dwarfs a 1x1x16 one's), so each
+group's scores are first normalised (``norm``: divided by the group's mean prunable score, the default; by its max; or
+replaced by their rank within the group). Each slice then keeps at least ``keep_min`` units and an aligned width (the
+highest-scored candidates are spared first to reach the next multiple of ``round_to``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.channels import ChannelAnalysis
+from pipeline.errors import CarveError
+from pipeline.planning import allocators
+
+
+def normalised(analysis: ChannelAnalysis, scores: np.ndarray, frozen: np.ndarray, norm: str) -> np.ndarray:
+    out = np.zeros_like(scores, dtype=np.float64)
+    for g in analysis.groups:
+        u = g.units[~frozen[g.units]]
+        if not len(u):
+            continue
+        s = scores[u].astype(np.float64)
+        if norm == "mean":
+            d = float(np.abs(s).mean())
+            out[u] = s / d if d > 0 else 0.0
+        elif norm == "max":
+            d = float(np.abs(s).max())
+            out[u] = s / d if d > 0 else 0.0
+        elif norm == "rank":
+            out[u] = (np.argsort(np.argsort(s, kind="stable"), kind="stable") + 0.5) / len(s)
+        else:
+            raise CarveError(f"allocator 'global': unknown norm {norm!r}; valid: mean, max, rank")
+    return out
+
+
+@allocators.register("global")
+def global_rank(
+    analysis: ChannelAnalysis,
+    scores: np.ndarray,
+    frozen: np.ndarray,
+    *,
+    ratio: float,
+    round_to: int = 1,
+    keep_min: int = 1,
+    norm: str = "mean",
+) -> np.ndarray:
+    s = normalised(analysis, scores, frozen, norm)
+    prunable = np.flatnonzero(~frozen)
+    removed = np.zeros(analysis.n_units, dtype=bool)
+    n_remove = int(round(ratio * len(prunable)))
+    if n_remove <= 0:
+        return removed
+    order = prunable[np.argsort(s[prunable], kind="stable")]
+    candidate = np.zeros(analysis.n_units, dtype=bool)
+    candidate[order[:n_remove]] = True
+    for g in analysis.groups:
+        for sl in g.slices:
+            cand = sl[candidate[sl]]
+            n = len(sl)
+            k = min(len(cand), n - min(n, keep_min))
+            while k > 0 and round_to > 1 and (n - k) % round_to:
+                k -= 1
+            if k > 0:
+                removed[cand[np.argsort(s[cand], kind="stable")[:k]]] = True
+    return removed
