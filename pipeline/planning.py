@@ -132,6 +132,14 @@ def plan(
     if round_to < 1 or keep_min < 1:
         raise CarveError("--round-to and --keep-min must be at least 1")
     crit = criteria.get(criterion)(**(criterion_options or {}))
+    data_needs = crit.needs & {"activations", "labels", "gradients"}
+    if data_needs and calib is None:
+        raise CarveError(
+            f"criterion {criterion!r} needs calibration data ({', '.join(sorted(data_needs))})",
+            hint="give --calib FILE.npz | FOLDER | digits",
+        )
+    if "labels" in crit.needs and getattr(calib, "labels", None) is None:
+        raise CarveError(f"criterion {criterion!r} needs labelled calibration data; {calib.name} has no labels")
     ctx = ScoreContext(analysis, seed=seed, calib=calib)
     scores = np.asarray(crit.unit_scores(ctx), dtype=np.float64)
     if scores.shape != (analysis.n_units,):
