@@ -1,0 +1,185 @@
+"""The pass contract: requires -> run -> ensures, with instruments around every pass.
+
+A :class:`Pass` transforms a :class:`~pipeline.graph.Model` into a new one (never in place) and says what it did in a
+:class:`PassResult`: one line per decision ("conv3: rank 12 of 64 (energy 0.95)", "conv7: skipped, rank 60 is above
+the break-even 48"). It declares
+
+* ``exact``: whether it must preserve the model's function (BN folding, merging a pair back, fusing an exact multiple);
+  the :class:`NumericCheck` instrument then proves it on random inputs in ONNX Runtime and fails the run otherwise;
+  for lossy passes it measures and reports the error instead;
+* ``needs``: ``{"calib"}`` when it reads calibration data.
+
+``ensures`` checks what every pass must keep: graph output shapes and a model that passes the full ONNX checker.
+:class:`PassManager` runs a list of passes with instruments (timing, numeric check, dumping intermediates). Passes are
+registered by name (``plugins/passes/``) so recipes and the CLI can find them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .errors import CarveError
+from .graph import Model, check, save
+from .registry import Registry
+
+passes: Registry[type[Pass]] = Registry("pass", entry_point_group="carve.passes", builtin_modules=["plugins.passes"])
+
+
+@dataclass
+class PassContext:
+    calib: Any = None  # a pipeline.calib.Dataset
+    seed: int = 0
+    command: str | None = None
+    progress: Callable[[str], None] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassResult:
+    model: Model
+    changed: bool
+    details: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: dict[str, float] | None = None  # numeric comparison with the pass's input
+
+
+class Pass:
+    name: ClassVar[str] = ""
+    exact: ClassVar[bool] = False
+    needs: ClassVar[frozenset[str]] = frozenset()
+    description: ClassVar[str] = ""
+
+    def requires(self, model: Model, ctx: PassContext) -> None:
+        if "calib" in self.needs and ctx.calib is None:
+            raise CarveError(
+                f"pass {self.name!r} needs calibration data", hint="give --calib FILE.npz | FOLDER | digits"
+            )
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def ensures(self, before: Model, result: PassResult) -> None:
+        after = result.model
+        for name in before.output_names:
+            s0, s1 = before.shape(name), after.shape(name)
+            if s0 is not None and s1 is not None and s0 != s1:
+                raise AssertionError(f"pass {self.name!r} changed the shape of output {name!r}: {s0} -> {s1}")
+        check(after.proto, full=True)
+
+    def __call__(self, model: Model, ctx: PassContext | None = None) -> PassResult:
+        ctx = ctx or PassContext()
+        self.requires(model, ctx)
+        t0 = time.perf_counter()
+        result = self.run(model, ctx)
+        result.seconds = time.perf_counter() - t0
+        if result.changed:
+            self.ensures(model, result)
+        return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# instruments
+
+
+class Instrument:
+    def before(self, p: Pass, model: Model, ctx: PassContext) -> None:
+        pass
+
+    def after(self, p: Pass, model: Model, result: PassResult, ctx: PassContext) -> None:
+        pass
+
+
+def output_error(a: Model, b: Model, feeds: dict[str, np.ndarray]) -> dict[str, float]:
+    """Max |diff|, the same relative to the output scale, and cosine similarity of the first outputs."""
+    from .ortutil import run
+
+    x, y = run(a, feeds)[0].astype(np.float64), run(b, feeds)[0].astype(np.float64)
+    diff = float(np.abs(x - y).max(initial=0))
+    scale = float(np.abs(x).max(initial=0))
+    cos = float((x * y).sum() / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-30))
+    return {"max_abs": diff, "max_rel": diff / max(scale, 1e-12), "cosine": cos}
+
+
+class NumericCheck(Instrument):
+    """Exact passes must keep outputs (relative error <= ``rtol``); lossy passes get their error measured."""
+
+    def __init__(self, rtol: float = 1e-4, batch: int = 2) -> None:
+        self.rtol, self.batch = rtol, batch
+
+    def after(self, p: Pass, model: Model, result: PassResult, ctx: PassContext) -> None:
+        if not result.changed:
+            return
+        from .ortutil import random_feeds
+
+        feeds = random_feeds(model, batch=self.batch, seed=ctx.seed)
+        if ctx.calib is not None and not p.exact:
+            x, _ = next(ctx.calib.batches(16))
+            feeds = {model.input_names[0]: x}
+        result.error = output_error(model, result.model, feeds)
+        if p.exact and result.error["max_rel"] > self.rtol:
+            raise AssertionError(
+                f"exact pass {p.name!r} changed the model's outputs (relative error {result.error['max_rel']:.3g})"
+            )
+
+
+class Timing(Instrument):
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def after(self, p: Pass, model: Model, result: PassResult, ctx: PassContext) -> None:
+        self.seconds[p.name] = self.seconds.get(p.name, 0.0) + result.seconds
+
+
+class Dump(Instrument):
+    """Write every intermediate model: ``<dir>/<index>_<pass>.onnx``."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        self.index = 0
+
+    def after(self, p: Pass, model: Model, result: PassResult, ctx: PassContext) -> None:
+        self.index += 1
+        self.dir.mkdir(parents=True, exist_ok=True)
+        save(result.model, self.dir / f"{self.index:02d}_{p.name}.onnx")
+
+
+class PassManager:
+    def __init__(self, pass_list: list[Pass], instruments: list[Instrument] | None = None) -> None:
+        self.passes = pass_list
+        self.instruments = instruments if instruments is not None else [NumericCheck(), Timing()]
+
+    def run(self, model: Model, ctx: PassContext | None = None) -> tuple[Model, list[PassResult]]:
+        ctx = ctx or PassContext()
+        results = []
+        for p in self.passes:
+            for ins in self.instruments:
+                ins.before(p, model, ctx)
+            if ctx.progress:
+                ctx.progress(p.name)
+            result = p(model, ctx)
+            for ins in self.instruments:
+                ins.after(p, model, result, ctx)
+            results.append(result)
+            model = result.model
+        return model, results
+
+
+def get(name: str, **options: Any) -> Pass:
+    cls = passes.get(name)
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise CarveError(f"pass {name!r}: {exc}") from None
+
+
+def record_pass(model: Model, p: Pass, result: PassResult, command: str | None) -> None:
+    from .surgery import record
+
+    record(model, p.name, {**result.summary, "details": result.details[:200]}, command=command)

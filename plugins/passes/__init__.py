@@ -1,0 +1,3 @@
+"""Built-in passes (one concept per module); importing this package registers them."""
+
+from . import decompose, fold_bn, merge  # noqa: F401
