@@ -106,9 +106,13 @@ def find_pairs(model: Model) -> list[Pair]:
                 kind = "conv-1x1"
             elif _is_pointwise(model, a) and (not any(conv_pads(model, b)) or not _has_bias(model, a)):
                 kind = "1x1-conv"
-        elif a.op_type in ("Gemm", "MatMul") and b.op_type in ("Gemm", "MatMul"):
-            if model.shape(out) is not None and len(model.shape(out)) == 2:
-                kind = "gemm-gemm"
+        elif (
+            a.op_type in ("Gemm", "MatMul")
+            and b.op_type in ("Gemm", "MatMul")
+            and model.shape(out) is not None
+            and len(model.shape(out)) == 2
+        ):
+            kind = "gemm-gemm"
         if kind:
             pairs.append(Pair(kind, [a, b]))
             used.update({a.name, b.name})
