@@ -68,3 +68,25 @@ def run(
     model: Model | onnx.ModelProto | str | os.PathLike, feeds: dict[str, np.ndarray], *, threads: int = 1
 ) -> list[np.ndarray]:
     return session(model, threads=threads).run(None, feeds)
+
+
+def verify_equal(reference, candidate, *, seed: int = 0, batch: int = 2, rtol: float = 1e-4) -> dict:
+    """Run both on the same random batch; they must agree relative to the output scale (else CarveError)."""
+    from .errors import CarveError
+
+    feeds = random_feeds(reference, batch=batch, seed=seed)
+    a, b = run(reference, feeds), run(candidate, feeds)
+    worst, scale = 0.0, 0.0
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            raise CarveError(f"output shape changed: {x.shape} -> {y.shape}; please report this model")
+        if np.issubdtype(x.dtype, np.floating):
+            worst = max(worst, float(np.abs(x - y).max(initial=0)))
+            scale = max(scale, float(np.abs(x).max(initial=0)))
+    if worst > rtol * max(scale, 1e-6) + 1e-6:
+        raise CarveError(
+            f"verification failed: the result differs from its reference by {worst:.3g} (output scale {scale:.3g}); "
+            "please report this model",
+            hint="--no-verify skips the check",
+        )
+    return {"max_abs_diff": worst, "scale": scale}

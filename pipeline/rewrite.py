@@ -79,3 +79,32 @@ def rows(model: Model, node: onnx.NodeProto, x: np.ndarray) -> np.ndarray:
     if node.op_type == "Conv":
         return patches(model, node, x)
     return x.reshape(-1, x.shape[-1])
+
+
+def ensure_biases(model: Model) -> int:
+    """Give every Conv / ConvTranspose / Gemm without a bias an explicit zero bias (before analysis).
+
+    Repairs (least squares, bias correction) write an intercept into the consumers' biases; the bias must exist before
+    the channel analysis so that it is cut along with its layer's output channels. Returns how many were added.
+    """
+    added = 0
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "ConvTranspose", "Gemm") or (len(n.input) > 2 and n.input[2]):
+            continue
+        w = model.shape(n.input[1])
+        if w is None or not model.is_const(n.input[1]):
+            continue
+        if n.op_type == "Conv":
+            cout = w[0]
+        elif n.op_type == "ConvTranspose":
+            cout = w[1] * int(attr(n, "group", 1))
+        else:
+            cout = w[0] if attr(n, "transB", 0) else w[1]
+        dtype = model.array(n.input[1]).dtype
+        while len(n.input) < 3:
+            n.input.append("")
+        n.input[2] = model.add_initializer(f"{n.name}_bias", np.zeros(int(cout), dtype=dtype))
+        added += 1
+    if added:
+        model.refresh()
+    return added

@@ -125,10 +125,14 @@ def zero_removed(model: Model, plan: Plan) -> Model:
     return out
 
 
-def record(model: Model, step: str, summary: dict, *, command: str | None = None) -> None:
-    """Append a step to the model's ``carve.history`` metadata and refresh ``carve.version`` / ``carve.<step>``."""
+def record(model: Model, step: str, summary: dict, *, command: str | None = None, replace_last: bool = False) -> None:
+    """Append a step to the model's ``carve.history`` metadata and refresh ``carve.version`` / ``carve.<step>``.
+
+    ``replace_last`` overwrites the last history entry (a step that completes its own summary)."""
     props = {p.key: p for p in model.proto.metadata_props}
     history = json.loads(props["carve.history"].value) if "carve.history" in props else []
+    if replace_last and history and history[-1]["step"] == step:
+        history.pop()
     entry = {
         "step": step,
         "carve": __version__,

@@ -70,3 +70,63 @@ def console(quiet: bool = False):
 def require(condition: bool, message: str, hint: str | None = None) -> None:
     if not condition:
         raise CarveError(message, hint=hint)
+
+
+def key_values(text: str) -> dict:
+    """``key=value`` -> {key: value}, the value read as a YAML scalar (numbers, booleans, strings)."""
+    import yaml
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return {key.strip(): yaml.safe_load(value)}
+    except yaml.YAMLError:
+        return {key.strip(): value}
+
+
+def add_calib_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration data")
+    g.add_argument(
+        "--calib",
+        metavar="DATA",
+        help="calibration data: an .npz/.npy file, a folder with one sub-folder per class, or `digits`",
+    )
+    g.add_argument("--samples", type=positive_int, default=512, help="how many calibration samples (default 512)")
+    g.add_argument(
+        "--labels", action="store_true", help="the calibration data must carry labels (loss-based criteria need them)"
+    )
+    g.add_argument("--mean", type=_floats, help="override the normalisation mean, e.g. 0.485,0.456,0.406")
+    g.add_argument("--std", type=_floats, help="override the normalisation std, e.g. 0.229,0.224,0.225")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers: {text!r}") from None
+
+
+def load_calib(args: argparse.Namespace, model, *, required: bool | str):
+    """The calibration Dataset the arguments name (None when not given and not required).
+
+    ``required`` may be a string saying who needs the data; it goes into the error message."""
+    from ..calib import Preprocess, load_data
+
+    if args.calib is None:
+        if required:
+            who = required if isinstance(required, str) else "this command"
+            raise CarveError(f"{who} needs calibration data", hint="give --calib FILE.npz | FOLDER | digits")
+        return None
+    pre = Preprocess.for_model(model)
+    if args.mean:
+        pre.mean = args.mean
+    if args.std:
+        pre.std = args.std
+    data = load_data(args.calib, model=model, preprocess=pre, samples=args.samples, seed=args.seed)
+    if args.labels and data.labels is None:
+        raise CarveError(
+            f"--labels: {args.calib} has no labels",
+            hint="an .npz with a `labels` array, or a folder with one sub-folder per class",
+        )
+    return data

@@ -1,0 +1,130 @@
+"""Repairs after pruning: exact fusion is exact, least squares never does worse than plain pruning on its data,
+BN re-estimation measures the working model."""
+
+from __future__ import annotations
+
+import numpy as np
+from graphs import G
+
+import pipeline as P
+from pipeline import ortutil
+from pipeline.calib import Preprocess, load_data
+from pipeline.graph import from_proto
+from pipeline.planning import Plan
+from pipeline.rewrite import ensure_biases
+from pipeline.surgery import prune, zero_removed
+from plugins.passes.fuse import fuse_exact
+from plugins.passes.reconstruct import reconstruct
+
+
+def multiple_filter_model(act: str = "Relu", bn: bool = True):
+    """Conv(8) where filter 6 (with its bias and BN) is exactly 2.5 x filter 2, then act, pool, conv."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    w[6], b[6] = 2.5 * w[2], 2.5 * b[2]
+    g = G()
+    a = g.op("Conv", ["x", g.const(w), g.const(b)], channels=8, kernel_shape=[3, 3], pads=[1] * 4)
+    if bn:
+        gamma = np.ones(8, np.float32)
+        beta = rng.standard_normal(8).astype(np.float32)
+        mean = rng.standard_normal(8).astype(np.float32)
+        var = np.ones(8, np.float32)
+        beta[6] = 2.5 * (beta[2] - mean[2]) + mean[6]  # keep channel 6 = 2.5 x channel 2 after BN
+        a = g.op("BatchNormalization", [a] + [g.const(v) for v in (gamma, beta, mean, var)])
+    a = g.op(act, [a])
+    a = g.op("MaxPool", [a], kernel_shape=[2, 2], strides=[2, 2])
+    y = g.conv(a, 4)
+    model = from_proto(g.model([y]))
+    return model, P.analyse(model)
+
+
+def remove_channel(an, node_weight: str, channel: int) -> Plan:
+    src = next(s for s in an.sources if s.weight == node_weight)
+    removed = np.zeros(an.n_units, bool)
+    removed[an.source_units(src)[channel]] = True
+    return Plan(an, removed)
+
+
+def test_exact_fusion_of_a_positive_multiple_is_exact():
+    model, an = multiple_filter_model()
+    w_name = model.graph.node[0].input[1]
+    plan = remove_channel(an, w_name, 6)
+    fused, details, n = fuse_exact(model, plan)
+    assert n == 1 and "channel 6 fused into channel 2" in details[0]
+    pruned = prune(fused, plan)
+    feeds = ortutil.random_feeds(model, batch=2)
+    ref, out = ortutil.run(model, feeds)[0], ortutil.run(pruned, feeds)[0]
+    np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max())  # the ORIGINAL model, not the zeroed one
+    plain = ortutil.run(prune(model, plan), feeds)[0]
+    assert np.abs(plain - ref).max() > 1e-2  # without fusion it would lose something
+
+
+def test_fusion_refuses_non_homogeneous_activations():
+    model, an = multiple_filter_model(act="Sigmoid")
+    plan = remove_channel(an, model.graph.node[0].input[1], 6)
+    _, _, n = fuse_exact(model, plan)
+    assert n == 0
+
+
+def test_fusion_gate():
+    model, an = multiple_filter_model()
+    w_name = model.graph.node[0].input[1]
+    w = model.array(w_name).copy()
+    w[6] += 0.05 * np.random.default_rng(1).standard_normal(w[6].shape).astype(np.float32)
+    model.set_array(w_name, w)
+    plan = remove_channel(an, w_name, 6)
+    assert fuse_exact(model, plan, gate=1e-3)[2] == 0
+    assert fuse_exact(model, plan, gate=0.5)[2] == 1
+
+
+def pruned_setup(tiny_resnet_onnx):
+    m = P.load(tiny_resnet_onnx)
+    ensure_biases(m)
+    an = P.analyse(m)
+    plan = P.plan(an, ratio=0.5)
+    data = load_data("digits", preprocess=Preprocess(size=(16, 16), channels=3), samples=96)
+    return m, plan, data
+
+
+def test_lsq_never_increases_the_calibration_error(tiny_resnet_onnx):
+    m, plan, data = pruned_setup(tiny_resnet_onnx)
+    work, details, stats = reconstruct(m, plan, data, method="lsq", ridge=1e-9)
+    assert details and stats["errors"]
+    for node, (plain, refit) in stats["errors"].items():
+        assert refit <= plain + 1e-6 * abs(plain), node
+    pruned = prune(work, plan)
+    x, _ = data.arrays()
+    ref = ortutil.run(m, {"input": x})[0]
+    e_lsq = np.linalg.norm(ortutil.run(pruned, {"input": x})[0] - ref)
+    e_plain = np.linalg.norm(ortutil.run(prune(m, plan), {"input": x})[0] - ref)
+    assert e_lsq < e_plain
+
+
+def test_bias_correction_and_bn_reestimation(tiny_resnet_onnx):
+    m, plan, data = pruned_setup(tiny_resnet_onnx)
+    work, details, _ = reconstruct(m, plan, data, method="bias")
+    assert any("bias corrected" in d for d in details)
+    work, details, _ = reconstruct(m, plan, data, method="bn")
+    bn = next(n for n in work.graph.node if n.op_type == "BatchNormalization")
+    from pipeline.calib import with_outputs
+    from pipeline.ortutil import session
+
+    x, _ = data.arrays()
+    # the first BN's input does not depend on any other BN: its statistics are those of the data
+    v = session(with_outputs(zero_removed(m, plan), [bn.input[0]])).run([bn.input[0]], {"input": x})[0]
+    np.testing.assert_allclose(work.array(bn.input[3]), v.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(work.array(bn.input[4]), v.var(axis=(0, 2, 3)), rtol=1e-3, atol=1e-5)
+
+
+def test_reconstruct_requires_biases(tiny_resnet_onnx):
+    import pytest
+
+    from pipeline.errors import CarveError
+
+    m = P.load(tiny_resnet_onnx)
+    an = P.analyse(m)
+    plan = P.plan(an, ratio=0.5)
+    data = load_data("digits", preprocess=Preprocess(size=(16, 16), channels=3), samples=32)
+    with pytest.raises(CarveError, match="ensure_biases"):
+        reconstruct(m, plan, data, method="lsq")
