@@ -130,3 +130,57 @@ def load_calib(args: argparse.Namespace, model, *, required: bool | str):
             hint="an .npz with a `labels` array, or a folder with one sub-folder per class",
         )
     return data
+
+
+def run_pass(args: argparse.Namespace, passes: list, *, model=None, calib=None) -> int:
+    """Run passes on ``args.model``, print their decisions and error, record them in the metadata, save atomically."""
+    import json
+
+    from ..graph import check_output_path, load, save
+    from ..passes import NumericCheck, PassContext, PassManager, record_pass
+
+    check_output_path(args.output, args.model)
+    model = model if model is not None else load(args.model)
+    ctx = PassContext(calib=calib, seed=getattr(args, "seed", 0), command=command_line())
+    con = console(getattr(args, "quiet", False) or getattr(args, "json", False))
+    with con.status("running " + ", ".join(p.name for p in passes) + "...", spinner="dots"):
+        final, results = PassManager(passes, [NumericCheck()]).run(model, ctx)
+    for p, r in zip(passes, results):
+        record_pass(final, p, r, ctx.command)
+    save(final, args.output, check_inputs=[args.model])
+    summary = [
+        {
+            "pass": p.name,
+            "exact": p.exact,
+            "changed": r.changed,
+            **r.summary,
+            "error": r.error,
+            "seconds": round(r.seconds, 3),
+            "details": r.details,
+        }
+        for p, r in zip(passes, results)
+    ]
+    if getattr(args, "json", False):
+        print(json.dumps(summary, indent=1))
+        return 0
+    from ..cost import model_cost
+
+    c0, c1 = model_cost(model), model_cost(final)
+    for p, r in zip(passes, results):
+        shown = r.details if getattr(args, "verbose", False) else r.details[:12]
+        for d in shown:
+            con.print(f"  {p.name}: {d}")
+        if len(r.details) > len(shown):
+            con.print(f"  {p.name}: ... {len(r.details) - len(shown)} more (--verbose)")
+        if r.error is not None:
+            kind = "verified exact" if p.exact else "output error"
+            con.print(
+                f"{p.name}: {kind} in ONNX Runtime (max relative {r.error['max_rel']:.2e}, "
+                f"cosine {r.error['cosine']:.6f})"
+            )
+    con.print(
+        f"params {c0.params:,} -> {c1.params:,} ({c1.params / c0.params:.1%}); MACs {c0.macs:,} -> "
+        f"{c1.macs:,} ({c1.macs / c0.macs:.1%}, a MAC ratio, not a speed-up)"
+    )
+    con.print(f"wrote {args.output}")
+    return 0

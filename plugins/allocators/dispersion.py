@@ -59,6 +59,7 @@ def dispersion(
     beta: float = 1.0,
     max_rate: float = 0.95,
 ) -> np.ndarray:
+    """Per-group rates from kernel dispersion (SFP): alike kernels lose more."""
     rates = group_rates(analysis, frozen, ratio, beta, max_rate)
     removed = np.zeros(analysis.n_units, dtype=bool)
     for g in analysis.groups:

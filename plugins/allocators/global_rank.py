@@ -46,6 +46,7 @@ def global_rank(
     keep_min: int = 1,
     norm: str = "mean",
 ) -> np.ndarray:
+    """One ranking of normalised scores across all groups; the lowest `ratio` of units go."""
     s = normalised(analysis, scores, frozen, norm)
     prunable = np.flatnonzero(~frozen)
     removed = np.zeros(analysis.n_units, dtype=bool)

@@ -23,6 +23,7 @@ def uniform(
     round_to: int = 1,
     keep_min: int = 1,
 ) -> np.ndarray:
+    """The same fraction of every slice of every group, lowest scores first."""
     removed = np.zeros(analysis.n_units, dtype=bool)
     for group in analysis.groups:
         for sl in group.slices:

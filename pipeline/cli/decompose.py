@@ -1,0 +1,60 @@
+"""``carve decompose MODEL -o OUT``: split convolutions into a low-rank basis conv and a 1x1 coefficient conv (EDP)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import add_calib_args, fraction_keep, positive_int
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "decompose", help="low-rank split of convolutions (basis + 1x1 coefficients)", description=__doc__
+    )
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument("--energy", type=float, help="keep this fraction of each layer's spectral energy (default 0.95)")
+    rank.add_argument(
+        "--error", type=float, help="largest relative output error per layer on --calib data (data-aware SVD)"
+    )
+    rank.add_argument(
+        "--target-macs",
+        type=fraction_keep,
+        metavar="F",
+        help="keep this fraction of the model's MACs (common energy level found by bisection)",
+    )
+    p.add_argument("--round-to", type=positive_int, default=1, metavar="N", help="ranks are multiples of N")
+    p.add_argument("--include", action="append", default=[], metavar="NODE_PATTERN", help="only these convs")
+    p.add_argument("--exclude", action="append", default=[], metavar="NODE_PATTERN", help="never these convs")
+    p.add_argument(
+        "--kernels", choices=["all", "spatial"], default="all", help="spatial: leave 1x1 convs alone (default: all)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    add_calib_args(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="print every layer's decision")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import load
+    from ..graph import check_output_path
+    from ..passes import get
+    from ._common import load_calib, run_pass
+
+    p = get(
+        "decompose",
+        energy=args.energy,
+        error=args.error,
+        target_macs=args.target_macs,
+        round_to=args.round_to,
+        include=args.include,
+        exclude=args.exclude,
+        kernels=args.kernels,
+    )
+    check_output_path(args.output, args.model)
+    model = load(args.model)
+    calib = load_calib(args, model, required="--error" if args.error is not None else False)
+    return run_pass(args, [p], model=model, calib=calib)

@@ -1,0 +1,59 @@
+"""``carve eval MODEL --data DATA``: top-1/top-5 on labelled data and agreement with a reference model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ._common import positive_int
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="accuracy on labelled data, agreement with a reference", description=__doc__)
+    p.add_argument("model", help="ONNX file to evaluate")
+    p.add_argument("--data", required=True, help="an .npz/.npy file, a folder of class sub-folders, or `digits`")
+    p.add_argument("--reference", help="the model to compare with (e.g. the unpruned original)")
+    p.add_argument("--samples", type=positive_int, help="evaluate on this many samples (seeded, class-balanced)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("-o", "--output", help="write the result as a report section (JSON) that `carve report` renders")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import load
+    from ..calib import Preprocess, load_data
+    from ..evaluate import evaluate
+    from ..graph import atomic_write, check_output_path
+    from ._common import console
+
+    if args.output:
+        check_output_path(args.output, args.model, args.reference)
+    model = load(args.model)
+    reference = load(args.reference) if args.reference else None
+    data = load_data(
+        args.data, model=model, preprocess=Preprocess.for_model(model), samples=args.samples, seed=args.seed
+    )
+    result = {"model": args.model, **evaluate(model, data, reference=reference, threads=args.threads)}
+    doc = {"schema_version": 1, "kind": "carve.eval", "accuracy": result}
+    if args.output:
+        with atomic_write(args.output) as f:
+            json.dump(doc, f, indent=1)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return 0
+    con = console()
+    line = f"{args.model}: {result['samples']} samples"
+    if "top1" in result:
+        line += f", top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%}"
+    con.print(line)
+    if "reference" in result:
+        r = result["reference"]
+        extra = f", reference top-1 {r['top1']:.2%}" if "top1" in r else ""
+        con.print(
+            f"agreement with {args.reference}: top-1 {r['top1_agreement']:.2%}, mean KL {r['kl_mean']:.4f}{extra}"
+        )
+    if args.output:
+        con.print(f"wrote {args.output}")
+    return 0
