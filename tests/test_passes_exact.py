@@ -176,3 +176,23 @@ def test_pass_manager_numeric_check_catches_a_broken_exact_pass(tiny_resnet_onnx
         PassManager([Broken()], [NumericCheck()]).run(m)
     final, results = PassManager([get("fold_bn"), get("merge")]).run(m)
     assert results[0].error["max_rel"] < 1e-5
+
+
+def test_decomposed_rank_channels_are_prunable_by_coefficient_norms(tiny_resnet_onnx):
+    from pipeline.criteria import ScoreContext, criteria
+
+    m = P.load(tiny_resnet_onnx)
+    d = get("decompose", energy=0.9, break_even=False)(m).model
+    an = P.analyse(d)
+    basis = [s for s in an.producers() if s.name.endswith("_basis")]
+    assert basis and all(not an.unit_frozen[an.source_units(s)].any() for s in basis)
+    scores = criteria.get("edp")().element_scores(ScoreContext(an))
+    for s in basis:
+        coeff = next(n for n in d.graph.node if n.name == s.name.replace("_basis", "_coeff"))
+        a = d.array(coeff.input[1])[:, :, 0, 0]
+        np.testing.assert_allclose(scores[s.start : s.start + s.count], np.linalg.norm(a, axis=0), rtol=1e-5)
+        # the SVD orders the spectrum: coefficient column norms (sqrt of singular values) decrease
+        assert np.all(np.diff(scores[s.start : s.start + s.count]) <= 1e-6)
+    pruned = P.prune(d, P.plan(an, criterion="edp", ratio=0.3))
+    feeds = ortutil.random_feeds(d)
+    assert ortutil.run(pruned, feeds)[0].shape == (1, 10)
