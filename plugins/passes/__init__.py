@@ -1,3 +1,3 @@
 """Built-in passes (one concept per module); importing this package registers them."""
 
-from . import decompose, fold_bn, merge  # noqa: F401
+from . import decompose, fold_bn, merge, prune  # noqa: F401

@@ -1,0 +1,77 @@
+"""``carve run RECIPE.yaml``: a whole pipeline from one file (model, data, passes, measurement, thresholds)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="run a recipe (YAML): passes, evaluation, measurement, thresholds", description=__doc__
+    )
+    p.add_argument("recipe", help="recipe file (see docs/recipes.md)")
+    p.add_argument("--keep-intermediate", metavar="DIR", help="write the model after every pass into DIR")
+    p.add_argument(
+        "-o",
+        "--report",
+        help="where to write the report JSON (default: the recipe's `report`, else <output>.report.json)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report JSON")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from ..graph import atomic_write, check_output_path, save
+    from ..recipe import check_thresholds, load_recipe, run_recipe
+    from ._common import command_line, console
+
+    recipe = load_recipe(args.recipe)
+    report_path = Path(args.report) if args.report else recipe.report or Path(str(recipe.output) + ".report.json")
+    check_output_path(recipe.output)
+    check_output_path(report_path)
+    con = console(args.quiet or args.json)
+    with Progress(console=con, transient=True, disable=args.quiet or args.json) as bar:
+        task = bar.add_task("recipe", total=len(recipe.passes))
+
+        def progress(name: str) -> None:
+            bar.update(task, description=f"pass {name}")
+            bar.advance(task)
+
+        _, final, report = run_recipe(
+            recipe,
+            keep_intermediate=Path(args.keep_intermediate) if args.keep_intermediate else None,
+            progress=progress,
+            command=command_line(),
+        )
+    save(final, recipe.output)
+    failures = check_thresholds(recipe, report)
+    report["thresholds"] = {"limits": recipe.thresholds, "failures": failures, "passed": not failures}
+    with atomic_write(report_path) as f:
+        json.dump(report, f, indent=1, default=str)
+    if args.json:
+        print(json.dumps(report, indent=1, default=str))
+    else:
+        for p in report["passes"]:
+            err = f", error {p['error']['max_rel']:.2e}" if p.get("error") else ""
+            con.print(f"{p['pass']}: {'changed' if p['changed'] else 'unchanged'} in {p['seconds']}s{err}")
+            for d in p["details"][:6]:
+                con.print(f"  {d}")
+        c = report["cost"]
+        con.print(
+            f"params {c['params_ratio']:.1%}, MACs {c['macs_ratio']:.1%} of the original (MAC ratios, not speed-ups)"
+        )
+        acc = report.get("accuracy")
+        if acc:
+            o, f = acc["original"], acc["final"]
+            if "top1" in o:
+                con.print(f"top-1 {o['top1']:.2%} -> {f['top1']:.2%}")
+            con.print(f"top-1 agreement with the original {f['reference']['top1_agreement']:.2%}")
+        con.print(f"wrote {recipe.output} and {report_path}")
+        for msg in failures:
+            con.print(f"[red]threshold not met: {msg}[/red]")
+    return 1 if failures else 0

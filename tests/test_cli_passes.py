@@ -1,0 +1,115 @@
+"""decompose / merge / eval / plugins / run from the command line, on the tiny exported ResNet."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from pipeline.cli import main
+
+
+@pytest.fixture
+def model(tmp_path, tiny_resnet_onnx):
+    p = tmp_path / "m.onnx"
+    p.write_bytes(tiny_resnet_onnx.read_bytes())
+    return p
+
+
+def test_decompose_then_merge_back(model, tmp_path, capsys):
+    d, m = tmp_path / "d.onnx", tmp_path / "m2.onnx"
+    assert main(["decompose", str(model), "-o", str(d), "--energy", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "decompose:" in out and "output error in ONNX Runtime" in out
+    assert main(["merge", str(d), "-o", str(m), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res[0]["pass"] == "merge" and res[0]["error"]["max_rel"] < 1e-4
+    meta = {p.key: p.value for p in onnx.load(m).metadata_props}
+    assert [h["step"] for h in json.loads(meta["carve.history"])] == ["decompose", "merge"]
+
+
+def test_decompose_error_needs_calib(model, tmp_path, capsys):
+    assert main(["decompose", str(model), "-o", str(tmp_path / "x.onnx"), "--error", "0.1"]) == 1
+    assert "needs calibration data" in capsys.readouterr().err
+
+
+def test_merge_fold_bn(model, tmp_path, capsys):
+    out = tmp_path / "f.onnx"
+    assert main(["merge", str(model), "-o", str(out), "--fold-bn"]) == 0
+    assert "verified exact" in capsys.readouterr().out
+    assert not any(n.op_type == "BatchNormalization" for n in onnx.load(out).graph.node)
+
+
+def test_eval_on_digits_with_reference(model, tmp_path, capsys):
+    pruned = tmp_path / "p.onnx"
+    assert main(["prune", str(model), "-o", str(pruned), "--ratio", "0.3", "-q"]) == 0
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(pruned), "--data", "digits:test", "--reference", str(model), "-o", str(report)]) == 0
+    doc = json.loads(report.read_text())
+    acc = doc["accuracy"]
+    assert doc["schema_version"] == 1 and 0 <= acc["top1"] <= 1 and acc["samples"] > 500
+    assert 0 <= acc["reference"]["top1_agreement"] <= 1 and acc["reference"]["kl_mean"] >= 0
+
+
+def test_plugins_lists_everything(capsys):
+    assert main(["plugins", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    names = {c["name"] for c in info["criteria"]}
+    assert {"l1", "l2", "random", "fpgm", "slimming", "hrank", "apbm", "aura", "simfp", "edp"} <= names
+    assert {a["name"] for a in info["allocators"]} >= {"uniform", "global", "dispersion"}
+    assert {p["name"] for p in info["passes"]} >= {"prune", "decompose", "merge", "fold_bn"}
+    aura = next(c for c in info["criteria"] if c["name"] == "aura")
+    assert aura["needs"] == ["activations"] and aura["options"]["variant"] == "mi"
+
+
+def test_prune_with_lsq_and_criterion_options(model, tmp_path, capsys):
+    out = tmp_path / "p.onnx"
+    rc = main(
+        [
+            "prune",
+            str(model),
+            "-o",
+            str(out),
+            "--criterion",
+            "apbm",
+            "--criterion-opt",
+            "temperature=0.5",
+            "--fuse",
+            "lsq",
+            "--calib",
+            "digits",
+            "--samples",
+            "64",
+            "--json",
+        ]
+    )
+    assert rc == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["repairs"]["lsq"] > 0 and s["options"]["temperature"] == 0.5
+    assert s["calibration"]["samples"] == 64
+
+
+def test_recipe_run_and_thresholds(model, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: m.onnx\noutput: out.onnx\n"
+        "data: {calib: digits, eval: 'digits:test', samples: 64, eval_samples: 100}\n"
+        "passes:\n  - prune: {criterion: l1, target_macs: 0.6, fuse: lsq}\n  - merge: {when: macs}\n"
+        "thresholds: {max_macs: 0.6}\n"
+    )
+    assert main(["run", str(recipe), "--keep-intermediate", str(tmp_path / "steps")]) == 0
+    report = json.loads((tmp_path / "out.onnx.report.json").read_text())
+    assert report["cost"]["macs_ratio"] <= 0.6 and report["thresholds"]["passed"]
+    assert sorted(p.name for p in (tmp_path / "steps").iterdir()) == ["01_prune.onnx", "02_merge.onnx"]
+    recipe.write_text(recipe.read_text().replace("max_macs: 0.6", "max_macs: 0.1"))
+    capsys.readouterr()
+    assert main(["run", str(recipe), "-o", str(tmp_path / "rep2.json")]) == 1
+    assert "threshold not met" in capsys.readouterr().out
+
+
+def test_recipe_errors_name_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m.onnx\npasses: [prune]\nthreshold: {}\n")
+    assert main(["run", str(bad)]) == 1
+    assert "unknown key 'threshold'" in capsys.readouterr().err
