@@ -63,8 +63,9 @@ def console(quiet: bool = False):
 
     from rich.console import Console
 
-    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
-    return Console(quiet=quiet, highlight=False, soft_wrap=False, width=width)
+    # messages never wrap (soft_wrap); tables use the terminal's width, or a wide page when piped
+    width = None if sys.stdout.isatty() else int(os.environ.get("CARVE_COLUMNS", "200"))
+    return Console(quiet=quiet, highlight=False, soft_wrap=True, width=width)
 
 
 def require(condition: bool, message: str, hint: str | None = None) -> None:
