@@ -949,39 +949,84 @@ def _flatten(a: _Analyser, node: onnx.NodeProto) -> None:
 
 @handles("Reshape")
 def _reshape(a: _Analyser, node: onnx.NodeProto) -> None:
+    """Followed when the channel axis keeps its place and merges only with the dims right after it (Flatten-like,
+    e.g. ``x.view(x.size(0), -1)``); a Reshape that splits the channel axis (channel shuffle) freezes it."""
     c = a.get(node.input[0])
     if c is None:
         return
-    ins, outs = a.model.shape(node.input[0]), a.model.shape(node.output[0])
-    target = a.const(node.input[1])
-    if ins is None or outs is None or target is None:
+    ins = a.model.shape(node.input[0])
+    entries = shape_entries(a.model, node.input[1])
+    ax = c.axis
+    tail = _reshape_tail(ins, entries, ax, node.input[0])
+    if tail is None:
         a.freeze(c.ids, f"{_q(node)} reshapes to a shape carve cannot see")
         a.opaque(node.output[0], node.name, f"reshaped by {_q(node)}")
         return
-    ax = c.axis
-    prefix_same = len(outs) > ax and all(
-        (d == e) or (k == 0 and d is None and e is None) for k, (d, e) in enumerate(zip(ins[:ax], outs[:ax]))
-    )
-    tail_in, tail_out = ins[ax:], outs[ax:]
-    ok = prefix_same and all(d is not None for d in tail_in) and all(e is not None for e in tail_out)
-    if ok:
-        # output axis `ax` must be the channel axis merged with the j-1 dims right after it (j=1: kept as is);
-        # what follows may be reshaped freely
-        acc, j = 1, None
-        for k, d in enumerate(tail_in):
-            acc *= int(d)
-            if acc == int(tail_out[0]):
-                j = k + 1
-                break
-            if acc > int(tail_out[0]):
-                break
-        if j is not None and np.prod(tail_in[j:], dtype=np.int64) == np.prod(tail_out[1:], dtype=np.int64):
-            inner = int(np.prod(tail_in[1:j], dtype=np.int64))
-            a.set(node.output[0], Chan(ax, np.repeat(c.ids, inner)))
+    tail_in = ins[ax:]
+    # output axis `ax` is the channel axis merged with the j-1 dims right after it; what follows may be reshaped freely
+    acc, j = 1, None
+    for k, d in enumerate(tail_in):
+        acc *= int(d)
+        if acc == tail[0]:
+            j = k + 1
+            break
+        if acc > tail[0]:
+            break
+    explicit = entries[ax] is not None and not isinstance(entries[ax], tuple) and entries[ax] > 0
+    fixable = not explicit or a.const(node.input[1]) is not None
+    if j is not None and fixable and np.prod(tail_in[j:], dtype=np.int64) == np.prod(tail[1:], dtype=np.int64):
+        inner = int(np.prod(tail_in[1:j], dtype=np.int64))
+        a.set(node.output[0], Chan(ax, np.repeat(c.ids, inner)))
+        if explicit:
             a.fixes.append(ReshapeFix(node.name, ax, c.ids, inner))
-            return
+        return
     a.freeze(c.ids, f"{_q(node)} reshapes the channel axis")
     a.opaque(node.output[0], node.name, f"reshaped by {_q(node)}")
+
+
+def _reshape_tail(ins, entries, ax: int, data: str) -> list[int] | None:
+    """The output dims from the channel axis on, when the dims before it are copied from the input unchanged."""
+    if ins is None or entries is None or len(entries) <= ax or any(d is None for d in ins[ax:]):
+        return None
+    rest = entries[ax:]
+    for k, e in enumerate(entries[:ax]):
+        same = e == 0 or e == ("dim", data, k) or (isinstance(e, int) and ins[k] is not None and e == ins[k])
+        # a -1 before the channel axis (e.g. [-1, C*H*W]) is the batch when the tail holds every other element
+        inferred = e == -1 and k == 0 and ax == 1 and all(isinstance(x, int) and x > 0 for x in rest)
+        if not (same or inferred):
+            return None
+    if any(not isinstance(e, int) for e in rest) or sum(e == -1 for e in rest) > 1:
+        return None
+    total = int(np.prod(ins[ax:], dtype=np.int64))
+    dims = [int(ins[ax + k]) if e == 0 else e for k, e in enumerate(rest)]
+    if -1 in dims:
+        known = int(np.prod([d for d in dims if d != -1], dtype=np.int64))
+        if known == 0 or total % known:
+            return None
+        dims[dims.index(-1)] = total // known
+    return dims if int(np.prod(dims, dtype=np.int64)) == total else None
+
+
+def shape_entries(model: Model, name: str, depth: int = 6) -> list | None:
+    """The entries of a 1-D shape tensor: ints where constant, ``("dim", tensor, k)`` where it reads dimension k of a
+    tensor at run time (``x.size(0)``), None where unknown; None overall when the tensor cannot be followed."""
+    if model.is_const(name):
+        v = model.array(name)
+        return [int(x) for x in np.ravel(v)] if v.ndim <= 1 else None
+    node = model.producer.get(name)
+    if node is None or depth == 0:
+        return None
+    if node.op_type == "Concat":
+        parts = [shape_entries(model, i, depth - 1) for i in node.input]
+        return None if any(p is None for p in parts) else [e for p in parts for e in p]
+    if node.op_type in ("Unsqueeze", "Cast", "Identity", "Squeeze"):
+        inner = shape_entries(model, node.input[0], depth - 1)
+        return inner if inner is not None and len(inner) <= 1 else None
+    src = model.producer.get(node.input[0]) if node.op_type == "Gather" else None
+    if src is not None and src.op_type == "Shape" and model.is_const(node.input[1]):
+        start = int(attr(src, "start", 0))
+        return [("dim", src.input[0], start + int(k)) for k in np.ravel(model.array(node.input[1]))]
+    return None
 
 
 @handles("Transpose")

@@ -527,3 +527,29 @@ def test_ratio_zero_plan_removes_nothing():
     plan = manual_plan(an, np.zeros(an.n_units, bool))
     pruned = assert_exact(model, plan)
     assert pruned.array(g.nodes[0].input[1]).shape[0] == 8
+
+
+def test_view_with_dynamic_batch_then_linear(tmp_path):
+    """`x.view(x.size(0), -1)` exports a computed shape; the channels must still be followed into the Linear."""
+    import torch
+    from conftest import export_torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.fc = torch.nn.Linear(8 * 4 * 4, 5)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            return self.fc(y.view(y.size(0), -1))
+
+    path = export_torch(Net().eval(), tmp_path / "view.onnx", shape=(1, 3, 8, 8))
+    from pipeline.graph import load
+
+    model = load(path)
+    assert any(n.op_type == "Reshape" for n in model.graph.node)
+    an = __import__("pipeline").analyse(model)
+    conv_out = next(n for n in model.graph.node if n.op_type == "Conv").output[0]
+    assert not an.unit_frozen[an.units_of_tensor(conv_out)].any()
+    prune_randomly(model, an)
