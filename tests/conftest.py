@@ -101,3 +101,21 @@ def export_torch(net, path: Path, shape=(1, 3, 16, 16), *, opset: int = 17) -> P
 def tiny_resnet_onnx(tmp_path_factory) -> Path:
     """Path to the exported tiny ResNet. Tests must not modify it (copy it first)."""
     return export_torch(_tiny_resnet(), tmp_path_factory.mktemp("models") / "tiny_resnet.onnx")
+
+
+def zoo_input_size(name: str) -> int | None:
+    """Small inputs for the torchvision models keep the tests fast; the others have fixed sizes."""
+    import models
+
+    return 64 if models.spec(name).family == "torchvision" else None
+
+
+@pytest.fixture(scope="session")
+def zoo_dir(tmp_path_factory) -> Path:
+    """Every zoo model exported once per session (weights "auto": trained where available)."""
+    import models
+
+    d = tmp_path_factory.mktemp("zoo")
+    for name in models.available():
+        models.export(name, d / f"{name}.onnx", input_size=zoo_input_size(name))
+    return d

@@ -1,0 +1,75 @@
+"""Where a zoo model's weights come from: trained checkpoints in ../shared, training on digits, a file, or random."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import CarveError
+from pipeline.shared import missing_reason, shared_dir
+
+from .registry import ModelSpec
+
+
+def shared_checkpoint(spec: ModelSpec) -> Path | None:
+    if not spec.trained or not spec.trained.startswith("shared:"):
+        return None
+    base = shared_dir()
+    if base is None:
+        return None
+    hits = sorted((base / "models" / "cifar10").glob(spec.trained.split(":", 1)[1]))
+    return hits[0] if hits else None
+
+
+def load_state(model: nn.Module, path: Path) -> None:
+    """Load a checkpoint (a state dict, or {"state_dict": ...}; keys may carry a ``module.`` prefix), strictly."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CarveError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise CarveError(f"{path}: no state dict inside")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    # older checkpoints lack BatchNorm's num_batches_tracked (a training counter that inference never reads)
+    for k in [k for k in own if k.endswith("num_batches_tracked") and k not in state]:
+        state[k] = own[k]
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or extra or wrong:
+        what = (
+            f"missing {missing[:3]}"
+            if missing
+            else f"unexpected {extra[:3]}"
+            if extra
+            else f"shape mismatch at {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}"
+        )
+        raise CarveError(f"{path}: does not fit this model ({what})")
+    model.load_state_dict(state)
+
+
+def with_weights(spec: ModelSpec, model: nn.Module, weights: str) -> tuple[nn.Module, str, list[str]]:
+    """Apply ``weights`` ("auto", "random" or a path); returns the model, where the weights came from, warnings."""
+    warnings: list[str] = []
+    if weights == "random":
+        return model, "random", warnings
+    if weights != "auto":
+        load_state(model, Path(weights))
+        return model, str(weights), warnings
+    if spec.trained == "digits":
+        from .train import lenet5_digits
+
+        trained, metrics = lenet5_digits()
+        model.load_state_dict(trained.state_dict())
+        return model, f"trained on digits (test accuracy {metrics['test_acc']:.3f})", warnings
+    ckpt = shared_checkpoint(spec)
+    if ckpt is not None:
+        load_state(model, ckpt)
+        return model, f"trained: {ckpt.name}", warnings
+    if spec.trained:
+        warnings.append(f"trained weights not found ({missing_reason('models', 'cifar10')}); random weights used")
+    return model, "random", warnings
