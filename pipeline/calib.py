@@ -322,10 +322,13 @@ class ChannelMoments:
         return np.maximum(self.sumsq[name] / self.count[name] - self.mean(name) ** 2, 0.0)
 
 
-def with_outputs(model: Model, names: list[str]) -> onnx.ModelProto:
-    """A copy of the model that also outputs the tensors ``names``."""
+def with_outputs(model: Model, names: list[str], *, only: bool = False) -> onnx.ModelProto:
+    """A copy of the model that also outputs the tensors ``names`` (``only``: nothing else, so ONNX Runtime drops the
+    nodes those tensors do not depend on and runs just the part of the graph that produces them)."""
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
+    if only:
+        del proto.graph.output[:]
     existing = {o.name for o in proto.graph.output}
     for n in names:
         if n in existing:

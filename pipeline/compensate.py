@@ -62,14 +62,12 @@ def run_levels(
     """Compensate ``targets`` in ``working`` level by level. Returns the report lines."""
     groups = levels(working, targets)
     details: list[str] = []
-    needed = sorted({t for g in groups for n in g for t in work.tensors(n)})
-    if not needed:
-        return details
-    orig_sess = session(with_outputs(original, needed), threads=threads)
     x_name = original.input_names[0]
     for k, group in enumerate(groups):
         names = sorted({t for n in group for t in work.tensors(n)})
-        work_sess = session(with_outputs(working, names), threads=threads)
+        # sessions truncated to this level's tensors: early levels run only the start of the network
+        orig_sess = session(with_outputs(original, names, only=True), threads=threads)
+        work_sess = session(with_outputs(working, names, only=True), threads=threads)
         for x, _ in data.batches(batch_size):
             orig = dict(zip(names, orig_sess.run(names, {x_name: x})))
             cur = dict(zip(names, work_sess.run(names, {x_name: x})))

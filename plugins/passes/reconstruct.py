@@ -77,8 +77,12 @@ def _add_bias(model: Model, node: onnx.NodeProto, delta: np.ndarray) -> None:
 
 
 class _LSQ:
-    def __init__(self, original: Model, cols: dict, ridge: float) -> None:
+    # rows (patch positions) per batch: neighbouring positions are highly redundant, and the Gram products dominate
+    max_rows = 32768
+
+    def __init__(self, original: Model, cols: dict, ridge: float, seed: int = 0) -> None:
         self.original, self.cols, self.ridge = original, cols, ridge
+        self.rng = np.random.default_rng(seed)
         self.gram: dict[str, np.ndarray] = {}
         self.cross: dict[str, np.ndarray] = {}
         self.errors: dict[str, tuple[float, float]] = {}
@@ -86,19 +90,21 @@ class _LSQ:
     def tensors(self, node: onnx.NodeProto) -> list[str]:
         return [node.input[0]]
 
-    def _features(self, model: Model, node, x: np.ndarray) -> np.ndarray:
-        return rows(model, node, x).astype(np.float64)
-
     def update(self, node, original, working) -> None:
         weight, axis, keep = self.cols[node.name]
-        w = _weight_matrix(self.original, node, weight, axis)
+        w = _weight_matrix(self.original, node, weight, axis).astype(np.float32)
         inner = w.shape[1] // len(keep)  # kernel positions per channel (1 for Gemm)
         k = np.repeat(keep, inner) if node.op_type == "Conv" else keep
-        target = self._features(self.original, node, original[node.input[0]]) @ w.T  # original outputs (no bias)
-        feats = self._features(self.original, node, working[node.input[0]])[:, k]
-        feats = np.concatenate([feats, np.ones((len(feats), 1))], axis=1)  # intercept -> bias
-        self.gram[node.name] = self.gram.get(node.name, 0) + feats.T @ feats
-        self.cross[node.name] = self.cross.get(node.name, 0) + feats.T @ target
+        f_orig = rows(self.original, node, original[node.input[0]])
+        f_work = rows(self.original, node, working[node.input[0]])
+        if len(f_orig) > self.max_rows:  # the same rows from both models
+            pick = self.rng.choice(len(f_orig), self.max_rows, replace=False)
+            f_orig, f_work = f_orig[pick], f_work[pick]
+        target = f_orig @ w.T  # the original outputs (without bias)
+        feats = np.concatenate([f_work[:, k], np.ones((len(f_work), 1), np.float32)], axis=1)  # intercept -> bias
+        # float32 products, float64 accumulation and solve
+        self.gram[node.name] = self.gram.get(node.name, 0) + (feats.T @ feats).astype(np.float64)
+        self.cross[node.name] = self.cross.get(node.name, 0) + (feats.T @ target).astype(np.float64)
 
     def finish(self, node, model: Model) -> str:
         weight, axis, keep = self.cols[node.name]
