@@ -151,6 +151,8 @@ def plan(
     def allocate(r: float) -> np.ndarray:
         return alloc(analysis, scores, frozen, ratio=r, round_to=round_to, keep_min=keep_min, **allocator_options)
 
+    allocate.scores, allocate.round_to = scores, round_to  # type: ignore[attr-defined]  # for fill_to_target
+
     options: dict[str, Any] = {}
     if target is None:
         removed = allocate(ratio)
@@ -193,4 +195,46 @@ def bisect_ratio(analysis: ChannelAnalysis, allocate, target: float, kind: str =
             lo = mid
         if hi - lo < 1e-4:
             break
-    return hi, removed_hi, frac(removed_hi)
+    removed = fill_to_target(analysis, removed_hi, scores_of(allocate), frac, target, round_to_of(allocate))
+    return hi, removed, frac(removed)
+
+
+def scores_of(allocate) -> np.ndarray | None:
+    return getattr(allocate, "scores", None)
+
+
+def round_to_of(allocate) -> int:
+    return int(getattr(allocate, "round_to", 1))
+
+
+def fill_to_target(
+    analysis: ChannelAnalysis, removed: np.ndarray, scores: np.ndarray | None, frac, target: float, round_to: int = 1
+) -> np.ndarray:
+    """Give back aligned chunks of removed units while the cost stays within the target.
+
+    Aligned widths move in coarse steps (16 channels rounded to 8 can only be 8 or 16), so the smallest ratio meeting
+    a target can overshoot it by far. Chunks of ``round_to`` units (the highest-scored removed units of a slice) are
+    restored, the least-kept slices first, as long as the predicted cost stays at most ``target``."""
+    removed = removed.copy()
+    s = scores if scores is not None else np.zeros(analysis.n_units)
+    slices = [sl for g in analysis.groups for sl in g.slices]
+    while True:
+        candidates = []
+        for sl in slices:
+            gone = sl[removed[sl]]
+            if not len(gone):
+                continue
+            kept = len(sl) - len(gone)
+            size = min(len(gone), round_to)
+            if (kept + size) % round_to and kept + size != len(sl):
+                continue
+            chunk = gone[np.argsort(-s[gone], kind="stable")[:size]]
+            candidates.append((kept / len(sl), -float(s[chunk].mean()), chunk))
+        candidates.sort(key=lambda c: (c[0], c[1]))
+        for _, _, chunk in candidates:
+            removed[chunk] = False
+            if frac(removed) <= target + 1e-9:
+                break
+            removed[chunk] = True
+        else:
+            return removed

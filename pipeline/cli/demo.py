@@ -14,8 +14,9 @@ from ._common import fraction
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="train, export, inspect, prune, repair, verify and time LeNet-5 on digits",
-                       description=__doc__)
+    p = sub.add_parser(
+        "demo", help="train, export, inspect, prune, repair, verify and time LeNet-5 on digits", description=__doc__
+    )
     p.add_argument("--out-dir", default="carve-demo", help="where to write the models and demo.json")
     p.add_argument("--ratio", type=fraction, default=0.5, help="pruning ratio (default 0.5)")
     p.add_argument("--quick", action="store_true", help="skip the timing (for tests)")
@@ -58,8 +59,16 @@ def run(args: argparse.Namespace) -> int:
         t.add_column(c)
     for r in ov["layers"]:
         status = f"{r['prunable']}/{r['cout']}" + (f" ({r['reason']})" if r["reason"] else "")
-        t.add_row(r["node"], r["op"], str(r["cin"]), str(r["cout"]), f"{r['params']:,}", f"{r['macs']:,}",
-                  f"G{r['group']}", status)
+        t.add_row(
+            r["node"],
+            r["op"],
+            str(r["cin"]),
+            str(r["cout"]),
+            f"{r['params']:,}",
+            f"{r['macs']:,}",
+            f"G{r['group']}",
+            status,
+        )
     con.print(t)
 
     con.rule(f"3. prune {args.ratio:.0%} of every layer's channels (L1), plain and repaired by least squares")
@@ -70,8 +79,10 @@ def run(args: argparse.Namespace) -> int:
         pruned, summary = prune_model(original, opts, calib=calib if fuse else None, command=command_line())
         path = save(pruned, out / f"lenet5_{label.replace('+', '_')}.onnx")
         v = summary["verify"]
-        con.print(f"{label}: {summary['channels_removed']} of {summary['channels_before']} channels removed, "
-                  f"checker passed, ONNX Runtime equals its reference (max |diff| {v['max_abs_diff']:.1e}) -> {path}")
+        con.print(
+            f"{label}: {summary['channels_removed']} of {summary['channels_before']} channels removed, "
+            f"checker passed, ONNX Runtime equals its reference (max |diff| {v['max_abs_diff']:.1e}) -> {path}"
+        )
         results[label] = (load(path), summary)
 
     con.rule("4. accuracy on held-out digits, cost, and latency side by side")
@@ -89,14 +100,21 @@ def run(args: argparse.Namespace) -> int:
         c = model_cost(m)
         agree = acc.get("reference", {}).get("top1_agreement")
         lat = timing.get(label)
-        t.add_row(label, f"{acc['top1']:.2%}", f"{agree:.2%}" if agree is not None else "-",
-                  f"{c.params:,} ({c.params / c0.params:.0%})", f"{c.macs:,} ({c.macs / c0.macs:.0%})",
-                  "-" if lat is None else f"{lat['median_us']:.0f} us ({lat['speedup']:.2f}x)")
+        t.add_row(
+            label,
+            f"{acc['top1']:.2%}",
+            f"{agree:.2%}" if agree is not None else "-",
+            f"{c.params:,} ({c.params / c0.params:.0%})",
+            f"{c.macs:,} ({c.macs / c0.macs:.0%})",
+            "-" if lat is None else f"{lat['median_us']:.0f} us ({lat['speedup']:.2f}x)",
+        )
         doc["models"][label] = {"accuracy": acc, "params": c.params, "macs": c.macs, "latency": lat}
     con.print(t)
     if timing:
-        con.print("latency: median over interleaved rounds in one process; speed-up = median of per-round ratios. "
-                  "MAC ratios are not speed-ups.")
+        con.print(
+            "latency: median over interleaved rounds in one process; speed-up = median of per-round ratios. "
+            "MAC ratios are not speed-ups."
+        )
     with atomic_write(out / "demo.json") as f:
         json.dump(doc, f, indent=1, default=str)
     con.print(f"wrote {out}/ (models and demo.json)")
@@ -125,5 +143,7 @@ def _timing(original, others: dict) -> dict:
                 sessions[k].run(None, feeds)
             times[k].append((time.perf_counter() - t0) / 50)
     base = np.array(times["original"])
-    return {k: {"median_us": float(np.median(v) * 1e6), "speedup": float(np.median(base / np.array(v)))}
-            for k, v in times.items()}
+    return {
+        k: {"median_us": float(np.median(v) * 1e6), "speedup": float(np.median(base / np.array(v)))}
+        for k, v in times.items()
+    }
