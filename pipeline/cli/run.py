@@ -13,6 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("recipe", help="recipe file (see docs/recipes.md)")
     p.add_argument("--keep-intermediate", metavar="DIR", help="write the model after every pass into DIR")
+    p.add_argument("--out-dir", metavar="DIR", help="write the final model (and the report) into DIR instead of the "
+                                                   "recipe's `output` directory")
     p.add_argument(
         "-o",
         "--report",
@@ -31,7 +33,13 @@ def run(args: argparse.Namespace) -> int:
     from ._common import command_line, console
 
     recipe = load_recipe(args.recipe)
+    if args.out_dir:
+        recipe.output = Path(args.out_dir) / recipe.output.name
+        recipe.report = Path(args.out_dir) / recipe.report.name if recipe.report else None
     report_path = Path(args.report) if args.report else recipe.report or Path(str(recipe.output) + ".report.json")
+    # a recipe owns the directories it names for its outputs
+    for p in (recipe.output, report_path):
+        p.parent.mkdir(parents=True, exist_ok=True)
     check_output_path(recipe.output)
     check_output_path(report_path)
     con = console(args.quiet or args.json)
