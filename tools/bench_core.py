@@ -50,9 +50,17 @@ def environment() -> dict:
     import onnxruntime
     import torch
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    return {"cpu": cpu, "python": platform.python_version(), "numpy": numpy.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "machine": platform.machine()}
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
+    return {
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+    }
 
 
 def run(models: list[str], repeat: int) -> dict:
@@ -67,8 +75,13 @@ def run(models: list[str], repeat: int) -> dict:
             info = zoo.export(name, src)
             runs = []
             for _ in range(repeat):
-                out = subprocess.run([sys.executable, "-c", CHILD, str(src), str(Path(tmp) / f"{name}_p.onnx")],
-                                     capture_output=True, text=True, check=True, cwd=REPO)
+                out = subprocess.run(
+                    [sys.executable, "-c", CHILD, str(src), str(Path(tmp) / f"{name}_p.onnx")],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    cwd=REPO,
+                )
                 runs.append(json.loads(out.stdout))
             c0, c1 = model_cost(load(src)), model_cost(load(Path(tmp) / f"{name}_p.onnx"))
             s = runs[0]["summary"]
@@ -79,28 +92,38 @@ def run(models: list[str], repeat: int) -> dict:
                 "total_s": statistics.median(r["total"] for r in runs),
                 "stages_s": {k: statistics.median(r["stages"][k] for r in runs) for k in runs[0]["stages"]},
                 "peak_extra_mb": statistics.median(r["peak_extra_bytes"] for r in runs) / 2**20,
-                "channels": s["channels"], "prunable_channels": s["prunable_channels"],
-                "prunable_fraction": s["prunable_fraction"], "groups": s["groups"], "units": s["units"],
+                "channels": s["channels"],
+                "prunable_channels": s["prunable_channels"],
+                "prunable_fraction": s["prunable_fraction"],
+                "groups": s["groups"],
+                "units": s["units"],
                 "frozen_reasons": s["frozen_reasons"],
-                "params": [c0.params, c1.params], "macs": [c0.macs, c1.macs],
+                "params": [c0.params, c1.params],
+                "macs": [c0.macs, c1.macs],
             }
             r = results[name]
-            print(f"{name:20s} {r['total_s']:.3f}s  peak +{r['peak_extra_mb']:.0f} MB  "
-                  f"prunable {r['prunable_fraction']:.1%}", file=sys.stderr)
+            print(
+                f"{name:20s} {r['total_s']:.3f}s  peak +{r['peak_extra_mb']:.0f} MB  "
+                f"prunable {r['prunable_fraction']:.1%}",
+                file=sys.stderr,
+            )
     return results
 
 
 def markdown(doc: dict) -> str:
-    lines = ["| model | input | load→analyse→prune→save | analyse | peak memory | prunable channels | groups | "
-             "frozen because | MACs after ratio 0.5 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | input | load→analyse→prune→save | analyse | peak memory | prunable channels | groups | "
+        "frozen because | MACs after ratio 0.5 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in doc["models"].items():
         reasons = ", ".join(f"{k} ({v})" for k, v in r["frozen_reasons"].items())
         lines.append(
             f"| {name} | {'x'.join(map(str, r['input'][1:]))} | {r['total_s'] * 1000:.0f} ms | "
             f"{r['stages_s']['analyse'] * 1000:.0f} ms | +{r['peak_extra_mb']:.0f} MB | "
             f"{r['prunable_channels']}/{r['channels']} ({r['prunable_fraction']:.1%}) | {r['groups']} | {reasons} | "
-            f"{r['macs'][1] / r['macs'][0]:.1%} |")
+            f"{r['macs'][1] / r['macs'][0]:.1%} |"
+        )
     return "\n".join(lines)
 
 
@@ -114,9 +137,13 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     names = args.models or zoo.available()
-    doc = {"benchmark": "core", "what": "load -> analyse -> plan(l1, ratio 0.5, round-to 8) -> prune -> save, "
-           "median of fresh processes", "repeat": args.repeat, "environment": environment(),
-           "models": run(names, args.repeat)}
+    doc = {
+        "benchmark": "core",
+        "what": "load -> analyse -> plan(l1, ratio 0.5, round-to 8) -> prune -> save, median of fresh processes",
+        "repeat": args.repeat,
+        "environment": environment(),
+        "models": run(names, args.repeat),
+    }
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")

@@ -13,8 +13,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("recipe", help="recipe file (see docs/recipes.md)")
     p.add_argument("--keep-intermediate", metavar="DIR", help="write the model after every pass into DIR")
-    p.add_argument("--out-dir", metavar="DIR", help="write the final model (and the report) into DIR instead of the "
-                                                   "recipe's `output` directory")
+    p.add_argument(
+        "--out-dir",
+        metavar="DIR",
+        help="write the final model (and the report) into DIR instead of the recipe's `output` directory",
+    )
     p.add_argument(
         "-o",
         "--report",
