@@ -179,7 +179,7 @@ def ints(v: Any) -> list[int]:
 
 def floats(v: Any) -> list[float]:
     if isinstance(v, torch.Tensor):
-        return [float(x) for x in v.reshape(-1).tolist()]
+        return [float(x) for x in v.detach().reshape(-1).tolist()]
     return [float(x) for x in np.ravel(v)]
 
 
@@ -382,9 +382,9 @@ def _clip(g, n: Node, ins):
     lo = ins[1] if len(ins) > 1 and ins[1] is not None else n.a("min")
     hi = ins[2] if len(ins) > 2 and ins[2] is not None else n.a("max")
     if isinstance(lo, torch.Tensor):
-        lo = float(lo.reshape(-1)[0]) if lo.device.type == "cpu" else lo
+        lo = float(lo.detach().reshape(-1)[0]) if lo.device.type == "cpu" else lo
     if isinstance(hi, torch.Tensor):
-        hi = float(hi.reshape(-1)[0]) if hi.device.type == "cpu" else hi
+        hi = float(hi.detach().reshape(-1)[0]) if hi.device.type == "cpu" else hi
     return torch.clamp(x, lo, hi)
 
 
@@ -518,7 +518,7 @@ def _resize(g, n: Node, ins):
 def _pad(g, n: Node, ins):
     x = ins[0]
     pads = ints(ins[1]) if len(ins) > 1 and ins[1] is not None else ints(n.a("pads"))
-    value = float(ins[2].reshape(-1)[0]) if len(ins) > 2 and ins[2] is not None else float(n.a("value", 0.0))
+    value = floats(ins[2])[0] if len(ins) > 2 and ins[2] is not None else float(n.a("value", 0.0))
     axes = ints(ins[3]) if len(ins) > 3 and ins[3] is not None else list(range(x.dim()))
     axes = [a % x.dim() for a in axes]
     k = len(axes)

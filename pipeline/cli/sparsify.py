@@ -1,0 +1,73 @@
+"""``carve sparsify MODEL -o OUT``: zero the least important weights (unstructured or 2:4). Reports sparsity, never a
+speed-up: dense kernels run zeros as fast as anything else."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import add_calib_args, fraction
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sparsify", help="zero weights (CEP / magnitude; unstructured or 2:4)", description=__doc__)
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--sparsity", type=fraction, default=0.5, help="fraction of weights to zero (unstructured)")
+    p.add_argument(
+        "--criterion",
+        choices=["cep", "magnitude"],
+        default="magnitude",
+        help="cep: cross-entropy error on labelled --calib data; magnitude: |w|",
+    )
+    p.add_argument("--variant", choices=["taylor", "fisher"], default="taylor", help="CEP's weight error term")
+    p.add_argument("--hcep", type=fraction, default=0.0, help="HCEP: always keep this top fraction of every filter")
+    p.add_argument("--pattern", choices=["unstructured", "2:4"], default="unstructured")
+    p.add_argument("--seed", type=int, default=0)
+    add_calib_args(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from ..graph import check_output_path, load, save
+    from ..sparsify import sparsify
+    from ..surgery import record
+    from ._common import command_line, console, load_calib
+
+    check_output_path(args.output, args.model)
+    model = load(args.model)
+    data = load_calib(args, model, required="--criterion cep" if args.criterion == "cep" else False)
+    res = sparsify(
+        model,
+        sparsity=args.sparsity,
+        criterion=args.criterion,
+        pattern=args.pattern,
+        hcep=args.hcep,
+        data=data,
+        variant=args.variant,
+    )
+    summary = {
+        "criterion": args.criterion,
+        "pattern": args.pattern,
+        "sparsity": res.sparsity,
+        "layers": res.layers,
+        "skipped": res.skipped,
+        "note": "zeroed weights; no dense-kernel speed-up is claimed",
+    }
+    record(res.model, "sparsify", summary, command=command_line())
+    save(res.model, args.output, check_inputs=[args.model])
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    con = console(args.quiet)
+    con.print(
+        f"{res.sparsity:.1%} of the Conv/Gemm weights are zero ({args.criterion}, {args.pattern}); "
+        "shapes unchanged: dense kernels run no faster, sparse kernels (TensorRT 2:4) can"
+    )
+    for s in res.skipped:
+        con.print(f"  left dense: {s}")
+    con.print(f"wrote {args.output}")
+    return 0
