@@ -1,0 +1,72 @@
+"""``carve bench A.onnx B.onnx``: measure two models side by side on one engine (latency, throughput, speed-up with a
+confidence interval, MAC ratio, memory, agreement) and write a report."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import int_list, positive_int
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure two models side by side (speed-up with a confidence interval)",
+                       description=__doc__)
+    p.add_argument("a", help="baseline model (e.g. the original)")
+    p.add_argument("b", help="candidate model (e.g. the pruned one)")
+    p.add_argument("--backend", default="ort", help="ort | trt | torch-cuda | torch-cpu (default ort)")
+    p.add_argument("--device", default="cpu", help="ort: cpu | cuda | tensorrt execution provider (default cpu)")
+    p.add_argument("--batch", type=int_list, default=[1], help="batch sizes, e.g. 1,8")
+    p.add_argument("--threads", type=int_list, default=[1], help="CPU threads, e.g. 1,2")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--cuda-graphs", action="store_true", help="capture runs in CUDA graphs (trt, torch-cuda)")
+    p.add_argument("--rounds", type=positive_int, default=20, help="interleaved rounds (default 20)")
+    p.add_argument("--min-round-ms", type=float, default=50.0, help="minimum time of one model's round (default 50)")
+    p.add_argument("--warmup-ms", type=float, default=300.0)
+    p.add_argument("--isolate", action="store_true", help="run each model in its own process")
+    p.add_argument("--data", help="agreement on these inputs (an .npz/.npy, a folder, or digits) instead of random")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the fresh-process memory runs")
+    p.add_argument("--no-agreement", dest="agreement", action="store_false")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", help="report JSON (default: print the summary only)")
+    p.add_argument("--json", action="store_true", help="print the report JSON")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from ..backends import get
+    from ..graph import atomic_write, check_output_path
+    from ..measure import MeasureConfig, compare
+    from ..report import render_agreement, render_results
+    from ._common import command_line, console
+
+    if args.output:
+        check_output_path(args.output, args.a, args.b)
+    get(args.backend).require()
+    cfg = MeasureConfig(backend=args.backend, batches=args.batch, threads=args.threads, precision=args.precision,
+                        device=args.device, cuda_graphs=args.cuda_graphs, rounds=args.rounds,
+                        min_round_s=args.min_round_ms / 1000, warmup_s=args.warmup_ms / 1000, isolate=args.isolate,
+                        memory=args.memory, agreement=args.agreement, data=args.data, seed=args.seed)
+    con = console(args.quiet or args.json)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=con,
+                  transient=True, disable=args.quiet or args.json) as bar:
+        task = bar.add_task("building engines")
+        report = compare(args.a, args.b, cfg, command=command_line(),
+                         progress=lambda msg: bar.update(task, description=msg))
+    if args.output:
+        with atomic_write(args.output) as f:
+            json.dump(report, f, indent=1)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    for line in render_results(report):
+        con.print(line)
+    if "agreement" in report:
+        con.print(render_agreement(report)[0])
+    if args.output:
+        con.print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,39 @@
+"""``carve gate REPORT.json``: exit 1 when the candidate is measurably slower than allowed (or slower than a stored
+baseline), 2 when the report is unusable. Prints a Markdown summary for CI job summaries."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gate", help="fail CI on latency regressions", description=__doc__)
+    p.add_argument("report", help="a `carve bench` report")
+    p.add_argument("--max-slowdown", default="5%", help="allowed slow-down of B against A (default 5%%)")
+    p.add_argument("--min-speedup", type=float, help="also require at least this speed-up (e.g. 1.2)")
+    p.add_argument("--baseline", help="a stored report (e.g. from main): fail if the speed-up regressed against it")
+    p.add_argument("--tolerance", help="allowed loss of speed-up against --baseline (default: --max-slowdown)")
+    p.add_argument("--summary", metavar="FILE", help="append the Markdown summary to FILE (e.g. $GITHUB_STEP_SUMMARY)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import CarveError
+    from ..gate import evaluate, parse_fraction
+    from ..report import load_report
+
+    try:
+        report = load_report(args.report)
+        baseline = load_report(args.baseline) if args.baseline else None
+        result = evaluate(report, max_slowdown=parse_fraction(args.max_slowdown), min_speedup=args.min_speedup,
+                          baseline=baseline, tolerance=parse_fraction(args.tolerance) if args.tolerance else None)
+    except CarveError as exc:
+        print(f"carve gate: unusable input: {exc}", file=sys.stderr)
+        return 2
+    md = result.markdown()
+    print(md)
+    if args.summary:
+        with open(args.summary, "a") as f:
+            f.write(md + "\n")
+    return 0 if result.passed else 1
