@@ -31,12 +31,18 @@ class GateResult:
 
     def markdown(self) -> str:
         head = "### carve gate: passed" if self.passed else "### carve gate: FAILED"
-        lines = [head, "", "| configuration | speed-up (95% CI) | must reach | baseline | verdict |",
-                 "|---|---|---|---|---|"]
+        lines = [
+            head,
+            "",
+            "| configuration | speed-up (95% CI) | must reach | baseline | verdict |",
+            "|---|---|---|---|---|",
+        ]
         for r in self.rows:
             base = f"{r['baseline']:.2f}x" if r.get("baseline") is not None else "-"
-            lines.append(f"| {r['config']} | {r['median']:.2f}x ({r['low']:.2f}-{r['high']:.2f}) | "
-                         f"{r['threshold']:.2f}x | {base} | {'pass' if r['ok'] else '**fail**'} |")
+            lines.append(
+                f"| {r['config']} | {r['median']:.2f}x ({r['low']:.2f}-{r['high']:.2f}) | "
+                f"{r['threshold']:.2f}x | {base} | {'pass' if r['ok'] else '**fail**'} |"
+            )
         for f in self.failures:
             lines.append(f"\n- {f}")
         for n in self.notes:
@@ -52,8 +58,14 @@ def _label(r: dict) -> str:
     return f"{r.get('backend')} {r.get('device')} {r.get('precision')} batch {r.get('batch')}, {r.get('threads')} thr"
 
 
-def evaluate(report: dict, *, max_slowdown: float = DEFAULT_MAX_SLOWDOWN, min_speedup: float | None = None,
-             baseline: dict | None = None, tolerance: float | None = None) -> GateResult:
+def evaluate(
+    report: dict,
+    *,
+    max_slowdown: float = DEFAULT_MAX_SLOWDOWN,
+    min_speedup: float | None = None,
+    baseline: dict | None = None,
+    tolerance: float | None = None,
+) -> GateResult:
     results = report.get("results")
     if not results:
         raise CarveError("the report has no latency results to judge (is it a `carve bench` report?)")
@@ -75,20 +87,32 @@ def evaluate(report: dict, *, max_slowdown: float = DEFAULT_MAX_SLOWDOWN, min_sp
         if min_speedup is not None:
             threshold = max(threshold, min_speedup)
             if hi < min_speedup:
-                reasons.append(f"{_label(r)}: speed-up {med:.2f}x (CI up to {hi:.2f}x) is below the required "
-                               f"{min_speedup:.2f}x")
+                reasons.append(
+                    f"{_label(r)}: speed-up {med:.2f}x (CI up to {hi:.2f}x) is below the required {min_speedup:.2f}x"
+                )
         b = base.get(_key(r))
         bmed = None
         if b is not None:
             bmed = float(b["speedup"]["median"])
             floor = bmed * (1 - tolerance)
             if hi < floor:
-                reasons.append(f"{_label(r)}: speed-up {med:.2f}x (CI up to {hi:.2f}x) lost more than "
-                               f"{tolerance:.0%} of the baseline's {bmed:.2f}x")
+                reasons.append(
+                    f"{_label(r)}: speed-up {med:.2f}x (CI up to {hi:.2f}x) lost more than "
+                    f"{tolerance:.0%} of the baseline's {bmed:.2f}x"
+                )
         elif baseline is not None:
             out.notes.append(f"{_label(r)} is not in the baseline report")
-        out.rows.append({"config": _label(r), "median": med, "low": lo, "high": hi, "threshold": threshold,
-                         "baseline": bmed, "ok": not reasons})
+        out.rows.append(
+            {
+                "config": _label(r),
+                "median": med,
+                "low": lo,
+                "high": hi,
+                "threshold": threshold,
+                "baseline": bmed,
+                "ok": not reasons,
+            }
+        )
         out.failures += reasons
     out.passed = not out.failures
     return out

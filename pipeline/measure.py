@@ -62,8 +62,14 @@ class MeasureConfig:
     max_samples_kept: int = 400  # latencies kept per model in the report (for plots)
 
     def engine_config(self, batch: int, threads: int) -> EngineConfig:
-        return EngineConfig(batch=batch, threads=threads, precision=self.precision, device=self.device,
-                            cuda_graphs=self.cuda_graphs, seed=self.seed)
+        return EngineConfig(
+            batch=batch,
+            threads=threads,
+            precision=self.precision,
+            device=self.device,
+            cuda_graphs=self.cuda_graphs,
+            seed=self.seed,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -75,13 +81,21 @@ def latency_stats(times: np.ndarray, batch: int) -> dict[str, float]:
     med = float(np.median(t))
     mean = float(t.mean())
     std = float(t.std(ddof=1)) if len(t) > 1 else 0.0
-    return {"median_ms": med * 1e3, "p90_ms": float(np.percentile(t, 90)) * 1e3,
-            "p99_ms": float(np.percentile(t, 99)) * 1e3, "mean_ms": mean * 1e3, "std_ms": std * 1e3,
-            "cv": std / mean if mean > 0 else 0.0, "throughput": batch / med if med > 0 else 0.0, "runs": int(len(t))}
+    return {
+        "median_ms": med * 1e3,
+        "p90_ms": float(np.percentile(t, 90)) * 1e3,
+        "p99_ms": float(np.percentile(t, 99)) * 1e3,
+        "mean_ms": mean * 1e3,
+        "std_ms": std * 1e3,
+        "cv": std / mean if mean > 0 else 0.0,
+        "throughput": batch / med if med > 0 else 0.0,
+        "runs": int(len(t)),
+    }
 
 
-def bootstrap_median_ci(values: np.ndarray, *, confidence: float = 0.95, resamples: int = 2000,
-                        seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_median_ci(
+    values: np.ndarray, *, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """(median, low, high): percentile bootstrap confidence interval of the median."""
     v = np.asarray(values, dtype=np.float64)
     if len(v) == 0:
@@ -190,8 +204,9 @@ class _Remote:
 # measuring
 
 
-def measure_pair(a: Path, b: Path, cfg: MeasureConfig, batch: int, threads: int,
-                 progress: Callable[[str], None] | None = None) -> dict:
+def measure_pair(
+    a: Path, b: Path, cfg: MeasureConfig, batch: int, threads: int, progress: Callable[[str], None] | None = None
+) -> dict:
     """One configuration: interleaved rounds, stats, speed-up with its confidence interval."""
     runner = _Remote if cfg.isolate else _Local
     ec = cfg.engine_config(batch, threads)
@@ -213,9 +228,16 @@ def measure_pair(a: Path, b: Path, cfg: MeasureConfig, batch: int, threads: int,
                 progress(f"batch {batch}, {threads} thread(s): round {r + 1}/{cfg.rounds}")
         ratios = np.array(ratios)
         med, lo, hi = bootstrap_median_ci(ratios, confidence=cfg.confidence, resamples=cfg.bootstrap, seed=cfg.seed)
-        out: dict[str, Any] = {"backend": cfg.backend, "device": cfg.device, "precision": cfg.precision,
-                               "batch": batch, "threads": threads, "iterations_per_round": n, "rounds": cfg.rounds,
-                               "isolated": cfg.isolate}
+        out: dict[str, Any] = {
+            "backend": cfg.backend,
+            "device": cfg.device,
+            "precision": cfg.precision,
+            "batch": batch,
+            "threads": threads,
+            "iterations_per_round": n,
+            "rounds": cfg.rounds,
+            "isolated": cfg.isolate,
+        }
         rng = np.random.default_rng(cfg.seed)
         for key, runner_ in (("a", ra), ("b", rb)):
             times = np.concatenate(lat[key])
@@ -226,8 +248,13 @@ def measure_pair(a: Path, b: Path, cfg: MeasureConfig, batch: int, threads: int,
             stats["engine"] = runner_.info()
             stats["engine_memory"] = runner_.memory()
             out[key] = stats
-        out["speedup"] = {"median": med, "ci_low": lo, "ci_high": hi, "confidence": cfg.confidence,
-                          "round_ratios": [round(float(x), 6) for x in ratios]}
+        out["speedup"] = {
+            "median": med,
+            "ci_low": lo,
+            "ci_high": hi,
+            "confidence": cfg.confidence,
+            "round_ratios": [round(float(x), 6) for x in ratios],
+        }
         return out
     finally:
         ra.close()
@@ -267,8 +294,13 @@ def agreement(a: Path, b: Path, cfg: MeasureConfig, batch: int) -> dict:
         return {"inputs": source, "samples": int(len(x)), "error": f"output shapes differ: {x.shape} vs {y.shape}"}
     diff = np.abs(x - y)
     cos = float((x * y).sum() / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-30))
-    out = {"inputs": source, "samples": int(len(x)), "max_abs": float(diff.max()),
-           "max_rel": float(diff.max() / max(np.abs(x).max(), 1e-12)), "cosine": cos}
+    out = {
+        "inputs": source,
+        "samples": int(len(x)),
+        "max_abs": float(diff.max()),
+        "max_rel": float(diff.max() / max(np.abs(x).max(), 1e-12)),
+        "cosine": cos,
+    }
     if x.ndim == 2 and x.shape[1] > 1:
         out["top1_agreement"] = float((x.argmax(1) == y.argmax(1)).mean())
     return out
@@ -282,18 +314,30 @@ def model_info(path: Path) -> dict:
     c = model_cost(m)
     data = path.read_bytes()
     meta = m.metadata()
-    return {"path": str(path), "name": path.stem, "sha256": hashlib.sha256(data).hexdigest()[:16],
-            "onnx_bytes": len(data), "weight_bytes": m.weight_bytes(), "params": c.params, "macs": c.macs,
-            "carved": "carve.history" in meta}
+    return {
+        "path": str(path),
+        "name": path.stem,
+        "sha256": hashlib.sha256(data).hexdigest()[:16],
+        "onnx_bytes": len(data),
+        "weight_bytes": m.weight_bytes(),
+        "params": c.params,
+        "macs": c.macs,
+        "carved": "carve.history" in meta,
+    }
 
 
 def environment(cfg: MeasureConfig | None = None) -> dict:
     import numpy
     import onnx
 
-    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
-                           "machine": platform.machine(), "logical_cpus": os.cpu_count(),
-                           "numpy": numpy.__version__, "onnx": onnx.__version__}
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "logical_cpus": os.cpu_count(),
+        "numpy": numpy.__version__,
+        "onnx": onnx.__version__,
+    }
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
         env["cpu"] = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), "?")
@@ -327,8 +371,16 @@ def environment(cfg: MeasureConfig | None = None) -> dict:
     except Exception:
         pass
     try:
-        q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,"
-                            "power.limit", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+        q = subprocess.run(
+            [
+                "nvidia-smi",
+                "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit",
+                "--format=csv,noheader",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if q.returncode == 0 and q.stdout.strip():
             env["nvidia_smi"] = q.stdout.strip().splitlines()
     except (OSError, subprocess.SubprocessError):
@@ -336,8 +388,14 @@ def environment(cfg: MeasureConfig | None = None) -> dict:
     return env
 
 
-def compare(a: str | Path, b: str | Path, cfg: MeasureConfig | None = None, *, command: str | None = None,
-            progress: Callable[[str], None] | None = None) -> dict:
+def compare(
+    a: str | Path,
+    b: str | Path,
+    cfg: MeasureConfig | None = None,
+    *,
+    command: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """Measure ``b`` against ``a`` (speed-up > 1 means b is faster). Returns the report (schema in docs/)."""
     from .memory import measure_in_fresh_process
 
@@ -356,17 +414,25 @@ def compare(a: str | Path, b: str | Path, cfg: MeasureConfig | None = None, *, c
                 res["speedup_efficiency"] = res["speedup"]["median"] * res["mac_ratio"]
             results.append(res)
     report: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, "kind": "carve.bench",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command,
-        "environment": environment(cfg), "settings": asdict(cfg), "models": info, "results": results,
+        "schema_version": SCHEMA_VERSION,
+        "kind": "carve.bench",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": command,
+        "environment": environment(cfg),
+        "settings": asdict(cfg),
+        "models": info,
+        "results": results,
     }
     if cfg.memory:
         if progress:
             progress("memory (fresh processes)")
-        report["memory"] = {key: {str(batch): measure_in_fresh_process(p, cfg.backend, batch, cfg.threads[0],
-                                                                        cfg.precision, cfg.device)
-                                  for batch in cfg.batches}
-                            for key, p in (("a", a), ("b", b))}
+        report["memory"] = {
+            key: {
+                str(batch): measure_in_fresh_process(p, cfg.backend, batch, cfg.threads[0], cfg.precision, cfg.device)
+                for batch in cfg.batches
+            }
+            for key, p in (("a", a), ("b", b))
+        }
     if cfg.agreement:
         if progress:
             progress("agreement")

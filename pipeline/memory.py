@@ -30,8 +30,11 @@ def measure_here(model: str, backend: str, batch: int, threads: int, precision: 
     from .backends import EngineConfig, build
 
     base = _status("VmRSS:")
-    engine = build(backend, model, EngineConfig(batch=batch, threads=threads, precision=precision, device=device,
-                                                memory_arena=False))
+    engine = build(
+        backend,
+        model,
+        EngineConfig(batch=batch, threads=threads, precision=precision, device=device, memory_arena=False),
+    )
     for _ in range(3):
         engine.run()
     peak = _status("VmHWM:")
@@ -41,10 +44,31 @@ def measure_here(model: str, backend: str, batch: int, threads: int, precision: 
     return out
 
 
-def measure_in_fresh_process(model: str | Path, backend: str = "ort", batch: int = 1, threads: int = 1,
-                             precision: str = "fp32", device: str = "cpu", timeout: float = 600) -> dict:
-    cmd = [sys.executable, "-m", "pipeline.memory", str(model), "--backend", backend, "--batch", str(batch),
-           "--threads", str(threads), "--precision", precision, "--device", device]
+def measure_in_fresh_process(
+    model: str | Path,
+    backend: str = "ort",
+    batch: int = 1,
+    threads: int = 1,
+    precision: str = "fp32",
+    device: str = "cpu",
+    timeout: float = 600,
+) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.memory",
+        str(model),
+        "--backend",
+        backend,
+        "--batch",
+        str(batch),
+        "--threads",
+        str(threads),
+        "--precision",
+        precision,
+        "--device",
+        device,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:300]}

@@ -41,8 +41,9 @@ def to_fp16(model: Model) -> onnx.ModelProto:
             for i, name in enumerate(n.input):
                 if name == inp.name:
                     n.input[i] = cast
-        new_nodes.append(helper.make_node("Cast", [inp.name], [cast], name=f"{inp.name}__to_fp16",
-                                          to=TensorProto.FLOAT16))
+        new_nodes.append(
+            helper.make_node("Cast", [inp.name], [cast], name=f"{inp.name}__to_fp16", to=TensorProto.FLOAT16)
+        )
     tail = []
     for out in g.output:
         if out.type.tensor_type.elem_type != TensorProto.FLOAT:

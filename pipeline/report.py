@@ -31,8 +31,10 @@ def load_report(path: str | Path) -> dict:
     if not isinstance(doc, dict) or "schema_version" not in doc:
         raise CarveError(f"{path}: not a carve report (no schema_version)")
     if doc["schema_version"] > SCHEMA_VERSION:
-        raise CarveError(f"{path}: schema version {doc['schema_version']} is newer than this carve understands "
-                         f"({SCHEMA_VERSION})", hint="upgrade carve")
+        raise CarveError(
+            f"{path}: schema version {doc['schema_version']} is newer than this carve understands ({SCHEMA_VERSION})",
+            hint="upgrade carve",
+        )
     return doc
 
 
@@ -68,8 +70,11 @@ def render_models(doc: dict) -> list[str]:
 
 
 def render_results(doc: dict) -> list[str]:
-    lines = ["| backend | batch | threads | A median (p90, p99) ms | B median (p90, p99) ms | speed-up (95% CI) | "
-             "MAC ratio | efficiency |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| backend | batch | threads | A median (p90, p99) ms | B median (p90, p99) ms | speed-up (95% CI) | "
+        "MAC ratio | efficiency |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in doc["results"]:
         a, b, s = r["a"], r["b"], r["speedup"]
         eff = f"{r['speedup_efficiency']:.2f}" if r.get("speedup_efficiency") is not None else "-"
@@ -78,11 +83,14 @@ def render_results(doc: dict) -> list[str]:
             f"| {r['backend']} {r['device']} {r['precision']} | {r['batch']} | {r['threads']} | "
             f"{_fmt_ms(a['median_ms'])} ({_fmt_ms(a['p90_ms'])}, {_fmt_ms(a['p99_ms'])}) | "
             f"{_fmt_ms(b['median_ms'])} ({_fmt_ms(b['p90_ms'])}, {_fmt_ms(b['p99_ms'])}) | "
-            f"**{s['median']:.2f}x** ({s['ci_low']:.2f}-{s['ci_high']:.2f}) | {mac} | {eff} |")
+            f"**{s['median']:.2f}x** ({s['ci_low']:.2f}-{s['ci_high']:.2f}) | {mac} | {eff} |"
+        )
     lines.append("")
-    lines.append("Speed-up = time(A) / time(B), median of per-round ratios over interleaved rounds, with a bootstrap "
-                 "confidence interval. The MAC ratio is MACs(B)/MACs(A): a static count, not a speed-up; efficiency = "
-                 "speed-up x MAC ratio (1.0 = the speed-up the MAC reduction promises).")
+    lines.append(
+        "Speed-up = time(A) / time(B), median of per-round ratios over interleaved rounds, with a bootstrap "
+        "confidence interval. The MAC ratio is MACs(B)/MACs(A): a static count, not a speed-up; efficiency = "
+        "speed-up x MAC ratio (1.0 = the speed-up the MAC reduction promises)."
+    )
     return lines
 
 
@@ -106,8 +114,10 @@ def render_agreement(doc: dict) -> list[str]:
     if not a.get("samples"):
         return ["no agreement measured"]
     top = f", top-1 agreement {a['top1_agreement']:.1%}" if "top1_agreement" in a else ""
-    return [f"On {a['samples']} {a['inputs']} inputs: max |diff| {a['max_abs']:.3g} "
-            f"({a['max_rel']:.2%} of A's output scale), cosine {a['cosine']:.4f}{top}."]
+    return [
+        f"On {a['samples']} {a['inputs']} inputs: max |diff| {a['max_abs']:.3g} "
+        f"({a['max_rel']:.2%} of A's output scale), cosine {a['cosine']:.4f}{top}."
+    ]
 
 
 def _acc_line(name: str, r: dict) -> str:
@@ -140,8 +150,10 @@ def render_passes(doc: dict) -> list[str]:
 
 def render_cost(doc: dict) -> list[str]:
     c = doc["cost"]
-    return [f"params {c['params_before']:,} -> {c['params_after']:,} ({c['params_ratio']:.1%}); "
-            f"MACs {c['macs_before']:,} -> {c['macs_after']:,} ({c['macs_ratio']:.1%}; a MAC ratio, not a speed-up)"]
+    return [
+        f"params {c['params_before']:,} -> {c['params_after']:,} ({c['params_ratio']:.1%}); "
+        f"MACs {c['macs_before']:,} -> {c['macs_after']:,} ({c['macs_ratio']:.1%}; a MAC ratio, not a speed-up)"
+    ]
 
 
 def render_thresholds(doc: dict) -> list[str]:
@@ -220,8 +232,10 @@ def plots(doc: dict, directory: str | Path) -> list[Path]:
         rs = sorted((r for r in results if r["threads"] == threads), key=lambda r: r["batch"])
         x = [r["batch"] for r in rs]
         y = [r["speedup"]["median"] for r in rs]
-        err = [[r["speedup"]["median"] - r["speedup"]["ci_low"] for r in rs],
-               [r["speedup"]["ci_high"] - r["speedup"]["median"] for r in rs]]
+        err = [
+            [r["speedup"]["median"] - r["speedup"]["ci_low"] for r in rs],
+            [r["speedup"]["ci_high"] - r["speedup"]["median"] for r in rs],
+        ]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=4, label=f"{threads} thread(s), measured")
         if rs and rs[0].get("mac_ratio"):
             ax.plot(x, [1 / r["mac_ratio"] for r in rs], ls=":", color="gray", label="1 / MAC ratio (not measured)")

@@ -27,7 +27,8 @@ from ..errors import MissingDependencyError
 from ..registry import Registry
 
 backends: Registry[type[Backend]] = Registry(
-    "backend", entry_point_group="carve.backends",
+    "backend",
+    entry_point_group="carve.backends",
     builtin_modules=["pipeline.backends.ort", "pipeline.backends.trt", "pipeline.backends.torch_cuda"],
 )
 

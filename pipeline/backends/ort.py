@@ -18,8 +18,12 @@ from ..ortutil import input_specs
 from . import Backend, Engine, EngineConfig, backends
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-          "all": "ORT_ENABLE_ALL"}
+LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 
 
 class OrtEngine(Engine):
@@ -38,14 +42,17 @@ class OrtEngine(Engine):
         providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(model), so, providers=providers)
         if self.session.get_providers()[0] != provider:
-            raise MissingDependencyError(f"ONNX Runtime could not load {provider} here "
-                                         f"(session runs on {self.session.get_providers()})",
-                                         hint="install onnxruntime-gpu with a matching CUDA, or use --device cpu")
+            raise MissingDependencyError(
+                f"ONNX Runtime could not load {provider} here (session runs on {self.session.get_providers()})",
+                hint="install onnxruntime-gpu with a matching CUDA, or use --device cpu",
+            )
         self.config = config
         proto = onnx.load(str(model), load_external_data=False)
         rng = np.random.default_rng(config.seed)
-        self.feeds = {n: rng.standard_normal(s).astype(d) if np.issubdtype(d, np.floating)
-                      else np.zeros(s, d) for n, (s, d) in input_specs(proto, config.batch).items()}
+        self.feeds = {
+            n: rng.standard_normal(s).astype(d) if np.issubdtype(d, np.floating) else np.zeros(s, d)
+            for n, (s, d) in input_specs(proto, config.batch).items()
+        }
         self.gpu = provider != "CPUExecutionProvider"
         if self.gpu:
             self.binding = self.session.io_binding()
@@ -67,8 +74,13 @@ class OrtEngine(Engine):
     def info(self) -> dict:
         import onnxruntime as ort
 
-        return {"providers": self.session.get_providers(), "optimization": self.config.optimization,
-                "threads": self.config.threads, "onnxruntime": ort.__version__, "io_binding": self.gpu}
+        return {
+            "providers": self.session.get_providers(),
+            "optimization": self.config.optimization,
+            "threads": self.config.threads,
+            "onnxruntime": ort.__version__,
+            "io_binding": self.gpu,
+        }
 
 
 @backends.register("ort")

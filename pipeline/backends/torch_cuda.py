@@ -33,8 +33,10 @@ class TorchEngine(Engine):
         self.dtype = dtype
         self.graph_module = TorchGraph(m, trainable=False).eval().to(device=device, dtype=dtype)
         rng = np.random.default_rng(config.seed)
-        self.inputs = [torch.from_numpy(rng.standard_normal(s).astype(np.float32)).to(device=device, dtype=dtype)
-                       for s, _ in input_specs(m.proto, config.batch).values()]
+        self.inputs = [
+            torch.from_numpy(rng.standard_normal(s).astype(np.float32)).to(device=device, dtype=dtype)
+            for s, _ in input_specs(m.proto, config.batch).values()
+        ]
         self.cuda_graph = None
         with torch.no_grad():
             for _ in range(3):  # warm-up: cuDNN picks its algorithms
@@ -101,8 +103,12 @@ class TorchEngine(Engine):
 
     def info(self) -> dict:
         torch = self.torch
-        d = {"torch": torch.__version__, "device": self.device, "precision": self.config.precision,
-             "cuda_graphs": self.cuda_graph is not None}
+        d = {
+            "torch": torch.__version__,
+            "device": self.device,
+            "precision": self.config.precision,
+            "cuda_graphs": self.cuda_graph is not None,
+        }
         if self.device != "cpu":
             d["gpu"] = torch.cuda.get_device_name(0)
             d["cudnn_benchmark"] = True

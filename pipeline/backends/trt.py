@@ -42,8 +42,12 @@ class BuildPlan:
     cuda_graphs: bool
 
     def key_fields(self) -> dict:
-        return {"precision": self.precision, "workspace": self.workspace_bytes, "level": self.builder_level,
-                "batch": self.batch}
+        return {
+            "precision": self.precision,
+            "workspace": self.workspace_bytes,
+            "level": self.builder_level,
+            "batch": self.batch,
+        }
 
 
 def trt_major(version: str) -> int:
@@ -61,9 +65,15 @@ def build_plan(config: EngineConfig, trt_version: str) -> BuildPlan:
         raise CarveError(f"TensorRT precision must be fp32 or fp16, got {config.precision!r}")
     if not 0 <= config.builder_level <= 5:
         raise CarveError(f"TensorRT builder optimisation level must be 0-5, got {config.builder_level}")
-    return BuildPlan(precision=config.precision, fp16_graph=config.precision == "fp16", strongly_typed_flag=True,
-                     workspace_bytes=int(config.workspace_mb) << 20, builder_level=config.builder_level,
-                     batch=config.batch, cuda_graphs=config.cuda_graphs)
+    return BuildPlan(
+        precision=config.precision,
+        fp16_graph=config.precision == "fp16",
+        strongly_typed_flag=True,
+        workspace_bytes=int(config.workspace_mb) << 20,
+        builder_level=config.builder_level,
+        batch=config.batch,
+        cuda_graphs=config.cuda_graphs,
+    )
 
 
 def engine_key(model_bytes: bytes, trt_version: str, gpu: str, plan: BuildPlan) -> str:
@@ -86,7 +96,7 @@ def _import_trt():
         raise MissingDependencyError(
             f"TensorRT is not installed ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})",
             hint="install TensorRT 10/11 for your CUDA (pip install 'carve[tensorrt]' needs NVIDIA's index), or use "
-                 "--backend torch-cuda / ort",
+            "--backend torch-cuda / ort",
         ) from None
     return trt
 
@@ -225,13 +235,23 @@ class TrtEngine(Engine):
         return [self.buffers[n].float().cpu().numpy() for n in outs]
 
     def memory(self) -> dict[str, int]:
-        return {"engine_bytes": self.engine_bytes, "weights_bytes": self.weight_bytes,
-                "device_memory_bytes": int(self.engine.device_memory_size_v2)}
+        return {
+            "engine_bytes": self.engine_bytes,
+            "weights_bytes": self.weight_bytes,
+            "device_memory_bytes": int(self.engine.device_memory_size_v2),
+        }
 
     def info(self) -> dict:
-        return {"tensorrt": self.trt.__version__, "gpu": self.torch.cuda.get_device_name(0), "engine_key": self.key,
-                "engine_cached": self.cached, "precision": self.plan.precision, "cuda_graphs": self.plan.cuda_graphs,
-                "builder_level": self.plan.builder_level, "workspace_bytes": self.plan.workspace_bytes}
+        return {
+            "tensorrt": self.trt.__version__,
+            "gpu": self.torch.cuda.get_device_name(0),
+            "engine_key": self.key,
+            "engine_cached": self.cached,
+            "precision": self.plan.precision,
+            "cuda_graphs": self.plan.cuda_graphs,
+            "builder_level": self.plan.builder_level,
+            "workspace_bytes": self.plan.workspace_bytes,
+        }
 
 
 @backends.register("trt")

@@ -9,8 +9,9 @@ from ._common import int_list, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure two models side by side (speed-up with a confidence interval)",
-                       description=__doc__)
+    p = sub.add_parser(
+        "bench", help="measure two models side by side (speed-up with a confidence interval)", description=__doc__
+    )
     p.add_argument("a", help="baseline model (e.g. the original)")
     p.add_argument("b", help="candidate model (e.g. the pruned one)")
     p.add_argument("--backend", default="ort", help="ort | trt | torch-cuda | torch-cpu (default ort)")
@@ -47,16 +48,35 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         check_output_path(args.output, args.a, args.b)
     get(args.backend).require()
-    cfg = MeasureConfig(backend=args.backend, batches=args.batch, threads=args.threads, precision=args.precision,
-                        device=args.device, cuda_graphs=args.cuda_graphs, rounds=args.rounds,
-                        min_round_s=args.min_round_ms / 1000, warmup_s=args.warmup_ms / 1000, isolate=args.isolate,
-                        memory=args.memory, agreement=args.agreement, data=args.data, seed=args.seed)
+    cfg = MeasureConfig(
+        backend=args.backend,
+        batches=args.batch,
+        threads=args.threads,
+        precision=args.precision,
+        device=args.device,
+        cuda_graphs=args.cuda_graphs,
+        rounds=args.rounds,
+        min_round_s=args.min_round_ms / 1000,
+        warmup_s=args.warmup_ms / 1000,
+        isolate=args.isolate,
+        memory=args.memory,
+        agreement=args.agreement,
+        data=args.data,
+        seed=args.seed,
+    )
     con = console(args.quiet or args.json)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=con,
-                  transient=True, disable=args.quiet or args.json) as bar:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=con,
+        transient=True,
+        disable=args.quiet or args.json,
+    ) as bar:
         task = bar.add_task("building engines")
-        report = compare(args.a, args.b, cfg, command=command_line(),
-                         progress=lambda msg: bar.update(task, description=msg))
+        report = compare(
+            args.a, args.b, cfg, command=command_line(), progress=lambda msg: bar.update(task, description=msg)
+        )
     if args.output:
         with atomic_write(args.output) as f:
             json.dump(report, f, indent=1)

@@ -26,8 +26,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = load_report(args.report)
         baseline = load_report(args.baseline) if args.baseline else None
-        result = evaluate(report, max_slowdown=parse_fraction(args.max_slowdown), min_speedup=args.min_speedup,
-                          baseline=baseline, tolerance=parse_fraction(args.tolerance) if args.tolerance else None)
+        result = evaluate(
+            report,
+            max_slowdown=parse_fraction(args.max_slowdown),
+            min_speedup=args.min_speedup,
+            baseline=baseline,
+            tolerance=parse_fraction(args.tolerance) if args.tolerance else None,
+        )
     except CarveError as exc:
         print(f"carve gate: unusable input: {exc}", file=sys.stderr)
         return 2
