@@ -174,6 +174,9 @@ def run_recipe(recipe: Recipe, *, keep_intermediate: Path | None = None, progres
             record_pass(final, p, r, command)
     c0, c1 = model_cost(original), model_cost(final)
     report: dict[str, Any] = {
+        "schema_version": 1,
+        "kind": "carve.run",
+        "command": command,
         "recipe": {"name": recipe.name, "path": str(recipe.path), "model": recipe.model, "output": str(recipe.output)},
         "passes": [
             {
@@ -208,9 +211,59 @@ def run_recipe(recipe: Recipe, *, keep_intermediate: Path | None = None, progres
     return original, final, report
 
 
+BENCH_KEYS = {"backend", "device", "threads", "batch", "precision", "rounds", "min_round_ms", "isolate", "cuda_graphs"}
+
+
+def bench_recipe(recipe: Recipe, original, final_path: Path, progress=None) -> dict:
+    """Measure the original against the final model as the recipe's ``bench`` section says; the report's sections."""
+    from .graph import save
+    from .measure import MeasureConfig, compare
+
+    b = dict(recipe.bench or {})
+    unknown = set(b) - BENCH_KEYS
+    if unknown:
+        raise CarveError(
+            f"{recipe.path}: unknown bench key {sorted(unknown)[0]!r}; valid: {', '.join(sorted(BENCH_KEYS))}"
+        )
+
+    def as_list(v, default):
+        return default if v is None else (v if isinstance(v, list) else [v])
+
+    cfg = MeasureConfig(
+        backend=b.get("backend", "ort"),
+        device=b.get("device", "cpu"),
+        threads=as_list(b.get("threads"), [1]),
+        batches=as_list(b.get("batch"), [1]),
+        precision=b.get("precision", "fp32"),
+        rounds=int(b.get("rounds", 20)),
+        min_round_s=float(b.get("min_round_ms", 50)) / 1000,
+        isolate=bool(b.get("isolate", False)),
+        cuda_graphs=bool(b.get("cuda_graphs", False)),
+        seed=recipe.seed,
+        agreement=False,
+    )
+    with tempfile.TemporaryDirectory(prefix="carve-bench-") as tmp:
+        orig_path = Path(tmp) / "original.onnx"
+        save(original, orig_path)
+        bench = compare(orig_path, final_path, cfg, progress=progress)
+    bench["models"]["a"]["name"] = "original"
+    return {k: bench[k] for k in ("models", "results", "memory", "environment", "settings") if k in bench}
+
+
 def check_thresholds(recipe: Recipe, report: dict) -> list[str]:
     """Violated thresholds, as sentences (empty when all hold)."""
     t, bad = recipe.thresholds, []
+    if ("max_slowdown" in t or "min_speedup" in t) and not report.get("results"):
+        bad.append("max_slowdown / min_speedup need a `bench` section")
+    elif report.get("results"):
+        from .gate import DEFAULT_MAX_SLOWDOWN, evaluate
+
+        gate = evaluate(
+            report,
+            max_slowdown=t.get("max_slowdown", DEFAULT_MAX_SLOWDOWN) if "max_slowdown" in t else 1.0 - 1e-9,
+            min_speedup=t.get("min_speedup"),
+        )
+        bad += gate.failures
     acc = report.get("accuracy", {})
     fin, orig = acc.get("final", {}), acc.get("original", {})
     if "min_top1_agreement" in t:

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     from ..graph import atomic_write, check_output_path, save
-    from ..recipe import check_thresholds, load_recipe, run_recipe
+    from ..recipe import bench_recipe, check_thresholds, load_recipe, run_recipe
     from ._common import command_line, console
 
     recipe = load_recipe(args.recipe)
@@ -53,13 +53,18 @@ def run(args: argparse.Namespace) -> int:
             bar.update(task, description=f"pass {name}")
             bar.advance(task)
 
-        _, final, report = run_recipe(
+        original, final, report = run_recipe(
             recipe,
             keep_intermediate=Path(args.keep_intermediate) if args.keep_intermediate else None,
             progress=progress,
             command=command_line(),
         )
-    save(final, recipe.output)
+        save(final, recipe.output)
+        if recipe.bench:
+            bar.update(task, description="measuring original vs final")
+            report.update(
+                bench_recipe(recipe, original, recipe.output, progress=lambda m: bar.update(task, description=m))
+            )
     failures = check_thresholds(recipe, report)
     report["thresholds"] = {"limits": recipe.thresholds, "failures": failures, "passed": not failures}
     with atomic_write(report_path) as f:
@@ -72,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
             con.print(f"{p['pass']}: {'changed' if p['changed'] else 'unchanged'} in {p['seconds']}s{err}")
             for d in p["details"][:6]:
                 con.print(f"  {d}")
+        if report.get("results"):
+            from ..report import render_results
+
+            for line in render_results(report)[:-2]:
+                con.print(line)
         c = report["cost"]
         con.print(
             f"params {c['params_ratio']:.1%}, MACs {c['macs_ratio']:.1%} of the original (MAC ratios, not speed-ups)"
