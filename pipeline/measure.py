@@ -48,6 +48,7 @@ class MeasureConfig:
     precision: str = "fp32"
     device: str = "cpu"
     cuda_graphs: bool = False
+    spinning: bool = False  # ort: idle pool threads spin (see EngineConfig); off for fair A/B on shared cores
     rounds: int = 20
     min_round_s: float = 0.05
     warmup_s: float = 0.3
@@ -69,6 +70,7 @@ class MeasureConfig:
             device=self.device,
             cuda_graphs=self.cuda_graphs,
             seed=self.seed,
+            spinning=self.spinning,
         )
 
 

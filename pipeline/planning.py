@@ -113,6 +113,7 @@ def plan(
     seed: int = 0,
     calib: Any = None,
     criterion_options: dict[str, Any] | None = None,
+    scores: np.ndarray | None = None,
     target_macs: float | None = None,
     target_params: float | None = None,
     **allocator_options: Any,
@@ -131,17 +132,9 @@ def plan(
         raise CarveError(f"a target is the fraction of the original to keep, in (0, 1]; got {target}")
     if round_to < 1 or keep_min < 1:
         raise CarveError("--round-to and --keep-min must be at least 1")
-    crit = criteria.get(criterion)(**(criterion_options or {}))
-    data_needs = crit.needs & {"activations", "labels", "gradients"}
-    if data_needs and calib is None:
-        raise CarveError(
-            f"criterion {criterion!r} needs calibration data ({', '.join(sorted(data_needs))})",
-            hint="give --calib FILE.npz | FOLDER | digits",
-        )
-    if "labels" in crit.needs and getattr(calib, "labels", None) is None:
-        raise CarveError(f"criterion {criterion!r} needs labelled calibration data; {calib.name} has no labels")
-    ctx = ScoreContext(analysis, seed=seed, calib=calib)
-    scores = np.asarray(crit.unit_scores(ctx), dtype=np.float64)
+    if scores is None:
+        scores = score_units(analysis, criterion, calib=calib, seed=seed, options=criterion_options)
+    scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (analysis.n_units,):
         raise AssertionError(f"criterion {criterion!r} returned {scores.shape} scores for {analysis.n_units} units")
     excl, _ = exclusion_mask(analysis, exclude)
@@ -163,6 +156,27 @@ def plan(
     options.update({"ratio": ratio, "round_to": round_to, "keep_min": keep_min, "exclude": list(exclude), "seed": seed})
     options.update({**allocator_options, **(criterion_options or {})})
     return Plan(analysis, removed, criterion, allocator, options, scores, frozen)
+
+
+def score_units(
+    analysis: ChannelAnalysis,
+    criterion: str,
+    *,
+    calib: Any = None,
+    seed: int = 0,
+    options: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """One score per unit from a criterion (checking that it has the data it needs)."""
+    crit = criteria.get(criterion)(**(options or {}))
+    data_needs = crit.needs & {"activations", "labels", "gradients"}
+    if data_needs and calib is None:
+        raise CarveError(
+            f"criterion {criterion!r} needs calibration data ({', '.join(sorted(data_needs))})",
+            hint="give --calib FILE.npz | FOLDER | digits",
+        )
+    if "labels" in crit.needs and getattr(calib, "labels", None) is None:
+        raise CarveError(f"criterion {criterion!r} needs labelled calibration data; {calib.name} has no labels")
+    return np.asarray(crit.unit_scores(ScoreContext(analysis, seed=seed, calib=calib)), dtype=np.float64)
 
 
 def bisect_ratio(analysis: ChannelAnalysis, allocate, target: float, kind: str = "macs", *, steps: int = 30):

@@ -152,3 +152,10 @@ def test_torch_cuda_engine(zoo_dir):
     ref = run(zoo_dir / "resnet20.onnx", feeds)[0]
     np.testing.assert_allclose(e.outputs(feeds)[0], ref, atol=1e-3 * np.abs(ref).max())
     assert e.time(10) > 0 and e.clock == "cuda-events"
+
+
+@pytest.mark.parametrize("spinning", [False, True])
+def test_ort_spinning_is_configured_and_recorded(zoo_dir, spinning):
+    e = build("ort", zoo_dir / "lenet5.onnx", EngineConfig(batch=1, threads=2, spinning=spinning))
+    entry = e.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    assert entry == ("1" if spinning else "0") and e.info()["spinning"] is spinning

@@ -160,3 +160,13 @@ def test_coarse_alignment_does_not_overshoot_the_target(zoo_dir, target):
         for sl in g.slices:
             kept = int((~p.removed[sl]).sum())
             assert kept == len(sl) or kept % 8 == 0
+
+
+def test_precomputed_scores_give_the_same_plan_and_are_checked():
+    from pipeline.planning import score_units
+
+    model, an = chain((8, 16))
+    scores = score_units(an, "l2")
+    assert np.array_equal(plan(an, criterion="l2", ratio=0.5).removed, plan(an, scores=scores, ratio=0.5).removed)
+    with pytest.raises(AssertionError, match="scores"):
+        plan(an, scores=scores[:-1], ratio=0.5)

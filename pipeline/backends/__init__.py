@@ -42,6 +42,7 @@ class EngineConfig:
     cuda_graphs: bool = False
     optimization: str = "all"  # ort graph optimisation level: disable | basic | extended | all
     memory_arena: bool = True  # ort: disable when measuring peak memory
+    spinning: bool = False  # ort: let idle intra-op threads spin (steals CPU from the other model of an A/B)
     workspace_mb: int = 1024  # trt builder workspace
     builder_level: int = 3  # trt builder optimisation level (0-5)
     cache_dir: str | None = None  # trt engine and timing caches

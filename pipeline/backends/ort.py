@@ -37,6 +37,9 @@ class OrtEngine(Engine):
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[config.optimization])
         so.enable_cpu_mem_arena = config.memory_arena
+        # an idle session's pool threads spin-wait after each run; in an A/B on shared cores they steal time from
+        # the model being timed, so spinning is off unless asked for
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spinning else "0")
         so.log_severity_level = 3
         provider = PROVIDERS[config.device]
         providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
@@ -78,6 +81,7 @@ class OrtEngine(Engine):
             "providers": self.session.get_providers(),
             "optimization": self.config.optimization,
             "threads": self.config.threads,
+            "spinning": self.config.spinning,
             "onnxruntime": ort.__version__,
             "io_binding": self.gpu,
         }

@@ -24,6 +24,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-round-ms", type=float, default=50.0, help="minimum time of one model's round (default 50)")
     p.add_argument("--warmup-ms", type=float, default=300.0)
     p.add_argument("--isolate", action="store_true", help="run each model in its own process")
+    p.add_argument(
+        "--spinning",
+        action="store_true",
+        help="ort: let idle threads spin-wait (ORT's default; off here because an idle model's spinning "
+        "threads steal CPU from the timed one on shared cores)",
+    )
     p.add_argument("--data", help="agreement on these inputs (an .npz/.npy, a folder, or digits) instead of random")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the fresh-process memory runs")
     p.add_argument("--no-agreement", dest="agreement", action="store_false")
@@ -59,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         min_round_s=args.min_round_ms / 1000,
         warmup_s=args.warmup_ms / 1000,
         isolate=args.isolate,
+        spinning=args.spinning,
         memory=args.memory,
         agreement=args.agreement,
         data=args.data,
