@@ -422,98 +422,90 @@ def _unknown(a: _Analyser, node: onnx.NodeProto) -> None:
 # -- producers --------------------------------------------------------------------------------------------------------
 
 
-@handles("Conv")
-def _conv(a: _Analyser, node: onnx.NodeProto) -> None:
-    x, w_name = node.input[0], node.input[1]
+def _conv_operands(a: _Analyser, node: onnx.NodeProto):
+    """(weight name, bias name or None, weight, tracked input) of a Conv/ConvTranspose; None when made opaque."""
+    w_name = node.input[1]
     b_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
     w = a.const(w_name)
-    out = node.output[0]
-    xin = a.expect_axis(node, a.get(x), 1)
+    xin = a.expect_axis(node, a.get(node.input[0]), 1)
     if w is None or (b_name and a.const(b_name) is None):
-        what = "weight" if w is None else "bias"
-        a.freeze_inputs(node, f"the {what} of {_q(node)} is not a constant")
-        a.opaque(out, node.name, f"the {what} of {_q(node)} is not a constant")
+        reason = f"the {'weight' if w is None else 'bias'} of {_q(node)} is not a constant"
+        a.freeze_inputs(node, reason)
+        a.opaque(node.output[0], node.name, reason)
+        return None
+    return w_name, b_name, w, xin
+
+
+def _dense_conv(a: _Analyser, node: onnx.NodeProto, w_name, b_name, xin, *, cin, cout, groups, in_axis, out_axis):
+    """Output channels are new elements (weight axis ``out_axis``); input channels cut axis ``in_axis``. A grouped,
+    non-depthwise conv freezes both sides: its groups would need equal pruning."""
+    out = node.output[0]
+    if groups > 1:
+        reason = f"grouped {_q(node)} (group={groups}) would need equal pruning in every group"
+        a.freeze_inputs(node, reason)
+        ids = a.new(cout, Kind.OUT, node.name, weight=w_name, axis=out_axis, op=node.op_type)
+        a.freeze(ids, reason)
+        a.set(out, Chan(1, ids))
         return
+    if xin is not None:
+        if len(xin) != cin:
+            a.freeze(xin.ids, f"{_q(node)} expects {cin} input channels, the analysis sees {len(xin)}")
+        else:
+            a.cut(w_name, in_axis, xin.ids, node, "in")
+    ids = a.new(cout, Kind.OUT, node.name, weight=w_name, axis=out_axis, op=node.op_type)
+    a.cut(w_name, out_axis, ids, node, "out")
+    if b_name:
+        a.cut(b_name, 0, ids, node, "out")
+    a.set(out, Chan(1, ids))
+
+
+def _depthwise(a: _Analyser, node: onnx.NodeProto, w_name, b_name, ids: np.ndarray, per_input: int, rows) -> None:
+    """Output channel o comes from input channel ids[o]; ``rows`` (the input channel of each weight row) makes the
+    weight's rows members of their input channel's unit."""
+    members = a.new(len(rows), Kind.MEMBER, node.name, weight=w_name, axis=0, op=node.op_type)
+    a.union(members, rows)
+    a.cut(w_name, 0, rows, node, "member")
+    if b_name:
+        a.cut(b_name, 0, ids, node, "member")
+    a.fixes.append(GroupFix(node.name, ids[::per_input]))
+    a.set(node.output[0], Chan(1, ids))
+
+
+@handles("Conv")
+def _conv(a: _Analyser, node: onnx.NodeProto) -> None:
+    operands = _conv_operands(a, node)
+    if operands is None:
+        return
+    w_name, b_name, w, xin = operands
     cout, cin_g = int(w.shape[0]), int(w.shape[1])
     g = int(attr(node, "group", 1))
-    cin = cin_g * g
     if g > 1 and cin_g == 1 and cout % g == 0:
         # depthwise (channel multiplier m = cout/g): output o is computed from input channel o // m only
         m = cout // g
         if xin is not None and len(xin) == g:
-            ids = np.repeat(xin.ids, m)
+            ids = xin.ids
         else:
             ids = a.new(g, Kind.OPAQUE, node.name)
             a.freeze(ids, f"the input channels of depthwise {_q(node)} are not tracked")
-            ids = np.repeat(ids, m)
-        members = a.new(cout, Kind.MEMBER, node.name, weight=w_name, axis=0, op=node.op_type)
-        a.union(members, ids)
-        a.cut(w_name, 0, ids, node, "member")
-        if b_name:
-            a.cut(b_name, 0, ids, node, "member")
-        a.fixes.append(GroupFix(node.name, ids[::m]))
-        a.set(out, Chan(1, ids))
+        ids = np.repeat(ids, m)
+        _depthwise(a, node, w_name, b_name, ids, m, rows=ids)
         return
-    if g > 1:
-        reason = f"grouped {_q(node)} (group={g}) would need equal pruning in every group"
-        a.freeze_inputs(node, reason)
-        ids = a.new(cout, Kind.OUT, node.name, weight=w_name, axis=0, op=node.op_type)
-        a.freeze(ids, reason)
-        a.set(out, Chan(1, ids))
-        return
-    if xin is not None:
-        if len(xin) != cin:
-            a.freeze(xin.ids, f"{_q(node)} expects {cin} input channels, the analysis sees {len(xin)}")
-        else:
-            a.cut(w_name, 1, xin.ids, node, "in")
-    ids = a.new(cout, Kind.OUT, node.name, weight=w_name, axis=0, op=node.op_type)
-    a.cut(w_name, 0, ids, node, "out")
-    if b_name:
-        a.cut(b_name, 0, ids, node, "out")
-    a.set(out, Chan(1, ids))
+    _dense_conv(a, node, w_name, b_name, xin, cin=cin_g * g, cout=cout, groups=g, in_axis=1, out_axis=0)
 
 
 @handles("ConvTranspose")
 def _conv_transpose(a: _Analyser, node: onnx.NodeProto) -> None:
-    x, w_name = node.input[0], node.input[1]
-    b_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    w = a.const(w_name)
-    out = node.output[0]
-    xin = a.expect_axis(node, a.get(x), 1)
-    if w is None or (b_name and a.const(b_name) is None):
-        a.freeze_inputs(node, f"the weight or bias of {_q(node)} is not a constant")
-        a.opaque(out, node.name, f"the weight of {_q(node)} is not a constant")
+    operands = _conv_operands(a, node)
+    if operands is None:
         return
+    w_name, b_name, w, xin = operands
     cin, cout_g = int(w.shape[0]), int(w.shape[1])
     g = int(attr(node, "group", 1))
     if g > 1 and g == cin and xin is not None and len(xin) == cin:
-        # depthwise transposed conv: output channels c*m .. c*m+m-1 come from input channel c
-        ids = np.repeat(xin.ids, cout_g)
-        members = a.new(cin, Kind.MEMBER, node.name, weight=w_name, axis=0, op=node.op_type)
-        a.union(members, xin.ids)
-        a.cut(w_name, 0, xin.ids, node, "member")
-        if b_name:
-            a.cut(b_name, 0, ids, node, "member")
-        a.fixes.append(GroupFix(node.name, xin.ids))
-        a.set(out, Chan(1, ids))
+        # depthwise transposed conv: output channels c*m .. c*m+m-1 come from input channel c (weight is Cin x m)
+        _depthwise(a, node, w_name, b_name, np.repeat(xin.ids, cout_g), cout_g, rows=xin.ids)
         return
-    if g > 1:
-        reason = f"grouped {_q(node)} (group={g}) would need equal pruning in every group"
-        a.freeze_inputs(node, reason)
-        ids = a.new(cout_g * g, Kind.OUT, node.name, weight=w_name, axis=1, op=node.op_type)
-        a.freeze(ids, reason)
-        a.set(out, Chan(1, ids))
-        return
-    if xin is not None:
-        if len(xin) != cin:
-            a.freeze(xin.ids, f"{_q(node)} expects {cin} input channels, the analysis sees {len(xin)}")
-        else:
-            a.cut(w_name, 0, xin.ids, node, "in")
-    ids = a.new(cout_g, Kind.OUT, node.name, weight=w_name, axis=1, op=node.op_type)
-    a.cut(w_name, 1, ids, node, "out")
-    if b_name:
-        a.cut(b_name, 0, ids, node, "out")
-    a.set(out, Chan(1, ids))
+    _dense_conv(a, node, w_name, b_name, xin, cin=cin, cout=cout_g * g, groups=g, in_axis=0, out_axis=1)
 
 
 @handles("Gemm")
