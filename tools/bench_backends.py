@@ -14,7 +14,6 @@ and ResNet-50 at ratio 0.3 with round-to 1, 8 and 16, because channel widths dec
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -77,6 +76,8 @@ def row(name: str, res: dict, mem: dict | None) -> dict:
 
 
 def main() -> None:
+    from benchio import write
+
     import models as zoo
     from pipeline.measure import environment
 
@@ -154,23 +155,28 @@ def main() -> None:
         "rows": rows,
         "alignment": alignment,
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    if args.markdown:
-        print(markdown(doc))
+    write(doc, args.output, markdown, args.markdown)
 
 
 def markdown(doc: dict) -> str:
+    """One row per model: speed-up (95% CI) per (batch, threads), efficiency range, peak RSS at the largest batch."""
+    configs = sorted({(r["batch"], r["threads"]) for r in doc["rows"]})
     lines = [
-        "| model | threads | batch | original ms | pruned ms | speed-up (95% CI) | MAC ratio | efficiency |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | original ms (b1, 1 thread) | MAC ratio | "
+        + " | ".join(f"speed-up b{b} t{t}" for b, t in configs)
+        + " | efficiency | peak RSS MB (original → pruned) |",
+        "|---|---|---|" + "---|" * len(configs) + "---|---|",
     ]
-    for r in doc["rows"]:
+    for model in dict.fromkeys(r["model"] for r in doc["rows"]):
+        rs = {(r["batch"], r["threads"]): r for r in doc["rows"] if r["model"] == model}
+        first, last = rs[configs[0]], rs[configs[-1]]
+        cells = [f"{rs[c]['speedup']:.2f}x ({rs[c]['ci'][0]:.2f}-{rs[c]['ci'][1]:.2f})" for c in configs]
+        eff = [r["efficiency"] for r in rs.values()]
+        mem = f"{last['peak_mb'][0]:.0f} → {last['peak_mb'][1]:.0f}" if "peak_mb" in last else "-"
         lines.append(
-            f"| {r['model']} | {r['threads']} | {r['batch']} | {r['a_ms']:.2f} | {r['b_ms']:.2f} | "
-            f"{r['speedup']:.2f}x ({r['ci'][0]:.2f}-{r['ci'][1]:.2f}) | {r['mac_ratio']:.3f} | "
-            f"{r['efficiency']:.2f} |"
+            f"| {model} | {first['a_ms']:.2f} | {first['mac_ratio']:.3f} | "
+            + " | ".join(cells)
+            + f" | {min(eff):.2f}-{max(eff):.2f} | {mem} |"
         )
     if doc.get("alignment"):
         lines += [

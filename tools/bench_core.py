@@ -128,6 +128,8 @@ def markdown(doc: dict) -> str:
 
 
 def main() -> None:
+    from benchio import write
+
     import models as zoo
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,11 +146,7 @@ def main() -> None:
         "environment": environment(),
         "models": run(names, args.repeat),
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    if args.markdown:
-        print(markdown(doc))
+    write(doc, args.output, markdown, args.markdown)
 
 
 if __name__ == "__main__":

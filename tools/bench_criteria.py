@@ -17,7 +17,6 @@ targets, and unstructured sparsity with CEP against magnitude, including the pap
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -45,26 +44,16 @@ CRITERIA = [
 ]
 
 
-def latency_speedup(a: Path, b: Path) -> dict:
-    from pipeline.measure import MeasureConfig, compare
-
-    r = compare(
-        a, b, MeasureConfig(batches=[1], threads=[1], rounds=8, min_round_s=0.05, memory=False, agreement=False)
-    )["results"][0]
-    return {
-        "b_ms": r["b"]["median_ms"],
-        "a_ms": r["a"]["median_ms"],
-        "speedup": r["speedup"]["median"],
-        "ci": [r["speedup"]["ci_low"], r["speedup"]["ci_high"]],
-    }
-
-
 def label(name: str, opts: dict, allocator: str) -> str:
     extra = ",".join(f"{k}={v}" for k, v in opts.items())
     return name + (f"[{extra}]" if extra else "") + ("" if allocator == "uniform" else f" +{allocator}")
 
 
-def run_model(model_path: Path, calib, evalset, criteria, targets, tmp: Path, *, latency: bool) -> list[dict]:
+def run_model(
+    model_path: Path, calib, evalset, criteria, targets, tmp: Path, *, latency: bool, round_to: int = 1
+) -> list[dict]:
+    from benchio import speedups
+
     from pipeline import analyse, load, prune, save
     from pipeline.cost import model_cost
     from pipeline.evaluate import evaluate
@@ -93,7 +82,9 @@ def run_model(model_path: Path, calib, evalset, criteria, targets, tmp: Path, *,
             continue
         seconds = time.perf_counter() - t0
         for t in targets:
-            p = plan(an, criterion=name, allocator=allocator, target_macs=t, scores=scores, calib=calib)
+            p = plan(
+                an, criterion=name, allocator=allocator, target_macs=t, scores=scores, calib=calib, round_to=round_to
+            )
             q = prune(m, p)
             path = tmp / f"{name}_{allocator}_{t}.onnx"
             save(q, path)
@@ -111,7 +102,7 @@ def run_model(model_path: Path, calib, evalset, criteria, targets, tmp: Path, *,
                 "score_seconds": seconds,
             }
             if latency:
-                row["latency"] = latency_speedup(model_path, path)
+                row["latency"] = speedups(model_path, path, [1], rounds=8)["1"]
             rows.append(row)
             print(
                 f"{row['criterion']:28s} t={t}: top1 {row['top1']:.4f} agree {row['agreement']:.3f} "
@@ -150,6 +141,7 @@ def lenet_tables(tmp: Path, targets) -> dict:
             unstructured.append(
                 {
                     "criterion": crit + (f"[hcep={hcep}]" if hcep else ""),
+                    "target": sparsity,
                     "sparsity": res.sparsity,
                     "top1": evaluate(res.model, test)["top1"],
                 }
@@ -159,6 +151,8 @@ def lenet_tables(tmp: Path, targets) -> dict:
 
 
 def main() -> None:
+    from benchio import write
+
     import models
     from pipeline.calib import load_data
     from pipeline.graph import load
@@ -171,6 +165,7 @@ def main() -> None:
     ap.add_argument("--targets", nargs="*", type=float, default=[0.75, 0.5, 0.35])
     ap.add_argument("--calib-samples", type=int, default=512)
     ap.add_argument("--eval-samples", type=int, default=None, help="default: the whole test set")
+    ap.add_argument("--round-to", type=int, default=8, help="channel alignment of the ResNet-56 plans (default 8)")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--no-lenet", action="store_true")
     ap.add_argument("-o", "--output", default=str(REPO / "benchmarks" / "criteria.json"))
@@ -188,25 +183,25 @@ def main() -> None:
         m = load(path)
         calib = load_data(train, model=m, samples=args.calib_samples, seed=0)
         evalset = load_data(test, model=m, samples=args.eval_samples, seed=1)
-        rows = run_model(path, calib, evalset, crits, args.targets, tmp, latency=not args.no_latency)
+        rows = run_model(
+            path, calib, evalset, crits, args.targets, tmp, latency=not args.no_latency, round_to=args.round_to
+        )
         lenet = None if args.no_lenet else lenet_tables(tmp, args.targets)
     doc = {
         "benchmark": "criteria",
         "model": args.model,
         "calibration": {"source": "train_subset.npz", "samples": args.calib_samples},
+        "round_to": args.round_to,
         "evaluation": {"source": "test.npz", "samples": len(evalset)},
-        "notes": "no fine-tuning, no reconstruction; uniform allocator unless marked; latency: ORT CPU, batch 1, "
+        "notes": "no fine-tuning, no reconstruction; uniform allocator unless marked; channels kept in multiples of "
+        f"{args.round_to}; latency: ORT CPU, batch 1, "
         "1 thread, speed-up against the original (median of interleaved rounds, 95% CI)",
         "environment": environment(),
         "seconds": round(time.time() - t0),
         "rows": rows,
         "lenet5_digits": lenet,
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    if args.markdown:
-        print(markdown(doc))
+    write(doc, args.output, markdown, args.markdown)
 
 
 def markdown(doc: dict) -> str:
@@ -251,17 +246,18 @@ def markdown(doc: dict) -> str:
             lines.append(
                 f"| {name} | " + " | ".join(f"{rs[t]['top1']:.1%}" if t in rs else "-" for t in targets) + " |"
             )
-        sp = sorted({round(r["sparsity"], 2) for r in ln["unstructured"]})
+        sp = sorted({r["target"] for r in ln["unstructured"]})
         lines += [
             "",
             "LeNet-5 on digits: unstructured sparsity (weights zeroed, no speed-up claimed)",
             "",
-            "| criterion | " + " | ".join(f"{s:.0%} zero" for s in sp) + " |",
+            "| criterion | " + " | ".join(f"target {s:.0%} zero" for s in sp) + " |",
             "|---|" + "---|" * len(sp),
         ]
         for name in dict.fromkeys(r["criterion"] for r in ln["unstructured"]):
-            rs = {round(r["sparsity"], 2): r for r in ln["unstructured"] if r["criterion"] == name}
-            lines.append(f"| {name} | " + " | ".join(f"{rs[s]['top1']:.1%}" if s in rs else "-" for s in sp) + " |")
+            rs = {r["target"]: r for r in ln["unstructured"] if r["criterion"] == name}
+            cells = [f"{rs[s]['top1']:.1%} ({rs[s]['sparsity']:.0%} zero)" if s in rs else "-" for s in sp]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

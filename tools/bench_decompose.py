@@ -16,7 +16,6 @@ structure: their latency is plain pruning's).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -24,25 +23,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def latency(a: Path, b: Path, batches: list[int], rounds: int) -> dict:
-    from pipeline.measure import MeasureConfig, compare
-
-    r = compare(
-        a,
-        b,
-        MeasureConfig(batches=batches, threads=[1], rounds=rounds, min_round_s=0.05, memory=False, agreement=False),
-    )
-    return {
-        str(res["batch"]): {
-            "a_ms": res["a"]["median_ms"],
-            "b_ms": res["b"]["median_ms"],
-            "speedup": res["speedup"]["median"],
-            "ci": [res["speedup"]["ci_low"], res["speedup"]["ci_high"]],
-        }
-        for res in r["results"]
-    }
 
 
 def variants(m, target: float, calib, *, with_data: bool):
@@ -62,6 +42,8 @@ def variants(m, target: float, calib, *, with_data: bool):
 
 
 def main() -> None:
+    from benchio import speedups, write
+
     import models
     from pipeline.calib import load_data
     from pipeline.cost import model_cost
@@ -122,7 +104,7 @@ def main() -> None:
                         "params": c.params,
                         "macs_ratio": c.macs / c0.macs,
                         "params_ratio": c.params / c0.params,
-                        "latency": latency(src, path, [1, 8], args.rounds),
+                        "latency": speedups(src, path, [1, 8], args.rounds),
                     }
                     if evalset is not None:
                         ev = evaluate(q, evalset, reference=m)
@@ -144,11 +126,7 @@ def main() -> None:
         "latency: ORT CPU, 1 thread, speed-up vs the original (median of interleaved rounds, 95% CI)",
         "rows": rows,
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    if args.markdown:
-        print(markdown(doc))
+    write(doc, args.output, markdown, args.markdown)
 
 
 def markdown(doc: dict) -> str:
@@ -169,7 +147,33 @@ def markdown(doc: dict) -> str:
             f"| {r['model']} | {r['variant']} | {r['target']:g} | {r['macs_ratio']:.1%} | "
             f"{r['params_ratio']:.1%} | {top1} | {agree} | {b1['speedup']:.2f}x | {b8['speedup']:.2f}x |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + recovery(doc))
+
+
+def recovery(doc: dict) -> list[str]:
+    """What fusion and lsq recover against plain pruning at the same MAC target (accuracy rows only)."""
+    acc = {(r["model"], r["variant"], r["target"]): r["top1"] for r in doc["rows"] if "top1" in r}
+    cases = sorted({(m, t) for m, v, t in acc if v == "prune"}, key=lambda c: (c[0], -c[1]))
+    if not cases:
+        return []
+    out = [
+        "",
+        "| model | MAC target | prune | prune+fuse (recovered) | prune+lsq (recovered) | decompose |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, t in cases:
+        base = acc[(model, "prune", t)]
+        cells = []
+        for variant in ("prune+fuse", "prune+lsq", "decompose"):
+            v = acc.get((model, variant, t))
+            if v is None:
+                cells.append("-")
+            elif variant == "decompose":
+                cells.append(f"{v:.2%}")
+            else:
+                cells.append(f"{v:.2%} ({(v - base) * 100:+.1f} pts)")
+        out.append(f"| {model} | {t:g} | {base:.2%} | " + " | ".join(cells) + " |")
+    return out
 
 
 if __name__ == "__main__":

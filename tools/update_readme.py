@@ -1,0 +1,69 @@
+"""Rewrite the README's benchmark tables from the committed JSON under ``benchmarks/``.
+
+Each table sits between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` and is exactly
+``tools/bench_NAME.py``'s ``markdown(json.load(benchmarks/NAME.json))``; ``<!-- report:NAME -->`` holds
+``carve report``'s rendering of ``benchmarks/NAME.json``. So the README can only show numbers that a committed
+benchmark run produced (``tests/test_readme.py`` checks it).
+
+    python tools/update_readme.py            # rewrite README.md in place
+    python tools/update_readme.py --check    # exit 1 when a table is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MARKER = re.compile(r"(<!-- (bench|report):(\w+) -->\n)(.*?)(<!-- /\2:\3 -->)", re.S)
+
+
+def table(name: str) -> str:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "tools" / f"bench_{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    doc = json.loads((REPO / "benchmarks" / f"{name}.json").read_text())
+    return module.markdown(doc).rstrip("\n") + "\n"
+
+
+def report(name: str) -> str:
+    """``carve report``'s Markdown of benchmarks/NAME.json, headings demoted to sit under a README section."""
+    sys.path.insert(0, str(REPO))
+    from pipeline.report import load_report, to_markdown
+
+    md = to_markdown(load_report(REPO / "benchmarks" / f"{name}.json")).rstrip("\n")
+    return "\n".join("###" + ln if ln.startswith("#") else ln for ln in md.splitlines()) + "\n"
+
+
+def render(text: str) -> str:
+    def section(m: re.Match) -> str:
+        body = table(m.group(3)) if m.group(2) == "bench" else report(m.group(3))
+        return m.group(1) + body + m.group(5)
+
+    return MARKER.sub(section, text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args()
+    readme = REPO / "README.md"
+    old = readme.read_text()
+    new = render(old)
+    if args.check:
+        if new != old:
+            print("README.md benchmark tables are stale: run python tools/update_readme.py", file=sys.stderr)
+            return 1
+        return 0
+    tmp = readme.with_suffix(".md.tmp")
+    tmp.write_text(new)
+    tmp.replace(readme)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
