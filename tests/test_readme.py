@@ -52,3 +52,46 @@ def test_the_tour_runs_as_written(tmp_path, monkeypatch):
         assert args[0] == "carve"
         assert main(args[1:]) == 0, line
     assert (tmp_path / "r20_q.onnx").exists() and (tmp_path / "out" / "lenet5_carved.onnx").exists()
+
+
+def test_benchmark_tables_are_the_committed_json():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("update_readme", REPO / "tools" / "update_readme.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    names = re.findall(r"<!-- (?:bench|report):(\w+) -->", README)
+    assert {"core", "backends", "criteria", "decompose", "example_report"} <= set(names)
+    assert module.render(README) == README, "run python tools/update_readme.py"
+
+
+def test_gpu_commands_say_what_is_missing(zoo_dir, tmp_path, monkeypatch, capsys):
+    from pipeline.backends import get
+
+    block = next(b for b in bash_blocks() if "--backend trt" in b[0])
+    for name in ("r20.onnx", "r20_p.onnx"):
+        (tmp_path / name).write_bytes((zoo_dir / "resnet20.onnx").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    for line in block:
+        args = shlex.split(line.split("  #")[0])
+        backend = args[args.index("--backend") + 1]
+        if get(backend).available()[0]:
+            continue  # a GPU machine runs it for real in the backend tests
+        assert main(args[1:]) == 1, line
+        err = capsys.readouterr().err
+        assert "error:" in err and ("TensorRT" in err or "CUDA" in err) and "Traceback" not in err
+
+
+def test_the_github_actions_job_uses_valid_carve_commands():
+    import yaml
+
+    from pipeline.cli import build_parser
+
+    job = yaml.safe_load(re.search(r"```yaml\n(.*?)```", README, re.S).group(1))
+    runs = [s["run"] for s in job["jobs"]["gate"]["steps"] if "run" in s]
+    carve = [shlex.split(r.split("  #")[0]) for r in runs if r.startswith("carve ")]
+    assert [c[1] for c in carve] == ["bench", "report", "gate"]
+    parser = build_parser()
+    for args in carve:
+        parser.parse_args(args[1:])  # argparse exits (SystemExit) on anything it does not know
+    assert "$GITHUB_STEP_SUMMARY" in runs[-1]
