@@ -149,3 +149,63 @@ def test_uniform_plans_are_exact_and_aligned(proto, ratio, round_to, criterion):
             kept = int((~p.removed[sl]).sum())
             assert kept >= 1
             assert kept == len(sl) or kept % round_to == 0
+
+
+# -- pass sequences ---------------------------------------------------------------------------------------------------
+
+EXACT_PASSES = {"fold_bn", "merge", "decompose_full"}
+
+
+def apply_pass(model, name: str, x: float, calib):
+    """One step of a random pipeline; ``x`` in [0.3, 1] parametrises it (energy or kept fraction)."""
+    from pipeline.passes import PassContext, get
+    from pipeline.pruning import PruneOptions, prune_model
+
+    ctx = PassContext(calib=calib)
+    if name == "fold_bn":
+        return get("fold_bn")(model, ctx).model
+    if name == "merge":
+        return get("merge", when="always")(model, ctx).model
+    if name == "decompose_full":
+        return get("decompose", energy=1.0, break_even=False)(model, ctx).model
+    if name == "decompose":
+        return get("decompose", energy=x)(model, ctx).model
+    fuse = {"prune": None, "prune_fuse": "exact", "prune_lsq": "lsq"}[name]
+    opts = PruneOptions(criterion="l1", ratio=1 - x, fuse=fuse, fuse_gate=0.5, verify=True)
+    return prune_model(model, opts, calib=calib if fuse == "lsq" else None)[0]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(
+    proto=cnn(),
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["fold_bn", "merge", "decompose", "decompose_full", "prune", "prune_fuse", "prune_lsq"]),
+            st.floats(0.3, 1.0),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_random_pass_sequences_stay_valid_and_shape_preserving(proto, steps):
+    import onnx
+
+    from pipeline.calib import Dataset, Preprocess
+    from pipeline.ortutil import random_feeds, run
+
+    model, _ = analyse_proto(proto)
+    rng = np.random.default_rng(0)
+    calib = Dataset(rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8), None, "random", Preprocess.for_model(model))
+    feeds = random_feeds(model, batch=2)
+    shapes = [o.shape for o in run(model, feeds)]
+    m = model
+    for name, x in steps:
+        before = run(m, feeds)
+        m = apply_pass(m, name, x, calib)
+        onnx.checker.check_model(m.proto, full_check=True)
+        after = run(m, feeds)
+        assert [o.shape for o in after] == shapes, f"{name} changed an output shape"
+        assert all(np.isfinite(o).all() for o in after), f"{name} produced non-finite outputs"
+        if name in EXACT_PASSES:
+            for a, b in zip(before, after, strict=True):
+                np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(a).max())))
