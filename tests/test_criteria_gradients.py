@@ -30,8 +30,8 @@ def conv1(an):
     return next(s for s in an.producers() if s.count == 6)
 
 
-@pytest.mark.parametrize("name", ["cep", "taylor"])
-def test_a_channel_whose_removal_cannot_change_the_loss_scores_zero(lenet, digits, name):
+@pytest.mark.parametrize("name,opts", [("cep", {}), ("taylor", {}), ("cep", {"variant": "delta"})])
+def test_a_channel_whose_removal_cannot_change_the_loss_scores_zero(lenet, digits, name, opts):
     m = lenet.copy()
     conv2 = next(n for n in m.graph.node if n.op_type == "Conv" and n.name != m.graph.node[0].name)
     w = m.array(conv2.input[1]).copy()
@@ -39,9 +39,9 @@ def test_a_channel_whose_removal_cannot_change_the_loss_scores_zero(lenet, digit
     m.set_array(conv2.input[1], w)
     an = P.analyse(m)
     src = conv1(an)
-    s = criteria.get(name)().element_scores(ScoreContext(an, calib=digits))[src.start : src.start + src.count]
+    s = criteria.get(name)(**opts).element_scores(ScoreContext(an, calib=digits))[src.start : src.start + src.count]
     assert s[4] == pytest.approx(0.0, abs=1e-12)
-    assert np.all(np.delete(s, 4) > 0)
+    assert np.all(np.delete(s, 4) != 0)  # taylor/cep are magnitudes (> 0); removing a used channel changes the loss
 
 
 def test_cep_hcep_keeps_the_top_of_every_layer(lenet, digits):
@@ -90,3 +90,32 @@ def test_two_four_pattern(lenet):
     groups = w.reshape(w.shape[0], -1, 4)
     assert ((groups == 0).sum(-1) >= 2).all()
     assert any("not a multiple of 4" in s for s in res.skipped)  # conv1 has 1 input channel
+
+
+def test_cep_delta_is_the_measured_loss_increase_of_removing_a_unit(lenet, digits):
+    """The delta score of a unit equals the loss of the model pruned of exactly that unit minus the original's."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.planning import Plan
+    from pipeline.torchrun import TorchGraph
+
+    an = P.analyse(lenet)
+    ctx = ScoreContext(an, calib=digits)
+    units = an.unit_scores(criteria.get("cep")(variant="delta", samples=None).element_scores(ctx))
+
+    def loss(model) -> float:
+        tg = TorchGraph(model).eval()
+        with torch.no_grad():
+            total = sum(
+                float(F.cross_entropy(tg(torch.from_numpy(x)), torch.from_numpy(y), reduction="sum"))
+                for x, y in digits.batches(64)
+            )
+        return total / len(digits)
+
+    base = loss(lenet)
+    for u in np.random.default_rng(0).choice(an.prunable_units(), 3, replace=False):
+        removed = np.zeros(an.n_units, dtype=bool)
+        removed[u] = True
+        pruned = P.prune(lenet, Plan(an, removed))
+        assert units[u] == pytest.approx(loss(pruned) - base, rel=1e-4, abs=1e-6)

@@ -11,12 +11,18 @@ whole set is close to zero, so averaging |g w| per mini-batch is what keeps the 
 
 * Structured (this criterion, for ``carve prune``): a channel scores S_o = sum_{w in group o} s_w; with ``hcep`` > 0 the
   top ``hcep`` fraction of channels of every layer score +inf and are never pruned (HCEP's keep-the-highest rule).
+* Gradient-free (``variant="delta"``, papers.md's exact variant): S_u = CE(model without unit u) - CE(model) on the
+  calibration data, measured unit by unit (the unit's consumer columns zeroed, which is exactly what pruning it does;
+  PyTorch runner, ``samples`` images). One forward pass over the sample per prunable unit: exact, and slow on big
+  models. HCEP applies per unit of every layer's producers as above.
 * Unstructured (``carve sparsify --criterion cep``, :func:`weight_mask`): within each group, weights with
   s_w < lambda * mean(s over the group) are zeroed, except the group's top ``hcep`` fraction; lambda is found by
   bisection for a target sparsity. Zeroed weights give no dense-kernel speed-up: carve reports sparsity, not latency.
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
 
 import numpy as np
 
@@ -32,17 +38,73 @@ def weight_scores(grads: Gradients, name: str, w: np.ndarray, variant: str) -> n
         return (grads.abs[name] * np.abs(w)).astype(np.float64)
     if variant == "fisher":
         return (0.5 * w.astype(np.float64) ** 2 * grads.sq[name]).astype(np.float64)
-    raise CarveError(f"cep: unknown variant {variant!r}; valid: taylor, fisher")
+    if variant == "delta":
+        raise CarveError("cep variant delta scores whole channels (carve prune); for weights use taylor or fisher")
+    raise CarveError(f"cep: unknown variant {variant!r}; valid: taylor, fisher, delta")
+
+
+def delta_loss(ctx: ScoreContext, samples: int | None) -> np.ndarray:
+    """Per unit: the cross-entropy increase on the calibration sample when the unit is removed (0 for frozen units)."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.torchrun import TorchGraph
+
+    an = ctx.analysis
+    data = ctx.calib.sample(samples, seed=ctx.seed) if samples else ctx.calib
+    tg = TorchGraph(ctx.model).eval()
+    batches = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in data.batches(64)]
+
+    def loss() -> float:
+        total = 0.0
+        with torch.no_grad():
+            for x, y in batches:
+                out = tg(x)
+                logits = out[0] if isinstance(out, tuple) else out
+                total += float(F.cross_entropy(logits.reshape(len(x), -1), y, reduction="sum"))
+        return total / len(data)
+
+    # where each unit is read: (parameter, axis, positions) of every consumer's input columns
+    reads: dict[int, list] = defaultdict(list)
+    for rec in an.slice_records:
+        if rec.role == "in" and rec.tensor in tg.param_of:
+            units = an.unit_of[rec.ids]
+            for u in np.unique(units):
+                reads[int(u)].append((tg.parameter(rec.tensor), rec.axis, torch.from_numpy(np.flatnonzero(units == u))))
+    base = loss()
+    scores = np.zeros(an.n_units)
+    with torch.no_grad():
+        for u, places in reads.items():
+            if an.unit_frozen[u]:
+                continue
+            saved = [(p, axis, idx, p.index_select(axis, idx).clone()) for p, axis, idx in places]
+            for p, axis, idx in places:
+                p.index_fill_(axis, idx, 0.0)
+            scores[u] = loss() - base
+            for p, axis, idx, old in saved:
+                p.index_copy_(axis, idx, old)
+    ctx.extra["cep_loss"] = base
+    return scores
 
 
 @criteria.register("cep")
 class CEP(Criterion):
     description = "cross-entropy error of each filter's weights, grouped thresholds + HCEP (Neural Comput. 2018)"
-    needs = frozenset({"weights", "gradients", "labels"})
-    options = {"variant": "taylor", "hcep": 0.0}
+    needs = frozenset({"weights", "gradients", "labels"})  # delta: labelled data and forward passes, no gradients
+    options = {"variant": "taylor", "hcep": 0.0, "samples": 256}
 
     def element_scores(self, ctx: ScoreContext) -> np.ndarray:
         an, model = ctx.analysis, ctx.model
+        if self.opts["variant"] == "delta":
+            # each element carries an equal share of its unit's measured loss increase (units sum them back)
+            units = delta_loss(ctx, self.opts["samples"])
+            if self.opts["hcep"] > 0:
+                for src in an.producers():
+                    mine = np.unique(an.unit_of[src.start : src.start + src.count])
+                    keep = max(1, int(np.ceil(self.opts["hcep"] * len(mine))))
+                    units[mine[np.argsort(-units[mine])[:keep]]] = np.inf
+            share = np.bincount(an.unit_of, minlength=an.n_units)
+            return units[an.unit_of] / share[an.unit_of]
         sources = list(an.producers())
         grads = weight_gradients(model, ctx.calib, names=sorted({s.weight for s in sources}))
         scores = np.full(an.n_elements, np.nan)
