@@ -37,10 +37,7 @@ def to_fp16(model: Model) -> onnx.ModelProto:
         if inp.name in init_names or inp.type.tensor_type.elem_type != TensorProto.FLOAT:
             continue
         cast = f"{inp.name}__fp16"
-        for n in g.node:
-            for i, name in enumerate(n.input):
-                if name == inp.name:
-                    n.input[i] = cast
+        _rename(g.node, inp.name, cast, outputs=False)
         new_nodes.append(
             helper.make_node("Cast", [inp.name], [cast], name=f"{inp.name}__to_fp16", to=TensorProto.FLOAT16)
         )
@@ -49,16 +46,20 @@ def to_fp16(model: Model) -> onnx.ModelProto:
         if out.type.tensor_type.elem_type != TensorProto.FLOAT:
             continue
         inner = f"{out.name}__fp16"
-        for n in g.node:
-            for i, name in enumerate(n.output):
-                if name == out.name:
-                    n.output[i] = inner
-            for i, name in enumerate(n.input):
-                if name == out.name:
-                    n.input[i] = inner
+        _rename(g.node, out.name, inner, outputs=True)
         tail.append(helper.make_node("Cast", [inner], [out.name], name=f"{out.name}__to_fp32", to=TensorProto.FLOAT))
     nodes = new_nodes + list(g.node) + tail
     del g.node[:]
     g.node.extend(nodes)
     del g.value_info[:]
     return proto
+
+
+def _rename(nodes, old: str, new: str, *, outputs: bool) -> None:
+    """Point every use of tensor ``old`` (and its producer, when ``outputs``) at ``new``."""
+    for n in nodes:
+        fields = (n.input, n.output) if outputs else (n.input,)
+        for names in fields:
+            for i, name in enumerate(names):
+                if name == old:
+                    names[i] = new

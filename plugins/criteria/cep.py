@@ -69,14 +69,12 @@ def delta_loss(ctx: ScoreContext, samples: int | None) -> np.ndarray:
     for rec in an.slice_records:
         if rec.role == "in" and rec.tensor in tg.param_of:
             units = an.unit_of[rec.ids]
-            for u in np.unique(units):
+            for u in np.unique(units[~an.unit_frozen[units]]):
                 reads[int(u)].append((tg.parameter(rec.tensor), rec.axis, torch.from_numpy(np.flatnonzero(units == u))))
     base = loss()
     scores = np.zeros(an.n_units)
     with torch.no_grad():
         for u, places in reads.items():
-            if an.unit_frozen[u]:
-                continue
             saved = [(p, axis, idx, p.index_select(axis, idx).clone()) for p, axis, idx in places]
             for p, axis, idx in places:
                 p.index_fill_(axis, idx, 0.0)
