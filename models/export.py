@@ -63,8 +63,8 @@ def export(
     input_size: int | None = None,
     exporter: str = "torchscript",
 ) -> ExportInfo:
-    from pipeline import __version__
     from pipeline.graph import check_output_path, save
+    from pipeline.version import __version__
 
     path = check_output_path(path)
     spec = get_spec(name)

@@ -13,29 +13,33 @@ The Python API mirrors the command line::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
 
-from .errors import CarveError  # noqa: E402
-from .graph import Model, load, save  # noqa: E402
+from pipeline.errors import CarveError
+from pipeline.graph import Model, load, save
+from pipeline.version import __version__
+
+# name -> (module, attribute): imported on first use, so `import pipeline` stays cheap
+_LAZY = {
+    "analyse": ("pipeline.graph.channels", "analyse"),
+    "analyze": ("pipeline.graph.channels", "analyse"),
+    "ChannelAnalysis": ("pipeline.graph.channels", "ChannelAnalysis"),
+    "plan": ("pipeline.pruning.planner", "plan"),
+    "Plan": ("pipeline.graph.plan", "Plan"),
+    "prune": ("pipeline.graph.surgery", "prune"),
+    "prune_model": ("pipeline.pruning.prune", "prune_model"),
+    "PruneOptions": ("pipeline.pruning.prune", "PruneOptions"),
+    "model_cost": ("pipeline.graph.cost", "model_cost"),
+    "load_data": ("pipeline.data.datasets", "load_data"),
+}
 
 
 def __getattr__(name: str):
-    # The analysis and surgery modules are imported on first use.
-    if name in ("analyse", "analyze", "ChannelAnalysis"):
-        from . import channels
-
-        return {"analyse": channels.analyse, "analyze": channels.analyse, "ChannelAnalysis": channels.ChannelAnalysis}[
-            name
-        ]
-    if name in ("plan", "Plan"):
-        from . import planning
-
-        return getattr(planning, name)
-    if name == "prune":
-        from .surgery import prune
-
-        return prune
-    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}") from None
+    return getattr(importlib.import_module(module), attr)
 
 
-__all__ = ["__version__", "CarveError", "Model", "load", "save", "analyse", "analyze", "plan", "Plan", "prune"]
+__all__ = ["__version__", "CarveError", "Model", "load", "save", *_LAZY]

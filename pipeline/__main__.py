@@ -2,7 +2,7 @@
 
 import sys
 
-from .cli import main
+from pipeline.cli import main
 
 if __name__ == "__main__":  # spawned worker processes (carve bench --isolate) import this module too
     sys.exit(main())

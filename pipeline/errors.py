@@ -26,3 +26,9 @@ class UnsupportedModelError(CarveError):
 
 class MissingDependencyError(CarveError):
     """An optional dependency (torchvision, TensorRT, a GPU) is not available."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (for one-line user errors that quote a library's complaint)."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -24,16 +24,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .errors import CarveError
-from .graph import Model, check, save
-from .registry import Registry
+from pipeline.errors import CarveError
+from pipeline.graph import Model, check, save
+from pipeline.registry import Registry
 
 passes: Registry[type[Pass]] = Registry("pass", entry_point_group="carve.passes", builtin_modules=["plugins.passes"])
 
 
 @dataclass
 class PassContext:
-    calib: Any = None  # a pipeline.calib.Dataset
+    calib: Any = None  # a pipeline.data.datasets.Dataset
     seed: int = 0
     command: str | None = None
     progress: Callable[[str], None] | None = None
@@ -98,7 +98,7 @@ class Instrument:
 
 def output_error(a: Model, b: Model, feeds: dict[str, np.ndarray]) -> dict[str, float]:
     """Max |diff|, the same relative to the output scale, and cosine similarity of the first outputs."""
-    from .ortutil import run
+    from pipeline.runtime.ort import run
 
     x, y = run(a, feeds)[0].astype(np.float64), run(b, feeds)[0].astype(np.float64)
     diff = float(np.abs(x - y).max(initial=0))
@@ -116,7 +116,7 @@ class NumericCheck(Instrument):
     def after(self, p: Pass, model: Model, result: PassResult, ctx: PassContext) -> None:
         if not result.changed:
             return
-        from .ortutil import random_feeds
+        from pipeline.runtime.ort import random_feeds
 
         feeds = random_feeds(model, batch=self.batch, seed=ctx.seed)
         if ctx.calib is not None and not p.exact:
@@ -180,6 +180,6 @@ def get(name: str, **options: Any) -> Pass:
 
 
 def record_pass(model: Model, p: Pass, result: PassResult, command: str | None) -> None:
-    from .surgery import record
+    from pipeline.graph.history import record
 
     record(model, p.name, {**result.summary, "details": result.details[:200]}, command=command)

@@ -18,9 +18,9 @@ import contextlib
 import importlib
 from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
-from .errors import CarveError
+from pipeline.errors import CarveError
 
 T = TypeVar("T")
 
@@ -82,3 +82,20 @@ class Registry(Generic[T]):
     def __contains__(self, name: Any) -> bool:
         self._load()
         return name in self._items
+
+
+class Plugin:
+    """Base of plugins configured by keyword options (criteria, repairs): ``options`` lists the accepted ones with
+    their defaults; an unknown option is a user error naming the valid ones. ``self.opts`` holds the merged values."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "plugin"
+    description: ClassVar[str] = ""
+    options: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        unknown = set(options) - set(self.options)
+        if unknown:
+            valid = ", ".join(sorted(self.options)) or "none"
+            raise CarveError(f"{self.kind} {self.name!r} has no option {sorted(unknown)[0]!r}; its options: {valid}")
+        self.opts = {**self.options, **options}

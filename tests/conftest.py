@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.shared import missing_reason, shared_file
+from pipeline.data.shared import missing_reason, shared_file
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -7,9 +7,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import pipeline as P
-from pipeline import ortutil
-from pipeline.planning import Plan
-from pipeline.surgery import prune, zero_removed
+from pipeline.graph.plan import Plan
+from pipeline.graph.surgery import prune, zero_removed
+from pipeline.runtime import ort as ortutil
 
 
 class G:

@@ -8,10 +8,10 @@ import onnx
 import pytest
 
 import pipeline as P
-from pipeline.backends import EngineConfig, backends, build, get
-from pipeline.backends.trt import build_plan, engine_key
 from pipeline.errors import CarveError, MissingDependencyError
-from pipeline.ortutil import random_feeds, run
+from pipeline.measure.backends import EngineConfig, backends, build, get
+from pipeline.measure.backends.trt import build_plan, engine_key
+from pipeline.runtime.ort import random_feeds, run
 
 
 @pytest.mark.parametrize("optimization", ["disable", "basic", "extended", "all"])
@@ -112,8 +112,8 @@ def test_fp16_graph_keeps_fp32_io_and_computes_in_fp16(zoo_dir):
     import torch
 
     from pipeline.graph import from_proto
-    from pipeline.precision import to_fp16
-    from pipeline.torchrun import TorchGraph
+    from pipeline.graph.precision import to_fp16
+    from pipeline.runtime.torch_graph import TorchGraph
 
     for name in ("resnet20", "unet", "mobilenet_v3_small"):
         m = P.load(zoo_dir / f"{name}.onnx")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from graphs import G, analyse_proto, assert_exact, manual_plan, random_removal
 
-from pipeline.channels import Kind
 from pipeline.errors import UnsupportedModelError
+from pipeline.graph.channels import Kind
 
 
 def prune_randomly(model, analysis, seeds=(0, 1, 2), p=0.5):

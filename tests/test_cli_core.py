@@ -15,9 +15,9 @@ import onnx
 import pytest
 from graphs import G
 
-from pipeline import ortutil
 from pipeline.cli import main
 from pipeline.graph import save
+from pipeline.runtime import ort as ortutil
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from graphs import G, analyse_proto
 
-from pipeline.activations import activation_tensor
-from pipeline.calib import ChannelMoments, Dataset, Preprocess, capture, load_data
-from pipeline.criteria import ScoreContext, criteria
+from pipeline.data.activations import activation_tensor
+from pipeline.data.capture import ChannelMoments, capture
+from pipeline.data.datasets import Dataset, Preprocess, load_data
 from pipeline.errors import CarveError
-from pipeline.planning import plan
+from pipeline.pruning.criterion import ScoreContext, criteria
+from pipeline.pruning.planner import plan
 from plugins.criteria.aura import aura_entropy, mutual_information, quantile_edges, quantise
 
 
@@ -95,15 +96,15 @@ def test_capture_reduces_on_the_fly_and_matches_numpy():
     data = load_data("digits", preprocess=Preprocess(size=(8, 8), channels=1), samples=200)
     moments = ChannelMoments()
     capture(model, [t], data, moments, batch_size=16)
-    from pipeline.calib import with_outputs
-    from pipeline.ortutil import session
+    from pipeline.data.capture import with_outputs
+    from pipeline.runtime.ort import session
 
     sess = session(with_outputs(model, [t]))
     x, _ = data.arrays()
     full = sess.run([t], {"x": x})[0]
     np.testing.assert_allclose(moments.mean(t), full.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(moments.var(t), full.var(axis=(0, 2, 3)), rtol=1e-4, atol=1e-6)
-    assert moments.sum[t].shape == (8,)  # the statistic's size, not the data's
+    assert moments.means[t].shape == (8,)  # the statistic's size, not the data's
 
 
 def test_dataset_sampling_is_seeded_and_balanced():

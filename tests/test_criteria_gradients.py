@@ -7,11 +7,11 @@ import pytest
 
 import models
 import pipeline as P
-from pipeline.calib import load_data
-from pipeline.criteria import ScoreContext, criteria
+from pipeline.data.datasets import load_data
 from pipeline.errors import CarveError
 from pipeline.graph import load
-from pipeline.sparsify import sparsify
+from pipeline.pruning.criterion import ScoreContext, criteria
+from plugins.passes.sparsify import sparsify
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_loss_criteria_need_labels(lenet):
 
 
 def test_cep_plan_prunes_and_keeps_accuracy_reasonable(lenet, digits):
-    from pipeline.evaluate import evaluate
+    from pipeline.measure.evaluate import evaluate
 
     an = P.analyse(lenet)
     test = load_data("digits:test", model=lenet)
@@ -97,8 +97,8 @@ def test_cep_delta_is_the_measured_loss_increase_of_removing_a_unit(lenet, digit
     import torch
     import torch.nn.functional as F
 
-    from pipeline.planning import Plan
-    from pipeline.torchrun import TorchGraph
+    from pipeline.graph.plan import Plan
+    from pipeline.runtime.torch_graph import TorchGraph
 
     an = P.analyse(lenet)
     ctx = ScoreContext(an, calib=digits)

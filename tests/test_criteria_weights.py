@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from graphs import G, analyse_proto
 
-from pipeline.criteria import ScoreContext, criteria, folded_filters
 from pipeline.errors import CarveError
-from pipeline.planning import plan
+from pipeline.graph.bn import folded_filters
+from pipeline.pruning.criterion import ScoreContext, criteria
+from pipeline.pruning.planner import plan
 from plugins.criteria.apbm import entropy, kl_importance, similarity_distributions
 from plugins.criteria.simfp import kernel_dispersion, redundancy_scores
 

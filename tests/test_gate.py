@@ -9,8 +9,9 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import CarveError
-from pipeline.gate import DEFAULT_MAX_SLOWDOWN, evaluate
-from pipeline.measure import MeasureConfig, compare
+from pipeline.measure.compare import compare
+from pipeline.measure.config import MeasureConfig
+from pipeline.measure.gate import DEFAULT_MAX_SLOWDOWN, evaluate
 
 QUICK = MeasureConfig(rounds=8, min_round_s=0.01, warmup_s=0.05, memory=False, agreement=False)
 

@@ -10,9 +10,9 @@ import pytest
 from graphs import G
 
 import pipeline as P
-from pipeline import ortutil
 from pipeline.errors import CarveError
 from pipeline.graph import from_proto, load, save
+from pipeline.runtime import ort as ortutil
 
 
 def digest(path) -> str:

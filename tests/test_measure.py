@@ -7,9 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.measure import MeasureConfig, bootstrap_median_ci, compare, latency_stats
-from pipeline.memory import measure_in_fresh_process
-from pipeline.report import load_report, merge, plots, to_markdown
+from pipeline.measure.compare import compare
+from pipeline.measure.config import MeasureConfig
+from pipeline.measure.memory import measure_in_fresh_process
+from pipeline.measure.report import load_report, merge, plots, to_markdown
+from pipeline.measure.stats import bootstrap_median_ci, latency_stats
 
 FAST = dict(rounds=6, min_round_s=0.01, warmup_s=0.05)
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from graphs import G, analyse_proto
 
-from pipeline.criteria import ScoreContext, criteria
 from pipeline.errors import CarveError
-from pipeline.planning import kept_width, plan
+from pipeline.pruning.allocator import kept_width
+from pipeline.pruning.criterion import ScoreContext, criteria
+from pipeline.pruning.planner import plan
 
 
 @pytest.mark.parametrize(
@@ -109,7 +110,7 @@ def test_bad_ratio():
 @pytest.mark.parametrize("target", [0.75, 0.5, 0.35])
 def test_target_macs_is_met_and_tight(tiny_resnet_onnx, target):
     import pipeline as P
-    from pipeline.cost import model_cost
+    from pipeline.graph.cost import model_cost
 
     m = P.load(tiny_resnet_onnx)
     an = P.analyse(m)
@@ -124,7 +125,7 @@ def test_target_macs_is_met_and_tight(tiny_resnet_onnx, target):
 
 def test_target_params_and_unreachable_target(tiny_resnet_onnx):
     import pipeline as P
-    from pipeline.cost import model_cost
+    from pipeline.graph.cost import model_cost
 
     m = P.load(tiny_resnet_onnx)
     an = P.analyse(m)
@@ -136,7 +137,7 @@ def test_target_params_and_unreachable_target(tiny_resnet_onnx):
 
 def test_cost_model_predicts_surgery_exactly(tiny_resnet_onnx):
     import pipeline as P
-    from pipeline.cost import CostModel, model_cost
+    from pipeline.graph.cost import CostModel, model_cost
 
     m = P.load(tiny_resnet_onnx)
     an = P.analyse(m)
@@ -163,7 +164,7 @@ def test_coarse_alignment_does_not_overshoot_the_target(zoo_dir, target):
 
 
 def test_precomputed_scores_give_the_same_plan_and_are_checked():
-    from pipeline.planning import score_units
+    from pipeline.pruning.planner import score_units
 
     model, an = chain((8, 16))
     scores = score_units(an, "l2")

@@ -8,7 +8,7 @@ from graphs import G, analyse_proto, assert_exact, manual_plan, random_removal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.planning import plan
+from pipeline.pruning.planner import plan
 
 BLOCKS = [
     "conv",
@@ -159,7 +159,7 @@ EXACT_PASSES = {"fold_bn", "merge", "decompose_full"}
 def apply_pass(model, name: str, x: float, calib):
     """One step of a random pipeline; ``x`` in [0.3, 1] parametrises it (energy or kept fraction)."""
     from pipeline.passes import PassContext, get
-    from pipeline.pruning import PruneOptions, prune_model
+    from pipeline.pruning.prune import PruneOptions, prune_model
 
     ctx = PassContext(calib=calib)
     if name == "fold_bn":
@@ -190,8 +190,8 @@ def apply_pass(model, name: str, x: float, calib):
 def test_random_pass_sequences_stay_valid_and_shape_preserving(proto, steps):
     import onnx
 
-    from pipeline.calib import Dataset, Preprocess
-    from pipeline.ortutil import random_feeds, run
+    from pipeline.data.datasets import Dataset, Preprocess
+    from pipeline.runtime.ort import random_feeds, run
 
     model, _ = analyse_proto(proto)
     rng = np.random.default_rng(0)

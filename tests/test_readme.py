@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO
 
 from pipeline.cli import main
-from pipeline.shared import shared_dir
+from pipeline.data.shared import shared_dir
 
 README = (REPO / "README.md").read_text()
 
@@ -66,7 +66,7 @@ def test_benchmark_tables_are_the_committed_json():
 
 
 def test_gpu_commands_say_what_is_missing(zoo_dir, tmp_path, monkeypatch, capsys):
-    from pipeline.backends import get
+    from pipeline.measure.backends import get
 
     block = next(b for b in bash_blocks() if "--backend trt" in b[0])
     for name in ("r20.onnx", "r20_p.onnx"):

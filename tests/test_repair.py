@@ -7,14 +7,25 @@ import numpy as np
 from graphs import G
 
 import pipeline as P
-from pipeline import ortutil
-from pipeline.calib import Preprocess, load_data
+from pipeline.data.datasets import Preprocess, load_data
 from pipeline.graph import from_proto
-from pipeline.planning import Plan
-from pipeline.rewrite import ensure_biases
-from pipeline.surgery import prune, zero_removed
-from plugins.passes.fuse import fuse_exact
-from plugins.passes.reconstruct import reconstruct
+from pipeline.graph.plan import Plan
+from pipeline.graph.rewrite import ensure_biases
+from pipeline.graph.surgery import prune, zero_removed
+from pipeline.pruning.repair import repairs
+from pipeline.runtime import ort as ortutil
+
+
+def repair(name: str, model, plan, data, working=None, **options):
+    """Run a registered repair as the prune flow does: on the working model (removed columns zeroed)."""
+    working = working if working is not None else zero_removed(model, plan)
+    result = repairs.get(name)(**options).apply(model, plan, working, data)
+    return result.model, result.details, result.stats
+
+
+def fuse(model, plan, **options):
+    work, details, stats = repair("exact", model, plan, None, **options)
+    return work, details, stats["fused_channels"]
 
 
 def multiple_filter_model(act: str = "Relu", bn: bool = True):
@@ -50,7 +61,7 @@ def test_exact_fusion_of_a_positive_multiple_is_exact():
     model, an = multiple_filter_model()
     w_name = model.graph.node[0].input[1]
     plan = remove_channel(an, w_name, 6)
-    fused, details, n = fuse_exact(model, plan)
+    fused, details, n = fuse(model, plan)
     assert n == 1 and "channel 6 fused into channel 2" in details[0]
     pruned = prune(fused, plan)
     feeds = ortutil.random_feeds(model, batch=2)
@@ -63,7 +74,7 @@ def test_exact_fusion_of_a_positive_multiple_is_exact():
 def test_fusion_refuses_non_homogeneous_activations():
     model, an = multiple_filter_model(act="Sigmoid")
     plan = remove_channel(an, model.graph.node[0].input[1], 6)
-    _, _, n = fuse_exact(model, plan)
+    _, _, n = fuse(model, plan)
     assert n == 0
 
 
@@ -74,8 +85,8 @@ def test_fusion_gate():
     w[6] += 0.05 * np.random.default_rng(1).standard_normal(w[6].shape).astype(np.float32)
     model.set_array(w_name, w)
     plan = remove_channel(an, w_name, 6)
-    assert fuse_exact(model, plan, gate=1e-3)[2] == 0
-    assert fuse_exact(model, plan, gate=0.5)[2] == 1
+    assert fuse(model, plan, gate=1e-3)[2] == 0
+    assert fuse(model, plan, gate=0.5)[2] == 1
 
 
 def pruned_setup(tiny_resnet_onnx):
@@ -89,7 +100,7 @@ def pruned_setup(tiny_resnet_onnx):
 
 def test_lsq_never_increases_the_calibration_error(tiny_resnet_onnx):
     m, plan, data = pruned_setup(tiny_resnet_onnx)
-    work, details, stats = reconstruct(m, plan, data, method="lsq", ridge=1e-9)
+    work, details, stats = repair("lsq", m, plan, data, ridge=1e-9)
     assert details and stats["errors"]
     for node, (plain, refit) in stats["errors"].items():
         assert refit <= plain + 1e-6 * abs(plain), node
@@ -103,12 +114,12 @@ def test_lsq_never_increases_the_calibration_error(tiny_resnet_onnx):
 
 def test_bias_correction_and_bn_reestimation(tiny_resnet_onnx):
     m, plan, data = pruned_setup(tiny_resnet_onnx)
-    work, details, _ = reconstruct(m, plan, data, method="bias")
+    work, details, _ = repair("bias", m, plan, data)
     assert any("bias corrected" in d for d in details)
-    work, details, _ = reconstruct(m, plan, data, method="bn")
+    work, details, _ = repair("bn", m, plan, data)
     bn = next(n for n in work.graph.node if n.op_type == "BatchNormalization")
-    from pipeline.calib import with_outputs
-    from pipeline.ortutil import session
+    from pipeline.data.capture import with_outputs
+    from pipeline.runtime.ort import session
 
     x, _ = data.arrays()
     # the first BN's input does not depend on any other BN: its statistics are those of the data
@@ -117,7 +128,7 @@ def test_bias_correction_and_bn_reestimation(tiny_resnet_onnx):
     np.testing.assert_allclose(work.array(bn.input[4]), v.var(axis=(0, 2, 3)), rtol=1e-3, atol=1e-5)
 
 
-def test_reconstruct_requires_biases(tiny_resnet_onnx):
+def test_lsq_requires_biases(tiny_resnet_onnx):
     import pytest
 
     from pipeline.errors import CarveError
@@ -127,4 +138,4 @@ def test_reconstruct_requires_biases(tiny_resnet_onnx):
     plan = P.plan(an, ratio=0.5)
     data = load_data("digits", preprocess=Preprocess(size=(16, 16), channels=3), samples=32)
     with pytest.raises(CarveError, match="ensure_biases"):
-        reconstruct(m, plan, data, method="lsq")
+        repair("lsq", m, plan, data)

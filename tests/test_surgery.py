@@ -9,10 +9,10 @@ import pytest
 from graphs import G, analyse_proto, assert_exact
 
 import pipeline as P
-from pipeline import ortutil
 from pipeline.errors import CarveError
 from pipeline.graph import check
-from pipeline.planning import Plan
+from pipeline.graph.plan import Plan
+from pipeline.runtime import ort as ortutil
 
 
 def test_ratio_zero_is_the_identity_bit_for_bit(tiny_resnet_onnx):

@@ -10,10 +10,10 @@ from graphs import G
 
 import models
 import pipeline as P
-from pipeline import ortutil
 from pipeline.errors import CarveError
 from pipeline.graph import from_proto
-from pipeline.torchrun import TorchGraph
+from pipeline.runtime import ort as ortutil
+from pipeline.runtime.torch_graph import TorchGraph
 
 
 def compare(model, batch=2, seed=0, rtol=1e-4):

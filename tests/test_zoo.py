@@ -14,9 +14,9 @@ import torch
 from conftest import REPO, zoo_input_size
 
 import models
-from pipeline import ortutil
 from pipeline.cli import main
 from pipeline.errors import CarveError, MissingDependencyError
+from pipeline.runtime import ort as ortutil
 
 NAMES = models.available()
 
@@ -82,7 +82,8 @@ def test_option_a_shortcut_exports_a_channel_pad(zoo_dir):
 
 @pytest.mark.shared
 def test_trained_resnet20_on_cifar(resnet20_weights, cifar_test, zoo_dir):
-    from pipeline.calib import load_data, predict
+    from pipeline.data.capture import predict
+    from pipeline.data.datasets import load_data
     from pipeline.graph import load
 
     m = load(zoo_dir / "resnet20.onnx")
@@ -152,8 +153,8 @@ def test_export_cli_subprocess(tmp_path):
 
 def test_dynamo_exporter(tmp_path):
     pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
-    from pipeline.channels import analyse
     from pipeline.graph import load
+    from pipeline.graph.channels import analyse
 
     info = models.export("mobilenet_v3_small", tmp_path / "d.onnx", exporter="dynamo", input_size=64)
     assert info.opset >= 18

@@ -8,7 +8,7 @@ from graphs import assert_exact
 
 import models
 import pipeline as P
-from pipeline.overview import overview
+from pipeline.graph.overview import overview
 
 
 @pytest.mark.parametrize("name", models.available())

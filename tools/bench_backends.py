@@ -31,7 +31,8 @@ def prune_copy(src: Path, dst: Path, ratio: float, round_to: int) -> None:
 
 
 def measure(a: Path, b: Path, args, batches: list[int], threads: list[int]) -> dict:
-    from pipeline.measure import MeasureConfig, compare
+    from pipeline.measure.compare import compare
+    from pipeline.measure.config import MeasureConfig
 
     cfg = MeasureConfig(
         backend=args.backend,
@@ -79,7 +80,7 @@ def main() -> None:
     from benchio import write
 
     import models as zoo
-    from pipeline.measure import environment
+    from pipeline.measure.environment import environment
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*")

@@ -27,11 +27,11 @@ def main() -> None:
 
     import models
     from pipeline import analyse, load, prune
-    from pipeline.calib import load_data
-    from pipeline.evaluate import evaluate
-    from pipeline.measure import environment
-    from pipeline.planning import plan, score_units
-    from pipeline.shared import shared_file
+    from pipeline.data.datasets import load_data
+    from pipeline.data.shared import shared_file
+    from pipeline.measure.environment import environment
+    from pipeline.measure.evaluate import evaluate
+    from pipeline.pruning.planner import plan, score_units
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", nargs="*", type=float, default=[0.75, 0.5])

@@ -29,7 +29,7 @@ def rss(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
-import pipeline, pipeline.channels, pipeline.surgery, pipeline.planning, plugins.criteria, plugins.allocators
+import pipeline, pipeline.graph.channels, pipeline.graph.surgery, pipeline.pruning.planner, plugins.criteria, plugins.allocators
 from pipeline import load, analyse, plan, prune, save
 base = rss("VmRSS:")
 t = [time.perf_counter()]
@@ -65,8 +65,8 @@ def environment() -> dict:
 
 def run(models: list[str], repeat: int) -> dict:
     import models as zoo
-    from pipeline.cost import model_cost
     from pipeline.graph import load
+    from pipeline.graph.cost import model_cost
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

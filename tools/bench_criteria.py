@@ -55,9 +55,9 @@ def run_model(
     from benchio import speedups
 
     from pipeline import analyse, load, prune, save
-    from pipeline.cost import model_cost
-    from pipeline.evaluate import evaluate
-    from pipeline.planning import plan, score_units
+    from pipeline.graph.cost import model_cost
+    from pipeline.measure.evaluate import evaluate
+    from pipeline.pruning.planner import plan, score_units
 
     m = load(model_path)
     base = evaluate(m, evalset)
@@ -115,10 +115,10 @@ def run_model(
 
 def lenet_tables(tmp: Path, targets) -> dict:
     import models
-    from pipeline.calib import load_data
-    from pipeline.evaluate import evaluate
+    from pipeline.data.datasets import load_data
     from pipeline.graph import load
-    from pipeline.sparsify import sparsify
+    from pipeline.measure.evaluate import evaluate
+    from plugins.passes.sparsify import sparsify
 
     path = tmp / "lenet5.onnx"
     models.export("lenet5", path)
@@ -154,10 +154,10 @@ def main() -> None:
     from benchio import write
 
     import models
-    from pipeline.calib import load_data
+    from pipeline.data.datasets import load_data
+    from pipeline.data.shared import missing_reason, shared_file
     from pipeline.graph import load
-    from pipeline.measure import environment
-    from pipeline.shared import missing_reason, shared_file
+    from pipeline.measure.environment import environment
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet56")

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 def variants(m, target: float, calib, *, with_data: bool):
     """(name, model) for every variant at one MAC target."""
     from pipeline.passes import PassContext, get
-    from pipeline.pruning import PruneOptions, prune_model
+    from pipeline.pruning.prune import PruneOptions, prune_model
 
     ctx = PassContext(calib=calib if with_data else None)
     d = get("decompose", target_macs=target, round_to=8 if target > 0.4 else 4)(m, ctx).model
@@ -45,12 +45,12 @@ def main() -> None:
     from benchio import speedups, write
 
     import models
-    from pipeline.calib import load_data
-    from pipeline.cost import model_cost
-    from pipeline.evaluate import evaluate
+    from pipeline.data.datasets import load_data
+    from pipeline.data.shared import shared_file
     from pipeline.graph import load, save
-    from pipeline.measure import environment
-    from pipeline.shared import shared_file
+    from pipeline.graph.cost import model_cost
+    from pipeline.measure.environment import environment
+    from pipeline.measure.evaluate import evaluate
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", nargs="*", type=float, default=[0.75, 0.5, 0.35])

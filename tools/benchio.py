@@ -13,7 +13,8 @@ from pathlib import Path
 
 def speedups(a: Path, b: Path, batches: list[int], rounds: int) -> dict[str, dict]:
     """Per batch size: both medians and B's speed-up over A with its 95% CI (interleaved rounds, 1 thread)."""
-    from pipeline.measure import MeasureConfig, compare
+    from pipeline.measure.compare import compare
+    from pipeline.measure.config import MeasureConfig
 
     config = MeasureConfig(batches=batches, threads=[1], rounds=rounds, min_round_s=0.05, memory=False, agreement=False)
     return {

@@ -17,11 +17,11 @@ import importlib
 import pkgutil
 import sys
 
-from ..errors import CarveError
+from pipeline.errors import CarveError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from pipeline.version import __version__
 
     parser = argparse.ArgumentParser(
         prog="carve",

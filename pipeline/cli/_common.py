@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from ..errors import CarveError
+from pipeline.errors import CarveError
 
 
 def command_line() -> str:
@@ -112,7 +112,7 @@ def load_calib(args: argparse.Namespace, model, *, required: bool | str):
     """The calibration Dataset the arguments name (None when not given and not required).
 
     ``required`` may be a string saying who needs the data; it goes into the error message."""
-    from ..calib import Preprocess, load_data
+    from pipeline.data.datasets import Preprocess, load_data
 
     if args.calib is None:
         if required:
@@ -137,8 +137,8 @@ def run_pass(args: argparse.Namespace, passes: list, *, model=None, calib=None) 
     """Run passes on ``args.model``, print their decisions and error, record them in the metadata, save atomically."""
     import json
 
-    from ..graph import check_output_path, load, save
-    from ..passes import NumericCheck, PassContext, PassManager, record_pass
+    from pipeline.graph import check_output_path, load, save
+    from pipeline.passes import NumericCheck, PassContext, PassManager, record_pass
 
     check_output_path(args.output, args.model)
     model = model if model is not None else load(args.model)
@@ -164,7 +164,7 @@ def run_pass(args: argparse.Namespace, passes: list, *, model=None, calib=None) 
     if getattr(args, "json", False):
         print(json.dumps(summary, indent=1))
         return 0
-    from ..cost import model_cost
+    from pipeline.graph.cost import model_cost
 
     c0, c1 = model_cost(model), model_cost(final)
     for p, r in zip(passes, results):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import int_list, positive_int
+from pipeline.cli._common import int_list, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,11 +45,12 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from ..backends import get
-    from ..graph import atomic_write, check_output_path
-    from ..measure import MeasureConfig, compare
-    from ..report import render_agreement, render_results
-    from ._common import command_line, console
+    from pipeline.cli._common import command_line, console
+    from pipeline.graph import atomic_write, check_output_path
+    from pipeline.measure.backends import get
+    from pipeline.measure.compare import compare
+    from pipeline.measure.config import MeasureConfig
+    from pipeline.measure.report import render_agreement, render_results
 
     if args.output:
         check_output_path(args.output, args.a, args.b)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_calib_args, fraction_keep, positive_int
+from pipeline.cli._common import add_calib_args, fraction_keep, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,10 +39,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import load
-    from ..graph import check_output_path
-    from ..passes import get
-    from ._common import load_calib, run_pass
+    from pipeline import load
+    from pipeline.cli._common import load_calib, run_pass
+    from pipeline.graph import check_output_path
+    from pipeline.passes import get
 
     p = get(
         "decompose",

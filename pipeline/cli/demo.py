@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import fraction
+from pipeline.cli._common import fraction
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,15 +29,14 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     import models
-
-    from ..calib import load_data
-    from ..channels import analyse
-    from ..cost import model_cost
-    from ..evaluate import evaluate
-    from ..graph import atomic_write, load, save
-    from ..overview import overview
-    from ..pruning import PruneOptions, prune_model
-    from ._common import command_line, console
+    from pipeline.cli._common import command_line, console
+    from pipeline.data.datasets import load_data
+    from pipeline.graph import atomic_write, load, save
+    from pipeline.graph.channels import analyse
+    from pipeline.graph.cost import model_cost
+    from pipeline.graph.overview import overview
+    from pipeline.measure.evaluate import evaluate
+    from pipeline.pruning.prune import PruneOptions, prune_model
 
     con = console()
     out = Path(args.out_dir)
@@ -127,7 +126,7 @@ def _timing(original, others: dict) -> dict:
 
     import numpy as np
 
-    from ..ortutil import random_feeds, session
+    from pipeline.runtime.ort import random_feeds, session
 
     sessions = {"original": session(original), **{k: session(m) for k, m in others.items()}}
     feeds = random_feeds(original, batch=1)

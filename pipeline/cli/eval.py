@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import positive_int
+from pipeline.cli._common import positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,11 +22,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import load
-    from ..calib import Preprocess, load_data
-    from ..evaluate import evaluate
-    from ..graph import atomic_write, check_output_path
-    from ._common import console
+    from pipeline import load
+    from pipeline.cli._common import console
+    from pipeline.data.datasets import Preprocess, load_data
+    from pipeline.graph import atomic_write, check_output_path
+    from pipeline.measure.evaluate import evaluate
 
     if args.output:
         check_output_path(args.output, args.model, args.reference)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import positive_int
+from pipeline.cli._common import positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,8 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import CarveError
-    from ._common import console
+    from pipeline.cli._common import console
+    from pipeline.errors import CarveError
 
     con = console()
     if args.list:

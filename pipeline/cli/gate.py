@@ -19,9 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import CarveError
-    from ..gate import evaluate, parse_fraction
-    from ..report import load_report
+    from pipeline.errors import CarveError
+    from pipeline.measure.gate import evaluate, parse_fraction
+    from pipeline.measure.report import load_report
 
     try:
         report = load_report(args.report)

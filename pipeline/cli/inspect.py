@@ -24,10 +24,10 @@ def _si(n: float) -> str:
 def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from .. import load
-    from ..channels import analyse
-    from ..overview import overview
-    from ._common import console
+    from pipeline import load
+    from pipeline.cli._common import console
+    from pipeline.graph.channels import analyse
+    from pipeline.graph.overview import overview
 
     model = load(args.model)
     info = overview(model, analyse(model))

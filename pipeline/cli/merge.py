@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import positive_int
+from pipeline.cli._common import positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,8 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..passes import get
-    from ._common import run_pass
+    from pipeline.cli._common import run_pass
+    from pipeline.passes import get
 
     passes = [get("fold_bn")] if args.fold_bn else []
     passes.append(get("merge", when=args.when, backend=args.backend, threads=args.threads, batch=args.batch))

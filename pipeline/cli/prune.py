@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import add_calib_args, fraction, fraction_keep, key_values, positive_int
+from pipeline.cli._common import add_calib_args, fraction, fraction_keep, key_values, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -102,11 +102,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import load, save
-    from ..criteria import criteria
-    from ..graph import check_output_path
-    from ..pruning import PruneOptions, prune_model
-    from ._common import command_line, console, load_calib
+    from pipeline import load, save
+    from pipeline.cli._common import command_line, console, load_calib
+    from pipeline.graph import check_output_path
+    from pipeline.pruning.criterion import criteria
+    from pipeline.pruning.prune import PruneOptions, prune_model
 
     check_output_path(args.output, args.model)
     model = load(args.model)

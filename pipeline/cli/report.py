@@ -15,8 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..graph import atomic_write
-    from ..report import load_report, merge, plots, to_markdown
+    from pipeline.graph import atomic_write
+    from pipeline.measure.report import load_report, merge, plots, to_markdown
 
     docs = [load_report(p) for p in args.reports]
     doc = docs[0] if len(docs) == 1 else merge(docs)

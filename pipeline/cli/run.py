@@ -31,9 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from ..graph import atomic_write, check_output_path, save
-    from ..recipe import bench_recipe, check_thresholds, load_recipe, run_recipe
-    from ._common import command_line, console
+    from pipeline.cli._common import command_line, console
+    from pipeline.flows.recipe import bench_recipe, check_thresholds, load_recipe, run_recipe
+    from pipeline.graph import atomic_write, check_output_path, save
 
     recipe = load_recipe(args.recipe)
     if args.out_dir:
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             for d in p["details"][:6]:
                 con.print(f"  {d}")
         if report.get("results"):
-            from ..report import render_results
+            from pipeline.measure.report import render_results
 
             for line in render_results(report)[:-2]:
                 con.print(line)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_calib_args, fraction
+from pipeline.cli._common import add_calib_args, fraction
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,10 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ..graph import check_output_path, load, save
-    from ..sparsify import sparsify
-    from ..surgery import record
-    from ._common import command_line, console, load_calib
+    from pipeline.cli._common import command_line, console, load_calib
+    from pipeline.graph import check_output_path, load, save
+    from pipeline.graph.history import record
+    from plugins.passes.sparsify import sparsify
 
     check_output_path(args.output, args.model)
     model = load(args.model)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.channels import ChannelAnalysis, Kind
-from pipeline.criteria import folded_filters
-from pipeline.planning import allocators, kept_width
+from pipeline.graph.bn import folded_filters
+from pipeline.graph.channels import ChannelAnalysis, Kind
+from pipeline.pruning.allocator import allocators, remove_by_rate
 from plugins.criteria.simfp import kernel_dispersion
 
 
@@ -61,14 +61,4 @@ def dispersion(
 ) -> np.ndarray:
     """Per-group rates from kernel dispersion (SFP): alike kernels lose more."""
     rates = group_rates(analysis, frozen, ratio, beta, max_rate)
-    removed = np.zeros(analysis.n_units, dtype=bool)
-    for g in analysis.groups:
-        for sl in g.slices:
-            n = len(sl)
-            prunable = sl[~frozen[sl]]
-            k = min(n - kept_width(n, float(rates[g.id]), round_to, keep_min), len(prunable))
-            while k > 0 and round_to > 1 and (n - k) % round_to:
-                k -= 1
-            if k > 0:
-                removed[prunable[np.argsort(scores[prunable], kind="stable")[:k]]] = True
-    return removed
+    return remove_by_rate(analysis, scores, frozen, rates, round_to=round_to, keep_min=keep_min)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.channels import ChannelAnalysis
 from pipeline.errors import CarveError
-from pipeline.planning import allocators
+from pipeline.graph.channels import ChannelAnalysis
+from pipeline.pruning.allocator import aligned_removal, allocators, remove_lowest
 
 
 def normalised(analysis: ChannelAnalysis, scores: np.ndarray, frozen: np.ndarray, norm: str) -> np.ndarray:
@@ -60,9 +60,6 @@ def global_rank(
         for sl in g.slices:
             cand = sl[candidate[sl]]
             n = len(sl)
-            k = min(len(cand), n - min(n, keep_min))
-            while k > 0 and round_to > 1 and (n - k) % round_to:
-                k -= 1
-            if k > 0:
-                removed[cand[np.argsort(s[cand], kind="stable")[:k]]] = True
+            k = aligned_removal(n, min(len(cand), n - min(n, keep_min)), round_to)
+            remove_lowest(removed, cand, s, k)
     return removed

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.channels import ChannelAnalysis
-from pipeline.planning import allocators, kept_width
+from pipeline.graph.channels import ChannelAnalysis
+from pipeline.pruning.allocator import allocators, remove_by_rate
 
 
 @allocators.register("uniform")
@@ -24,16 +24,5 @@ def uniform(
     keep_min: int = 1,
 ) -> np.ndarray:
     """The same fraction of every slice of every group, lowest scores first."""
-    removed = np.zeros(analysis.n_units, dtype=bool)
-    for group in analysis.groups:
-        for sl in group.slices:
-            n = len(sl)
-            prunable = sl[~frozen[sl]]
-            n_remove = min(n - kept_width(n, ratio, round_to, keep_min), len(prunable))
-            while n_remove > 0 and round_to > 1 and (n - n_remove) % round_to:
-                n_remove -= 1
-            if n_remove <= 0:
-                continue
-            order = prunable[np.argsort(scores[prunable], kind="stable")]
-            removed[order[:n_remove]] = True
-    return removed
+    rates = np.full(len(analysis.groups), ratio)
+    return remove_by_rate(analysis, scores, frozen, rates, round_to=round_to, keep_min=keep_min)

@@ -1,3 +1,3 @@
 """Built-in importance criteria; importing this package registers them (one criterion family per module)."""
 
-from . import apbm, aura, cep, edp, fpgm, hrank, magnitude, random, simfp, slimming, taylor  # noqa: F401
+from plugins.criteria import apbm, aura, cep, edp, fpgm, hrank, magnitude, random, simfp, slimming, taylor  # noqa: F401

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.activations import PER_CHANNEL, activation_tensor, spatial_producers
-from pipeline.calib import Dataset, capture
-from pipeline.criteria import Criterion, ScoreContext, criteria
+from pipeline.data.activations import PER_CHANNEL, activation_tensor, spatial_producers
+from pipeline.data.capture import capture
+from pipeline.data.datasets import Dataset
+from pipeline.pruning.criterion import Criterion, ScoreContext, criteria
 
 NEIGHBOURS = ((0, 1), (1, 0), (0, -1), (-1, 0))
 

@@ -26,11 +26,10 @@ from collections import defaultdict
 
 import numpy as np
 
-from pipeline.criteria import Criterion, ScoreContext, criteria
+from pipeline.data.gradients import Gradients, weight_gradients
 from pipeline.errors import CarveError
-from pipeline.gradients import Gradients, weight_gradients
-
-from .taylor import filter_rows
+from pipeline.pruning.criterion import Criterion, ScoreContext, criteria
+from plugins.criteria.taylor import filter_rows
 
 
 def weight_scores(grads: Gradients, name: str, w: np.ndarray, variant: str) -> np.ndarray:
@@ -48,7 +47,7 @@ def delta_loss(ctx: ScoreContext, samples: int | None) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.torchrun import TorchGraph
+    from pipeline.runtime.torch_graph import TorchGraph
 
     an = ctx.analysis
     data = ctx.calib.sample(samples, seed=ctx.seed) if samples else ctx.calib

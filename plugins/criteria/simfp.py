@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.criteria import Criterion, ScoreContext, cosine_distances, criteria, folded_filters
+from pipeline.graph.bn import folded_filters
+from pipeline.pruning.criterion import Criterion, ScoreContext, cosine_distances, criteria
 
 
 def redundancy_scores(w: np.ndarray, linkage: str = "average") -> np.ndarray:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.criteria import Criterion, ScoreContext, bn_scale_shift, criteria
 from pipeline.errors import CarveError
+from pipeline.graph.bn import bn_scale_shift
+from pipeline.pruning.criterion import Criterion, ScoreContext, criteria
 
 
 @criteria.register("slimming")

@@ -24,8 +24,9 @@ from onnx import helper
 
 from pipeline.errors import CarveError
 from pipeline.graph import Model, attr
+from pipeline.graph.conv import conv_pads
+from pipeline.graph.rewrite import finish, replace_nodes
 from pipeline.passes import Pass, PassContext, PassResult, passes
-from pipeline.rewrite import conv_pads, finish, replace_nodes
 
 
 def _bias(model: Model, node: onnx.NodeProto, n: int) -> np.ndarray:
@@ -179,7 +180,7 @@ def merged_nodes(model: Model, pair: Pair) -> tuple[list[onnx.NodeProto], dict[s
 
 
 def pair_macs(model: Model, pair: Pair) -> int:
-    from pipeline.cost import node_macs
+    from pipeline.graph.cost import node_macs
 
     return sum(node_macs(model, n) for n in pair.nodes)
 
@@ -250,15 +251,15 @@ class Merge(Pass):
         new, inits = merged_nodes(model, pair)
         after_model = submodel(model, new, inits)
         before_model = submodel(model, pair.nodes)
-        from pipeline.cost import model_cost
         from pipeline.graph import from_proto
+        from pipeline.graph.cost import model_cost
 
         macs_pair = pair_macs(model, pair)
         macs_merged = model_cost(from_proto(after_model)).macs
         if self.when == "macs":
             ok = macs_merged <= macs_pair
             return ok, f"MACs {macs_pair:,} as a pair, {macs_merged:,} merged"
-        from pipeline.layer_timing import time_ratio
+        from pipeline.measure.ab import time_ratio
 
         ratio = time_ratio(before_model, after_model, backend=self.backend, threads=self.threads, batch=self.batch)
         return ratio >= 1.0, f"merged runs {ratio:.2f}x the pair's speed on {self.backend}"

@@ -1,4 +1,4 @@
-"""Pruning as a pass, for recipes: plan with a criterion and an allocator, repair, cut (see pipeline.pruning)."""
+"""Pruning as a pass, for recipes: plan with a criterion and an allocator, repair, cut (see pipeline.pruning.prune)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from typing import Any
 
 from pipeline.graph import Model
 from pipeline.passes import Pass, PassContext, PassResult, passes
-from pipeline.pruning import PruneOptions, prune_model
+from pipeline.pruning.prune import PruneOptions, prune_model
 
 
 @passes.register("prune")
 class Prune(Pass):
-    description = "remove channels: criterion + allocator, optional fusion/refit/repair (pipeline.pruning)"
+    description = "remove channels: criterion + allocator, optional fusion/refit/repair (pipeline.pruning.prune)"
 
     def __init__(self, **options: Any) -> None:
         from dataclasses import fields
@@ -26,7 +26,7 @@ class Prune(Pass):
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
-        from pipeline.criteria import criteria
+        from pipeline.pruning.criterion import criteria
 
         data = bool(criteria.get(self.opts.criterion).needs & {"activations", "labels", "gradients"})
         return frozenset({"calib"}) if data or self.opts.fuse == "lsq" or self.opts.repair else frozenset()

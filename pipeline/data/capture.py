@@ -1,0 +1,129 @@
+"""Capturing intermediate tensors through ONNX Runtime, and the running statistics kept of them.
+
+:func:`capture` exposes intermediate tensors as extra outputs of a copy of the model and runs ONNX Runtime over the
+batches, handing every batch to *reducers* that keep running statistics: memory stays at the size of the statistics,
+whatever the number of samples. :class:`ChannelMoments` is the usual reducer: per-channel count, mean and variance,
+merged batch by batch with the numerically stable parallel update (Chan, Golub and LeVeque 1979), not E[x^2] - E[x]^2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from pipeline.data.datasets import Dataset
+from pipeline.errors import CarveError
+from pipeline.graph.model import Model
+from pipeline.runtime.ort import session
+
+
+class Reducer(Protocol):
+    """Receives each batch of a captured tensor; keeps only running statistics.
+
+    A reducer that needs several tensors of the same batch together defines ``update_batch(values, labels)``
+    (``values``: tensor name -> array) instead of ``update``.
+    """
+
+    def update(self, name: str, value: np.ndarray, labels: np.ndarray | None) -> None: ...
+
+
+@dataclass
+class ChannelMoments:
+    """Per-channel count, mean and variance of captured tensors (channel axis 1), merged batch by batch.
+
+    Each batch's mean and sum of squared deviations (M2) are merged into the running ones with the parallel update
+    of Chan, Golub and LeVeque: stable even where the mean is large against the spread, which E[x^2] - E[x]^2 is not.
+    """
+
+    count: dict[str, int] = field(default_factory=dict)
+    means: dict[str, np.ndarray] = field(default_factory=dict)
+    m2: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def update(self, name: str, value: np.ndarray, labels: np.ndarray | None = None) -> None:
+        v = np.moveaxis(value, 1, 0).reshape(value.shape[1], -1).astype(np.float64)
+        self.add(name, v)
+
+    def add(self, name: str, v: np.ndarray) -> None:
+        """Merge a (channels x samples) block of values."""
+        n_b = v.shape[1]
+        if n_b == 0:
+            return
+        mean_b = v.mean(1)
+        m2_b = ((v - mean_b[:, None]) ** 2).sum(1)
+        n_a = self.count.get(name, 0)
+        if n_a == 0:
+            self.count[name], self.means[name], self.m2[name] = n_b, mean_b, m2_b
+            return
+        n = n_a + n_b
+        delta = mean_b - self.means[name]
+        self.means[name] = self.means[name] + delta * (n_b / n)
+        self.m2[name] = self.m2[name] + m2_b + delta**2 * (n_a * n_b / n)
+        self.count[name] = n
+
+    def mean(self, name: str) -> np.ndarray:
+        return self.means[name]
+
+    def var(self, name: str) -> np.ndarray:
+        """Population variance (what BatchNormalization's running variance estimates)."""
+        return self.m2[name] / self.count[name]
+
+
+def with_outputs(model: Model, names: list[str], *, only: bool = False) -> onnx.ModelProto:
+    """A copy of the model that also outputs the tensors ``names`` (``only``: nothing else, so ONNX Runtime drops the
+    nodes those tensors do not depend on and runs just the part of the graph that produces them)."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    if only:
+        del proto.graph.output[:]
+    existing = {o.name for o in proto.graph.output}
+    for n in names:
+        if n in existing:
+            continue
+        if n not in model.producer and n not in model.input_names:
+            raise CarveError(f"cannot capture {n!r}: no node produces it")
+        dtype = model.dtype(n) or onnx.TensorProto.FLOAT
+        proto.graph.output.append(helper.make_tensor_value_info(n, dtype, None))
+    return proto
+
+
+def capture(
+    model: Model,
+    names: list[str],
+    data: Dataset,
+    reducers: list[Reducer] | Reducer,
+    *,
+    batch_size: int = 64,
+    threads: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Run the model over ``data`` and feed every batch of the tensors ``names`` to the reducers."""
+
+    reducers = reducers if isinstance(reducers, list) else [reducers]
+    proto = with_outputs(model, names)
+    sess = session(proto, threads=threads or 2)
+    input_name = model.input_names[0]
+    for x, y in data.batches(batch_size):
+        outs = dict(zip(names, sess.run(names, {input_name: x})))
+        for r in reducers:
+            if hasattr(r, "update_batch"):
+                r.update_batch(outs, y)
+            else:
+                for n, v in outs.items():
+                    r.update(n, v, y)
+        if progress:
+            progress(len(x))
+
+
+def predict(
+    model: Model | onnx.ModelProto, data: Dataset, *, batch_size: int = 128, threads: int | None = None
+) -> np.ndarray:
+    """The model's first output over the whole dataset (N x classes)."""
+
+    sess = session(model, threads=threads or 2)
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x})[0] for x, _ in data.batches(batch_size)])

@@ -1,0 +1,280 @@
+"""Calibration and evaluation data: where images come from and how they become model inputs.
+
+Sources (:func:`load_data`):
+
+* ``.npz`` with images (key ``images``, ``x`` or ``data``) and optional labels (``labels`` or ``y``), or ``.npy``
+  with images only; NHWC or NCHW, uint8 (scaled to [0, 1]) or float;
+* a folder of images with one sub-folder per class (read with Pillow);
+* ``digits``, ``digits:train`` or ``digits:test``: scikit-learn's ``load_digits`` (1,797 real 8x8 handwritten digits,
+  shipped inside scikit-learn, so it works on a fresh clone without any download), resized to the model's input.
+
+Preprocessing is a small spec (:class:`Preprocess`: resize, scale, mean/std, channels) saved into reports. Its default
+comes from the model's ``carve.preprocess`` metadata (written by ``carve export``) and its input shape. Sampling is
+deterministic for a seed and class-balanced when labels exist (the shared CIFAR arrays are stored class by class:
+never take the first N).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import CarveError
+from pipeline.graph.model import Model
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class Preprocess:
+    """How raw images become model inputs: NCHW float32 of ``size``, scaled, normalised."""
+
+    size: tuple[int, int] | None = None  # (H, W); None keeps the source size
+    channels: int | None = None  # 1 or 3; None keeps the source channels
+    scale: float | None = None  # None: 1/255 for uint8 sources, 1 for float sources
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for k in ("size", "mean", "std"):
+            if k in known and known[k] is not None:
+                known[k] = tuple(known[k])
+        return cls(**known)
+
+    @classmethod
+    def for_model(cls, model: Model | None) -> Preprocess:
+        """Defaults from the model: its ``carve.preprocess`` metadata, else its input shape."""
+        p = cls()
+        if model is None:
+            return p
+        meta = model.metadata().get("carve.preprocess")
+        if meta:
+            try:
+                d = json.loads(meta)
+            except json.JSONDecodeError:
+                d = {}
+            p = cls.from_dict(d)
+        name = model.input_names[0] if model.input_names else None
+        shp = model.shape(name) if name else None
+        if shp is not None and len(shp) == 4:
+            if p.size is None and shp[2] and shp[3]:
+                p.size = (int(shp[2]), int(shp[3]))
+            if p.channels is None and shp[1]:
+                p.channels = int(shp[1])
+        return p
+
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        """``images``: N x H x W x C or N x C x H x W (uint8 or float) -> N x C x H x W float32."""
+        x = _to_nchw(images)
+        scale = self.scale if self.scale is not None else (1 / 255 if images.dtype == np.uint8 else 1.0)
+        x = x.astype(np.float32) * np.float32(scale)
+        if self.channels is not None and x.shape[1] != self.channels:
+            if self.channels == 1:
+                x = x.mean(axis=1, keepdims=True)
+            elif x.shape[1] == 1:
+                x = np.repeat(x, self.channels, axis=1)
+            else:
+                raise CarveError(f"cannot turn {x.shape[1]}-channel images into {self.channels} channels")
+        if self.size is not None and tuple(x.shape[2:]) != tuple(self.size):
+            x = resize(x, self.size)
+        c = x.shape[1]
+        mean = np.asarray(self.mean if len(self.mean) in (1, c) else self.mean[:1], np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(self.std if len(self.std) in (1, c) else self.std[:1], np.float32).reshape(1, -1, 1, 1)
+        return ((x - mean) / std).astype(np.float32)
+
+
+def _to_nchw(images: np.ndarray) -> np.ndarray:
+    if images.ndim == 3:  # N x H x W grayscale
+        return images[:, None]
+    if images.ndim != 4:
+        raise CarveError(f"images must be N x H x W x C or N x C x H x W, got shape {images.shape}")
+    if images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4):
+        x = np.transpose(images, (0, 3, 1, 2))
+        return x[:, :3] if x.shape[1] == 4 else x
+    return images
+
+
+def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of an N x C x H x W float batch (antialiased when shrinking)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    shrink = size[0] < x.shape[2] or size[1] < x.shape[3]
+    return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False, antialias=shrink).numpy()
+
+
+@dataclass
+class Dataset:
+    """Raw images (as stored) with optional labels; preprocessed batch by batch."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    name: str
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    indices: np.ndarray | None = None  # the sample actually used
+
+    def __len__(self) -> int:
+        return len(self.images) if self.indices is None else len(self.indices)
+
+    def _idx(self) -> np.ndarray:
+        return np.arange(len(self.images)) if self.indices is None else self.indices
+
+    def sample(self, n: int | None, seed: int = 0) -> Dataset:
+        """``n`` samples, deterministic for ``seed``, balanced over classes when labels exist."""
+        idx = self._idx()
+        if n is None or n >= len(idx):
+            order = np.random.default_rng(seed).permutation(len(idx))
+            return Dataset(self.images, self.labels, self.name, self.preprocess, idx[order])
+        rng = np.random.default_rng(seed)
+        if self.labels is None:
+            pick = rng.choice(len(idx), size=n, replace=False)
+        else:
+            labels = self.labels[idx]
+            classes = np.unique(labels)
+            per = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+            # round-robin over classes: balanced, and every prefix of the order is balanced too
+            order = [p[k] for k in range(max(len(p) for p in per)) for p in per if k < len(p)]
+            pick = np.array(order[:n])
+        return Dataset(self.images, self.labels, self.name, self.preprocess, idx[np.sort(pick)])
+
+    def batches(self, batch_size: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        idx = self._idx()
+        for start in range(0, len(idx), batch_size):
+            sel = idx[start : start + batch_size]
+            x = self.preprocess.apply(self.images[sel])
+            y = None if self.labels is None else self.labels[sel].astype(np.int64)
+            yield x, y
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
+        xs, ys = zip(*self.batches(256)) if len(self) else ((), ())
+        x = np.concatenate(xs) if xs else np.zeros((0,))
+        y = None if self.labels is None else np.concatenate(ys)
+        return x, y
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "samples": len(self),
+            "labelled": self.labels is not None,
+            "preprocess": self.preprocess.to_dict(),
+        }
+
+
+def digits_arrays(split: str = "all", seed: int = 0, test_fraction: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as uint8 images (N x 8 x 8 x 1, 0..255) and labels; stratified seeded split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.clip(np.round(d.images * (255 / 16)), 0, 255).astype(np.uint8)[..., None]
+    labels = d.target.astype(np.int64)
+    if split == "all":
+        return images, labels
+    if split not in ("train", "test"):
+        raise CarveError(f"digits split must be train, test or all; got {split!r}")
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        test[members[: int(round(test_fraction * len(members)))]] = True
+    sel = test if split == "test" else ~test
+    return images[sel], labels[sel]
+
+
+def load_data(
+    source: str | Path,
+    *,
+    model: Model | None = None,
+    preprocess: Preprocess | None = None,
+    samples: int | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """Load a data source (see the module docstring), with preprocessing defaults from ``model``."""
+    pre = preprocess or Preprocess.for_model(model)
+    text = str(source)
+    if text == "digits" or text.startswith("digits:"):
+        split = text.split(":", 1)[1] if ":" in text else "all"
+        images, labels = digits_arrays(split, seed=0)
+        ds = Dataset(images, labels, text, pre)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise CarveError(
+                f"{path}: no such data file or folder",
+                hint="give an .npz/.npy file, a folder of class sub-folders, or `digits`",
+            )
+        if path.is_dir():
+            ds = _load_folder(path, pre)
+        elif path.suffix == ".npz":
+            ds = _load_npz(path, pre)
+        elif path.suffix == ".npy":
+            ds = Dataset(_np_load(path), None, str(path), pre)
+        else:
+            raise CarveError(f"{path}: unknown data format {path.suffix!r}", hint="use .npz, .npy or a folder")
+    if len(ds) == 0:
+        raise CarveError(f"{source}: holds no images")
+    return ds.sample(samples, seed)
+
+
+def _np_load(path: Path):
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise CarveError(f"{path}: not a readable numpy file ({exc})") from None
+
+
+def _load_npz(path: Path, pre: Preprocess) -> Dataset:
+    z = _np_load(path)
+    keys = set(z.files)
+    img_key = next((k for k in ("images", "x", "data", "inputs") if k in keys), None)
+    if img_key is None:
+        raise CarveError(f"{path}: no image array (expected a key named images, x or data; found {sorted(keys)})")
+    lab_key = next((k for k in ("labels", "y", "targets") if k in keys), None)
+    images = z[img_key]
+    labels = z[lab_key].astype(np.int64).reshape(-1) if lab_key else None
+    if labels is not None and len(labels) != len(images):
+        raise CarveError(f"{path}: {len(images)} images but {len(labels)} labels")
+    return Dataset(images, labels, str(path), pre)
+
+
+def _load_folder(path: Path, pre: Preprocess) -> Dataset:
+    from PIL import Image
+
+    classes = sorted(p for p in path.iterdir() if p.is_dir())
+    files: list[tuple[Path, int]] = []
+    if classes:
+        for k, c in enumerate(classes):
+            files += [(f, k) for f in sorted(c.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+        labelled = True
+    else:
+        files = [(f, -1) for f in sorted(path.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        labelled = False
+    if not files:
+        raise CarveError(f"{path}: no images found (one sub-folder per class, or images directly in it)")
+    size = pre.size
+    mode = "L" if pre.channels == 1 else "RGB"
+    arrays = []
+    for f, _ in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert(mode)
+                if size is not None:
+                    im = im.resize((size[1], size[0]), Image.BILINEAR)
+                arrays.append(np.asarray(im, dtype=np.uint8))
+        except Exception as exc:
+            raise CarveError(f"{f}: not a readable image ({exc})") from None
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise CarveError(f"{path}: images have different sizes {sorted(shapes)[:3]}; give the model (or a size)")
+    images = np.stack(arrays)
+    labels = np.array([k for _, k in files], dtype=np.int64) if labelled else None
+    return Dataset(images, labels, str(path), pre)

@@ -1,0 +1,79 @@
+"""What must follow the channel counts when channels are removed: attributes and shape constants of nodes that do not
+own channels but count them (Split sizes, Slice bounds, Pad pads, a depthwise conv's ``group``, Gather indices,
+Reshape targets, Resize sizes / Expand shapes).
+
+The analysis records them as plain data; :mod:`pipeline.graph.surgery` applies them. Each record holds the channel
+elements whose survival decides the new value (``keep(ids)`` is a boolean mask over them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class Fix:
+    node: str
+
+
+@dataclass(frozen=True, eq=False)
+class GroupFix(Fix):
+    """A depthwise conv's ``group`` = how many of ``ids`` (one element per input channel) survive."""
+
+    ids: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class SplitFix(Fix):
+    """A Split on the channel axis: each output's size = survivors of its segment."""
+
+    segments: list[np.ndarray]
+
+
+@dataclass(frozen=True, eq=False)
+class SliceFix(Fix):
+    """A Slice of the channel axis ``[start, end)`` of the input vector ``ids``; entry ``k`` of starts/ends."""
+
+    k: int
+    ids: np.ndarray
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, eq=False)
+class PadFix(Fix):
+    """Constant channels added by a Pad before/after the input's channels; entry ``k`` of ``n_axes`` pad axes."""
+
+    k: int
+    n_axes: int
+    before: np.ndarray
+    after: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class GatherFix(Fix):
+    """A Gather of channels ``idx`` from the input vector ``ids``: indices renumbered, removed ones dropped."""
+
+    ids: np.ndarray
+    idx: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class ReshapeFix(Fix):
+    """Entry ``pos`` of a Reshape's constant target holds the channel count times ``inner``."""
+
+    pos: int
+    ids: np.ndarray
+    inner: int
+
+
+@dataclass(frozen=True, eq=False)
+class ShapeEntryFix(Fix):
+    """An explicit channel count (times ``inner``) at entry ``pos`` of input ``input_idx`` (Resize sizes, Expand)."""
+
+    input_idx: int
+    pos: int
+    ids: np.ndarray
+    inner: int

@@ -1,0 +1,164 @@
+"""Handlers of the ops that create channels: Conv, ConvTranspose (dense, grouped, depthwise), Gemm, MatMul with a
+constant weight. Their output channels are new elements; their input side records which weight columns each input
+element owns."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from pipeline.graph.channels.elements import Chan, Kind
+from pipeline.graph.channels.fixes import GroupFix
+from pipeline.graph.channels.handlers.table import handles, q
+from pipeline.graph.channels.state import Analyser
+from pipeline.graph.model import attr
+
+
+def _conv_operands(a: Analyser, node: onnx.NodeProto):
+    """(weight name, bias name or None, weight, tracked input) of a Conv/ConvTranspose; None when made opaque."""
+    w_name = node.input[1]
+    b_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    w = a.const(w_name)
+    xin = a.expect_axis(node, a.get(node.input[0]), 1)
+    if w is None or (b_name and a.const(b_name) is None):
+        reason = f"the {'weight' if w is None else 'bias'} of {q(node)} is not a constant"
+        a.freeze_inputs(node, reason)
+        a.opaque(node.output[0], node.name, reason)
+        return None
+    return w_name, b_name, w, xin
+
+
+def _dense_conv(a: Analyser, node: onnx.NodeProto, w_name, b_name, xin, *, cin, cout, groups, in_axis, out_axis):
+    """Output channels are new elements (weight axis ``out_axis``); input channels cut axis ``in_axis``. A grouped,
+    non-depthwise conv freezes both sides: its groups would need equal pruning."""
+    out = node.output[0]
+    if groups > 1:
+        reason = f"grouped {q(node)} (group={groups}) would need equal pruning in every group"
+        a.freeze_inputs(node, reason)
+        ids = a.new(cout, Kind.OUT, node.name, weight=w_name, axis=out_axis, op=node.op_type)
+        a.freeze(ids, reason)
+        a.set(out, Chan(1, ids))
+        return
+    if xin is not None:
+        if len(xin) != cin:
+            a.freeze(xin.ids, f"{q(node)} expects {cin} input channels, the analysis sees {len(xin)}")
+        else:
+            a.cut(w_name, in_axis, xin.ids, node, "in")
+    ids = a.new(cout, Kind.OUT, node.name, weight=w_name, axis=out_axis, op=node.op_type)
+    a.cut(w_name, out_axis, ids, node, "out")
+    if b_name:
+        a.cut(b_name, 0, ids, node, "out")
+    a.set(out, Chan(1, ids))
+
+
+def _depthwise(a: Analyser, node: onnx.NodeProto, w_name, b_name, ids: np.ndarray, per_input: int, rows) -> None:
+    """Output channel o comes from input channel ids[o]; ``rows`` (the input channel of each weight row) makes the
+    weight's rows members of their input channel's unit."""
+    members = a.new(len(rows), Kind.MEMBER, node.name, weight=w_name, axis=0, op=node.op_type)
+    a.union(members, rows)
+    a.cut(w_name, 0, rows, node, "member")
+    if b_name:
+        a.cut(b_name, 0, ids, node, "member")
+    a.fixes.append(GroupFix(node.name, ids[::per_input]))
+    a.set(node.output[0], Chan(1, ids))
+
+
+@handles("Conv")
+def _conv(a: Analyser, node: onnx.NodeProto) -> None:
+    operands = _conv_operands(a, node)
+    if operands is None:
+        return
+    w_name, b_name, w, xin = operands
+    cout, cin_g = int(w.shape[0]), int(w.shape[1])
+    g = int(attr(node, "group", 1))
+    if g > 1 and cin_g == 1 and cout % g == 0:
+        # depthwise (channel multiplier m = cout/g): output o is computed from input channel o // m only
+        m = cout // g
+        if xin is not None and len(xin) == g:
+            ids = xin.ids
+        else:
+            ids = a.new(g, Kind.OPAQUE, node.name)
+            a.freeze(ids, f"the input channels of depthwise {q(node)} are not tracked")
+        ids = np.repeat(ids, m)
+        _depthwise(a, node, w_name, b_name, ids, m, rows=ids)
+        return
+    _dense_conv(a, node, w_name, b_name, xin, cin=cin_g * g, cout=cout, groups=g, in_axis=1, out_axis=0)
+
+
+@handles("ConvTranspose")
+def _conv_transpose(a: Analyser, node: onnx.NodeProto) -> None:
+    operands = _conv_operands(a, node)
+    if operands is None:
+        return
+    w_name, b_name, w, xin = operands
+    cin, cout_g = int(w.shape[0]), int(w.shape[1])
+    g = int(attr(node, "group", 1))
+    if g > 1 and g == cin and xin is not None and len(xin) == cin:
+        # depthwise transposed conv: output channels c*m .. c*m+m-1 come from input channel c (weight is Cin x m)
+        _depthwise(a, node, w_name, b_name, np.repeat(xin.ids, cout_g), cout_g, rows=xin.ids)
+        return
+    _dense_conv(a, node, w_name, b_name, xin, cin=cin, cout=cout_g * g, groups=g, in_axis=0, out_axis=1)
+
+
+@handles("Gemm")
+def _gemm(a: Analyser, node: onnx.NodeProto) -> None:
+    a_name, b_name = node.input[0], node.input[1]
+    c_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    out = node.output[0]
+    w = a.const(b_name)
+    if w is None or (c_name and a.const(c_name) is None and a.get(c_name) is None):
+        a.freeze_inputs(node, f"the weight of {q(node)} is not a constant")
+        a.opaque(out, node.name, f"{q(node)} multiplies two activations")
+        return
+    trans_a, trans_b = int(attr(node, "transA", 0)), int(attr(node, "transB", 0))
+    k_axis, n_axis = (1, 0) if trans_b else (0, 1)
+    xin = a.get(a_name)
+    if xin is not None:
+        if trans_a or xin.axis != 1:
+            a.freeze(xin.ids, f"{q(node)} reads its input transposed")
+        elif len(xin) != w.shape[k_axis]:
+            a.freeze(xin.ids, f"{q(node)} expects {w.shape[k_axis]} inputs, the analysis sees {len(xin)}")
+        else:
+            a.cut(b_name, k_axis, xin.ids, node, "in")
+    ids = a.new(int(w.shape[n_axis]), Kind.OUT, node.name, weight=b_name, axis=n_axis, op=node.op_type)
+    a.cut(b_name, n_axis, ids, node, "out")
+    if c_name:
+        c = a.const(c_name)
+        if c is not None:
+            if c.ndim >= 1 and c.shape[-1] == len(ids) and len(ids) > 1:
+                a.cut(c_name, c.ndim - 1, ids, node, "out")
+        else:  # a channel tensor added as C: like a residual Add
+            cc = a.get(c_name)
+            if cc is not None and len(cc) == len(ids) and cc.axis == (a.rank(c_name) or 2) - 1:
+                a.union(cc.ids, ids)
+            elif cc is not None:
+                a.freeze(cc.ids, f"{q(node)} broadcasts its C input")
+                a.freeze(ids, f"{q(node)} broadcasts its C input")
+    a.set(out, Chan(1, ids))
+
+
+@handles("MatMul")
+def _matmul(a: Analyser, node: onnx.NodeProto) -> None:
+    a_name, b_name = node.input
+    out = node.output[0]
+    w = a.const(b_name)
+    xin = a.get(a_name)
+    ra = a.rank(a_name)
+    if w is None or w.ndim != 2 or ra is None:
+        a.freeze_inputs(node, f"{q(node)} has no constant 2-D weight")
+        a.opaque(out, node.name, f"{q(node)} multiplies two activations")
+        return
+    if xin is not None and xin.axis < ra - 2:
+        # channels on a batch axis of the product: they pass through untouched
+        a.set(out, Chan(xin.axis, xin.ids))
+        return
+    if xin is not None:
+        if xin.axis != ra - 1:
+            a.freeze(xin.ids, f"{q(node)} contracts over axis {ra - 1}, the channels are on axis {xin.axis}")
+        elif len(xin) != w.shape[0]:
+            a.freeze(xin.ids, f"{q(node)} expects {w.shape[0]} inputs, the analysis sees {len(xin)}")
+        else:
+            a.cut(b_name, 0, xin.ids, node, "in")
+    ids = a.new(int(w.shape[1]), Kind.OUT, node.name, weight=b_name, axis=1, op=node.op_type)
+    a.cut(b_name, 1, ids, node, "out")
+    a.set(out, Chan(ra - 1, ids))

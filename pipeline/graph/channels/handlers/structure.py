@@ -1,0 +1,190 @@
+"""Handlers of ops that rearrange channels: Concat (vectors concatenated), Split and Slice (cut), Pad (constant
+channels are new elements), Gather (picked by constant indices)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from pipeline.graph.channels.elements import Chan, Kind
+from pipeline.graph.channels.fixes import GatherFix, PadFix, SliceFix, SplitFix
+from pipeline.graph.channels.handlers.table import handles, q
+from pipeline.graph.channels.state import Analyser
+from pipeline.graph.model import attr
+
+
+@handles("Concat")
+def _concat(a: Analyser, node: onnx.NodeProto) -> None:
+    out = node.output[0]
+    r = a.rank(out) or max((a.rank(i) or 0) for i in node.input if i)
+    axis = int(attr(node, "axis", 0)) % r
+    chans = [(i, a.get(i)) for i in node.input if i]
+    tracked = [c for _, c in chans if c is not None]
+    if not tracked:
+        return
+    if all(c is None or c.axis == axis for _, c in chans):
+        parts = []
+        for i, c in chans:
+            if c is not None:
+                parts.append(c.ids)
+                continue
+            shp = a.model.shape(i)
+            n = None if shp is None else shp[axis]
+            if n is None:
+                a.freeze(np.concatenate([c.ids for c in tracked]), f"{q(node)} concatenates {i!r} of unknown size")
+                return
+            if a.const(i) is not None:
+                ids = a.new(int(n), Kind.CONST, i, op="Concat")
+                a.cut(i, axis, ids, node, "const")
+            else:
+                ids = a.new(int(n), Kind.OPAQUE, i)
+                a.freeze(ids, f"concatenated by {q(node)} from {i!r}, whose channels carve does not track")
+            parts.append(ids)
+        a.set(out, Chan(axis, np.concatenate(parts)))
+        return
+    # concatenation along another axis: all operands carry the same channels
+    _elementwise_like_concat(a, node, chans, axis)
+
+
+def _elementwise_like_concat(a: Analyser, node: onnx.NodeProto, chans: list, cat_axis: int) -> None:
+    tracked = [c for _, c in chans if c is not None]
+    axis = tracked[0].axis
+    if any(c.axis != axis or len(c) != len(tracked[0]) for c in tracked):
+        for c in tracked:
+            a.freeze(c.ids, f"{q(node)} joins tensors whose channels do not line up")
+        a.set(node.output[0], tracked[0])
+        return
+    ref = tracked[0].ids
+    for c in tracked[1:]:
+        a.union(ref, c.ids)
+    for i, c in chans:
+        if c is None:
+            if a.const(i) is not None and a.const(i).shape[axis] == len(ref):
+                a.cut(i, axis, ref, node, "param")
+            else:
+                a.freeze(ref, f"{q(node)} joins them with {i!r}, whose channels carve does not track")
+    a.set(node.output[0], Chan(axis, ref))
+
+
+@handles("Split")
+def _split(a: Analyser, node: onnx.NodeProto) -> None:
+    c = a.get(node.input[0])
+    if c is None:
+        return
+    r = a.rank(node.input[0])
+    axis = int(attr(node, "axis", 0)) % r
+    if axis != c.axis:
+        for o in node.output:
+            a.set(o, c)
+        return
+    sizes = _split_sizes(a, node, len(c))
+    if sizes is None:
+        a.freeze(c.ids, f"{q(node)} splits the channel axis by sizes computed at run time")
+        for o in node.output:
+            a.opaque(o, node.name, f"split by {q(node)}")
+        return
+    bounds = np.cumsum([0, *sizes])
+    segments = [c.ids[bounds[k] : bounds[k + 1]] for k in range(len(sizes))]
+    for o, seg in zip(node.output, segments):
+        a.set(o, Chan(axis, seg))
+    a.fixes.append(SplitFix(node.name, segments))
+
+
+def _split_sizes(a: Analyser, node: onnx.NodeProto, total: int) -> list[int] | None:
+    if len(node.input) > 1 and node.input[1]:
+        v = a.const(node.input[1])
+        return None if v is None else [int(x) for x in v]
+    s = attr(node, "split")
+    if s is not None:
+        return [int(x) for x in s]
+    k = int(attr(node, "num_outputs", len(node.output)))
+    step = -(-total // k)  # ceil: the last chunk may be smaller (opset 18 semantics)
+    sizes = [min(step, total - i * step) for i in range(k)]
+    return sizes if all(s > 0 for s in sizes) else None
+
+
+@handles("Slice")
+def _slice(a: Analyser, node: onnx.NodeProto) -> None:
+    c = a.get(node.input[0])
+    if c is None:
+        return
+    r = a.rank(node.input[0])
+    vals = [a.const(i) if len(node.input) > k and i else None for k, i in enumerate(node.input)]
+    if any(len(node.input) > k and node.input[k] and vals[k] is None for k in range(1, len(node.input))):
+        a.freeze(c.ids, f"{q(node)} slices with bounds computed at run time")
+        a.opaque(node.output[0], node.name, f"sliced by {q(node)}")
+        return
+    starts, ends = list(vals[1]), list(vals[2])
+    axes = list(vals[3]) if len(vals) > 3 and vals[3] is not None else list(range(len(starts)))
+    steps = list(vals[4]) if len(vals) > 4 and vals[4] is not None else [1] * len(starts)
+    axes = [int(x) % r for x in axes]
+    if c.axis not in axes:
+        a.set(node.output[0], c)
+        return
+    k = axes.index(c.axis)
+    n = len(c)
+    start, end, step = int(starts[k]), int(ends[k]), int(steps[k])
+    idx = np.arange(n)[slice(start, end, step)]
+    if step != 1 or len(idx) == 0:
+        a.freeze(c.ids, f"{q(node)} takes every {step}th channel" if step != 1 else f"{q(node)} selects no channel")
+        a.set(node.output[0], Chan(c.axis, c.ids[idx]))
+        return
+    a.set(node.output[0], Chan(c.axis, c.ids[idx]))
+    a.fixes.append(SliceFix(node.name, k, c.ids, int(idx[0]), int(idx[0]) + len(idx)))
+
+
+@handles("Pad")
+def _pad(a: Analyser, node: onnx.NodeProto) -> None:
+    c = a.get(node.input[0])
+    if c is None:
+        return
+    r = a.rank(node.input[0])
+    pads = a.const(node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "pads")
+    axes_in = a.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    if pads is None or (len(node.input) > 3 and node.input[3] and axes_in is None):
+        a.freeze(c.ids, f"{q(node)} pads by amounts computed at run time")
+        a.opaque(node.output[0], node.name, f"padded by {q(node)}")
+        return
+    pads = [int(p) for p in pads]
+    axes = [int(x) % r for x in axes_in] if axes_in is not None else list(range(r))
+    if c.axis not in axes:
+        a.set(node.output[0], c)
+        return
+    k = axes.index(c.axis)
+    before, after = pads[k], pads[k + len(axes)]
+    if before == 0 and after == 0:
+        a.set(node.output[0], c)
+        return
+    mode = attr(node, "mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant" or before < 0 or after < 0:
+        a.freeze(c.ids, f"{q(node)} pads the channel axis in mode {mode!r}")
+        a.opaque(node.output[0], node.name, f"padded by {q(node)}")
+        return
+    b_ids = a.new(before, Kind.PAD, node.name)
+    e_ids = a.new(after, Kind.PAD, node.name)
+    a.set(node.output[0], Chan(c.axis, np.concatenate([b_ids, c.ids, e_ids])))
+    a.fixes.append(PadFix(node.name, k, len(axes), b_ids, e_ids))
+
+
+@handles("Gather")
+def _gather(a: Analyser, node: onnx.NodeProto) -> None:
+    c = a.get(node.input[0])
+    if c is None:
+        return
+    r = a.rank(node.input[0])
+    axis = int(attr(node, "axis", 0)) % r
+    idx = a.const(node.input[1])
+    if axis != c.axis:
+        if idx is None or idx.ndim > 1:
+            a.freeze(c.ids, f"{q(node)} gathers with indices that change the rank")
+            return
+        a.set(node.output[0], Chan(c.axis - (1 if axis < c.axis and idx.ndim == 0 else 0), c.ids))
+        return
+    if idx is None or idx.ndim != 1:
+        a.freeze(c.ids, f"{q(node)} picks channels by indices carve cannot follow")
+        a.opaque(node.output[0], node.name, f"gathered by {q(node)}")
+        return
+    idx = np.where(idx < 0, idx + len(c), idx).astype(np.int64)
+    a.set(node.output[0], Chan(axis, c.ids[idx]))
+    a.fixes.append(GatherFix(node.name, c.ids, idx))

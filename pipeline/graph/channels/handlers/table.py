@@ -1,0 +1,37 @@
+"""The handler table: op type -> function(analyser, node). ``@handles("Relu", ...)`` registers one; ops without a
+handler go to :func:`unknown`, which freezes everything they touch (never guess)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import onnx
+
+from pipeline.graph.channels.state import Analyser
+
+
+def q(node: onnx.NodeProto) -> str:
+    """How messages name a node: ``Conv 'layer1.0.conv1'``."""
+    return f"{node.op_type} {node.name!r}"
+
+
+Handler = Callable[[Analyser, onnx.NodeProto], None]
+
+
+HANDLERS: dict[str, Handler] = {}
+
+
+def handles(*ops: str) -> Callable[[Handler], Handler]:
+    def deco(fn: Handler) -> Handler:
+        for op in ops:
+            HANDLERS[op] = fn
+        return fn
+
+    return deco
+
+
+def unknown(a: Analyser, node: onnx.NodeProto) -> None:
+    reason = f"{q(node)} is an op carve's channel analysis does not know"
+    a.freeze_inputs(node, reason)
+    for o in node.output:
+        a.opaque(o, node.name, f"produced by {q(node)}, which carve does not know")

@@ -1,0 +1,132 @@
+"""Parameters and multiply-accumulates (MACs) per node and per model, from static shapes.
+
+MACs count the linear ops that dominate a CNN (Conv, ConvTranspose, Gemm, MatMul) for one sample: symbolic batch
+dimensions count as 1. Elementwise ops, pools and normalisations are not counted. Parameters are the elements of
+floating-point initializers a node reads (weights, biases, BN statistics); an initializer read by several nodes counts
+once in the model total. These are static estimates: a MAC ratio is never a speed-up (see :mod:`pipeline.measure.ab`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from pipeline.graph import Model, attr
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+@dataclass
+class NodeCost:
+    name: str
+    op: str
+    params: int
+    macs: int
+
+
+@dataclass
+class Cost:
+    params: int
+    macs: int
+    nodes: dict[str, NodeCost] = field(default_factory=dict)
+
+    def ratio(self, other: Cost) -> dict[str, float]:
+        """``other`` relative to ``self`` (e.g. pruned / original)."""
+        return {
+            "params": other.params / self.params if self.params else float("nan"),
+            "macs": other.macs / self.macs if self.macs else float("nan"),
+        }
+
+
+def _prod(dims) -> int:
+    return int(np.prod([d if d else 1 for d in dims], dtype=np.int64)) if dims else 1
+
+
+def node_macs(model: Model, node: onnx.NodeProto) -> int:
+    op = node.op_type
+    if op in ("Conv", "ConvTranspose") and len(node.input) >= 2:
+        w = model.shape(node.input[1])
+        if w is None:
+            return 0
+        if op == "Conv":
+            out = model.shape(node.output[0])
+            return _prod(w) * _prod(out[2:]) if out else 0
+        inp = model.shape(node.input[0])
+        return _prod(w) * _prod(inp[2:]) if inp else 0
+    if op == "Gemm":
+        a, b = model.shape(node.input[0]), model.shape(node.input[1])
+        if a is None or b is None:
+            return 0
+        rows = a[1] if attr(node, "transA", 0) else a[0]
+        return _prod([rows]) * _prod(b)
+    if op == "MatMul":
+        a, out = model.shape(node.input[0]), model.shape(node.output[0])
+        if a is None or out is None or not a:
+            return 0
+        return _prod(out) * _prod([a[-1]])
+    return 0
+
+
+def node_params(model: Model, node: onnx.NodeProto) -> int:
+    return sum(
+        _prod(model.init[i].dims)
+        for i in set(node.input)
+        if i in model.init and model.init[i].data_type in _FLOAT_TYPES
+    )
+
+
+def model_cost(model: Model) -> Cost:
+    nodes = {}
+    for n in model.graph.node:
+        nodes[n.name] = NodeCost(n.name, n.op_type, node_params(model, n), node_macs(model, n))
+    used = {i for n in model.graph.node for i in n.input}
+    params = sum(_prod(t.dims) for t in model.graph.initializer if t.name in used and t.data_type in _FLOAT_TYPES)
+    return Cost(params=params, macs=sum(c.macs for c in nodes.values()), nodes=nodes)
+
+
+class CostModel:
+    """Params and MACs of the model a removal mask would produce, without doing the surgery.
+
+    Pruning never changes spatial sizes, so a Conv/ConvTranspose/Gemm/MatMul's MACs scale exactly with its weight's
+    element count, and every cut tensor's size is the product of its kept counts along the cut axes. Used by the
+    allocators to bisect towards ``--target-macs`` / ``--target-params``.
+    """
+
+    def __init__(self, analysis) -> None:
+        model = analysis.model
+        self.analysis = analysis
+        self.base = model_cost(model)
+        cuts: dict[str, dict[int, np.ndarray]] = {}
+        for rec in analysis.slice_records:
+            cuts.setdefault(rec.tensor, {}).setdefault(rec.axis, analysis.unit_of[rec.ids])
+        used = {i for n in model.graph.node for i in n.input}
+        self._tensors = []  # (dims, {axis: units}, is_param, macs of the nodes whose weight it is)
+        weight_macs: dict[str, int] = {}
+        for n in model.graph.node:
+            if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1:
+                weight_macs[n.input[1]] = weight_macs.get(n.input[1], 0) + self.base.nodes[n.name].macs
+        for name, axes in cuts.items():
+            t = model.init[name]
+            is_param = name in used and t.data_type in _FLOAT_TYPES
+            self._tensors.append((tuple(int(d) for d in t.dims), axes, is_param, weight_macs.get(name, 0)))
+
+    def __call__(self, removed: np.ndarray) -> tuple[int, int]:
+        """(params, MACs) after removing the units in the boolean mask ``removed``."""
+        params, macs = self.base.params, self.base.macs
+        keep = ~np.asarray(removed, dtype=bool)
+        for dims, axes, is_param, wmacs in self._tensors:
+            new = list(dims)
+            for axis, units in axes.items():
+                new[axis] = int(keep[units].sum())
+            old_n, new_n = _prod(dims), _prod(new) if all(new) else 0
+            if is_param:
+                params -= old_n - new_n
+            if wmacs and old_n:
+                macs -= wmacs - int(round(wmacs * new_n / old_n))
+        return params, macs
+
+    def ratios(self, removed: np.ndarray) -> tuple[float, float]:
+        p, m = self(removed)
+        return p / self.base.params if self.base.params else 1.0, m / self.base.macs if self.base.macs else 1.0

@@ -1,0 +1,53 @@
+"""A pruning plan: which channel units to remove from an analysed model. Plain data that surgery
+(:mod:`pipeline.graph.surgery`) takes; the planner that makes one from importance scores is
+:func:`pipeline.pruning.planner.plan`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.graph.channels import ChannelAnalysis, Kind
+from pipeline.graph.cost import model_cost
+
+
+@dataclass
+class Plan:
+    analysis: ChannelAnalysis
+    removed: np.ndarray  # bool per unit
+    criterion: str = "manual"
+    allocator: str = "manual"
+    options: dict[str, Any] = field(default_factory=dict)
+    scores: np.ndarray | None = None
+    frozen: np.ndarray | None = None  # frozen mask used (analysis + --exclude)
+
+    @property
+    def n_removed(self) -> int:
+        return int(self.removed.sum())
+
+    def removed_channels(self) -> int:
+        """Producer output channels removed (what a user calls 'channels')."""
+        a = self.analysis
+        return sum(int(self.removed[a.source_units(s)].sum()) for s in a.sources if s.kind == Kind.OUT)
+
+    def summary(self, model_before=None, model_after=None, cost_before=None) -> dict:
+        a = self.analysis
+        total = sum(s.count for s in a.sources if s.kind == Kind.OUT)
+        out: dict[str, Any] = {
+            "criterion": self.criterion,
+            "allocator": self.allocator,
+            "options": self.options,
+            "channels_before": total,
+            "channels_removed": self.removed_channels(),
+            "units_removed": self.n_removed,
+            "groups_touched": int(len(np.unique(a.unit_group[self.removed]))) if self.n_removed else 0,
+        }
+        c0 = cost_before or (model_cost(model_before) if model_before is not None else None)
+        if c0 is not None:
+            out.update(params_before=c0.params, macs_before=c0.macs)
+            if model_after is not None:
+                c1 = model_cost(model_after)
+                out.update(params_after=c1.params, macs_after=c1.macs)
+        return out

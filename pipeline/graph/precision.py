@@ -1,0 +1,65 @@
+"""Convert a model to FP16 for strongly typed engines, keeping FP32 inputs and outputs.
+
+TensorRT 11 builds only strongly typed networks (the FP16 builder flag is gone): the precision must be in the ONNX
+graph. :func:`to_fp16` casts every FP32 initializer to FP16, inserts a Cast after each FP32 graph input and before
+each FP32 graph output (the engine's interface stays FP32), turns internal Casts to FP32 into Casts to FP16, and leaves
+the inputs that ONNX requires in FP32 alone (Resize/Upsample scales and ROI).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from pipeline.graph import Model
+
+# (op, input index) that must stay FP32 whatever the data type
+KEEP_FP32 = {("Resize", 1), ("Resize", 2), ("Upsample", 1)}
+
+
+def to_fp16(model: Model) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    g = proto.graph
+    keep = {n.input[i] for n in g.node for (op, i) in KEEP_FP32 if n.op_type == op and len(n.input) > i}
+    for k, t in enumerate(g.initializer):
+        if t.data_type == TensorProto.FLOAT and t.name not in keep:
+            arr = numpy_helper.to_array(t).astype(np.float16)
+            g.initializer[k].CopyFrom(numpy_helper.from_array(arr, t.name))
+    for n in g.node:
+        for a in n.attribute:
+            if n.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
+                a.i = TensorProto.FLOAT16
+    init_names = {t.name for t in g.initializer}
+    new_nodes = []
+    for inp in g.input:
+        if inp.name in init_names or inp.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        cast = f"{inp.name}__fp16"
+        _rename(g.node, inp.name, cast, outputs=False)
+        new_nodes.append(
+            helper.make_node("Cast", [inp.name], [cast], name=f"{inp.name}__to_fp16", to=TensorProto.FLOAT16)
+        )
+    tail = []
+    for out in g.output:
+        if out.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        inner = f"{out.name}__fp16"
+        _rename(g.node, out.name, inner, outputs=True)
+        tail.append(helper.make_node("Cast", [inner], [out.name], name=f"{out.name}__to_fp32", to=TensorProto.FLOAT))
+    nodes = new_nodes + list(g.node) + tail
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    return proto
+
+
+def _rename(nodes, old: str, new: str, *, outputs: bool) -> None:
+    """Point every use of tensor ``old`` (and its producer, when ``outputs``) at ``new``."""
+    for n in nodes:
+        fields = (n.input, n.output) if outputs else (n.input,)
+        for names in fields:
+            for i, name in enumerate(names):
+                if name == old:
+                    names[i] = new

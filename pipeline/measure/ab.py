@@ -1,0 +1,147 @@
+"""Interleaved A/B timing: the method behind ``carve bench``, recipes' measurements and per-layer decisions.
+
+Both engines are built with the same configuration and warmed up; then they run in alternating rounds (A then B, then
+B then A, ...), each round long enough (``min_round_s``) for the timer to be negligible. Drift of the machine
+(thermals, a background process) hits both alike, and the order alternates so neither always runs second. The
+speed-up is the median over rounds of mean-time(A) / mean-time(B), with a bootstrap confidence interval of that median:
+ratios measured in one run are what reports and the gate trust, not absolute times.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from pipeline.measure.backends import EngineConfig
+from pipeline.measure.config import MeasureConfig
+from pipeline.measure.runners import LocalRunner, RemoteRunner
+from pipeline.measure.stats import bootstrap_median_ci, latency_stats
+
+
+@dataclass
+class Interleaved:
+    """Per-run latencies of each round (seconds) and the per-round ratios mean(A) / mean(B)."""
+
+    a: list[np.ndarray]
+    b: list[np.ndarray]
+    ratios: np.ndarray
+    iterations_per_round: int
+
+
+def interleave(
+    ra,
+    rb,
+    *,
+    rounds: int,
+    min_round_s: float,
+    warmup_s: float,
+    progress: Callable[[int], None] | None = None,
+) -> Interleaved:
+    """Warm both runners up, size a round to ``min_round_s``, then run ``rounds`` alternating rounds."""
+    one = max(ra.warmup(warmup_s), rb.warmup(warmup_s), 1e-7)
+    n = int(min(10000, max(1, math.ceil(min_round_s / one))))
+    lat: dict[str, list[np.ndarray]] = {"a": [], "b": []}
+    ratios = []
+    for r in range(rounds):
+        order = (("a", ra), ("b", rb)) if r % 2 == 0 else (("b", rb), ("a", ra))
+        means = {}
+        for key, runner in order:
+            t = np.asarray(runner.round(n))
+            lat[key].append(t)
+            means[key] = float(t.mean())
+        ratios.append(means["a"] / means["b"])
+        if progress:
+            progress(r + 1)
+    return Interleaved(lat["a"], lat["b"], np.array(ratios), n)
+
+
+def measure_pair(
+    a: Path, b: Path, cfg: MeasureConfig, batch: int, threads: int, progress: Callable[[str], None] | None = None
+) -> dict:
+    """One configuration: interleaved rounds, stats, speed-up with its confidence interval."""
+    runner = RemoteRunner if cfg.isolate else LocalRunner
+    ec = cfg.engine_config(batch, threads)
+    ra, rb = runner(cfg.backend, a, ec), runner(cfg.backend, b, ec)
+    try:
+        run = interleave(
+            ra,
+            rb,
+            rounds=cfg.rounds,
+            min_round_s=cfg.min_round_s,
+            warmup_s=cfg.warmup_s,
+            progress=(lambda r: progress(f"batch {batch}, {threads} thread(s): round {r}/{cfg.rounds}"))
+            if progress
+            else None,
+        )
+        med, lo, hi = bootstrap_median_ci(
+            run.ratios, confidence=cfg.confidence, resamples=cfg.bootstrap, seed=cfg.seed
+        )
+        out: dict[str, Any] = {
+            "backend": cfg.backend,
+            "device": cfg.device,
+            "precision": cfg.precision,
+            "batch": batch,
+            "threads": threads,
+            "iterations_per_round": run.iterations_per_round,
+            "rounds": cfg.rounds,
+            "isolated": cfg.isolate,
+        }
+        rng = np.random.default_rng(cfg.seed)
+        for key, runner_, lat in (("a", ra, run.a), ("b", rb, run.b)):
+            times = np.concatenate(lat)
+            stats = latency_stats(times, batch)
+            kept = times if len(times) <= cfg.max_samples_kept else rng.choice(times, cfg.max_samples_kept, False)
+            stats["samples_ms"] = [round(float(x) * 1e3, 6) for x in kept]
+            stats["round_means_ms"] = [round(float(x.mean()) * 1e3, 6) for x in lat]
+            stats["engine"] = runner_.info()
+            stats["engine_memory"] = runner_.memory()
+            out[key] = stats
+        out["speedup"] = {
+            "median": med,
+            "ci_low": lo,
+            "ci_high": hi,
+            "confidence": cfg.confidence,
+            "round_ratios": [round(float(x), 6) for x in run.ratios],
+        }
+        return out
+    finally:
+        ra.close()
+        rb.close()
+
+
+def time_ratio(
+    a: onnx.ModelProto | str | Path,
+    b: onnx.ModelProto | str | Path,
+    *,
+    backend: str = "ort",
+    threads: int = 1,
+    batch: int = 1,
+    rounds: int = 15,
+    min_round_s: float = 0.01,
+    warmup_s: float = 0.05,
+) -> float:
+    """Median over interleaved rounds of time(a) / time(b) on ``backend`` (above 1: b is faster). For small models
+    such as one layer and its replacement (``merge --when slower``); protos are written to a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="carve-ab-") as tmp:
+        paths = []
+        for name, m in (("a", a), ("b", b)):
+            if isinstance(m, onnx.ModelProto):
+                p = Path(tmp) / f"{name}.onnx"
+                onnx.save_model(m, str(p))
+                m = p
+            paths.append(m)
+        config = EngineConfig(batch=batch, threads=threads)
+        ra, rb = LocalRunner(backend, paths[0], config), LocalRunner(backend, paths[1], config)
+        try:
+            run = interleave(ra, rb, rounds=rounds, min_round_s=min_round_s, warmup_s=warmup_s)
+        finally:
+            ra.close()
+            rb.close()
+    return float(np.median(run.ratios))

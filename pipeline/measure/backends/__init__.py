@@ -1,0 +1,117 @@
+"""Engines: one small interface over ONNX Runtime, TensorRT and the PyTorch runner.
+
+A :class:`Backend` says whether it can run here (and why not) and builds an :class:`Engine` for a model, a batch size
+and a precision. An engine has its inputs bound once, runs one inference with :meth:`Engine.run`, times ``n`` of them
+with the clock that fits its device (:meth:`Engine.time`: wall clock on the CPU, CUDA events on a GPU), returns its
+outputs for agreement checks, and reports what it knows about memory and its own settings.
+
+    from pipeline.measure.backends import build
+    engine = build("ort", "model.onnx", EngineConfig(batch=8, threads=2))
+    seconds = engine.time(100) / 100
+
+Backends: ``ort`` (CPU everywhere; CUDA / TensorRT execution providers where they load), ``trt`` (TensorRT 10/11,
+``tensorrt`` imported only in :mod:`pipeline.measure.backends.trt`), ``torch-cuda`` (the ONNX graph run by PyTorch on a GPU)
+and ``torch-cpu`` (the same runner on the CPU, for numerics and machines without a GPU).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from pipeline.errors import MissingDependencyError
+from pipeline.registry import Registry
+
+backends: Registry[type[Backend]] = Registry(
+    "backend",
+    entry_point_group="carve.backends",
+    builtin_modules=["pipeline.measure.backends.ort", "pipeline.measure.backends.trt", "pipeline.measure.backends.torch_cuda"],
+)
+
+
+@dataclass
+class EngineConfig:
+    batch: int = 1
+    precision: str = "fp32"  # fp32 | fp16
+    threads: int = 1  # CPU threads (intra-op)
+    device: str = "cpu"  # ort: cpu | cuda | tensorrt
+    cuda_graphs: bool = False
+    optimization: str = "all"  # ort graph optimisation level: disable | basic | extended | all
+    memory_arena: bool = True  # ort: disable when measuring peak memory
+    spinning: bool = False  # ort: let idle intra-op threads spin (steals CPU from the other model of an A/B)
+    workspace_mb: int = 1024  # trt builder workspace
+    builder_level: int = 3  # trt builder optimisation level (0-5)
+    cache_dir: str | None = None  # trt engine and timing caches
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Engine:
+    """A built engine with bound inputs. Subclasses implement :meth:`run` and may override the rest."""
+
+    clock: ClassVar[str] = "wall"
+
+    def run(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def time(self, n: int) -> float:
+        """Seconds for ``n`` runs, back to back."""
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.run()
+        return time.perf_counter() - t0
+
+    def times(self, n: int) -> np.ndarray:
+        """Per-run seconds of ``n`` runs (for percentiles)."""
+        out = np.empty(n)
+        for k in range(n):
+            t0 = time.perf_counter()
+            self.run()
+            out[k] = time.perf_counter() - t0
+        return out
+
+    def outputs(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def memory(self) -> dict[str, int]:
+        return {}
+
+    def info(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class Backend:
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def available(self) -> tuple[bool, str]:
+        """(usable here, why not)."""
+        return True, ""
+
+    def build(self, model: str | Path, config: EngineConfig) -> Engine:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def require(self) -> None:
+        ok, why = self.available()
+        if not ok:
+            raise MissingDependencyError(f"backend {self.name!r} cannot run here: {why}")
+
+
+def get(name: str) -> Backend:
+    return backends.get(name)()
+
+
+def build(name: str, model: str | Path, config: EngineConfig | None = None) -> Engine:
+    b = get(name)
+    b.require()
+    return b.build(model, config or EngineConfig())

@@ -1,0 +1,41 @@
+"""Configuration of a side-by-side measurement (``carve bench``, recipes' ``bench`` section)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.measure.backends import EngineConfig
+
+
+@dataclass
+class MeasureConfig:
+    backend: str = "ort"
+    batches: list[int] = field(default_factory=lambda: [1])
+    threads: list[int] = field(default_factory=lambda: [1])
+    precision: str = "fp32"
+    device: str = "cpu"
+    cuda_graphs: bool = False
+    spinning: bool = False  # ort: idle pool threads spin (see EngineConfig); off for fair A/B on shared cores
+    rounds: int = 20
+    min_round_s: float = 0.05
+    warmup_s: float = 0.3
+    isolate: bool = False
+    confidence: float = 0.95
+    bootstrap: int = 2000
+    seed: int = 0
+    memory: bool = True
+    agreement: bool = True
+    data: str | None = None  # agreement inputs from a data file instead of random
+    agreement_samples: int = 256
+    max_samples_kept: int = 400  # latencies kept per model in the report (for plots)
+
+    def engine_config(self, batch: int, threads: int) -> EngineConfig:
+        return EngineConfig(
+            batch=batch,
+            threads=threads,
+            precision=self.precision,
+            device=self.device,
+            cuda_graphs=self.cuda_graphs,
+            seed=self.seed,
+            spinning=self.spinning,
+        )

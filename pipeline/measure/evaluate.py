@@ -1,0 +1,49 @@
+"""Accuracy on labelled data and agreement with a reference model: what ``carve eval`` reports.
+
+Top-1 / top-5 need labels; agreement with a reference (usually the unpruned model) needs none: the fraction of inputs
+where both predict the same class, and the mean KL divergence KL(reference || model) of their softmax outputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.data.capture import predict
+from pipeline.data.datasets import Dataset
+from pipeline.graph import Model
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def topk(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    k = min(k, logits.shape[1])
+    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    return float((top == labels[:, None]).any(axis=1).mean())
+
+
+def agreement(reference: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    p, q = softmax(reference.astype(np.float64)), softmax(logits.astype(np.float64))
+    kl = (p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(q, 1e-12, None)))).sum(axis=1)
+    return {"top1_agreement": float((reference.argmax(1) == logits.argmax(1)).mean()), "kl_mean": float(kl.mean())}
+
+
+def evaluate(model: Model, data: Dataset, *, reference: Model | None = None, threads: int = 2) -> dict:
+    """The ``accuracy`` report section for ``model`` on ``data``."""
+    logits = predict(model, data, threads=threads)
+    if logits.ndim != 2:
+        logits = logits.reshape(len(logits), -1)
+    out: dict = {"data": data.describe(), "samples": int(len(logits))}
+    if data.labels is not None:
+        labels = data.labels[data._idx()]
+        out["top1"] = topk(logits, labels, 1)
+        out["top5"] = topk(logits, labels, 5)
+    if reference is not None:
+        ref = predict(reference, data, threads=threads).reshape(len(logits), -1)
+        out["reference"] = {"source": str(reference.source) if reference.source else None, **agreement(ref, logits)}
+        if data.labels is not None:
+            out["reference"]["top1"] = topk(ref, data.labels[data._idx()], 1)
+    return out

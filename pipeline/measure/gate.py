@@ -1,0 +1,127 @@
+"""The CI gate: fail when a change makes the model measurably slower.
+
+Rules, per measured configuration (backend, batch, threads) of a bench report:
+
+1. **Slow-down**: fail when the *upper* end of the speed-up's confidence interval is below ``1 - max_slowdown``: the
+   candidate is slower than the baseline model by more than the allowance, with confidence. Noise alone does not fail
+   it: for two copies of one model the interval straddles 1.
+2. **Minimum speed-up** (optional): fail when the upper end is below ``min_speedup`` (a pruned model that must pay off).
+3. **Baseline report** (optional, e.g. the one stored from main): fail when the candidate's speed-up falls below the
+   baseline's by more than ``tolerance`` (default ``max_slowdown``), again on the upper end of its interval.
+   Configurations only one report has are listed, not judged.
+
+:func:`evaluate` returns the verdict and a Markdown summary suitable for a CI job summary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.errors import CarveError
+
+DEFAULT_MAX_SLOWDOWN = 0.05
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        head = "### carve gate: passed" if self.passed else "### carve gate: FAILED"
+        lines = [
+            head,
+            "",
+            "| configuration | speed-up (95% CI) | must reach | baseline | verdict |",
+            "|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            base = f"{r['baseline']:.2f}x" if r.get("baseline") is not None else "-"
+            lines.append(
+                f"| {r['config']} | {r['median']:.2f}x ({r['low']:.2f}-{r['high']:.2f}) | "
+                f"{r['threshold']:.2f}x | {base} | {'pass' if r['ok'] else '**fail**'} |"
+            )
+        for f in self.failures:
+            lines.append(f"\n- {f}")
+        for n in self.notes:
+            lines.append(f"\n- note: {n}")
+        return "\n".join(lines) + "\n"
+
+
+def _key(r: dict) -> tuple:
+    return (r.get("backend"), r.get("device"), r.get("precision"), r.get("batch"), r.get("threads"))
+
+
+def _label(r: dict) -> str:
+    return f"{r.get('backend')} {r.get('device')} {r.get('precision')} batch {r.get('batch')}, {r.get('threads')} thr"
+
+
+def evaluate(
+    report: dict,
+    *,
+    max_slowdown: float = DEFAULT_MAX_SLOWDOWN,
+    min_speedup: float | None = None,
+    baseline: dict | None = None,
+    tolerance: float | None = None,
+) -> GateResult:
+    results = report.get("results")
+    if not results:
+        raise CarveError("the report has no latency results to judge (is it a `carve bench` report?)")
+    if not 0 <= max_slowdown < 1:
+        raise CarveError(f"--max-slowdown must be in [0, 1), got {max_slowdown}")
+    tolerance = max_slowdown if tolerance is None else tolerance
+    base = {_key(r): r for r in (baseline or {}).get("results", [])}
+    out = GateResult(True)
+    for r in results:
+        try:
+            s = r["speedup"]
+            med, lo, hi = float(s["median"]), float(s["ci_low"]), float(s["ci_high"])
+        except (KeyError, TypeError, ValueError):
+            raise CarveError(f"result {_label(r)} has no usable speed-up") from None
+        threshold = 1 - max_slowdown
+        reasons = []
+        if hi < threshold:
+            reasons.append(f"{_label(r)}: B is slower than A ({med:.2f}x, CI up to {hi:.2f}x < {threshold:.2f}x)")
+        if min_speedup is not None:
+            threshold = max(threshold, min_speedup)
+            if hi < min_speedup:
+                reasons.append(
+                    f"{_label(r)}: speed-up {med:.2f}x (CI up to {hi:.2f}x) is below the required {min_speedup:.2f}x"
+                )
+        b = base.get(_key(r))
+        bmed = None
+        if b is not None:
+            bmed = float(b["speedup"]["median"])
+            floor = bmed * (1 - tolerance)
+            if hi < floor:
+                reasons.append(
+                    f"{_label(r)}: speed-up {med:.2f}x (CI up to {hi:.2f}x) lost more than "
+                    f"{tolerance:.0%} of the baseline's {bmed:.2f}x"
+                )
+        elif baseline is not None:
+            out.notes.append(f"{_label(r)} is not in the baseline report")
+        out.rows.append(
+            {
+                "config": _label(r),
+                "median": med,
+                "low": lo,
+                "high": hi,
+                "threshold": threshold,
+                "baseline": bmed,
+                "ok": not reasons,
+            }
+        )
+        out.failures += reasons
+    out.passed = not out.failures
+    return out
+
+
+def parse_fraction(text: str) -> float:
+    """``5%`` or ``0.05``."""
+    t = text.strip()
+    try:
+        return float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise CarveError(f"not a fraction: {text!r} (use 5% or 0.05)") from None

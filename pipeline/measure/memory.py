@@ -1,0 +1,98 @@
+"""Peak memory of loading and running a model, measured in a fresh process.
+
+``python -m pipeline.measure.memory MODEL --backend ort --batch 8`` imports what it needs, notes its resident memory, builds
+an engine (ONNX Runtime's CPU arena disabled so the peak is the model's, not the allocator's high-water mark), runs it
+a few times and prints JSON: the peak resident memory above that baseline (VmHWM - VmRSS before loading, from
+/proc/self/status), plus the memory figures the engine reports (engine size, device memory). A fresh process per
+measurement keeps one model's allocations out of the other's figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _status(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def measure_here(model: str, backend: str, batch: int, threads: int, precision: str, device: str) -> dict:
+    from pipeline.measure.backends import EngineConfig, build
+
+    base = _status("VmRSS:")
+    engine = build(
+        backend,
+        model,
+        EngineConfig(batch=batch, threads=threads, precision=precision, device=device, memory_arena=False),
+    )
+    for _ in range(3):
+        engine.run()
+    peak = _status("VmHWM:")
+    out = {"backend": backend, "batch": batch, **engine.memory()}
+    if base is not None and peak is not None:
+        out["peak_rss_bytes"] = peak - base
+    return out
+
+
+def measure_in_fresh_process(
+    model: str | Path,
+    backend: str = "ort",
+    batch: int = 1,
+    threads: int = 1,
+    precision: str = "fp32",
+    device: str = "cpu",
+    timeout: float = 600,
+) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.measure.memory",
+        str(model),
+        "--backend",
+        backend,
+        "--batch",
+        str(batch),
+        "--threads",
+        str(threads),
+        "--precision",
+        precision,
+        "--device",
+        device,
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("model")
+    p.add_argument("--backend", default="ort")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args()
+    # import before the baseline so that library code is not counted as the model's memory
+    import numpy  # noqa: F401
+    import onnxruntime  # noqa: F401
+
+    import pipeline.measure.backends  # noqa: F401
+
+
+    print(json.dumps(measure_here(a.model, a.backend, a.batch, a.threads, a.precision, a.device)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""From importance scores to a pruning plan: which channel units to remove.
+
+:func:`plan` scores every unit with a criterion (:mod:`pipeline.pruning.criterion`) and lets an allocator
+(:mod:`pipeline.pruning.allocator`) decide how many units each slice of each group loses. The built-in ``uniform``
+allocator removes the same fraction of every slice (a slice is the set of units of a group that appear in exactly the
+same tensors, so every tensor shrinks by the same ratio), rounds the kept width up to a multiple of ``round_to``
+(channel alignment for the engine's kernels) and never keeps fewer than ``keep_min`` channels. Frozen units are never
+removed. Criteria and allocators are reached through their registries only.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import CarveError
+from pipeline.graph.channels import ChannelAnalysis
+from pipeline.graph.plan import Plan
+from pipeline.pruning.allocator import allocators
+from pipeline.pruning.criterion import ScoreContext, criteria
+from pipeline.pruning.targets import bisect_ratio
+
+
+def exclusion_mask(
+    analysis: ChannelAnalysis, patterns: list[str] | tuple[str, ...]
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Units touching a node whose name matches a glob pattern: produced, consumed or carried by it."""
+    mask = np.zeros(analysis.n_units, dtype=bool)
+    reasons: dict[int, str] = {}
+    if not patterns:
+        return mask, reasons
+    nodes = set(analysis.model.nodes)
+    matched = {n for n in nodes if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    if not matched:
+        raise CarveError(f"--exclude {' '.join(patterns)} matches no node", hint="`carve inspect` lists the node names")
+    for rec in analysis.slice_records:
+        if rec.node in matched:
+            for u in np.unique(analysis.unit_of[rec.ids]):
+                mask[u] = True
+                reasons.setdefault(int(u), f"excluded by --exclude ({rec.node})")
+    for s in analysis.sources:
+        if s.name in matched:
+            for u in np.unique(analysis.source_units(s)):
+                mask[u] = True
+                reasons.setdefault(int(u), f"excluded by --exclude ({s.name})")
+    return mask, reasons
+
+
+def plan(
+    analysis: ChannelAnalysis,
+    *,
+    criterion: str = "l1",
+    ratio: float = 0.5,
+    round_to: int = 1,
+    keep_min: int = 1,
+    exclude: list[str] | tuple[str, ...] = (),
+    allocator: str = "uniform",
+    seed: int = 0,
+    calib: Any = None,
+    criterion_options: dict[str, Any] | None = None,
+    scores: np.ndarray | None = None,
+    target_macs: float | None = None,
+    target_params: float | None = None,
+    **allocator_options: Any,
+) -> Plan:
+    """Score the units with ``criterion`` and choose the ones to remove with ``allocator``.
+
+    With ``target_macs`` (or ``target_params``), a fraction of the original model's MACs (params) to keep, the
+    allocator's ``ratio`` is found by bisection: the smallest ratio whose predicted cost meets the target.
+    """
+    if not 0 <= ratio < 1:
+        raise CarveError(f"ratio must be in [0, 1), got {ratio}")
+    if target_macs is not None and target_params is not None:
+        raise CarveError("give --target-macs or --target-params, not both")
+    target = target_macs if target_macs is not None else target_params
+    if target is not None and not 0 < target <= 1:
+        raise CarveError(f"a target is the fraction of the original to keep, in (0, 1]; got {target}")
+    if round_to < 1 or keep_min < 1:
+        raise CarveError("--round-to and --keep-min must be at least 1")
+    if scores is None:
+        scores = score_units(analysis, criterion, calib=calib, seed=seed, options=criterion_options)
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != (analysis.n_units,):
+        raise AssertionError(f"criterion {criterion!r} returned {scores.shape} scores for {analysis.n_units} units")
+    excl, _ = exclusion_mask(analysis, exclude)
+    frozen = analysis.unit_frozen | excl
+    alloc = allocators.get(allocator)
+
+    def allocate(r: float) -> np.ndarray:
+        return alloc(analysis, scores, frozen, ratio=r, round_to=round_to, keep_min=keep_min, **allocator_options)
+
+    allocate.scores, allocate.round_to = scores, round_to  # type: ignore[attr-defined]  # for fill_to_target
+
+    options: dict[str, Any] = {}
+    if target is None:
+        removed = allocate(ratio)
+    else:
+        kind = "macs" if target_macs is not None else "params"
+        ratio, removed, achieved = bisect_ratio(analysis, allocate, target, kind)
+        options.update({f"target_{kind}": target, f"achieved_{kind}": achieved})
+    options.update({"ratio": ratio, "round_to": round_to, "keep_min": keep_min, "exclude": list(exclude), "seed": seed})
+    options.update({**allocator_options, **(criterion_options or {})})
+    return Plan(analysis, removed, criterion, allocator, options, scores, frozen)
+
+
+def score_units(
+    analysis: ChannelAnalysis,
+    criterion: str,
+    *,
+    calib: Any = None,
+    seed: int = 0,
+    options: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """One score per unit from a criterion (checking that it has the data it needs)."""
+    crit = criteria.get(criterion)(**(options or {}))
+    data_needs = crit.needs & {"activations", "labels", "gradients"}
+    if data_needs and calib is None:
+        raise CarveError(
+            f"criterion {criterion!r} needs calibration data ({', '.join(sorted(data_needs))})",
+            hint="give --calib FILE.npz | FOLDER | digits",
+        )
+    if "labels" in crit.needs and getattr(calib, "labels", None) is None:
+        raise CarveError(f"criterion {criterion!r} needs labelled calibration data; {calib.name} has no labels")
+    return np.asarray(crit.unit_scores(ScoreContext(analysis, seed=seed, calib=calib)), dtype=np.float64)

@@ -1,0 +1,83 @@
+"""Reaching a MAC or parameter target: the smallest allocator ratio whose predicted cost meets it (bisection on the
+:class:`~pipeline.graph.cost.CostModel`, no surgery), then aligned chunks given back while the target still holds."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.errors import CarveError
+from pipeline.graph.channels import ChannelAnalysis
+from pipeline.graph.cost import CostModel
+
+
+def bisect_ratio(analysis: ChannelAnalysis, allocate, target: float, kind: str = "macs", *, steps: int = 30):
+    """The smallest allocator ratio whose predicted cost fraction is at most ``target``: (ratio, removed, achieved)."""
+    cost = CostModel(analysis)
+    pick = 1 if kind == "macs" else 0
+
+    def frac(removed: np.ndarray) -> float:
+        return cost.ratios(removed)[pick]
+
+    lo, hi = 0.0, 0.999
+    removed_hi = allocate(hi)
+    if frac(removed_hi) > target + 1e-9:
+        raise CarveError(
+            f"cannot reach {kind} {target:.3g} of the original: removing everything prunable leaves "
+            f"{frac(removed_hi):.3g} (frozen channels, --keep-min and --round-to limit it)",
+            hint="`carve inspect` shows what is frozen and why; lower --round-to / --keep-min or raise the target",
+        )
+    removed_lo = allocate(lo)
+    if frac(removed_lo) <= target + 1e-9:
+        return lo, removed_lo, frac(removed_lo)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        removed_mid = allocate(mid)
+        if frac(removed_mid) <= target + 1e-9:
+            hi, removed_hi = mid, removed_mid
+        else:
+            lo = mid
+        if hi - lo < 1e-4:
+            break
+    removed = fill_to_target(analysis, removed_hi, scores_of(allocate), frac, target, round_to_of(allocate))
+    return hi, removed, frac(removed)
+
+
+def scores_of(allocate) -> np.ndarray | None:
+    return getattr(allocate, "scores", None)
+
+
+def round_to_of(allocate) -> int:
+    return int(getattr(allocate, "round_to", 1))
+
+
+def fill_to_target(
+    analysis: ChannelAnalysis, removed: np.ndarray, scores: np.ndarray | None, frac, target: float, round_to: int = 1
+) -> np.ndarray:
+    """Give back aligned chunks of removed units while the cost stays within the target.
+
+    Aligned widths move in coarse steps (16 channels rounded to 8 can only be 8 or 16), so the smallest ratio meeting
+    a target can overshoot it by far. Chunks of ``round_to`` units (the highest-scored removed units of a slice) are
+    restored, the least-kept slices first, as long as the predicted cost stays at most ``target``."""
+    removed = removed.copy()
+    s = scores if scores is not None else np.zeros(analysis.n_units)
+    slices = [sl for g in analysis.groups for sl in g.slices]
+    while True:
+        candidates = []
+        for sl in slices:
+            gone = sl[removed[sl]]
+            if not len(gone):
+                continue
+            kept = len(sl) - len(gone)
+            size = min(len(gone), round_to)
+            if (kept + size) % round_to and kept + size != len(sl):
+                continue
+            chunk = gone[np.argsort(-s[gone], kind="stable")[:size]]
+            candidates.append((kept / len(sl), -float(s[chunk].mean()), chunk))
+        candidates.sort(key=lambda c: (c[0], c[1]))
+        for _, _, chunk in candidates:
+            removed[chunk] = False
+            if frac(removed) <= target + 1e-9:
+                break
+            removed[chunk] = True
+        else:
+            return removed

@@ -1,0 +1,66 @@
+"""The smallest ONNX Runtime helpers: a CPU session for a model, concrete input shapes, deterministic random feeds, and
+one run. Verification, capture and evaluation use these; timed runs go through :mod:`pipeline.measure.backends`,
+which configures sessions for measurement."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from pipeline.graph.model import Model
+
+
+def session(
+    model: Model | onnx.ModelProto | str | os.PathLike, *, threads: int = 1, providers: list[str] | None = None
+):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if isinstance(model, str | os.PathLike):
+        src: bytes | str = str(Path(model))
+    else:
+        proto = model.proto if isinstance(model, Model) else model
+        src = proto.SerializeToString()
+    return ort.InferenceSession(src, so, providers=providers or ["CPUExecutionProvider"])
+
+
+def input_specs(proto: onnx.ModelProto, batch: int = 1) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Graph inputs with concrete shapes: symbolic dims become ``batch`` on axis 0 and 1 elsewhere."""
+    inits = {t.name for t in proto.graph.initializer}
+    specs = {}
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims = []
+        for ax, d in enumerate(tt.shape.dim):
+            dims.append(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (batch if ax == 0 else 1))
+        specs[vi.name] = (tuple(dims), np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)))
+    return specs
+
+
+def random_feeds(model: Model | onnx.ModelProto, *, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    proto = model.proto if isinstance(model, Model) else model
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, (shape, dtype) in input_specs(proto, batch).items():
+        if np.issubdtype(dtype, np.floating):
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        elif np.issubdtype(dtype, np.integer):
+            feeds[name] = rng.integers(0, 10, size=shape).astype(dtype)
+        else:
+            feeds[name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feeds
+
+
+def run(
+    model: Model | onnx.ModelProto | str | os.PathLike, feeds: dict[str, np.ndarray], *, threads: int = 1
+) -> list[np.ndarray]:
+    return session(model, threads=threads).run(None, feeds)

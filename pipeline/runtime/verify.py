@@ -1,0 +1,53 @@
+"""Comparing two models' outputs in ONNX Runtime: the metrics (one definition for pass errors, bench agreement and
+verification) and the check that a result equals its reference."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.errors import CarveError
+from pipeline.graph.model import Model
+from pipeline.runtime.ort import random_feeds, run
+
+
+def output_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """How far ``candidate`` is from ``reference`` (same shape): max |diff|, the same relative to the reference's
+    scale, cosine similarity, and for (N, classes) logits the top-1 agreement."""
+    x = np.asarray(reference, dtype=np.float64)
+    y = np.asarray(candidate, dtype=np.float64)
+    diff = float(np.abs(x - y).max(initial=0))
+    scale = float(np.abs(x).max(initial=0))
+    out = {
+        "max_abs": diff,
+        "max_rel": diff / max(scale, 1e-12),
+        "cosine": float((x * y).sum() / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-30)),
+    }
+    if x.ndim == 2 and x.shape[1] > 1:
+        out["top1_agreement"] = float((x.argmax(1) == y.argmax(1)).mean())
+    return out
+
+
+def output_error(a: Model, b: Model, feeds: dict[str, np.ndarray]) -> dict[str, float]:
+    """:func:`output_metrics` of the first outputs of ``a`` and ``b`` on ``feeds``."""
+    return output_metrics(run(a, feeds)[0], run(b, feeds)[0])
+
+
+def verify_equal(reference, candidate, *, seed: int = 0, batch: int = 2, rtol: float = 1e-4) -> dict:
+    """Run both on the same random batch; every output must agree relative to the output scale (else CarveError)."""
+    feeds = random_feeds(reference, batch=batch, seed=seed)
+    a, b = run(reference, feeds), run(candidate, feeds)
+    worst, scale = 0.0, 0.0
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            raise CarveError(f"output shape changed: {x.shape} -> {y.shape}; please report this model")
+        if np.issubdtype(x.dtype, np.floating):
+            m = output_metrics(x, y)
+            worst = max(worst, m["max_abs"])
+            scale = max(scale, float(np.abs(x).max(initial=0)))
+    if worst > rtol * max(scale, 1e-6) + 1e-6:
+        raise CarveError(
+            f"verification failed: the result differs from its reference by {worst:.3g} (output scale {scale:.3g}); "
+            "please report this model",
+            hint="--no-verify skips the check",
+        )
+    return {"max_abs_diff": worst, "scale": scale}

@@ -1,0 +1,42 @@
+"""BatchNorm re-estimation: every BatchNormalization's running mean and variance are re-measured on the working model
+(the statistics the pruned network really produces; "AdaBN"-style recalibration, Li et al. 2016), level by level on
+calibration data (:mod:`pipeline.data.compensate`)."""
+
+from __future__ import annotations
+
+from pipeline.data.capture import ChannelMoments
+from pipeline.data.compensate import run_levels
+from pipeline.graph.model import Model
+from pipeline.pruning.repair import Repair, RepairResult, repairs
+
+
+class _BNStats:
+    def __init__(self) -> None:
+        self.moments = ChannelMoments()
+
+    def tensors(self, node) -> list[str]:
+        return [node.input[0]]
+
+    def update(self, node, original, working) -> None:
+        self.moments.update(node.name, working[node.input[0]])
+
+    def finish(self, node, model: Model) -> str:
+        mean, var, n = self.moments.mean(node.name), self.moments.var(node.name), self.moments.count[node.name]
+        for name, val in ((node.input[3], mean), (node.input[4], var)):
+            model.set_array(name, val.astype(model.array(name).dtype))
+        return f"{node.name}: statistics re-estimated on {n} values per channel"
+
+
+@repairs.register("bn")
+class BatchNormStatistics(Repair):
+    description = "re-estimate every BatchNormalization's mean and variance on calibration data"
+    needs = frozenset({"calib"})
+
+    def apply(self, original, plan, working, calib=None, *, progress=None) -> RepairResult:
+        bns = [
+            n.name
+            for n in working.graph.node
+            if n.op_type == "BatchNormalization" and all(working.is_const(i) for i in n.input[1:5])
+        ]
+        details = run_levels(original, working, bns, _BNStats(), calib, progress=progress)
+        return RepairResult(working, details)
