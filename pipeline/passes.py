@@ -22,11 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
-
 from pipeline.errors import CarveError
-from pipeline.graph import Model, check, save
+from pipeline.graph.history import record
+from pipeline.graph.io import save
+from pipeline.graph.model import Model
+from pipeline.graph.shapes import verify_structure
 from pipeline.registry import Registry
+from pipeline.runtime.ort import random_feeds
+from pipeline.runtime.verify import output_error
 
 passes: Registry[type[Pass]] = Registry("pass", entry_point_group="carve.passes", builtin_modules=["plugins.passes"])
 
@@ -66,12 +69,7 @@ class Pass:
         raise NotImplementedError
 
     def ensures(self, before: Model, result: PassResult) -> None:
-        after = result.model
-        for name in before.output_names:
-            s0, s1 = before.shape(name), after.shape(name)
-            if s0 is not None and s1 is not None and s0 != s1:
-                raise AssertionError(f"pass {self.name!r} changed the shape of output {name!r}: {s0} -> {s1}")
-        check(after.proto, full=True)
+        verify_structure({n: before.shape(n) for n in before.output_names}, result.model, what=f"pass {self.name!r}")
 
     def __call__(self, model: Model, ctx: PassContext | None = None) -> PassResult:
         ctx = ctx or PassContext()
@@ -96,17 +94,6 @@ class Instrument:
         pass
 
 
-def output_error(a: Model, b: Model, feeds: dict[str, np.ndarray]) -> dict[str, float]:
-    """Max |diff|, the same relative to the output scale, and cosine similarity of the first outputs."""
-    from pipeline.runtime.ort import run
-
-    x, y = run(a, feeds)[0].astype(np.float64), run(b, feeds)[0].astype(np.float64)
-    diff = float(np.abs(x - y).max(initial=0))
-    scale = float(np.abs(x).max(initial=0))
-    cos = float((x * y).sum() / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-30))
-    return {"max_abs": diff, "max_rel": diff / max(scale, 1e-12), "cosine": cos}
-
-
 class NumericCheck(Instrument):
     """Exact passes must keep outputs (relative error <= ``rtol``); lossy passes get their error measured."""
 
@@ -116,8 +103,6 @@ class NumericCheck(Instrument):
     def after(self, p: Pass, model: Model, result: PassResult, ctx: PassContext) -> None:
         if not result.changed:
             return
-        from pipeline.runtime.ort import random_feeds
-
         feeds = random_feeds(model, batch=self.batch, seed=ctx.seed)
         if ctx.calib is not None and not p.exact:
             x, _ = next(ctx.calib.batches(16))
@@ -180,6 +165,4 @@ def get(name: str, **options: Any) -> Pass:
 
 
 def record_pass(model: Model, p: Pass, result: PassResult, command: str | None) -> None:
-    from pipeline.graph.history import record
-
     record(model, p.name, {**result.summary, "details": result.details[:200]}, command=command)

@@ -119,3 +119,57 @@ def zoo_dir(tmp_path_factory) -> Path:
     for name in models.available():
         models.export(name, d / f"{name}.onnx", input_size=zoo_input_size(name))
     return d
+
+
+class _SimulatedEngine:
+    """Times proportional to the model's MACs (1 ps per MAC) with seeded log-normal jitter: a measurement with known
+    answers, for tests of the A/B statistics and the gate that must not depend on how busy this machine is."""
+
+    clock = "simulated"
+
+    def __init__(self, model, config) -> None:
+        import hashlib
+
+        import numpy as np
+
+        from pipeline.graph.cost import model_cost
+        from pipeline.graph.io import load
+
+        self.base = model_cost(load(model)).macs * 1e-12 * config.batch
+        digest = hashlib.sha256(f"{model}:{config.seed}".encode()).digest()
+        self.rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+    def times(self, n: int):
+        return self.base * self.rng.lognormal(0.0, 0.15, size=n)
+
+    def run(self) -> None:
+        pass
+
+    def outputs(self, feeds):
+        raise NotImplementedError
+
+    def memory(self) -> dict:
+        return {}
+
+    def info(self) -> dict:
+        return {"simulated": True}
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def simulated_backend() -> str:
+    """Register the ``simulated`` backend (see :class:`_SimulatedEngine`) and return its name."""
+    from pipeline.measure.backends import Backend, backends
+
+    if "simulated" not in backends:
+
+        class Simulated(Backend):
+            description = "test-only: known times with jitter"
+
+            def build(self, model, config):
+                return _SimulatedEngine(model, config)
+
+        backends.register("simulated")(Simulated)
+    return "simulated"

@@ -37,11 +37,10 @@ def measure(a: Path, b: Path, args, batches: list[int], threads: list[int]) -> d
     cfg = MeasureConfig(
         backend=args.backend,
         device=args.device,
-        batches=batches,
+        batch=batches,
         threads=threads,
         rounds=args.rounds,
-        min_round_s=args.min_round_ms / 1000,
-        warmup_s=0.3,
+        min_round_ms=args.min_round_ms,
         agreement=False,
         memory=not args.no_memory,
         precision=args.precision,

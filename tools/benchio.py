@@ -16,7 +16,7 @@ def speedups(a: Path, b: Path, batches: list[int], rounds: int) -> dict[str, dic
     from pipeline.measure.compare import compare
     from pipeline.measure.config import MeasureConfig
 
-    config = MeasureConfig(batches=batches, threads=[1], rounds=rounds, min_round_s=0.05, memory=False, agreement=False)
+    config = MeasureConfig(batch=batches, threads=[1], rounds=rounds, min_round_ms=50, memory=False, agreement=False)
     return {
         str(res["batch"]): {
             "a_ms": res["a"]["median_ms"],

@@ -86,6 +86,17 @@ def key_values(text: str) -> dict:
         return {key.strip(): value}
 
 
+class KeyValues(argparse.Action):
+    """``--opt KEY=VALUE`` (repeatable) gathered into one dict; values read as YAML scalars."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        try:
+            pair = key_values(values)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest, None) or {}), **pair})
+
+
 def add_calib_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration data")
     g.add_argument(
@@ -134,40 +145,29 @@ def load_calib(args: argparse.Namespace, model, *, required: bool | str):
 
 
 def run_pass(args: argparse.Namespace, passes: list, *, model=None, calib=None) -> int:
-    """Run passes on ``args.model``, print their decisions and error, record them in the metadata, save atomically."""
+    """Run passes on ``args.model`` into ``args.output`` (:func:`pipeline.flows.passes.run_passes`) and print their
+    decisions, their error and the cost change."""
     import json
 
-    from pipeline.graph import check_output_path, load, save
-    from pipeline.passes import NumericCheck, PassContext, PassManager, record_pass
-
-    check_output_path(args.output, args.model)
-    model = model if model is not None else load(args.model)
-    ctx = PassContext(calib=calib, seed=getattr(args, "seed", 0), command=command_line())
-    con = console(getattr(args, "quiet", False) or getattr(args, "json", False))
-    with con.status("running " + ", ".join(p.name for p in passes) + "...", spinner="dots"):
-        final, results = PassManager(passes, [NumericCheck()]).run(model, ctx)
-    for p, r in zip(passes, results):
-        record_pass(final, p, r, ctx.command)
-    save(final, args.output, check_inputs=[args.model])
-    summary = [
-        {
-            "pass": p.name,
-            "exact": p.exact,
-            "changed": r.changed,
-            **r.summary,
-            "error": r.error,
-            "seconds": round(r.seconds, 3),
-            "details": r.details,
-        }
-        for p, r in zip(passes, results)
-    ]
-    if getattr(args, "json", False):
-        print(json.dumps(summary, indent=1))
-        return 0
+    from pipeline.flows.passes import run_passes
     from pipeline.graph.cost import model_cost
 
-    c0, c1 = model_cost(model), model_cost(final)
-    for p, r in zip(passes, results):
+    con = console(getattr(args, "quiet", False) or getattr(args, "json", False))
+    with con.status("running " + ", ".join(p.name for p in passes) + "...", spinner="dots"):
+        run = run_passes(
+            args.model,
+            args.output,
+            passes,
+            model=model,
+            calib=calib,
+            seed=getattr(args, "seed", 0),
+            command=command_line(),
+        )
+    if getattr(args, "json", False):
+        print(json.dumps(run.summary(), indent=1))
+        return 0
+    c0, c1 = model_cost(run.before), model_cost(run.after)
+    for p, r in zip(run.passes, run.results):
         shown = r.details if getattr(args, "verbose", False) else r.details[:12]
         for d in shown:
             con.print(f"  {p.name}: {d}")

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from pipeline.cli._common import command_line, console
+    from pipeline.config import from_args
     from pipeline.graph import atomic_write, check_output_path
     from pipeline.measure.backends import get
     from pipeline.measure.compare import compare
@@ -55,23 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         check_output_path(args.output, args.a, args.b)
     get(args.backend).require()
-    cfg = MeasureConfig(
-        backend=args.backend,
-        batches=args.batch,
-        threads=args.threads,
-        precision=args.precision,
-        device=args.device,
-        cuda_graphs=args.cuda_graphs,
-        rounds=args.rounds,
-        min_round_s=args.min_round_ms / 1000,
-        warmup_s=args.warmup_ms / 1000,
-        isolate=args.isolate,
-        spinning=args.spinning,
-        memory=args.memory,
-        agreement=args.agreement,
-        data=args.data,
-        seed=args.seed,
-    )
+    cfg = from_args(MeasureConfig, args)
     con = console(args.quiet or args.json)
     with Progress(
         SpinnerColumn(),

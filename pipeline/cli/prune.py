@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.cli._common import add_calib_args, fraction, fraction_keep, key_values, positive_int
+from pipeline.cli._common import KeyValues, add_calib_args, fraction, fraction_keep, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,10 +49,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     which.add_argument(
         "--criterion-opt",
-        action="append",
-        default=[],
+        dest="criterion_options",
+        action=KeyValues,
+        default={},
         metavar="KEY=VALUE",
-        type=key_values,
         help="an option of the criterion, e.g. temperature=0.5 (repeatable)",
     )
     which.add_argument(
@@ -63,10 +63,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     which.add_argument(
         "--allocator-opt",
-        action="append",
-        default=[],
+        dest="allocator_options",
+        action=KeyValues,
+        default={},
         metavar="KEY=VALUE",
-        type=key_values,
         help="an option of the allocator, e.g. beta=2 (repeatable)",
     )
     which.add_argument("--seed", type=int, default=0, help="seed for random criteria and sampling")
@@ -102,44 +102,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline import load, save
     from pipeline.cli._common import command_line, console, load_calib
-    from pipeline.graph import check_output_path
-    from pipeline.pruning.criterion import criteria
-    from pipeline.pruning.prune import PruneOptions, prune_model
+    from pipeline.config import from_args
+    from pipeline.flows.prune import prune_file
+    from pipeline.graph import check_output_path, load
+    from pipeline.pruning.prune import PruneOptions
 
     check_output_path(args.output, args.model)
+    opts = from_args(PruneOptions, args)
     model = load(args.model)
-    criterion = criteria.get(args.criterion)
-    data_needs = sorted(criterion.needs & {"activations", "labels", "gradients"})
-    needs_data: bool | str = False
-    if data_needs:
-        needs_data = f"criterion {args.criterion!r} ({', '.join(data_needs)})"
-    elif args.fuse == "lsq" or args.repair:
-        needs_data = "--fuse lsq" if args.fuse == "lsq" else f"--repair {args.repair}"
-    calib = load_calib(args, model, required=needs_data)
-    opts = PruneOptions(
-        criterion=args.criterion,
-        ratio=args.ratio,
-        target_macs=args.target_macs,
-        target_params=args.target_params,
-        allocator=args.allocator,
-        round_to=args.round_to,
-        keep_min=args.keep_min,
-        exclude=args.exclude,
-        seed=args.seed,
-        criterion_options=dict(kv for d in args.criterion_opt for kv in d.items()),
-        allocator_options=dict(kv for d in args.allocator_opt for kv in d.items()),
-        fuse=args.fuse,
-        repair=args.repair,
-        ridge=args.ridge,
-        fuse_gate=args.fuse_gate,
-        verify=args.verify,
-    )
+    calib = load_calib(args, model, required=opts.data_needed() or False)
     con = console(args.quiet or args.json)
     with con.status("pruning...", spinner="dots"):
-        pruned, summary = prune_model(model, opts, calib=calib, command=command_line(), inplace=True)
-    save(pruned, args.output, check_inputs=[args.model])
+        summary = prune_file(model, args.output, opts, calib=calib, command=command_line())
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0

@@ -33,41 +33,32 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from pipeline.cli._common import command_line, console, load_calib
-    from pipeline.graph import check_output_path, load, save
-    from pipeline.graph.history import record
-    from plugins.passes.sparsify import sparsify
+    from pipeline.flows.passes import run_passes
+    from pipeline.graph import check_output_path, load
+    from pipeline.passes import get
 
     check_output_path(args.output, args.model)
     model = load(args.model)
     data = load_calib(args, model, required="--criterion cep" if args.criterion == "cep" else False)
-    res = sparsify(
-        model,
+    p = get(
+        "sparsify",
         sparsity=args.sparsity,
         criterion=args.criterion,
         pattern=args.pattern,
         hcep=args.hcep,
-        data=data,
         variant=args.variant,
     )
-    summary = {
-        "criterion": args.criterion,
-        "pattern": args.pattern,
-        "sparsity": res.sparsity,
-        "layers": res.layers,
-        "skipped": res.skipped,
-        "note": "zeroed weights; no dense-kernel speed-up is claimed",
-    }
-    record(res.model, "sparsify", summary, command=command_line())
-    save(res.model, args.output, check_inputs=[args.model])
+    run = run_passes(args.model, args.output, [p], model=model, calib=data, seed=args.seed, command=command_line())
+    summary = run.results[0].summary
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
     con = console(args.quiet)
     con.print(
-        f"{res.sparsity:.1%} of the Conv/Gemm weights are zero ({args.criterion}, {args.pattern}); "
+        f"{summary['sparsity']:.1%} of the Conv/Gemm weights are zero ({args.criterion}, {args.pattern}); "
         "shapes unchanged: dense kernels run no faster, sparse kernels (TensorRT 2:4) can"
     )
-    for s in res.skipped:
+    for s in summary["skipped"]:
         con.print(f"  left dense: {s}")
     con.print(f"wrote {args.output}")
     return 0

@@ -32,7 +32,16 @@ from typing import Any
 
 import yaml
 
+from pipeline.config import from_mapping
+from pipeline.data.datasets import Preprocess, load_data
 from pipeline.errors import CarveError
+from pipeline.graph import check_output_path, load, save
+from pipeline.graph.cost import model_cost
+from pipeline.measure import gate
+from pipeline.measure.compare import compare
+from pipeline.measure.config import MeasureConfig
+from pipeline.measure.evaluate import evaluate
+from pipeline.passes import Dump, NumericCheck, PassContext, PassManager, Timing, get, record_pass
 
 TOP_KEYS = {"model", "output", "data", "passes", "bench", "thresholds", "seed", "report", "name"}
 DATA_KEYS = {"calib", "eval", "samples", "eval_samples", "mean", "std"}
@@ -119,8 +128,6 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def resolve_model(recipe: Recipe, workdir: Path):
     """Load the recipe's model: an ONNX path, or ``zoo:NAME`` exported into ``workdir``."""
-    from pipeline.graph import load
-
     spec = recipe.model
     if spec.startswith("zoo:"):
         import models
@@ -133,11 +140,6 @@ def resolve_model(recipe: Recipe, workdir: Path):
 
 def run_recipe(recipe: Recipe, *, keep_intermediate: Path | None = None, progress=None, command: str | None = None):
     """Run every pass, evaluate, (optionally) benchmark, check thresholds. Returns (final model, report dict)."""
-    from pipeline.data.datasets import Preprocess, load_data
-    from pipeline.graph import check_output_path
-    from pipeline.graph.cost import model_cost
-    from pipeline.measure.evaluate import evaluate
-    from pipeline.passes import Dump, NumericCheck, PassContext, PassManager, Timing, get, record_pass
 
     check_output_path(recipe.output)
     with tempfile.TemporaryDirectory(prefix="carve-recipe-") as tmp:
@@ -211,37 +213,21 @@ def run_recipe(recipe: Recipe, *, keep_intermediate: Path | None = None, progres
     return original, final, report
 
 
-BENCH_KEYS = {"backend", "device", "threads", "batch", "precision", "rounds", "min_round_ms", "isolate", "cuda_graphs"}
+BENCH_KEYS = {
+    "backend", "device", "threads", "batch", "precision", "rounds", "min_round_ms", "warmup_ms", "isolate", "cuda_graphs",
+    "spinning", "memory",
+}
 
 
 def bench_recipe(recipe: Recipe, original, final_path: Path, progress=None) -> dict:
     """Measure the original against the final model as the recipe's ``bench`` section says; the report's sections."""
-    from pipeline.graph import save
-    from pipeline.measure.compare import compare
-    from pipeline.measure.config import MeasureConfig
 
-    b = dict(recipe.bench or {})
-    unknown = set(b) - BENCH_KEYS
-    if unknown:
-        raise CarveError(
-            f"{recipe.path}: unknown bench key {sorted(unknown)[0]!r}; valid: {', '.join(sorted(BENCH_KEYS))}"
-        )
-
-    def as_list(v, default):
-        return default if v is None else (v if isinstance(v, list) else [v])
-
-    cfg = MeasureConfig(
-        backend=b.get("backend", "ort"),
-        device=b.get("device", "cpu"),
-        threads=as_list(b.get("threads"), [1]),
-        batches=as_list(b.get("batch"), [1]),
-        precision=b.get("precision", "fp32"),
-        rounds=int(b.get("rounds", 20)),
-        min_round_s=float(b.get("min_round_ms", 50)) / 1000,
-        isolate=bool(b.get("isolate", False)),
-        cuda_graphs=bool(b.get("cuda_graphs", False)),
-        seed=recipe.seed,
-        agreement=False,
+    cfg = from_mapping(
+        MeasureConfig,
+        recipe.bench,
+        where=f"{recipe.path}: bench",
+        only=BENCH_KEYS,
+        defaults={"seed": recipe.seed, "agreement": False},
     )
     with tempfile.TemporaryDirectory(prefix="carve-bench-") as tmp:
         orig_path = Path(tmp) / "original.onnx"
@@ -257,14 +243,12 @@ def check_thresholds(recipe: Recipe, report: dict) -> list[str]:
     if ("max_slowdown" in t or "min_speedup" in t) and not report.get("results"):
         bad.append("max_slowdown / min_speedup need a `bench` section")
     elif report.get("results"):
-        from pipeline.measure.gate import DEFAULT_MAX_SLOWDOWN, evaluate
-
-        gate = evaluate(
+        verdict = gate.evaluate(
             report,
-            max_slowdown=t.get("max_slowdown", DEFAULT_MAX_SLOWDOWN) if "max_slowdown" in t else 1.0 - 1e-9,
+            max_slowdown=t["max_slowdown"] if "max_slowdown" in t else 1.0 - 1e-9,
             min_speedup=t.get("min_speedup"),
         )
-        bad += gate.failures
+        bad += verdict.failures
     acc = report.get("accuracy", {})
     fin, orig = acc.get("final", {}), acc.get("original", {})
     if "min_top1_agreement" in t:

@@ -74,8 +74,8 @@ def measure_pair(
             ra,
             rb,
             rounds=cfg.rounds,
-            min_round_s=cfg.min_round_s,
-            warmup_s=cfg.warmup_s,
+            min_round_s=cfg.min_round_ms / 1000,
+            warmup_s=cfg.warmup_ms / 1000,
             progress=(lambda r: progress(f"batch {batch}, {threads} thread(s): round {r}/{cfg.rounds}"))
             if progress
             else None,

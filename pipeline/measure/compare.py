@@ -57,7 +57,7 @@ def compare(
             raise CarveError(f"{p}: no such model file")
     info = {"a": model_info(a), "b": model_info(b)}
     results = []
-    for batch in cfg.batches:
+    for batch in cfg.batch:
         for threads in cfg.threads:
             res = measure_pair(a, b, cfg, batch, threads, progress)
             res["mac_ratio"] = info["b"]["macs"] / info["a"]["macs"] if info["a"]["macs"] else None
@@ -80,12 +80,12 @@ def compare(
         report["memory"] = {
             key: {
                 str(batch): measure_in_fresh_process(p, cfg.backend, batch, cfg.threads[0], cfg.precision, cfg.device)
-                for batch in cfg.batches
+                for batch in cfg.batch
             }
             for key, p in (("a", a), ("b", b))
         }
     if cfg.agreement:
         if progress:
             progress("agreement")
-        report["agreement"] = agreement(a, b, cfg, cfg.batches[0])
+        report["agreement"] = agreement(a, b, cfg, cfg.batch[0])
     return report

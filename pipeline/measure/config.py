@@ -1,4 +1,5 @@
-"""Configuration of a side-by-side measurement (``carve bench``, recipes' ``bench`` section)."""
+"""Configuration of a side-by-side measurement (``carve bench``, recipes' ``bench`` section). Field names are the
+command line's option names and the recipe keys (:mod:`pipeline.config`)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,15 @@ from pipeline.measure.backends import EngineConfig
 @dataclass
 class MeasureConfig:
     backend: str = "ort"
-    batches: list[int] = field(default_factory=lambda: [1])
+    batch: list[int] = field(default_factory=lambda: [1])  # batch sizes
     threads: list[int] = field(default_factory=lambda: [1])
     precision: str = "fp32"
     device: str = "cpu"
     cuda_graphs: bool = False
     spinning: bool = False  # ort: idle pool threads spin (see EngineConfig); off for fair A/B on shared cores
     rounds: int = 20
-    min_round_s: float = 0.05
-    warmup_s: float = 0.3
+    min_round_ms: float = 50.0  # each model's round lasts at least this long
+    warmup_ms: float = 300.0
     isolate: bool = False
     confidence: float = 0.95
     bootstrap: int = 2000

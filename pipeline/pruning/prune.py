@@ -20,6 +20,7 @@ from pipeline.graph.history import record
 from pipeline.graph.model import Model
 from pipeline.graph.rewrite import ensure_biases
 from pipeline.graph.surgery import prune, zero_removed
+from pipeline.pruning.criterion import criteria
 from pipeline.pruning.planner import plan
 from pipeline.pruning.repair import repairs
 from pipeline.runtime.verify import verify_equal
@@ -55,15 +56,24 @@ class PruneOptions:
             steps.append((self.repair, {}))
         return steps
 
+    def data_needed(self) -> str | None:
+        """Who needs calibration data under these options (for messages), or None when nothing does."""
+        needs = sorted(criteria.get(self.criterion).needs & {"activations", "labels", "gradients"})
+        if needs:
+            return f"criterion {self.criterion!r} ({', '.join(needs)})"
+        for name, _ in self.repair_steps():
+            if "calib" in repairs.get(name).needs:
+                return "--fuse lsq" if name == "lsq" else f"--repair {name}"
+        return None
+
     def check(self, calib: Any) -> None:
         if self.fuse not in (None, "exact", "lsq"):
             raise CarveError(f"--fuse must be exact or lsq, got {self.fuse!r}")
         if self.repair not in (None, "bias", "bn"):
             raise CarveError(f"--repair must be bias or bn, got {self.repair!r}")
-        for name, _ in self.repair_steps():
-            if "calib" in repairs.get(name).needs and calib is None:
-                what = "--fuse lsq" if name == "lsq" else f"--repair {name}"
-                raise CarveError(f"{what} needs calibration data", hint="give --calib FILE.npz | FOLDER | digits")
+        who = self.data_needed()
+        if who and calib is None:
+            raise CarveError(f"{who} needs calibration data", hint="give --calib FILE.npz | FOLDER | digits")
 
 
 def prune_model(
