@@ -12,7 +12,7 @@ from pipeline.cli import main
 from pipeline.errors import CarveError
 from pipeline.measure.compare import compare
 from pipeline.measure.config import MeasureConfig
-from pipeline.measure.gate import DEFAULT_MAX_SLOWDOWN, evaluate
+from pipeline.measure.gate import evaluate
 
 QUICK = MeasureConfig(backend="simulated", rounds=8, min_round_ms=10, warmup_ms=50, memory=False, agreement=False)
 

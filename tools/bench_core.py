@@ -29,7 +29,8 @@ def rss(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
-import pipeline, pipeline.graph.channels, pipeline.graph.surgery, pipeline.pruning.planner, plugins.criteria, plugins.allocators
+import pipeline, pipeline.graph.channels, pipeline.graph.surgery, pipeline.pruning.planner
+import plugins.criteria, plugins.allocators
 from pipeline import load, analyse, plan, prune, save
 base = rss("VmRSS:")
 t = [time.perf_counter()]

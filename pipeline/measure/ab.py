@@ -80,9 +80,7 @@ def measure_pair(
             if progress
             else None,
         )
-        med, lo, hi = bootstrap_median_ci(
-            run.ratios, confidence=cfg.confidence, resamples=cfg.bootstrap, seed=cfg.seed
-        )
+        med, lo, hi = bootstrap_median_ci(run.ratios, confidence=cfg.confidence, resamples=cfg.bootstrap, seed=cfg.seed)
         out: dict[str, Any] = {
             "backend": cfg.backend,
             "device": cfg.device,

@@ -50,4 +50,6 @@ class Repair(Plugin):
         raise NotImplementedError
 
 
-repairs: Registry[type[Repair]] = Registry("repair", entry_point_group="carve.repairs", builtin_modules=["plugins.repairs"])
+repairs: Registry[type[Repair]] = Registry(
+    "repair", entry_point_group="carve.repairs", builtin_modules=["plugins.repairs"]
+)

@@ -732,4 +732,3 @@ def _tile(g, n, ins):
 def _range(g, n, ins):
     start, limit, delta = (v.reshape(-1)[0].item() for v in ins)
     return torch.arange(start, limit, delta, dtype=ins[0].dtype)
-

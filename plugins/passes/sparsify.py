@@ -1,4 +1,5 @@
-"""Unstructured and 2:4 weight sparsity (the ``sparsify`` pass, ``carve sparsify``): zero the least important weights, keep every shape.
+"""Unstructured and 2:4 weight sparsity (the ``sparsify`` pass, ``carve sparsify``): zero the least important weights,
+keep every shape.
 
 Zeroed weights shrink a compressed file and feed sparse kernels (NVIDIA's 2:4 structured sparsity on Ampere and
 later, through TensorRT), but dense kernels run exactly as fast as before: carve reports sparsity here, never a
@@ -133,7 +134,13 @@ class Sparsify(Pass):
         hcep: float = 0.0,
         variant: str = "taylor",
     ) -> None:
-        self.sparsity, self.criterion, self.pattern, self.hcep, self.variant = sparsity, criterion, pattern, hcep, variant
+        self.sparsity, self.criterion, self.pattern, self.hcep, self.variant = (
+            sparsity,
+            criterion,
+            pattern,
+            hcep,
+            variant,
+        )
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]

@@ -10,8 +10,8 @@ outputs for agreement checks, and reports what it knows about memory and its own
     seconds = engine.time(100) / 100
 
 Backends: ``ort`` (CPU everywhere; CUDA / TensorRT execution providers where they load), ``trt`` (TensorRT 10/11,
-``tensorrt`` imported only in :mod:`pipeline.measure.backends.trt`), ``torch-cuda`` (the ONNX graph run by PyTorch on a GPU)
-and ``torch-cpu`` (the same runner on the CPU, for numerics and machines without a GPU).
+``tensorrt`` imported only in :mod:`pipeline.measure.backends.trt`), ``torch-cuda`` (the ONNX graph run by PyTorch on
+a GPU) and ``torch-cpu`` (the same runner on the CPU, for numerics and machines without a GPU).
 """
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ from pipeline.registry import Registry
 backends: Registry[type[Backend]] = Registry(
     "backend",
     entry_point_group="carve.backends",
-    builtin_modules=["pipeline.measure.backends.ort", "pipeline.measure.backends.trt", "pipeline.measure.backends.torch_cuda"],
+    builtin_modules=[
+        "pipeline.measure.backends.ort",
+        "pipeline.measure.backends.trt",
+        "pipeline.measure.backends.torch_cuda",
+    ],
 )
 
 

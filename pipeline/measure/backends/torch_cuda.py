@@ -1,6 +1,6 @@
-"""The ONNX graph run by PyTorch (:mod:`pipeline.runtime.torch_graph`): ``torch-cuda`` on an NVIDIA GPU without TensorRT (cuDNN
-autotuning on, CUDA events, optional CUDA graphs, FP16 by casting parameters and inputs), and ``torch-cpu`` on the CPU
-(fixed thread count, wall clock), which CI uses to check its numerics against ONNX Runtime."""
+"""The ONNX graph run by PyTorch (:mod:`pipeline.runtime.torch_graph`): ``torch-cuda`` on an NVIDIA GPU without
+TensorRT (cuDNN autotuning on, CUDA events, optional CUDA graphs, FP16 by casting parameters and inputs), and
+``torch-cpu`` on the CPU (fixed thread count, wall clock), which CI uses to check its numerics against ONNX Runtime."""
 
 from __future__ import annotations
 
