@@ -25,7 +25,7 @@ from torch import nn
 
 from pipeline.errors import CarveError, MissingDependencyError
 
-from .registry import ModelSpec, get_spec
+from .registry import get_spec
 from .weights import with_weights
 
 
@@ -164,6 +164,3 @@ def _quiet():
     finally:
         logging.disable(previous)
 
-
-def spec_of(name: str) -> ModelSpec:
-    return get_spec(name)

@@ -158,3 +158,28 @@ def assert_exact(model, plan: Plan, *, batch: int = 2, seed: int = 0, rtol: floa
 
 def manual_plan(analysis, removed: np.ndarray) -> Plan:
     return Plan(analysis, np.asarray(removed, dtype=bool))
+
+
+def if_model(condition_from_data: bool, name: str = "branch") -> onnx.ModelProto:
+    """Conv -> Relu -> If(cond) { Relu } else { Sigmoid }: the If reads the conv's channels from the outer scope."""
+    g = G()
+    a = g.relu(g.conv("x", 8))
+    then = helper.make_graph(
+        [helper.make_node("Relu", [a], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Sigmoid", [a], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)],
+    )
+    if condition_from_data:  # decided at run time: whether the mean activation is positive
+        mean = g.op("ReduceMean", [a], keepdims=0)
+        cond = g.op("Greater", [mean, g.const(np.array(0.0, np.float32))])
+    else:
+        cond = g.const(np.array(True))
+    g.nodes.append(helper.make_node("If", [cond], ["y"], name=name, then_branch=then, else_branch=other))
+    return g.model(["y"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from graphs import G, analyse_proto, assert_exact, manual_plan, random_removal
+from graphs import G, analyse_proto, assert_exact, if_model, manual_plan, random_removal
 
 from pipeline.errors import UnsupportedModelError
 from pipeline.graph.channels import Kind
@@ -497,27 +497,14 @@ def test_reduce_over_channels_freezes_but_spatial_reduce_passes():
 
 
 def test_control_flow_on_channel_path_is_refused():
-    from onnx import TensorProto, helper
-
-    g = G()
-    a = g.relu(g.conv("x", 8))
-    then = helper.make_graph(
-        [helper.make_node("Relu", [a], ["t"])],
-        "then",
-        [],
-        [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
-    )
-    other = helper.make_graph(
-        [helper.make_node("Sigmoid", [a], ["e"])],
-        "else",
-        [],
-        [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)],
-    )
-    cond = g.const(np.array(True))
-    g.nodes.append(helper.make_node("If", [cond], ["y"], name="branch", then_branch=then, else_branch=other))
-    proto = g.model(["y"])
     with pytest.raises(UnsupportedModelError, match="If 'branch' is control flow"):
-        analyse_proto(proto)
+        analyse_proto(if_model(condition_from_data=True))
+
+
+def test_if_with_a_constant_condition_is_flattened_and_analysed():
+    model, an = analyse_proto(if_model(condition_from_data=False))
+    assert not any(n.op_type == "If" for n in model.graph.node)  # the then-branch was inlined
+    assert an.summary()["prunable_channels"] == 0  # the conv's channels reach the output
 
 
 def test_ratio_zero_plan_removes_nothing():

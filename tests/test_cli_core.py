@@ -10,10 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
-from graphs import G
+from graphs import if_model
 
 from pipeline.cli import main
 from pipeline.graph import save
@@ -88,26 +87,7 @@ def test_prune_json_and_exclude(model_copy, tmp_path, capsys):
 
 
 def control_flow_model(path: Path) -> Path:
-    from onnx import TensorProto, helper
-
-    g = G()
-    a = g.relu(g.conv("x", 8))
-    then = helper.make_graph(
-        [helper.make_node("Relu", [a], ["t"])],
-        "then",
-        [],
-        [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
-    )
-    other = helper.make_graph(
-        [helper.make_node("Sigmoid", [a], ["e"])],
-        "else",
-        [],
-        [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)],
-    )
-    g.nodes.append(
-        helper.make_node("If", [g.const(np.array(True))], ["y"], name="branchy", then_branch=then, else_branch=other)
-    )
-    onnx.save(g.model(["y"]), path)
+    onnx.save(if_model(condition_from_data=True, name="branchy"), path)
     return path
 
 

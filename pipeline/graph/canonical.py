@@ -1,33 +1,40 @@
 """Canonicalisation: make the graph say what the exporter meant, not how it spelled it. Never changes what the model
 computes.
 
-* ``Constant`` nodes become initializers and small constant subgraphs are folded (the CIFAR ResNet option-A shortcut
-  gets its channel pads from ``ConstantOfShape/Concat/Reshape/Transpose/Cast``; ReLU6 limits arrive as ``Constant``);
 * ``Identity`` of an initializer (the torch exporter de-duplicates equal initializers and feeds them through
-  ``Identity``) is folded into a private copy per use, so only genuinely tied weights stay shared;
-* ``Shape`` of statically known dimensions is folded;
-* unnamed nodes get unique names (error messages and plans name nodes), nodes are topologically sorted, and what no
-  output depends on is removed.
+  ``Identity``) becomes a private copy per use, so only genuinely tied weights stay shared;
+* initializers also listed as graph inputs (old exporters, ``keep_initializers_as_inputs``) are constants, not inputs;
+* unnamed nodes get unique names (error messages and plans name nodes);
+* with onnx-graphsurgeon: nodes are topologically sorted, ``Constant`` nodes become initializers, constant subgraphs
+  are folded (the CIFAR ResNet option-A shortcut gets its channel pads from ``ConstantOfShape/Concat/Reshape/...``;
+  ReLU6 limits arrive as ``Constant``), ``Shape`` of statically known dimensions is folded, an ``If`` whose condition
+  is a constant is replaced by the branch it takes, and what no output depends on is removed.
+
+Folding never evaluates random or quantisation ops (folding Q/DQ would silently de-quantise a QDQ model), and only copy
+ops (Identity, Cast, Reshape, Transpose, ...) may fold constants above a million elements: a Tile or Expand of a
+constant stays a runtime op instead of bloating the file. Only the graph's nodes and the new constants are rebuilt; the
+original weights are reused, never copied.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.logger import G_LOGGER
 
-from pipeline.errors import CarveError
-from pipeline.graph.model import SUBGRAPH_OPS, Model, attr, opset_of, outer_names
+from pipeline.errors import CarveError, first_line
+from pipeline.graph.model import Model, opset_of, outer_names
+from pipeline.graph.shapes import infer_shapes
 
 MIN_OPSET = 11
-
-
-# Constant subgraphs are folded only while their results stay small; big constants pass through Identity/Cast only.
-_FOLD_MAX_ELEMS = 1 << 20
-
-
 _NONDETERMINISTIC = {
     "RandomNormal",
     "RandomNormalLike",
@@ -36,14 +43,13 @@ _NONDETERMINISTIC = {
     "Multinomial",
     "Bernoulli",
 }
-
-
-# Ops that may be folded even when their result is large (they only copy or re-type an existing constant).
-_COPY_OPS = {"Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose"}
-
-
-# Folding Q/DQ would silently de-quantize a QDQ model: the runtime must see them.
 _NEVER_FOLD = _NONDETERMINISTIC | {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+# Ops that may fold even large constants (they only copy or re-type an existing one).
+_COPY_OPS = {"Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose"}
+_FOLD_MAX_ELEMS = 1 << 20
+
+G_LOGGER.severity = G_LOGGER.ERROR  # graphsurgeon's warnings about unfoldable parts are expected, not news
+logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
 
 
 def prepare(proto: onnx.ModelProto, source: Path | None = None) -> Model:
@@ -57,17 +63,84 @@ def prepare(proto: onnx.ModelProto, source: Path | None = None) -> Model:
         )
     g = proto.graph
     _name_nodes(g)
-    _toposort(g, where)
-    _constants_to_initializers(g, opset)
-    model = Model(proto, source)
-    if _fold_constants(model):
-        model.refresh()
-    if _fold_shapes(model):
-        _fold_constants(model)
-        model.refresh()
-    _remove_dead(model)
+    _check_references(g, where)
+    _initializers_are_not_inputs(proto)
+    _unshare_identities(g)
+    graph = _gs_import(proto, where)
+    if not _is_sorted(g):
+        _sorted(graph, where)
+        _splice(proto, graph)  # shape inference needs the sorted order
+    shapes = infer_shapes(proto)
+    _annotate_shapes(graph, shapes)
+    before = _signature(graph)
+    graph.fold_constants(fold_shapes=True, should_exclude_node=_keep_unfolded, error_ok=True)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    if _signature(graph) != before:  # something was folded or removed
+        _sorted(graph, where)
+        _splice(proto, graph)
+        shapes = None  # folded shape constants can make more shapes static: infer again
+    model = Model(proto, source, shapes=shapes)
     _complete_output_types(model)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# what carve does itself (graphsurgeon has no equivalent)
+
+
+def _name_nodes(g: onnx.GraphProto) -> None:
+    seen: set[str] = set()
+    for i, n in enumerate(g.node):
+        base = n.name or f"{n.op_type}_{i}"
+        name, k = base, 1
+        while name in seen:
+            name, k = f"{base}_{k}", k + 1
+        n.name = name
+        seen.add(name)
+
+
+def _check_references(g: onnx.GraphProto, where: str) -> None:
+    """Every tensor a node reads is a graph input, an initializer or some node's output (a clear error otherwise)."""
+    available = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    for n in g.node:
+        available.update(n.output)
+    for n in g.node:
+        for name in [*n.input, *outer_names(n)]:
+            if name not in available:
+                raise CarveError(f"{where}: node {n.name!r} reads tensor {name!r}, which nothing produces")
+    for o in g.output:
+        if o.name not in available:
+            raise CarveError(f"{where}: graph output {o.name!r} is produced by no node")
+
+
+def _initializers_are_not_inputs(proto: onnx.ModelProto) -> None:
+    g = proto.graph
+    inits = {t.name for t in g.initializer}
+    if any(i.name in inits for i in g.input):
+        inputs = [i for i in g.input if i.name not in inits]
+        del g.input[:]
+        g.input.extend(inputs)
+        proto.ir_version = max(proto.ir_version, 4)  # IR 4 lets initializers stand alone
+
+
+def _unshare_identities(g: onnx.GraphProto) -> None:
+    """``Identity(initializer)`` -> a private initializer under the Identity's output name."""
+    inits = {t.name: t for t in g.initializer}
+    outputs = {o.name for o in g.output}
+    keep = []
+    for n in g.node:
+        standard = n.domain in ("", "ai.onnx")
+        if n.op_type == "Identity" and standard and n.input[0] in inits and n.output[0] not in outputs:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[n.input[0]])
+            copy.name = n.output[0]
+            g.initializer.append(copy)
+            inits[copy.name] = copy
+        else:
+            keep.append(n)
+    if len(keep) != len(g.node):
+        del g.node[:]
+        g.node.extend(keep)
 
 
 def _complete_output_types(model: Model) -> None:
@@ -89,172 +162,83 @@ def _complete_output_types(model: Model) -> None:
                 dim.dim_param = f"{out.name}_dim{k}"
 
 
-def _name_nodes(g: onnx.GraphProto) -> None:
-    seen: set[str] = set()
-    for i, n in enumerate(g.node):
-        base = n.name or f"{n.op_type}_{i}"
-        name, k = base, 1
-        while name in seen:
-            name, k = f"{base}_{k}", k + 1
-        n.name = name
-        seen.add(name)
+# ---------------------------------------------------------------------------------------------------------------------
+# onnx-graphsurgeon: sorting, folding, cleanup
 
 
-def _toposort(g: onnx.GraphProto, where: str) -> None:
-    available = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
-    nodes = list(g.node)
-    deps = [set(list(n.input) + list(outer_names(n))) - available for n in nodes]
-    producers: dict[str, int] = {}
-    for idx, n in enumerate(nodes):
-        for o in n.output:
-            producers[o] = idx
-    order: list[int] = []
-    state = [0] * len(nodes)  # 0 new, 1 visiting, 2 done
-    for start in range(len(nodes)):
-        if state[start]:
-            continue
-        stack = [(start, iter(sorted(deps[start])))]
-        state[start] = 1
-        while stack:
-            idx, it = stack[-1]
-            nxt = next(it, None)
-            if nxt is None:
-                stack.pop()
-                state[idx] = 2
-                order.append(idx)
-                continue
-            p = producers.get(nxt)
-            if p is None:
-                raise CarveError(f"{where}: node {nodes[idx].name!r} reads tensor {nxt!r}, which nothing produces")
-            if state[p] == 1:
-                raise CarveError(f"{where}: the graph has a cycle through node {nodes[p].name!r}")
-            if state[p] == 0:
-                state[p] = 1
-                stack.append((p, iter(sorted(deps[p]))))
-    if order != list(range(len(nodes))):
-        del g.node[:]
-        g.node.extend(nodes[i] for i in order)
+def _gs_import(proto: onnx.ModelProto, where: str) -> gs.Graph:
+    try:
+        return gs.import_onnx(proto)  # initializers stay lazy: no weight is copied
+    except Exception as exc:
+        raise CarveError(f"{where}: onnx-graphsurgeon cannot read the graph ({first_line(exc)})") from None
 
 
-def _constants_to_initializers(g: onnx.GraphProto, opset: int) -> None:
-    keep = []
+def _sorted(graph: gs.Graph, where: str) -> None:
+    # graphsurgeon's sort recurses along the longest path: give deep graphs room
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 20 * len(graph.nodes) + 1000))
+    try:
+        graph.toposort()
+    except Exception as exc:  # graphsurgeon reports a cycle through its logger's exception
+        raise CarveError(f"{where}: the graph cannot be sorted ({first_line(exc)})", hint="is there a cycle?") from None
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def _annotate_shapes(graph: gs.Graph, shapes) -> None:
+    """Static shapes for graphsurgeon's Shape folding, from carve's (cheap, skeleton) shape inference."""
+    for name, t in graph.tensors().items():
+        if isinstance(t, gs.Variable) and t.shape is None and name in shapes:
+            t.shape = [d if d is not None else f"{name}_{k}" for k, d in enumerate(shapes[name])]
+
+
+def _signature(graph: gs.Graph) -> tuple[int, int]:
+    """Changes when folding or cleanup did something: (nodes, constants)."""
+    return len(graph.nodes), sum(isinstance(t, gs.Constant) for t in graph.tensors().values())
+
+
+def _is_sorted(g: onnx.GraphProto) -> bool:
+    seen = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
     for n in g.node:
-        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output[0]:
-            arr = _eval_nodes([n], {}, opset)[n.output[0]]
-            g.initializer.append(numpy_helper.from_array(np.asarray(arr), n.output[0]))
-        else:
-            keep.append(n)
-    if len(keep) != len(g.node):
-        del g.node[:]
-        g.node.extend(keep)
+        if any(i not in seen for i in [*n.input, *outer_names(n)]):
+            return False
+        seen.update(n.output)
+    return True
 
 
-def _foldable(model: Model, n: onnx.NodeProto) -> bool:
-    if n.domain not in ("", "ai.onnx") or n.op_type in _NEVER_FOLD or n.op_type in SUBGRAPH_OPS:
-        return False
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
-        return False
-    ins = [i for i in n.input if i]
-    if not all(i in model.init for i in ins):
-        return False
-    if not ins:
-        return n.op_type in ("ConstantOfShape", "Range", "EyeLike")
-    if n.op_type in _COPY_OPS:
+def _keep_unfolded(node: gs.Node) -> bool:
+    if node.domain not in ("", "ai.onnx", None) or node.op in _NEVER_FOLD:
         return True
-    return all(int(np.prod(model.init[i].dims, dtype=np.int64)) <= _FOLD_MAX_ELEMS for i in ins)
+    if node.op in _COPY_OPS:
+        return False
+    for t in node.inputs:
+        shape = t.shape
+        if shape is not None and all(isinstance(d, int) for d in shape) and int(np.prod(shape)) > _FOLD_MAX_ELEMS:
+            return True
+    return False
 
 
-def _fold_constants(model: Model) -> bool:
-    """Evaluate nodes whose inputs are all constants; replace them by initializers. Returns whether anything changed."""
-    g = model.graph
-    graph_outputs = set(model.output_names)
-    changed = False
-    keep = []
-    for n in g.node:
-        if _foldable(model, n) and not (set(n.output) & graph_outputs):
-            try:
-                values = _eval_nodes([n], {i: model.array(i) for i in n.input if i}, model.opset)
-            except Exception:
-                keep.append(n)  # the reference evaluator lacks this op/type: leave it to the runtime
-                continue
-            for o in n.output:
-                if o and o in values:
-                    t = numpy_helper.from_array(np.asarray(values[o]), o)
-                    g.initializer.append(t)
-                    model.init[o] = g.initializer[-1]
-            changed = True
-        else:
-            keep.append(n)
-    if changed:
-        del g.node[:]
-        g.node.extend(keep)
-    return changed
-
-
-def _fold_shapes(model: Model) -> bool:
-    """Replace ``Shape(x)`` by a constant when x's shape is static; ``Gather``/``Slice`` of the static part likewise."""
-    g = model.graph
-    changed = False
-    keep = []
-    for n in g.node:
-        if n.op_type == "Shape" and n.input[0] not in model.init:
-            shp = model.shape(n.input[0])
-            if shp is not None:
-                start = attr(n, "start", 0)
-                end = attr(n, "end", None)
-                dims = list(shp)[start:end]
-                if all(d is not None for d in dims):
-                    g.initializer.append(numpy_helper.from_array(np.array(dims, dtype=np.int64), n.output[0]))
-                    changed = True
-                    continue
-        keep.append(n)
-    if changed:
-        del g.node[:]
-        g.node.extend(keep)
-    return changed
-
-
-def _remove_dead(model: Model) -> None:
-    g = model.graph
-    live = set(model.output_names)
-    keep = []
-    for n in reversed(list(g.node)):
-        if any(o in live for o in n.output if o):
-            keep.append(n)
-            live.update(i for i in n.input if i)
-            live.update(outer_names(n))
-    keep.reverse()
-    changed = len(keep) != len(g.node)
-    if changed:
-        del g.node[:]
-        g.node.extend(keep)
-    dead_init = [t for t in g.initializer if t.name not in live]
-    if dead_init:
-        names = {t.name for t in dead_init}
-        kept = [t for t in g.initializer if t.name not in names]
-        del g.initializer[:]
-        g.initializer.extend(kept)
-        # initializers may also be listed as graph inputs (IR < 4): drop those entries too
-        inputs = [i for i in g.input if i.name not in names]
-        del g.input[:]
-        g.input.extend(inputs)
-    if changed or dead_init:
-        model.refresh()
-
-
-def _eval_nodes(nodes: list[onnx.NodeProto], feeds: dict[str, np.ndarray], opset: int) -> dict[str, np.ndarray]:
-    from onnx.reference import ReferenceEvaluator
-
-    ev = ReferenceEvaluator(_mini_model(nodes, feeds, opset))
-    outs = [o for n in nodes for o in n.output if o]
-    return dict(zip(outs, ev.run(outs, feeds)))
-
-
-def _mini_model(nodes: list[onnx.NodeProto], feeds: dict[str, np.ndarray], opset: int) -> onnx.ModelProto:
-    inputs = [
-        helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype), np.shape(v))
-        for k, v in feeds.items()
-    ]
-    outs = [helper.make_value_info(o, onnx.TypeProto()) for n in nodes for o in n.output if o]
-    graph = helper.make_graph(nodes, "fold", inputs, outs)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+def _splice(proto: onnx.ModelProto, graph: gs.Graph) -> None:
+    """Write graphsurgeon's nodes and constants back into ``proto``: the nodes are rebuilt, the original weights are
+    kept in place (unused ones dropped), folded constants are added."""
+    g = proto.graph
+    nodes = [OnnxExporter.export_node(n) for n in graph.nodes]
+    used = {o.name for o in g.output}
+    for n in nodes:
+        used.update(i for i in n.input if i)
+        used.update(outer_names(n))
+    constants = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    originals = {t.name for t in g.initializer}
+    for k in reversed(range(len(g.initializer))):
+        name = g.initializer[k].name
+        reused = name in constants and isinstance(constants[name]._values, LazyValues)
+        if name not in used or not reused:
+            del g.initializer[k]
+            originals.discard(name)
+    for name in sorted(used - originals):
+        c = constants.get(name)
+        if c is not None:
+            g.initializer.append(numpy_helper.from_array(np.asarray(c.values), name))
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]

@@ -12,7 +12,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +52,26 @@ def from_proto(proto: onnx.ModelProto, *, prepare_graph: bool = True) -> Model:
     return prepare(p) if prepare_graph else Model(p)
 
 
-def _load_external_data(proto: onnx.ModelProto, path: Path) -> bool:
-    from onnx.external_data_helper import _get_all_tensors, load_external_data_for_model, uses_external_data
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph holds: initializers and tensor attributes, in subgraphs too."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+            elif a.type == onnx.AttributeProto.TENSORS:
+                yield from a.tensors
+            elif a.type == onnx.AttributeProto.GRAPH:
+                yield from _tensors(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    yield from _tensors(sub)
 
-    ext = [t for t in _get_all_tensors(proto) if uses_external_data(t)]
+
+def _load_external_data(proto: onnx.ModelProto, path: Path) -> bool:
+    from onnx.external_data_helper import load_external_data_for_model
+
+    ext = [t for t in _tensors(proto.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
     if not ext:
         return False
     base = path.resolve().parent

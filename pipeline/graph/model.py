@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.errors import CarveError
-from pipeline.graph.shapes import Shape, infer_shapes
+from pipeline.graph.shapes import Shape, ShapeMap, infer_shapes
 
 SUBGRAPH_OPS = {"If", "Loop", "Scan", "SequenceMap"}
 
@@ -27,11 +27,20 @@ class Model:
     The index is rebuilt by :meth:`refresh` after structural edits; :meth:`set_array` keeps it current for weight edits.
     """
 
-    def __init__(self, proto: onnx.ModelProto, source: Path | None = None, *, external_data: bool = False) -> None:
+    def __init__(
+        self,
+        proto: onnx.ModelProto,
+        source: Path | None = None,
+        *,
+        external_data: bool = False,
+        shapes: ShapeMap | None = None,
+    ) -> None:
         self.proto = proto
         self.source = source
         self.external_data = external_data
-        self.refresh()
+        self.refresh(shapes=shapes is None)
+        if shapes is not None:  # inferred on this very graph already
+            self.shapes = shapes
 
     # -- index -----------------------------------------------------------------------------------------------------
     def refresh(self, *, shapes: bool = True) -> None:
