@@ -163,4 +163,3 @@ def _quiet():
             yield
     finally:
         logging.disable(previous)
-

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import math
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from pipeline.errors import CarveError
@@ -56,6 +57,13 @@ def from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
     values = {k: v for k, v in vars(args).items() if k in names}
     values.update(overrides)
     return cls(**values)
+
+
+def options_for(fn: Callable[..., Any], values: Mapping[str, Any] | argparse.Namespace) -> dict[str, Any]:
+    """The entries of ``values`` (a mapping or parsed arguments) that ``fn`` takes as keyword parameters."""
+    values = vars(values) if isinstance(values, argparse.Namespace) else values
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in values.items() if k in params and params[k].kind != inspect.Parameter.VAR_KEYWORD}
 
 
 def coerce(value: Any, hint: Any, *, where: str) -> Any:

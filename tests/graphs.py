@@ -77,6 +77,11 @@ class G:
         c = self.channels[x]
         return self.op("PRelu", [x, self.const(self.rng.uniform(0.05, 0.3, (c, 1, 1)).astype(np.float32), "slope")])
 
+    def subsample(self, x: str) -> str:
+        """``x[:, :, ::2, ::2]`` as the exporter writes it (the option-A shortcut's spatial stride)."""
+        bounds = [np.array(v, np.int64) for v in ([0, 0], [99, 99], [2, 3], [2, 2])]
+        return self.op("Slice", [x, *(self.const(b) for b in bounds)])
+
     def add(self, a: str, b: str) -> str:
         return self.op("Add", [a, b])
 

@@ -123,16 +123,11 @@ def test_folded_filters_apply_the_following_bn():
     np.testing.assert_allclose(folded_filters(an, src), an.filters(src) * (g / np.sqrt(v + 1e-5))[:, None], rtol=1e-5)
 
 
-def two_groups():
-    """Two independent layers whose score scales differ by 100x."""
+def two_layers(first: np.ndarray, seed: int):
+    """x -> Conv1x1(first: 8x4) -> Relu -> Conv1x1(random 8x8) -> Relu -> Conv(2): two independent groups."""
     g = G((1, 4, 4, 4))
-    rng = np.random.default_rng(8)
-    a = g.op(
-        "Conv",
-        ["x", g.const((rng.standard_normal((8, 4, 1, 1)) * 100).astype(np.float32))],
-        channels=8,
-        kernel_shape=[1, 1],
-    )
+    rng = np.random.default_rng(seed)
+    a = g.op("Conv", ["x", g.const(first.astype(np.float32))], channels=8, kernel_shape=[1, 1])
     b = g.op(
         "Conv",
         [g.relu(a), g.const(rng.standard_normal((8, 8, 1, 1)).astype(np.float32))],
@@ -140,6 +135,12 @@ def two_groups():
         kernel_shape=[1, 1],
     )
     model, an = analyse_proto(g.model([g.conv(g.relu(b), 2, 1)]))
+    return g, model, an
+
+
+def two_groups():
+    """Two independent layers whose score scales differ by 100x."""
+    _, model, an = two_layers(np.random.default_rng(8).standard_normal((8, 4, 1, 1)) * 100, seed=80)
     return model, an
 
 
@@ -154,17 +155,9 @@ def test_global_allocator_normalises_across_groups():
 
 
 def test_dispersion_allocator_prunes_redundant_layers_harder():
-    g = G((1, 4, 4, 4))
     rng = np.random.default_rng(9)
     alike = np.tile(rng.standard_normal((1, 4, 1, 1)), (8, 1, 1, 1)) + 0.05 * rng.standard_normal((8, 4, 1, 1))
-    a = g.op("Conv", ["x", g.const(alike.astype(np.float32))], channels=8, kernel_shape=[1, 1])
-    b = g.op(
-        "Conv",
-        [g.relu(a), g.const(rng.standard_normal((8, 8, 1, 1)).astype(np.float32))],
-        channels=8,
-        kernel_shape=[1, 1],
-    )
-    model, an = analyse_proto(g.model([g.conv(g.relu(b), 2, 1)]))
+    g, model, an = two_layers(alike, seed=9)
     p = plan(an, allocator="dispersion", ratio=0.4)
     conv_a, conv_b = [n.name for n in g.nodes if n.op_type == "Conv"][:2]
     ga = next(gr for gr in an.groups if conv_a in gr.sources)

@@ -95,3 +95,20 @@ def test_the_github_actions_job_uses_valid_carve_commands():
     for args in carve:
         parser.parse_args(args[1:])  # argparse exits (SystemExit) on anything it does not know
     assert "$GITHUB_STEP_SUMMARY" in runs[-1]
+
+
+def test_the_python_api_blocks_run(zoo_dir, tmp_path, monkeypatch):
+    """The README's Python blocks, run as written on stand-ins: ResNet-20 as r56.onnx, random CIFAR-shaped images as
+    train_subset.npz."""
+    import numpy as np
+
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert len(blocks) >= 2
+    (tmp_path / "r56.onnx").write_bytes((zoo_dir / "resnet20.onnx").read_bytes())
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "train_subset.npz", images=images, labels=rng.integers(0, 10, 300))
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+    assert (tmp_path / "r56_p.onnx").exists() and (tmp_path / "r56_half.onnx").exists()

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchio import document, table, write
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -76,10 +78,7 @@ def row(name: str, res: dict, mem: dict | None) -> dict:
 
 
 def main() -> None:
-    from benchio import write
-
     import models as zoo
-    from pipeline.measure.environment import environment
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*")
@@ -142,53 +141,56 @@ def main() -> None:
                         file=sys.stderr,
                         flush=True,
                     )
-    doc = {
-        "benchmark": "backends",
-        "backend": args.backend,
-        "device": args.device,
-        "precision": args.precision,
-        "pruning": {"criterion": "l1", "ratio": args.ratio, "round_to": args.round_to},
-        "method": f"interleaved rounds ({args.rounds} x >= {args.min_round_ms} ms per model), speed-up = median "
+    doc = document(
+        "backends",
+        t0,
+        backend=args.backend,
+        device=args.device,
+        precision=args.precision,
+        pruning={"criterion": "l1", "ratio": args.ratio, "round_to": args.round_to},
+        method=f"interleaved rounds ({args.rounds} x >= {args.min_round_ms} ms per model), speed-up = median "
         "of per-round time(A)/time(B) with a 95% bootstrap CI; efficiency = speed-up x MAC ratio",
-        "environment": environment(),
-        "seconds": round(time.time() - t0),
-        "rows": rows,
-        "alignment": alignment,
-    }
+        rows=rows,
+        alignment=alignment,
+    )
     write(doc, args.output, markdown, args.markdown)
 
 
 def markdown(doc: dict) -> str:
     """One row per model: speed-up (95% CI) per (batch, threads), efficiency range, peak RSS at the largest batch."""
     configs = sorted({(r["batch"], r["threads"]) for r in doc["rows"]})
-    lines = [
-        "| model | original ms (b1, 1 thread) | MAC ratio | "
-        + " | ".join(f"speed-up b{b} t{t}" for b, t in configs)
-        + " | efficiency | peak RSS MB (original → pruned) |",
-        "|---|---|---|" + "---|" * len(configs) + "---|---|",
-    ]
+    rows = []
     for model in dict.fromkeys(r["model"] for r in doc["rows"]):
         rs = {(r["batch"], r["threads"]): r for r in doc["rows"] if r["model"] == model}
         first, last = rs[configs[0]], rs[configs[-1]]
-        cells = [f"{rs[c]['speedup']:.2f}x ({rs[c]['ci'][0]:.2f}-{rs[c]['ci'][1]:.2f})" for c in configs]
         eff = [r["efficiency"] for r in rs.values()]
         mem = f"{last['peak_mb'][0]:.0f} → {last['peak_mb'][1]:.0f}" if "peak_mb" in last else "-"
-        lines.append(
-            f"| {model} | {first['a_ms']:.2f} | {first['mac_ratio']:.3f} | "
-            + " | ".join(cells)
-            + f" | {min(eff):.2f}-{max(eff):.2f} | {mem} |"
+        rows.append(
+            [model, f"{first['a_ms']:.2f}", f"{first['mac_ratio']:.3f}"]
+            + [f"{rs[c]['speedup']:.2f}x ({rs[c]['ci'][0]:.2f}-{rs[c]['ci'][1]:.2f})" for c in configs]
+            + [f"{min(eff):.2f}-{max(eff):.2f}", mem]
         )
+    lines = table(
+        ["model", "original ms (b1, 1 thread)", "MAC ratio"]
+        + [f"speed-up b{b} t{t}" for b, t in configs]
+        + ["efficiency", "peak RSS MB (original → pruned)"],
+        rows,
+    )
     if doc.get("alignment"):
-        lines += [
-            "",
-            "| model (ratio 0.3, batch 1, 1 thread) | round-to | speed-up (95% CI) | MAC ratio | efficiency |",
-            "|---|---|---|---|---|",
-        ]
-        for r in doc["alignment"]:
-            lines.append(
-                f"| {r['model']} | {r['round_to']} | {r['speedup']:.2f}x ({r['ci'][0]:.2f}-{r['ci'][1]:.2f})"
-                f" | {r['mac_ratio']:.3f} | {r['efficiency']:.2f} |"
-            )
+        header = ["model (ratio 0.3, batch 1, 1 thread)", "round-to", "speed-up (95% CI)", "MAC ratio", "efficiency"]
+        lines += [""] + table(
+            header,
+            [
+                [
+                    r["model"],
+                    r["round_to"],
+                    f"{r['speedup']:.2f}x ({r['ci'][0]:.2f}-{r['ci'][1]:.2f})",
+                    f"{r['mac_ratio']:.3f}",
+                    f"{r['efficiency']:.2f}",
+                ]
+                for r in doc["alignment"]
+            ],
+        )
     return "\n".join(lines)
 
 

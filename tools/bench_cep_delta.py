@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchio import document, table, write
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -23,13 +25,10 @@ VARIANTS = [("l1", {}), ("cep", {}), ("cep", {"variant": "delta", "samples": 128
 
 
 def main() -> None:
-    from benchio import write
-
     import models
     from pipeline import analyse, load, prune
     from pipeline.data.datasets import load_data
     from pipeline.data.shared import shared_file
-    from pipeline.measure.environment import environment
     from pipeline.measure.evaluate import evaluate
     from pipeline.pruning.planner import plan, score_units
 
@@ -38,6 +37,7 @@ def main() -> None:
     ap.add_argument("-o", "--output", default=str(REPO / "benchmarks" / "cep_delta.json"))
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
+    started = time.time()
     setups = [("lenet5", "digits:train", "digits:test", None)]
     train, test = shared_file("data", "cifar10", "train_subset.npz"), shared_file("data", "cifar10", "test.npz")
     if train and test and models.has_trained_weights("resnet20"):
@@ -72,23 +72,20 @@ def main() -> None:
                     }
                 )
                 print(name, label, top1, f"{seconds:.1f}s", file=sys.stderr, flush=True)
-    doc = {"benchmark": "cep_delta", "environment": environment(), "targets": args.targets, "rows": rows}
+    doc = document("cep_delta", started, targets=args.targets, rows=rows)
     write(doc, args.output, markdown, args.markdown)
 
 
 def markdown(doc: dict) -> str:
     targets = [str(t) for t in doc["targets"]]
-    lines = [
-        "| model (original top-1) | criterion | " + " | ".join(f"top-1 at MACs {t}" for t in targets) + " | scoring |",
-        "|---|---|" + "---|" * len(targets) + "---|",
+    rows = [
+        [f"{r['model']} ({r['original_top1']:.1%}, {r['eval_samples']} images)", r["criterion"]]
+        + [f"{r['top1'][t]:.1%}" for t in targets]
+        + [f"{r['score_seconds']:.1f} s"]
+        for r in doc["rows"]
     ]
-    for r in doc["rows"]:
-        cells = " | ".join(f"{r['top1'][t]:.1%}" for t in targets)
-        lines.append(
-            f"| {r['model']} ({r['original_top1']:.1%}, {r['eval_samples']} images) | {r['criterion']} | "
-            f"{cells} | {r['score_seconds']:.1f} s |"
-        )
-    return "\n".join(lines)
+    header = ["model (original top-1)", "criterion"] + [f"top-1 at MACs {t}" for t in targets] + ["scoring"]
+    return "\n".join(table(header, rows))
 
 
 if __name__ == "__main__":

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+from benchio import document, table, write
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -43,25 +45,6 @@ s = a.summary()
 print(json.dumps({"stages": dict(zip(["load", "analyse", "plan", "prune", "save"], [b - a for a, b in zip(t, t[1:])])),
                   "total": t[-1] - t[0], "peak_extra_bytes": rss("VmHWM:") - base, "summary": s}))
 """
-
-
-def environment() -> dict:
-    import numpy
-    import onnx
-    import onnxruntime
-    import torch
-
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
-    return {
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "numpy": numpy.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-    }
 
 
 def run(models: list[str], repeat: int) -> dict:
@@ -112,25 +95,35 @@ def run(models: list[str], repeat: int) -> dict:
 
 
 def markdown(doc: dict) -> str:
-    lines = [
-        "| model | input | load→analyse→prune→save | analyse | peak memory | prunable channels | groups | "
-        "frozen because | MACs after ratio 0.5 |",
-        "|---|---|---|---|---|---|---|---|---|",
+    header = [
+        "model",
+        "input",
+        "load→analyse→prune→save",
+        "analyse",
+        "peak memory",
+        "prunable channels",
+        "groups",
+        "frozen because",
+        "MACs after ratio 0.5",
     ]
-    for name, r in doc["models"].items():
-        reasons = ", ".join(f"{k} ({v})" for k, v in r["frozen_reasons"].items())
-        lines.append(
-            f"| {name} | {'x'.join(map(str, r['input'][1:]))} | {r['total_s'] * 1000:.0f} ms | "
-            f"{r['stages_s']['analyse'] * 1000:.0f} ms | +{r['peak_extra_mb']:.0f} MB | "
-            f"{r['prunable_channels']}/{r['channels']} ({r['prunable_fraction']:.1%}) | {r['groups']} | {reasons} | "
-            f"{r['macs'][1] / r['macs'][0]:.1%} |"
-        )
-    return "\n".join(lines)
+    rows = [
+        [
+            name,
+            "x".join(map(str, r["input"][1:])),
+            f"{r['total_s'] * 1000:.0f} ms",
+            f"{r['stages_s']['analyse'] * 1000:.0f} ms",
+            f"+{r['peak_extra_mb']:.0f} MB",
+            f"{r['prunable_channels']}/{r['channels']} ({r['prunable_fraction']:.1%})",
+            r["groups"],
+            ", ".join(f"{k} ({v})" for k, v in r["frozen_reasons"].items()),
+            f"{r['macs'][1] / r['macs'][0]:.1%}",
+        ]
+        for name, r in doc["models"].items()
+    ]
+    return "\n".join(table(header, rows))
 
 
 def main() -> None:
-    from benchio import write
-
     import models as zoo
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,13 +133,15 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     names = args.models or zoo.available()
-    doc = {
-        "benchmark": "core",
-        "what": "load -> analyse -> plan(l1, ratio 0.5, round-to 8) -> prune -> save, median of fresh processes",
-        "repeat": args.repeat,
-        "environment": environment(),
-        "models": run(names, args.repeat),
-    }
+    started = time.time()
+    models = run(names, args.repeat)
+    doc = document(
+        "core",
+        started,
+        what="load -> analyse -> plan(l1, ratio 0.5, round-to 8) -> prune -> save, median of fresh processes",
+        repeat=args.repeat,
+        models=models,
+    )
     write(doc, args.output, markdown, args.markdown)
 
 

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchio import document, speedups, table, write
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -52,8 +54,6 @@ def label(name: str, opts: dict, allocator: str) -> str:
 def run_model(
     model_path: Path, calib, evalset, criteria, targets, tmp: Path, *, latency: bool, round_to: int = 1
 ) -> list[dict]:
-    from benchio import speedups
-
     from pipeline import analyse, load, prune, save
     from pipeline.graph.cost import model_cost
     from pipeline.measure.evaluate import evaluate
@@ -151,13 +151,10 @@ def lenet_tables(tmp: Path, targets) -> dict:
 
 
 def main() -> None:
-    from benchio import write
-
     import models
     from pipeline.data.datasets import load_data
     from pipeline.data.shared import missing_reason, shared_file
     from pipeline.graph import load
-    from pipeline.measure.environment import environment
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet56")
@@ -187,77 +184,67 @@ def main() -> None:
             path, calib, evalset, crits, args.targets, tmp, latency=not args.no_latency, round_to=args.round_to
         )
         lenet = None if args.no_lenet else lenet_tables(tmp, args.targets)
-    doc = {
-        "benchmark": "criteria",
-        "model": args.model,
-        "calibration": {"source": "train_subset.npz", "samples": args.calib_samples},
-        "round_to": args.round_to,
-        "evaluation": {"source": "test.npz", "samples": len(evalset)},
-        "notes": "no fine-tuning, no reconstruction; uniform allocator unless marked; channels kept in multiples of "
+    doc = document(
+        "criteria",
+        t0,
+        model=args.model,
+        calibration={"source": "train_subset.npz", "samples": args.calib_samples},
+        round_to=args.round_to,
+        evaluation={"source": "test.npz", "samples": len(evalset)},
+        notes="no fine-tuning, no reconstruction; uniform allocator unless marked; channels kept in multiples of "
         f"{args.round_to}; latency: ORT CPU, batch 1, "
         "1 thread, speed-up against the original (median of interleaved rounds, 95% CI)",
-        "environment": environment(),
-        "seconds": round(time.time() - t0),
-        "rows": rows,
-        "lenet5_digits": lenet,
-    }
+        rows=rows,
+        lenet5_digits=lenet,
+    )
     write(doc, args.output, markdown, args.markdown)
 
 
 def markdown(doc: dict) -> str:
     targets = sorted({r["target"] for r in doc["rows"] if r.get("target", 1.0) < 1.0}, reverse=True)
     orig = next(r for r in doc["rows"] if r["criterion"] == "original")
-    head = "| criterion | scoring | " + " | ".join(f"MACs {t:g}: top-1 / agree / speed-up" for t in targets) + " |"
-    lines = [
-        f"{doc['model']}: original top-1 {orig['top1']:.2%} on {doc['evaluation']['samples']} test images, "
-        f"{orig['params']:,} params, {orig['macs']:,} MACs",
-        "",
-        head,
-        "|---|---|" + "---|" * len(targets),
-    ]
-    names = [r["criterion"] for r in doc["rows"] if r["criterion"] != "original"]
-    for name in dict.fromkeys(names):
+    rows = []
+    for name in dict.fromkeys(r["criterion"] for r in doc["rows"] if r["criterion"] != "original"):
         rs = [r for r in doc["rows"] if r["criterion"] == name]
         if "error" in rs[0]:
-            lines.append(f"| {name} | - | " + " | ".join(["n/a: " + rs[0]["error"][:60]] * len(targets)) + " |")
+            rows.append([name, "-"] + ["n/a: " + rs[0]["error"][:60]] * len(targets))
             continue
         cells = []
         for t in targets:
             r = next((r for r in rs if r["target"] == t), None)
-            if r is None:
-                cells.append("-")
-                continue
-            lat = f" / {r['latency']['speedup']:.2f}x" if "latency" in r else ""
-            cells.append(f"{r['top1']:.1%} / {r['agreement']:.1%}{lat}")
-        lines.append(f"| {name} | {rs[0]['score_seconds']:.1f} s | " + " | ".join(cells) + " |")
+            lat = f" / {r['latency']['speedup']:.2f}x" if r is not None and "latency" in r else ""
+            cells.append("-" if r is None else f"{r['top1']:.1%} / {r['agreement']:.1%}{lat}")
+        rows.append([name, f"{rs[0]['score_seconds']:.1f} s", *cells])
+    lines = [
+        f"{doc['model']}: original top-1 {orig['top1']:.2%} on {doc['evaluation']['samples']} test images, "
+        f"{orig['params']:,} params, {orig['macs']:,} MACs",
+        "",
+        *table(["criterion", "scoring"] + [f"MACs {t:g}: top-1 / agree / speed-up" for t in targets], rows),
+    ]
     if doc.get("lenet5_digits"):
         ln = doc["lenet5_digits"]
         o = next(r for r in ln["structured"] if r["criterion"] == "original")
+        structured = []
+        for name in dict.fromkeys(r["criterion"] for r in ln["structured"] if r["criterion"] != "original"):
+            rs = {r["target"]: r for r in ln["structured"] if r["criterion"] == name}
+            structured.append([name] + [f"{rs[t]['top1']:.1%}" if t in rs else "-" for t in targets])
+        sp = sorted({r["target"] for r in ln["unstructured"]})
+        unstructured = []
+        for name in dict.fromkeys(r["criterion"] for r in ln["unstructured"]):
+            rs = {r["target"]: r for r in ln["unstructured"] if r["criterion"] == name}
+            unstructured.append(
+                [name] + [f"{rs[s]['top1']:.1%} ({rs[s]['sparsity']:.0%} zero)" if s in rs else "-" for s in sp]
+            )
         lines += [
             "",
             f"LeNet-5 on digits (original top-1 {o['top1']:.2%}): structured pruning, no fine-tuning",
             "",
-            "| criterion | " + " | ".join(f"MACs {t:g}" for t in targets) + " |",
-            "|---|" + "---|" * len(targets),
-        ]
-        names = [r["criterion"] for r in ln["structured"] if r["criterion"] != "original"]
-        for name in dict.fromkeys(names):
-            rs = {r["target"]: r for r in ln["structured"] if r["criterion"] == name}
-            lines.append(
-                f"| {name} | " + " | ".join(f"{rs[t]['top1']:.1%}" if t in rs else "-" for t in targets) + " |"
-            )
-        sp = sorted({r["target"] for r in ln["unstructured"]})
-        lines += [
+            *table(["criterion"] + [f"MACs {t:g}" for t in targets], structured),
             "",
             "LeNet-5 on digits: unstructured sparsity (weights zeroed, no speed-up claimed)",
             "",
-            "| criterion | " + " | ".join(f"target {s:.0%} zero" for s in sp) + " |",
-            "|---|" + "---|" * len(sp),
+            *table(["criterion"] + [f"target {s:.0%} zero" for s in sp], unstructured),
         ]
-        for name in dict.fromkeys(r["criterion"] for r in ln["unstructured"]):
-            rs = {r["target"]: r for r in ln["unstructured"] if r["criterion"] == name}
-            cells = [f"{rs[s]['top1']:.1%} ({rs[s]['sparsity']:.0%} zero)" if s in rs else "-" for s in sp]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchio import document, speedups, table, write
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -42,14 +44,11 @@ def variants(m, target: float, calib, *, with_data: bool):
 
 
 def main() -> None:
-    from benchio import speedups, write
-
     import models
     from pipeline.data.datasets import load_data
     from pipeline.data.shared import shared_file
     from pipeline.graph import load, save
     from pipeline.graph.cost import model_cost
-    from pipeline.measure.environment import environment
     from pipeline.measure.evaluate import evaluate
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,37 +116,40 @@ def main() -> None:
                         file=sys.stderr,
                         flush=True,
                     )
-    doc = {
-        "benchmark": "decompose",
-        "environment": environment(),
-        "seconds": round(time.time() - t0),
-        "notes": "no fine-tuning; decompose: data-aware SVD for ResNet-56 (plain SVD for the random-weight models), "
+    doc = document(
+        "decompose",
+        t0,
+        notes="no fine-tuning; decompose: data-aware SVD for ResNet-56 (plain SVD for the random-weight models), "
         "ranks bisected to the MAC target; prune: L1 uniform, round-to 8; lsq: 256 calibration images; "
         "latency: ORT CPU, 1 thread, speed-up vs the original (median of interleaved rounds, 95% CI)",
-        "rows": rows,
-    }
+        rows=rows,
+    )
     write(doc, args.output, markdown, args.markdown)
 
 
 def markdown(doc: dict) -> str:
-    lines = [
-        "| model | variant | MAC target | MACs | params | top-1 | agreement | speed-up b1 | speed-up b8 |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for r in doc["rows"]:
         if r["variant"] == "original":
-            lines.append(
-                f"| {r['model']} | original | 1 | {r['macs']:,} | {r['params']:,} | {r['top1']:.2%} | - | - | - |"
-            )
+            cost = [f"{r['macs']:,}", f"{r['params']:,}", f"{r['top1']:.2%}"]
+            rows.append([r["model"], "original", 1, *cost, "-", "-", "-"])
             continue
-        top1 = f"{r['top1']:.2%}" if "top1" in r else "-"
-        agree = f"{r['agreement']:.2%}" if "agreement" in r else "-"
         b1, b8 = r["latency"]["1"], r["latency"]["8"]
-        lines.append(
-            f"| {r['model']} | {r['variant']} | {r['target']:g} | {r['macs_ratio']:.1%} | "
-            f"{r['params_ratio']:.1%} | {top1} | {agree} | {b1['speedup']:.2f}x | {b8['speedup']:.2f}x |"
+        rows.append(
+            [
+                r["model"],
+                r["variant"],
+                f"{r['target']:g}",
+                f"{r['macs_ratio']:.1%}",
+                f"{r['params_ratio']:.1%}",
+                f"{r['top1']:.2%}" if "top1" in r else "-",
+                f"{r['agreement']:.2%}" if "agreement" in r else "-",
+                f"{b1['speedup']:.2f}x",
+                f"{b8['speedup']:.2f}x",
+            ]
         )
-    return "\n".join(lines + recovery(doc))
+    header = ["model", "variant", "MAC target", "MACs", "params", "top-1", "agreement", "speed-up b1", "speed-up b8"]
+    return "\n".join(table(header, rows) + recovery(doc))
 
 
 def recovery(doc: dict) -> list[str]:
@@ -156,11 +158,7 @@ def recovery(doc: dict) -> list[str]:
     cases = sorted({(m, t) for m, v, t in acc if v == "prune"}, key=lambda c: (c[0], -c[1]))
     if not cases:
         return []
-    out = [
-        "",
-        "| model | MAC target | prune | prune+fuse (recovered) | prune+lsq (recovered) | decompose |",
-        "|---|---|---|---|---|---|",
-    ]
+    rows = []
     for model, t in cases:
         base = acc[(model, "prune", t)]
         cells = []
@@ -172,8 +170,9 @@ def recovery(doc: dict) -> list[str]:
                 cells.append(f"{v:.2%}")
             else:
                 cells.append(f"{v:.2%} ({(v - base) * 100:+.1f} pts)")
-        out.append(f"| {model} | {t:g} | {base:.2%} | " + " | ".join(cells) + " |")
-    return out
+        rows.append([model, f"{t:g}", f"{base:.2%}", *cells])
+    header = ["model", "MAC target", "prune", "prune+fuse (recovered)", "prune+lsq (recovered)", "decompose"]
+    return ["", *table(header, rows)]
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
-"""What the benchmark scripts share: a one-thread ORT CPU speed-up of B against A, and writing a result document.
+"""What the benchmark scripts share: a one-thread ORT CPU speed-up of B against A, the result document (what was
+measured, where, how long it took) written atomically, and Markdown tables for the README.
 
-The scripts import this inside ``main`` (``tools/`` is on ``sys.path`` when a script runs), so
-``tools/update_readme.py`` can load their ``markdown`` functions without it.
+``tools/`` is on ``sys.path`` when a script runs (and when ``tools/update_readme.py`` loads a script's ``markdown``);
+the project itself is imported lazily.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 
 def speedups(a: Path, b: Path, batches: list[int], rounds: int) -> dict[str, dict]:
@@ -37,3 +40,19 @@ def write(doc: dict, output: str | Path, markdown: Callable[[dict], str], show: 
     tmp.replace(out)
     if show:
         print(markdown(doc))
+
+
+def document(benchmark: str, started: float, **fields: Any) -> dict:
+    """A benchmark's result document: its name, the machine (:func:`pipeline.measure.environment.environment`), the
+    wall time since ``started`` (``time.time()``), then the benchmark's own fields."""
+    from pipeline.measure.environment import environment
+
+    return {"benchmark": benchmark, "environment": environment(), "seconds": round(time.time() - started), **fields}
+
+
+def table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> list[str]:
+    """A Markdown table as lines: one header row, the separator, one line per row (cells are str()-ed)."""
+    header = list(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines

@@ -23,6 +23,9 @@ MARKER = re.compile(r"(<!-- (bench|report):(\w+) -->\n)(.*?)(<!-- /\2:\3 -->)", 
 
 
 def table(name: str) -> str:
+    for path in (REPO, REPO / "tools"):  # the scripts import the project and tools/benchio.py
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "tools" / f"bench_{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

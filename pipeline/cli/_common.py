@@ -68,6 +68,23 @@ def console(quiet: bool = False):
     return Console(quiet=quiet, highlight=False, soft_wrap=True, width=width)
 
 
+def emit_json(args: argparse.Namespace, doc: dict, output: str | None = None) -> bool:
+    """Write ``doc`` to ``output`` (default ``args.output``) atomically when one is given, and print it with
+    ``--json``. Returns whether it was printed (the command then prints nothing else)."""
+    import json
+
+    from pipeline.graph.io import atomic_write
+
+    output = output if output is not None else getattr(args, "output", None)
+    if output:
+        with atomic_write(output) as f:
+            json.dump(doc, f, indent=1, default=str)
+    if getattr(args, "json", False):
+        print(json.dumps(doc, indent=1, default=str))
+        return True
+    return False
+
+
 def require(condition: bool, message: str, hint: str | None = None) -> None:
     if not condition:
         raise CarveError(message, hint=hint)

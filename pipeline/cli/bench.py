@@ -41,13 +41,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from pipeline.cli._common import command_line, console
+    from pipeline.cli._common import command_line, console, emit_json
     from pipeline.config import from_args
-    from pipeline.graph import atomic_write, check_output_path
+    from pipeline.graph import check_output_path
     from pipeline.measure.backends import get
     from pipeline.measure.compare import compare
     from pipeline.measure.config import MeasureConfig
@@ -70,11 +69,7 @@ def run(args: argparse.Namespace) -> int:
         report = compare(
             args.a, args.b, cfg, command=command_line(), progress=lambda msg: bar.update(task, description=msg)
         )
-    if args.output:
-        with atomic_write(args.output) as f:
-            json.dump(report, f, indent=1)
-    if args.json:
-        print(json.dumps(report, indent=1))
+    if emit_json(args, report):
         return 0
     for line in render_results(report):
         con.print(line)

@@ -39,21 +39,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline import load
     from pipeline.cli._common import load_calib, run_pass
-    from pipeline.graph import check_output_path
-    from pipeline.passes import get
+    from pipeline.config import options_for
+    from pipeline.graph import check_output_path, load
+    from pipeline.passes import get, passes
 
-    p = get(
-        "decompose",
-        energy=args.energy,
-        error=args.error,
-        target_macs=args.target_macs,
-        round_to=args.round_to,
-        include=args.include,
-        exclude=args.exclude,
-        kernels=args.kernels,
-    )
+    p = get("decompose", **options_for(passes.get("decompose"), args))
     check_output_path(args.output, args.model)
     model = load(args.model)
     calib = load_calib(args, model, required="--error" if args.error is not None else False)

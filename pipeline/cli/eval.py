@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from pipeline.cli._common import positive_int
 
@@ -22,10 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline import load
-    from pipeline.cli._common import console
+    from pipeline.cli._common import console, emit_json
     from pipeline.data.datasets import Preprocess, load_data
-    from pipeline.graph import atomic_write, check_output_path
+    from pipeline.graph import check_output_path, load
     from pipeline.measure.evaluate import evaluate
 
     if args.output:
@@ -37,11 +35,7 @@ def run(args: argparse.Namespace) -> int:
     )
     result = {"model": args.model, **evaluate(model, data, reference=reference, threads=args.threads)}
     doc = {"schema_version": 1, "kind": "carve.eval", "accuracy": result}
-    if args.output:
-        with atomic_write(args.output) as f:
-            json.dump(doc, f, indent=1)
-    if args.json:
-        print(json.dumps(doc, indent=1))
+    if emit_json(args, doc):
         return 0
     con = console()
     line = f"{args.model}: {result['samples']} samples"

@@ -24,8 +24,8 @@ def _si(n: float) -> str:
 def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from pipeline import load
     from pipeline.cli._common import console
+    from pipeline.graph import load
     from pipeline.graph.channels import analyse
     from pipeline.graph.overview import overview
 

@@ -33,21 +33,15 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from pipeline.cli._common import command_line, console, load_calib
+    from pipeline.config import options_for
     from pipeline.flows.passes import run_passes
     from pipeline.graph import check_output_path, load
-    from pipeline.passes import get
+    from pipeline.passes import get, passes
 
     check_output_path(args.output, args.model)
     model = load(args.model)
     data = load_calib(args, model, required="--criterion cep" if args.criterion == "cep" else False)
-    p = get(
-        "sparsify",
-        sparsity=args.sparsity,
-        criterion=args.criterion,
-        pattern=args.pattern,
-        hcep=args.hcep,
-        variant=args.variant,
-    )
+    p = get("sparsify", **options_for(passes.get("sparsify"), args))
     run = run_passes(args.model, args.output, [p], model=model, calib=data, seed=args.seed, command=command_line())
     summary = run.results[0].summary
     if args.json:

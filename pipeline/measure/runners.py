@@ -65,20 +65,12 @@ class RemoteRunner:
                 raise
             raise CarveError(f"{model}: the engine failed to build in its worker process: {exc}") from None
 
-    def warmup(self, seconds: float) -> float:
-        return self._runner.warmup(seconds)
-
-    def round(self, n: int) -> np.ndarray:
-        return self._runner.round(n)
-
-    def outputs(self, feeds):
-        return self._runner.outputs(feeds)
-
-    def memory(self) -> dict:
-        return self._runner.memory()
-
-    def info(self) -> dict:
-        return self._runner.info()
+    def __getattr__(self, name: str):
+        # warmup, round, outputs, memory, info: forwarded to the worker's LocalRunner
+        runner = self.__dict__.get("_runner")
+        if runner is None or name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(runner, name)
 
     def close(self) -> None:
         try:

@@ -1,20 +1,22 @@
 """The allocator interface and its registry: how many units each slice of each group loses.
 
-An allocator is a function ``(analysis, scores, frozen, *, ratio, round_to, keep_min, **options) -> removed`` (a
-boolean mask over units; see :class:`Allocator`). Built-ins live in ``plugins/allocators/``; third parties register
-through the ``carve.allocators`` entry-point group. The helpers here are what every allocator needs: the aligned kept
-width of a slice and the removal of its lowest-scored prunable units.
+An allocator is an :class:`Allocator`: configured by its options (``--allocator-opt beta=2``), called on an
+:class:`Allocation` (scores, frozen mask, base ratio, alignment) it returns a boolean mask of removed units. Built-ins
+live in ``plugins/allocators/``; third parties register through the ``carve.allocators`` entry-point group. The
+helpers here are what every allocator needs: the aligned kept width of a slice and the removal of its lowest-scored
+prunable units.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from pipeline.graph.channels import ChannelAnalysis
-from pipeline.registry import Registry
+from pipeline.registry import Plugin, Registry
 
 allocators: Registry = Registry(
     "allocator", entry_point_group="carve.allocators", builtin_modules=["plugins.allocators"]
@@ -29,8 +31,26 @@ def kept_width(n: int, ratio: float, round_to: int = 1, keep_min: int = 1) -> in
     return min(n, max(keep, keep_min, 1))
 
 
-class Allocator(Protocol):
-    """What every allocator is: scores and frozen mask in, removed-unit mask out, for a base ``ratio``."""
+@dataclass
+class Allocation:
+    """What an allocator is asked: remove units given their scores, never frozen ones, at base ``ratio``, keeping
+    every slice at least ``keep_min`` wide and a multiple of ``round_to`` (or whole)."""
+
+    analysis: ChannelAnalysis
+    scores: np.ndarray
+    frozen: np.ndarray
+    ratio: float
+    round_to: int = 1
+    keep_min: int = 1
+
+
+class Allocator(Plugin):
+    """Base class: override :meth:`allocate`; options (e.g. ``beta``) are declared in ``options`` with defaults."""
+
+    kind: ClassVar[str] = "allocator"
+
+    def allocate(self, job: Allocation) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
 
     def __call__(
         self,
@@ -41,8 +61,9 @@ class Allocator(Protocol):
         ratio: float,
         round_to: int = 1,
         keep_min: int = 1,
-        **options: Any,
-    ) -> np.ndarray: ...
+    ) -> np.ndarray:
+        """The boolean mask of removed units."""
+        return self.allocate(Allocation(analysis, scores, frozen, ratio, round_to, keep_min))
 
 
 def aligned_removal(n: int, n_remove: int, round_to: int) -> int:
@@ -58,22 +79,15 @@ def remove_lowest(removed: np.ndarray, candidates: np.ndarray, scores: np.ndarra
         removed[candidates[np.argsort(scores[candidates], kind="stable")[:k]]] = True
 
 
-def remove_by_rate(
-    analysis: ChannelAnalysis,
-    scores: np.ndarray,
-    frozen: np.ndarray,
-    rate_of_group: np.ndarray,
-    *,
-    round_to: int = 1,
-    keep_min: int = 1,
-) -> np.ndarray:
+def remove_by_rate(job: Allocation, rate_of_group: np.ndarray) -> np.ndarray:
     """Every slice of group g loses the fraction ``rate_of_group[g]`` of its units (aligned, at least ``keep_min``
     kept, frozen units kept and counted in the width), lowest scores first."""
-    removed = np.zeros(analysis.n_units, dtype=bool)
-    for group in analysis.groups:
+    removed = np.zeros(job.analysis.n_units, dtype=bool)
+    for group in job.analysis.groups:
         for sl in group.slices:
             n = len(sl)
-            prunable = sl[~frozen[sl]]
-            n_remove = min(n - kept_width(n, float(rate_of_group[group.id]), round_to, keep_min), len(prunable))
-            remove_lowest(removed, prunable, scores, aligned_removal(n, n_remove, round_to))
+            prunable = sl[~job.frozen[sl]]
+            rate = float(rate_of_group[group.id])
+            n_remove = min(n - kept_width(n, rate, job.round_to, job.keep_min), len(prunable))
+            remove_lowest(removed, prunable, job.scores, aligned_removal(n, n_remove, job.round_to))
     return removed

@@ -86,10 +86,10 @@ def plan(
         raise AssertionError(f"criterion {criterion!r} returned {scores.shape} scores for {analysis.n_units} units")
     excl, _ = exclusion_mask(analysis, exclude)
     frozen = analysis.unit_frozen | excl
-    alloc = allocators.get(allocator)
+    alloc = allocators.get(allocator)(**allocator_options)
 
     def allocate(r: float) -> np.ndarray:
-        return alloc(analysis, scores, frozen, ratio=r, round_to=round_to, keep_min=keep_min, **allocator_options)
+        return alloc(analysis, scores, frozen, ratio=r, round_to=round_to, keep_min=keep_min)
 
     allocate.scores, allocate.round_to = scores, round_to  # type: ignore[attr-defined]  # for fill_to_target
 

@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline.config import options_for
 from pipeline.errors import CarveError
 from pipeline.graph.channels import analyse
 from pipeline.graph.history import record
@@ -44,6 +45,10 @@ class PruneOptions:
     ridge: float = 1e-3
     fuse_gate: float = 1e-3
     verify: bool = True
+
+    def plan_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`pipeline.pruning.planner.plan` these options set."""
+        return {**options_for(plan, asdict(self)), **self.allocator_options}
 
     def repair_steps(self) -> list[tuple[str, dict[str, Any]]]:
         """The repairs to run, in order, with their options (registry name, options)."""
@@ -93,21 +98,7 @@ def prune_model(
     if any(name in ("lsq", "bias") for name, _ in steps):
         ensure_biases(model)  # the refit's intercept needs a bias that is cut with its layer
     analysis = analyse(model)
-    p = plan(
-        analysis,
-        criterion=opts.criterion,
-        ratio=opts.ratio,
-        round_to=opts.round_to,
-        keep_min=opts.keep_min,
-        exclude=opts.exclude,
-        allocator=opts.allocator,
-        seed=opts.seed,
-        calib=calib,
-        criterion_options=opts.criterion_options,
-        target_macs=opts.target_macs,
-        target_params=opts.target_params,
-        **opts.allocator_options,
-    )
+    p = plan(analysis, calib=calib, **opts.plan_options())
     repaired: dict[str, Any] = {}
     work = zero_removed(model, p) if steps else model
     for name, options in steps:

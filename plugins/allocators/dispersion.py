@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.graph.bn import folded_filters
 from pipeline.graph.channels import ChannelAnalysis, Kind
-from pipeline.pruning.allocator import allocators, remove_by_rate
+from pipeline.pruning.allocator import Allocation, Allocator, allocators, remove_by_rate
 from plugins.criteria.simfp import kernel_dispersion
 
 
@@ -48,17 +48,10 @@ def group_rates(analysis: ChannelAnalysis, frozen: np.ndarray, ratio: float, bet
 
 
 @allocators.register("dispersion")
-def dispersion(
-    analysis: ChannelAnalysis,
-    scores: np.ndarray,
-    frozen: np.ndarray,
-    *,
-    ratio: float,
-    round_to: int = 1,
-    keep_min: int = 1,
-    beta: float = 1.0,
-    max_rate: float = 0.95,
-) -> np.ndarray:
-    """Per-group rates from kernel dispersion (SFP): alike kernels lose more."""
-    rates = group_rates(analysis, frozen, ratio, beta, max_rate)
-    return remove_by_rate(analysis, scores, frozen, rates, round_to=round_to, keep_min=keep_min)
+class Dispersion(Allocator):
+    description = "per-group rates from kernel dispersion (SFP): alike kernels lose more"
+    options = {"beta": 1.0, "max_rate": 0.95}
+
+    def allocate(self, job: Allocation) -> np.ndarray:
+        rates = group_rates(job.analysis, job.frozen, job.ratio, float(self.opts["beta"]), float(self.opts["max_rate"]))
+        return remove_by_rate(job, rates)

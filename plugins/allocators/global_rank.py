@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline.errors import CarveError
 from pipeline.graph.channels import ChannelAnalysis
-from pipeline.pruning.allocator import aligned_removal, allocators, remove_lowest
+from pipeline.pruning.allocator import Allocation, Allocator, aligned_removal, allocators, remove_lowest
 
 
 def normalised(analysis: ChannelAnalysis, scores: np.ndarray, frozen: np.ndarray, norm: str) -> np.ndarray:
@@ -36,30 +36,24 @@ def normalised(analysis: ChannelAnalysis, scores: np.ndarray, frozen: np.ndarray
 
 
 @allocators.register("global")
-def global_rank(
-    analysis: ChannelAnalysis,
-    scores: np.ndarray,
-    frozen: np.ndarray,
-    *,
-    ratio: float,
-    round_to: int = 1,
-    keep_min: int = 1,
-    norm: str = "mean",
-) -> np.ndarray:
-    """One ranking of normalised scores across all groups; the lowest `ratio` of units go."""
-    s = normalised(analysis, scores, frozen, norm)
-    prunable = np.flatnonzero(~frozen)
-    removed = np.zeros(analysis.n_units, dtype=bool)
-    n_remove = int(round(ratio * len(prunable)))
-    if n_remove <= 0:
+class GlobalRank(Allocator):
+    description = "one ranking of normalised scores across all groups; the lowest `ratio` of units go"
+    options = {"norm": "mean"}
+
+    def allocate(self, job: Allocation) -> np.ndarray:
+        an = job.analysis
+        s = normalised(an, job.scores, job.frozen, self.opts["norm"])
+        prunable = np.flatnonzero(~job.frozen)
+        removed = np.zeros(an.n_units, dtype=bool)
+        n_remove = int(round(job.ratio * len(prunable)))
+        if n_remove <= 0:
+            return removed
+        candidate = np.zeros(an.n_units, dtype=bool)
+        candidate[prunable[np.argsort(s[prunable], kind="stable")[:n_remove]]] = True
+        for g in an.groups:
+            for sl in g.slices:
+                cand = sl[candidate[sl]]
+                n = len(sl)
+                k = aligned_removal(n, min(len(cand), n - min(n, job.keep_min)), job.round_to)
+                remove_lowest(removed, cand, s, k)
         return removed
-    order = prunable[np.argsort(s[prunable], kind="stable")]
-    candidate = np.zeros(analysis.n_units, dtype=bool)
-    candidate[order[:n_remove]] = True
-    for g in analysis.groups:
-        for sl in g.slices:
-            cand = sl[candidate[sl]]
-            n = len(sl)
-            k = aligned_removal(n, min(len(cand), n - min(n, keep_min)), round_to)
-            remove_lowest(removed, cand, s, k)
-    return removed

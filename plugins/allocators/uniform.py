@@ -9,20 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.graph.channels import ChannelAnalysis
-from pipeline.pruning.allocator import allocators, remove_by_rate
+from pipeline.pruning.allocator import Allocation, Allocator, allocators, remove_by_rate
 
 
 @allocators.register("uniform")
-def uniform(
-    analysis: ChannelAnalysis,
-    scores: np.ndarray,
-    frozen: np.ndarray,
-    *,
-    ratio: float,
-    round_to: int = 1,
-    keep_min: int = 1,
-) -> np.ndarray:
-    """The same fraction of every slice of every group, lowest scores first."""
-    rates = np.full(len(analysis.groups), ratio)
-    return remove_by_rate(analysis, scores, frozen, rates, round_to=round_to, keep_min=keep_min)
+class Uniform(Allocator):
+    description = "the same fraction of every slice of every group, lowest scores first"
+
+    def allocate(self, job: Allocation) -> np.ndarray:
+        return remove_by_rate(job, np.full(len(job.analysis.groups), job.ratio))

@@ -134,31 +134,18 @@ class Sparsify(Pass):
         hcep: float = 0.0,
         variant: str = "taylor",
     ) -> None:
-        self.sparsity, self.criterion, self.pattern, self.hcep, self.variant = (
-            sparsity,
-            criterion,
-            pattern,
-            hcep,
-            variant,
-        )
+        self.options = {"sparsity": sparsity, "criterion": criterion, "pattern": pattern, "hcep": hcep}
+        self.options["variant"] = variant
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
-        return frozenset({"calib"}) if self.criterion == "cep" else frozenset()
+        return frozenset({"calib"}) if self.options["criterion"] == "cep" else frozenset()
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        res = sparsify(
-            model,
-            sparsity=self.sparsity,
-            criterion=self.criterion,
-            pattern=self.pattern,
-            hcep=self.hcep,
-            data=ctx.calib,
-            variant=self.variant,
-        )
+        res = sparsify(model, data=ctx.calib, **self.options)
         summary = {
-            "criterion": self.criterion,
-            "pattern": self.pattern,
+            "criterion": self.options["criterion"],
+            "pattern": self.options["pattern"],
             "sparsity": res.sparsity,
             "layers": res.layers,
             "skipped": res.skipped,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import onnx
 
 from pipeline.graph.channels.elements import Chan
-from pipeline.graph.channels.handlers.table import handles, q
+from pipeline.graph.channels.handlers.table import handles, handles_channels, q
 from pipeline.graph.channels.state import Analyser
 from pipeline.graph.model import attr
 
@@ -162,12 +162,8 @@ def _elementwise(a: Analyser, node: onnx.NodeProto) -> None:
     a.set(out, Chan(axis, ref))
 
 
-@handles("QuantizeLinear", "DequantizeLinear")
-def _qdq(a: Analyser, node: onnx.NodeProto) -> None:
-    c = a.get(node.input[0])
-    if c is None:
-        return
-    r = a.rank(node.input[0])
+@handles_channels("QuantizeLinear", "DequantizeLinear")
+def _qdq(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
     axis = int(attr(node, "axis", 1)) % r
     for p in node.input[1:]:
         v = a.const(p) if p else None

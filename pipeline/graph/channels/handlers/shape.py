@@ -9,16 +9,13 @@ import onnx
 
 from pipeline.graph.channels.elements import Chan
 from pipeline.graph.channels.fixes import ReshapeFix, ShapeEntryFix
-from pipeline.graph.channels.handlers.table import handles, q
+from pipeline.graph.channels.handlers.table import handles_channels, q
 from pipeline.graph.channels.state import Analyser
 from pipeline.graph.model import Model, attr
 
 
-@handles("Flatten")
-def _flatten(a: Analyser, node: onnx.NodeProto) -> None:
-    c = a.get(node.input[0])
-    if c is None:
-        return
+@handles_channels("Flatten")
+def _flatten(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
     shp = a.model.shape(node.input[0])
     r = len(shp) if shp else None
     axis = int(attr(node, "axis", 1)) % (r or 1)
@@ -38,13 +35,10 @@ def _flatten(a: Analyser, node: onnx.NodeProto) -> None:
     a.set(node.output[0], Chan(1, np.tile(np.repeat(c.ids, inner), outer)))
 
 
-@handles("Reshape")
-def _reshape(a: Analyser, node: onnx.NodeProto) -> None:
+@handles_channels("Reshape")
+def _reshape(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
     """Followed when the channel axis keeps its place and merges only with the dims right after it (Flatten-like,
     e.g. ``x.view(x.size(0), -1)``); a Reshape that splits the channel axis (channel shuffle) freezes it."""
-    c = a.get(node.input[0])
-    if c is None:
-        return
     ins = a.model.shape(node.input[0])
     entries = shape_entries(a.model, node.input[1])
     ax = c.axis
@@ -120,22 +114,15 @@ def shape_entries(model: Model, name: str, depth: int = 6) -> list | None:
     return None
 
 
-@handles("Transpose")
-def _transpose(a: Analyser, node: onnx.NodeProto) -> None:
-    c = a.get(node.input[0])
-    if c is None:
-        return
-    r = a.rank(node.input[0])
+@handles_channels("Transpose")
+def _transpose(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
     perm = attr(node, "perm")
     perm = list(range(r))[::-1] if perm is None else [int(p) for p in perm]
     a.set(node.output[0], Chan(perm.index(c.axis), c.ids))
 
 
-@handles("Squeeze", "Unsqueeze")
-def _squeeze(a: Analyser, node: onnx.NodeProto) -> None:
-    c = a.get(node.input[0])
-    if c is None:
-        return
+@handles_channels("Squeeze", "Unsqueeze")
+def _squeeze(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
     r_in = a.rank(node.input[0])
     axes = a.const(node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "axes")
     if axes is None and node.op_type == "Squeeze":
@@ -167,12 +154,8 @@ _REDUCE = (
 ).split()
 
 
-@handles(*_REDUCE)
-def _reduce(a: Analyser, node: onnx.NodeProto) -> None:
-    c = a.get(node.input[0])
-    if c is None:
-        return
-    r = a.rank(node.input[0])
+@handles_channels(*_REDUCE)
+def _reduce(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
     if node.op_type in ("ArgMax", "ArgMin"):
         axes = [int(attr(node, "axis", 0))]
     elif len(node.input) > 1 and node.input[1]:
@@ -195,11 +178,8 @@ def _reduce(a: Analyser, node: onnx.NodeProto) -> None:
     a.set(node.output[0], Chan(pos, c.ids))
 
 
-@handles("Resize", "Upsample")
-def _resize(a: Analyser, node: onnx.NodeProto) -> None:
-    c = a.get(node.input[0])
-    if c is None:
-        return
+@handles_channels("Resize", "Upsample")
+def _resize(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
     scales_name = node.input[2] if len(node.input) > 2 else (node.input[1] if node.op_type == "Upsample" else "")
     scales = a.const(scales_name) if scales_name else None
     if scales is not None and scales.size > c.axis and scales.size > 1 and float(scales[c.axis]) != 1.0:
@@ -219,11 +199,8 @@ def _resize(a: Analyser, node: onnx.NodeProto) -> None:
     a.set(node.output[0], c)
 
 
-@handles("Expand")
-def _expand(a: Analyser, node: onnx.NodeProto) -> None:
-    c = a.get(node.input[0])
-    if c is None:
-        return
+@handles_channels("Expand")
+def _expand(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
     r_in, out = a.rank(node.input[0]), a.model.shape(node.output[0])
     if r_in is None or out is None:
         a.freeze(c.ids, f"{q(node)} expands to an unknown shape")
@@ -240,11 +217,8 @@ def _expand(a: Analyser, node: onnx.NodeProto) -> None:
     a.set(node.output[0], Chan(pos, c.ids))
 
 
-@handles("Tile")
-def _tile(a: Analyser, node: onnx.NodeProto) -> None:
-    c = a.get(node.input[0])
-    if c is None:
-        return
+@handles_channels("Tile")
+def _tile(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
     reps = a.const(node.input[1])
     if reps is None or int(reps[c.axis]) != 1:
         a.freeze(c.ids, f"{q(node)} repeats the channel axis")
@@ -253,12 +227,9 @@ def _tile(a: Analyser, node: onnx.NodeProto) -> None:
     a.set(node.output[0], c)
 
 
-@handles("Shape", "Size")
-def _shape(a: Analyser, node: onnx.NodeProto) -> None:
+@handles_channels("Shape", "Size")
+def _shape(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
     """Reading a tensor's shape is harmless unless the channel count is used; then freeze."""
-    c = a.get(node.input[0])
-    if c is None:
-        return
     if node.op_type == "Size":
         a.freeze(c.ids, f"its element count is read by {q(node)}")
         return

@@ -8,7 +8,7 @@ import onnx
 
 from pipeline.graph.channels.elements import Chan, Kind
 from pipeline.graph.channels.fixes import GatherFix, PadFix, SliceFix, SplitFix
-from pipeline.graph.channels.handlers.table import handles, q
+from pipeline.graph.channels.handlers.table import handles, handles_channels, q
 from pipeline.graph.channels.state import Analyser
 from pipeline.graph.model import attr
 
@@ -66,12 +66,8 @@ def _elementwise_like_concat(a: Analyser, node: onnx.NodeProto, chans: list, cat
     a.set(node.output[0], Chan(axis, ref))
 
 
-@handles("Split")
-def _split(a: Analyser, node: onnx.NodeProto) -> None:
-    c = a.get(node.input[0])
-    if c is None:
-        return
-    r = a.rank(node.input[0])
+@handles_channels("Split")
+def _split(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
     axis = int(attr(node, "axis", 0)) % r
     if axis != c.axis:
         for o in node.output:
@@ -103,12 +99,8 @@ def _split_sizes(a: Analyser, node: onnx.NodeProto, total: int) -> list[int] | N
     return sizes if all(s > 0 for s in sizes) else None
 
 
-@handles("Slice")
-def _slice(a: Analyser, node: onnx.NodeProto) -> None:
-    c = a.get(node.input[0])
-    if c is None:
-        return
-    r = a.rank(node.input[0])
+@handles_channels("Slice")
+def _slice(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
     vals = [a.const(i) if len(node.input) > k and i else None for k, i in enumerate(node.input)]
     if any(len(node.input) > k and node.input[k] and vals[k] is None for k in range(1, len(node.input))):
         a.freeze(c.ids, f"{q(node)} slices with bounds computed at run time")
@@ -133,12 +125,8 @@ def _slice(a: Analyser, node: onnx.NodeProto) -> None:
     a.fixes.append(SliceFix(node.name, k, c.ids, int(idx[0]), int(idx[0]) + len(idx)))
 
 
-@handles("Pad")
-def _pad(a: Analyser, node: onnx.NodeProto) -> None:
-    c = a.get(node.input[0])
-    if c is None:
-        return
-    r = a.rank(node.input[0])
+@handles_channels("Pad")
+def _pad(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
     pads = a.const(node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "pads")
     axes_in = a.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
     if pads is None or (len(node.input) > 3 and node.input[3] and axes_in is None):
@@ -167,12 +155,8 @@ def _pad(a: Analyser, node: onnx.NodeProto) -> None:
     a.fixes.append(PadFix(node.name, k, len(axes), b_ids, e_ids))
 
 
-@handles("Gather")
-def _gather(a: Analyser, node: onnx.NodeProto) -> None:
-    c = a.get(node.input[0])
-    if c is None:
-        return
-    r = a.rank(node.input[0])
+@handles_channels("Gather")
+def _gather(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
     axis = int(attr(node, "axis", 0)) % r
     idx = a.const(node.input[1])
     if axis != c.axis:

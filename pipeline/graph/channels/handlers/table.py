@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import onnx
 
+from pipeline.graph.channels.elements import Chan
 from pipeline.graph.channels.state import Analyser
 
 
@@ -16,6 +17,7 @@ def q(node: onnx.NodeProto) -> str:
 
 
 Handler = Callable[[Analyser, onnx.NodeProto], None]
+ChannelHandler = Callable[[Analyser, onnx.NodeProto, Chan, "int | None"], None]
 
 
 HANDLERS: dict[str, Handler] = {}
@@ -25,6 +27,24 @@ def handles(*ops: str) -> Callable[[Handler], Handler]:
     def deco(fn: Handler) -> Handler:
         for op in ops:
             HANDLERS[op] = fn
+        return fn
+
+    return deco
+
+
+def handles_channels(*ops: str) -> Callable[[ChannelHandler], ChannelHandler]:
+    """Register a handler that acts only when the node's first input carries tracked channels; it receives that
+    input's channel vector and rank (None when unknown). A node whose data input carries none needs no handling."""
+
+    def deco(fn: ChannelHandler) -> ChannelHandler:
+        def handler(a: Analyser, node: onnx.NodeProto) -> None:
+            c = a.get(node.input[0]) if node.input else None
+            if c is not None:
+                fn(a, node, c, a.rank(node.input[0]))
+
+        handler.__name__ = handler.__qualname__ = fn.__name__
+        for op in ops:
+            HANDLERS[op] = handler
         return fn
 
     return deco

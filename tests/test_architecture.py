@@ -1,0 +1,151 @@
+"""The layers drawn in docs/architecture.md, enforced: every import in pipeline/, plugins/ and models/ (module level
+and inside functions) is parsed, and each layer may import only the layers below it."""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+from conftest import REPO
+
+# layer -> the layers it may import (besides itself and the shared base)
+ALLOWED = {
+    "base": set(),
+    "graph": set(),
+    "runtime": {"graph"},
+    "data": {"graph", "runtime"},
+    "pruning": {"graph", "runtime", "data"},
+    "passes": {"graph", "runtime", "data"},
+    "measure": {"graph", "runtime", "data"},
+    "plugins": {"graph", "runtime", "data", "pruning", "passes", "measure"},
+    "models": {"graph", "data"},
+    "flows": {"graph", "runtime", "data", "pruning", "passes", "measure", "models"},
+    "cli": {"graph", "runtime", "data", "pruning", "passes", "measure", "models", "flows"},
+    "api": {"graph", "pruning", "data"},  # pipeline/__init__.py: the lazy facade of the Python API
+}
+BASE = {"pipeline.errors", "pipeline.version", "pipeline.registry", "pipeline.config"}
+
+
+def layer_of(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] in ("plugins", "models"):
+        return parts[0]
+    if parts[0] != "pipeline":
+        return None
+    if module in BASE:
+        return "base"
+    if len(parts) == 1:
+        return "api"
+    if parts[1] in ("__main__",):
+        return "cli"
+    return parts[1] if parts[1] in ALLOWED else None
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def imports(path: Path) -> list[tuple[str, int, bool]]:
+    """(imported module, line, at module level) of every import in the file, relative imports resolved."""
+    tree = ast.parse(path.read_text())
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    top = set(map(id, tree.body))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno, id(node) in top) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            found.append((mod, node.lineno, id(node) in top))
+            for a in node.names:  # `from pipeline.graph import surgery` imports a module too
+                found.append((f"{mod}.{a.name}", node.lineno, id(node) in top))
+    return found
+
+
+def sources() -> list[Path]:
+    return [p for d in ("pipeline", "plugins", "models") for p in sorted((REPO / d).rglob("*.py"))]
+
+
+def known(module: str) -> bool:
+    p = REPO / Path(*module.split("."))
+    return p.with_suffix(".py").is_file() or (p / "__init__.py").is_file()
+
+
+def test_layers_import_only_downwards():
+    bad = []
+    for path in sources():
+        src = layer_of(module_name(path))
+        assert src is not None, f"{path} lies in no layer of docs/architecture.md"
+        for mod, line, _ in imports(path):
+            dst = layer_of(mod)
+            if dst is None or dst in ("base", src) or not known(mod):
+                continue
+            if dst not in ALLOWED[src]:
+                bad.append(f"{path.relative_to(REPO)}:{line}: {src} imports {mod} ({dst})")
+    assert not bad, "imports against the layering:\n" + "\n".join(bad)
+
+
+def test_base_modules_import_only_each_other():
+    for mod in BASE:
+        path = REPO / Path(*mod.split(".")).with_suffix(".py")
+        for imported, line, _ in imports(path):
+            assert layer_of(imported) in (None, "base") or not known(imported), f"{path}:{line} imports {imported}"
+
+
+def test_only_the_tensorrt_backend_imports_tensorrt():
+    users = [
+        f"{p.relative_to(REPO)}:{line}"
+        for p in sources() + sorted((REPO / "tools").rglob("*.py"))
+        for mod, line, _ in imports(p)
+        if mod == "tensorrt" or mod.startswith("tensorrt.")
+    ]
+    assert users and all(u.startswith("pipeline/measure/backends/trt.py:") for u in users), users
+
+
+def test_flows_and_cli_reach_plugins_through_registries_only():
+    for path in sources():
+        if layer_of(module_name(path)) in ("flows", "cli", "api"):
+            direct = [m for m, _, _ in imports(path) if m.split(".")[0] == "plugins"]
+            assert not direct, f"{path} imports {direct[0]}"
+
+
+def test_no_import_cycles_between_packages():
+    """Packages (pipeline.graph.channels, pipeline.measure.backends, plugins.criteria, ...) form no cycle through
+    module-level imports."""
+
+    def package(module: str) -> str:
+        path = REPO / Path(*module.split("."))
+        return module if (path / "__init__.py").is_file() else module.rsplit(".", 1)[0]
+
+    edges: dict[str, set[str]] = defaultdict(set)
+    for path in sources():
+        here = package(module_name(path)) if path.name != "__init__.py" else module_name(path)
+        for mod, _, top in imports(path):
+            if top and known(mod) and layer_of(mod) is not None:
+                there = package(mod)
+                if there != here and not here.startswith(there + ".") and not there.startswith(here + "."):
+                    edges[here].add(there)
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*trail[trail.index(nxt) :], nxt]))
+            if nxt not in state:
+                visit(nxt, [*trail, nxt])
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
