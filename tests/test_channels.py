@@ -182,30 +182,30 @@ def test_unary_ops_pass_channels_through(op, attrs):
     prune_randomly(model, an)
 
 
-def test_clip_relu6_with_constant_limits():
+def around_a_conv(act):
+    """x -> Conv(8) -> act(g, a) -> Conv(4), analysed: (g, model, analysis, a, act's output)."""
     g = G()
     a = g.conv("x", 8)
-    b = g.op("Clip", [a, g.const(np.float32(0)), g.const(np.float32(6))])
+    b = act(g, a)
     model, an = analyse_proto(g.model([g.conv(b, 4)]))
+    return g, model, an, a, b
+
+
+def test_clip_relu6_with_constant_limits():
+    _, model, an, a, b = around_a_conv(lambda g, a: g.op("Clip", [a, g.const(np.float32(0)), g.const(np.float32(6))]))
     assert np.array_equal(an.units_of_tensor(a), an.units_of_tensor(b))
     prune_randomly(model, an)
 
 
 def test_silu_mul_of_sigmoid_is_elementwise_on_the_same_channels():
-    g = G()
-    a = g.conv("x", 8)
-    s = g.silu(a)
-    model, an = analyse_proto(g.model([g.conv(s, 4)]))
+    _, model, an, a, s = around_a_conv(lambda g, a: g.silu(a))
     assert np.array_equal(an.units_of_tensor(a), an.units_of_tensor(s))
     assert not an.unit_frozen[an.units_of_tensor(a)].any()
     prune_randomly(model, an)
 
 
 def test_prelu_per_channel_slope_is_sliced():
-    g = G()
-    a = g.conv("x", 8)
-    p = g.prelu(a)
-    model, an = analyse_proto(g.model([g.conv(p, 4)]))
+    g, model, an, a, p = around_a_conv(lambda g, a: g.prelu(a))
     pruned = prune_randomly(model, an)
     assert pruned.array(pruned.nodes[node_of(g, p)].input[1]).shape[0] < 8
 

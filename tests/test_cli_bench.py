@@ -56,23 +56,9 @@ def test_bench_unavailable_backend_is_a_clear_error(zoo_dir, capsys):
 
 
 def test_bench_json_on_torch_cpu(zoo_dir, capsys):
-    rc = main(
-        [
-            "bench",
-            str(zoo_dir / "lenet5.onnx"),
-            str(zoo_dir / "lenet5.onnx"),
-            "--backend",
-            "torch-cpu",
-            "--rounds",
-            "2",
-            "--min-round-ms",
-            "5",
-            "--warmup-ms",
-            "10",
-            "--no-memory",
-            "--json",
-        ]
-    )
+    m = zoo_dir / "lenet5.onnx"
+    flags = "--backend torch-cpu --rounds 2 --min-round-ms 5 --warmup-ms 10 --no-memory --json"
+    rc = main(["bench", str(m), str(m), *flags.split()])
     assert rc == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["results"][0]["backend"] == "torch-cpu" and doc["agreement"]["max_abs"] < 1e-4

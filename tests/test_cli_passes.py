@@ -65,25 +65,8 @@ def test_plugins_lists_everything(capsys):
 
 def test_prune_with_lsq_and_criterion_options(model, tmp_path, capsys):
     out = tmp_path / "p.onnx"
-    rc = main(
-        [
-            "prune",
-            str(model),
-            "-o",
-            str(out),
-            "--criterion",
-            "apbm",
-            "--criterion-opt",
-            "temperature=0.5",
-            "--fuse",
-            "lsq",
-            "--calib",
-            "digits",
-            "--samples",
-            "64",
-            "--json",
-        ]
-    )
+    flags = "--criterion apbm --criterion-opt temperature=0.5 --fuse lsq --calib digits --samples 64 --json"
+    rc = main(["prune", str(model), "-o", str(out), *flags.split()])
     assert rc == 0
     s = json.loads(capsys.readouterr().out)
     assert s["repairs"]["lsq"] > 0 and s["options"]["temperature"] == 0.5

@@ -209,12 +209,16 @@ def _sym_or_pad(x: torch.Tensor, pads: list[int], value: float = 0.0) -> tuple[t
 # ops
 
 
-@op("Conv")
-def _conv(g, n: Node, ins):
+def _conv_args(n: Node, ins):
+    """(x, weight, bias, spatial dims, strides, dilations) of a Conv / ConvTranspose."""
     x, w, b = ins[0], ins[1], (ins[2] if len(ins) > 2 else None)
     nd = w.dim() - 2
-    strides = ints(n.a("strides", [1] * nd))
-    dil = ints(n.a("dilations", [1] * nd))
+    return x, w, b, nd, ints(n.a("strides", [1] * nd)), ints(n.a("dilations", [1] * nd))
+
+
+@op("Conv")
+def _conv(g, n: Node, ins):
+    x, w, b, nd, strides, dil = _conv_args(n, ins)
     x, pads = _sym_or_pad(x, _pads_2d(n, x, list(w.shape[2:]), strides, dil))
     fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
     return fn(x, w, b, strides, pads, dil, int(n.a("group", 1)))
@@ -222,10 +226,7 @@ def _conv(g, n: Node, ins):
 
 @op("ConvTranspose")
 def _conv_t(g, n: Node, ins):
-    x, w, b = ins[0], ins[1], (ins[2] if len(ins) > 2 else None)
-    nd = w.dim() - 2
-    strides = ints(n.a("strides", [1] * nd))
-    dil = ints(n.a("dilations", [1] * nd))
+    x, w, b, nd, strides, dil = _conv_args(n, ins)
     pads = ints(n.a("pads", [0] * (2 * nd)))
     out_pad = ints(n.a("output_padding", [0] * nd))
     if n.a("output_shape") is not None or n.a("auto_pad", "NOTSET") != "NOTSET" or pads[:nd] != pads[nd:]:

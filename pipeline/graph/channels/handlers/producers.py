@@ -4,6 +4,8 @@ element owns."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 
@@ -14,8 +16,17 @@ from pipeline.graph.channels.state import Analyser
 from pipeline.graph.model import attr
 
 
-def _conv_operands(a: Analyser, node: onnx.NodeProto):
-    """(weight name, bias name or None, weight, tracked input) of a Conv/ConvTranspose; None when made opaque."""
+@dataclass
+class _ConvOperands:
+    weight: str
+    bias: str | None
+    dims: tuple[int, int]  # the weight's first two axes: (Cout, Cin/g) for Conv, (Cin, Cout/g) for ConvTranspose
+    group: int
+    xin: Chan | None  # the tracked input channels
+
+
+def _conv_operands(a: Analyser, node: onnx.NodeProto) -> _ConvOperands | None:
+    """The operands of a Conv/ConvTranspose; None when they are not constants (its channels are then opaque)."""
     w_name = node.input[1]
     b_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
     w = a.const(w_name)
@@ -25,7 +36,7 @@ def _conv_operands(a: Analyser, node: onnx.NodeProto):
         a.freeze_inputs(node, reason)
         a.opaque(node.output[0], node.name, reason)
         return None
-    return w_name, b_name, w, xin
+    return _ConvOperands(w_name, b_name, (int(w.shape[0]), int(w.shape[1])), int(attr(node, "group", 1)), xin)
 
 
 def _dense_conv(a: Analyser, node: onnx.NodeProto, w_name, b_name, xin, *, cin, cout, groups, in_axis, out_axis):
@@ -63,14 +74,24 @@ def _depthwise(a: Analyser, node: onnx.NodeProto, w_name, b_name, ids: np.ndarra
     a.set(node.output[0], Chan(1, ids))
 
 
-@handles("Conv")
-def _conv(a: Analyser, node: onnx.NodeProto) -> None:
-    operands = _conv_operands(a, node)
-    if operands is None:
-        return
-    w_name, b_name, w, xin = operands
-    cout, cin_g = int(w.shape[0]), int(w.shape[1])
-    g = int(attr(node, "group", 1))
+def _handles_conv(op: str):
+    """Register a Conv-like handler that runs only when the weights (and bias) are constants."""
+
+    def deco(fn):
+        @handles(op)
+        def handler(a: Analyser, node: onnx.NodeProto) -> None:
+            c = _conv_operands(a, node)
+            if c is not None:
+                fn(a, node, c)
+
+        return fn
+
+    return deco
+
+
+@_handles_conv("Conv")
+def _conv(a: Analyser, node: onnx.NodeProto, c: _ConvOperands) -> None:
+    (cout, cin_g), g, xin = c.dims, c.group, c.xin
     if g > 1 and cin_g == 1 and cout % g == 0:
         # depthwise (channel multiplier m = cout/g): output o is computed from input channel o // m only
         m = cout // g
@@ -80,24 +101,19 @@ def _conv(a: Analyser, node: onnx.NodeProto) -> None:
             ids = a.new(g, Kind.OPAQUE, node.name)
             a.freeze(ids, f"the input channels of depthwise {q(node)} are not tracked")
         ids = np.repeat(ids, m)
-        _depthwise(a, node, w_name, b_name, ids, m, rows=ids)
+        _depthwise(a, node, c.weight, c.bias, ids, m, rows=ids)
         return
-    _dense_conv(a, node, w_name, b_name, xin, cin=cin_g * g, cout=cout, groups=g, in_axis=1, out_axis=0)
+    _dense_conv(a, node, c.weight, c.bias, xin, cin=cin_g * g, cout=cout, groups=g, in_axis=1, out_axis=0)
 
 
-@handles("ConvTranspose")
-def _conv_transpose(a: Analyser, node: onnx.NodeProto) -> None:
-    operands = _conv_operands(a, node)
-    if operands is None:
-        return
-    w_name, b_name, w, xin = operands
-    cin, cout_g = int(w.shape[0]), int(w.shape[1])
-    g = int(attr(node, "group", 1))
+@_handles_conv("ConvTranspose")
+def _conv_transpose(a: Analyser, node: onnx.NodeProto, c: _ConvOperands) -> None:
+    (cin, cout_g), g, xin = c.dims, c.group, c.xin
     if g > 1 and g == cin and xin is not None and len(xin) == cin:
         # depthwise transposed conv: output channels c*m .. c*m+m-1 come from input channel c (weight is Cin x m)
-        _depthwise(a, node, w_name, b_name, np.repeat(xin.ids, cout_g), cout_g, rows=xin.ids)
+        _depthwise(a, node, c.weight, c.bias, np.repeat(xin.ids, cout_g), cout_g, rows=xin.ids)
         return
-    _dense_conv(a, node, w_name, b_name, xin, cin=cin, cout=cout_g * g, groups=g, in_axis=0, out_axis=1)
+    _dense_conv(a, node, c.weight, c.bias, xin, cin=cin, cout=cout_g * g, groups=g, in_axis=0, out_axis=1)
 
 
 @handles("Gemm")
