@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from pipeline.data.datasets import Dataset
 from pipeline.errors import CarveError
@@ -41,6 +39,9 @@ def weight_gradients(
 ) -> Gradients:
     """Mean gradient and mean squared gradient of the cross-entropy for the initializers ``names`` (default: all
     trainable ones)."""
+    import torch  # here, not at import: loading torch costs seconds and most commands never need it
+    import torch.nn.functional as F
+
     from pipeline.runtime.torch_graph import TorchGraph
 
     if data.labels is None:

@@ -1,35 +1,43 @@
 """Bias correction: after pruning, each consumer's bias absorbs the mean shift of its output,
 b' = b + E[W X_orig] - E[W_K X_K] per output channel, from channel means only (cheaper than the least-squares refit;
-the mean-shift correction of data-free quantisation and pruning work, e.g. Nagel et al. ICCV 2019). Level by level
-on calibration data (:mod:`pipeline.data.compensate`)."""
+the mean-shift correction of data-free quantisation and pruning work, e.g. Nagel et al. ICCV 2019). In topological
+order on calibration data (:mod:`pipeline.data.compensate`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data.compensate import run_levels
+from pipeline.data.compensate import compensate
 from pipeline.graph.consumers import add_bias, consumer_columns, weight_matrix
 from pipeline.graph.model import Model
 from pipeline.pruning.repair import Repair, RepairResult, repairs
 
 
 class _BiasCorrection:
+    needs_original = True
+
     def __init__(self, original: Model, cols: dict) -> None:
         self.original, self.cols = original, cols
-        self.sums: dict[str, list] = {}
+        self.sums: dict[str, list] = {}  # sum over the original's inputs, over the working model's, values per channel
 
     def tensors(self, node) -> list[str]:
         return [node.input[0]]
 
-    def update(self, node, original, working) -> None:
-        axis_c = 1 if node.op_type == "Conv" else -1
-        for key, v in (("o", original[node.input[0]]), ("w", working[node.input[0]])):
-            m = np.moveaxis(v, axis_c, -1).reshape(-1, v.shape[axis_c]).astype(np.float64)
-            acc = self.sums.setdefault(node.name, [0, 0, 0])
-            idx = 0 if key == "o" else 1
-            acc[idx] = acc[idx] + m.sum(0)
-            if key == "o":
-                acc[2] += len(m)
+    original_tensors = tensors
+
+    @staticmethod
+    def _channel_sums(node, v: np.ndarray) -> tuple[np.ndarray, int]:
+        axis = 1 if node.op_type == "Conv" else v.ndim - 1
+        return v.sum(axis=tuple(a for a in range(v.ndim) if a != axis), dtype=np.float64), v.size // v.shape[axis]
+
+    def observe(self, node, batch: int, original: dict) -> None:
+        acc = self.sums.setdefault(node.name, [0.0, 0.0, 0])
+        s, n = self._channel_sums(node, original[node.input[0]])
+        acc[0], acc[2] = acc[0] + s, acc[2] + n
+
+    def accumulate(self, node, batch: int, working: dict) -> None:
+        acc = self.sums.setdefault(node.name, [0.0, 0.0, 0])
+        acc[1] = acc[1] + self._channel_sums(node, working[node.input[0]])[0]
 
     def finish(self, node, model: Model) -> str:
         weight, axis, keep = self.cols[node.name]
@@ -50,5 +58,5 @@ class BiasCorrection(Repair):
 
     def apply(self, original, plan, working, calib=None, *, progress=None) -> RepairResult:
         cols = consumer_columns(plan)
-        details = run_levels(original, working, cols, _BiasCorrection(original, cols), calib, progress=progress)
+        details = compensate(original, working, cols, _BiasCorrection(original, cols), calib, progress=progress)
         return RepairResult(working, details)

@@ -1,23 +1,31 @@
 """BatchNorm re-estimation: every BatchNormalization's running mean and variance are re-measured on the working model
-(the statistics the pruned network really produces; "AdaBN"-style recalibration, Li et al. 2016), level by level on
-calibration data (:mod:`pipeline.data.compensate`)."""
+(the statistics the pruned network really produces; "AdaBN"-style recalibration, Li et al. 2016), in topological order
+on calibration data, one forward pass of the working model (:mod:`pipeline.data.compensate`)."""
 
 from __future__ import annotations
 
 from pipeline.data.capture import ChannelMoments
-from pipeline.data.compensate import run_levels
+from pipeline.data.compensate import compensate
 from pipeline.graph.model import Model
 from pipeline.pruning.repair import Repair, RepairResult, repairs
 
 
 class _BNStats:
+    needs_original = False  # only the working model's statistics matter
+
     def __init__(self) -> None:
         self.moments = ChannelMoments()
 
     def tensors(self, node) -> list[str]:
         return [node.input[0]]
 
-    def update(self, node, original, working) -> None:
+    def original_tensors(self, node) -> list[str]:
+        return []
+
+    def observe(self, node, batch: int, original: dict) -> None:
+        pass
+
+    def accumulate(self, node, batch: int, working: dict) -> None:
         self.moments.update(node.name, working[node.input[0]])
 
     def finish(self, node, model: Model) -> str:
@@ -38,5 +46,5 @@ class BatchNormStatistics(Repair):
             for n in working.graph.node
             if n.op_type == "BatchNormalization" and all(working.is_const(i) for i in n.input[1:5])
         ]
-        details = run_levels(original, working, bns, _BNStats(), calib, progress=progress)
+        details = compensate(original, working, bns, _BNStats(), calib, progress=progress)
         return RepairResult(working, details)
