@@ -36,7 +36,11 @@ passes: Registry[type[Pass]] = Registry("pass", entry_point_group="carve.passes"
 
 @dataclass
 class PassContext:
-    calib: Any = None  # a pipeline.data.datasets.Dataset
+    calib: Any = None  # calibration data, a pipeline.data.datasets.Dataset
+    train: Any = None  # training data (fine-tuning)
+    eval: Any = None  # evaluation data (passes that report accuracy along the way)
+    original: Model | None = None  # the model the run started from (the teacher of distillation)
+    workdir: Path | None = None  # where a pass may write its side outputs (e.g. each step's model)
     seed: int = 0
     command: str | None = None
     progress: Callable[[str], None] | None = None
@@ -58,11 +62,16 @@ class Pass:
     exact: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset()
     description: ClassVar[str] = ""
+    records_history: ClassVar[bool] = False  # the pass writes its own carve.history entry (record_pass skips it)
 
     def requires(self, model: Model, ctx: PassContext) -> None:
         if "calib" in self.needs and ctx.calib is None:
             raise CarveError(
                 f"pass {self.name!r} needs calibration data", hint="give --calib FILE.npz | FOLDER | digits"
+            )
+        if "train" in self.needs and ctx.train is None:
+            raise CarveError(
+                f"pass {self.name!r} needs training data", hint="give the recipe `data: {train: FILE.npz | FOLDER}`"
             )
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:  # pragma: no cover - interface
@@ -165,4 +174,6 @@ def get(name: str, **options: Any) -> Pass:
 
 
 def record_pass(model: Model, p: Pass, result: PassResult, command: str | None) -> None:
-    record(model, p.name, {**result.summary, "details": result.details[:200]}, command=command)
+    """Record the pass in the model's ``carve.history`` (unless the pass records itself)."""
+    if not p.records_history:
+        record(model, p.name, {**result.summary, "details": result.details[:200]}, command=command)

@@ -16,12 +16,13 @@ ALLOWED = {
     "runtime": {"graph"},
     "data": {"graph", "runtime"},
     "pruning": {"graph", "runtime", "data"},
+    "training": {"graph", "runtime", "data"},
     "passes": {"graph", "runtime", "data"},
     "measure": {"graph", "runtime", "data"},
-    "plugins": {"graph", "runtime", "data", "pruning", "passes", "measure"},
+    "plugins": {"graph", "runtime", "data", "pruning", "training", "passes", "measure"},
     "models": {"graph", "data"},
-    "flows": {"graph", "runtime", "data", "pruning", "passes", "measure", "models"},
-    "cli": {"graph", "runtime", "data", "pruning", "passes", "measure", "models", "flows"},
+    "flows": {"graph", "runtime", "data", "pruning", "training", "passes", "measure", "models"},
+    "cli": {"graph", "runtime", "data", "pruning", "training", "passes", "measure", "models", "flows"},
     "api": {"graph", "pruning", "data"},  # pipeline/__init__.py: the lazy facade of the Python API
 }
 BASE = {"pipeline.errors", "pipeline.version", "pipeline.registry", "pipeline.config"}

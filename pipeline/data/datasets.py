@@ -78,12 +78,15 @@ class Preprocess:
         scale = self.scale if self.scale is not None else (1 / 255 if images.dtype == np.uint8 else 1.0)
         x = x.astype(np.float32) * np.float32(scale)
         if self.channels is not None and x.shape[1] != self.channels:
-            if self.channels == 1:
+            if self.channels == 1 and x.shape[1] == 3:  # colour to grey
                 x = x.mean(axis=1, keepdims=True)
-            elif x.shape[1] == 1:
+            elif x.shape[1] == 1:  # grey to colour
                 x = np.repeat(x, self.channels, axis=1)
             else:
-                raise CarveError(f"cannot turn {x.shape[1]}-channel images into {self.channels} channels")
+                raise CarveError(
+                    f"cannot turn {x.shape[1]}-channel images into the {self.channels} channels the model takes",
+                    hint="give images with the model's channel count (grey and RGB convert into each other)",
+                )
         if self.size is not None and tuple(x.shape[2:]) != tuple(self.size):
             x = resize(x, self.size)
         c = x.shape[1]
@@ -154,6 +157,12 @@ class Dataset:
             x = self.preprocess.apply(self.images[sel])
             y = None if self.labels is None else self.labels[sel].astype(np.int64)
             yield x, y
+
+    def take(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The preprocessed samples at ``positions`` of this dataset's sample (and their labels)."""
+        sel = self._idx()[np.asarray(positions, dtype=np.int64)]
+        x = self.preprocess.apply(self.images[sel])
+        return x, None if self.labels is None else self.labels[sel].astype(np.int64)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
         xs, ys = zip(*self.batches(256)) if len(self) else ((), ())

@@ -5,10 +5,12 @@
     data:
       calib: digits                # or a path; used by passes that need data
       eval: digits:test            # accuracy and agreement of original and final
+      train: digits:train          # training data of the finetune / gradual passes (labels optional)
       samples: 512                 # calibration samples
-      eval_samples: 1000
+      eval_samples: 1000           # (train_samples: all by default)
     passes:                        # in order; each a pass name with its options (`carve plugins` lists them)
       - prune: {criterion: l1, target_macs: 0.5, round_to: 8, fuse: lsq}
+      - finetune: {epochs: 3}      # distillation from the recipe's model
       - merge: {when: macs}
     bench:                         # optional: side-by-side measurement of original and final
       backend: ort
@@ -44,7 +46,7 @@ from pipeline.measure.evaluate import evaluate
 from pipeline.passes import Dump, NumericCheck, PassContext, PassManager, Timing, get, record_pass
 
 TOP_KEYS = {"model", "output", "data", "passes", "bench", "thresholds", "seed", "report", "name"}
-DATA_KEYS = {"calib", "eval", "samples", "eval_samples", "mean", "std"}
+DATA_KEYS = {"calib", "eval", "train", "samples", "eval_samples", "train_samples", "mean", "std"}
 THRESHOLD_KEYS = {"min_top1_agreement", "max_accuracy_drop", "max_macs", "max_params", "max_slowdown", "min_speedup"}
 
 
@@ -165,15 +167,31 @@ def run_recipe(recipe: Recipe, *, keep_intermediate: Path | None = None, progres
             samples=int(recipe.data.get("samples", 512)),
             seed=recipe.seed,
         )
+    train = None
+    if data_source("train") is not None:
+        n = recipe.data.get("train_samples")
+        train = load_data(data_source("train"), model=original, preprocess=pre, samples=n, seed=recipe.seed)
+    ev = None
+    if data_source("eval") is not None:
+        n = recipe.data.get("eval_samples")
+        ev = load_data(data_source("eval"), model=original, preprocess=pre, samples=n, seed=recipe.seed + 1)
     pass_objs = [get(name, **opts) for name, opts in recipe.passes]
     instruments = [NumericCheck(), Timing()]
     if keep_intermediate is not None:
         instruments.append(Dump(keep_intermediate))
-    ctx = PassContext(calib=calib, seed=recipe.seed, command=command, progress=progress)
+    ctx = PassContext(
+        calib=calib,
+        train=train,
+        eval=ev,
+        original=original,
+        workdir=recipe.output.parent / f"{recipe.output.stem}.steps",
+        seed=recipe.seed,
+        command=command,
+        progress=progress,
+    )
     final, results = PassManager(pass_objs, instruments).run(original, ctx)
     for p, r in zip(pass_objs, results):
-        if p.name != "prune":  # prune records itself
-            record_pass(final, p, r, command)
+        record_pass(final, p, r, command)
     c0, c1 = model_cost(original), model_cost(final)
     report: dict[str, Any] = {
         "schema_version": 1,
@@ -201,14 +219,7 @@ def run_recipe(recipe: Recipe, *, keep_intermediate: Path | None = None, progres
             "macs_ratio": c1.macs / c0.macs,
         },
     }
-    if data_source("eval") is not None:
-        ev = load_data(
-            data_source("eval"),
-            model=original,
-            preprocess=pre,
-            samples=recipe.data.get("eval_samples"),
-            seed=recipe.seed + 1,
-        )
+    if ev is not None:
         report["accuracy"] = {"original": evaluate(original, ev), "final": evaluate(final, ev, reference=original)}
     return original, final, report
 

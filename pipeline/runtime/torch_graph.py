@@ -105,6 +105,8 @@ class TorchGraph(nn.Module):
                 hint=f"supported ops: {', '.join(sorted(OPS))}",
             )
         self.nodes = [Node(n, OPS[n.op_type]) for n in model.graph.node]
+        # BatchNormalization in train(): batch statistics when True (fine-tuning), running statistics otherwise
+        self.bn_training = False
         self.params = nn.ParameterDict()
         self.param_of: dict[str, str] = {}
         self.consts: dict[str, Any] = {}  # integer/bool constants: CPU tensors (shape math never leaves the host)
@@ -155,11 +157,11 @@ class TorchGraph(nn.Module):
     def parameter(self, initializer: str) -> nn.Parameter:
         return self.params[self.param_of[initializer]]
 
-    def write_back(self, model: Model) -> None:
-        """Copy the (trained) parameters into the model's initializers of the same names."""
+    def write_back(self, model: Model, only=None) -> None:
+        """Copy the (trained) parameters into the model's initializers of the same names (``only``: just these)."""
         with torch.no_grad():
             for name, key in self.param_of.items():
-                if name in model.init:
+                if name in model.init and (only is None or name in only):
                     model.set_array(
                         name, self.params[key].detach().float().cpu().numpy().astype(model.array(name).dtype)
                     )
@@ -240,7 +242,12 @@ def _conv_t(g, n: Node, ins):
 @op("BatchNormalization")
 def _bn(g, n: Node, ins):
     x, scale, bias, mean, var = ins[:5]
-    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, float(n.a("epsilon", 1e-5)))
+    eps = float(n.a("epsilon", 1e-5))
+    if g.training and g.bn_training:
+        # batch statistics, running statistics updated in place (ONNX: running = m running + (1 - m) batch; torch's
+        # momentum is the weight of the batch)
+        return F.batch_norm(x, mean, var, scale, bias, True, 1.0 - float(n.a("momentum", 0.9)), eps)
+    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, eps)
 
 
 @op("InstanceNormalization")

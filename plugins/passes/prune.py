@@ -13,6 +13,7 @@ from pipeline.pruning.prune import PruneOptions, prune_model
 @passes.register("prune")
 class Prune(Pass):
     description = "remove channels: criterion + allocator, optional fusion/refit/repair (pipeline.pruning.prune)"
+    records_history = True
 
     def __init__(self, **options: Any) -> None:
         self.opts = from_mapping(PruneOptions, options, where="pass 'prune'")

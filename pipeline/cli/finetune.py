@@ -1,0 +1,181 @@
+"""``carve finetune STUDENT.onnx --teacher ORIGINAL.onnx --data TRAIN -o OUT.onnx``: train the graph's own weights back
+(distillation from the teacher, cross-entropy when the data has labels), with progress, per-epoch evaluation and
+checkpoints that let an interrupted run resume."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.cli._common import positive_int
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune", help="distillation fine-tuning of a (pruned) model's own weights", description=__doc__
+    )
+    p.add_argument("model", help="the ONNX model to train (never modified)")
+    p.add_argument("-o", "--output", required=True, help="where to write the fine-tuned model")
+    p.add_argument("--teacher", help="the model to distil from (usually the unpruned original)")
+    p.add_argument(
+        "--data", required=True, help="training data: an .npz/.npy, a folder of class sub-folders, or digits"
+    )
+    p.add_argument("--samples", type=positive_int, help="train on this many samples of --data (seeded)")
+    p.add_argument("--eval", dest="eval_data", help="print top-1 of student and teacher on this data every epoch")
+    p.add_argument("--eval-samples", type=positive_int, help="evaluate on this many samples of --eval")
+    how = p.add_argument_group("how long")
+    how.add_argument("--epochs", type=float, default=3.0, help="passes over the data (default 3)")
+    how.add_argument("--steps", type=int, help="optimiser steps instead of --epochs")
+    how.add_argument("--batch", type=positive_int, default=64)
+    opt = p.add_argument_group("optimiser")
+    opt.add_argument(
+        "--optimizer", choices=["sgd", "adamw"], default="sgd", help="SGD with Nesterov momentum, or AdamW"
+    )
+    opt.add_argument("--lr", type=float, default=0.02, help="peak learning rate (cosine schedule; default 0.02)")
+    opt.add_argument("--momentum", type=float, default=0.9)
+    opt.add_argument("--weight-decay", type=float, default=5e-4, help="on weight tensors only")
+    opt.add_argument("--warmup", type=float, default=0.0, help="linear warm-up, a fraction of all steps")
+    opt.add_argument("--clip", type=float, default=5.0, help="gradient norm clipping (0: off)")
+    loss = p.add_argument_group("loss")
+    loss.add_argument(
+        "--temperature", default="4", help="distillation temperature T, or START:END (SFP's variable temperature)"
+    )
+    loss.add_argument("--kd", type=float, default=1.0, help="weight of the distillation loss")
+    loss.add_argument("--ce", type=float, help="weight of the cross-entropy (default 0.5 with a teacher, else 1)")
+    loss.add_argument(
+        "--feature",
+        dest="features",
+        action="append",
+        default=[],
+        metavar="TENSOR",
+        help="also match this intermediate tensor of student and teacher (same shape in both; repeatable)",
+    )
+    loss.add_argument("--feature-weight", type=float, default=1.0)
+    aug = p.add_argument_group("augmentation")
+    aug.add_argument("--crop-pad", type=int, default=4, help="random crop after padding by N pixels (0: none)")
+    aug.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip (e.g. digits)")
+    p.add_argument("--freeze", action="append", default=[], metavar="NODE_PATTERN", help="leave these nodes' weights")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint an interrupted run left")
+    p.add_argument("--keep-checkpoint", action="store_true", help="keep OUT.ckpt after a finished run")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.cli._common import command_line, console
+    from pipeline.config import from_args
+    from pipeline.flows.finetune import finetune_file
+    from pipeline.training.finetune import FinetuneOptions
+
+    opts = from_args(FinetuneOptions, args)
+    opts.check()
+    con = console(args.quiet or args.json)
+    with _TrainingProgress(con, enabled=not (args.quiet or args.json)) as show:
+        result, accuracy = finetune_file(
+            args.model,
+            args.output,
+            args.data,
+            opts,
+            teacher_path=args.teacher,
+            samples=args.samples,
+            eval_data=args.eval_data,
+            eval_samples=args.eval_samples,
+            resume=args.resume,
+            keep_checkpoint=args.keep_checkpoint,
+            progress=show,
+            command=command_line(),
+        )
+    summary = {**result.summary, "accuracy": accuracy}
+    if args.json:
+        print(json.dumps(summary, indent=1, default=str))
+        return 0
+    s = result.summary
+    con.print(
+        f"trained {s['steps']} steps ({s['epochs']} epochs, {s['images']:,} images) in {s['seconds']:.0f} s on "
+        f"{s['device']}: {s['images_per_s']:.0f} images/s"
+        + (f", resumed from epoch {s['resumed_from_epoch']}" if s.get("resumed_from_epoch") else "")
+    )
+    if accuracy:
+        final = accuracy["final"]
+        line = f"top-1 {final['top1']:.2%}" if "top1" in final else f"{final['samples']} samples"
+        if "teacher" in accuracy and "top1" in accuracy["teacher"]:
+            line += f" (teacher {accuracy['teacher']['top1']:.2%})"
+        if "reference" in final:
+            line += f"; agreement with the teacher {final['reference']['top1_agreement']:.2%}"
+        con.print(line + f" on {final['samples']} samples of {args.eval_data}")
+    con.print(
+        f"verified: checker, output shapes, finite weights; ONNX Runtime equals the trained module "
+        f"(max relative {s['torch_vs_ort']['max_rel']:.1e})"
+    )
+    con.print(f"wrote {args.output}")
+    return 0
+
+
+class _TrainingProgress:
+    """A rich progress bar (loss, learning rate, images/s, ETA) on a terminal; one log line per epoch (and every
+    ~10% of the steps) on stderr otherwise. Per-epoch evaluation is printed as it comes."""
+
+    def __init__(self, con, enabled: bool) -> None:
+        self.con, self.enabled = con, enabled
+        self.tty = enabled and sys.stdout.isatty()
+        self.bar = None
+        self.task = None
+        self.next_log = 0
+
+    def __enter__(self):
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("epoch {task.fields[epoch]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[rate]:.0f} img/s"),
+                TimeRemainingColumn(),
+                console=self.con,
+                transient=True,
+            )
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def __call__(self, e: dict) -> None:
+        if not self.enabled:
+            return
+        if e["event"] == "step":
+            if self.bar is not None:
+                if self.task is None:
+                    self.task = self.bar.add_task("train", total=e["steps"], epoch=1, loss=0.0, lr=0.0, rate=0.0)
+                self.bar.update(
+                    self.task,
+                    completed=e["step"],
+                    epoch=f"{e['epoch']}/{e['epochs']}",
+                    loss=e["loss"],
+                    lr=e["lr"],
+                    rate=e["images_per_s"],
+                )
+            elif e["step"] >= self.next_log:
+                self.next_log = e["step"] + max(1, e["steps"] // 10)
+                eta = f", ETA {e['eta_s'] / 60:.1f} min" if e.get("eta_s") else ""
+                print(
+                    f"step {e['step']}/{e['steps']} (epoch {e['epoch']}/{e['epochs']}): loss {e['loss']:.4f}, "
+                    f"lr {e['lr']:.2e}, {e['images_per_s']:.0f} images/s{eta}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return
+        line = f"epoch {e['epoch']}/{e['epochs']}: loss {e['loss']:.4f}"
+        if "top1" in e:
+            line += f", top-1 {e['top1']:.2%}"
+            if "teacher_top1" in e:
+                line += f" (teacher {e['teacher_top1']:.2%})"
+        (self.bar.console.print if self.bar is not None else self.con.print)(line)

@@ -1,0 +1,489 @@
+"""Distillation fine-tuning of an ONNX graph's own weights.
+
+The student graph runs in PyTorch (:class:`~pipeline.runtime.torch_graph.TorchGraph`): its float initializers are
+parameters, BatchNormalization nodes train as batch norm (batch statistics; running statistics updated with the node's
+momentum), and a graph whose BN was folded trains its folded convs. Non-float initializers (shapes, axes) and the
+parameters of nodes matched by ``freeze`` stay untouched. After training the values are written back into a copy of
+the very same graph (no re-export), which must pass the checker, keep its output shapes, hold only finite weights and
+agree with the trained torch module in ONNX Runtime; the fine-tune is recorded in its ``carve.history``.
+
+Loss (:mod:`pipeline.training.losses`, :mod:`pipeline.training.schedule`): distillation from a teacher graph at
+temperature T (SFP's variable temperature as ``START:END``), cross-entropy when the data has labels, and an optional
+feature loss on tensors that exist with the same shape in both graphs. The teacher runs in ONNX Runtime on the CPU
+(cheaper than torch there) and in PyTorch on CUDA. Training: SGD with Nesterov momentum or AdamW, cosine learning rate
+with optional linear warm-up, weight decay on weight tensors only, gradient clipping, random-crop-and-flip augmentation
+(:mod:`pipeline.training.augment`). The data order and augmentation of epoch e come from a generator seeded with (seed,
+e), so a seeded run on the CPU is repeatable, and a run resumed from an epoch checkpoint continues exactly as the
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.data.datasets import Dataset
+from pipeline.errors import CarveError
+from pipeline.graph.channels import fingerprint
+from pipeline.graph.history import record
+from pipeline.graph.model import Model
+from pipeline.graph.shapes import verify_structure
+from pipeline.training.augment import Augment
+from pipeline.training.schedule import Temperature, cosine_lr
+
+# one progress event per step and per epoch: {"event": "step"|"epoch", "step", "steps", "epoch", "epochs", "loss",
+# "lr", "images_per_s", "eta_s", ...}; the CLI draws them as a progress bar (or log lines when not a terminal)
+Progress = Callable[[dict[str, Any]], None]
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class FinetuneOptions:
+    epochs: float = 3.0  # passes over the training data (ignored when steps is set)
+    steps: int | None = None  # optimiser steps in all
+    batch: int = 64
+    lr: float = 0.02
+    optimizer: str = "sgd"  # sgd (Nesterov momentum) | adamw
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # on weight tensors only (not biases or BN parameters)
+    warmup: float = 0.0  # linear warm-up, as a fraction of all steps
+    temperature: str = "4"  # distillation temperature T, or START:END (SFP's variable temperature)
+    kd: float = 1.0  # weight of the distillation loss (when there is a teacher)
+    ce: float | None = None  # weight of the cross-entropy (default: 1 when there are labels and no teacher, else 0.5)
+    features: list[str] = field(default_factory=list)  # tensors matched between student and teacher
+    feature_weight: float = 1.0
+    clip: float = 5.0  # gradient norm clipping (0: off)
+    crop_pad: int = 4  # random-crop padding in pixels (0: no crop)
+    flip: bool = True  # random horizontal flip
+    freeze: list[str] = field(default_factory=list)  # glob patterns of node names whose parameters stay as they are
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None  # torch CPU threads (default: torch's)
+
+    def check(self) -> None:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise CarveError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise CarveError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        for name, value in (("--lr", self.lr), ("--batch", self.batch), ("--epochs", self.epochs)):
+            if not value > 0 or not math.isfinite(value):
+                raise CarveError(f"{name} must be a positive number, got {value}")
+        if self.steps is not None and self.steps < 0:
+            raise CarveError(f"--steps must be at least 0, got {self.steps}")
+        for name, value in (("--weight-decay", self.weight_decay), ("--warmup", self.warmup), ("--clip", self.clip)):
+            if not value >= 0 or not math.isfinite(value):
+                raise CarveError(f"{name} must be a number >= 0, got {value}")
+        Temperature.parse(self.temperature)
+
+
+@dataclass
+class FinetuneResult:
+    model: Model
+    summary: dict[str, Any]
+
+
+def data_fingerprint(data: Dataset) -> str:
+    """A digest of exactly what is trained on: the source, the sample, the pixels, the labels and the preprocessing."""
+    h = hashlib.sha256()
+    idx = data._idx()
+    h.update(repr((data.name, data.preprocess.to_dict(), len(idx))).encode())
+    h.update(np.ascontiguousarray(idx).tobytes())
+    for start in range(0, len(idx), 1024):
+        h.update(np.ascontiguousarray(data.images[idx[start : start + 1024]]).tobytes())
+    if data.labels is not None:
+        h.update(np.ascontiguousarray(data.labels[idx]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def finetune(
+    student: Model,
+    data: Dataset,
+    opts: FinetuneOptions | None = None,
+    *,
+    teacher: Model | None = None,
+    eval_data: Dataset | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+    command: str | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``student`` on ``data`` (distilling from ``teacher`` when given); returns a new model and a summary.
+
+    ``checkpoint``: a file written (atomically) at the end of every epoch; with ``resume`` the run continues from it.
+    """
+    import torch
+
+    from pipeline.runtime.torch_graph import TorchGraph
+    from pipeline.training import losses
+
+    opts = opts or FinetuneOptions()
+    opts.check()
+    if data.labels is None and teacher is None:
+        raise CarveError(
+            f"{data.name}: has no labels and no teacher was given: nothing to learn from",
+            hint="give --teacher ORIGINAL.onnx (distillation needs no labels) or labelled data",
+        )
+    device = _device(opts.device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    net = TorchGraph(student).to(device)
+    frozen = _freeze(net, student, opts.freeze)
+    out_shape = _check_data(student, data, net, device)
+    teacher_run = _Teacher(teacher, device, opts.threads) if teacher is not None else None
+    ce_weight = opts.ce
+    if ce_weight is None:  # labels alone: cross-entropy; labels and a teacher: both; no labels: distillation only
+        ce_weight = 0.0 if data.labels is None else (1.0 if teacher is None else 0.5)
+    if ce_weight and data.labels is None:
+        raise CarveError(f"--ce {ce_weight}: {data.name} has no labels")
+    if ce_weight:
+        _check_labels(data, out_shape)
+    if opts.features:
+        _check_features(student, teacher, opts.features)
+    temperature = Temperature.parse(opts.temperature)
+
+    batch = min(opts.batch, len(data))
+    steps_per_epoch = max(1, len(data) // batch)  # the last partial batch is dropped (BN needs real batches)
+    total = opts.steps if opts.steps is not None else int(round(opts.epochs * steps_per_epoch))
+    epochs = math.ceil(total / steps_per_epoch) if total else 0
+    params = [p for p in net.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() > 1], "weight_decay": opts.weight_decay},
+        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+    ]
+    if opts.optimizer == "sgd":
+        optim = torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=opts.momentum > 0)
+    else:
+        optim = torch.optim.AdamW(groups, lr=opts.lr)
+    warm = int(opts.warmup * total)
+
+    key = {
+        "model": hashlib.sha256(repr(fingerprint(student)).encode()).hexdigest()[:16],
+        "data": data_fingerprint(data),
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("threads", "device")},
+    }
+    state = {"epoch": 0, "step": 0, "history": []}
+    if resume:
+        state = _load_checkpoint(checkpoint, key, net, optim, device)
+    augment = Augment(opts.crop_pad, opts.flip)
+    teacher_top1 = _top1_teacher(teacher_run, eval_data) if eval_data is not None and teacher_run else None
+    net.train()
+    net.bn_training = True
+    started, cpu0 = time.perf_counter(), time.process_time()
+    images = 0
+    step = state["step"]
+    for epoch in range(state["epoch"], epochs):
+        rng = np.random.default_rng([opts.seed, epoch])
+        order = rng.permutation(len(data))
+        sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "feature": 0.0}
+        batches = 0
+        for b in range(steps_per_epoch):
+            if step >= total:
+                break
+            x_np, y_np = data.take(order[b * batch : (b + 1) * batch])
+            x_np = augment(x_np, rng)
+            lr = cosine_lr(step, total, opts.lr, warm)
+            for g in optim.param_groups:
+                g["lr"] = lr
+            t = temperature.at(step / max(1, total))
+            x = torch.from_numpy(x_np).to(device)
+            out, feats = net(x, capture=opts.features) if opts.features else (net(x), {})
+            logits = out[0] if isinstance(out, tuple) else out
+            loss = torch.zeros((), device=device)
+            parts = {}
+            if teacher_run is not None:
+                t_logits, t_feats = teacher_run(x_np, opts.features)
+                parts["kd"] = losses.distillation(logits, t_logits.to(device), t)
+                loss = loss + opts.kd * parts["kd"]
+                if opts.features:
+                    pairs = [(feats[n], t_feats[n].to(device)) for n in opts.features]
+                    parts["feature"] = sum(losses.feature(a, b) for a, b in pairs) / len(pairs)
+                    loss = loss + opts.feature_weight * parts["feature"]
+            if ce_weight:
+                y = torch.from_numpy(y_np).to(device)
+                parts["ce"] = torch.nn.functional.cross_entropy(logits.reshape(len(x), -1), y)
+                loss = loss + ce_weight * parts["ce"]
+            if not torch.isfinite(loss):
+                raise CarveError(
+                    f"fine-tuning diverged at step {step + 1} (loss {float(loss)})", hint="lower --lr or raise --clip"
+                )
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            if opts.clip:
+                torch.nn.utils.clip_grad_norm_(params, opts.clip)
+            optim.step()
+            step += 1
+            batches += 1
+            images += len(x)
+            sums["loss"] += float(loss.detach())
+            for k, v in parts.items():
+                sums[k] += float(v.detach())
+            if progress:
+                elapsed = time.perf_counter() - started
+                rate = images / elapsed if elapsed > 0 else 0.0
+                progress(
+                    {
+                        "event": "step",
+                        "step": step,
+                        "steps": total,
+                        "epoch": epoch + 1,
+                        "epochs": epochs,
+                        "loss": float(loss.detach()),
+                        "lr": lr,
+                        "temperature": t,
+                        "images_per_s": rate,
+                        "eta_s": (total - step) * batch / rate if rate else None,
+                    }
+                )
+        entry = {"epoch": epoch + 1, "steps": step, **{k: v / max(batches, 1) for k, v in sums.items() if v}}
+        if eval_data is not None:
+            entry["top1"] = _top1_student(net, eval_data, device)
+            if teacher_top1 is not None:
+                entry["teacher_top1"] = teacher_top1
+        state["history"].append(entry)
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, key, net, optim, epoch + 1, step, state["history"])
+        if progress:
+            progress({"event": "epoch", **entry, "epochs": epochs})
+    net.bn_training = False
+    net.eval()
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu0
+    result = student.copy()
+    with torch.no_grad():
+        net.write_back(result, only=[n for n in net.param_of if n not in frozen])
+    verify_structure({n: student.shape(n) for n in student.output_names}, result, what="fine-tuning")
+    _check_finite(result)
+    agreement = _agreement(net, result, data, device)
+    summary = {
+        "steps": step,
+        "epochs": state["history"][-1]["epoch"] if state["history"] else 0,
+        "images": images,
+        "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu, 1),
+        "images_per_s": round(images / seconds, 1) if seconds > 0 else None,
+        "device": device,
+        "data": {**data.describe(), "fingerprint": key["data"]},
+        "teacher": str(teacher.source) if teacher is not None and teacher.source else ("given" if teacher else None),
+        "losses": {"kd": opts.kd if teacher is not None else 0.0, "ce": ce_weight, "features": opts.features},
+        "options": asdict(opts),
+        "history": state["history"],
+        "resumed_from_epoch": state.get("resumed_from"),
+        "frozen_parameters": len(frozen),
+        "torch_vs_ort": agreement,
+    }
+    record(result, "finetune", summary, command=command)
+    return FinetuneResult(result, summary)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pieces
+
+
+def _device(choice: str) -> str:
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise CarveError("--device cuda: torch sees no CUDA GPU", hint="use --device cpu (or auto)")
+    return choice
+
+
+def _freeze(net, model: Model, patterns: list[str]) -> set[str]:
+    """Stop gradients for the parameters of nodes matching ``patterns``; returns their initializer names."""
+    if not patterns:
+        return set()
+    nodes = [n for n in model.graph.node if any(fnmatch.fnmatchcase(n.name, p) for p in patterns)]
+    if not nodes:
+        raise CarveError(f"--freeze {' '.join(patterns)} matches no node", hint="`carve inspect` lists the node names")
+    names = {i for n in nodes for i in n.input if i in net.param_of}
+    for name in names:
+        net.parameter(name).requires_grad_(False)
+    return names
+
+
+def _check_data(model: Model, data: Dataset, net, device: str) -> tuple[int, ...]:
+    """The first batch must fit the model's input; returns the output shape of one sample."""
+    import torch
+
+    if len(data) == 0:
+        raise CarveError(f"{data.name}: holds no images")
+    x, _ = data.take(np.arange(min(2, len(data))))
+    want = model.shape(model.input_names[0])
+    fits = want is None or (len(want) == x.ndim and all(w is None or w == d for w, d in zip(want[1:], x.shape[1:])))
+    if not fits:
+        raise CarveError(
+            f"{data.name}: images become {list(x.shape[1:])} after preprocessing, the model takes {list(want[1:])}",
+            hint="check the data's image size and channel count (or the model's carve.preprocess metadata)",
+        )
+    with torch.no_grad():
+        net.eval()
+        out = net(torch.from_numpy(x).to(device))
+    out = out[0] if isinstance(out, tuple) else out
+    return tuple(out.shape[1:])
+
+
+def _check_labels(data: Dataset, out_shape: tuple[int, ...]) -> None:
+    classes = int(np.prod(out_shape))
+    labels = data.labels[data._idx()]
+    if labels.min() < 0 or labels.max() >= classes:
+        raise CarveError(
+            f"{data.name}: labels range {int(labels.min())}..{int(labels.max())}, the model has {classes} outputs",
+            hint="labels must be class indices 0..classes-1",
+        )
+
+
+def _check_features(student: Model, teacher: Model | None, names: list[str]) -> None:
+    if teacher is None:
+        raise CarveError("--features needs a --teacher to match the tensors against")
+    for n in names:
+        s, t = student.shape(n), teacher.shape(n)
+        if n not in student.producer or n not in teacher.producer:
+            missing = "student" if n not in student.producer else "teacher"
+            raise CarveError(f"--features {n}: no tensor of that name in the {missing} graph")
+        if s is None or t is None or s[1:] != t[1:]:
+            raise CarveError(
+                f"--features {n}: shapes differ between student {s} and teacher {t}",
+                hint="match tensors whose channels were not pruned (e.g. a residual stream left at full width)",
+            )
+
+
+class _Teacher:
+    """The teacher graph: ONNX Runtime on the CPU, PyTorch on CUDA; returns logits (and captured tensors)."""
+
+    def __init__(self, model: Model, device: str, threads: int | None) -> None:
+        self.model, self.device = model, device
+        self.sessions: dict[tuple[str, ...], Any] = {}
+        self.threads = threads or 1
+        if device != "cpu":
+            from pipeline.runtime.torch_graph import TorchGraph
+
+            self.net = TorchGraph(model, trainable=False).eval().to(device)
+
+    def __call__(self, x: np.ndarray, features: list[str]):
+        import torch
+
+        if self.device != "cpu":
+            with torch.no_grad():
+                xt = torch.from_numpy(x).to(self.device)
+                out, feats = self.net(xt, capture=features) if features else (self.net(xt), {})
+            return (out[0] if isinstance(out, tuple) else out), feats
+        sess = self.sessions.get(tuple(features))
+        if sess is None:
+            from pipeline.data.capture import with_outputs
+            from pipeline.runtime.ort import session
+
+            proto = with_outputs(self.model, list(features)) if features else self.model.proto
+            sess = self.sessions[tuple(features)] = session(proto, threads=self.threads)
+        names = [self.model.output_names[0], *features]
+        outs = sess.run(names, {self.model.input_names[0]: x})
+        return torch.from_numpy(outs[0]), {n: torch.from_numpy(v) for n, v in zip(features, outs[1:])}
+
+
+def _top1_student(net, data: Dataset, device: str) -> float:
+    import torch
+
+    was_training = net.training
+    net.eval()
+    net.bn_training = False
+    correct, total = 0, 0
+    with torch.no_grad():
+        for x, y in data.batches(256):
+            out = net(torch.from_numpy(x).to(device))
+            out = out[0] if isinstance(out, tuple) else out
+            correct += int((out.reshape(len(x), -1).argmax(1).cpu().numpy() == y).sum())
+            total += len(x)
+    net.train(was_training)
+    net.bn_training = was_training
+    return correct / max(total, 1)
+
+
+def _top1_teacher(teacher: _Teacher, data: Dataset) -> float:
+    correct, total = 0, 0
+    for x, y in data.batches(256):
+        out, _ = teacher(x, [])
+        correct += int((out.reshape(len(x), -1).argmax(1).cpu().numpy() == y).sum())
+        total += len(x)
+    return correct / max(total, 1)
+
+
+def _check_finite(model: Model) -> None:
+    for t in model.graph.initializer:
+        arr = model.array(t.name)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise CarveError(f"fine-tuning produced non-finite values in {t.name!r}", hint="lower --lr or raise --clip")
+
+
+def _agreement(net, model: Model, data: Dataset, device: str) -> dict[str, float]:
+    """The written graph in ONNX Runtime against the trained torch module, on a few training images."""
+    import torch
+
+    from pipeline.runtime.ort import run
+    from pipeline.runtime.verify import output_metrics
+
+    x, _ = data.take(np.arange(min(8, len(data))))
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x).to(device))
+    ref = (ref[0] if isinstance(ref, tuple) else ref).float().cpu().numpy()
+    got = run(model, {model.input_names[0]: x})[0]
+    m = output_metrics(ref, got)
+    if not m["max_rel"] <= 1e-3:
+        raise CarveError(
+            f"the fine-tuned graph disagrees with the trained module in ONNX Runtime (max relative {m['max_rel']:.3g})",
+            hint="please report this model: an op the PyTorch runner and ONNX Runtime compute differently",
+        )
+    return {"max_abs": m["max_abs"], "max_rel": m["max_rel"]}
+
+
+def _save_checkpoint(path, key: dict, net, optim, epoch: int, step: int, history: list) -> None:
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(
+        {
+            "version": CHECKPOINT_VERSION,
+            "key": key,
+            "epoch": epoch,
+            "step": step,
+            "history": history,
+            "params": {k: v.detach().cpu() for k, v in net.params.items()},
+            "optimizer": optim.state_dict(),
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path, key: dict, net, optim, device: str) -> dict:
+    import torch
+
+    if path is None or not Path(path).is_file():
+        raise CarveError(f"--resume: no checkpoint at {path}", hint="run without --resume to start from the beginning")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+    except Exception as exc:
+        raise CarveError(f"{path}: not a readable carve checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION:
+        raise CarveError(f"{path}: not a carve fine-tuning checkpoint (or from another carve version)")
+    for what in ("model", "data", "options"):
+        if ck["key"].get(what) != key[what]:
+            raise CarveError(
+                f"{path}: the checkpoint was made for another {what}; it cannot continue this run",
+                hint="delete it, or give the same model, data and options as the interrupted run",
+            )
+    with torch.no_grad():
+        for k, v in ck["params"].items():
+            net.params[k].copy_(v.to(device))
+    optim.load_state_dict(ck["optimizer"])
+    return {"epoch": ck["epoch"], "step": ck["step"], "history": list(ck["history"]), "resumed_from": ck["epoch"]}

@@ -1,0 +1,106 @@
+"""Gradual pruning: alternate prune and fine-tune steps toward a MAC target, each step pruning the fine-tuned result of
+the last (progressive pruning as SFP, Information Sciences 2024, and most structured-pruning papers train: remove a
+little, recover, repeat; cf. Zhu and Gupta, "To prune, or not to prune", 2017, for the gradual schedule).
+
+Step k keeps ``keep_k`` of the input model's MACs: with ``per_step: f`` each step removes the fraction f of the MACs
+left (``keep_k = (1 - f)^k``) until ``target_macs``; with ``steps: n`` the steps are geometric, ``keep_k =
+target^(k/n)``. Every step prunes with the ``prune`` options (criterion, allocator, alignment, repair) to that fraction
+and fine-tunes with the ``finetune`` options, distilling from the model the run started from. Each step's MACs,
+parameters, accuracy on the recipe's ``data: eval`` and model file (under the run's ``.steps`` folder) are in the
+report.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pipeline.config import from_mapping
+from pipeline.errors import CarveError
+from pipeline.graph.cost import model_cost
+from pipeline.graph.io import save
+from pipeline.graph.model import Model
+from pipeline.measure.evaluate import evaluate
+from pipeline.passes import Pass, PassContext, PassResult, passes
+from pipeline.pruning.prune import PruneOptions, prune_model
+from pipeline.training.finetune import finetune
+from plugins.passes.finetune import finetune_options
+
+
+def keep_schedule(target: float, *, steps: int | None = None, per_step: float | None = None) -> list[float]:
+    """The MAC fractions (of the input model) the steps keep, the last one ``target``."""
+    if not 0 < target < 1:
+        raise CarveError(f"gradual: target_macs must be in (0, 1), got {target}")
+    if (steps is None) == (per_step is None):
+        raise CarveError("gradual: give steps (how many) or per_step (fraction of the MACs each step removes)")
+    if steps is not None:
+        if steps < 1:
+            raise CarveError(f"gradual: steps must be at least 1, got {steps}")
+        return [target ** ((k + 1) / steps) for k in range(steps)]
+    if not 0 < per_step < 1:
+        raise CarveError(f"gradual: per_step must be in (0, 1), got {per_step}")
+    n = max(1, math.ceil(math.log(target) / math.log(1 - per_step) - 1e-9))
+    return [max(target, (1 - per_step) ** (k + 1)) for k in range(n)]
+
+
+@passes.register("gradual")
+class Gradual(Pass):
+    description = "alternate prune and fine-tune steps toward a MAC target (progressive pruning)"
+    records_history = True
+
+    def __init__(
+        self,
+        target_macs: float = 0.5,
+        steps: int | None = None,
+        per_step: float | None = None,
+        prune: dict[str, Any] | None = None,
+        finetune: dict[str, Any] | None = None,
+    ) -> None:
+        prune = dict(prune or {})
+        for key in ("target_macs", "target_params", "ratio"):
+            if key in prune:
+                raise CarveError(f"pass 'gradual': prune.{key} is set by the schedule; give gradual's target_macs")
+        self.keep = keep_schedule(float(target_macs), steps=steps, per_step=per_step)
+        self.prune_options = prune
+        from_mapping(PruneOptions, prune, where="pass 'gradual': prune")  # validate now, not after hours of training
+        self.ft_opts, self.teacher = finetune_options(finetune or {}, "pass 'gradual': finetune")
+        self.ft_opts.check()
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        needs = {"train"}
+        if from_mapping(PruneOptions, self.prune_options, where="pass 'gradual': prune").data_needed():
+            needs.add("calib")
+        return frozenset(needs)
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        teacher = ctx.original if self.teacher == "original" else None
+        macs0 = model_cost(model).macs
+        current, steps, details = model, [], []
+        for k, keep in enumerate(self.keep, 1):
+            fraction = keep * macs0 / model_cost(current).macs  # of the current model's MACs
+            options = {**self.prune_options, "target_macs": min(fraction, 1.0)}
+            opts = from_mapping(PruneOptions, options, where="pass 'gradual': prune")
+            pruned, summary = prune_model(current, opts, calib=ctx.calib, command=ctx.command)
+            tuned = finetune(pruned, ctx.train, self.ft_opts, teacher=teacher, eval_data=None, command=ctx.command)
+            current = tuned.model
+            cost = model_cost(current)
+            step: dict[str, Any] = {
+                "step": k,
+                "keep_macs": keep,
+                "macs": cost.macs,
+                "macs_ratio": cost.macs / macs0,
+                "params": cost.params,
+                "channels_removed": summary["channels_removed"],
+                "finetune": {"steps": tuned.summary["steps"], "seconds": tuned.summary["seconds"]},
+            }
+            if ctx.eval is not None:
+                step["top1_pruned"] = evaluate(pruned, ctx.eval).get("top1")
+                step["top1"] = evaluate(current, ctx.eval).get("top1")
+            if ctx.workdir is not None:
+                ctx.workdir.mkdir(parents=True, exist_ok=True)
+                step["model"] = str(save(current, ctx.workdir / f"step{k}.onnx"))
+            steps.append(step)
+            acc = f", top-1 {step['top1_pruned']:.2%} pruned -> {step['top1']:.2%} fine-tuned" if "top1" in step else ""
+            details.append(f"step {k}: MACs {step['macs_ratio']:.1%} of the input{acc}")
+        return PassResult(current, True, details, {"steps": steps, "schedule": self.keep})
