@@ -22,7 +22,7 @@ from pipeline.training.finetune import FinetuneOptions, finetune
 from pipeline.training.schedule import Temperature, cosine_lr
 from plugins.passes.gradual import keep_schedule
 
-QUICK = {"batch": 32, "lr": 0.02, "flip": False, "threads": 1}  # digits are not mirror-symmetric
+QUICK = {"batch": 32, "flip": False, "threads": 1}  # digits are not mirror-symmetric
 
 
 @pytest.fixture(scope="module")

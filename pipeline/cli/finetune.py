@@ -29,11 +29,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     how.add_argument("--batch", type=positive_int, default=64)
     opt = p.add_argument_group("optimiser")
     opt.add_argument(
-        "--optimizer", choices=["sgd", "adamw"], default="sgd", help="SGD with Nesterov momentum, or AdamW"
+        "--optimizer", choices=["adamw", "sgd"], default="adamw", help="AdamW (default), or SGD with Nesterov momentum"
     )
-    opt.add_argument("--lr", type=float, default=0.02, help="peak learning rate (cosine schedule; default 0.02)")
+    opt.add_argument("--lr", type=float, help="peak learning rate, cosine schedule (default: AdamW 1e-3, SGD 5e-3)")
     opt.add_argument("--momentum", type=float, default=0.9)
-    opt.add_argument("--weight-decay", type=float, default=5e-4, help="on weight tensors only")
+    opt.add_argument("--weight-decay", type=float, help="on weight tensors only (default: AdamW 0.02, SGD 5e-4)")
     opt.add_argument("--warmup", type=float, default=0.0, help="linear warm-up, a fraction of all steps")
     opt.add_argument("--clip", type=float, default=5.0, help="gradient norm clipping (0: off)")
     loss = p.add_argument_group("loss")
@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--temperature", default="4", help="distillation temperature T, or START:END (SFP's variable temperature)"
     )
     loss.add_argument("--kd", type=float, default=1.0, help="weight of the distillation loss")
-    loss.add_argument("--ce", type=float, help="weight of the cross-entropy (default 0.5 with a teacher, else 1)")
+    loss.add_argument("--ce", type=float, help="weight of the cross-entropy (default 1 with labels)")
     loss.add_argument(
         "--feature",
         dest="features",
