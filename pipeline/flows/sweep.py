@@ -444,6 +444,7 @@ class LocalExecutor:
 
     workers: int | None = None
     lock: str | None = None
+    inline: bool = False  # run the points one by one in this process (the Python API, tests): no pool start-up
 
     def size(self, sweep: Sweep) -> int:
         if self.workers:
@@ -459,6 +460,11 @@ class LocalExecutor:
 
         n = min(self.size(sweep), len(points))
         if n == 0:
+            return
+        if self.inline:
+            for p in points:
+                started(p)
+                finished(p, *run_point(sweep, p, self.lock))
             return
         env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         saved = {k: os.environ.get(k) for k in env}
