@@ -209,14 +209,42 @@ def test_report_refuses_a_sweep_merged_with_other_reports(tmp_path, capsys):
     assert "rendered on its own" in capsys.readouterr().err
 
 
-def test_the_readme_example_sweep_runs_in_a_process_pool(tmp_path):
-    """The README's `carve sweep examples/lenet_sweep.yaml` as CI runs it: LeNet on digits, the process pool."""
-    out = tmp_path / "sweep"
-    assert main(["sweep", str(REPO / "examples" / "lenet_sweep.yaml"), "--out-dir", str(out), "--workers", "2"]) == 0
-    doc = json.loads((out / "results.json").read_text())
+def readme_sweep_block() -> list[str]:
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    block = next(b for b in blocks if b.startswith("carve sweep"))
+    return [ln.split("  #")[0].strip() for ln in block.splitlines() if ln.strip()]
+
+
+def test_the_readme_sweep_commands_run_as_written(tmp_path, monkeypatch):
+    """The README's sweep block as CI runs it: the LeNet/digits sweep in the process pool, its report, a resume that
+    redoes nothing; the ResNet-56 line is a valid command on a valid sweep file (it needs ../shared and a cluster)."""
+    import shlex
+
+    from pipeline.cli import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    lines = readme_sweep_block()
+    assert any("--resume" in ln for ln in lines) and any("--ray" in ln for ln in lines)
+    for line in lines:
+        args = shlex.split(line.replace("examples/", str(REPO / "examples") + "/"))
+        assert args[0] == "carve"
+        if "resnet56" in line:
+            build_parser().parse_args(args[1:])
+            assert len(expand(load_sweep(args[2]))) == 24
+            continue
+        before = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep" / "points").glob("*.json")}
+        assert main(args[1:]) == 0, line
+        if "--resume" in line:
+            after = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep" / "points").glob("*.json")}
+            assert after == before and len(after) == 8  # nothing redone
+    doc = json.loads((tmp_path / "sweep" / "results.json").read_text())
     assert doc["summary"]["ok"] == 8 and doc["summary"]["failed"] == 0
     assert doc["sweep"]["executor"] == "local"
-    # lsq refits from calibration data: never worse than plain pruning at the same point on held-out digits - 1 image
+    assert (tmp_path / "sweep.md").is_file() and (tmp_path / "plots" / "pareto.png").is_file()
+    # lsq refits from calibration data: not worse than plain pruning at the same point on held-out digits (1% slack)
     by_id = {p["id"]: p for p in doc["points"]}
     for pid, p in by_id.items():
         if "-lsq-" in pid:
