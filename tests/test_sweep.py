@@ -243,6 +243,10 @@ def test_the_readme_sweep_commands_run_as_written(tmp_path, monkeypatch):
     doc = json.loads((tmp_path / "sweep" / "results.json").read_text())
     assert doc["summary"]["ok"] == 8 and doc["summary"]["failed"] == 0
     assert doc["sweep"]["executor"] == "local"
+    # two workers, and the timing lock: no two measurements overlapped in time
+    spans = sorted(p["timed"] for p in doc["points"])
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
+    assert len({p["host"] for p in doc["points"]}) == 1
     assert (tmp_path / "sweep.md").is_file() and (tmp_path / "plots" / "pareto.png").is_file()
     # lsq refits from calibration data: not worse than plain pruning at the same point on held-out digits (1% slack)
     by_id = {p["id"]: p for p in doc["points"]}
@@ -272,6 +276,8 @@ def test_ray_cluster_gives_the_local_results(tmp_path):
     finally:
         ray.shutdown()
     assert remote["sweep"]["executor"] == "ray"
+    spans = sorted(p["timed"] for p in remote["points"] if p["status"] == "ok")  # one timing actor: never overlapping
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
     keys = ("id", "status", "error", "macs_ratio", "params_ratio", "top1", "top1_agreement", "config_hash")
     assert [{k: p.get(k) for k in keys} for p in remote["points"]] == [
         {k: p.get(k) for k in keys} for p in local["points"]

@@ -340,7 +340,11 @@ def time_point(sweep: Sweep, built: Built) -> dict:
         a.write_bytes(built.original)
         b.write_bytes(built.final)
         recipe = point_recipe(sweep, built.point, b)
-        return bench_recipe(recipe, load(a), b)
+        original = load(a)
+        start = time.time()  # wall clock: the record shows when it was timed (intervals never overlap, tested)
+        bench = bench_recipe(recipe, original, b)
+        bench["timed"] = [start, time.time()]
+        return bench
 
 
 def _error_line(exc: BaseException) -> str:
@@ -355,7 +359,7 @@ def record_ok(sweep: Sweep, built: Built, bench: dict, seconds: float) -> dict:
     acc = rep.get("accuracy", {})
     fin, orig = acc.get("final", {}), acc.get("original", {})
     first = bench["results"][0]
-    compact = {**rep, **{k: v for k, v in bench.items() if k != "results"}}
+    compact = {**rep, **{k: v for k, v in bench.items() if k not in ("results", "timed")}}
     compact["results"] = [
         {
             **r,
@@ -381,6 +385,7 @@ def record_ok(sweep: Sweep, built: Built, bench: dict, seconds: float) -> dict:
         "latency_ms_measured": first["b"]["median_ms"],
         "latency_ms_original": first["a"]["median_ms"],
         "speedup": {k: first["speedup"][k] for k in ("median", "ci_low", "ci_high")},
+        "timed": bench.get("timed"),  # [start, end] of the measurement (Unix time)
         "model": f"models/{p.id}.onnx",
         "report": compact,
     }
