@@ -255,6 +255,36 @@ def test_the_readme_sweep_commands_run_as_written(tmp_path, monkeypatch):
             assert p["top1"] >= by_id[pid.replace("-lsq-", "-none-")]["top1"] - 0.01
 
 
+def test_a_killed_worker_fails_its_point_and_the_sweep_goes_on(tmp_path):
+    """SIGKILL one pool worker while the first points run: those points are recorded as failed with the reason, a new
+    pool runs the rest, results.json is written."""
+    import multiprocessing
+    import os
+    import signal
+
+    sweep = load_sweep(write(tmp_path, TINY.replace("values: [0.5, 0.0001]", "values: [0.75, 0.5]")))
+    killed = []
+
+    def on_event(kind, p, rec):
+        if kind == "started" and not killed:
+            import time
+
+            deadline = time.time() + 60
+            while not multiprocessing.active_children() and time.time() < deadline:
+                time.sleep(0.05)
+            victim = multiprocessing.active_children()[0]
+            os.kill(victim.pid, signal.SIGKILL)
+            killed.append(victim.pid)
+
+    results = run_sweep(sweep, tmp_path / "out", executor=LocalExecutor(workers=1), on_event=on_event)
+    assert killed
+    statuses = {p["id"]: p["status"] for p in results["points"]}
+    failed = [p for p in results["points"] if p["status"] == "failed"]
+    assert failed and all("worker process died" in p["error"] for p in failed)
+    assert len(failed) < len(statuses) and results["summary"]["ok"] == len(statuses) - len(failed)
+    assert (tmp_path / "out" / "results.json").is_file()
+
+
 def test_ray_flag_without_ray_says_how_to_install(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     assert main(["sweep", str(write(tmp_path, TINY)), "--out-dir", str(tmp_path / "o"), "--ray", "auto"]) == 1

@@ -476,7 +476,12 @@ class LocalExecutor:
         os.environ.update(env)  # spawned workers inherit the environment at their start
         try:
             ctx = multiprocessing.get_context("spawn")  # torch and ORT thread pools do not survive fork
-            with ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker) as pool:
+
+            def new_pool() -> ProcessPoolExecutor:
+                return ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker)
+
+            pool = new_pool()
+            try:
                 queue = list(points)
                 running: dict[Any, Point] = {}
                 while queue or running:
@@ -485,13 +490,20 @@ class LocalExecutor:
                         running[pool.submit(run_point, sweep, p, self.lock)] = p
                         started(p)
                     done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    broken = False
                     for fut in done:
                         p = running.pop(fut)
                         try:
                             record, model = fut.result()
-                        except BrokenProcessPool as exc:
+                        except BrokenProcessPool as exc:  # a worker died (killed, out of memory, a crash in C)
+                            broken = True
                             record, model = record_failed(sweep, p, f"worker process died: {exc}", 0.0), None
                         finished(p, record, model)
+                    if broken:  # the points running with it fail too (their futures break); the rest go on
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        pool = new_pool()
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
         finally:
             for k, v in saved.items():
                 if v is None:
