@@ -22,6 +22,7 @@ images; Torch-Pruning has no post-training repair of its own, so it gets BatchNo
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 import tempfile
@@ -293,7 +294,8 @@ def main() -> None:
     doc = document(
         "peers",
         started,
-        torch_pruning=getattr(torch_pruning, "__version__", "?"),
+        torch_pruning=getattr(torch_pruning, "__version__", "?"),  # 1.6.1's wheel says 1.6.0 here
+        torch_pruning_dist=importlib.metadata.version("torch-pruning"),
         load_average_before=load_before,
         load_average_after=os.getloadavg(),
         rows=rows,
