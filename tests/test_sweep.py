@@ -202,6 +202,18 @@ def test_sweep_records_points_isolates_failures_and_resumes(tmp_path):
     assert (plots / "pareto.png").stat().st_size > 1000 and "pareto.png" in text
 
 
+def test_a_fine_tuning_point_runs_prune_then_finetune(tmp_path):
+    text = TINY.replace("criterion: [l1, fpgm]", "criterion: [l1]").replace("values: [0.5, 0.0001]", "values: [0.5]")
+    text = text.replace("samples: 64}", "train: digits:train, samples: 64}")
+    text = text.replace("  target:", "  finetune_epochs: [1]\n  target:") + "finetune: {batch: 32, flip: false}\n"
+    sweep = load_sweep(write(tmp_path, text))
+    (rec,) = run_sweep(sweep, tmp_path / "out", executor=LocalExecutor(inline=True))["points"]
+    assert rec["status"] == "ok", rec.get("error")
+    assert rec["id"] == "l1-uniform-macs0.5-none-ft1"
+    assert [p["pass"] for p in rec["report"]["passes"]] == ["prune", "finetune"]
+    assert rec["macs_ratio"] <= 0.5 + 1e-9 and rec["pareto"] is True  # the only point is on the front
+
+
 def test_report_refuses_a_sweep_merged_with_other_reports(tmp_path, capsys):
     doc = {"schema_version": 1, "kind": "carve.sweep"}
     (tmp_path / "a.json").write_text(json.dumps(doc))
