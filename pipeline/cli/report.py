@@ -7,7 +7,9 @@ import argparse
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="render reports as Markdown and plots", description=__doc__)
-    p.add_argument("reports", nargs="+", help="bench / eval / run reports (several are merged)")
+    p.add_argument(
+        "reports", nargs="+", help="bench / eval / run reports (several are merged), or one sweep results.json"
+    )
     p.add_argument("-o", "--output", help="Markdown file (default: stdout)")
     p.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR")
     p.add_argument("--title", default="carve report")
@@ -19,6 +21,10 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.measure.report import load_report, merge, plots, to_markdown
 
     docs = [load_report(p) for p in args.reports]
+    if len(docs) > 1 and any(d.get("kind") == "carve.sweep" for d in docs):
+        from pipeline.errors import CarveError
+
+        raise CarveError("a sweep's results.json is rendered on its own", hint="give one results.json per call")
     doc = docs[0] if len(docs) == 1 else merge(docs)
     md = to_markdown(doc, title=args.title)
     if args.plots:
