@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.data.batching import model_batches
 from pipeline.data.datasets import Dataset
 from pipeline.errors import CarveError
 from pipeline.graph import Model
@@ -57,7 +58,7 @@ def weight_gradients(
         torch.set_num_threads(threads)
     total_loss, batches, samples = 0.0, 0, 0
     try:
-        for x, y in data.batches(batch_size):
+        for x, y, _ in model_batches(model, data, batch_size):
             tg.zero_grad(set_to_none=True)
             out = tg(torch.from_numpy(x))
             logits = out[0] if isinstance(out, tuple) else out

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from pipeline.graph.model import Model
+from pipeline.graph.shapes import concrete_input_shapes
 
 
 def session(
@@ -31,19 +31,13 @@ def session(
     return ort.InferenceSession(src, so, providers=providers or ["CPUExecutionProvider"])
 
 
-def input_specs(proto: onnx.ModelProto, batch: int = 1) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Graph inputs with concrete shapes: symbolic dims become ``batch`` on axis 0 and 1 elsewhere."""
-    inits = {t.name for t in proto.graph.initializer}
-    specs = {}
-    for vi in proto.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dims = []
-        for ax, d in enumerate(tt.shape.dim):
-            dims.append(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (batch if ax == 0 else 1))
-        specs[vi.name] = (tuple(dims), np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)))
-    return specs
+def input_specs(
+    proto: onnx.ModelProto, batch: int = 1, *, strict: bool = False
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Graph inputs with concrete shapes: an open batch axis becomes ``batch``, other open dimensions come from
+    what the model says about its input (:func:`pipeline.graph.shapes.concrete_input_shapes`; a CarveError naming
+    the dimension when nothing does). ``strict``: a static batch other than ``batch`` is refused."""
+    return concrete_input_shapes(proto, batch, strict=strict)
 
 
 def random_feeds(model: Model | onnx.ModelProto, *, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
