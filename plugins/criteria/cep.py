@@ -27,7 +27,7 @@ from collections import defaultdict
 import numpy as np
 
 from pipeline.data.batching import model_batches
-from pipeline.data.gradients import Gradients, weight_gradients
+from pipeline.data.gradients import Gradients, check_labels, weight_gradients
 from pipeline.errors import CarveError
 from pipeline.pruning.criterion import Criterion, ScoreContext, criteria
 from plugins.criteria.taylor import filter_rows
@@ -53,6 +53,8 @@ def delta_loss(ctx: ScoreContext, samples: int | None) -> np.ndarray:
     an = ctx.analysis
     data = ctx.calib.sample(samples, seed=ctx.seed) if samples else ctx.calib
     tg = TorchGraph(ctx.model).eval()
+    if data.labels is None:
+        raise CarveError(f"cep variant delta needs labelled calibration data; {data.name} has no labels")
     batches = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y, _ in model_batches(ctx.model, data, 64)]
     counted = sum(len(x) for x, _ in batches)
 
@@ -62,6 +64,7 @@ def delta_loss(ctx: ScoreContext, samples: int | None) -> np.ndarray:
             for x, y in batches:
                 out = tg(x)
                 logits = out[0] if isinstance(out, tuple) else out
+                check_labels(data, y.numpy(), logits.reshape(len(x), -1).shape[1])
                 total += float(F.cross_entropy(logits.reshape(len(x), -1), y, reduction="sum"))
         return total / counted
 
