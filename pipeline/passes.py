@@ -29,7 +29,7 @@ from pipeline.graph.model import Model, check_finite, nonfinite_initializers
 from pipeline.graph.shapes import verify_structure
 from pipeline.progress import Progress
 from pipeline.registry import Registry
-from pipeline.runtime.ort import random_feeds, run
+from pipeline.runtime.ort import random_feeds, run, run_checked
 from pipeline.runtime.verify import nonfinite_outputs, output_metrics
 
 passes: Registry[type[Pass]] = Registry("pass", entry_point_group="carve.passes", builtin_modules=["plugins.passes"])
@@ -118,7 +118,8 @@ class NumericCheck(Instrument):
         feeds = random_feeds(model, batch=self.batch, seed=ctx.seed)
         if ctx.calib is not None and not p.exact:
             feeds = {model.input_names[0]: first_batch(model, ctx.calib, 16)}
-        before, after = run(model, feeds), run(result.model, feeds)
+        before = run_checked(model, feeds, what=f"the model before pass {p.name!r}")
+        after = run(result.model, feeds)
         if nonfinite_outputs(before):
             inputs = "calibration" if ctx.calib is not None and not p.exact else "random"
             raise CarveError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import re
 import sys
 import tempfile
 import time
@@ -88,14 +89,16 @@ def summarise(raw: dict) -> dict:
         for r in rows:
             by[r[key]][r["outcome"]] += 1
         messages = collections.Counter(
-            r["message"].split(":")[0][:60] for r in rows if r["outcome"] in ("user error", "usage error")
+            re.sub(r"\S*carve-fuzz-\w+/[pc]/", "", r["message"]).split("\n")[0][:90]
+            for r in rows
+            if r["outcome"] in ("user error", "usage error")
         )
         out[family] = {
             "cases": len(rows),
             "outcomes": dict(outcomes.most_common()),
             f"by_{key}": {k: dict(v) for k, v in sorted(by.items())},
             "median_seconds": round(sorted(r["seconds"] for r in rows)[len(rows) // 2], 3) if rows else None,
-            "frequent_errors": dict(messages.most_common(12)),
+            "frequent_errors": dict(messages.most_common(15)),
         }
     return out
 

@@ -28,7 +28,8 @@ import onnx
 
 from pipeline.errors import CarveError, first_line
 from pipeline.graph.canonical import prepare
-from pipeline.graph.model import Model, itemsize, tensor_nbytes
+from pipeline.graph.model import Model, attr, itemsize, tensor_nbytes
+from pipeline.graph.shapes import check
 
 
 def load(path: str | os.PathLike, *, prepare_graph: bool = True, input_shape: tuple[int, ...] | None = None) -> Model:
@@ -56,7 +57,33 @@ def load(path: str | os.PathLike, *, prepare_graph: bool = True, input_shape: tu
         set_input_shape(proto, input_shape, where=str(path))
     model = prepare(proto, source=path) if prepare_graph else Model(proto, path)
     model.external_data = external
+    if prepare_graph:
+        _check_input(model, path)
     return model
+
+
+def _check_input(model: Model, path: Path) -> None:
+    """The prepared model passes the full ONNX checker (strict shape inference): an inconsistent model (an unknown
+    attribute, an input whose size contradicts its first layer's weight) is refused here, in one line, instead of
+    being written back unchecked by a pass that had nothing to change, or failing inside ONNX Runtime later."""
+    try:
+        check(model.proto, full=True)
+    except CarveError as exc:
+        raise CarveError(
+            f"{path}: {exc.message}",
+            hint="the model is inconsistent as it is; check it with onnx.checker.check_model(model, full_check=True)",
+        ) from None
+    for node in model.graph.node:  # what ONNX shape inference does not check: a conv's channels against its input
+        if node.op_type != "Conv" or len(node.input) < 2 or not model.is_const(node.input[1]):
+            continue
+        x, w = model.shape(node.input[0]), model.shape(node.input[1])
+        group = int(attr(node, "group", 1) or 1)
+        if x is not None and len(x) >= 2 and x[1] is not None and w and len(w) >= 2 and x[1] != w[1] * group:
+            raise CarveError(
+                f"{path}: Conv {node.name!r} reads {x[1]} channels, but its weight {list(w)} with group {group} "
+                f"takes {w[1] * group}",
+                hint="the model is inconsistent (its input size or the conv's group does not match the weights)",
+            )
 
 
 def set_input_shape(proto: onnx.ModelProto, dims: tuple[int, ...], *, where: str = "model") -> None:
@@ -207,6 +234,8 @@ def files_read(path: str | os.PathLike) -> list[Path]:
 
 def _check_tensor_sizes(proto: onnx.ModelProto, path: Path) -> None:
     for t in proto.graph.initializer:
+        if t.data_type not in onnx.TensorProto.DataType.values() or t.data_type == onnx.TensorProto.UNDEFINED:
+            raise CarveError(f"{path}: initializer {t.name!r} has no known element type ({t.data_type})")
         if t.raw_data:
             n = int(np.prod(t.dims, dtype=np.int64))
             size = itemsize(t.data_type)

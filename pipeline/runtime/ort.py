@@ -58,3 +58,33 @@ def run(
     model: Model | onnx.ModelProto | str | os.PathLike, feeds: dict[str, np.ndarray], *, threads: int = 1
 ) -> list[np.ndarray]:
     return session(model, threads=threads).run(None, feeds)
+
+
+def run_checked(model, feeds: dict[str, np.ndarray], *, what: str = "the model") -> list[np.ndarray]:
+    """:func:`run` on a model that comes from the user (or is the user's model with weights changed): ONNX Runtime
+    refusing it is a user error naming ``what``, not a crash. Models carve built itself are run with :func:`run`,
+    so their failures stay bugs."""
+    from pipeline.errors import CarveError, first_line
+
+    try:
+        return run(model, feeds)
+    except CarveError:
+        raise
+    except Exception as exc:  # onnxruntime's own exception types (InvalidGraph, Fail, RuntimeException, ...)
+        source = getattr(model, "source", None)
+        raise CarveError(
+            f"{source or what}: ONNX Runtime cannot run it ({first_line(exc)})",
+            hint="check that the model runs in ONNX Runtime as it is",
+        ) from None
+
+
+def check_runs(model, *, what: str = "the model") -> None:
+    """The model runs in ONNX Runtime on random inputs with finite outputs (else a CarveError)."""
+    from pipeline.errors import CarveError
+
+    outs = run_checked(model, random_feeds(model, batch=2), what=what)
+    for o, y in zip(model.proto.graph.output if isinstance(model, Model) else model.graph.output, outs):
+        if np.issubdtype(np.asarray(y).dtype, np.floating) and not np.isfinite(y).all():
+            raise CarveError(
+                f"{getattr(model, 'source', None) or what}: output {o.name!r} holds NaN or Inf on random inputs"
+            )

@@ -7,7 +7,7 @@ import numpy as np
 
 from pipeline.errors import CarveError
 from pipeline.graph.model import Model
-from pipeline.runtime.ort import random_feeds, run
+from pipeline.runtime.ort import random_feeds, run, run_checked
 
 
 def output_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
@@ -48,7 +48,8 @@ def verify_equal(reference, candidate, *, seed: int = 0, batch: int = 2, rtol: f
     false with everything, so it would otherwise "pass"), and reference outputs that are all ~0 (below
     :data:`MIN_SCALE`: a degenerate model agrees with anything)."""
     feeds = random_feeds(reference, batch=batch, seed=seed)
-    a, b = run(reference, feeds), run(candidate, feeds)
+    a = run_checked(reference, feeds, what="the reference")  # the user's model, weights changed: its failure is theirs
+    b = run(candidate, feeds)
     for what, outs, model in (("reference", a, reference), ("result", b, candidate)):
         bad = nonfinite_outputs(outs)
         if bad:
