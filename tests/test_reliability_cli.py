@@ -148,11 +148,13 @@ def test_bad_recipes_are_one_line_user_errors(lenet, tmp_path, body, capsys):
     assert not (tmp_path / "o.onnx").exists()
 
 
-def test_a_file_name_that_is_not_utf8(lenet, tmp_path, capsys):
+def test_a_file_name_that_is_not_utf8(lenet, tmp_path, monkeypatch, capsys):
     src = Path(os.fsdecode(bytes(tmp_path) + b"/l\xff.onnx"))
     src.write_bytes(lenet.read_bytes())
     out = Path(os.fsdecode(bytes(tmp_path) + b"/o\xff.onnx"))
-    rc, _, err = run(["prune", str(src), "-o", str(out), "-q"], capsys)
+    args = ["prune", str(src), "-o", str(out), "-q"]
+    monkeypatch.setattr("sys.argv", ["carve", *args])  # the command line is recorded in the model's metadata
+    rc, _, err = run(args, capsys)
     assert rc == 0, err
     onnx.checker.check_model(onnx.load(out), full_check=True)
 
@@ -371,6 +373,24 @@ def test_a_recipe_runs_from_any_folder_and_writes_only_under_out_dir(lenet, tmp_
     assert rc == 0, err
     assert sorted(p.name for p in out_dir.iterdir()) == ["carved.json", "carved.onnx"]
     assert sorted(p.name for p in folder.iterdir()) == before and not list(elsewhere.iterdir())
+
+
+def test_recipe_data_under_the_shared_folder(lenet, tmp_path, monkeypatch, capsys):
+    shared = tmp_path / "shared"
+    (shared / "data").mkdir(parents=True)
+    images, labels = __import__("pipeline.data.datasets", fromlist=["x"]).digits_arrays("train")
+    np.savez(shared / "data" / "d.npz", images=images[:64], labels=labels[:64])
+    monkeypatch.setenv("CARVE_SHARED", str(shared))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: {lenet}\noutput: o.onnx\ndata: {{calib: 'shared:data/d.npz', samples: 32}}\n"
+        "passes: [{prune: {ratio: 0.25, fuse: lsq}}]\n"
+    )
+    rc, _, err = run(["run", str(recipe), "-q"], capsys)
+    assert rc == 0, err
+    recipe.write_text(recipe.read_text().replace("d.npz", "missing.npz"))
+    rc, _, err = run(["run", str(recipe), "-q"], capsys)
+    assert rc == 1 and "missing.npz" in one_error(err, rc)
 
 
 def test_example_recipes_name_shared_data_portably():

@@ -126,7 +126,11 @@ def test_report_output_equal_to_its_input_is_refused(tmp_path, capsys):
 
 def test_gate_summary_never_appends_to_the_report(tmp_path, capsys):
     rep = tmp_path / "x.json"
-    rep.write_text(json.dumps({"schema_version": 1, "kind": "carve.bench", "results": []}))
+    speedup = {"median": 1.5, "ci_low": 1.4, "ci_high": 1.6, "round_ratios": [1.5] * 20}
+    result = {"backend": "ort", "device": "cpu", "precision": "fp32", "batch": 1, "threads": 1, "rounds": 20}
+    rep.write_text(
+        json.dumps({"schema_version": 1, "kind": "carve.bench", "results": [{**result, "speedup": speedup}]})
+    )
     before = digest(rep)
     assert main(["gate", str(rep), "--summary", str(rep)]) == 2
     assert digest(rep) == before

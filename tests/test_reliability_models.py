@@ -11,14 +11,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import torch.nn as nn
 from conftest import _tiny_resnet, export_torch
 from graphs import G
 
 import pipeline as P
 from pipeline.cli import main
 from pipeline.data.datasets import Dataset, Preprocess, load_data
-from pipeline.errors import CarveError, CarveWarning
+from pipeline.errors import CarveError
 from pipeline.graph import from_proto, load
 from pipeline.graph.cost import model_cost
 from pipeline.passes import NumericCheck, Pass, PassContext, PassManager, PassResult
@@ -209,43 +208,30 @@ def test_lsq_on_a_model_with_initializers_as_inputs(inits_as_inputs, rgb_npz, tm
 # -- item 6: MACs counted on full shapes -----------------------------------------------------------------------------
 
 
-class _Shuffle(nn.Module):
-    """ShuffleNet's channel shuffle: the torchscript exporter computes the reshape targets at run time."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 8, 1)
-        self.c = nn.Conv2d(8, 8, 1)
-        self.fc = nn.Linear(8, 4)
-
-    def shuffle(self, x):
-        n, c, h, w = x.size()
-        return x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
-
-    def forward(self, x):
-        x = self.c(self.shuffle(torch.relu(self.b(self.shuffle(torch.relu(self.a(x)))))))
-        return self.fc(x.mean((2, 3)))
-
-
 @pytest.fixture(scope="module")
 def shuffle_pair(tmp_path_factory):
+    """torchvision's ShuffleNetV2 (random weights, 32x32) exported with a dynamic batch and with a static one: the
+    torchscript exporter computes the channel shuffle's reshape targets at run time from Shape ops."""
+    torchvision = pytest.importorskip("torchvision")
     d = tmp_path_factory.mktemp("shuffle")
     torch.manual_seed(0)
-    net = _Shuffle().eval()
-    dyn = export_torch(net, d / "dynamic.onnx", shape=(1, 3, 16, 16))
+    net = torchvision.models.shufflenet_v2_x0_5().eval()
+    dyn = export_torch(net, d / "dynamic.onnx", shape=(1, 3, 32, 32))
     static = d / "static.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(static), dynamo=False, input_names=["input"])
+        torch.onnx.export(net, (torch.randn(1, 3, 32, 32),), str(static), dynamo=False, input_names=["input"])
     return dyn, static
 
 
 def test_macs_do_not_depend_on_how_the_exporter_spelled_the_shapes(shuffle_pair):
     dyn, static = shuffle_pair
-    expected = (3 * 8 * 9 + 8 * 8 + 8 * 8) * 16 * 16 + 8 * 4
-    assert model_cost(load(static)).macs == expected
-    assert model_cost(load(dyn)).macs == expected  # was 3,744: the 1x1 convs' outputs counted as 1x1
+    expected = model_cost(load(static)).macs
+    m = load(dyn)
+    assert model_cost(m).macs == expected  # was about half: the convs after a shuffle counted as 1x1 outputs
+    from pipeline.graph.shapes import unknown_conv_outputs
+
+    assert not unknown_conv_outputs(m)
 
 
 def _fully_dynamic(src, dst, *, keep_meta: bool):
@@ -299,6 +285,8 @@ def test_grey_digits_are_refused_for_an_rgb_model(zoo_dir, tmp_path, capsys):
 
 
 def test_data_of_another_size_is_resized_with_a_warning(zoo_dir, tmp_path):
+    from pipeline.errors import CarveWarning
+
     m = load(zoo_dir / "resnet20.onnx")
     small = tmp_path / "small.npz"
     np.savez(small, images=np.zeros((4, 16, 16, 3), np.uint8))
