@@ -210,7 +210,7 @@ def test_staging_of_a_live_process_is_left_alone(tmp_path, tiny_resnet_onnx):
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
-def test_written_files_respect_the_umask(tmp_path, tiny_resnet_onnx, umask):
+def test_written_files_respect_the_umask(tmp_path, tiny_resnet_onnx, digits_rgb, umask):
     old = os.umask(umask)
     try:
         m = load(tiny_resnet_onnx)
@@ -219,13 +219,13 @@ def test_written_files_respect_the_umask(tmp_path, tiny_resnet_onnx, umask):
         rep = tmp_path / "r.json"
         rep.write_text(json.dumps({"schema_version": 1, "kind": "carve.eval", "accuracy": {"samples": 3}}))
         assert main(["report", str(rep), "-o", str(tmp_path / "r.md")]) == 0
-        assert main(
-            ["eval", str(tmp_path / "a.onnx"), "--data", "digits", "--samples", "4", "-o", str(tmp_path / "e.json")]
-        )
+        data = str(digits_rgb["test"])
+        args = ["eval", str(tmp_path / "a.onnx"), "--data", data, "--samples", "4", "-o", str(tmp_path / "e.json")]
+        assert main(args) == 0
     finally:
         os.umask(old)
     want = 0o666 & ~umask
-    for name in ("a.onnx", "b.onnx", "b.onnx.data", "r.md"):
+    for name in ("a.onnx", "b.onnx", "b.onnx.data", "r.md", "e.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == want, name
 
 
