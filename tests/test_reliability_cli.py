@@ -396,3 +396,23 @@ def test_recipe_data_under_the_shared_folder(lenet, tmp_path, monkeypatch, capsy
 def test_example_recipes_name_shared_data_portably():
     for recipe in (REPO / "examples").glob("*.yaml"):
         assert "../shared" not in recipe.read_text(), recipe.name
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--crop-pad", "-1"], ["--kd", "nan"], ["--ce", "-1"], ["--momentum", "-0.5"], ["--feature-weight", "inf"]],
+)
+def test_finetune_refuses_out_of_range_options(lenet, tmp_path, flags, capsys):
+    out = tmp_path / "f.onnx"
+    rc, _, err = run(["finetune", str(lenet), "-o", str(out), "--data", "digits", "--steps", "1", *flags], capsys)
+    assert rc == 1 and flags[0] in one_error(err, rc) and not out.exists()
+
+
+def test_finetune_never_writes_over_its_teacher_or_data(lenet, tmp_path, capsys):
+    data = tmp_path / "d.npz"
+    np.savez(data, images=np.zeros((4, 32, 32), np.uint8), labels=np.arange(4))
+    before = data.read_bytes(), lenet.read_bytes()
+    for out in (lenet, data):
+        rc, _, err = run(["finetune", str(lenet), "-o", str(out), "--data", str(data), "--teacher", str(lenet)], capsys)
+        assert rc == 1 and "never overwrites its input" in one_error(err, rc)
+    assert (data.read_bytes(), lenet.read_bytes()) == before

@@ -153,6 +153,14 @@ def test_static_batch_model_is_evaluated_on_every_sample(static_tiny, rgb_npz, c
     assert json.loads(capsys.readouterr().out)["accuracy"]["samples"] == 10  # padded, then cut back
 
 
+def test_static_batch_model_is_fine_tuned_and_verified_at_its_batch(static_tiny, rgb_npz, tmp_path, capsys):
+    out = tmp_path / "f.onnx"
+    args = ["finetune", str(static_tiny), "-o", str(out), "--data", str(rgb_npz), "--steps", "2", "--batch", "4"]
+    rc = main([*args, "--no-flip", "--crop-pad", "0", "-q"])
+    assert rc == 0, capsys.readouterr().err  # the ORT write-back check feeds the model exactly its batch of 4
+    onnx_ok(out)
+
+
 def test_bench_never_measures_one_batch_and_labels_it_another(static_tiny, tmp_path, capsys):
     out = tmp_path / "r.json"
     rc = main(["bench", str(static_tiny), str(static_tiny), "--batch", "8", "--rounds", "2", "-o", str(out), "-q"])
