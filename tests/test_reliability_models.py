@@ -301,3 +301,22 @@ def test_data_of_another_size_is_resized_with_a_warning(zoo_dir, tmp_path):
     with pytest.warns(CarveWarning, match="16x16 images are resized to the model's 32x32"):
         data = load_data(small, model=m)
     assert next(data.batches(4))[0].shape == (4, 3, 32, 32)
+
+
+# -- fuzz finding: a flipped bit that leaves a tensor name invalid UTF-8 -----------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["inspect", "prune"])
+def test_a_name_that_is_not_utf8_is_a_damaged_file(tiny_resnet_onnx, tmp_path, command, capsys):
+    proto = onnx.load(tiny_resnet_onnx)
+    data = bytearray(proto.SerializeToString())
+    name = proto.graph.node[0].output[0].encode()
+    k = data.find(name)
+    data[k + 1] = 0xEC  # a lone UTF-8 lead byte: protobuf parses it and hands the name out as bytes
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "out.onnx"
+    args = [command, str(bad)] + (["-o", str(out), "-q"] if command == "prune" else [])
+    assert main(args) == 1 and not out.exists()
+    err = capsys.readouterr().err
+    assert "not valid UTF-8" in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2

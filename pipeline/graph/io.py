@@ -49,6 +49,12 @@ def load(path: str | os.PathLike, *, prepare_graph: bool = True, input_shape: tu
             f"{path}: not a readable ONNX model ({type(exc).__name__}: {first_line(exc)})",
             hint="is the file complete? re-export it or copy it again",
         ) from None
+    bad = _invalid_text(proto)
+    if bad is not None:
+        raise CarveError(
+            f"{path}: not a readable ONNX model (a {bad} field is not valid UTF-8: the file is damaged)",
+            hint="is the file complete? re-export it or copy it again",
+        )
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise CarveError(f"{path}: not an ONNX model (no graph found)", hint="is the file complete and really ONNX?")
     external = _load_external_data(proto, path)
@@ -60,6 +66,27 @@ def load(path: str | os.PathLike, *, prepare_graph: bool = True, input_shape: tu
     if prepare_graph:
         _check_input(model, path)
     return model
+
+
+def _invalid_text(msg) -> str | None:
+    """The name of a string field that is not valid UTF-8, or None. ONNX is proto2, whose parser accepts such bytes
+    (a flipped bit in a tensor name); Python's protobuf then hands them out as ``bytes`` (or raises when reading), which
+    would fail deep inside a pass. Reading every field once here turns that into a one-line error at load."""
+    try:
+        fields = msg.ListFields()
+    except UnicodeDecodeError:
+        return type(msg).__name__
+    for fd, value in fields:
+        values = value if fd.is_repeated else (value,)
+        if fd.type == fd.TYPE_STRING:
+            if any(not isinstance(v, str) for v in values):
+                return f"{type(msg).__name__}.{fd.name}"
+        elif fd.type == fd.TYPE_MESSAGE:
+            for sub in values:
+                bad = _invalid_text(sub)
+                if bad is not None:
+                    return bad
+    return None
 
 
 def _check_input(model: Model, path: Path) -> None:
