@@ -1,9 +1,9 @@
 """Rewrite the README's benchmark tables from the committed JSON under ``benchmarks/``.
 
 Each table sits between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` and is exactly
-``tools/bench_NAME.py``'s (or ``tools/NAME.py``'s) ``markdown(json.load(benchmarks/NAME.json))``; ``<!-- report:NAME -->`` holds
-``carve report``'s rendering of ``benchmarks/NAME.json``. So the README can only show numbers that a committed
-benchmark run produced (``tests/test_readme.py`` checks it).
+``tools/bench_NAME.py``'s (or ``tools/NAME.py``'s) ``markdown(json.load(benchmarks/NAME.json))``;
+``<!-- report:NAME -->`` holds ``carve report``'s rendering of ``benchmarks/NAME.json``. So the README can only show
+numbers that a committed benchmark run produced (``tests/test_readme.py`` checks it).
 
     python tools/update_readme.py            # rewrite README.md in place
     python tools/update_readme.py --check    # exit 1 when a table is stale

@@ -119,8 +119,8 @@ class Recipe:
         return None if self.model.startswith("zoo:") else self.resolve(self.model)
 
     def data_source(self, key: str) -> str | Path | None:
-        """``data.calib`` / ``data.eval`` / ``data.train`` as :func:`pipeline.data.datasets.load_data` takes it: a path resolved
-        against the recipe's folder, or ``digits[:split]`` / ``shared:<path>`` as written."""
+        """``data.calib`` / ``data.eval`` / ``data.train`` as :func:`pipeline.data.datasets.load_data` takes it: a
+        path resolved against the recipe's folder, or ``digits[:split]`` / ``shared:<path>`` as written."""
         v = self.data.get(key)
         if v is None:
             return None

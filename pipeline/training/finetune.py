@@ -431,10 +431,9 @@ def _agreement(net, model: Model, data: Dataset, device: str) -> dict[str, float
     """The written graph in ONNX Runtime against the trained torch module, on a few training images."""
     import torch
 
+    from pipeline.data.batching import first_batch
     from pipeline.runtime.ort import run
     from pipeline.runtime.verify import output_metrics
-
-    from pipeline.data.batching import first_batch
 
     x = first_batch(model, data, 8)  # exactly the model's batch when it is static
     with torch.no_grad():
