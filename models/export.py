@@ -97,6 +97,32 @@ def export(
     return ExportInfo(path, name, "input", (1, *shape), spec.outputs, source, opset_of(proto), fold_bn, exporter, warns)
 
 
+def max_opset(exporter: str) -> int:
+    """The newest opset the exporter writes (torch's TorchScript exporter stops before onnx's newest)."""
+    import onnx.defs
+
+    newest = onnx.defs.onnx_opset_version()
+    if exporter == "torchscript":
+        try:
+            from torch.onnx import _constants
+
+            return min(newest, int(_constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET))
+        except (ImportError, AttributeError):  # pragma: no cover - older or newer torch
+            return min(newest, 20)
+    return newest
+
+
+def check_opset(opset: int, exporter: str) -> None:
+    """Refuse an opset the exporter cannot write before it starts (it would dump its IR and fail)."""
+    top = max_opset(exporter)
+    low = 18 if exporter == "dynamo" else 11
+    if not 11 <= opset <= top:
+        raise CarveError(
+            f"--opset {opset}: the {exporter} exporter writes opsets {low} to {top}",
+            hint=f"use --opset {min(max(opset, low), top)}",
+        )
+
+
 def opset_of(proto: onnx.ModelProto) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
@@ -112,6 +138,7 @@ def to_onnx(
     exporter: str = "torchscript",
 ) -> onnx.ModelProto:
     x = torch.randn(*input_shape)
+    check_opset(opset, exporter)
     if exporter == "torchscript":
         mode = torch.onnx.TrainingMode.EVAL if fold_bn else torch.onnx.TrainingMode.PRESERVE
         axes = {"input": {0: "N"}, **{o: {0: "N"} for o in outputs}} if dynamic_batch else None

@@ -23,6 +23,55 @@ from pipeline.errors import CarveError
 T = TypeVar("T")
 
 
+def bounds(
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: Iterable[Any] | None = None,
+) -> dict[str, Any]:
+    """Field metadata: the values a setting may take (``field(default=1, metadata=bounds(ge=1))``)."""
+    b = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if choices is not None:
+        b["choices"] = tuple(choices)
+    return {"bounds": b}
+
+
+def check_value(value: Any, metadata: Mapping[str, Any], *, where: str) -> None:
+    """``value`` (or each item of a list) within the bounds of a field's metadata, else a CarveError naming
+    ``where``."""
+    b = metadata.get("bounds")
+    if not b or value is None:
+        return
+    for v in value if isinstance(value, list | tuple) else [value]:
+        if "choices" in b and v not in b["choices"]:
+            raise CarveError(f"{where} must be one of {', '.join(map(str, b['choices']))}; got {v!r}")
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            continue
+        for key, ok, text in (
+            ("ge", lambda x, y: x >= y, "at least"),
+            ("gt", lambda x, y: x > y, "above"),
+            ("le", lambda x, y: x <= y, "at most"),
+            ("lt", lambda x, y: x < y, "below"),
+        ):
+            if key in b and not ok(v, b[key]):  # NaN fails every comparison
+                raise CarveError(f"{where} must be {text} {b[key]:g}; got {v!r}")
+
+
+def flag(name: str) -> str:
+    """A field's command-line option (``round_to`` -> ``--round-to``)."""
+    return "--" + name.replace("_", "-")
+
+
+def validate(obj: Any, *, where: Callable[[str], str] | str = flag) -> None:
+    """Every field of the dataclass instance ``obj`` within its bounds; ``where`` names a field in messages (a
+    function of the field name, or a prefix)."""
+    for f in dataclasses.fields(obj):
+        name = where(f.name) if callable(where) else f"{where}: {f.name}"
+        check_value(getattr(obj, f.name), f.metadata, where=name)
+
+
 def field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
@@ -45,9 +94,11 @@ def from_mapping(
     if unknown:
         raise CarveError(f"{where}: unknown key {unknown[0]!r}; valid: {', '.join(sorted(valid))}")
     hints = typing.get_type_hints(cls)
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
     values = dict(defaults or {})
     for key, value in mapping.items():
         values[key] = coerce(value, hints[key], where=f"{where}: {key}")
+        check_value(values[key], meta.get(key, {}), where=f"{where}: {key}")
     return cls(**values)
 
 
@@ -56,7 +107,9 @@ def from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
     names = set(field_names(cls))
     values = {k: v for k, v in vars(args).items() if k in names}
     values.update(overrides)
-    return cls(**values)
+    obj = cls(**values)
+    validate(obj)
+    return obj
 
 
 def options_for(fn: Callable[..., Any], values: Mapping[str, Any] | argparse.Namespace) -> dict[str, Any]:

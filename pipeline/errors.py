@@ -1,11 +1,14 @@
 """User errors versus bugs.
 
 A :class:`CarveError` is a problem with the user's input (a file, a model, an option): its message names the file,
-node or value at fault and says what to do. The CLI prints it on one line and exits 1 without a traceback. Any other
-exception is a bug in carve and is reported as such.
+node or value at fault and says what to do. The CLI prints it (one line, and a hint line where there is something to
+do) and exits 1 without a traceback. Any other exception is a bug in carve and is reported as such (exit 3).
+A :class:`CarveWarning` (:func:`warn`) says something the user should know without stopping the run.
 """
 
 from __future__ import annotations
+
+import warnings
 
 
 class CarveError(Exception):
@@ -26,6 +29,16 @@ class UnsupportedModelError(CarveError):
 
 class MissingDependencyError(CarveError):
     """An optional dependency (torchvision, TensorRT, a GPU) is not available."""
+
+
+class CarveWarning(UserWarning):
+    """Something the user should know that does not stop the run (data resized to fit the model, nothing removed).
+    The CLI prints it as one line, ``carve <command>: warning: ...``, on stderr."""
+
+
+def warn(message: str) -> None:
+    """Tell the user (one line on stderr from the CLI; a :class:`CarveWarning` for API callers)."""
+    warnings.warn(message, CarveWarning, stacklevel=2)
 
 
 def first_line(exc: BaseException) -> str:

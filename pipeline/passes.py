@@ -17,19 +17,20 @@ registered by name (``plugins/passes/``) so recipes and the CLI can find them.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pipeline.data.batching import first_batch
 from pipeline.errors import CarveError
 from pipeline.graph.history import record
 from pipeline.graph.io import save
-from pipeline.graph.model import Model
+from pipeline.graph.model import Model, check_finite, nonfinite_initializers
 from pipeline.graph.shapes import verify_structure
+from pipeline.progress import Progress
 from pipeline.registry import Registry
-from pipeline.runtime.ort import random_feeds
-from pipeline.runtime.verify import output_error
+from pipeline.runtime.ort import random_feeds, run, run_checked
+from pipeline.runtime.verify import nonfinite_outputs, output_metrics
 
 passes: Registry[type[Pass]] = Registry("pass", entry_point_group="carve.passes", builtin_modules=["plugins.passes"])
 
@@ -43,7 +44,7 @@ class PassContext:
     workdir: Path | None = None  # where a pass may write its side outputs (e.g. each step's model)
     seed: int = 0
     command: str | None = None
-    progress: Callable[[str], None] | None = None
+    progress: Progress | None = None  # pipeline.progress: "pass <name>" k of n, and the pass's own stages
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -104,7 +105,8 @@ class Instrument:
 
 
 class NumericCheck(Instrument):
-    """Exact passes must keep outputs (relative error <= ``rtol``); lossy passes get their error measured."""
+    """Exact passes must keep outputs (relative error <= ``rtol``); lossy passes get their error measured. NaN or
+    Inf a pass brings into the weights or the outputs is an error either way."""
 
     def __init__(self, rtol: float = 1e-4, batch: int = 2) -> None:
         self.rtol, self.batch = rtol, batch
@@ -112,12 +114,26 @@ class NumericCheck(Instrument):
     def after(self, p: Pass, model: Model, result: PassResult, ctx: PassContext) -> None:
         if not result.changed:
             return
+        check_finite(result.model, had=nonfinite_initializers(model), what=f"pass {p.name!r}'s result")
         feeds = random_feeds(model, batch=self.batch, seed=ctx.seed)
         if ctx.calib is not None and not p.exact:
-            x, _ = next(ctx.calib.batches(16))
-            feeds = {model.input_names[0]: x}
-        result.error = output_error(model, result.model, feeds)
-        if p.exact and result.error["max_rel"] > self.rtol:
+            feeds = {model.input_names[0]: first_batch(model, ctx.calib, 16)}
+        before = run_checked(model, feeds, what=f"the model before pass {p.name!r}")
+        after = run(result.model, feeds)
+        if nonfinite_outputs(before):
+            inputs = "calibration" if ctx.calib is not None and not p.exact else "random"
+            raise CarveError(
+                f"the model's outputs hold NaN or Inf on {inputs} inputs before pass {p.name!r}: nothing can be "
+                "checked against them",
+                hint="check the model's weights and the calibration data for NaN/Inf",
+            )
+        if nonfinite_outputs(after):
+            raise CarveError(
+                f"pass {p.name!r} made the model's outputs NaN or Inf; nothing was written",
+                hint="check the pass's options and the calibration data",
+            )
+        result.error = output_metrics(before[0], after[0])
+        if p.exact and not result.error["max_rel"] <= self.rtol:
             raise AssertionError(
                 f"exact pass {p.name!r} changed the model's outputs (relative error {result.error['max_rel']:.3g})"
             )
@@ -152,11 +168,11 @@ class PassManager:
     def run(self, model: Model, ctx: PassContext | None = None) -> tuple[Model, list[PassResult]]:
         ctx = ctx or PassContext()
         results = []
-        for p in self.passes:
+        for k, p in enumerate(self.passes):
             for ins in self.instruments:
                 ins.before(p, model, ctx)
             if ctx.progress:
-                ctx.progress(p.name)
+                ctx.progress(f"pass {p.name}", k, len(self.passes))
             result = p(model, ctx)
             for ins in self.instruments:
                 ins.after(p, model, result, ctx)

@@ -103,6 +103,24 @@ def tiny_resnet_onnx(tmp_path_factory) -> Path:
     return export_torch(_tiny_resnet(), tmp_path_factory.mktemp("models") / "tiny_resnet.onnx")
 
 
+@pytest.fixture(scope="session")
+def digits_rgb(tmp_path_factory) -> dict[str, Path]:
+    """scikit-learn's digits as 16x16 RGB images (grey replicated, upscaled 2x), ``train`` and ``test`` .npz files:
+    real labelled data that fits the tiny ResNet's 3x16x16 input (carve refuses grey images for an RGB model)."""
+    import numpy as np
+
+    from pipeline.data.datasets import digits_arrays
+
+    d = tmp_path_factory.mktemp("digits_rgb")
+    out = {}
+    for split in ("train", "test"):
+        images, labels = digits_arrays(split)
+        rgb = np.repeat(np.repeat(np.repeat(images, 3, axis=3), 2, axis=1), 2, axis=2)
+        out[split] = d / f"{split}.npz"
+        np.savez(out[split], images=rgb, labels=labels)
+    return out
+
+
 def zoo_input_size(name: str) -> int | None:
     """Small inputs for the torchvision models keep the tests fast; the others have fixed sizes."""
     import models

@@ -25,7 +25,7 @@ ALLOWED = {
     "cli": {"graph", "runtime", "data", "pruning", "training", "passes", "measure", "models", "flows"},
     "api": {"graph", "pruning", "data"},  # pipeline/__init__.py: the lazy facade of the Python API
 }
-BASE = {"pipeline.errors", "pipeline.version", "pipeline.registry", "pipeline.config"}
+BASE = {"pipeline.errors", "pipeline.version", "pipeline.registry", "pipeline.config", "pipeline.progress"}
 
 
 def layer_of(module: str) -> str | None:

@@ -41,11 +41,12 @@ def test_merge_fold_bn(model, tmp_path, capsys):
     assert not any(n.op_type == "BatchNormalization" for n in onnx.load(out).graph.node)
 
 
-def test_eval_on_digits_with_reference(model, tmp_path, capsys):
+def test_eval_on_digits_with_reference(model, tmp_path, digits_rgb, capsys):
     pruned = tmp_path / "p.onnx"
     assert main(["prune", str(model), "-o", str(pruned), "--ratio", "0.3", "-q"]) == 0
     report = tmp_path / "eval.json"
-    assert main(["eval", str(pruned), "--data", "digits:test", "--reference", str(model), "-o", str(report)]) == 0
+    test = str(digits_rgb["test"])
+    assert main(["eval", str(pruned), "--data", test, "--reference", str(model), "-o", str(report)]) == 0
     doc = json.loads(report.read_text())
     acc = doc["accuracy"]
     assert doc["schema_version"] == 1 and 0 <= acc["top1"] <= 1 and acc["samples"] > 500
@@ -63,9 +64,11 @@ def test_plugins_lists_everything(capsys):
     assert aura["needs"] == ["activations"] and aura["options"]["variant"] == "mi"
 
 
-def test_prune_with_lsq_and_criterion_options(model, tmp_path, capsys):
+def test_prune_with_lsq_and_criterion_options(model, tmp_path, digits_rgb, capsys):
     out = tmp_path / "p.onnx"
-    flags = "--criterion apbm --criterion-opt temperature=0.5 --fuse lsq --calib digits --samples 64 --json"
+    flags = (
+        f"--criterion apbm --criterion-opt temperature=0.5 --fuse lsq --calib {digits_rgb['train']} --samples 64 --json"
+    )
     rc = main(["prune", str(model), "-o", str(out), *flags.split()])
     assert rc == 0
     s = json.loads(capsys.readouterr().out)
@@ -73,11 +76,11 @@ def test_prune_with_lsq_and_criterion_options(model, tmp_path, capsys):
     assert s["calibration"]["samples"] == 64
 
 
-def test_recipe_run_and_thresholds(model, tmp_path, capsys):
+def test_recipe_run_and_thresholds(model, tmp_path, digits_rgb, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "model: m.onnx\noutput: out.onnx\n"
-        "data: {calib: digits, eval: 'digits:test', samples: 64, eval_samples: 100}\n"
+        f"data: {{calib: {digits_rgb['train']}, eval: {digits_rgb['test']}, samples: 64, eval_samples: 100}}\n"
         "passes:\n  - prune: {criterion: l1, target_macs: 0.6, fuse: lsq}\n  - merge: {when: macs}\n"
         "thresholds: {max_macs: 0.6}\n"
     )

@@ -14,7 +14,7 @@ from pipeline.measure.compare import compare
 from pipeline.measure.config import MeasureConfig
 from pipeline.measure.gate import evaluate
 
-QUICK = MeasureConfig(backend="simulated", rounds=8, min_round_ms=10, warmup_ms=50, memory=False, agreement=False)
+QUICK = MeasureConfig(backend="simulated", rounds=10, min_round_ms=10, warmup_ms=50, memory=False, agreement=False)
 
 
 def test_identical_models_pass_twenty_times_out_of_twenty(zoo_dir, tmp_path, simulated_backend):
@@ -46,6 +46,7 @@ def fake(speedups: list[tuple[float, float, float]], batch0: int = 1) -> dict:
                 "precision": "fp32",
                 "batch": batch0 + k,
                 "threads": 1,
+                "rounds": 20,
                 "speedup": {"median": m, "ci_low": lo, "ci_high": hi},
             }
             for k, (m, lo, hi) in enumerate(speedups)

@@ -5,19 +5,23 @@ Each command lives in its own module in this package (``pipeline/cli/<command>.p
 means adding a file. Command modules import heavy dependencies inside their ``run`` function, keeping ``carve --help``
 fast.
 
-Exit codes: 0 success, 1 user error (a :class:`~pipeline.errors.CarveError`, printed without a traceback),
-2 usage error (argparse) or unusable input where a command documents it, 3 internal error (a bug; ``--debug`` shows the
-traceback), 130 interrupted.
+Exit codes: 0 success, 1 user error (a :class:`~pipeline.errors.CarveError`, printed as one line naming the file or
+option, plus a hint line, without a traceback; also a file the system refuses to read or write, and running out of
+memory), 2 usage error (argparse: a malformed or contradictory option) and, for ``carve gate``, a report too thin or
+malformed to decide, 3 internal error (a bug; ``--debug`` shows the traceback), 130 interrupted. Warnings
+(:class:`~pipeline.errors.CarveWarning`) are one line each on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import pkgutil
 import sys
+import warnings
 
-from pipeline.errors import CarveError
+from pipeline.errors import CarveError, CarveWarning
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,26 +46,64 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        rc = args.func(args)
-        return int(rc or 0)
-    except CarveError as exc:
-        print(f"carve {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"carve {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
-    except Exception as exc:  # a bug in carve, not the user's fault
-        if args.debug:
-            raise
-        print(
-            f"carve {args.command}: internal error: {type(exc).__name__}: {exc}\n"
-            "  this is a bug in carve; rerun with `carve --debug ...` for the traceback and report it",
-            file=sys.stderr,
-        )
-        return 3
+    prog = f"carve {args.command}"
+    with _warnings_as_lines(prog):
+        try:
+            rc = args.func(args)
+            return int(rc or 0)
+        except CarveError as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:
+            return 0
+        except MemoryError:
+            print(f"{prog}: error: out of memory", file=sys.stderr)
+            print("  hint: use a smaller --batch / --samples, or a machine with more memory", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            if args.debug or exc.filename is None:
+                if args.debug:
+                    raise
+                return _internal(prog, exc)
+            # the system refused a file the user named (permissions, a full disk, a folder in the way)
+            print(f"{prog}: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        except Exception as exc:  # a bug in carve, not the user's fault
+            if args.debug:
+                raise
+            if "bad_alloc" in str(exc):  # std::bad_alloc from ONNX Runtime or torch: out of memory
+                print(f"{prog}: error: out of memory ({type(exc).__name__}: std::bad_alloc)", file=sys.stderr)
+                print("  hint: use a smaller --batch / --samples, or a machine with more memory", file=sys.stderr)
+                return 1
+            return _internal(prog, exc)
+
+
+def _internal(prog: str, exc: BaseException) -> int:
+    text = str(exc).strip()
+    print(
+        f"{prog}: internal error: {type(exc).__name__}: {text.splitlines()[0] if text else ''}\n"
+        "  this is a bug in carve; rerun with `carve --debug ...` for the traceback and report it",
+        file=sys.stderr,
+    )
+    return 3
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(prog: str):
+    """carve's own warnings as one line each on stderr; other libraries' warnings are not the user's business."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CarveWarning):
+            print(f"{prog}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("always", CarveWarning)
+        warnings.showwarning = show
+        yield
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,8 +10,12 @@ from pipeline.errors import CarveError
 
 
 def command_line() -> str:
-    """The command as the user typed it (recorded in the metadata of every model carve writes)."""
-    return " ".join(["carve", *map(shlex.quote, sys.argv[1:])])
+    """The command as the user typed it (recorded in the metadata of every model carve writes). Arguments that are
+    not valid UTF-8 (file names are bytes) are recorded with backslash escapes."""
+    import os
+
+    args = [os.fsencode(a).decode("utf-8", "backslashreplace") for a in sys.argv[1:]]
+    return " ".join(["carve", *map(shlex.quote, args)])
 
 
 def fraction(text: str) -> float:
@@ -36,6 +40,47 @@ def fraction_keep(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (NaN, Inf and negative values are refused)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be above 0: {text!r}")
+    return value
+
+
+def input_shape(text: str) -> tuple[int, ...]:
+    """``3x224x224`` (channels x height x width; the batch stays as the model declares it) or ``1x3x224x224``."""
+    try:
+        dims = tuple(int(v) for v in text.lower().replace("*", "x").split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 3x224x224, got {text!r}") from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"expected positive sizes like 3x224x224, got {text!r}")
+    return dims
+
+
+def add_input_shape_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input-shape",
+        type=input_shape,
+        metavar="CxHxW",
+        help="the input size to analyse the model at when its input dimensions are dynamic (e.g. 3x224x224)",
+    )
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -54,6 +99,8 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from None
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers: {text!r}")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"a value is repeated: {text!r}")
     return values
 
 
@@ -130,10 +177,15 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
 
 
 def _floats(text: str) -> tuple[float, ...]:
+    import math
+
     try:
-        return tuple(float(v) for v in text.split(","))
+        values = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers: {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers: {text!r}")
+    return values
 
 
 def load_calib(args: argparse.Namespace, model, *, required: bool | str):
@@ -151,6 +203,8 @@ def load_calib(args: argparse.Namespace, model, *, required: bool | str):
     if args.mean:
         pre.mean = args.mean
     if args.std:
+        if any(v <= 0 for v in args.std):
+            raise CarveError(f"--std {','.join(map(str, args.std))}: every std must be above 0")
         pre.std = args.std
     data = load_data(args.calib, model=model, preprocess=pre, samples=args.samples, seed=args.seed)
     if args.labels and data.labels is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli._common import int_list, positive_int
+from pipeline.cli._common import int_list, non_negative_float, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,8 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--cuda-graphs", action="store_true", help="capture runs in CUDA graphs (trt, torch-cuda)")
     p.add_argument("--rounds", type=positive_int, default=20, help="interleaved rounds (default 20)")
-    p.add_argument("--min-round-ms", type=float, default=50.0, help="minimum time of one model's round (default 50)")
-    p.add_argument("--warmup-ms", type=float, default=300.0)
+    p.add_argument(
+        "--min-round-ms", type=non_negative_float, default=50.0, help="minimum time of one model's round (default 50)"
+    )
+    p.add_argument("--warmup-ms", type=non_negative_float, default=300.0)
     p.add_argument("--isolate", action="store_true", help="run each model in its own process")
     p.add_argument(
         "--spinning",
@@ -42,9 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
 
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from pipeline.cli._common import command_line, console, emit_json
+    from pipeline.cli._progress import show_progress
     from pipeline.config import from_args
     from pipeline.graph import check_output_path
     from pipeline.measure.backends import get
@@ -53,22 +54,12 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.measure.report import render_agreement, render_results
 
     if args.output:
-        check_output_path(args.output, args.a, args.b)
+        check_output_path(args.output, args.a, args.b, args.data)
     get(args.backend).require()
     cfg = from_args(MeasureConfig, args)
     con = console(args.quiet or args.json)
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=con,
-        transient=True,
-        disable=args.quiet or args.json,
-    ) as bar:
-        task = bar.add_task("building engines")
-        report = compare(
-            args.a, args.b, cfg, command=command_line(), progress=lambda msg: bar.update(task, description=msg)
-        )
+    with show_progress("carve bench", con, quiet=args.quiet or args.json) as progress:
+        report = compare(args.a, args.b, cfg, command=command_line(), progress=progress)
     if emit_json(args, report):
         return 0
     for line in render_results(report):

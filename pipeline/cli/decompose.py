@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli._common import add_calib_args, fraction_keep, positive_int
+from pipeline.cli._common import add_calib_args, add_input_shape_arg, fraction_keep, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     add_calib_args(p)
+    add_input_shape_arg(p)
     p.add_argument("-v", "--verbose", action="store_true", help="print every layer's decision")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.passes import get, passes
 
     p = get("decompose", **options_for(passes.get("decompose"), args))
-    check_output_path(args.output, args.model)
-    model = load(args.model)
+    check_output_path(args.output, args.model, args.calib)
+    model = load(args.model, input_shape=args.input_shape)
     calib = load_calib(args, model, required="--error" if args.error is not None else False)
     return run_pass(args, [p], model=model, calib=calib)

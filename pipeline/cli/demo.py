@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     import models
     from pipeline.cli._common import command_line, console
     from pipeline.data.datasets import load_data
+    from pipeline.errors import CarveError
     from pipeline.graph import atomic_write, load, save
     from pipeline.graph.channels import analyse
     from pipeline.graph.cost import model_cost
@@ -40,7 +41,12 @@ def run(args: argparse.Namespace) -> int:
 
     con = console()
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise CarveError(f"--out-dir {out}: is a file, not a folder", hint="give a folder for the demo's files")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CarveError(f"--out-dir {out}: cannot create the folder ({exc.strerror or exc})") from None
     con.rule("1. train LeNet-5 on scikit-learn's digits and export it")
     from models.train import lenet5_digits
 

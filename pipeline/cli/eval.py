@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.measure.evaluate import evaluate
 
     if args.output:
-        check_output_path(args.output, args.model, args.reference)
+        check_output_path(args.output, args.model, args.reference, args.data)
     model = load(args.model)
     reference = load(args.reference) if args.reference else None
     data = load_data(

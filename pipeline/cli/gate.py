@@ -24,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.measure.report import load_report
 
     try:
+        if args.summary:
+            check_summary(args.summary, args.report, args.baseline)
         report = load_report(args.report)
         baseline = load_report(args.baseline) if args.baseline else None
         result = evaluate(
@@ -39,6 +41,30 @@ def run(args: argparse.Namespace) -> int:
     md = result.markdown()
     print(md)
     if args.summary:
-        with open(args.summary, "a") as f:
-            f.write(md + "\n")
+        try:
+            with open(args.summary, "a") as f:
+                f.write(md + "\n")
+        except OSError as exc:
+            print(f"carve gate: unusable input: --summary {args.summary}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     return 0 if result.passed else 1
+
+
+def check_summary(summary: str, *inputs: str | None) -> None:
+    """The summary is appended to: its folder must exist, and it must not be the report or the baseline."""
+    import os
+    from pathlib import Path
+
+    from pipeline.errors import CarveError
+
+    s = Path(summary)
+    if not s.resolve().parent.is_dir():
+        raise CarveError(f"--summary {summary}: the folder {s.resolve().parent} does not exist")
+    if s.is_dir():
+        raise CarveError(f"--summary {summary}: is a folder; give a file to append the summary to")
+    for inp in inputs:
+        if inp is None:
+            continue
+        p = Path(inp)
+        if s.resolve() == p.resolve() or (s.exists() and p.exists() and os.path.samefile(s, p)):
+            raise CarveError(f"--summary {summary}: is the report {inp}; the summary would corrupt it")

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
+from pipeline.cli._common import add_input_shape_arg
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="show layers, channel groups and what can be pruned", description=__doc__)
     p.add_argument("model", help="ONNX file")
     p.add_argument("--groups", action="store_true", help="also list the coupled channel groups")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_input_shape_arg(p)
     p.set_defaults(func=run)
 
 
@@ -25,12 +28,21 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from pipeline.cli._common import console
+    from pipeline.errors import warn
     from pipeline.graph import load
     from pipeline.graph.channels import analyse
     from pipeline.graph.overview import overview
+    from pipeline.graph.shapes import unknown_conv_outputs
 
-    model = load(args.model)
+    model = load(args.model, input_shape=args.input_shape)
     info = overview(model, analyse(model))
+    unknown = unknown_conv_outputs(model)
+    info["summary"]["unknown_output_sizes"] = unknown
+    if unknown:
+        warn(
+            f"{args.model}: the output size of {len(unknown)} layer(s) is unknown (first: {unknown[0]!r}): their MACs "
+            "are not counted; give the input size with --input-shape CxHxW"
+        )
     if args.json:
         print(json.dumps({"model": args.model, **info}, indent=1))
         return 0

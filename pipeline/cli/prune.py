@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.cli._common import KeyValues, add_calib_args, fraction, fraction_keep, positive_int
+from pipeline.cli._common import (
+    KeyValues,
+    add_calib_args,
+    add_input_shape_arg,
+    fraction,
+    fraction_keep,
+    non_negative_float,
+    positive_int,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -13,16 +21,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="ONNX file to prune (never modified)")
     p.add_argument("-o", "--output", required=True, help="where to write the pruned ONNX file")
     how = p.add_argument_group("how much")
-    how.add_argument(
+    amount = how.add_mutually_exclusive_group()  # one way to say how much: a ratio or a target, never both
+    amount.add_argument(
         "--ratio", type=fraction, default=0.5, help="fraction of each group's channels to remove (0.5, 30%%)"
     )
-    how.add_argument(
+    amount.add_argument(
         "--target-macs",
         type=fraction_keep,
         metavar="F",
         help="instead of --ratio: keep this fraction of the MACs (the ratio is found by bisection)",
     )
-    how.add_argument(
+    amount.add_argument(
         "--target-params",
         type=fraction_keep,
         metavar="F",
@@ -83,10 +92,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=["bias", "bn"],
         help="bias: correct consumer biases for the mean shift; bn: re-estimate BatchNorm statistics",
     )
-    rep.add_argument("--ridge", type=float, default=1e-3, help="ridge strength of the lsq refit (relative)")
+    rep.add_argument(
+        "--ridge", type=non_negative_float, default=1e-3, help="ridge strength of the lsq refit (relative, >= 0)"
+    )
     rep.add_argument(
         "--fuse-gate",
-        type=float,
+        type=non_negative_float,
         default=1e-3,
         help="largest relative residual for exact fusion (1e-3 = practically exact multiples)",
     )
@@ -96,6 +107,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="skip the ONNX Runtime check that the result equals its (repaired) reference",
     )
+    add_input_shape_arg(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=run)
@@ -103,30 +115,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.cli._common import command_line, console, load_calib
+    from pipeline.cli._progress import show_progress
     from pipeline.config import from_args
     from pipeline.flows.prune import prune_file
     from pipeline.graph import check_output_path, load
-    from pipeline.pruning.prune import PruneOptions
+    from pipeline.pruning.prune import PruneOptions, describe_amount
 
-    check_output_path(args.output, args.model)
+    check_output_path(args.output, args.model, args.calib)
     opts = from_args(PruneOptions, args)
-    model = load(args.model)
+    model = load(args.model, input_shape=args.input_shape)
     calib = load_calib(args, model, required=opts.data_needed() or False)
     con = console(args.quiet or args.json)
-    with con.status("pruning...", spinner="dots"):
-        summary = prune_file(model, args.output, opts, calib=calib, command=command_line())
+    with show_progress("carve prune", con, quiet=args.quiet or args.json) as progress:
+        summary = prune_file(model, args.output, opts, calib=calib, command=command_line(), progress=progress)
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
     pr = summary["params_after"] / summary["params_before"]
     mr = summary["macs_after"] / summary["macs_before"]
-    how = f"ratio {summary['options']['ratio']:.3g}"
-    target = args.target_macs or args.target_params
-    if target:
-        how += f" found for target {'MACs' if args.target_macs else 'params'} {target:g}"
     con.print(
         f"removed {summary['channels_removed']}/{summary['channels_before']} output channels "
-        f"({summary['criterion']}, {summary['allocator']} {how}, round-to {args.round_to})"
+        f"({describe_amount(summary)}, round-to {args.round_to})"
     )
     con.print(
         f"params {summary['params_before']:,} -> {summary['params_after']:,} ({pr:.1%}); "

@@ -17,9 +17,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.graph import atomic_write
+    from pipeline.graph import atomic_write, check_output_path
     from pipeline.measure.report import load_report, merge, plots, to_markdown
 
+    if args.output:
+        check_output_path(args.output, *args.reports)
+    if args.plots:
+        check_plot_dir(args.plots, args.reports, args.output)
     docs = [load_report(p) for p in args.reports]
     if len(docs) > 1 and any(d.get("kind") == "carve.sweep" for d in docs):
         from pipeline.errors import CarveError
@@ -31,9 +35,27 @@ def run(args: argparse.Namespace) -> int:
         written = plots(doc, args.plots)
         md += "\n" + "\n".join(f"![{p.stem}]({p})" for p in written) + "\n"
     if args.output:
-        with atomic_write(args.output) as f:
+        with atomic_write(args.output, inputs=args.reports) as f:
             f.write(md)
         print(f"wrote {args.output}")
     else:
         print(md)
     return 0
+
+
+def check_plot_dir(directory: str, reports: list[str], output: str | None) -> None:
+    """--plots names a folder (made when missing); never a file, and the plots never land on an input."""
+    from pathlib import Path
+
+    from pipeline.errors import CarveError
+    from pipeline.graph import check_output_path
+
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise CarveError(f"--plots {directory}: is a file, not a folder", hint="give a folder for the PNG plots")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CarveError(f"--plots {directory}: cannot create the folder ({exc.strerror or exc})") from None
+    for name in ("latency.png", "speedup.png"):
+        check_output_path(d / name, *reports, output)

@@ -29,45 +29,53 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.progress import Progress
-
     from pipeline.cli._common import command_line, console
+    from pipeline.cli._progress import show_progress
+    from pipeline.errors import CarveError
     from pipeline.flows.recipe import bench_recipe, check_thresholds, load_recipe, run_recipe
     from pipeline.graph import atomic_write, check_output_path, save
 
     recipe = load_recipe(args.recipe)
-    if args.out_dir:
+    if args.out_dir:  # outputs only under --out-dir
         recipe.output = Path(args.out_dir) / recipe.output.name
         recipe.report = Path(args.out_dir) / recipe.report.name if recipe.report else None
     report_path = Path(args.report) if args.report else recipe.report or Path(str(recipe.output) + ".report.json")
+    inputs = recipe.inputs()
+    for out, what in ((recipe.output, "the model"), (report_path, "the report")):
+        for inp in inputs:
+            if _same_path(out, inp):
+                raise CarveError(
+                    f"{out}: {what} would overwrite the recipe's input {inp}; carve never overwrites its input",
+                    hint="choose another `output` / `report` (or --report / --out-dir)",
+                )
+    if _same_path(recipe.output, report_path):
+        raise CarveError(
+            f"{report_path}: the report would overwrite the model the recipe writes",
+            hint="give `report` (or --report) another name",
+        )
     # a recipe owns the directories it names for its outputs
     for p in (recipe.output, report_path):
-        p.parent.mkdir(parents=True, exist_ok=True)
-    check_output_path(recipe.output)
-    check_output_path(report_path)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CarveError(f"{p}: cannot create its folder ({exc.strerror or exc})") from None
+    check_output_path(recipe.output, *inputs)
+    check_output_path(report_path, *inputs, recipe.output)
     con = console(args.quiet or args.json)
-    with Progress(console=con, transient=True, disable=args.quiet or args.json) as bar:
-        task = bar.add_task("recipe", total=len(recipe.passes))
-
-        def progress(name: str) -> None:
-            bar.update(task, description=f"pass {name}")
-            bar.advance(task)
-
+    with show_progress("carve run", con, quiet=args.quiet or args.json) as progress:
         original, final, report = run_recipe(
             recipe,
             keep_intermediate=Path(args.keep_intermediate) if args.keep_intermediate else None,
             progress=progress,
             command=command_line(),
         )
-        save(final, recipe.output)
+        save(final, recipe.output, check_inputs=inputs)
         if recipe.bench:
-            bar.update(task, description="measuring original vs final")
-            report.update(
-                bench_recipe(recipe, original, recipe.output, progress=lambda m: bar.update(task, description=m))
-            )
+            progress("measure original vs final")
+            report.update(bench_recipe(recipe, original, recipe.output, progress=progress))
     failures = check_thresholds(recipe, report)
     report["thresholds"] = {"limits": recipe.thresholds, "failures": failures, "passed": not failures}
-    with atomic_write(report_path) as f:
+    with atomic_write(report_path, inputs=[*inputs, recipe.output]) as f:
         json.dump(report, f, indent=1, default=str)
     if args.json:
         print(json.dumps(report, indent=1, default=str))
@@ -96,3 +104,12 @@ def run(args: argparse.Namespace) -> int:
         for msg in failures:
             con.print(f"[red]threshold not met: {msg}[/red]")
     return 1 if failures else 0
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    import os
+
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False

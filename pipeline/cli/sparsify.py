@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.graph import check_output_path, load
     from pipeline.passes import get, passes
 
-    check_output_path(args.output, args.model)
+    check_output_path(args.output, args.model, args.calib)
     model = load(args.model)
     data = load_calib(args, model, required="--criterion cep" if args.criterion == "cep" else False)
     p = get("sparsify", **options_for(passes.get("sparsify"), args))

@@ -8,7 +8,6 @@ merged batch by batch with the numerically stable parallel update (Chan, Golub a
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -16,9 +15,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from pipeline.data.batching import model_batches
 from pipeline.data.datasets import Dataset
 from pipeline.errors import CarveError
 from pipeline.graph.model import Model
+from pipeline.progress import Progress
 from pipeline.runtime.ort import session
 
 
@@ -104,15 +105,17 @@ def capture(
     *,
     batch_size: int = 64,
     threads: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> None:
-    """Run the model over ``data`` and feed every batch of the tensors ``names`` to the reducers."""
+    """Run the model over ``data`` and feed every batch of the tensors ``names`` to the reducers; ``progress`` hears
+    ``capture: images`` with the count so far."""
 
     reducers = reducers if isinstance(reducers, list) else [reducers]
     proto = with_outputs(model, names)
     sess = session(proto, threads=threads or 2)
     input_name = model.input_names[0]
-    for x, y in data.batches(batch_size):
+    seen = 0
+    for x, y, _ in model_batches(model, data, batch_size):
         outs = dict(zip(names, sess.run(names, {input_name: x})))
         for r in reducers:
             if hasattr(r, "update_batch"):
@@ -120,15 +123,18 @@ def capture(
             else:
                 for n, v in outs.items():
                     r.update(n, v, y)
+        seen += len(x)
         if progress:
-            progress(len(x))
+            progress("capture: images", seen, len(data))
 
 
 def predict(
     model: Model | onnx.ModelProto, data: Dataset, *, batch_size: int = 128, threads: int | None = None
 ) -> np.ndarray:
-    """The model's first output over the whole dataset (N x classes)."""
+    """The model's first output over the whole dataset (N x classes); a static-batch model runs in chunks of its
+    batch, the last one padded and cut back (:mod:`pipeline.data.batching`)."""
 
     sess = session(model, threads=threads or 2)
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x})[0] for x, _ in data.batches(batch_size)])
+    outs = [sess.run(None, {name: x})[0][:n] for x, _, n in model_batches(model, data, batch_size, pad_last=True)]
+    return np.concatenate(outs)

@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from pipeline.data.batching import model_batches
 from pipeline.data.capture import with_outputs
 from pipeline.data.datasets import Dataset
 from pipeline.errors import CarveError
@@ -214,7 +215,8 @@ def run_stream(
     index = {n.name: k for k, n in enumerate(nodes)}
     target_set = set(targets)
     todo = [n for n in nodes if n.name in target_set]
-    batches = [x for x, _ in data.batches(batch_size)]  # preprocessed once, shared by both models
+    # preprocessed once, shared by both models; in chunks of a static batch when the model has one
+    batches = [x for x, _, _ in model_batches(working, data, batch_size)]
     wstream = _Stream(working, batches)
     ostream = _Stream(original, batches) if work.needs_original else None
     from_original = {n.name: work.original_tensors(n) for n in todo} if ostream else {}
@@ -284,6 +286,7 @@ def run_levels(
 ) -> list[str]:
     """Compensate ``targets`` in ``working`` level by level (see the module docstring). Returns the report lines."""
     groups = levels(working, targets)
+    total = sum(len(g) for g in groups)
     details: list[str] = []
     x_name = working.input_names[0]
     done = 0
@@ -293,7 +296,7 @@ def run_levels(
         orig_names = sorted({t for n in group for t in work.original_tensors(n)}) if work.needs_original else []
         work_sess = session(with_outputs(working, work_names, only=True), threads=1)
         orig_sess = session(with_outputs(original, orig_names, only=True), threads=1) if orig_names else None
-        for b, (x, _) in enumerate(data.batches(batch_size)):
+        for b, (x, _, _) in enumerate(model_batches(working, data, batch_size)):
             orig = dict(zip(orig_names, orig_sess.run(orig_names, {x_name: x}))) if orig_sess else {}
             cur = dict(zip(work_names, work_sess.run(work_names, {x_name: x})))
             for n in group:
@@ -306,5 +309,5 @@ def run_levels(
                 details.append(line)
         done += len(group)
         if progress:
-            progress(done, len(targets))
+            progress(done, total)
     return details

@@ -6,7 +6,13 @@ Sources (:func:`load_data`):
   with images only; NHWC or NCHW, uint8 (scaled to [0, 1]) or float;
 * a folder of images with one sub-folder per class (read with Pillow);
 * ``digits``, ``digits:train`` or ``digits:test``: scikit-learn's ``load_digits`` (1,797 real 8x8 handwritten digits,
-  shipped inside scikit-learn, so it works on a fresh clone without any download), resized to the model's input.
+  shipped inside scikit-learn, so it works on a fresh clone without any download), resized to the model's input;
+* ``shared:<path>``: a file under the shared data folder (``$CARVE_SHARED``, else ``../shared`` beside the checkout),
+  e.g. ``shared:data/cifar10/test.npz``, so recipes need no machine-specific path.
+
+Data given for a model must fit it: images whose channel count differs from the model's input are refused (carve does
+not invent or drop colour channels: 8x8 grey digits are not CIFAR images), images of another size are resized with a
+warning (``digits`` is documented to be resized: no warning), and NaN or Inf values are refused.
 
 Preprocessing is a small spec (:class:`Preprocess`: resize, scale, mean/std, channels) saved into reports. Its default
 comes from the model's ``carve.preprocess`` metadata (written by ``carve export``) and its input shape. Sampling is
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import CarveError
+from pipeline.errors import CarveError, warn
 from pipeline.graph.model import Model
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -210,6 +216,14 @@ def load_data(
     """Load a data source (see the module docstring), with preprocessing defaults from ``model``."""
     pre = preprocess or Preprocess.for_model(model)
     text = str(source)
+    if text.startswith("shared:"):
+        from pipeline.data.shared import missing_reason, shared_file
+
+        parts = [p for p in text[len("shared:") :].split("/") if p]
+        found = shared_file(*parts)
+        if found is None:
+            raise CarveError(f"{text}: {missing_reason(*parts)}", hint="set $CARVE_SHARED to the shared data folder")
+        source, text = found, str(found)
     if text == "digits" or text.startswith("digits:"):
         split = text.split(":", 1)[1] if ":" in text else "all"
         images, labels = digits_arrays(split, seed=0)
@@ -231,7 +245,39 @@ def load_data(
             raise CarveError(f"{path}: unknown data format {path.suffix!r}", hint="use .npz, .npy or a folder")
     if len(ds) == 0:
         raise CarveError(f"{source}: holds no images")
+    _check_values(ds, text)
+    if model is not None:
+        _check_fit(ds, pre, text, builtin=text == "digits" or text.startswith("digits:"))
     return ds.sample(samples, seed)
+
+
+def _geometry(images: np.ndarray) -> tuple[int, tuple[int, int]]:
+    """(channels, (H, W)) of stored images, in the layouts :meth:`Preprocess.apply` reads."""
+    x = _to_nchw(images[:1])
+    return int(x.shape[1]), (int(x.shape[2]), int(x.shape[3]))
+
+
+def _check_values(ds: Dataset, where: str) -> None:
+    if not np.issubdtype(ds.images.dtype, np.number) or np.issubdtype(ds.images.dtype, np.complexfloating):
+        raise CarveError(f"{where}: images must be numbers (uint8 or float), not {ds.images.dtype}")
+    if np.issubdtype(ds.images.dtype, np.floating) and not np.isfinite(ds.images).all():
+        bad = int((~np.isfinite(ds.images)).reshape(len(ds.images), -1).any(axis=1).sum())
+        raise CarveError(
+            f"{where}: {bad} image(s) hold NaN or Inf values", hint="clean the data (carve never feeds them)"
+        )
+
+
+def _check_fit(ds: Dataset, pre: Preprocess, where: str, *, builtin: bool) -> None:
+    """The data fits the model: the same channel count; another size is resized, and said so."""
+    channels, size = _geometry(ds.images)
+    if pre.channels is not None and channels != pre.channels:
+        raise CarveError(
+            f"{where}: {channels}-channel {size[0]}x{size[1]} images do not fit the model's "
+            f"{pre.channels}-channel input",
+            hint=f"give {pre.channels}-channel images (carve does not invent or drop colour channels)",
+        )
+    if pre.size is not None and tuple(size) != tuple(pre.size) and not builtin:
+        warn(f"{where}: {size[0]}x{size[1]} images are resized to the model's {pre.size[0]}x{pre.size[1]} input")
 
 
 def _np_load(path: Path):

@@ -14,9 +14,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.data.batching import model_batches
 from pipeline.data.datasets import Dataset
 from pipeline.errors import CarveError
 from pipeline.graph import Model
+
+
+def check_labels(data: Dataset, labels: np.ndarray, classes: int) -> None:
+    """Labels are class indices of the model's output: 0 <= label < classes (a CarveError naming the data)."""
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise CarveError(
+            f"{data.name}: labels range from {int(labels.min())} to {int(labels.max())}, but the model's first output "
+            f"has {classes} classes",
+            hint="give data labelled for this model's classes",
+        )
 
 
 @dataclass
@@ -57,10 +68,11 @@ def weight_gradients(
         torch.set_num_threads(threads)
     total_loss, batches, samples = 0.0, 0, 0
     try:
-        for x, y in data.batches(batch_size):
+        for x, y, _ in model_batches(model, data, batch_size):
             tg.zero_grad(set_to_none=True)
             out = tg(torch.from_numpy(x))
             logits = out[0] if isinstance(out, tuple) else out
+            check_labels(data, y, logits.reshape(len(x), -1).shape[1])
             loss = F.cross_entropy(logits.reshape(len(x), -1), torch.from_numpy(y))
             loss.backward()
             with torch.no_grad():

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipeline.graph.io import save
 from pipeline.graph.model import Model
+from pipeline.progress import Progress
 from pipeline.pruning.prune import PruneOptions, prune_model
 
 
@@ -19,7 +19,7 @@ def prune_file(
     *,
     calib: Any = None,
     command: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict:
     """Prune ``model`` (loaded from its file; changed in place) and save the result to ``output``."""
     pruned, summary = prune_model(model, opts, calib=calib, command=command, inplace=True, progress=progress)

@@ -22,19 +22,22 @@
       max_macs: 0.6
       max_slowdown: 5%
 
-Paths are relative to the recipe file. Unknown keys are errors that name the key, so typos do not pass silently.
+Paths are relative to the recipe file (whatever the current folder); ``shared:data/cifar10/test.npz`` is a file under
+``$CARVE_SHARED`` (or ``../shared``). ``carve run --out-dir DIR`` writes the model and the report into DIR only.
+Unknown keys, values of the wrong type and values out of range are errors that name the key, so typos do not pass
+silently.
 """
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline.config import from_mapping
+from pipeline.config import bounds, field_names, from_mapping
 from pipeline.data.datasets import Preprocess, load_data
 from pipeline.errors import CarveError
 from pipeline.graph import check_output_path, load, save
@@ -44,10 +47,54 @@ from pipeline.measure.compare import compare
 from pipeline.measure.config import MeasureConfig
 from pipeline.measure.evaluate import evaluate
 from pipeline.passes import Dump, NumericCheck, PassContext, PassManager, Timing, get, record_pass
+from pipeline.runtime.ort import check_runs
 
-TOP_KEYS = {"model", "output", "data", "passes", "bench", "thresholds", "seed", "report", "name"}
-DATA_KEYS = {"calib", "eval", "train", "samples", "eval_samples", "train_samples", "mean", "std"}
-THRESHOLD_KEYS = {"min_top1_agreement", "max_accuracy_drop", "max_macs", "max_params", "max_slowdown", "min_speedup"}
+
+@dataclass
+class RecipeFile:
+    """The top-level keys of a recipe file, as written (validated by :func:`pipeline.config.from_mapping`)."""
+
+    model: str | None = None
+    passes: list[Any] | None = None
+    output: str | None = None
+    data: dict[str, Any] | None = None
+    bench: dict[str, Any] | None = None
+    thresholds: dict[str, Any] | None = None
+    seed: int = 0
+    report: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class DataSection:
+    """``data:``: where calibration and evaluation data come from (paths relative to the recipe, ``digits[:split]``
+    or ``shared:<path>`` under ``$CARVE_SHARED``)."""
+
+    calib: str | None = None
+    eval: str | None = None
+    train: str | None = None  # training data of the finetune / gradual passes
+    samples: int = field(default=512, metadata=bounds(ge=1))
+    eval_samples: int | None = field(default=None, metadata=bounds(ge=1))
+    train_samples: int | None = field(default=None, metadata=bounds(ge=1))
+    mean: list[float] | None = None
+    std: list[float] | None = field(default=None, metadata=bounds(gt=0))
+
+
+@dataclass
+class Thresholds:
+    """``thresholds:``: the run fails (exit 1) when one is not met. Fractions may be written ``5%``."""
+
+    min_top1_agreement: float | None = field(default=None, metadata=bounds(ge=0, le=1))
+    max_accuracy_drop: float | None = field(default=None, metadata=bounds(ge=0, le=1))
+    max_macs: float | None = field(default=None, metadata=bounds(ge=0))
+    max_params: float | None = field(default=None, metadata=bounds(ge=0))
+    max_slowdown: float | None = field(default=None, metadata=bounds(ge=0, lt=1))
+    min_speedup: float | None = field(default=None, metadata=bounds(gt=0))
+
+
+TOP_KEYS = set(field_names(RecipeFile))
+DATA_KEYS = set(field_names(DataSection))
+THRESHOLD_KEYS = set(field_names(Thresholds))
 
 
 @dataclass
@@ -67,11 +114,38 @@ class Recipe:
         p = Path(p)
         return p if p.is_absolute() else (self.path.parent / p)
 
+    def model_path(self) -> Path | None:
+        """The model file the recipe reads (None for ``zoo:NAME``)."""
+        return None if self.model.startswith("zoo:") else self.resolve(self.model)
 
-def _percent(v: Any) -> float:
+    def data_source(self, key: str) -> str | Path | None:
+        """``data.calib`` / ``data.eval`` / ``data.train`` as :func:`pipeline.data.datasets.load_data` takes it: a
+        path resolved against the recipe's folder, or ``digits[:split]`` / ``shared:<path>`` as written."""
+        v = self.data.get(key)
+        if v is None:
+            return None
+        v = str(v)
+        return v if v.startswith(("digits", "shared:")) else self.resolve(v)
+
+    def inputs(self) -> list[Path]:
+        """Every file the recipe reads (outputs must not be any of them)."""
+        files = [self.path]
+        if self.model_path() is not None:
+            files.append(self.model_path())
+        for key in ("calib", "eval", "train"):
+            src = self.data_source(key)
+            if isinstance(src, Path):
+                files.append(src)
+        return files
+
+
+def _percent(v: Any) -> Any:
     if isinstance(v, str) and v.strip().endswith("%"):
-        return float(v.strip()[:-1]) / 100
-    return float(v)
+        try:
+            return float(v.strip()[:-1]) / 100
+        except ValueError:
+            return v  # refused by the type check with the key's name
+    return v
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -80,51 +154,47 @@ def load_recipe(path: str | Path) -> Recipe:
         raise CarveError(f"{path}: no such recipe file")
     try:
         doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise CarveError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(doc, dict):
         raise CarveError(f"{path}: a recipe is a mapping with at least `model` and `passes`")
-    unknown = set(doc) - TOP_KEYS
-    if unknown:
-        raise CarveError(f"{path}: unknown key {sorted(unknown)[0]!r}; valid: {', '.join(sorted(TOP_KEYS))}")
+    top = from_mapping(RecipeFile, doc, where=str(path))
     for key in ("model", "passes"):
-        if key not in doc:
+        if getattr(top, key) is None:
             raise CarveError(f"{path}: missing `{key}`")
+    if not isinstance(doc["passes"], list):
+        raise CarveError(f"{path}: passes must be a list of pass names or {{name: {{options}}}}; got {doc['passes']!r}")
     passes = []
-    for k, item in enumerate(doc["passes"] or []):
+    for k, item in enumerate(doc["passes"]):
         if isinstance(item, str):
             item = {item: {}}
         if not isinstance(item, dict) or len(item) != 1:
-            raise CarveError(f"{path}: passes[{k}] must be a pass name or {{name: {{options}}}}")
+            raise CarveError(f"{path}: passes[{k}] must be a pass name or {{name: {{options}}}}; got {item!r}")
         ((name, opts),) = item.items()
+        if opts is not None and not isinstance(opts, dict):
+            raise CarveError(f"{path}: passes[{k}] ({name}): options must be a mapping; got {opts!r}")
         passes.append((str(name), dict(opts or {})))
-    data = dict(doc.get("data") or {})
-    unknown = set(data) - DATA_KEYS
-    if unknown:
-        raise CarveError(f"{path}: unknown data key {sorted(unknown)[0]!r}; valid: {', '.join(sorted(DATA_KEYS))}")
-    thresholds = {k: _percent(v) for k, v in (doc.get("thresholds") or {}).items()}
-    unknown = set(thresholds) - THRESHOLD_KEYS
-    if unknown:
-        raise CarveError(
-            f"{path}: unknown threshold {sorted(unknown)[0]!r}; valid: {', '.join(sorted(THRESHOLD_KEYS))}"
-        )
+    data = from_mapping(DataSection, top.data, where=f"{path}: data")
+    raw_thresholds = top.thresholds or {}
+    limits = from_mapping(Thresholds, {k: _percent(v) for k, v in raw_thresholds.items()}, where=f"{path}: thresholds")
     stem = path.stem
-    output = doc.get("output") or f"{stem}.onnx"
     r = Recipe(
         path=path,
-        model=str(doc["model"]),
-        output=Path(output),
+        model=str(top.model),
+        output=Path(top.output or f"{stem}.onnx"),
         passes=passes,
-        data=data,
-        bench=doc.get("bench"),
-        thresholds=thresholds,
-        seed=int(doc.get("seed", 0)),
-        report=Path(doc["report"]) if doc.get("report") else None,
-        name=str(doc.get("name") or stem),
+        data={k: v for k, v in asdict(data).items() if k in (top.data or {})},
+        bench=top.bench,
+        thresholds={k: v for k, v in asdict(limits).items() if v is not None},
+        seed=top.seed,
+        report=Path(top.report) if top.report else None,
+        name=str(top.name or stem),
     )
     r.output = r.resolve(r.output)
     if r.report is not None:
         r.report = r.resolve(r.report)
+    if r.bench is not None:
+        bench_config(r)  # refused now, before any work, not after the passes ran
     return r
 
 
@@ -137,26 +207,21 @@ def resolve_model(recipe: Recipe, workdir: Path):
         out = workdir / f"{spec[4:]}.onnx"
         models.export(spec[4:], out)
         return load(out)
-    return load(recipe.resolve(spec))
+    return load(recipe.model_path())
 
 
 def run_recipe(recipe: Recipe, *, keep_intermediate: Path | None = None, progress=None, command: str | None = None):
     """Run every pass, evaluate, (optionally) benchmark, check thresholds. Returns (final model, report dict)."""
 
-    check_output_path(recipe.output)
+    check_output_path(recipe.output, *recipe.inputs())
     with tempfile.TemporaryDirectory(prefix="carve-recipe-") as tmp:
         original = resolve_model(recipe, Path(tmp))
     pre = Preprocess.for_model(original)
-    if "mean" in recipe.data:
+    if recipe.data.get("mean") is not None:
         pre.mean = tuple(recipe.data["mean"])
-    if "std" in recipe.data:
+    if recipe.data.get("std") is not None:
         pre.std = tuple(recipe.data["std"])
-
-    def data_source(key: str):
-        v = recipe.data.get(key)
-        if v is None:
-            return None
-        return v if str(v).startswith("digits") else recipe.resolve(v)
+    data_source = recipe.data_source
 
     calib = None
     if data_source("calib") is not None:
@@ -190,6 +255,8 @@ def run_recipe(recipe: Recipe, *, keep_intermediate: Path | None = None, progres
         progress=progress,
     )
     final, results = PassManager(pass_objs, instruments).run(original, ctx)
+    if not any(r.changed for r in results):
+        check_runs(final)  # nothing changed, so nothing was checked: the file written must still run
     for p, r in zip(pass_objs, results):
         record_pass(final, p, r, command)
     c0, c1 = model_cost(original), model_cost(final)
@@ -240,9 +307,9 @@ BENCH_KEYS = {
 }
 
 
-def bench_recipe(recipe: Recipe, original, final_path: Path, progress=None) -> dict:
-    """Measure the original against the final model as the recipe's ``bench`` section says; the report's sections."""
-
+def bench_config(recipe: Recipe) -> MeasureConfig:
+    """The recipe's ``bench`` section as a :class:`MeasureConfig`; refused when a threshold needs more rounds than
+    it measures (the gate's minimum)."""
     cfg = from_mapping(
         MeasureConfig,
         recipe.bench,
@@ -250,6 +317,20 @@ def bench_recipe(recipe: Recipe, original, final_path: Path, progress=None) -> d
         only=BENCH_KEYS,
         defaults={"seed": recipe.seed, "agreement": False},
     )
+    judged = {"max_slowdown", "min_speedup"} & set(recipe.thresholds)
+    if judged and cfg.rounds < gate.MIN_ROUNDS:
+        raise CarveError(
+            f"{recipe.path}: bench: rounds {cfg.rounds} is too few for {sorted(judged)[0]}: the gate needs at least "
+            f"{gate.MIN_ROUNDS} rounds to tell a slow-down from noise",
+            hint=f"set bench: rounds: {gate.MIN_ROUNDS} or more",
+        )
+    return cfg
+
+
+def bench_recipe(recipe: Recipe, original, final_path: Path, progress=None) -> dict:
+    """Measure the original against the final model as the recipe's ``bench`` section says; the report's sections."""
+
+    cfg = bench_config(recipe)
     with tempfile.TemporaryDirectory(prefix="carve-bench-") as tmp:
         orig_path = Path(tmp) / "original.onnx"
         save(original, orig_path)

@@ -73,6 +73,7 @@ def prepare(proto: onnx.ModelProto, source: Path | None = None) -> Model:
     shapes = infer_shapes(proto)
     _annotate_shapes(graph, shapes)
     before = _signature(graph)
+    _quiet_onnxruntime()  # graphsurgeon folds with ONNX Runtime, whose warnings would reach the user's terminal
     graph.fold_constants(fold_shapes=True, should_exclude_node=_keep_unfolded, error_ok=True)
     graph.cleanup(remove_unused_graph_inputs=False)
     if _signature(graph) != before:  # something was folded or removed
@@ -190,6 +191,15 @@ def _annotate_shapes(graph: gs.Graph, shapes) -> None:
     for name, t in graph.tensors().items():
         if isinstance(t, gs.Variable) and t.shape is None and name in shapes:
             t.shape = [d if d is not None else f"{name}_{k}" for k, d in enumerate(shapes[name])]
+
+
+def _quiet_onnxruntime() -> None:
+    try:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+        pass
 
 
 def _signature(graph: gs.Graph) -> tuple[int, int]:

@@ -1,15 +1,23 @@
-"""Reading and writing ONNX files: external data, corrupt input caught early, atomic writes that never touch the
-model's own input files.
+"""Reading and writing ONNX files: external data, corrupt input caught early, atomic writes that never touch a file
+an input reads.
 
-:func:`load` reads a file (with its external data, which must lie inside the model's folder) and prepares it for
-analysis (:func:`pipeline.graph.canonical.prepare`). :func:`save` writes atomically (a private staging folder next to
-the target, then a rename), keeps external data external, and refuses to overwrite an input.
+:func:`load` reads a file (with its external data, which must lie inside the model's folder: checked here, whatever
+onnx's version) and prepares it for analysis (:func:`pipeline.graph.canonical.prepare`). :func:`save` writes atomically
+(a private staging folder next to the target, then a rename), keeps external data external, and refuses an output
+that is, or whose external-data file would be, any file an input reads: the input model and every file its external
+data really lives in (the ``location`` of each tensor, not a guessed ``<name>.data``), through ``..``, symlinks and
+hard links alike. :func:`atomic_write` does the same for reports.
+
+Staging folders and files are named ``.carve-<pid>-*``; one whose process no longer runs (a SIGKILL during a save)
+is removed by the next write into that folder. Every file written gets the mode the umask gives a new file
+(``0o666 & ~umask``), as ``open()`` would.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -20,11 +28,15 @@ import onnx
 
 from pipeline.errors import CarveError, first_line
 from pipeline.graph.canonical import prepare
-from pipeline.graph.model import Model, itemsize, tensor_nbytes
+from pipeline.graph.model import Model, attr, itemsize, tensor_nbytes
+from pipeline.graph.shapes import check
 
 
-def load(path: str | os.PathLike, *, prepare_graph: bool = True) -> Model:
-    """Load an ONNX file (with its external data) and prepare it for analysis. Bad input raises :class:`CarveError`."""
+def load(path: str | os.PathLike, *, prepare_graph: bool = True, input_shape: tuple[int, ...] | None = None) -> Model:
+    """Load an ONNX file (with its external data) and prepare it for analysis. Bad input raises :class:`CarveError`.
+
+    ``input_shape`` (``3x224x224``, or with the batch) completes the first input's open dimensions for analysis; it
+    is recorded as ``carve.input_shape`` metadata, so the files carve writes remember it."""
     path = Path(path)
     if not path.exists():
         raise CarveError(f"{path}: no such file")
@@ -37,13 +49,103 @@ def load(path: str | os.PathLike, *, prepare_graph: bool = True) -> Model:
             f"{path}: not a readable ONNX model ({type(exc).__name__}: {first_line(exc)})",
             hint="is the file complete? re-export it or copy it again",
         ) from None
+    bad = _invalid_text(proto)
+    if bad is not None:
+        raise CarveError(
+            f"{path}: not a readable ONNX model (a {bad} field is not valid UTF-8: the file is damaged)",
+            hint="is the file complete? re-export it or copy it again",
+        )
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise CarveError(f"{path}: not an ONNX model (no graph found)", hint="is the file complete and really ONNX?")
     external = _load_external_data(proto, path)
     _check_tensor_sizes(proto, path)
+    if input_shape is not None:
+        set_input_shape(proto, input_shape, where=str(path))
     model = prepare(proto, source=path) if prepare_graph else Model(proto, path)
     model.external_data = external
+    if prepare_graph:
+        _check_input(model, path)
     return model
+
+
+def _invalid_text(msg) -> str | None:
+    """The name of a string field that is not valid UTF-8, or None. ONNX is proto2, whose parser accepts such bytes
+    (a flipped bit in a tensor name); Python's protobuf then hands them out as ``bytes`` (or raises when reading), which
+    would fail deep inside a pass. Reading every field once here turns that into a one-line error at load."""
+    try:
+        fields = msg.ListFields()
+    except UnicodeDecodeError:
+        return type(msg).__name__
+    for fd, value in fields:
+        values = value if fd.is_repeated else (value,)
+        if fd.type == fd.TYPE_STRING:
+            if any(not isinstance(v, str) for v in values):
+                return f"{type(msg).__name__}.{fd.name}"
+        elif fd.type == fd.TYPE_MESSAGE:
+            for sub in values:
+                bad = _invalid_text(sub)
+                if bad is not None:
+                    return bad
+    return None
+
+
+def _check_input(model: Model, path: Path) -> None:
+    """The prepared model passes the full ONNX checker (strict shape inference): an inconsistent model (an unknown
+    attribute, an input whose size contradicts its first layer's weight) is refused here, in one line, instead of
+    being written back unchecked by a pass that had nothing to change, or failing inside ONNX Runtime later."""
+    try:
+        check(model.proto, full=True)
+    except CarveError as exc:
+        raise CarveError(
+            f"{path}: {exc.message}",
+            hint="the model is inconsistent as it is; check it with onnx.checker.check_model(model, full_check=True)",
+        ) from None
+    for node in model.graph.node:  # what ONNX shape inference does not check: a conv's channels against its input
+        if node.op_type != "Conv" or len(node.input) < 2 or not model.is_const(node.input[1]):
+            continue
+        x, w = model.shape(node.input[0]), model.shape(node.input[1])
+        group = int(attr(node, "group", 1) or 1)
+        if x is not None and len(x) >= 2 and x[1] is not None and w and len(w) >= 2 and x[1] != w[1] * group:
+            raise CarveError(
+                f"{path}: Conv {node.name!r} reads {x[1]} channels, but its weight {list(w)} with group {group} "
+                f"takes {w[1] * group}",
+                hint="the model is inconsistent (its input size or the conv's group does not match the weights)",
+            )
+
+
+def set_input_shape(proto: onnx.ModelProto, dims: tuple[int, ...], *, where: str = "model") -> None:
+    """Record ``dims`` as the first input's size (``carve.input_shape``), checked against what is declared."""
+    import json
+
+    inits = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in inits]
+    if not inputs:
+        raise CarveError(f"{where}: --input-shape: the model has no graph input")
+    vi = inputs[0]
+    declared = [
+        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in vi.type.tensor_type.shape.dim
+    ]
+    given = list(dims)
+    if len(given) == len(declared) - 1:
+        given = [declared[0], *given]  # the batch stays as declared
+    if len(given) != len(declared):
+        raise CarveError(
+            f"{where}: --input-shape {'x'.join(map(str, dims))} has {len(dims)} sizes; input {vi.name!r} has "
+            f"{len(declared)} dimensions (give {len(declared) - 1}, without the batch)"
+        )
+    for ax, (d, g) in enumerate(zip(declared, given)):
+        if d is not None and g is not None and d != g:
+            raise CarveError(
+                f"{where}: --input-shape {'x'.join(map(str, dims))} contradicts input {vi.name!r}, whose dimension "
+                f"{ax} is declared {d}"
+            )
+    meta = {p.key: p for p in proto.metadata_props}
+    value = json.dumps({vi.name: [None, *given[1:]] if declared[0] is None else given})
+    if "carve.input_shape" in meta:
+        meta["carve.input_shape"].value = value
+    else:
+        p = proto.metadata_props.add()
+        p.key, p.value = "carve.input_shape", value
 
 
 def from_proto(proto: onnx.ModelProto, *, prepare_graph: bool = True) -> Model:
@@ -68,6 +170,29 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                     yield from _tensors(sub)
 
 
+def external_locations(proto: onnx.ModelProto) -> list[str]:
+    """The ``location`` of every tensor kept in external data (in order, without repeats)."""
+    locs: dict[str, None] = {}
+    for t in _tensors(proto.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            if loc is not None:
+                locs[loc] = None
+    return list(locs)
+
+
+def _inside(base: Path, loc: str) -> Path | None:
+    """``base / loc`` resolved (symlinks followed) when it lies inside ``base``; None otherwise."""
+    if not loc or os.path.isabs(loc) or Path(loc).drive:
+        return None
+    target = (base / loc).resolve()
+    try:
+        target.relative_to(base)
+    except ValueError:
+        return None
+    return target
+
+
 def _load_external_data(proto: onnx.ModelProto, path: Path) -> bool:
     from onnx.external_data_helper import load_external_data_for_model
 
@@ -77,21 +202,67 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> bool:
     base = path.resolve().parent
     for t in ext:
         loc = next((e.value for e in t.external_data if e.key == "location"), None)
-        if loc is None or not (base / loc).is_file():
+        if loc is None:
+            raise CarveError(f"{path}: initializer {t.name!r} is external but names no file (no `location`)")
+        target = _inside(base, loc)
+        if target is None:
+            # carve's own containment check (onnx < 1.16 had none): a model may only read files in its folder
+            raise CarveError(
+                f"{path}: initializer {t.name!r} keeps its data in {loc!r}, outside the model's folder {base}",
+                hint="external data must lie in the model's folder (or below it); copy it there and fix `location`",
+            )
+        if not target.is_file():
             raise CarveError(
                 f"{path}: initializer {t.name!r} keeps its data in external file {loc!r}, "
                 "which is missing next to the model",
                 hint=f"copy {loc!r} into {base} (external data is resolved relative to the .onnx file)",
             )
+    files = [path.resolve(), *(_inside(base, loc) for loc in external_locations(proto))]
     try:
         load_external_data_for_model(proto, str(base))
     except Exception as exc:
         raise CarveError(f"{path}: could not read its external data ({first_line(exc)})") from None
+    _READS[_key(path)] = files
     return True
+
+
+# files a model file reads (itself and its external data), by (resolved path, mtime, size)
+_READS: dict[tuple[str, int, int], list[Path]] = {}
+# inputs that are never ONNX models: nothing to parse for external data
+_NOT_MODELS = {".json", ".yaml", ".yml", ".md", ".txt", ".npz", ".npy", ".csv", ".png", ".jpg", ".jpeg"}
+
+
+def _key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return (str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def files_read(path: str | os.PathLike) -> list[Path]:
+    """The files reading ``path`` touches: the file itself and, for an ONNX model, every file its external data lives
+    in (resolved, inside the model's folder). Unreadable or non-model files are just themselves."""
+    path = Path(path)
+    if not path.is_file():
+        return [path.resolve()]
+    key = _key(path)
+    if key in _READS:
+        return _READS[key]
+    files = [path.resolve()]
+    if path.suffix.lower() not in _NOT_MODELS:
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception:
+            proto = None
+        if proto is not None:
+            base = path.resolve().parent
+            files += [p for p in (_inside(base, loc) for loc in external_locations(proto)) if p is not None]
+    _READS[key] = files
+    return files
 
 
 def _check_tensor_sizes(proto: onnx.ModelProto, path: Path) -> None:
     for t in proto.graph.initializer:
+        if t.data_type not in onnx.TensorProto.DataType.values() or t.data_type == onnx.TensorProto.UNDEFINED:
+            raise CarveError(f"{path}: initializer {t.name!r} has no known element type ({t.data_type})")
         if t.raw_data:
             n = int(np.prod(t.dims, dtype=np.int64))
             size = itemsize(t.data_type)
@@ -102,10 +273,24 @@ def _check_tensor_sizes(proto: onnx.ModelProto, path: Path) -> None:
                 )
 
 
-def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
-    """Refuse an output that would overwrite an input, or that cannot be written, before any work is done."""
+def _same(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike | Model | None) -> Path:
+    """Refuse an output that would overwrite a file an input reads, or that cannot be written, before any work is
+    done. ``inputs`` are paths (models, reports, recipes) or loaded models; for a model, every file its external
+    data lives in counts, and so does the external-data file ``<out>.data`` the output may write."""
     out = Path(out)
-    parent = out.resolve().parent
+    try:
+        parent = out.resolve().parent
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise CarveError(f"{out}: not a usable output path ({exc})") from None
     if out.exists() and out.is_dir():
         raise CarveError(f"{out}: is a directory; give a file name for the output")
     if not parent.is_dir():
@@ -114,18 +299,34 @@ def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike | None)
         raise CarveError(f"{out}: the output directory {parent} is not writable")
     if out.exists() and not os.access(out, os.W_OK):
         raise CarveError(f"{out}: the output file exists and is not writable")
+    data = Path(f"{out}.data")
     for inp in inputs:
         if inp is None:
             continue
+        if isinstance(inp, Model):
+            if inp.source is None:
+                continue
+            inp = inp.source
         inp = Path(inp)
-        same = out.resolve() == inp.resolve() or (out.exists() and inp.exists() and os.path.samefile(out, inp))
-        if same:
+        if _same(out, inp):
             raise CarveError(
                 f"{out}: the output path is the input path; carve never overwrites its input",
                 hint="choose another output file name",
             )
-        if out.resolve() == Path(str(inp) + ".data").resolve() or Path(str(out) + ".data").resolve() == inp.resolve():
-            raise CarveError(f"{out}: the output would overwrite the input's external data")
+        for f in files_read(inp)[1:]:
+            if _same(out, f):
+                raise CarveError(
+                    f"{out}: the output would overwrite the external data of {inp} ({f.name}); carve never "
+                    "overwrites its input",
+                    hint="choose another output file name",
+                )
+        for f in files_read(inp):
+            if _same(data, f):
+                raise CarveError(
+                    f"{out}: its external data would be written to {data.name}, which is the input "
+                    f"{'model' if f == files_read(inp)[0] else 'external data'} {f}",
+                    hint="choose another output file name",
+                )
     return out
 
 
@@ -153,10 +354,65 @@ def save(
     return out
 
 
+STAGING = ".carve-"
+_STAGING_RE = re.compile(r"^\.carve-(\d+)-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def clean_stale_staging(directory: str | os.PathLike) -> list[Path]:
+    """Remove the ``.carve-<pid>-*`` staging folders and files of processes that no longer run (a save killed with
+    SIGKILL cannot clean up after itself). Returns what was removed."""
+    removed = []
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _STAGING_RE.match(p.name)
+        if not m or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+    return removed
+
+
+def _umask() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read it the only other way there is
+    os.umask(mask)
+    return mask
+
+
+def _new_file_mode(path: Path) -> None:
+    """The mode ``open()`` gives a new file: 0o666 minus the umask (staging files are created 0o600)."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def _write_model(proto: onnx.ModelProto, out: Path, external_data: bool) -> None:
-    # Everything is written into a private temporary directory next to the target, then renamed into place, so a
-    # failure leaves neither a partial model nor a partial data file behind.
-    tmpdir = Path(tempfile.mkdtemp(prefix=".carve-", dir=out.resolve().parent))
+    # Everything is written into a private staging folder next to the target, then renamed into place, so a
+    # failure leaves neither a partial model nor a partial data file behind; a kill leaves the staging folder, which
+    # the next write into this folder removes.
+    parent = out.resolve().parent
+    clean_stale_staging(parent)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-", dir=parent))
     try:
         tmp_model = tmpdir / out.name
         data_name = f"{out.name}.data"
@@ -171,25 +427,41 @@ def _write_model(proto: onnx.ModelProto, out: Path, external_data: bool) -> None
                 location=data_name,
                 size_threshold=1024,
             )
-            os.replace(tmpdir / data_name, out.resolve().parent / data_name)
+            _new_file_mode(tmp_model)
+            if (tmpdir / data_name).exists():
+                _new_file_mode(tmpdir / data_name)
+                _fsync(tmpdir / data_name)
+                os.replace(tmpdir / data_name, parent / data_name)
         else:
             with open(tmp_model, "wb") as f:
                 f.write(proto.SerializeToString())
                 f.flush()
                 os.fsync(f.fileno())
+            _new_file_mode(tmp_model)
         os.replace(tmp_model, out)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w"):
-    """Write any output file atomically: a temporary file next to it, renamed into place on success."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)
+def atomic_write(path: str | os.PathLike, mode: str = "w", *, inputs: Iterable[str | os.PathLike | None] = ()):
+    """Write any output file atomically: a staging file next to it, renamed into place on success, with the mode
+    the umask gives a new file. ``inputs``: files the output must not overwrite (checked first)."""
+    path = check_output_path(path, *inputs)
+    parent = path.resolve().parent
+    clean_stale_staging(parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{STAGING}{os.getpid()}-", suffix=f"-{path.name}", dir=parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
+        _new_file_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -186,6 +186,35 @@ def tensor_nbytes(t: TensorProto) -> int:
     return int(np.prod(t.dims, dtype=np.int64)) * itemsize(t.data_type)
 
 
+_FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+
+
+def nonfinite_initializers(model: Model) -> list[str]:
+    """Names of the floating-point initializers that hold NaN or Inf."""
+    bad = []
+    for t in model.graph.initializer:
+        if t.data_type in _FLOATS:
+            try:
+                arr = model.array(t.name)
+            except Exception:  # unreadable data is reported by whoever reads it
+                continue
+            if not np.isfinite(arr.astype(np.float32, copy=False)).all():
+                bad.append(t.name)
+    return bad
+
+
+def check_finite(model: Model, *, had: Iterable[str] = (), what: str = "the result") -> None:
+    """Refuse NaN or Inf in ``model``'s weights, except in the initializers ``had`` (non-finite in the input)."""
+    had = set(had)
+    new = [n for n in nonfinite_initializers(model) if n not in had]
+    if new:
+        more = f" (and {len(new) - 1} more)" if len(new) > 1 else ""
+        raise CarveError(
+            f"{what} holds NaN or Inf in initializer {new[0]!r}{more}; nothing was written",
+            hint="check the calibration data and the repair's options (e.g. --ridge) for NaN/Inf or degenerate values",
+        )
+
+
 def control_flow_nodes(model: Model) -> list[onnx.NodeProto]:
     return [
         n

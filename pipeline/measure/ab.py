@@ -23,6 +23,7 @@ from pipeline.measure.backends import EngineConfig
 from pipeline.measure.config import MeasureConfig
 from pipeline.measure.runners import LocalRunner, RemoteRunner
 from pipeline.measure.stats import bootstrap_median_ci, latency_stats
+from pipeline.progress import Progress
 
 
 @dataclass
@@ -63,7 +64,7 @@ def interleave(
 
 
 def measure_pair(
-    a: Path, b: Path, cfg: MeasureConfig, batch: int, threads: int, progress: Callable[[str], None] | None = None
+    a: Path, b: Path, cfg: MeasureConfig, batch: int, threads: int, progress: Progress | None = None
 ) -> dict:
     """One configuration: interleaved rounds, stats, speed-up with its confidence interval."""
     runner = RemoteRunner if cfg.isolate else LocalRunner
@@ -76,7 +77,7 @@ def measure_pair(
             rounds=cfg.rounds,
             min_round_s=cfg.min_round_ms / 1000,
             warmup_s=cfg.warmup_ms / 1000,
-            progress=(lambda r: progress(f"batch {batch}, {threads} thread(s): round {r}/{cfg.rounds}"))
+            progress=(lambda r: progress(f"batch {batch}, {threads} thread(s): round", r, cfg.rounds))
             if progress
             else None,
         )

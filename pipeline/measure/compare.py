@@ -6,26 +6,31 @@ beside the measured speed-up, with their product, the speed-up efficiency; a MAC
 from __future__ import annotations
 
 import hashlib
-import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from pipeline.config import validate
 from pipeline.errors import CarveError
 from pipeline.graph.cost import model_cost
+from pipeline.graph.history import timestamp
 from pipeline.graph.io import load
+from pipeline.graph.model import Model
 from pipeline.measure.ab import measure_pair
 from pipeline.measure.agreement import agreement
 from pipeline.measure.config import MeasureConfig
 from pipeline.measure.environment import environment
 from pipeline.measure.memory import measure_in_fresh_process
+from pipeline.progress import Progress
+from pipeline.runtime.ort import input_specs
 
 SCHEMA_VERSION = 1
 
 
-def model_info(path: Path) -> dict:
-    m = load(path)
+def model_info(path: Path, m: Model | None = None) -> dict:
+    m = m if m is not None else load(path)
     c = model_cost(m)
     data = path.read_bytes()
     meta = m.metadata()
@@ -41,21 +46,65 @@ def model_info(path: Path) -> dict:
     }
 
 
+def check_runnable(a: Path, ma: Model, b: Path, mb: Model, batches: list[int]) -> None:
+    """Both models run at every batch asked for (a static batch runs only at itself: never measure one batch and
+    label it another), take the same inputs, and one input batch fits in memory."""
+    for batch in batches:
+        specs = {}
+        for path, m in ((a, ma), (b, mb)):
+            try:
+                specs[path] = input_specs(m.proto, batch, strict=True)
+            except CarveError as exc:
+                raise CarveError(f"{path}: {exc.message} (--batch {batch})", hint=exc.hint) from None
+        sa, sb = specs[a], specs[b]
+        if {k: v[0] for k, v in sa.items()} != {k: v[0] for k, v in sb.items()} or [v[1] for v in sa.values()] != [
+            v[1] for v in sb.values()
+        ]:
+            show = {
+                p: ", ".join(f"{n} {'x'.join(map(str, s))} {d}" for n, (s, d) in sp.items()) for p, sp in specs.items()
+            }
+            raise CarveError(
+                f"{a} and {b} take different inputs ({show[a]} vs {show[b]}); a side-by-side measurement needs the "
+                "same input for both",
+                hint="compare a model with its own pruned / decomposed version",
+            )
+        need = sum(int(np.prod(s, dtype=np.float64)) * d.itemsize for s, d in sa.values())
+        ram = _physical_memory()
+        if ram and need > ram / 4:
+            raise CarveError(
+                f"--batch {batch}: one input batch of {a} takes {need / 2**30:.3g} GiB, more than a quarter of this "
+                f"machine's {ram / 2**30:.3g} GiB",
+                hint="use a smaller --batch",
+            )
+
+
+def _physical_memory() -> int | None:
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def compare(
     a: str | Path,
     b: str | Path,
     cfg: MeasureConfig | None = None,
     *,
     command: str | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict:
     """Measure ``b`` against ``a`` (speed-up > 1 means b is faster). Returns the report (schema in docs/)."""
     cfg = cfg or MeasureConfig()
+    validate(cfg)
     a, b = Path(a), Path(b)
     for p in (a, b):
         if not p.is_file():
             raise CarveError(f"{p}: no such model file")
-    info = {"a": model_info(a), "b": model_info(b)}
+    models = {"a": load(a), "b": load(b)}
+    check_runnable(a, models["a"], b, models["b"], cfg.batch)
+    info = {"a": model_info(a, models["a"]), "b": model_info(b, models["b"])}
     results = []
     for batch in cfg.batch:
         for threads in cfg.threads:
@@ -67,7 +116,7 @@ def compare(
     report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "kind": "carve.bench",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": timestamp(),
         "command": command,
         "environment": environment(cfg),
         "settings": asdict(cfg),

@@ -5,30 +5,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.config import bounds
 from pipeline.measure.backends import EngineConfig
 
 
 @dataclass
 class MeasureConfig:
     backend: str = "ort"
-    batch: list[int] = field(default_factory=lambda: [1])  # batch sizes
-    threads: list[int] = field(default_factory=lambda: [1])
-    precision: str = "fp32"
+    batch: list[int] = field(default_factory=lambda: [1], metadata=bounds(ge=1))  # batch sizes
+    threads: list[int] = field(default_factory=lambda: [1], metadata=bounds(ge=1))
+    precision: str = field(default="fp32", metadata=bounds(choices=("fp32", "fp16")))
     device: str = "cpu"
     cuda_graphs: bool = False
     spinning: bool = False  # ort: idle pool threads spin (see EngineConfig); off for fair A/B on shared cores
-    rounds: int = 20
-    min_round_ms: float = 50.0  # each model's round lasts at least this long
-    warmup_ms: float = 300.0
+    rounds: int = field(default=20, metadata=bounds(ge=1))
+    min_round_ms: float = field(default=50.0, metadata=bounds(ge=0))  # each model's round lasts at least this long
+    warmup_ms: float = field(default=300.0, metadata=bounds(ge=0))
     isolate: bool = False
-    confidence: float = 0.95
-    bootstrap: int = 2000
+    confidence: float = field(default=0.95, metadata=bounds(gt=0, lt=1))
+    bootstrap: int = field(default=2000, metadata=bounds(ge=1))
     seed: int = 0
     memory: bool = True
     agreement: bool = True
     data: str | None = None  # agreement inputs from a data file instead of random
-    agreement_samples: int = 256
-    max_samples_kept: int = 400  # latencies kept per model in the report (for plots)
+    agreement_samples: int = field(default=256, metadata=bounds(ge=1))
+    max_samples_kept: int = field(default=400, metadata=bounds(ge=1))  # latencies kept per model (for plots)
 
     def engine_config(self, batch: int, threads: int) -> EngineConfig:
         return EngineConfig(

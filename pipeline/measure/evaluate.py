@@ -10,7 +10,9 @@ import numpy as np
 
 from pipeline.data.capture import predict
 from pipeline.data.datasets import Dataset
+from pipeline.errors import CarveError
 from pipeline.graph import Model
+from pipeline.graph.shapes import concrete_input_shapes
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -31,8 +33,26 @@ def agreement(reference: np.ndarray, logits: np.ndarray) -> dict[str, float]:
     return {"top1_agreement": float((reference.argmax(1) == logits.argmax(1)).mean()), "kl_mean": float(kl.mean())}
 
 
+def same_input(model: Model, reference: Model) -> None:
+    """Agreement compares outputs on the same inputs: the two models must take the same input (batch aside)."""
+
+    def dims(m: Model) -> list[tuple]:
+        return [tuple(s[1:]) for s, _ in concrete_input_shapes(m.proto, 1).values()]
+
+    a, b = dims(model), dims(reference)
+    if a != b:
+        show = lambda d: ", ".join("x".join(map(str, s)) for s in d)  # noqa: E731
+        raise CarveError(
+            f"{reference.source or 'the reference'}: takes input {show(b)}, but {model.source or 'the model'} takes "
+            f"{show(a)}; agreement needs two models with the same input",
+            hint="compare a model with its own pruned / decomposed version",
+        )
+
+
 def evaluate(model: Model, data: Dataset, *, reference: Model | None = None, threads: int = 2) -> dict:
     """The ``accuracy`` report section for ``model`` on ``data``."""
+    if reference is not None:
+        same_input(model, reference)
     logits = predict(model, data, threads=threads)
     if logits.ndim != 2:
         logits = logits.reshape(len(logits), -1)

@@ -10,16 +10,24 @@ Rules, per measured configuration (backend, batch, threads) of a bench report:
    baseline's by more than ``tolerance`` (default ``max_slowdown``), again on the upper end of its interval.
    Configurations only one report has are listed, not judged.
 
+A report too thin to decide is refused (:class:`~pipeline.errors.CarveError`; ``carve gate`` exits 2), never passed:
+results that are not a list of configurations, a speed-up that is not a finite positive number, an interval that does
+not contain its median, or fewer than :data:`MIN_ROUNDS` interleaved rounds (with 2 rounds, two copies of one model
+"fail" about one run in five; with 10, the interval is wide enough that noise alone fails well under 1%; see
+docs/reliability.md).
+
 :func:`evaluate` returns the verdict and a Markdown summary suitable for a CI job summary.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from pipeline.errors import CarveError
 
 DEFAULT_MAX_SLOWDOWN = 0.05
+MIN_ROUNDS = 10
 
 
 @dataclass
@@ -58,6 +66,43 @@ def _label(r: dict) -> str:
     return f"{r.get('backend')} {r.get('device')} {r.get('precision')} batch {r.get('batch')}, {r.get('threads')} thr"
 
 
+def _speedup(r: dict, what: str) -> tuple[float, float, float]:
+    """(median, low, high) of a result's speed-up, refused unless finite, positive, ordered and from enough rounds."""
+    s = r.get("speedup")
+    try:
+        med, lo, hi = float(s["median"]), float(s["ci_low"]), float(s["ci_high"])
+    except (KeyError, TypeError, ValueError):
+        raise CarveError(f"{what}: result {_label(r)} has no usable speed-up (median, ci_low, ci_high)") from None
+    if not all(math.isfinite(v) and v > 0 for v in (med, lo, hi)):
+        raise CarveError(f"{what}: result {_label(r)}: speed-up {med} ({lo}-{hi}) is not a finite positive number")
+    if not lo <= med <= hi:
+        raise CarveError(
+            f"{what}: result {_label(r)}: the interval {lo:.3g}-{hi:.3g} does not contain its median {med:.3g}"
+        )
+    rounds = r.get("rounds")
+    if rounds is None and isinstance(s.get("round_ratios"), list):
+        rounds = len(s["round_ratios"])
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < MIN_ROUNDS:
+        got = "an unknown number of" if rounds is None else f"only {rounds!r}"
+        raise CarveError(
+            f"{what}: result {_label(r)} was measured over {got} interleaved rounds; the gate needs at least "
+            f"{MIN_ROUNDS} to tell a slow-down from noise",
+            hint=f"rerun carve bench with --rounds {MIN_ROUNDS} or more (default 20)",
+        )
+    return med, lo, hi
+
+
+def _results(report: dict, what: str) -> list[dict]:
+    if not isinstance(report, dict):
+        raise CarveError(f"{what}: not a report (a JSON object)")
+    results = report.get("results")
+    if not results:
+        raise CarveError(f"{what}: the report has no latency results to judge (is it a `carve bench` report?)")
+    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+        raise CarveError(f"{what}: `results` must be a list of measured configurations")
+    return results
+
+
 def evaluate(
     report: dict,
     *,
@@ -66,20 +111,21 @@ def evaluate(
     baseline: dict | None = None,
     tolerance: float | None = None,
 ) -> GateResult:
-    results = report.get("results")
-    if not results:
-        raise CarveError("the report has no latency results to judge (is it a `carve bench` report?)")
+    results = _results(report, "report")
     if not 0 <= max_slowdown < 1:
         raise CarveError(f"--max-slowdown must be in [0, 1), got {max_slowdown}")
+    if tolerance is not None and not 0 <= tolerance < 1:
+        raise CarveError(f"--tolerance must be in [0, 1), got {tolerance}")
+    if min_speedup is not None and not (math.isfinite(min_speedup) and min_speedup > 0):
+        raise CarveError(f"--min-speedup must be a positive number, got {min_speedup}")
     tolerance = max_slowdown if tolerance is None else tolerance
-    base = {_key(r): r for r in (baseline or {}).get("results", [])}
+    base = {}
+    if baseline is not None:
+        for b in _results(baseline, "baseline"):
+            base[_key(b)] = _speedup(b, "baseline")[0]
     out = GateResult(True)
     for r in results:
-        try:
-            s = r["speedup"]
-            med, lo, hi = float(s["median"]), float(s["ci_low"]), float(s["ci_high"])
-        except (KeyError, TypeError, ValueError):
-            raise CarveError(f"result {_label(r)} has no usable speed-up") from None
+        med, lo, hi = _speedup(r, "report")
         threshold = 1 - max_slowdown
         reasons = []
         if hi < threshold:
@@ -90,10 +136,8 @@ def evaluate(
                 reasons.append(
                     f"{_label(r)}: speed-up {med:.2f}x (CI up to {hi:.2f}x) is below the required {min_speedup:.2f}x"
                 )
-        b = base.get(_key(r))
-        bmed = None
-        if b is not None:
-            bmed = float(b["speedup"]["median"])
+        bmed = base.get(_key(r))
+        if bmed is not None:
             floor = bmed * (1 - tolerance)
             if hi < floor:
                 reasons.append(
@@ -122,6 +166,9 @@ def parse_fraction(text: str) -> float:
     """``5%`` or ``0.05``."""
     t = text.strip()
     try:
-        return float(t[:-1]) / 100 if t.endswith("%") else float(t)
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
     except ValueError:
         raise CarveError(f"not a fraction: {text!r} (use 5% or 0.05)") from None
+    if not math.isfinite(value):
+        raise CarveError(f"not a fraction: {text!r} (use 5% or 0.05)")
+    return value

@@ -26,11 +26,14 @@ def load_report(path: str | Path) -> dict:
         raise CarveError(f"{path}: no such report")
     try:
         doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise CarveError(f"{path}: not a JSON report ({exc})") from None
     if not isinstance(doc, dict) or "schema_version" not in doc:
         raise CarveError(f"{path}: not a carve report (no schema_version)")
-    if doc["schema_version"] > SCHEMA_VERSION:
+    version = doc["schema_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CarveError(f"{path}: schema_version must be a positive integer, got {version!r}")
+    if version > SCHEMA_VERSION:
         raise CarveError(
             f"{path}: schema version {doc['schema_version']} is newer than this carve understands ({SCHEMA_VERSION})",
             hint="upgrade carve",
@@ -194,7 +197,13 @@ def to_markdown(doc: dict, *, title: str = "carve report") -> str:
         out += [f"`{doc['command']}`", ""]
     for key, (heading, render) in SECTIONS.items():
         if key in doc:
-            out += [f"## {heading}", "", *render(doc), ""]
+            try:
+                lines = render(doc)
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError):
+                # a malformed or foreign section is shown as it is, never dropped and never a crash
+                lines = ["(not in the form carve writes; shown as stored)", "", "```json"]
+                lines += [json.dumps(doc[key], indent=1, default=str)[:4000], "```"]
+            out += [f"## {heading}", "", *lines, ""]
     for key, value in doc.items():
         if key not in SECTIONS and key not in SKIP:
             out += [f"## {key}", "", "```json", json.dumps(value, indent=1, default=str)[:4000], "```", ""]

@@ -33,6 +33,7 @@ class ScoreContext:
     seed: int = 0
     calib: Any = None  # calibration data, for criteria that need activations/labels/gradients
     extra: dict[str, Any] = field(default_factory=dict)
+    progress: Any = None  # a pipeline.progress.Progress callback for long scoring (activation capture)
 
     @property
     def model(self):

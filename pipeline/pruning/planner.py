@@ -18,6 +18,7 @@ import numpy as np
 from pipeline.errors import CarveError
 from pipeline.graph.channels import ChannelAnalysis
 from pipeline.graph.plan import Plan
+from pipeline.progress import Progress
 from pipeline.pruning.allocator import allocators
 from pipeline.pruning.criterion import ScoreContext, criteria
 from pipeline.pruning.targets import bisect_ratio
@@ -63,6 +64,7 @@ def plan(
     scores: np.ndarray | None = None,
     target_macs: float | None = None,
     target_params: float | None = None,
+    progress: Progress | None = None,
     **allocator_options: Any,
 ) -> Plan:
     """Score the units with ``criterion`` and choose the ones to remove with ``allocator``.
@@ -80,7 +82,7 @@ def plan(
     if round_to < 1 or keep_min < 1:
         raise CarveError("--round-to and --keep-min must be at least 1")
     if scores is None:
-        scores = score_units(analysis, criterion, calib=calib, seed=seed, options=criterion_options)
+        scores = score_units(analysis, criterion, calib=calib, seed=seed, options=criterion_options, progress=progress)
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (analysis.n_units,):
         raise AssertionError(f"criterion {criterion!r} returned {scores.shape} scores for {analysis.n_units} units")
@@ -112,6 +114,7 @@ def score_units(
     calib: Any = None,
     seed: int = 0,
     options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
 ) -> np.ndarray:
     """One score per unit from a criterion (checking that it has the data it needs)."""
     crit = criteria.get(criterion)(**(options or {}))
@@ -123,4 +126,5 @@ def score_units(
         )
     if "labels" in crit.needs and getattr(calib, "labels", None) is None:
         raise CarveError(f"criterion {criterion!r} needs labelled calibration data; {calib.name} has no labels")
-    return np.asarray(crit.unit_scores(ScoreContext(analysis, seed=seed, calib=calib)), dtype=np.float64)
+    ctx = ScoreContext(analysis, seed=seed, calib=calib, progress=progress)
+    return np.asarray(crit.unit_scores(ctx), dtype=np.float64)

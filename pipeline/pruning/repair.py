@@ -12,6 +12,9 @@ pruned model equals it. Repairs run in the order given; each sees the previous o
 
         def apply(self, original, plan, working, calib, *, progress=None) -> RepairResult: ...
 
+``progress(done, total)``, when given, is told how many of the layers the repair works on are done (the pruning
+operation shows it as ``lsq: layer 12/55``); a repair calls it as often as it has news, at least at the end.
+
 Built-ins live in ``plugins/repairs/`` (``exact`` fusion, ``lsq``, ``bias``, ``bn``); third parties register through
 the ``carve.repairs`` entry-point group.
 """

@@ -8,10 +8,19 @@ import numpy as np
 from pipeline.errors import CarveError
 from pipeline.graph.channels import ChannelAnalysis
 from pipeline.graph.cost import CostModel
+from pipeline.graph.shapes import unknown_conv_outputs
 
 
 def bisect_ratio(analysis: ChannelAnalysis, allocate, target: float, kind: str = "macs", *, steps: int = 30):
     """The smallest allocator ratio whose predicted cost fraction is at most ``target``: (ratio, removed, achieved)."""
+    if kind == "macs":
+        unknown = unknown_conv_outputs(analysis.model)
+        if unknown:
+            raise CarveError(
+                f"--target-macs: the output size of {len(unknown)} layer(s) is unknown (first: {unknown[0]!r}), so "
+                "their MACs cannot be counted and a MAC target would be met on wrong numbers",
+                hint="give the input size with --input-shape CxHxW (the model's input dimensions are dynamic)",
+            )
     cost = CostModel(analysis)
     pick = 1 if kind == "macs" else 0
 

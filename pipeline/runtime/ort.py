@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from pipeline.graph.model import Model
+from pipeline.graph.shapes import concrete_input_shapes
 
 
 def session(
@@ -31,19 +31,13 @@ def session(
     return ort.InferenceSession(src, so, providers=providers or ["CPUExecutionProvider"])
 
 
-def input_specs(proto: onnx.ModelProto, batch: int = 1) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Graph inputs with concrete shapes: symbolic dims become ``batch`` on axis 0 and 1 elsewhere."""
-    inits = {t.name for t in proto.graph.initializer}
-    specs = {}
-    for vi in proto.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dims = []
-        for ax, d in enumerate(tt.shape.dim):
-            dims.append(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (batch if ax == 0 else 1))
-        specs[vi.name] = (tuple(dims), np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)))
-    return specs
+def input_specs(
+    proto: onnx.ModelProto, batch: int = 1, *, strict: bool = False
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Graph inputs with concrete shapes: an open batch axis becomes ``batch``, other open dimensions come from
+    what the model says about its input (:func:`pipeline.graph.shapes.concrete_input_shapes`; a CarveError naming
+    the dimension when nothing does). ``strict``: a static batch other than ``batch`` is refused."""
+    return concrete_input_shapes(proto, batch, strict=strict)
 
 
 def random_feeds(model: Model | onnx.ModelProto, *, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
@@ -64,3 +58,33 @@ def run(
     model: Model | onnx.ModelProto | str | os.PathLike, feeds: dict[str, np.ndarray], *, threads: int = 1
 ) -> list[np.ndarray]:
     return session(model, threads=threads).run(None, feeds)
+
+
+def run_checked(model, feeds: dict[str, np.ndarray], *, what: str = "the model") -> list[np.ndarray]:
+    """:func:`run` on a model that comes from the user (or is the user's model with weights changed): ONNX Runtime
+    refusing it is a user error naming ``what``, not a crash. Models carve built itself are run with :func:`run`,
+    so their failures stay bugs."""
+    from pipeline.errors import CarveError, first_line
+
+    try:
+        return run(model, feeds)
+    except CarveError:
+        raise
+    except Exception as exc:  # onnxruntime's own exception types (InvalidGraph, Fail, RuntimeException, ...)
+        source = getattr(model, "source", None)
+        raise CarveError(
+            f"{source or what}: ONNX Runtime cannot run it ({first_line(exc)})",
+            hint="check that the model runs in ONNX Runtime as it is",
+        ) from None
+
+
+def check_runs(model, *, what: str = "the model") -> None:
+    """The model runs in ONNX Runtime on random inputs with finite outputs (else a CarveError)."""
+    from pipeline.errors import CarveError
+
+    outs = run_checked(model, random_feeds(model, batch=2), what=what)
+    for o, y in zip(model.proto.graph.output if isinstance(model, Model) else model.graph.output, outs):
+        if np.issubdtype(np.asarray(y).dtype, np.floating) and not np.isfinite(y).all():
+            raise CarveError(
+                f"{getattr(model, 'source', None) or what}: output {o.name!r} holds NaN or Inf on random inputs"
+            )

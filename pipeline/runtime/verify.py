@@ -7,7 +7,7 @@ import numpy as np
 
 from pipeline.errors import CarveError
 from pipeline.graph.model import Model
-from pipeline.runtime.ort import random_feeds, run
+from pipeline.runtime.ort import random_feeds, run, run_checked
 
 
 def output_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
@@ -32,11 +32,33 @@ def output_error(a: Model, b: Model, feeds: dict[str, np.ndarray]) -> dict[str, 
     return output_metrics(run(a, feeds)[0], run(b, feeds)[0])
 
 
+# Below this output scale (inputs are standard normal) a comparison proves nothing: any two models "agree".
+MIN_SCALE = 1e-6
+
+
+def nonfinite_outputs(outputs: list[np.ndarray]) -> list[int]:
+    """Indices of the floating-point outputs that hold NaN or Inf."""
+    return [k for k, y in enumerate(outputs) if np.issubdtype(y.dtype, np.floating) and not np.isfinite(y).all()]
+
+
 def verify_equal(reference, candidate, *, seed: int = 0, batch: int = 2, rtol: float = 1e-4) -> dict:
-    """Run both on the same random batch; every output must agree relative to the output scale (else CarveError)."""
+    """Run both on the same random batch; every output must agree relative to the output scale (else CarveError).
+
+    Refused as well, because the statement would be hollow: NaN or Inf in either model's outputs (NaN compares
+    false with everything, so it would otherwise "pass"), and reference outputs that are all ~0 (below
+    :data:`MIN_SCALE`: a degenerate model agrees with anything)."""
     feeds = random_feeds(reference, batch=batch, seed=seed)
-    a, b = run(reference, feeds), run(candidate, feeds)
-    worst, scale = 0.0, 0.0
+    a = run_checked(reference, feeds, what="the reference")  # the user's model, weights changed: its failure is theirs
+    b = run(candidate, feeds)
+    for what, outs, model in (("reference", a, reference), ("result", b, candidate)):
+        bad = nonfinite_outputs(outs)
+        if bad:
+            name = _output_name(model, bad[0])
+            raise CarveError(
+                f"verification failed: the {what}'s output {name!r} holds NaN or Inf on random inputs",
+                hint="check the model's weights and the calibration data for NaN/Inf (and --ridge)",
+            )
+    worst, scale, compared = 0.0, 0.0, 0
     for x, y in zip(a, b):
         if x.shape != y.shape:
             raise CarveError(f"output shape changed: {x.shape} -> {y.shape}; please report this model")
@@ -44,10 +66,30 @@ def verify_equal(reference, candidate, *, seed: int = 0, batch: int = 2, rtol: f
             m = output_metrics(x, y)
             worst = max(worst, m["max_abs"])
             scale = max(scale, float(np.abs(x).max(initial=0)))
-    if worst > rtol * max(scale, 1e-6) + 1e-6:
+            compared += 1
+        elif not np.array_equal(x, y):
+            raise CarveError(
+                f"verification failed: a non-float output differs ({int((x != y).sum())} of {x.size} values)",
+                hint="--no-verify skips the check",
+            )
+    if compared and scale < MIN_SCALE:
+        raise CarveError(
+            f"verification proves nothing: the reference's outputs are all ~0 (largest |y| {scale:.3g}) on random "
+            "inputs, so any model would agree with it",
+            hint="are the weights degenerate (scaled to ~0)? --no-verify writes the result unverified",
+        )
+    if not worst <= rtol * scale + 1e-6 * min(scale, 1.0):
         raise CarveError(
             f"verification failed: the result differs from its reference by {worst:.3g} (output scale {scale:.3g}); "
             "please report this model",
             hint="--no-verify skips the check",
         )
     return {"max_abs_diff": worst, "scale": scale}
+
+
+def _output_name(model, k: int) -> str:
+    proto = getattr(model, "proto", model)
+    try:
+        return proto.graph.output[k].name
+    except (AttributeError, IndexError):
+        return str(k)

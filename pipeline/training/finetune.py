@@ -95,7 +95,10 @@ class FinetuneOptions:
                 raise CarveError(f"{name} must be a positive number, got {value}")
         if self.steps is not None and self.steps < 0:
             raise CarveError(f"--steps must be at least 0, got {self.steps}")
-        for name, value in (("--weight-decay", self.weight_decay), ("--warmup", self.warmup), ("--clip", self.clip)):
+        nonneg = [("--weight-decay", self.weight_decay), ("--warmup", self.warmup), ("--clip", self.clip)]
+        nonneg += [("--kd", self.kd), ("--feature-weight", self.feature_weight), ("--crop-pad", self.crop_pad)]
+        nonneg += [("--momentum", self.momentum)] + ([("--ce", self.ce)] if self.ce is not None else [])
+        for name, value in nonneg:
             if not value >= 0 or not math.isfinite(value):
                 raise CarveError(f"{name} must be a number >= 0, got {value}")
         Temperature.parse(self.temperature)
@@ -443,10 +446,11 @@ def _agreement(net, model: Model, data: Dataset, device: str) -> dict[str, float
     """The written graph in ONNX Runtime against the trained torch module, on a few training images."""
     import torch
 
+    from pipeline.data.batching import first_batch
     from pipeline.runtime.ort import run
     from pipeline.runtime.verify import output_metrics
 
-    x, _ = data.take(np.arange(min(8, len(data))))
+    x = first_batch(model, data, 8)  # exactly the model's batch when it is static
     with torch.no_grad():
         ref = net(torch.from_numpy(x).to(device))
     ref = (ref[0] if isinstance(ref, tuple) else ref).float().cpu().numpy()

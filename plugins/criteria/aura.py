@@ -207,7 +207,7 @@ class Aura(Criterion):
         capture(ctx.model, names, head, edges)
         ent = _EntropyMean(edges.edges, levels)
         cross = _CrossAura([p[:4] for p in pairs], edges.edges, levels, int(self.opts["positions"]), ctx.seed)
-        capture(ctx.model, names, data, [ent, cross])
+        capture(ctx.model, names, data, [ent, cross], progress=ctx.progress)
         scores = np.full(an.n_elements, np.nan)
         for s in sources:
             scores[s.start : s.start + s.count] = ent.mean(x_of[s.name])

@@ -26,7 +26,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from pipeline.data.gradients import Gradients, weight_gradients
+from pipeline.data.batching import model_batches
+from pipeline.data.gradients import Gradients, check_labels, weight_gradients
 from pipeline.errors import CarveError
 from pipeline.pruning.criterion import Criterion, ScoreContext, criteria
 from plugins.criteria.taylor import filter_rows
@@ -52,7 +53,10 @@ def delta_loss(ctx: ScoreContext, samples: int | None) -> np.ndarray:
     an = ctx.analysis
     data = ctx.calib.sample(samples, seed=ctx.seed) if samples else ctx.calib
     tg = TorchGraph(ctx.model).eval()
-    batches = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in data.batches(64)]
+    if data.labels is None:
+        raise CarveError(f"cep variant delta needs labelled calibration data; {data.name} has no labels")
+    batches = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y, _ in model_batches(ctx.model, data, 64)]
+    counted = sum(len(x) for x, _ in batches)
 
     def loss() -> float:
         total = 0.0
@@ -60,8 +64,9 @@ def delta_loss(ctx: ScoreContext, samples: int | None) -> np.ndarray:
             for x, y in batches:
                 out = tg(x)
                 logits = out[0] if isinstance(out, tuple) else out
+                check_labels(data, y.numpy(), logits.reshape(len(x), -1).shape[1])
                 total += float(F.cross_entropy(logits.reshape(len(x), -1), y, reduction="sum"))
-        return total / len(data)
+        return total / counted
 
     # where each unit is read: (parameter, axis, positions) of every consumer's input columns
     reads: dict[int, list] = defaultdict(list)

@@ -38,7 +38,7 @@ class HRank(Criterion):
         sources = spatial_producers(an)
         tensors = {s.name: activation_tensor(an, s) for s in sources}
         acc = _RankSum()
-        capture(ctx.model, sorted(set(tensors.values())), ctx.calib, acc)
+        capture(ctx.model, sorted(set(tensors.values())), ctx.calib, acc, progress=ctx.progress)
         scores = np.full(an.n_elements, np.nan)
         for s in sources:
             t = tensors[s.name]

@@ -244,6 +244,15 @@ class Decompose(Pass):
             return {lay.node.name: self.rank(lay, eta) for lay in layers}
         # target MACs: bisect a common energy level
         from pipeline.graph.cost import model_cost
+        from pipeline.graph.shapes import unknown_conv_outputs
+
+        unknown = unknown_conv_outputs(model)
+        if unknown:
+            raise CarveError(
+                f"decompose --target-macs: the output size of {len(unknown)} layer(s) is unknown (first: "
+                f"{unknown[0]!r}), so MACs cannot be counted",
+                hint="give the input size with --input-shape CxHxW (the model's input dimensions are dynamic)",
+            )
 
         total = model_cost(model).macs
         fixed = total - sum(lay.macs(None) for lay in layers)

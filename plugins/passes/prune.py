@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import from_mapping
+from pipeline.errors import CarveError
 from pipeline.graph.model import Model
 from pipeline.passes import Pass, PassContext, PassResult, passes
-from pipeline.pruning.prune import PruneOptions, prune_model
+from pipeline.pruning.prune import PruneOptions, describe_amount, prune_model
 
 
 @passes.register("prune")
@@ -16,6 +17,9 @@ class Prune(Pass):
     records_history = True
 
     def __init__(self, **options: Any) -> None:
+        if "ratio" in options and {"target_macs", "target_params"} & set(options):
+            target = sorted({"target_macs", "target_params"} & set(options))[0]
+            raise CarveError(f"pass 'prune': give ratio or {target}, not both (a target finds its own ratio)")
         self.opts = from_mapping(PruneOptions, options, where="pass 'prune'")
 
     @property
@@ -23,9 +27,10 @@ class Prune(Pass):
         return frozenset({"calib"}) if self.opts.data_needed() else frozenset()
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        pruned, summary = prune_model(model, self.opts, calib=ctx.calib, command=ctx.command)
+        pruned, summary = prune_model(model, self.opts, calib=ctx.calib, command=ctx.command, progress=ctx.progress)
         details = [
             f"removed {summary['channels_removed']} of {summary['channels_before']} channels "
-            f"({summary['criterion']}, {summary['allocator']}, ratio {summary['options']['ratio']:.3g})"
+            f"({describe_amount(summary)})",
+            *summary.get("warnings", []),
         ]
         return PassResult(pruned, summary["channels_removed"] > 0, details, summary)

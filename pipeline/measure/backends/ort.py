@@ -54,7 +54,7 @@ class OrtEngine(Engine):
         rng = np.random.default_rng(config.seed)
         self.feeds = {
             n: rng.standard_normal(s).astype(d) if np.issubdtype(d, np.floating) else np.zeros(s, d)
-            for n, (s, d) in input_specs(proto, config.batch).items()
+            for n, (s, d) in input_specs(proto, config.batch, strict=True).items()
         }
         self.gpu = provider != "CPUExecutionProvider"
         if self.gpu:
