@@ -330,3 +330,10 @@ def test_ray_cluster_gives_the_local_results(tmp_path):
         if p["status"] == "ok":
             a, b = (onnx.load(str(tmp_path / d / p["model"])) for d in ("ray", "local"))
             assert a.graph.SerializeToString() == b.graph.SerializeToString()
+
+
+def test_the_resnet56_example_sweep_is_valid_and_names_shared_data(monkeypatch, tmp_path):
+    monkeypatch.setenv("CARVE_SHARED", str(tmp_path))  # validation must not need the data itself
+    sweep = load_sweep(REPO / "examples" / "resnet56_sweep.yaml")
+    assert len(expand(sweep)) == 24
+    assert all(str(sweep.data[k]).startswith("shared:") for k in ("calib", "train", "eval"))

@@ -79,7 +79,7 @@ class Sweep:
     model: str  # zoo:NAME or an absolute ONNX path
     axes: dict[str, list[Any]]
     target_kind: str
-    data: dict[str, Any] = field(default_factory=dict)  # paths made absolute
+    data: dict[str, Any] = field(default_factory=dict)  # paths made absolute; digits and shared: as written
     prune: dict[str, Any] = field(default_factory=dict)
     finetune: dict[str, Any] = field(default_factory=dict)
     bench: dict[str, Any] = field(default_factory=dict)
@@ -215,7 +215,7 @@ def load_sweep(path: str | Path) -> Sweep:
         raise CarveError(f"{path}: unknown data key {sorted(unknown)[0]!r}; valid: {', '.join(sorted(DATA_KEYS))}")
     for key in ("calib", "eval", "train"):
         v = data.get(key)
-        if v is not None and not str(v).startswith("digits"):
+        if v is not None and not str(v).startswith(("digits", "shared:")):  # as written: load_data resolves them
             p = Path(v) if Path(v).is_absolute() else path.parent / v
             data[key] = str(p.resolve())
     if "eval" not in data:
