@@ -66,6 +66,7 @@ def test_plugins_lists_everything(capsys):
 def test_prune_with_lsq_and_criterion_options(model, tmp_path, capsys):
     out = tmp_path / "p.onnx"
     flags = "--criterion apbm --criterion-opt temperature=0.5 --fuse lsq --calib digits --samples 64 --json"
+    flags += " --round-to 2"  # LeNet's layers are narrower than ORT CPU's default alignment
     rc = main(["prune", str(model), "-o", str(out), *flags.split()])
     assert rc == 0
     s = json.loads(capsys.readouterr().out)
@@ -78,7 +79,7 @@ def test_recipe_run_and_thresholds(model, tmp_path, capsys):
     recipe.write_text(
         "model: m.onnx\noutput: out.onnx\n"
         "data: {calib: digits, eval: 'digits:test', samples: 64, eval_samples: 100}\n"
-        "passes:\n  - prune: {criterion: l1, target_macs: 0.6, fuse: lsq}\n  - merge: {when: macs}\n"
+        "passes:\n  - prune: {criterion: l1, target_macs: 0.6, round_to: 2, fuse: lsq}\n  - merge: {when: macs}\n"
         "thresholds: {max_macs: 0.6}\n"
     )
     assert main(["run", str(recipe), "--keep-intermediate", str(tmp_path / "steps")]) == 0

@@ -21,6 +21,7 @@ class MeasureConfig:
     min_round_ms: float = 50.0  # each model's round lasts at least this long
     warmup_ms: float = 300.0
     isolate: bool = False
+    clock: str = "wall"  # CPU timing: wall | cpu (thread CPU time, one thread) | auto (cpu when one thread)
     confidence: float = 0.95
     bootstrap: int = 2000
     seed: int = 0
@@ -39,4 +40,5 @@ class MeasureConfig:
             cuda_graphs=self.cuda_graphs,
             seed=self.seed,
             spinning=self.spinning,
+            clock=self.clock,
         )

@@ -1,11 +1,16 @@
 """The whole pruning operation, shared by ``carve prune``, the ``prune`` pass of recipes and the Python API:
 
-    analyse -> plan (criterion + allocator, ratio or MAC/param target) -> repairs ([exact fusion] [lsq refit]
-    [bias correction | BN re-estimation]) -> surgery -> verification
+    analyse -> plan (criterion + allocator, ratio or MAC/param/latency target) -> [measure and refine: latency
+    target] -> repairs ([exact fusion] [lsq refit] [bias correction | BN re-estimation]) -> surgery -> verification
+    -> [measured against the original]
 
 Criteria, allocators and repairs are reached through their registries. Repairs work on a *working* copy of the model
 whose removed consumer columns are zeroed, so verification is always the same statement: the pruned model equals the
-(repaired) working model in ONNX Runtime.
+(repaired) working model in ONNX Runtime. Latency tables and measurements come from a :class:`LatencyOracle` the
+caller passes (``pipeline.measure.latency.MeasuredLatency``: the CLI, recipes and
+:func:`pipeline.flows.prune.prune_measured` do); without one, nothing is measured and a latency target is refused.
+Without ``round_to`` kept widths are multiples of what the backend's kernels want
+(:func:`pipeline.pruning.latency.default_alignment`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pipeline.graph.model import Model
 from pipeline.graph.rewrite import ensure_biases
 from pipeline.graph.surgery import prune, zero_removed
 from pipeline.pruning.criterion import criteria
+from pipeline.pruning.latency import LatencyOracle, closed_loop, default_alignment, parse_target
 from pipeline.pruning.planner import plan
 from pipeline.pruning.repair import repairs
 from pipeline.runtime.verify import verify_equal
@@ -33,8 +39,10 @@ class PruneOptions:
     ratio: float = 0.5
     target_macs: float | None = None
     target_params: float | None = None
-    allocator: str = "uniform"
-    round_to: int = 1
+    target_latency: float | str | None = None  # 0.5 (of the original's latency) or "4ms"
+    lut: str | None = None  # a latency table file (`carve profile`); else profiled on the backend (cached)
+    allocator: str | None = None  # default: latency with a latency target, else uniform
+    round_to: int | None = None  # default: the backend's channel multiple (default_alignment)
     keep_min: int = 1
     exclude: list[str] = field(default_factory=list)
     seed: int = 0
@@ -45,10 +53,26 @@ class PruneOptions:
     ridge: float = 1e-3
     fuse_gate: float = 1e-3
     verify: bool = True
+    # the engine a latency target, the table and the measurements refer to
+    backend: str = "ort"
+    device: str = "cpu"
+    threads: int = 1
+    batch: int = 1
+    precision: str = "fp32"
+    measure: bool = True  # measure the pruned model against the original (quick interleaved A/B)
+    refine: int = 2  # closed-loop refinement steps for a latency target
 
     def plan_options(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`pipeline.pruning.planner.plan` these options set."""
-        return {**options_for(plan, asdict(self)), **self.allocator_options}
+        """The keyword arguments of :func:`pipeline.pruning.planner.plan` these options set (the latency target is
+        set by :func:`prune_model`, as a fraction of the table's reference)."""
+        out = {**options_for(plan, asdict(self)), **self.allocator_options}
+        out.pop("target_latency", None)
+        out["round_to"] = self.alignment()
+        return out
+
+    def alignment(self) -> int:
+        """``round_to``, or the backend's channel multiple when not given."""
+        return self.round_to if self.round_to is not None else default_alignment(self.backend, self.device)
 
     def repair_steps(self) -> list[tuple[str, dict[str, Any]]]:
         """The repairs to run, in order, with their options (registry name, options)."""
@@ -72,6 +96,14 @@ class PruneOptions:
         return None
 
     def check(self, calib: Any) -> None:
+        if self.target_latency is not None:
+            parse_target(self.target_latency)
+            if any(t is not None for t in (self.target_macs, self.target_params)):
+                raise CarveError("give one of --target-macs, --target-params and --target-latency")
+        if self.allocator == "latency" and self.target_latency is None:
+            raise CarveError("allocator 'latency' needs --target-latency")
+        if self.refine < 0:
+            raise CarveError(f"--refine must be 0 or more, got {self.refine}")
         if self.fuse not in (None, "exact", "lsq"):
             raise CarveError(f"--fuse must be exact or lsq, got {self.fuse!r}")
         if self.repair not in (None, "bias", "bn"):
@@ -89,16 +121,45 @@ def prune_model(
     command: str | None = None,
     inplace: bool = False,
     progress=None,
+    latency: LatencyOracle | None = None,
 ) -> tuple[Model, dict]:
-    """Prune ``model`` as ``opts`` says; returns the pruned model and a summary (also stored in its metadata)."""
+    """Prune ``model`` as ``opts`` says; returns the pruned model and a summary (also stored in its metadata).
+
+    ``latency`` measures (:class:`~pipeline.pruning.latency.LatencyOracle`): it gives the latency table for a
+    latency target, checks the plan on the engine (closed loop), and measures the result against the original."""
     opts.check(calib)
+    if opts.target_latency is not None and latency is None:
+        raise CarveError(
+            "a latency target needs measurements on the target engine",
+            hint="use pipeline.flows.prune.prune_measured(...) or pass latency=MeasuredLatency(...)",
+        )
     if not inplace:
         model = model.copy()
     steps = opts.repair_steps()
     if any(name in ("lsq", "bias") for name, _ in steps):
         ensure_biases(model)  # the refit's intercept needs a bias that is cut with its layer
     analysis = analyse(model)
-    p = plan(analysis, calib=calib, **opts.plan_options())
+    plan_opts = opts.plan_options()
+    table = bound = target = None
+    if opts.target_latency is not None or opts.lut:
+        table = latency.table(model)
+        bound = table.bind(analysis)
+        plan_opts["latency"] = bound
+    if opts.target_latency is not None:
+        target = parse_target(opts.target_latency)
+        plan_opts["target_latency"] = min(1.0, target.budget(table.model_ms))
+    p = plan(analysis, calib=calib, **plan_opts)
+    loop = None
+    measuring = latency is not None and opts.measure
+    reference = model.copy() if measuring else None  # the unpruned model (surgery below works in place)
+    if target is not None and measuring:
+
+        def replan(budget: float):
+            return plan(analysis, calib=calib, **{**plan_opts, "target_latency": budget, "scores": p.scores})
+
+        p, loop = closed_loop(
+            reference, analysis, p, replan, target, latency, error=table.stated_error, refine=opts.refine
+        )
     repaired: dict[str, Any] = {}
     work = zero_removed(model, p) if steps else model
     for name, options in steps:
@@ -107,17 +168,37 @@ def prune_model(
         repaired["fused_channels" if name == "exact" else name] = (
             result.stats["fused_channels"] if name == "exact" else len(result.details)
         )
-    reference = zero_removed(work, p) if opts.verify else None
+    check_ref = zero_removed(work, p) if opts.verify else None
     pruned = prune(work, p, command=command, inplace=True)
     summary = json.loads(pruned.metadata()["carve.prune"])
     if repaired:
         summary["repairs"] = repaired
     if calib is not None:
         summary["calibration"] = calib.describe()
-    if reference is not None:
-        summary["verify"] = verify_equal(reference, pruned)
+    if check_ref is not None:
+        summary["verify"] = verify_equal(check_ref, pruned)
+    if measuring:
+        measured = loop["steps"][loop["chosen"]] if loop else latency.measure(reference, pruned)
+        summary["latency"] = latency_summary(latency, measured, p, table, loop)
+    elif bound is not None:
+        summary["latency"] = latency_summary(latency, None, p, table, loop)
     record(pruned, "prune", summary, command=command, replace_last=True)
     return pruned, summary
+
+
+def latency_summary(latency: LatencyOracle | None, measured: dict | None, p, table, loop: dict | None) -> dict:
+    """What a prune reports about speed: the engine, the table's prediction, the measurement, the closed loop."""
+    out: dict[str, Any] = {"engine": latency.describe() if latency is not None else None}
+    if table is not None:
+        out["table"] = {"reference_ms": round(table.model_ms, 4), "error": round(table.stated_error, 4)}
+        out["predicted"] = p.options.get("predicted_latency")
+    if measured is not None:
+        out["measured"] = {k: measured[k] for k in ("ratio", "speedup", "ci", "a_ms", "b_ms") if k in measured}
+        if "clock" in measured:
+            out["measured"]["clock"] = measured["clock"]
+    if loop is not None:
+        out["loop"] = loop
+    return out
 
 
 def options_dict(opts: PruneOptions) -> dict:

@@ -1,4 +1,6 @@
-"""Pruning as a pass, for recipes: plan with a criterion and an allocator, repair, cut (see pipeline.pruning.prune)."""
+"""Pruning as a pass, for recipes: plan with a criterion and an allocator (a ratio, or a MAC, parameter or latency
+target), repair, cut, and measure the result against its input on the options' backend (see pipeline.pruning.prune;
+``measure: false`` skips the measurement)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ from typing import Any
 
 from pipeline.config import from_mapping
 from pipeline.graph.model import Model
+from pipeline.measure.latency import MeasuredLatency
 from pipeline.passes import Pass, PassContext, PassResult, passes
 from pipeline.pruning.prune import PruneOptions, prune_model
 
@@ -23,9 +26,16 @@ class Prune(Pass):
         return frozenset({"calib"}) if self.opts.data_needed() else frozenset()
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        pruned, summary = prune_model(model, self.opts, calib=ctx.calib, command=ctx.command)
+        latency = MeasuredLatency.for_options(self.opts)
+        pruned, summary = prune_model(model, self.opts, calib=ctx.calib, command=ctx.command, latency=latency)
         details = [
             f"removed {summary['channels_removed']} of {summary['channels_before']} channels "
             f"({summary['criterion']}, {summary['allocator']}, ratio {summary['options']['ratio']:.3g})"
         ]
+        measured = (summary.get("latency") or {}).get("measured")
+        if measured:
+            details.append(
+                f"measured on {summary['latency']['engine']}: {measured['speedup']:.2f}x the speed of its input "
+                f"(latency ratio {measured['ratio']:.3f})"
+            )
         return PassResult(pruned, summary["channels_removed"] > 0, details, summary)
