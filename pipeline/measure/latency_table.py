@@ -13,12 +13,14 @@ model's latency L0, all measured as interleaved ratios, so a busy machine's drif
 
 The prediction for kept widths w (a fraction of L0) is
 
-    P(w) = 1 + sum_g t_g (F_g(w_g) - 1) + sum_(g,h) tau_gh (F_g(w_g) - 1) (F_h(w_h) - 1)
+    P(w) = 1 + s [ sum_g t_g (F_g(w_g) - 1) + sum_(g,h) tau_gh (F_g(w_g) - 1) (F_h(w_h) - 1) ]
 
-exact for any single group by construction (it is what was measured), bilinear where two groups meet. Widths between
-candidates are interpolated on the group's total kept units. ``error`` records how far predictions were from whole
-pruned models measured against the original (the profile's validation), which is the error the closed loop of
-``carve prune --target-latency`` allows before it refines.
+what was measured for any single group, bilinear where two groups meet, and calibrated by one scale s fitted to
+whole pruned models (a layer cut out of its model does not save exactly what it saves in place: its inputs and
+outputs are reordered, its neighbours' layouts differ). Widths between candidates are interpolated on the group's
+total kept units. ``error`` records how far predictions were from whole pruned models measured against the original
+(the profile's validation, leave-one-out), which bounds what the closed loop of ``carve prune --target-latency``
+allows before it refines.
 
 Tables are cached on disk (``$CARVE_CACHE`` or ``~/.cache/carve``, folder ``latency``) under a key of the model's
 structure (nodes, attributes, shapes; not weight values, which do not change latency), the backend, device, machine,
@@ -99,6 +101,7 @@ class LatencyTable:
     interactions: list[list[float]] = field(default_factory=list)  # [g, h, tau]
     error: dict[str, Any] = field(default_factory=dict)  # validation: predicted vs measured whole models
     profile: dict[str, Any] = field(default_factory=dict)  # how it was measured: seconds, rounds, machine load
+    scale: float = 1.0  # calibration of the predicted change on whole pruned models (the validation)
 
     @property
     def stated_error(self) -> float:
@@ -119,7 +122,7 @@ class LatencyTable:
         if doc.get("schema") != SCHEMA:
             raise CarveError(f"{where}: latency table schema {doc.get('schema')} (this carve reads {SCHEMA})")
         groups = [GroupTable(**g) for g in doc["groups"]]
-        fields = {k: doc[k] for k in ("key", "model_ms", "interactions", "error", "profile") if k in doc}
+        fields = {k: doc[k] for k in ("key", "model_ms", "interactions", "error", "profile", "scale") if k in doc}
         return cls(groups=groups, **fields)
 
     def save(self, path: str | Path) -> Path:
@@ -175,7 +178,9 @@ class BoundTable:
             if g.group >= len(analysis.groups) or [len(s) for s in analysis.groups[g.group].slices] != g.slices:
                 raise CarveError(f"the latency table's group {g.group} does not match this model's channel groups")
             self.entries[g.group] = g
-        self.pairs = [(int(a), int(b), float(t)) for a, b, t in table.interactions]
+        # the calibrated terms: each group's share and each pair's tau, times the table's scale
+        self.shares = {gid: g.share * table.scale for gid, g in self.entries.items()}
+        self.pairs = [(int(a), int(b), float(t) * table.scale) for a, b, t in table.interactions]
 
     def factors(self, removed: np.ndarray) -> dict[int, float]:
         """F_g per tabled group for a removal mask."""
@@ -186,7 +191,7 @@ class BoundTable:
         return out
 
     def predict_factors(self, f: dict[int, float]) -> float:
-        p = 1.0 + sum(self.entries[g].share * (f[g] - 1.0) for g in f)
+        p = 1.0 + sum(self.shares[g] * (f[g] - 1.0) for g in f)
         p += sum(tau * (f.get(a, 1.0) - 1.0) * (f.get(b, 1.0) - 1.0) for a, b, tau in self.pairs)
         return float(p)
 

@@ -26,7 +26,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ import onnx
 from pipeline.errors import CarveError
 from pipeline.graph.channels import ChannelAnalysis, analyse
 from pipeline.graph.cost import model_cost
-from pipeline.graph.model import Model
+from pipeline.graph.model import Model, tensor_nbytes
 from pipeline.graph.plan import Plan
 from pipeline.graph.subgraph import extract, group_nodes
 from pipeline.graph.surgery import prune
@@ -63,7 +63,8 @@ class ProfileSettings:
     rounds: int = 7
     min_round_ms: float = 5.0  # each engine's share of a round
     warmup_ms: float = 10.0
-    chunk: int = 16  # engines alive at once (memory)
+    chunk: int = 16  # engines alive at once
+    chunk_mb: float = 1024.0  # and at most about this much weight memory in them
     validate: int = 3  # whole pruned models measured to state the table's error
     clock: str = "auto"  # CPU with one thread: the thread's CPU time (see EngineConfig.cpu_clock)
     cache: bool = True
@@ -198,7 +199,7 @@ def profile(
         reps = list(subs.values())
         original = LocalRunner(settings.backend, whole, config)
         try:
-            shares, model_ms = _shares(original, reps, settings, tmp, progress)
+            shares, model_ms = _shares(original, _nbytes(model.proto), reps, settings, tmp, progress)
             staircases = {}
             for k, sub in enumerate(reps):
                 if progress:
@@ -241,15 +242,18 @@ def profile(
     return table
 
 
-def _shares(original: LocalRunner, reps: list[GroupSubgraph], settings: ProfileSettings, tmp: Path, progress):
+def _shares(
+    original: LocalRunner, whole_bytes: int, reps: list[GroupSubgraph], settings: ProfileSettings, tmp: Path, progress
+):
     """Each distinct subgraph's full-width latency / the whole model's, measured in the same rounds (in chunks, the
     whole model in each); and the whole model's median latency in ms."""
     shares: dict[int, float] = {}
     model_times = []
-    for start in range(0, len(reps), settings.chunk):
-        chunk = reps[start : start + settings.chunk]
+    done = 0
+    for chunk in _chunks(reps, [_nbytes(s.proto) for s in reps], settings, reserved=whole_bytes):
+        done += len(chunk)
         if progress:
-            progress(f"timing subgraphs against the whole model ({start + len(chunk)}/{len(reps)})")
+            progress(f"timing subgraphs against the whole model ({done}/{len(reps)})")
         runners = [original]
         try:
             for sub in chunk:
@@ -270,9 +274,8 @@ def _staircase(sub: GroupSubgraph, settings: ProfileSettings, tmp: Path) -> tupl
     cands = group_candidates(sub.sizes, sub.frozen_counts, settings.step)
     ratio = [1.0] * len(cands)
     rest = list(range(1, len(cands)))
-    per_chunk = max(1, settings.chunk - 1)
-    for start in range(0, len(rest), per_chunk):
-        idx = rest[start : start + per_chunk]
+    full = _nbytes(sub.proto)
+    for idx in _chunks(rest, [full] * len(rest), settings, reserved=full):
         runners = []
         try:
             runners.append(_runner(sub.proto, settings, tmp / f"g{sub.gid}_full.onnx"))
@@ -285,6 +288,28 @@ def _staircase(sub: GroupSubgraph, settings: ProfileSettings, tmp: Path) -> tupl
             for r in runners:
                 r.close()
     return cands, ratio
+
+
+def _chunks(items: list, sizes: list[int], settings: ProfileSettings, *, reserved: int = 0) -> list[list]:
+    """Consecutive runs of ``items`` of at most ``chunk - 1`` items (one engine of each round-robin is the reference)
+    and about ``chunk_mb`` of weights: engines alive at once hold their weights."""
+    budget = settings.chunk_mb * 2**20 - reserved
+    out: list[list] = []
+    cur: list = []
+    used = 0
+    for item, size in zip(items, sizes):
+        if cur and (len(cur) >= max(1, settings.chunk - 1) or used + size > budget):
+            out.append(cur)
+            cur, used = [], 0
+        cur.append(item)
+        used += size
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _nbytes(proto: onnx.ModelProto) -> int:
+    return sum(tensor_nbytes(t) for t in proto.graph.initializer)
 
 
 def _runner(proto: onnx.ModelProto, settings: ProfileSettings, path: Path) -> LocalRunner:
@@ -400,10 +425,15 @@ def validate(
     tmp: Path,
     progress: Progress | None = None,
 ) -> dict:
-    """Predicted vs measured latency of whole pruned models (every group at the fast step nearest 3/4, then 1/2,
-    then 5/8 ... of its width), each measured against the original in interleaved rounds."""
+    """Measure whole pruned models (every group at the fast step nearest 3/4, then 1/2, then 5/8 ... of its width)
+    against the original (interleaved, at least 15 rounds of 20 ms), calibrate the table on them, and state its error.
+
+    The calibration is one scale s of the predicted change (P = 1 + s (P_raw - 1)), fitted by least squares through
+    the origin (clipped to [0.5, 2]; 1 with fewer than two models) and stored as ``table.scale``. The stated error
+    is each model's error under the scale fitted to the *other* models (leave one out), so it is not flattered by
+    the fit; it is what ``stated_error`` reports."""
     bound = BoundTable(table, analysis)
-    points = []
+    raw = []
     for k, fraction in enumerate(VALIDATION_FRACTIONS[: settings.validate]):
         if progress:
             progress(f"validating the table on a whole pruned model ({k + 1}/{settings.validate})")
@@ -411,23 +441,40 @@ def validate(
         predicted = bound.predict(removed)
         pruned = prune(model, Plan(analysis, removed), verify=False)
         runner = _runner(pruned.proto, settings, tmp / f"validate{k}.onnx")
+        precise = replace(settings, rounds=max(settings.rounds, 15), min_round_ms=max(settings.min_round_ms, 20.0))
         try:
-            run = _robin([original, runner], settings)
+            run = _robin([original, runner], precise)
         finally:
             runner.close()
-        measured = float(np.median(run.ratios(0)[:, 1]))
+        raw.append((fraction, predicted, float(np.median(run.ratios(0)[:, 1]))))
+
+    def fit(points) -> float:
+        den = sum((p - 1.0) ** 2 for _, p, _ in points)
+        if den <= 1e-12:
+            return 1.0
+        return float(np.clip(sum((p - 1.0) * (m - 1.0) for _, p, m in points) / den, 0.5, 2.0))
+
+    scale = fit(raw) if len(raw) >= 2 else 1.0
+    table.scale = round(scale, 4)
+    points = []
+    for i, (fraction, p, m) in enumerate(raw):
+        loo = fit(raw[:i] + raw[i + 1 :]) if len(raw) >= 2 else 1.0
         points.append(
             {
                 "fraction": fraction,
-                "predicted": round(predicted, 4),
-                "measured": round(measured, 4),
-                "error": round(predicted / measured - 1.0, 4),
+                "predicted": round(1.0 + scale * (p - 1.0), 4),
+                "predicted_uncalibrated": round(p, 4),
+                "predicted_left_out": round(1.0 + loo * (p - 1.0), 4),
+                "measured": round(m, 4),
+                "error": round((1.0 + loo * (p - 1.0)) / m - 1.0, 4),
             }
         )
     errs = [abs(p["error"]) for p in points]
     return {
-        "method": "whole pruned models (every group near a common fraction of its width) measured against the "
-        "original in interleaved rounds; error = predicted / measured latency ratio - 1",
+        "method": "whole pruned models (every group at the fast step nearest a common fraction of its width) "
+        "measured against the original in interleaved rounds; the predicted change scaled by s fitted to them; "
+        "error = predicted / measured latency ratio - 1 with s fitted to the other models (leave one out)",
+        "scale": round(scale, 4),
         "points": points,
         "max_abs": round(max(errs), 4) if errs else None,
         "mean_abs": round(float(np.mean(errs)), 4) if errs else None,

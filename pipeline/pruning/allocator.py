@@ -37,8 +37,9 @@ class LatencyModel(Protocol):
 
     reference_ms: float  # the original's latency the fractions are of
     error: float  # the relative error the table vouches for
-    entries: dict[int, Any]  # per tabled group: candidates, their latency factors, its share
-    pairs: list[tuple[int, int, float]]  # bilinear terms between groups
+    entries: dict[int, Any]  # per tabled group: candidates and their latency factors
+    shares: dict[int, float]  # per tabled group: its (calibrated) share of the original's latency
+    pairs: list[tuple[int, int, float]]  # (calibrated) bilinear terms between groups
 
     def predict(self, removed: np.ndarray) -> float:
         """Predicted latency after removing ``removed``, as a fraction of the original's."""

@@ -6,8 +6,10 @@ on the target, adjust).
 ``--target-latency 0.5`` is half the original's latency on the chosen backend; ``4ms`` (``4000us``, ``0.004s``) an
 absolute budget. The plan is made against a latency table's prediction; the pruned model (before repairs, which change
 weights, not shapes) is then measured against the original in a quick interleaved A/B. When the measured latency
-misses the target by more than the table's stated error, the table's budget is scaled by target / measured and the
-plan is made again, at most ``refine`` times; the step closest to the target (preferring one that meets it) is kept.
+misses the target by more than the table's stated error (:func:`tolerance`: at most 5%, so that a table that is off
+by more than that is still corrected, and at least 3%, the quick A/B's own spread), the table's budget is scaled by
+target / measured and the plan is made again, at most ``refine`` times; the step closest to the target (preferring
+one that meets it) is kept.
 """
 
 from __future__ import annotations
@@ -86,6 +88,12 @@ def parse_target(value: float | str) -> LatencyTarget:
             hint="for an absolute budget give a unit, e.g. 4ms",
         )
     return LatencyTarget(fraction=fraction)
+
+
+def tolerance(stated_error: float) -> float:
+    """How far a measured latency may miss its target before the closed loop refines: the table's stated error,
+    within [3%, 5%]."""
+    return min(max(float(stated_error), 0.03), 0.05)
 
 
 class LatencyOracle(Protocol):

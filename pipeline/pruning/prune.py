@@ -27,7 +27,7 @@ from pipeline.graph.model import Model
 from pipeline.graph.rewrite import ensure_biases
 from pipeline.graph.surgery import prune, zero_removed
 from pipeline.pruning.criterion import criteria
-from pipeline.pruning.latency import LatencyOracle, closed_loop, default_alignment, parse_target
+from pipeline.pruning.latency import LatencyOracle, closed_loop, default_alignment, parse_target, tolerance
 from pipeline.pruning.planner import plan
 from pipeline.pruning.repair import repairs
 from pipeline.runtime.verify import verify_equal
@@ -158,7 +158,7 @@ def prune_model(
             return plan(analysis, calib=calib, **{**plan_opts, "target_latency": budget, "scores": p.scores})
 
         p, loop = closed_loop(
-            reference, analysis, p, replan, target, latency, error=table.stated_error, refine=opts.refine
+            reference, analysis, p, replan, target, latency, error=tolerance(table.stated_error), refine=opts.refine
         )
     repaired: dict[str, Any] = {}
     work = zero_removed(model, p) if steps else model

@@ -178,7 +178,7 @@ class LatencyKnapsack(Allocator):
             ranked = [self.ranked(sl, job.frozen, scores) for sl in slices]
             values = [sum(float(scores[r[:k]].sum()) for r, k in zip(ranked, kept)) for kept in options]
             factor = np.array([entry.ratio[i] for i in idx], dtype=np.float64)
-            out.append(_Group(gid, options, factor, np.array(values), entry.share))
+            out.append(_Group(gid, options, factor, np.array(values), table.shares[gid]))
         return out
 
     @staticmethod
