@@ -380,3 +380,25 @@ def test_python_api_prune_measured(net, staircase_backend, latency_cache):
     assert summary["latency"]["measured"]["ratio"] < 1.0
     with pytest.raises(CarveError, match="needs measurements"):
         P.prune_model(P.load(net), opts)
+
+
+def test_the_readme_latency_commands_run(zoo_dir, tmp_path, monkeypatch, staircase_backend, latency_cache):
+    """The README's latency block as written, on the staircase engine instead of ONNX Runtime (no real timing)."""
+    import re
+    import shlex
+
+    from conftest import REPO, need_shared
+
+    shared = need_shared("data", "cifar10", "train_subset.npz").parents[2]
+    readme = (REPO / "README.md").read_text()
+    blocks = [[ln for ln in b.splitlines() if ln.strip()] for b in re.findall(r"```bash\n(.*?)```", readme, re.S)]
+    block = next(b for b in blocks if b[0].startswith("carve profile"))
+    (tmp_path / "r20.onnx").write_bytes((zoo_dir / "resnet20.onnx").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    for line in block:
+        cmd = line.split("  #")[0].replace("../shared", str(shared)).replace("--backend ort", "--backend staircase")
+        args = shlex.split(cmd)
+        assert main(args[1:]) == 0, line
+    assert (tmp_path / "r20.lut.json").exists() and (tmp_path / "r20_fast.onnx").exists()
+    fast = json.loads(P.load(tmp_path / "r20_fast.onnx").metadata()["carve.prune"])
+    assert fast["latency"]["measured"]["ratio"] < 1.0 and fast["allocator"] == "latency"

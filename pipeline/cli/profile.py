@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     for g in table.groups:
         if g.measured_as is not None:
             continue
-        fast = [sum(g.candidates[i]) for i in g.fast()]
+        fast = sorted({sum(g.candidates[i]) for i in g.fast()}, reverse=True)
         con.print(
             f"  group {g.group} ({sum(g.slices)} ch, {g.share:.1%} of the model): fast widths "
             f"{', '.join(map(str, fast[:12]))}{' ...' if len(fast) > 12 else ''}"

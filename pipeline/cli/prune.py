@@ -112,12 +112,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=1e-3,
         help="largest relative residual for exact fusion (1e-3 = practically exact multiples)",
     )
-    eng = p.add_argument_group("speed (the engine the latency target and the measurements refer to)")
-    eng.add_argument("--backend", default="ort", help="ort | trt | torch-cuda | torch-cpu (default ort)")
-    eng.add_argument("--device", default="cpu", help="ort: cpu | cuda | tensorrt execution provider (default cpu)")
-    eng.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1)")
-    eng.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
-    eng.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    eng = p.add_argument_group(
+        "speed (the engine the latency target and the measurements refer to; with --lut, the table's by default)"
+    )
+    eng.add_argument("--backend", help="ort | trt | torch-cuda | torch-cpu (default ort)")
+    eng.add_argument("--device", help="ort: cpu | cuda | tensorrt execution provider (default cpu)")
+    eng.add_argument("--threads", type=positive_int, help="CPU threads (default 1)")
+    eng.add_argument("--batch", type=positive_int, help="batch size (default 1)")
+    eng.add_argument("--precision", choices=["fp32", "fp16"])
     eng.add_argument(
         "--no-measure",
         dest="measure",
@@ -150,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.pruning.prune import PruneOptions
 
     check_output_path(args.output, args.model)
+    engine_defaults(args)
     opts = from_args(PruneOptions, args)
     model = load(args.model)
     calib = load_calib(args, model, required=opts.data_needed() or False)
@@ -205,6 +208,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+ENGINE = {"backend": "ort", "device": "cpu", "threads": 1, "batch": 1, "precision": "fp32"}
+
+
+def engine_defaults(args: argparse.Namespace) -> None:
+    """Engine settings not given on the command line: the latency table's (--lut), else ONNX Runtime CPU, 1 thread,
+    batch 1, fp32."""
+    key = {}
+    if args.lut:
+        from pipeline.measure.latency_table import LatencyTable
+
+        key = LatencyTable.load(args.lut).key
+    for name, default in ENGINE.items():
+        if getattr(args, name) is None:
+            setattr(args, name, key.get(name, default))
+
+
 def latency_lines(summary: dict, opts) -> list[str]:
     """The prune summary's speed lines: predicted, measured beside the original, the closed loop's steps."""
     lat = summary.get("latency")
@@ -227,7 +246,9 @@ def latency_lines(summary: dict, opts) -> list[str]:
             f"{m['a_ms']:.3f} ms original: {s:.2f}x {word} (95% CI {lo:.2f}-{hi:.2f}), latency ratio "
             f"{m['ratio']:.3f} beside a MAC ratio of {mr:.3f}"
         )
-        if hi < 1.0:
+        if summary.get("channels_removed", 0) == 0:
+            text += " (nothing was removed: the original meets the target)"
+        elif hi < 1.0:
             text = f"[red]{text}: THE PRUNED MODEL IS SLOWER THAN THE ORIGINAL[/red]"
         elif s < 1.0:
             text = f"[yellow]{text}: not measurably faster[/yellow]"
@@ -251,6 +272,8 @@ def latency_lines(summary: dict, opts) -> list[str]:
 
 
 def slower_than_asked(summary: dict, opts) -> bool:
-    """A speed-up was asked for and the measurement says, with confidence, that the result is slower."""
+    """A speed-up was asked for, channels were removed, and the measurement says with confidence that the result is
+    slower than the original."""
     m = (summary.get("latency") or {}).get("measured")
-    return opts.target_latency is not None and m is not None and m["ci"][1] < 1.0
+    removed = summary.get("channels_removed", 0) > 0
+    return opts.target_latency is not None and removed and m is not None and m["ci"][1] < 1.0

@@ -236,6 +236,7 @@ BENCH_KEYS = {
     "isolate",
     "cuda_graphs",
     "spinning",
+    "clock",
     "memory",
 }
 

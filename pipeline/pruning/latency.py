@@ -144,6 +144,8 @@ def closed_loop(
         plans.append(p)
         if abs(measured / goal - 1.0) <= error or k == refine:
             break
+        if measured < goal and budget >= 1.0:  # faster than asked with nothing left to give back
+            break
         budget = min(1.0, budget * goal / measured)
         try:
             p = replan(budget)
