@@ -146,15 +146,12 @@ class LatencyTable:
 
     def check(self, key: dict[str, Any], *, where: str = "the latency table") -> None:
         """Refuse a table measured for another model or under other settings, naming the first difference."""
-        for k in ("model", "backend", "device", "threads", "batch", "precision"):
+        hint = "profile this model with these settings: `carve profile MODEL --backend ... -o FILE`"
+        if self.key.get("model") != key.get("model"):
+            raise CarveError(f"{where} was measured for another model (or one whose structure changed)", hint=hint)
+        for k in ("backend", "device", "threads", "batch", "precision"):
             if self.key.get(k) != key.get(k):
-                what = "another model (or one whose structure changed)" if k == "model" else f"{k}={self.key.get(k)}"
-                raise CarveError(
-                    f"{where} was measured for {what}, not {k}={key.get(k)}"
-                    if k != "model"
-                    else f"{where} was measured for {what}",
-                    hint="profile this model with these settings: `carve profile MODEL --backend ... -o FILE`",
-                )
+                raise CarveError(f"{where} was measured with {k}={self.key.get(k)}, not {k}={key.get(k)}", hint=hint)
 
     def bind(self, analysis: ChannelAnalysis) -> BoundTable:
         if self.key.get("model") != structure_fingerprint(analysis.model):
