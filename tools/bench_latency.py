@@ -213,8 +213,14 @@ def bench_model(name: str, args, tmp: Path) -> dict:
         )
         return r
 
+    doc["unreachable"] = []
     for target in args.targets:
-        p, loop = reach("latency", target)
+        try:
+            p, loop = reach("latency", target)
+        except CarveError as e:  # e.g. ResNet-56 at 0.5: record it and go on, not lose the model's other rows
+            doc["unreachable"].append({"target": target, "reason": str(e)})
+            print(f"{name} t={target}: unreachable: {e}", file=sys.stderr, flush=True)
+            continue
         lat = row(target, "latency", p, loop)
         doc["rows"].append(lat)
         goal = lat["measured"]["ratio"]  # the others aim at what the knapsack's model measured
