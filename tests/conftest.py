@@ -191,3 +191,74 @@ def simulated_backend() -> str:
 
         backends.register("simulated")(Simulated)
     return "simulated"
+
+
+STAIRCASE_STEP = 16
+
+
+class _StaircaseEngine(_SimulatedEngine):
+    """Times with a known staircase: each Conv/Gemm costs its MACs with both channel counts rounded up to a multiple
+    of :data:`STAIRCASE_STEP` (1 ps per MAC, a fixed 20 us per run, 1% seeded jitter). Widths between two multiples
+    cost what the next multiple costs, so the fast steps of every group are its multiples of the step. A whole model
+    (not a cut-out subgraph) that carve has pruned runs ``slowdown`` times slower, to test what carve says when a
+    pruned model is slower than the table promised."""
+
+    slowdown = 1.0
+
+    def __init__(self, model, config) -> None:
+        import hashlib
+        import math
+
+        import numpy as np
+        import onnx
+
+        from pipeline.graph.model import Model, attr
+
+        m = Model(onnx.load(str(model)))
+        s = STAIRCASE_STEP
+        macs = 0
+        for n in m.graph.node:
+            if n.op_type not in ("Conv", "Gemm") or n.input[1] not in m.init:
+                continue
+            w = m.shape(n.input[1])
+            if n.op_type == "Conv":
+                out = m.shape(n.output[0])
+                group = attr(n, "group", 1)
+                cout, cin = w[0], w[1] * group
+                per = math.ceil(cout / s) * s * math.ceil(cin / s) * s / group * int(np.prod(w[2:]))
+                macs += per * int(np.prod([d or 1 for d in out[2:]]))
+            else:
+                macs += math.ceil(w[0] / s) * s * math.ceil(w[1] / s) * s
+        self.base = (macs * 1e-12 + 2e-5) * config.batch
+        if not m.graph.name.startswith("group") and "carve.prune" in m.metadata():
+            self.base *= self.slowdown
+        digest = hashlib.sha256(f"{model}:{config.seed}".encode()).digest()
+        self.rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+    def times(self, n: int):
+        return self.base * self.rng.normal(1.0, 0.01, size=n).clip(0.97, 1.03)
+
+
+@pytest.fixture(scope="session")
+def staircase_backend() -> str:
+    """Register the ``staircase`` backend (see :class:`_StaircaseEngine`) and return its name."""
+    from pipeline.measure.backends import Backend, backends
+
+    if "staircase" not in backends:
+
+        class Staircase(Backend):
+            description = "test-only: a known latency staircase"
+
+            def build(self, model, config):
+                return _StaircaseEngine(model, config)
+
+        backends.register("staircase")(Staircase)
+    return "staircase"
+
+
+@pytest.fixture
+def latency_cache(tmp_path, monkeypatch) -> Path:
+    """A private latency-table cache for the test."""
+    d = tmp_path / "cache"
+    monkeypatch.setenv("CARVE_CACHE", str(d))
+    return d / "latency"

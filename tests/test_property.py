@@ -62,7 +62,7 @@ def apply_pass(model, name: str, x: float, calib):
     if name == "decompose":
         return get("decompose", energy=x)(model, ctx).model
     fuse = {"prune": None, "prune_fuse": "exact", "prune_lsq": "lsq"}[name]
-    opts = PruneOptions(criterion="l1", ratio=1 - x, fuse=fuse, fuse_gate=0.5, verify=True)
+    opts = PruneOptions(criterion="l1", ratio=1 - x, round_to=1, fuse=fuse, fuse_gate=0.5, verify=True)
     return prune_model(model, opts, calib=calib if fuse == "lsq" else None)[0]
 
 

@@ -27,6 +27,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-ms", type=non_negative_float, default=300.0)
     p.add_argument("--isolate", action="store_true", help="run each model in its own process")
     p.add_argument(
+        "--clock",
+        choices=["wall", "cpu", "auto"],
+        default="wall",
+        help="CPU timing: wall clock (default), or the thread's CPU time (one thread; steadier on a shared machine)",
+    )
+    p.add_argument(
         "--spinning",
         action="store_true",
         help="ort: let idle threads spin-wait (ORT's default; off here because an idle model's spinning "

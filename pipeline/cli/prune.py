@@ -16,6 +16,18 @@ from pipeline.cli._common import (
 )
 
 
+def latency_target(text: str) -> str:
+    """``0.5``, ``50%``, ``4ms``, ``800us``: checked here, interpreted by pipeline.pruning.latency.parse_target."""
+    from pipeline.errors import CarveError
+    from pipeline.pruning.latency import parse_target
+
+    try:
+        parse_target(text)
+    except CarveError as exc:
+        raise argparse.ArgumentTypeError(exc.message.split(": ", 1)[-1]) from None
+    return text
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="remove channels (physically smaller model)", description=__doc__)
     p.add_argument("model", help="ONNX file to prune (never modified)")
@@ -38,11 +50,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="instead of --ratio: keep this fraction of the parameters",
     )
     how.add_argument(
+        "--target-latency",
+        metavar="T",
+        type=latency_target,
+        help="instead of --ratio: a latency budget on --backend, a fraction of the original's (0.5) or a time "
+        "(4ms); widths from a latency table (--lut, or profiled now and cached), checked by measurement",
+    )
+    how.add_argument("--lut", metavar="FILE", help="the latency table to plan with (`carve profile ... -o FILE`)")
+    how.add_argument(
         "--round-to",
         type=positive_int,
-        default=1,
+        default=None,
         metavar="N",
-        help="keep channel counts multiples of N (8 for FP16 tensor cores, 16 for AVX-512 kernels)",
+        help="keep channel counts multiples of N (default: what --backend's kernels want, 16 on AVX-512 CPUs "
+        "with ONNX Runtime, 8 on GPUs; 1 turns alignment off)",
     )
     how.add_argument("--keep-min", type=positive_int, default=1, metavar="N", help="keep at least N channels per layer")
     how.add_argument(
@@ -67,8 +88,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     which.add_argument(
         "--allocate",
         dest="allocator",
-        default="uniform",
-        help="how to spread the removal over layers: uniform, global, dispersion",
+        default=None,
+        help="how to spread the removal over layers: uniform (default), global, dispersion, latency (the default "
+        "with --target-latency: a knapsack over measured widths)",
     )
     which.add_argument(
         "--allocator-opt",
@@ -101,6 +123,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=1e-3,
         help="largest relative residual for exact fusion (1e-3 = practically exact multiples)",
     )
+    eng = p.add_argument_group(
+        "speed (the engine the latency target and the measurements refer to; with --lut, the table's by default)"
+    )
+    eng.add_argument("--backend", help="ort | trt | torch-cuda | torch-cpu (default ort)")
+    eng.add_argument("--device", help="ort: cpu | cuda | tensorrt execution provider (default cpu)")
+    eng.add_argument("--threads", type=positive_int, help="CPU threads (default 1)")
+    eng.add_argument("--batch", type=positive_int, help="batch size (default 1)")
+    eng.add_argument("--precision", choices=["fp32", "fp16"])
+    eng.add_argument(
+        "--no-measure",
+        dest="measure",
+        action="store_false",
+        help="skip the quick interleaved A/B of the pruned model against the original (and the closed loop)",
+    )
+    eng.add_argument(
+        "--refine",
+        type=int,
+        default=2,
+        metavar="N",
+        help="with --target-latency: at most N corrections when the measured latency misses the target (default 2)",
+    )
     p.add_argument(
         "--no-verify",
         dest="verify",
@@ -121,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.graph import check_output_path, load
     from pipeline.pruning.prune import PruneOptions, describe_amount
 
-    check_output_path(args.output, args.model, args.calib)
+    check_output_path(args.output, args.model, args.calib, args.lut)
+    engine_defaults(args)
     opts = from_args(PruneOptions, args)
     model = load(args.model, input_shape=args.input_shape)
     calib = load_calib(args, model, required=opts.data_needed() or False)
@@ -130,17 +174,21 @@ def run(args: argparse.Namespace) -> int:
         summary = prune_file(model, args.output, opts, calib=calib, command=command_line(), progress=progress)
     if args.json:
         print(json.dumps(summary, indent=1))
-        return 0
+        return 0 if not slower_than_asked(summary, opts) else 1
     pr = summary["params_after"] / summary["params_before"]
     mr = summary["macs_after"] / summary["macs_before"]
+    options = summary["options"]
+    align = "widths from the latency table" if summary["allocator"] == "latency" else f"round-to {options['round_to']}"
     con.print(
         f"removed {summary['channels_removed']}/{summary['channels_before']} output channels "
-        f"({describe_amount(summary)}, round-to {args.round_to})"
+        f"({describe_amount(summary)}, {align})"
     )
     con.print(
         f"params {summary['params_before']:,} -> {summary['params_after']:,} ({pr:.1%}); "
         f"MACs {summary['macs_before']:,} -> {summary['macs_after']:,} ({mr:.1%}, a MAC ratio, not a speed-up)"
     )
+    for line in latency_lines(summary, opts):
+        con.print(line)
     if "repairs" in summary:
         con.print("repairs: " + ", ".join(f"{k} {v}" for k, v in summary["repairs"].items()))
     if "verify" in summary:
@@ -151,4 +199,78 @@ def run(args: argparse.Namespace) -> int:
             f"scale {v['scale']:.2e})"
         )
     con.print(f"wrote {args.output}")
+    if slower_than_asked(summary, opts):
+        con.print("[red]error: a speed-up was asked (--target-latency) and the pruned model is slower[/red]")
+        return 1
     return 0
+
+
+ENGINE = {"backend": "ort", "device": "cpu", "threads": 1, "batch": 1, "precision": "fp32"}
+
+
+def engine_defaults(args: argparse.Namespace) -> None:
+    """Engine settings not given on the command line: the latency table's (--lut), else ONNX Runtime CPU, 1 thread,
+    batch 1, fp32."""
+    key = {}
+    if args.lut:
+        from pipeline.measure.latency_table import LatencyTable
+
+        key = LatencyTable.load(args.lut).key
+    for name, default in ENGINE.items():
+        if getattr(args, name) is None:
+            setattr(args, name, key.get(name, default))
+
+
+def latency_lines(summary: dict, opts) -> list[str]:
+    """The prune summary's speed lines: predicted, measured beside the original, the closed loop's steps."""
+    lat = summary.get("latency")
+    if not lat:
+        return []
+    lines = []
+    if lat.get("predicted") is not None:
+        t = lat["table"]
+        lines.append(
+            f"latency on {lat['engine']}: predicted {lat['predicted']:.3f} of the original "
+            f"({lat['predicted'] * t['reference_ms']:.3f} ms; the table's stated error {t['error']:.0%})"
+        )
+    m = lat.get("measured")
+    if m:
+        mr = summary["macs_after"] / summary["macs_before"]
+        s, (lo, hi) = m["speedup"], m["ci"]
+        word = "faster" if s >= 1 else "slower"
+        text = (
+            f"measured on {lat['engine']} ({m.get('clock', 'wall')} clock, interleaved): {m['b_ms']:.3f} ms vs "
+            f"{m['a_ms']:.3f} ms original: {s:.2f}x {word} (95% CI {lo:.2f}-{hi:.2f}), latency ratio "
+            f"{m['ratio']:.3f} beside a MAC ratio of {mr:.3f}"
+        )
+        if summary.get("channels_removed", 0) == 0:
+            text += " (nothing was removed: the original meets the target)"
+        elif hi < 1.0:
+            text = f"[red]{text}: THE PRUNED MODEL IS SLOWER THAN THE ORIGINAL[/red]"
+        elif s < 1.0:
+            text = f"[yellow]{text}: not measurably faster[/yellow]"
+        lines.append(text)
+    loop = lat.get("loop")
+    if loop:
+        for k, st in enumerate(loop["steps"]):
+            mark = " (kept)" if k == loop["chosen"] else ""
+            stop = f"; stopped: {st['stopped']}" if "stopped" in st else ""
+            lines.append(
+                f"  step {k + 1}: table budget {st['budget']:.3f}, predicted {st['predicted']:.3f}, measured "
+                f"{st['measured']:.3f}{' ms' if opts and 'ms' in loop['target'] else ''} ({st['miss']:+.1%} from "
+                f"the target){mark}{stop}"
+            )
+        if not loop["met"]:
+            lines.append(
+                f"[yellow]warning: the target {loop['target']} was missed by more than the table's error "
+                f"({loop['error']:.0%}) after {len(loop['steps'])} measurement(s)[/yellow]"
+            )
+    return lines
+
+
+def slower_than_asked(summary: dict, opts) -> bool:
+    """A speed-up was asked for, channels were removed, and the measurement says with confidence that the result is
+    slower than the original."""
+    m = (summary.get("latency") or {}).get("measured")
+    removed = summary.get("channels_removed", 0) > 0
+    return opts.target_latency is not None and removed and m is not None and m["ci"][1] < 1.0

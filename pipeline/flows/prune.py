@@ -1,5 +1,7 @@
 """``carve prune`` as a flow: a loaded model, options and calibration data in; the pruned model written atomically
-(never over an input) and its summary out. The pruning itself is :func:`pipeline.pruning.prune.prune_model`."""
+(never over an input) and its summary out. The pruning itself is :func:`pipeline.pruning.prune.prune_model`; this
+flow gives it the measurements (:class:`pipeline.measure.latency.MeasuredLatency` on the options' backend): the latency
+table of a latency target, the closed loop, and the quick A/B of the result against the original."""
 
 from __future__ import annotations
 
@@ -8,8 +10,25 @@ from typing import Any
 
 from pipeline.graph.io import save
 from pipeline.graph.model import Model
+from pipeline.measure.latency import MeasuredLatency
 from pipeline.progress import Progress
 from pipeline.pruning.prune import PruneOptions, prune_model
+
+
+def prune_measured(
+    model: Model,
+    opts: PruneOptions,
+    *,
+    calib: Any = None,
+    command: str | None = None,
+    inplace: bool = False,
+    progress: Progress | None = None,
+) -> tuple[Model, dict]:
+    """:func:`~pipeline.pruning.prune.prune_model` with measurements on ``opts.backend`` (the Python API of
+    ``carve prune``): a latency target works, and the summary's ``latency`` says how fast the result is.
+    ``progress`` (:mod:`pipeline.progress`) hears every stage, profiling and measuring included."""
+    latency = MeasuredLatency.for_options(opts, progress=_messages(progress))
+    return prune_model(model, opts, calib=calib, command=command, inplace=inplace, progress=progress, latency=latency)
 
 
 def prune_file(
@@ -22,6 +41,14 @@ def prune_file(
     progress: Progress | None = None,
 ) -> dict:
     """Prune ``model`` (loaded from its file; changed in place) and save the result to ``output``."""
-    pruned, summary = prune_model(model, opts, calib=calib, command=command, inplace=True, progress=progress)
+    latency = MeasuredLatency.for_options(opts, progress=_messages(progress))
+    pruned, summary = prune_model(
+        model, opts, calib=calib, command=command, inplace=True, progress=progress, latency=latency
+    )
     save(pruned, output, check_inputs=[model.source])
     return summary
+
+
+def _messages(progress: Progress | None):
+    """The latency oracle's message callback (profiling, measuring) as progress stages."""
+    return None if progress is None else (lambda message: progress(message))

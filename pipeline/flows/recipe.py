@@ -303,6 +303,7 @@ BENCH_KEYS = {
     "isolate",
     "cuda_graphs",
     "spinning",
+    "clock",
     "memory",
 }
 

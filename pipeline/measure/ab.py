@@ -4,7 +4,8 @@ Both engines are built with the same configuration and warmed up; then they run 
 B then A, ...), each round long enough (``min_round_s``) for the timer to be negligible. Drift of the machine
 (thermals, a background process) hits both alike, and the order alternates so neither always runs second. The
 speed-up is the median over rounds of mean-time(A) / mean-time(B), with a bootstrap confidence interval of that median:
-ratios measured in one run are what reports and the gate trust, not absolute times.
+ratios measured in one run are what reports and the gate trust, not absolute times. :func:`interleave_many` is the
+same method over any number of engines (latency tables time a layer at many widths in one round-robin).
 """
 
 from __future__ import annotations
@@ -46,21 +47,58 @@ def interleave(
     progress: Callable[[int], None] | None = None,
 ) -> Interleaved:
     """Warm both runners up, size a round to ``min_round_s``, then run ``rounds`` alternating rounds."""
-    one = max(ra.warmup(warmup_s), rb.warmup(warmup_s), 1e-7)
-    n = int(min(10000, max(1, math.ceil(min_round_s / one))))
-    lat: dict[str, list[np.ndarray]] = {"a": [], "b": []}
-    ratios = []
+    run = interleave_many([ra, rb], rounds=rounds, min_round_s=min_round_s, warmup_s=warmup_s, progress=progress)
+    means = run.means()
+    return Interleaved(run.times[0], run.times[1], means[:, 0] / means[:, 1], run.iterations_per_round)
+
+
+@dataclass
+class RoundRobin:
+    """Per-run latencies (seconds) of each runner in each round: ``times[k][r]`` is runner k's round r, of
+    ``iterations[k]`` runs."""
+
+    times: list[list[np.ndarray]]
+    iterations: list[int]
+
+    @property
+    def iterations_per_round(self) -> int:
+        return self.iterations[0]
+
+    def means(self) -> np.ndarray:
+        """Mean latency per (round, runner)."""
+        return np.array([[float(t.mean()) for t in per_runner] for per_runner in zip(*self.times)])
+
+    def ratios(self, reference: int = 0) -> np.ndarray:
+        """Per (round, runner): mean time / the reference runner's mean time in the same round."""
+        m = self.means()
+        return m / m[:, [reference]]
+
+
+def interleave_many(
+    runners: list,
+    *,
+    rounds: int,
+    min_round_s: float,
+    warmup_s: float,
+    size_each: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> RoundRobin:
+    """Interleaved rounds over any number of runners (latency tables time a layer at many widths at once): every
+    round runs each runner in turn, in forward order on even rounds and reversed on odd ones, so drift hits all alike
+    and none always runs first. Each runner's share of a round lasts at least ``min_round_s``: one run count for all,
+    sized on the slowest, or (``size_each``) a count per runner, so a tiny layer is not timed by single runs."""
+    singles = [max(r.warmup(warmup_s), 1e-7) for r in runners]
+    counts = [int(min(10000, max(1, math.ceil(min_round_s / t)))) for t in singles]
+    if not size_each:
+        counts = [min(counts)] * len(runners)
+    times: list[list[np.ndarray]] = [[] for _ in runners]
     for r in range(rounds):
-        order = (("a", ra), ("b", rb)) if r % 2 == 0 else (("b", rb), ("a", ra))
-        means = {}
-        for key, runner in order:
-            t = np.asarray(runner.round(n))
-            lat[key].append(t)
-            means[key] = float(t.mean())
-        ratios.append(means["a"] / means["b"])
+        order = range(len(runners)) if r % 2 == 0 else reversed(range(len(runners)))
+        for k in order:
+            times[k].append(np.asarray(runners[k].round(counts[k])))
         if progress:
             progress(r + 1)
-    return Interleaved(lat["a"], lat["b"], np.array(ratios), n)
+    return RoundRobin(times, counts)
 
 
 def measure_pair(

@@ -22,6 +22,8 @@ class MeasureConfig:
     min_round_ms: float = field(default=50.0, metadata=bounds(ge=0))  # each model's round lasts at least this long
     warmup_ms: float = field(default=300.0, metadata=bounds(ge=0))
     isolate: bool = False
+    # CPU timing: wall | cpu (thread CPU time, one thread) | auto (cpu when one thread)
+    clock: str = field(default="wall", metadata=bounds(choices=("wall", "cpu", "auto")))
     confidence: float = field(default=0.95, metadata=bounds(gt=0, lt=1))
     bootstrap: int = field(default=2000, metadata=bounds(ge=1))
     seed: int = 0
@@ -40,4 +42,5 @@ class MeasureConfig:
             cuda_graphs=self.cuda_graphs,
             seed=self.seed,
             spinning=self.spinning,
+            clock=self.clock,
         )

@@ -38,7 +38,9 @@ class LocalRunner:
         return self.engine.memory()
 
     def info(self) -> dict:
-        return {**self.engine.info(), "clock": self.engine.clock}
+        cfg = getattr(self.engine, "config", None)
+        clock = "thread-cpu" if cfg is not None and cfg.cpu_clock() else self.engine.clock
+        return {**self.engine.info(), "clock": clock}
 
     def close(self) -> None:
         self.engine.close()

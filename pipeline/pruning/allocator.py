@@ -1,17 +1,17 @@
 """The allocator interface and its registry: how many units each slice of each group loses.
 
 An allocator is an :class:`Allocator`: configured by its options (``--allocator-opt beta=2``), called on an
-:class:`Allocation` (scores, frozen mask, base ratio, alignment) it returns a boolean mask of removed units. Built-ins
-live in ``plugins/allocators/``; third parties register through the ``carve.allocators`` entry-point group. The
-helpers here are what every allocator needs: the aligned kept width of a slice and the removal of its lowest-scored
-prunable units.
+:class:`Allocation` (scores, frozen mask, base ratio, alignment; for a latency target also a latency model and a
+budget) it returns a boolean mask of removed units. Built-ins live in ``plugins/allocators/``; third parties register
+through the ``carve.allocators`` entry-point group. The helpers here are what every allocator needs: the aligned kept
+width of a slice and the removal of its lowest-scored prunable units.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -31,10 +31,28 @@ def kept_width(n: int, ratio: float, round_to: int = 1, keep_min: int = 1) -> in
     return min(n, max(keep, keep_min, 1))
 
 
+class LatencyModel(Protocol):
+    """What a latency table bound to an analysis offers the planner and allocators
+    (:class:`pipeline.measure.latency_table.BoundTable` is one)."""
+
+    reference_ms: float  # the original's latency the fractions are of
+    error: float  # the relative error the table vouches for
+    entries: dict[int, Any]  # per tabled group: candidates and their latency factors
+    shares: dict[int, float]  # per tabled group: its (calibrated) share of the original's latency
+    pairs: list[tuple[int, int, float]]  # (calibrated) bilinear terms between groups
+
+    def predict(self, removed: np.ndarray) -> float:
+        """Predicted latency after removing ``removed``, as a fraction of the original's."""
+
+    def predict_factors(self, factors: dict[int, float]) -> float:
+        """The same from each group's latency factor."""
+
+
 @dataclass
 class Allocation:
     """What an allocator is asked: remove units given their scores, never frozen ones, at base ``ratio``, keeping
-    every slice at least ``keep_min`` wide and a multiple of ``round_to`` (or whole)."""
+    every slice at least ``keep_min`` wide and a multiple of ``round_to`` (or whole). For a latency target also
+    the latency model and the budget (a fraction of the original's latency), and the criterion that scored."""
 
     analysis: ChannelAnalysis
     scores: np.ndarray
@@ -42,6 +60,9 @@ class Allocation:
     ratio: float
     round_to: int = 1
     keep_min: int = 1
+    criterion: str | None = None
+    latency: LatencyModel | None = None
+    latency_budget: float | None = None
 
 
 class Allocator(Plugin):
@@ -61,9 +82,10 @@ class Allocator(Plugin):
         ratio: float,
         round_to: int = 1,
         keep_min: int = 1,
+        **job: Any,
     ) -> np.ndarray:
-        """The boolean mask of removed units."""
-        return self.allocate(Allocation(analysis, scores, frozen, ratio, round_to, keep_min))
+        """The boolean mask of removed units (``job``: the other fields of :class:`Allocation`)."""
+        return self.allocate(Allocation(analysis, scores, frozen, ratio, round_to, keep_min, **job))
 
 
 def aligned_removal(n: int, n_remove: int, round_to: int) -> int:

@@ -19,7 +19,7 @@ from pipeline.errors import CarveError
 from pipeline.graph.channels import ChannelAnalysis
 from pipeline.graph.plan import Plan
 from pipeline.progress import Progress
-from pipeline.pruning.allocator import allocators
+from pipeline.pruning.allocator import LatencyModel, allocators
 from pipeline.pruning.criterion import ScoreContext, criteria
 from pipeline.pruning.targets import bisect_ratio
 
@@ -57,7 +57,7 @@ def plan(
     round_to: int = 1,
     keep_min: int = 1,
     exclude: list[str] | tuple[str, ...] = (),
-    allocator: str = "uniform",
+    allocator: str | None = None,
     seed: int = 0,
     calib: Any = None,
     criterion_options: dict[str, Any] | None = None,
@@ -65,20 +65,30 @@ def plan(
     target_macs: float | None = None,
     target_params: float | None = None,
     progress: Progress | None = None,
+    target_latency: float | None = None,
+    latency: LatencyModel | None = None,
     **allocator_options: Any,
 ) -> Plan:
     """Score the units with ``criterion`` and choose the ones to remove with ``allocator``.
 
     With ``target_macs`` (or ``target_params``), a fraction of the original model's MACs (params) to keep, the
     allocator's ``ratio`` is found by bisection: the smallest ratio whose predicted cost meets the target.
+    With ``target_latency``, a fraction of the original's latency, and ``latency``, a latency table bound to this
+    analysis (:meth:`pipeline.measure.latency_table.LatencyTable.bind`): the ``latency`` allocator (the default
+    then) solves a knapsack under that budget; any other allocator's ratio is bisected to the table's prediction.
     """
     if not 0 <= ratio < 1:
         raise CarveError(f"ratio must be in [0, 1), got {ratio}")
-    if target_macs is not None and target_params is not None:
-        raise CarveError("give --target-macs or --target-params, not both")
-    target = target_macs if target_macs is not None else target_params
+    targets = [t for t in (target_macs, target_params, target_latency) if t is not None]
+    if len(targets) > 1:
+        raise CarveError("give one of --target-macs, --target-params and --target-latency")
+    target = targets[0] if targets else None
     if target is not None and not 0 < target <= 1:
         raise CarveError(f"a target is the fraction of the original to keep, in (0, 1]; got {target}")
+    if target_latency is not None and latency is None:
+        raise CarveError("a latency target needs a latency table", hint="give --lut FILE or let carve profile")
+    if allocator is None:
+        allocator = "latency" if target_latency is not None else "uniform"
     if round_to < 1 or keep_min < 1:
         raise CarveError("--round-to and --keep-min must be at least 1")
     if scores is None:
@@ -90,18 +100,25 @@ def plan(
     frozen = analysis.unit_frozen | excl
     alloc = allocators.get(allocator)(**allocator_options)
 
+    job = {"criterion": criterion, "latency": latency, "latency_budget": target_latency}
+
     def allocate(r: float) -> np.ndarray:
-        return alloc(analysis, scores, frozen, ratio=r, round_to=round_to, keep_min=keep_min)
+        return alloc(analysis, scores, frozen, ratio=r, round_to=round_to, keep_min=keep_min, **job)
 
     allocate.scores, allocate.round_to = scores, round_to  # type: ignore[attr-defined]  # for fill_to_target
 
     options: dict[str, Any] = {}
-    if target is None:
-        removed = allocate(ratio)
+    if target is None or (target_latency is not None and allocator == "latency"):
+        removed = allocate(ratio if target is None else 0.0)
+        if target_latency is not None:
+            options["target_latency"] = target_latency
     else:
-        kind = "macs" if target_macs is not None else "params"
-        ratio, removed, achieved = bisect_ratio(analysis, allocate, target, kind)
+        kind = "macs" if target_macs is not None else "params" if target_params is not None else "latency"
+        predict = latency.predict if kind == "latency" else None
+        ratio, removed, achieved = bisect_ratio(analysis, allocate, target, kind, predict=predict)
         options.update({f"target_{kind}": target, f"achieved_{kind}": achieved})
+    if latency is not None:
+        options["predicted_latency"] = round(float(latency.predict(removed)), 4)
     options.update({"ratio": ratio, "round_to": round_to, "keep_min": keep_min, "exclude": list(exclude), "seed": seed})
     options.update({**allocator_options, **(criterion_options or {})})
     return Plan(analysis, removed, criterion, allocator, options, scores, frozen)

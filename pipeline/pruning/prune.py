@@ -1,11 +1,16 @@
 """The whole pruning operation, shared by ``carve prune``, the ``prune`` pass of recipes and the Python API:
 
-    analyse -> plan (criterion + allocator, ratio or MAC/param target) -> repairs ([exact fusion] [lsq refit]
-    [bias correction | BN re-estimation]) -> surgery -> verification
+    analyse -> plan (criterion + allocator, ratio or MAC/param/latency target) -> [measure and refine: latency
+    target] -> repairs ([exact fusion] [lsq refit] [bias correction | BN re-estimation]) -> surgery -> verification
+    -> [measured against the original]
 
 Criteria, allocators and repairs are reached through their registries. Repairs work on a *working* copy of the model
 whose removed consumer columns are zeroed, so verification is always the same statement: the pruned model equals the
-(repaired) working model in ONNX Runtime.
+(repaired) working model in ONNX Runtime. Latency tables and measurements come from a :class:`LatencyOracle` the
+caller passes (``pipeline.measure.latency.MeasuredLatency``: the CLI, recipes and
+:func:`pipeline.flows.prune.prune_measured` do); without one, nothing is measured and a latency target is refused.
+Without ``round_to`` kept widths are multiples of what the backend's kernels want
+(:func:`pipeline.pruning.latency.default_alignment`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pipeline.graph.rewrite import ensure_biases
 from pipeline.graph.surgery import prune, zero_removed
 from pipeline.progress import Progress, counted, silent
 from pipeline.pruning.criterion import criteria
+from pipeline.pruning.latency import LatencyOracle, closed_loop, default_alignment, parse_target, tolerance
 from pipeline.pruning.planner import plan
 from pipeline.pruning.repair import repairs
 from pipeline.runtime.verify import verify_equal
@@ -34,8 +40,10 @@ class PruneOptions:
     ratio: float = field(default=0.5, metadata=bounds(ge=0, lt=1))
     target_macs: float | None = field(default=None, metadata=bounds(gt=0, le=1))
     target_params: float | None = field(default=None, metadata=bounds(gt=0, le=1))
-    allocator: str = "uniform"
-    round_to: int = field(default=1, metadata=bounds(ge=1))
+    target_latency: float | str | None = None  # 0.5 (of the original's latency) or "4ms"
+    lut: str | None = None  # a latency table file (`carve profile`); else profiled on the backend (cached)
+    allocator: str | None = None  # default: latency with a latency target, else uniform
+    round_to: int | None = field(default=None, metadata=bounds(ge=1))  # default: the backend's channel multiple
     keep_min: int = field(default=1, metadata=bounds(ge=1))
     exclude: list[str] = field(default_factory=list)
     seed: int = 0
@@ -46,10 +54,26 @@ class PruneOptions:
     ridge: float = field(default=1e-3, metadata=bounds(ge=0))  # lsq: relative ridge strength
     fuse_gate: float = field(default=1e-3, metadata=bounds(ge=0))  # exact fusion: largest relative residual
     verify: bool = True
+    # the engine a latency target, the table and the measurements refer to
+    backend: str = "ort"
+    device: str = "cpu"
+    threads: int = 1
+    batch: int = 1
+    precision: str = "fp32"
+    measure: bool = True  # measure the pruned model against the original (quick interleaved A/B)
+    refine: int = 2  # closed-loop refinement steps for a latency target
 
     def plan_options(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`pipeline.pruning.planner.plan` these options set."""
-        return {**options_for(plan, asdict(self)), **self.allocator_options}
+        """The keyword arguments of :func:`pipeline.pruning.planner.plan` these options set (the latency target is
+        set by :func:`prune_model`, as a fraction of the table's reference)."""
+        out = {**options_for(plan, asdict(self)), **self.allocator_options}
+        out.pop("target_latency", None)
+        out["round_to"] = self.alignment()
+        return out
+
+    def alignment(self) -> int:
+        """``round_to``, or the backend's channel multiple when not given."""
+        return self.round_to if self.round_to is not None else default_alignment(self.backend, self.device)
 
     def repair_steps(self) -> list[tuple[str, dict[str, Any]]]:
         """The repairs to run, in order, with their options (registry name, options)."""
@@ -74,8 +98,15 @@ class PruneOptions:
 
     def check(self, calib: Any) -> None:
         validate(self)
-        if self.target_macs is not None and self.target_params is not None:
-            raise CarveError("give --target-macs or --target-params, not both")
+        given = [t for t in (self.target_macs, self.target_params, self.target_latency) if t is not None]
+        if len(given) > 1:
+            raise CarveError("give one of --target-macs, --target-params and --target-latency")
+        if self.target_latency is not None:
+            parse_target(self.target_latency)
+        if self.allocator == "latency" and self.target_latency is None:
+            raise CarveError("allocator 'latency' needs --target-latency")
+        if self.refine < 0:
+            raise CarveError(f"--refine must be 0 or more, got {self.refine}")
         who = self.data_needed()
         if who and calib is None:
             raise CarveError(f"{who} needs calibration data", hint="give --calib FILE.npz | FOLDER | digits")
@@ -89,11 +120,19 @@ def prune_model(
     command: str | None = None,
     inplace: bool = False,
     progress: Progress | None = None,
+    latency: LatencyOracle | None = None,
 ) -> tuple[Model, dict]:
     """Prune ``model`` as ``opts`` says; returns the pruned model and a summary (also stored in its metadata).
     ``progress`` (:mod:`pipeline.progress`) hears every stage: analyse, score, plan, each repair layer by layer,
-    surgery, verify."""
+    surgery, verify. ``latency`` measures (:class:`~pipeline.pruning.latency.LatencyOracle`): it gives the latency
+    table for a latency target, checks the plan on the engine (closed loop), and measures the result against the
+    original."""
     opts.check(calib)
+    if opts.target_latency is not None and latency is None:
+        raise CarveError(
+            "a latency target needs measurements on the target engine",
+            hint="use pipeline.flows.prune.prune_measured(...) or pass latency=MeasuredLatency(...)",
+        )
     report = progress or silent
     had_nonfinite = nonfinite_initializers(model)  # the input's own (e.g. a Clip bound of inf) are not ours
     if not inplace:
@@ -103,8 +142,28 @@ def prune_model(
         ensure_biases(model)  # the refit's intercept needs a bias that is cut with its layer
     report("analyse")
     analysis = analyse(model)
-    report(f"score and plan ({opts.criterion}, {opts.allocator})")
-    p = plan(analysis, calib=calib, progress=progress, **opts.plan_options())
+    report(f"score and plan ({opts.criterion}, {opts.allocator or 'default allocator'})")
+    plan_opts = opts.plan_options()
+    table = bound = target = None
+    if opts.target_latency is not None or opts.lut:
+        table = latency.table(model)
+        bound = table.bind(analysis)
+        plan_opts["latency"] = bound
+    if opts.target_latency is not None:
+        target = parse_target(opts.target_latency)
+        plan_opts["target_latency"] = min(1.0, target.budget(table.model_ms))
+    p = plan(analysis, calib=calib, progress=progress, **plan_opts)
+    loop = None
+    measuring = latency is not None and opts.measure
+    original = model.copy() if measuring else None  # the unpruned model (surgery below works in place)
+    if target is not None and measuring:
+
+        def replan(budget: float):
+            return plan(analysis, calib=calib, **{**plan_opts, "target_latency": budget, "scores": p.scores})
+
+        p, loop = closed_loop(
+            original, analysis, p, replan, target, latency, error=tolerance(table.stated_error), refine=opts.refine
+        )
     repaired: dict[str, Any] = {}
     work = zero_removed(model, p) if steps else model
     for name, options in steps:
@@ -115,7 +174,7 @@ def prune_model(
             result.stats["fused_channels"] if name == "exact" else len(result.details)
         )
     check_finite(work, had=had_nonfinite, what="the repaired model")
-    reference = zero_removed(work, p) if opts.verify else None
+    check_ref = zero_removed(work, p) if opts.verify else None
     report("surgery")
     pruned = prune(work, p, command=command, inplace=True)
     summary = json.loads(pruned.metadata()["carve.prune"])
@@ -123,14 +182,19 @@ def prune_model(
         summary["repairs"] = repaired
     if calib is not None:
         summary["calibration"] = calib.describe()
-    if reference is not None:
+    if check_ref is not None:
         report("verify in ONNX Runtime")
-        summary["verify"] = verify_equal(reference, pruned)
+        summary["verify"] = verify_equal(check_ref, pruned)
     notes = nothing_removed(summary, opts)
     if notes:
         summary["warnings"] = notes
         for n in notes:
             warn(n)
+    if measuring:
+        measured = loop["steps"][loop["chosen"]] if loop else latency.measure(original, pruned)
+        summary["latency"] = latency_summary(latency, measured, p, table, loop)
+    elif bound is not None:
+        summary["latency"] = latency_summary(latency, None, p, table, loop)
     record(pruned, "prune", summary, command=command, replace_last=True)
     return pruned, summary
 
@@ -144,22 +208,41 @@ def describe_amount(summary: dict) -> str:
     for kind, label in (("macs", "MACs"), ("params", "params")):
         if o.get(f"target_{kind}") is not None:
             return f"{head} to {label} {o[f'achieved_{kind}']:.3g} for target {o[f'target_{kind}']:g}"
+    if o.get("target_latency") is not None:
+        predicted = o.get("predicted_latency")
+        to = f" to predicted latency {predicted:.3g}" if predicted is not None else ""
+        return f"{head}{to} for latency target {o['target_latency']:.3g}"
     return f"{head} ratio {o['ratio']:.3g}"
 
 
 def nothing_removed(summary: dict, opts: PruneOptions) -> list[str]:
     """A sentence when the plan removed nothing although something was asked for (``--round-to 1000`` or
     ``--keep-min 1000`` keep every layer whole; everything may be frozen)."""
-    asked = opts.ratio > 0 or opts.target_macs is not None or opts.target_params is not None
+    asked = opts.ratio > 0 or any(t is not None for t in (opts.target_macs, opts.target_params, opts.target_latency))
     if summary.get("channels_removed", 0) or not asked:
         return []
     why = []
-    if opts.round_to > 1:
-        why.append(f"--round-to {opts.round_to}")
+    if opts.alignment() > 1:
+        why.append(f"--round-to {opts.alignment()}")
     if opts.keep_min > 1:
         why.append(f"--keep-min {opts.keep_min}")
     because = f"{' and '.join(why)} keep every layer at its width" if why else "no channel could be removed"
     return [f"nothing was removed: {because}; the model is unchanged (`carve inspect` shows the layer widths)"]
+
+
+def latency_summary(latency: LatencyOracle | None, measured: dict | None, p, table, loop: dict | None) -> dict:
+    """What a prune reports about speed: the engine, the table's prediction, the measurement, the closed loop."""
+    out: dict[str, Any] = {"engine": latency.describe() if latency is not None else None}
+    if table is not None:
+        out["table"] = {"reference_ms": round(table.model_ms, 4), "error": round(table.stated_error, 4)}
+        out["predicted"] = p.options.get("predicted_latency")
+    if measured is not None:
+        out["measured"] = {k: measured[k] for k in ("ratio", "speedup", "ci", "a_ms", "b_ms") if k in measured}
+        if "clock" in measured:
+            out["measured"]["clock"] = measured["clock"]
+    if loop is not None:
+        out["loop"] = loop
+    return out
 
 
 def options_dict(opts: PruneOptions) -> dict:

@@ -1,5 +1,6 @@
-"""Reaching a MAC or parameter target: the smallest allocator ratio whose predicted cost meets it (bisection on the
-:class:`~pipeline.graph.cost.CostModel`, no surgery), then aligned chunks given back while the target still holds."""
+"""Reaching a MAC, parameter or latency target: the smallest allocator ratio whose predicted cost meets it (bisection
+on the :class:`~pipeline.graph.cost.CostModel`, or on a latency table's prediction; no surgery), then aligned chunks
+given back while the target still holds."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from pipeline.graph.cost import CostModel
 from pipeline.graph.shapes import unknown_conv_outputs
 
 
-def bisect_ratio(analysis: ChannelAnalysis, allocate, target: float, kind: str = "macs", *, steps: int = 30):
-    """The smallest allocator ratio whose predicted cost fraction is at most ``target``: (ratio, removed, achieved)."""
+def bisect_ratio(
+    analysis: ChannelAnalysis, allocate, target: float, kind: str = "macs", *, steps: int = 30, predict=None
+):
+    """The smallest allocator ratio whose predicted cost fraction is at most ``target``: (ratio, removed, achieved).
+    ``kind`` is macs or params (the cost model), or latency with ``predict`` (removal mask -> fraction)."""
     if kind == "macs":
         unknown = unknown_conv_outputs(analysis.model)
         if unknown:
@@ -21,11 +25,14 @@ def bisect_ratio(analysis: ChannelAnalysis, allocate, target: float, kind: str =
                 "their MACs cannot be counted and a MAC target would be met on wrong numbers",
                 hint="give the input size with --input-shape CxHxW (the model's input dimensions are dynamic)",
             )
-    cost = CostModel(analysis)
-    pick = 1 if kind == "macs" else 0
+    if predict is not None:
+        frac = predict
+    else:
+        cost = CostModel(analysis)
+        pick = 1 if kind == "macs" else 0
 
-    def frac(removed: np.ndarray) -> float:
-        return cost.ratios(removed)[pick]
+        def frac(removed: np.ndarray) -> float:
+            return cost.ratios(removed)[pick]
 
     lo, hi = 0.0, 0.999
     removed_hi = allocate(hi)

@@ -1,4 +1,6 @@
-"""Pruning as a pass, for recipes: plan with a criterion and an allocator, repair, cut (see pipeline.pruning.prune)."""
+"""Pruning as a pass, for recipes: plan with a criterion and an allocator (a ratio, or a MAC, parameter or latency
+target), repair, cut, and measure the result against its input on the options' backend (see pipeline.pruning.prune;
+``measure: false`` skips the measurement)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from typing import Any
 from pipeline.config import from_mapping
 from pipeline.errors import CarveError
 from pipeline.graph.model import Model
+from pipeline.measure.latency import MeasuredLatency
 from pipeline.passes import Pass, PassContext, PassResult, passes
 from pipeline.pruning.prune import PruneOptions, describe_amount, prune_model
 
@@ -27,10 +30,19 @@ class Prune(Pass):
         return frozenset({"calib"}) if self.opts.data_needed() else frozenset()
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        pruned, summary = prune_model(model, self.opts, calib=ctx.calib, command=ctx.command, progress=ctx.progress)
+        latency = MeasuredLatency.for_options(self.opts)
+        pruned, summary = prune_model(
+            model, self.opts, calib=ctx.calib, command=ctx.command, progress=ctx.progress, latency=latency
+        )
         details = [
             f"removed {summary['channels_removed']} of {summary['channels_before']} channels "
             f"({describe_amount(summary)})",
             *summary.get("warnings", []),
         ]
+        measured = (summary.get("latency") or {}).get("measured")
+        if measured:
+            details.append(
+                f"measured on {summary['latency']['engine']}: {measured['speedup']:.2f}x the speed of its input "
+                f"(latency ratio {measured['ratio']:.3f})"
+            )
         return PassResult(pruned, summary["channels_removed"] > 0, details, summary)

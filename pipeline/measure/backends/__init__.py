@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.errors import MissingDependencyError
+from pipeline.errors import CarveError, MissingDependencyError
 from pipeline.registry import Registry
 
 backends: Registry[type[Backend]] = Registry(
@@ -51,34 +51,58 @@ class EngineConfig:
     builder_level: int = 3  # trt builder optimisation level (0-5)
     cache_dir: str | None = None  # trt engine and timing caches
     seed: int = 0
+    clock: str = "wall"  # CPU engines: wall | cpu (the calling thread's CPU time; one thread only) | auto
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def cpu_clock(self) -> bool:
+        """Whether CPU runs are timed by the thread's CPU time: asked for (``cpu``), or ``auto`` with one thread.
+
+        With one intra-op thread the engine computes on the calling thread, so its CPU time is the run's latency
+        minus the time the OS gave to other processes: on an idle machine the same as the wall clock, on a shared one
+        far steadier (docs/latency.md has the measurement). With more threads it would add the threads up."""
+        if self.clock == "wall" or self.device != "cpu":
+            return False
+        if self.clock not in ("cpu", "auto"):
+            raise CarveError(f"clock must be wall, cpu or auto, got {self.clock!r}")
+        if self.threads != 1:
+            if self.clock == "cpu":
+                raise CarveError("the cpu clock times one thread; with --threads > 1 use the wall clock")
+            return False
+        return True
 
 
 class Engine:
     """A built engine with bound inputs. Subclasses implement :meth:`run` and may override the rest."""
 
     clock: ClassVar[str] = "wall"
+    config: EngineConfig | None = None
+
+    def _timer(self):
+        cfg = self.config
+        return time.thread_time if cfg is not None and cfg.cpu_clock() else time.perf_counter
 
     def run(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
     def time(self, n: int) -> float:
         """Seconds for ``n`` runs, back to back."""
-        t0 = time.perf_counter()
+        timer = self._timer()
+        t0 = timer()
         for _ in range(n):
             self.run()
-        return time.perf_counter() - t0
+        return timer() - t0
 
     def times(self, n: int) -> np.ndarray:
         """Per-run seconds of ``n`` runs (for percentiles)."""
+        timer = self._timer()
         out = np.empty(n)
         for k in range(n):
-            t0 = time.perf_counter()
+            t0 = timer()
             self.run()
-            out[k] = time.perf_counter() - t0
+            out[k] = timer() - t0
         return out
 
     def outputs(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:  # pragma: no cover - interface
