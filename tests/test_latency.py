@@ -402,3 +402,26 @@ def test_the_readme_latency_commands_run(zoo_dir, tmp_path, monkeypatch, stairca
     assert (tmp_path / "r20.lut.json").exists() and (tmp_path / "r20_fast.onnx").exists()
     fast = json.loads(P.load(tmp_path / "r20_fast.onnx").metadata()["carve.prune"])
     assert fast["latency"]["measured"]["ratio"] < 1.0 and fast["allocator"] == "latency"
+
+
+def test_gradual_pass_steps_toward_a_latency_target(net, staircase_backend, latency_cache):
+    """Issue 12 item 4: gradual pruning toward a latency target: each step's latency is measured on the engine."""
+    from pipeline.data.datasets import Dataset
+    from pipeline.passes import PassContext, get
+
+    rng = np.random.default_rng(0)
+    train = Dataset(rng.random((64, 3, 16, 16), dtype=np.float32), rng.integers(0, 10, 64), "random")
+    gradual = get(
+        "gradual",
+        target_latency=0.5,
+        steps=2,
+        prune={"criterion": "l1", "backend": staircase_backend},
+        finetune={"steps": 2, "batch": 16, "flip": False, "crop_pad": 0, "threads": 1},
+    )
+    result = gradual(P.load(net), PassContext(train=train))
+    steps = result.summary["steps"]
+    assert [round(s["keep_latency"], 4) for s in steps] == [round(0.5**0.5, 4), 0.5]
+    ratios = [s["latency_ratio"] for s in steps]
+    assert ratios[0] > ratios[1] and ratios[1] < 0.5 * 1.15  # the closed loop's tolerance on the fake engine
+    with pytest.raises(CarveError, match="not both"):
+        get("gradual", target_latency=0.5, target_macs=0.5, steps=2)

@@ -1,6 +1,7 @@
-"""Gradual pruning: alternate prune and fine-tune steps toward a MAC target, each step pruning the fine-tuned result of
-the last (progressive pruning as SFP, Information Sciences 2024, and most structured-pruning papers train: remove a
-little, recover, repeat; cf. Zhu and Gupta, "To prune, or not to prune", 2017, for the gradual schedule).
+"""Gradual pruning: alternate prune and fine-tune steps toward a MAC or latency target, each step pruning the
+fine-tuned result of the last (progressive pruning as SFP, Information Sciences 2024, and most structured-pruning
+papers train: remove a little, recover, repeat; cf. Zhu and Gupta, "To prune, or not to prune", 2017, for the gradual
+schedule).
 
 Step k keeps ``keep_k`` of the input model's MACs: with ``per_step: f`` each step removes the fraction f of the MACs
 left (``keep_k = (1 - f)^k``) until ``target_macs``; with ``steps: n`` the steps are geometric, ``keep_k =
@@ -8,6 +9,11 @@ target^(k/n)``. Every step prunes with the ``prune`` options (criterion, allocat
 and fine-tunes with the ``finetune`` options, distilling from the model the run started from. Each step's MACs,
 parameters, accuracy on the recipe's ``data: eval`` and model file (under the run's ``.steps`` folder) are in the
 report.
+
+With ``target_latency`` (a fraction of the input model's latency on the prune options' backend) the schedule is the
+same in latency: step k aims at ``target^(k/n)`` of the input's latency, each step prunes with the latency allocator
+and closed loop (``carve prune --target-latency``) toward the part of that budget the steps so far have not used, as
+measured on the engine, and each step's measured latency ratio is in the report.
 """
 
 from __future__ import annotations
@@ -21,18 +27,21 @@ from pipeline.graph.cost import model_cost
 from pipeline.graph.io import save
 from pipeline.graph.model import Model
 from pipeline.measure.evaluate import evaluate
+from pipeline.measure.latency import MeasuredLatency
 from pipeline.passes import Pass, PassContext, PassResult, passes
 from pipeline.pruning.prune import PruneOptions, prune_model
 from pipeline.training.finetune import finetune
 from plugins.passes.finetune import finetune_options
 
 
-def keep_schedule(target: float, *, steps: int | None = None, per_step: float | None = None) -> list[float]:
-    """The MAC fractions (of the input model) the steps keep, the last one ``target``."""
+def keep_schedule(
+    target: float, *, steps: int | None = None, per_step: float | None = None, kind: str = "macs"
+) -> list[float]:
+    """The MAC (or latency) fractions of the input model the steps keep, the last one ``target``."""
     if not 0 < target < 1:
-        raise CarveError(f"gradual: target_macs must be in (0, 1), got {target}")
+        raise CarveError(f"gradual: target_{kind} must be in (0, 1), got {target}")
     if (steps is None) == (per_step is None):
-        raise CarveError("gradual: give steps (how many) or per_step (fraction of the MACs each step removes)")
+        raise CarveError(f"gradual: give steps (how many) or per_step (fraction of the {kind} each step removes)")
     if steps is not None:
         if steps < 1:
             raise CarveError(f"gradual: steps must be at least 1, got {steps}")
@@ -45,22 +54,34 @@ def keep_schedule(target: float, *, steps: int | None = None, per_step: float | 
 
 @passes.register("gradual")
 class Gradual(Pass):
-    description = "alternate prune and fine-tune steps toward a MAC target (progressive pruning)"
+    description = "alternate prune and fine-tune steps toward a MAC or latency target (progressive pruning)"
     records_history = True
 
     def __init__(
         self,
-        target_macs: float = 0.5,
+        target_macs: float | None = None,
         steps: int | None = None,
         per_step: float | None = None,
         prune: dict[str, Any] | None = None,
         finetune: dict[str, Any] | None = None,
+        target_latency: float | None = None,
     ) -> None:
         prune = dict(prune or {})
-        for key in ("target_macs", "target_params", "ratio"):
+        for key in ("target_macs", "target_params", "target_latency", "ratio"):
             if key in prune:
-                raise CarveError(f"pass 'gradual': prune.{key} is set by the schedule; give gradual's target_macs")
-        self.keep = keep_schedule(float(target_macs), steps=steps, per_step=per_step)
+                raise CarveError(
+                    f"pass 'gradual': prune.{key} is set by the schedule; give gradual's target_macs or target_latency"
+                )
+        if target_macs is not None and target_latency is not None:
+            raise CarveError("pass 'gradual': give target_macs or target_latency, not both")
+        self.kind = "latency" if target_latency is not None else "macs"
+        target = target_latency if target_latency is not None else (0.5 if target_macs is None else target_macs)
+        try:
+            target = float(target)
+        except (TypeError, ValueError):
+            what = f"pass 'gradual': target_{self.kind}"
+            raise CarveError(f"{what} must be a fraction in (0, 1), got {target!r}") from None
+        self.keep = keep_schedule(target, steps=steps, per_step=per_step, kind=self.kind)
         self.prune_options = prune
         from_mapping(PruneOptions, prune, where="pass 'gradual': prune")  # validate now, not after hours of training
         self.ft_opts, self.teacher = finetune_options(finetune or {}, "pass 'gradual': finetune")
@@ -77,21 +98,30 @@ class Gradual(Pass):
         teacher = ctx.original if self.teacher == "original" else None
         macs0 = model_cost(model).macs
         current, steps, details = model, [], []
+        latency_ratio = 1.0  # measured latency of the current model / the input's (the product of the steps')
         for k, keep in enumerate(self.keep, 1):
-            fraction = keep * macs0 / model_cost(current).macs  # of the current model's MACs
-            options = {**self.prune_options, "target_macs": min(fraction, 1.0)}
-            opts = from_mapping(PruneOptions, options, where="pass 'gradual': prune")
-            pruned, summary = prune_model(current, opts, calib=ctx.calib, command=ctx.command)
+            if self.kind == "latency":  # of the current model's latency, as measured so far
+                options = {**self.prune_options, "target_latency": min(keep / latency_ratio, 1.0)}
+                opts = from_mapping(PruneOptions, options, where="pass 'gradual': prune")
+                oracle = MeasuredLatency.for_options(opts, progress=_messages(ctx))
+                pruned, summary = prune_model(current, opts, calib=ctx.calib, command=ctx.command, latency=oracle)
+                latency_ratio *= summary["latency"]["measured"]["ratio"]
+            else:
+                fraction = keep * macs0 / model_cost(current).macs  # of the current model's MACs
+                options = {**self.prune_options, "target_macs": min(fraction, 1.0)}
+                opts = from_mapping(PruneOptions, options, where="pass 'gradual': prune")
+                pruned, summary = prune_model(current, opts, calib=ctx.calib, command=ctx.command)
             tuned = finetune(pruned, ctx.train, self.ft_opts, teacher=teacher, eval_data=None, command=ctx.command)
             current = tuned.model
             cost = model_cost(current)
             step: dict[str, Any] = {
                 "step": k,
-                "keep_macs": keep,
+                f"keep_{self.kind}": keep,
                 "macs": cost.macs,
                 "macs_ratio": cost.macs / macs0,
                 "params": cost.params,
                 "channels_removed": summary["channels_removed"],
+                **({"latency_ratio": latency_ratio} if self.kind == "latency" else {}),
                 "finetune": {"steps": tuned.summary["steps"], "seconds": tuned.summary["seconds"]},
             }
             if ctx.eval is not None:
@@ -102,5 +132,11 @@ class Gradual(Pass):
                 step["model"] = str(save(current, ctx.workdir / f"step{k}.onnx"))
             steps.append(step)
             acc = f", top-1 {step['top1_pruned']:.2%} pruned -> {step['top1']:.2%} fine-tuned" if "top1" in step else ""
-            details.append(f"step {k}: MACs {step['macs_ratio']:.1%} of the input{acc}")
+            lat = f", latency {latency_ratio:.1%} (measured)" if self.kind == "latency" else ""
+            details.append(f"step {k}: MACs {step['macs_ratio']:.1%}{lat} of the input{acc}")
         return PassResult(current, True, details, {"steps": steps, "schedule": self.keep})
+
+
+def _messages(ctx: PassContext):
+    """Profiling and measuring messages as progress stages of the run (none without a progress callback)."""
+    return None if ctx.progress is None else (lambda message: ctx.progress(message))
