@@ -224,6 +224,9 @@ BENCH_KEYS = {
     "warmup_ms",
     "isolate",
     "cuda_graphs",
+    "channels_last",
+    "compile",
+    "provider_options",
     "spinning",
     "memory",
 }
