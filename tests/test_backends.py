@@ -131,10 +131,8 @@ def test_fp16_graph_keeps_fp32_io_and_computes_in_fp16(zoo_dir):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not get("trt").available()[0], reason=f"TensorRT engine test: {get('trt').available()[1]}")
 def test_trt_engine_on_a_gpu(zoo_dir, tmp_path):
-    ok, why = get("trt").available()
-    if not ok:
-        pytest.skip(f"TensorRT engine test: {why}")
     e = build("trt", zoo_dir / "resnet20.onnx", EngineConfig(batch=4, precision="fp16", cache_dir=str(tmp_path)))
     feeds = random_feeds(P.load(zoo_dir / "resnet20.onnx"), batch=4)
     ref = run(zoo_dir / "resnet20.onnx", feeds)[0]

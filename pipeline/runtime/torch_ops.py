@@ -249,6 +249,8 @@ def _gemm(g, n: Node, ins: list[In]):
     ta, tb = bool(n.a("transA", 0)), bool(n.a("transB", 0))
     alpha, beta = float(n.a("alpha", 1.0)), float(n.a("beta", 1.0))
     has_c = len(ins) > 2 and ins[2].present
+    if tb and not ta and alpha == 1.0 and beta == 1.0 and (not has_c or ins[2].ndim == 1):
+        return kernel(F.linear, 0, 1, 2)  # the classifier head: one fused kernel, as nn.Linear runs it
 
     def gemm(a, b, c):
         y = (a.t() if ta else a) @ (b.t() if tb else b)

@@ -13,9 +13,10 @@ pad and size resolved when it is built, no host traffic in a run) is what runs, 
   measure inductor's kernels against the CUDA-graph default.
 
 cuDNN autotuning (``cudnn.benchmark``) and, on the CPU, the thread count are set only while the engine builds or runs
-and restored afterwards: two engines, or the caller, see no global change. Peak device memory is per engine: the
-allocator's peak is reset before the engine is built and read after its warm-up and capture, above what was allocated
-before (another engine's weights are not counted).
+and restored afterwards: two engines, or the caller, see no global change. Device memory is per engine, above what was
+allocated before it was built (another engine's weights are not counted): what it holds after warm-up and capture
+(``device_resident_bytes``) and its peak over runs with the allocator's peak reset first (``device_memory_bytes``; the
+autotuning workspace of the warm-up is not the model's).
 
 :class:`ModuleEngine` is that machinery for any module; ``tools/bench_native.py`` uses it to run torchvision's own
 module the same way, to measure the runner's overhead against native PyTorch.
@@ -167,7 +168,9 @@ class ModuleEngine(Engine):
                         self.fallback = capture_refused
                     else:
                         self._capture()
-        self.peak_bytes = self._peak() if self.cuda else None
+        self.resident_bytes = self.peak_bytes = None
+        if self.cuda:
+            self._memory()
 
     def _capture(self) -> None:
         torch = self.torch
@@ -186,8 +189,19 @@ class ModuleEngine(Engine):
             return
         self.graph, self.out = graph, out
 
-    def _peak(self) -> int:
-        return int(self.torch.cuda.max_memory_allocated() - self.base_bytes)
+    def _memory(self) -> None:
+        """What this engine holds (weights, bound buffers, the graph's pool) and its peak while it runs, both above
+        what was allocated before it was built; the peak is reset after warm-up so cuDNN's autotuning workspace and
+        other engines' runs are not counted."""
+        torch = self.torch
+        torch.cuda.synchronize()
+        self.resident_bytes = int(torch.cuda.memory_allocated() - self.base_bytes)
+        torch.cuda.reset_peak_memory_stats()
+        with engine_state(torch, self.settings), torch.no_grad():
+            for _ in range(2):
+                self._once()
+        torch.cuda.synchronize()
+        self.peak_bytes = int(torch.cuda.max_memory_allocated() - self.base_bytes)
 
     # -- running ---------------------------------------------------------------------------------------------------
     def _once(self) -> None:
@@ -250,7 +264,8 @@ class ModuleEngine(Engine):
         if self.weights_bytes is not None:
             out["weights_bytes"] = self.weights_bytes
         if self.peak_bytes is not None:
-            out["device_memory_bytes"] = self.peak_bytes  # this engine's peak above what was allocated before it
+            out["device_memory_bytes"] = self.peak_bytes  # this engine's peak while running, above what was there
+            out["device_resident_bytes"] = self.resident_bytes
         return out
 
     def info(self) -> dict:
