@@ -79,7 +79,8 @@ def measure_in_fresh_process(
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
-        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+        lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip() and not ln.strip().startswith("hint:")]
+        return {"error": (lines or ["failed"])[-1][:300]}  # the exception's line, not a hint under it
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
