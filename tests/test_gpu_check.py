@@ -88,3 +88,20 @@ def test_gpu_tests_run_and_are_counted():
 
     if not torch.cuda.is_available():
         assert result["passed"] == 0 and any("NVIDIA GPU" in r for r in result["skip_reasons"])
+
+
+def test_compile_row_compares_compiled_against_the_default(monkeypatch, tmp_path):
+    """bench_native's torch.compile study on the CPU, with inductor redirected to the eager backend (inductor's C++
+    build takes minutes here; the GPU check compiles for real)."""
+    import torch
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **{**kw, "backend": "eager"}))
+    torch._dynamo.reset()
+    row = tool("bench_native").compile_row(
+        "resnet18", 1, "fp32", "cpu", input_size=32, rounds=2, min_round_ms=5, warmup_ms=10
+    )
+    torch._dynamo.reset()
+    assert row["compiled_engine"]["compile"] == "inductor" and row["default_engine"]["compile"] is False
+    assert row["compiled_over_default"] > 0 and row["ci"][0] <= row["compiled_over_default"] <= row["ci"][1]
+    assert "torch.compile + CUDA graphs ms" in tool("bench_native").markdown({"rows": [], "compile": [row]})

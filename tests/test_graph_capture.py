@@ -342,3 +342,19 @@ def test_batch_statistics_mode_trains_batchnorm_like_torch():
             tg(x),
             ref.eval()(torch.nn.functional.conv2d(x, tg.parameter(conv.input[1]), tg.parameter(conv.input[2]), 1, 1)),
         )
+
+
+def test_static_builds_run_exported_silu_as_one_kernel(zoo_dir):
+    m = P.load(zoo_dir / "efficientnet_b0.onnx")
+    tg = TorchGraph(m, trainable=False).eval()
+    feeds = ortutil.random_feeds(m, batch=2, seed=5)
+    x = torch.from_numpy(feeds["input"])
+    sg = tg.static(x)
+    silu = sum(1 for s in sg.program.steps if s[0] is torch.nn.functional.silu)
+    sigmoids = sum(1 for n in m.graph.node if n.op_type == "Sigmoid")
+    assert 0 < silu < sigmoids  # the SE gates' sigmoids feed a broadcast Mul: they stay
+    assert len(sg.program.steps) == len(m.graph.node) - silu
+    with torch.no_grad():
+        np.testing.assert_allclose(sg(x).numpy(), ortutil.run(m, feeds)[0], atol=1e-4)
+        np.testing.assert_allclose(tg(x).numpy(), ortutil.run(m, feeds)[0], atol=1e-4)  # dynamic: every node kept
+    assert len(tg._programs[next(iter(tg._programs))].steps) == len(m.graph.node)

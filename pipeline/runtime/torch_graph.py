@@ -11,7 +11,8 @@
   sizes, ranges, constant-of-shape and the whole ``Shape -> Gather -> Concat -> Reshape`` arithmetic into Python values
   once, turns host constants that meet device tensors into device tensors once, and leaves a list of kernels that take
   tensors only. Replaying the program performs no host read, no ``.item()``, no ``.cpu()`` and no host-to-device copy,
-  and frees each intermediate after its last use.
+  and frees each intermediate after its last use. Static builds also run ``Mul(x, Sigmoid(x))`` (exported SiLU) as
+  one ``F.silu`` kernel, as PyTorch itself does.
 
 Two ways to use it, side by side:
 
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
@@ -81,6 +83,12 @@ class TorchGraph(nn.Module):
                 hint=f"supported ops: {', '.join(sorted(OPS))}",
             )
         self.nodes = [Node(n) for n in model.graph.node]
+        self.uses: dict[str, int] = {}  # how many node inputs read each tensor (graph outputs count as one more)
+        for n in self.nodes:
+            for i in n.inputs:
+                self.uses[i] = self.uses.get(i, 0) + 1
+        for o in self.output_names:
+            self.uses[o] = self.uses.get(o, 0) + 1
         inits = {t.name for t in model.graph.initializer}
         self.input_types = [
             DTYPES.get(i.type.tensor_type.elem_type, torch.float32) for i in model.graph.input if i.name not in inits
@@ -285,7 +293,8 @@ class _Recorder:
         self.host: dict[str, np.ndarray] = dict(graph.consts)
         self.dev: dict[str, tuple[torch.Tensor, int]] = {}
         self.made: dict[tuple, int] = {}
-        self.steps: list[list] = []
+        self.steps: list[list | None] = []
+        self.producer: dict[str, int] = {}  # tensor -> index of the step that computes it
 
     # -- what builders call ----------------------------------------------------------------------------------------
     def read(self, inp: In, what: str) -> np.ndarray:
@@ -348,6 +357,7 @@ class _Recorder:
         return program, result, env
 
     def program(self, input_slots, param_slots, output_slots) -> Program:
+        self.steps = [s for s in self.steps if s is not None]  # steps a fusion replaced
         last: dict[int, int] = {}
         for k, step in enumerate(self.steps):
             for s in step[1]:
@@ -361,14 +371,37 @@ class _Recorder:
                 dead[k].append(s)
         steps = [
             (fn, tuple(ins), tuple(outs), tuple(dead[k]), single, name)
-            for k, (fn, ins, outs, single, name) in enumerate(self.steps)
+            for k, (fn, ins, outs, single, name, _) in enumerate(self.steps)
         ]
         template = [v if i in self.consts else None for i, v in enumerate(self.values)]
         names = {name: s for name, (_, s) in self.dev.items()}
         return Program(steps, template, input_slots, param_slots, output_slots, names, self.host, self.why_dynamic)
 
+    def fuse_silu(self, n: Node) -> bool:
+        """Static builds: ``Mul(x, Sigmoid(x))`` (how SiLU is exported) as one ``F.silu`` kernel, as PyTorch runs it,
+        when nothing else reads the sigmoid. Dynamic mode keeps every node (its tensors can be captured)."""
+        if not self.static or n.op != "Mul" or len(n.inputs) != 2:
+            return False
+        for x, s in (n.inputs, n.inputs[::-1]):
+            k = self.producer.get(s)
+            step = self.steps[k] if k is not None else None
+            if step is None or step[5] != "Sigmoid" or self.g.uses.get(s) != 1 or x not in self.dev:
+                continue
+            if step[1] != [self.dev[x][1]]:
+                continue
+            self.steps[k] = None
+            out = F.silu(self.dev[x][0])
+            slot = self.slot(out)
+            self.dev[n.outputs[0]] = (out, slot)
+            self.steps.append([F.silu, [self.dev[x][1]], [slot], True, n.name, "SiLU"])
+            self.producer[n.outputs[0]] = len(self.steps) - 1
+            return True
+        return False
+
     def node(self, n: Node) -> None:
         g = self.g
+        if self.fuse_silu(n):
+            return
         args = ARGS[n.op]
         ins: list[In] = []
         for i, name in enumerate(n.inputs):
@@ -430,7 +463,10 @@ class _Recorder:
                 out_slots.append(1)
         if not single and len(out_slots) < len(outs):
             out_slots += [1] * (len(outs) - len(out_slots))
-        self.steps.append([built.fn, in_slots, out_slots, single, n.name])
+        self.steps.append([built.fn, in_slots, out_slots, single, n.name, n.op])
+        for name in n.outputs:
+            if name:
+                self.producer[name] = len(self.steps) - 1
 
     def host_tensor(self, o: int | Const, ins: list[In]) -> torch.Tensor | None:
         if isinstance(o, Const):

@@ -341,6 +341,8 @@ def _gelu(g, n: Node, ins):
 @op("HardSigmoid")
 def _hsig(g, n: Node, ins):
     alpha, beta = float(n.a("alpha", 0.2)), float(n.a("beta", 0.5))
+    if abs(alpha - 1 / 6) < 1e-6 and beta == 0.5:  # torch's own hardsigmoid, as the exporter writes it: one kernel
+        return kernel(F.hardsigmoid, 0)
     return kernel(lambda x: torch.clamp(alpha * x + beta, 0, 1), 0)
 
 
@@ -451,6 +453,8 @@ def _avgpool(g, n: Node, ins: list[In]):
 
 @op("GlobalAveragePool")
 def _gap(g, n, ins: list[In]):
+    if ins[0].ndim == 4:  # the pooling kernel (it has a channels_last path), as nn.AdaptiveAvgPool2d runs it
+        return kernel(lambda x: F.adaptive_avg_pool2d(x, 1), 0)
     dims = tuple(range(2, ins[0].ndim))
     return kernel(lambda x: x.mean(dim=dims, keepdim=True), 0)
 
