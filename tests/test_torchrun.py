@@ -176,3 +176,14 @@ def test_unsupported_op_is_named():
     with pytest.raises(CarveError, match="does not support op DepthToSpace") as err:
         TorchGraph(from_proto(g.model([y])))
     assert "supported ops: Abs" in str(err.value)
+
+
+def test_initializer_names_that_sanitise_alike_stay_distinct():
+    g = G((1, 4, 2, 2))
+    a = g.op("Add", ["x", g.const(np.ones((1, 4, 1, 1), np.float32), "w.")])  # names "w.1" ...
+    b = g.op("Mul", [a, g.const(np.full((1, 4, 1, 1), 3.0, np.float32), "w_")])  # ... and "w_2": both "p_w_N"?
+    g.inits[-1].name, g.nodes[-1].input[1] = "w_1", "w_1"
+    m = from_proto(g.model([b]), prepare_graph=False)
+    tg = TorchGraph(m)
+    assert len(tg.params) == 2 and len(set(tg.param_of.values())) == 2
+    compare(m, batch=1)

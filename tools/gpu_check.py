@@ -256,11 +256,20 @@ def main(argv: list[str] | None = None) -> int:
                 if not left(what, cost.get(label, 30)):
                     continue
                 print(what, file=sys.stderr, flush=True)
-                extra = extra_ort if backend == "ort" and device != "cpu" else {}
-                try:
-                    rows.extend(pair_rows(name, a, b, label, backend, device, precision, args, extra))
-                except Exception as exc:  # one configuration that cannot run must not lose the others
-                    doc["skipped"].append(f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                # ORT's GPU providers with CUDA graphs, as torch-cuda and trt run by default; without them if refused
+                tries = (
+                    [{**extra_ort, "cuda_graphs": True}, extra_ort] if backend == "ort" and device != "cpu" else [{}]
+                )
+                for k, extra in enumerate(tries):
+                    try:
+                        rows.extend(pair_rows(name, a, b, label, backend, device, precision, args, extra))
+                        break
+                    except Exception as exc:  # one configuration that cannot run must not lose the others
+                        again = "; measured without CUDA graphs" if k + 1 < len(tries) else ""
+                        doc["skipped"].append(
+                            f"{what}{' with CUDA graphs' if extra.get('cuda_graphs') else ''}: "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}{again}"
+                        )
 
     with tempfile.TemporaryDirectory(prefix="carve-gpu-check-") as tmp:
         from bench_backends import prune_copy
