@@ -63,3 +63,36 @@ def test_bench_json_on_torch_cpu(zoo_dir, capsys):
     assert rc == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["results"][0]["backend"] == "torch-cpu" and doc["agreement"]["max_abs"] < 1e-4
+    engine = doc["results"][0]["a"]["engine"]
+    assert engine["program"] == "static" and engine["cuda_graphs"] is False and doc["settings"]["cuda_graphs"] is None
+
+
+def test_bench_engine_options_from_the_command_line():
+    from pipeline.cli import build_parser
+    from pipeline.config import from_args
+    from pipeline.measure.config import MeasureConfig
+
+    parser = build_parser()
+    args = parser.parse_args(
+        "bench a.onnx b.onnx --no-cuda-graphs --channels-last --compile --provider-option "
+        "cudnn_conv_algo_search=HEURISTIC --provider-option enable_cuda_graph=0".split()
+    )
+    cfg = from_args(MeasureConfig, args)
+    assert cfg.cuda_graphs is False and cfg.channels_last is True and cfg.compile is True
+    assert cfg.provider_options == {"cudnn_conv_algo_search": "HEURISTIC", "enable_cuda_graph": "0"}
+    ec = cfg.engine_config(1, 1)
+    assert (ec.cuda_graphs, ec.channels_last, ec.compile) == (False, True, True)
+    assert ec.provider_options == cfg.provider_options
+    defaults = from_args(MeasureConfig, parser.parse_args(["bench", "a.onnx", "b.onnx"]))
+    assert defaults.cuda_graphs is None and defaults.channels_last is None and defaults.provider_options == {}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "a.onnx", "b.onnx", "--provider-option", "novalue"])
+
+
+def test_bench_refuses_settings_an_engine_cannot_apply(zoo_dir, capsys):
+    m = str(zoo_dir / "lenet5.onnx")
+    assert main(["bench", m, m, "--cuda-graphs", "--no-memory", "--rounds", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "CUDA graphs exist only on ONNX Runtime's CUDA and TensorRT providers" in err and "Traceback" not in err
+    assert main(["bench", m, m, "--backend", "torch-cpu", "--cuda-graphs", "--no-memory", "--rounds", "2"]) == 1
+    assert "CUDA graphs need a CUDA device" in capsys.readouterr().err

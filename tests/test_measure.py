@@ -115,3 +115,10 @@ def test_report_markdown_and_plots(zoo_dir, tmp_path):
     assert "## Accuracy" in merged and "top-1 90.00%" in merged
     future = {"schema_version": 1, "kind": "carve.bench", "results": [], "something_new": {"x": 1}}
     assert "## something_new" in to_markdown(future)  # unknown sections are shown, not dropped
+
+
+def test_fresh_process_memory_builds_the_engine_as_timed(zoo_dir):
+    out = measure_in_fresh_process(zoo_dir / "lenet5.onnx", "torch-cpu", options={"channels_last": True})
+    assert "error" not in out and out["weights_bytes"] > 0
+    bad = measure_in_fresh_process(zoo_dir / "lenet5.onnx", "torch-cpu", options={"cuda_graphs": True})
+    assert "CUDA graphs need a CUDA device" in bad["error"]

@@ -1,5 +1,5 @@
-"""The ONNX -> PyTorch interpreter computes what ONNX Runtime computes, on the zoo and on single ops; gradients flow
-into the initializers and write back."""
+"""The ONNX -> PyTorch runner computes what ONNX Runtime computes, on the zoo and on single ops, when it records a
+program, when it replays it and as a static program; gradients flow into the initializers and write back."""
 
 from __future__ import annotations
 
@@ -19,11 +19,14 @@ from pipeline.runtime.torch_graph import TorchGraph
 def compare(model, batch=2, seed=0, rtol=1e-4):
     feeds = ortutil.random_feeds(model, batch=batch, seed=seed)
     ref = ortutil.run(model, feeds)
+    tg = TorchGraph(model)
+    inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
     with torch.no_grad():
-        out = TorchGraph(model)(**{k: torch.from_numpy(v) for k, v in feeds.items()})
-    out = out if isinstance(out, tuple) else (out,)
-    for a, b in zip(ref, out):
-        np.testing.assert_allclose(b.numpy(), a, rtol=0, atol=rtol * max(float(np.abs(a).max()), 1e-4))
+        runs = [tg(**inputs), tg(**inputs), tg.static(*inputs.values())(*inputs.values())]  # record, replay, static
+    for out in runs:
+        out = out if isinstance(out, tuple) else (out,)
+        for a, b in zip(ref, out):
+            np.testing.assert_allclose(b.numpy(), a, rtol=0, atol=rtol * max(float(np.abs(a).max()), 1e-4))
 
 
 @pytest.mark.parametrize("name", models.available())
@@ -119,10 +122,14 @@ CASES = {
 }
 
 
+def case_model(case: str):
+    opset = 20 if case == "gelu_erf" else 18 if case in ("split_num_outputs", "reduce_max") else 17
+    return one_op(CASES[case], opset=opset, shape=(2, 4, 8, 8))
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_single_ops_match_ort(case):
-    opset = 20 if case == "gelu_erf" else 18 if case in ("split_num_outputs", "reduce_max") else 17
-    compare(one_op(CASES[case], opset=opset, shape=(2, 4, 8, 8)))
+    compare(case_model(case))
 
 
 def test_gemm_attributes_and_opset11_softmax():
@@ -169,3 +176,14 @@ def test_unsupported_op_is_named():
     with pytest.raises(CarveError, match="does not support op DepthToSpace") as err:
         TorchGraph(from_proto(g.model([y])))
     assert "supported ops: Abs" in str(err.value)
+
+
+def test_initializer_names_that_sanitise_alike_stay_distinct():
+    g = G((1, 4, 2, 2))
+    a = g.op("Add", ["x", g.const(np.ones((1, 4, 1, 1), np.float32), "w.")])  # names "w.1" ...
+    b = g.op("Mul", [a, g.const(np.full((1, 4, 1, 1), 3.0, np.float32), "w_")])  # ... and "w_2": both "p_w_N"?
+    g.inits[-1].name, g.nodes[-1].input[1] = "w_1", "w_1"
+    m = from_proto(g.model([b]), prepare_graph=False)
+    tg = TorchGraph(m)
+    assert len(tg.params) == 2 and len(set(tg.param_of.values())) == 2
+    compare(m, batch=1)

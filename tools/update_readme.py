@@ -2,8 +2,10 @@
 
 Each table sits between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` and is exactly
 ``tools/bench_NAME.py``'s (or ``tools/NAME.py``'s) ``markdown(json.load(benchmarks/NAME.json))``;
-``<!-- report:NAME -->`` holds ``carve report``'s rendering of ``benchmarks/NAME.json``. So the README can only show
-numbers that a committed benchmark run produced (``tests/test_readme.py`` checks it).
+``<!-- report:NAME -->`` holds ``carve report``'s rendering of ``benchmarks/NAME.json``. ``<!-- bench:gpu -->`` holds
+``tools/gpu_check.py``'s rendering of every committed ``benchmarks/gpu_<device>.json``, or the statement that GPU
+figures are not measured yet. So the README can only show numbers that a committed benchmark run produced
+(``tests/test_readme.py`` checks it).
 
     python tools/update_readme.py            # rewrite README.md in place
     python tools/update_readme.py --check    # exit 1 when a table is stale
@@ -22,16 +24,24 @@ REPO = Path(__file__).resolve().parents[1]
 MARKER = re.compile(r"(<!-- (bench|report):(\w+) -->\n)(.*?)(<!-- /\2:\3 -->)", re.S)
 
 
-def table(name: str) -> str:
+def _script(name: str):
     for path in (REPO, REPO / "tools"):  # the scripts import the project and tools/benchio.py
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
-    script = REPO / "tools" / f"bench_{name}.py"
-    if not script.exists():  # a suite that is not a timing benchmark (tools/fuzz.py)
-        script = REPO / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", script)
+    script = REPO / "tools" / f"{name}.py"
+    if not script.exists() and name.startswith("bench_"):  # a suite that is not a timing benchmark (tools/fuzz.py)
+        script = REPO / "tools" / f"{name.removeprefix('bench_')}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def table(name: str) -> str:
+    if name == "gpu":  # one document per device (benchmarks/gpu_<device>.json), written by tools/gpu_check.py
+        module = _script("gpu_check")
+        return module.readme(module.committed()).rstrip("\n") + "\n"
+    module = _script(f"bench_{name}")
     doc = json.loads((REPO / "benchmarks" / f"{name}.json").read_text())
     return module.markdown(doc).rstrip("\n") + "\n"
 

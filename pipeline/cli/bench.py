@@ -19,7 +19,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int_list, default=[1], help="batch sizes, e.g. 1,8")
     p.add_argument("--threads", type=int_list, default=[1], help="CPU threads, e.g. 1,2")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
-    p.add_argument("--cuda-graphs", action="store_true", help="capture runs in CUDA graphs (trt, torch-cuda)")
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="capture each run in a CUDA graph (default: on for torch-cuda and trt, off for ort; ort: cuda/tensorrt "
+        "devices only)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch backends: convolution weights and activations in channels_last (default: on for CUDA)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch backends: torch.compile (inductor) the runner's static graph"
+    )
+    p.add_argument(
+        "--provider-option",
+        dest="provider_options",
+        action=KeyValue,
+        default={},
+        metavar="KEY=VALUE",
+        help="ort GPU providers: an execution-provider option (repeatable), e.g. cudnn_conv_algo_search=HEURISTIC",
+    )
     p.add_argument("--rounds", type=positive_int, default=20, help="interleaved rounds (default 20)")
     p.add_argument(
         "--min-round-ms", type=non_negative_float, default=50.0, help="minimum time of one model's round (default 50)"
@@ -46,6 +69,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the report JSON")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=run)
+
+
+class KeyValue(argparse.Action):
+    """``--opt KEY=VALUE`` (repeatable) into one dict."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        key, sep, value = str(values).partition("=")
+        if not sep or not key:
+            parser.error(f"{option_string} takes KEY=VALUE, got {values!r}")
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), key: value})
 
 
 def run(args: argparse.Namespace) -> int:

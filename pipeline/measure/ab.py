@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from pipeline.measure.backends import EngineConfig
+from pipeline.errors import CarveError
+from pipeline.measure.backends import EngineConfig, settings_differ
 from pipeline.measure.config import MeasureConfig
 from pipeline.measure.runners import LocalRunner, RemoteRunner
 from pipeline.measure.stats import bootstrap_median_ci, latency_stats
@@ -107,8 +108,20 @@ def measure_pair(
     """One configuration: interleaved rounds, stats, speed-up with its confidence interval."""
     runner = RemoteRunner if cfg.isolate else LocalRunner
     ec = cfg.engine_config(batch, threads)
-    ra, rb = runner(cfg.backend, a, ec), runner(cfg.backend, b, ec)
+    ra = runner(cfg.backend, a, ec)
     try:
+        rb = runner(cfg.backend, b, ec)
+    except BaseException:
+        ra.close()
+        raise
+    try:
+        differ = settings_differ(ra.info(), rb.info())
+        if differ:
+            raise CarveError(
+                f"{a.name} and {b.name} did not run with the same engine settings ({'; '.join(differ)}): a speed-up "
+                "between them would not compare the models",
+                hint="set the differing option explicitly for both (e.g. --no-cuda-graphs)",
+            )
         run = interleave(
             ra,
             rb,

@@ -126,9 +126,18 @@ def compare(
     if cfg.memory:
         if progress:
             progress("memory (fresh processes)")
+        ec = cfg.engine_config(cfg.batch[0], cfg.threads[0])
+        options = {
+            "cuda_graphs": ec.cuda_graphs,
+            "channels_last": ec.channels_last,
+            "compile": ec.compile,
+            "provider_options": ec.provider_options,
+        }
         report["memory"] = {
             key: {
-                str(batch): measure_in_fresh_process(p, cfg.backend, batch, cfg.threads[0], cfg.precision, cfg.device)
+                str(batch): measure_in_fresh_process(
+                    p, cfg.backend, batch, cfg.threads[0], cfg.precision, cfg.device, options=options
+                )
                 for batch in cfg.batch
             }
             for key, p in (("a", a), ("b", b))

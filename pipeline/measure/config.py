@@ -16,7 +16,10 @@ class MeasureConfig:
     threads: list[int] = field(default_factory=lambda: [1], metadata=bounds(ge=1))
     precision: str = field(default="fp32", metadata=bounds(choices=("fp32", "fp16")))
     device: str = "cpu"
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = None  # None: the backend's default (torch-cuda and trt: on; ort: off)
+    channels_last: bool | None = None  # torch backends: None = on for CUDA
+    compile: bool = False  # torch backends: torch.compile (inductor) the runner's static program
+    provider_options: dict[str, str] = field(default_factory=dict)  # ort GPU providers: extra options
     spinning: bool = False  # ort: idle pool threads spin (see EngineConfig); off for fair A/B on shared cores
     rounds: int = field(default=20, metadata=bounds(ge=1))
     min_round_ms: float = field(default=50.0, metadata=bounds(ge=0))  # each model's round lasts at least this long
@@ -40,6 +43,9 @@ class MeasureConfig:
             precision=self.precision,
             device=self.device,
             cuda_graphs=self.cuda_graphs,
+            channels_last=self.channels_last,
+            compile=self.compile,
+            provider_options=dict(self.provider_options),
             seed=self.seed,
             spinning=self.spinning,
             clock=self.clock,

@@ -25,14 +25,20 @@ def _status(field: str) -> int | None:
     return None
 
 
-def measure_here(model: str, backend: str, batch: int, threads: int, precision: str, device: str) -> dict:
+def measure_here(
+    model: str, backend: str, batch: int, threads: int, precision: str, device: str, options: dict | None = None
+) -> dict:
+    """``options``: further EngineConfig fields (cuda_graphs, channels_last, compile, provider_options), so the engine
+    measured here is built as the timed one was."""
     from pipeline.measure.backends import EngineConfig, build
 
     base = _status("VmRSS:")
     engine = build(
         backend,
         model,
-        EngineConfig(batch=batch, threads=threads, precision=precision, device=device, memory_arena=False),
+        EngineConfig(
+            batch=batch, threads=threads, precision=precision, device=device, memory_arena=False, **(options or {})
+        ),
     )
     for _ in range(3):
         engine.run()
@@ -51,6 +57,7 @@ def measure_in_fresh_process(
     precision: str = "fp32",
     device: str = "cpu",
     timeout: float = 600,
+    options: dict | None = None,
 ) -> dict:
     cmd = [
         sys.executable,
@@ -67,10 +74,13 @@ def measure_in_fresh_process(
         precision,
         "--device",
         device,
+        "--options",
+        json.dumps(options or {}),
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
-        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+        lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip() and not ln.strip().startswith("hint:")]
+        return {"error": (lines or ["failed"])[-1][:300]}  # the exception's line, not a hint under it
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -82,6 +92,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--options", default="{}", help="further EngineConfig fields as JSON")
     a = p.parse_args()
     # import before the baseline so that library code is not counted as the model's memory
     import numpy  # noqa: F401
@@ -89,7 +100,8 @@ def main() -> None:
 
     import pipeline.measure.backends  # noqa: F401
 
-    print(json.dumps(measure_here(a.model, a.backend, a.batch, a.threads, a.precision, a.device)))
+    options = json.loads(a.options)
+    print(json.dumps(measure_here(a.model, a.backend, a.batch, a.threads, a.precision, a.device, options)))
 
 
 if __name__ == "__main__":

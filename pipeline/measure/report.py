@@ -88,13 +88,39 @@ def render_results(doc: dict) -> list[str]:
             f"{_fmt_ms(b['median_ms'])} ({_fmt_ms(b['p90_ms'])}, {_fmt_ms(b['p99_ms'])}) | "
             f"**{s['median']:.2f}x** ({s['ci_low']:.2f}-{s['ci_high']:.2f}) | {mac} | {eff} |"
         )
+    applied = sorted({engine_settings(r["a"].get("engine", {})) for r in doc["results"]} - {""})
     lines.append("")
+    if applied:
+        lines.append("Engine settings as applied (A and B alike): " + " / ".join(applied) + ".")
+        lines.append("")
     lines.append(
         "Speed-up = time(A) / time(B), median of per-round ratios over interleaved rounds, with a bootstrap "
         "confidence interval. The MAC ratio is MACs(B)/MACs(A): a static count, not a speed-up; efficiency = "
         "speed-up x MAC ratio (1.0 = the speed-up the MAC reduction promises)."
     )
     return lines
+
+
+def engine_settings(info: dict) -> str:
+    """What an engine's info() says it ran with, in a few words (only what it reports: nothing is assumed)."""
+    parts = []
+    if "providers" in info:
+        parts.append(info["providers"][0])
+    if "cuda_graphs" in info:
+        parts.append("CUDA graphs" if info["cuda_graphs"] else "no CUDA graphs")
+        if "cuda_graphs_fallback" in info:
+            parts[-1] += f" ({info['cuda_graphs_fallback']})"
+    if info.get("channels_last"):
+        parts.append("channels_last")
+    if info.get("compile"):
+        parts.append(f"torch.compile {info['compile']}")
+    if info.get("program") == "dynamic":
+        parts.append(f"dynamic program ({info.get('dynamic_reason', '')})")
+    if info.get("fp16_graph"):
+        parts.append("FP16 graph")
+    if info.get("fp32_fallback_ops"):
+        parts.append(f"FP32 fallback for {', '.join(info['fp32_fallback_ops'])}")
+    return ", ".join(parts)
 
 
 def render_memory(doc: dict) -> list[str]:

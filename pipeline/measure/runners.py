@@ -20,6 +20,13 @@ class LocalRunner:
     def __init__(self, backend: str, model: str | Path, config: EngineConfig) -> None:
         self.engine: Engine = build(backend, model, config)
 
+    @classmethod
+    def of(cls, engine: Engine) -> LocalRunner:
+        """A runner around an engine built elsewhere (e.g. a native torch module, for tools/bench_native.py)."""
+        runner = cls.__new__(cls)
+        runner.engine = engine
+        return runner
+
     def warmup(self, seconds: float) -> float:
         """Run for ``seconds`` (at least 3 runs); return the median single-run time."""
         times = []

@@ -1,79 +1,55 @@
-"""Run an ONNX graph with PyTorch: a small interpreter over the op subset CNNs use.
+"""Run an ONNX graph with PyTorch: an ``nn.Module`` whose parameters are the ONNX initializers, executed as a
+*recorded program* that is graph-safe by construction.
 
-:class:`TorchGraph` is an ``nn.Module`` built from a :class:`~pipeline.graph.Model`:
+:class:`TorchGraph` is built from a :class:`~pipeline.graph.Model`:
 
-* floating-point initializers become ``nn.Parameter``s, so gradients flow to them (loss-based criteria) and
-  :meth:`TorchGraph.write_back` copies trained values into the very same ONNX initializers;
-* integer constants (shapes, axes, pads) stay Python values on the CPU, and shape arithmetic (``Shape -> Gather ->
-  Concat -> Reshape``) is done on CPU tensors: a run on the GPU never waits on the host, so it can be captured in a
-  CUDA graph;
-* ``forward(x, capture=[names])`` also returns intermediate tensors (activations for criteria and repairs).
+* floating-point initializers become ``nn.Parameter``s, so gradients flow to them (loss-based criteria, fine-tuning)
+  and :meth:`TorchGraph.write_back` copies trained values into the very same ONNX initializers; integer initializers,
+  and float initializers read only as arguments (a Pad value, Resize scales, Clip bounds), stay host values;
+* running it records a **program** for the input shapes at hand: every node's builder
+  (:mod:`pipeline.runtime.torch_ops`) resolves pads, pad values, resize sizes, reshape targets, slice bounds, split
+  sizes, ranges, constant-of-shape and the whole ``Shape -> Gather -> Concat -> Reshape`` arithmetic into Python values
+  once, turns host constants that meet device tensors into device tensors once, and leaves a list of kernels that take
+  tensors only. Replaying the program performs no host read, no ``.item()``, no ``.cpu()`` and no host-to-device copy,
+  and frees each intermediate after its last use. Static builds also run ``Mul(x, Sigmoid(x))`` (exported SiLU) as
+  one ``F.silu`` kernel, as PyTorch itself does.
 
-It is the engine of the ``torch-cuda`` backend (real GPU speed-ups on machines with PyTorch + CUDA but no TensorRT) and
-runs on the CPU as well, where tests compare it with ONNX Runtime. An unsupported op raises a :class:`CarveError`
-naming the node and the supported ops.
+Two ways to use it, side by side:
+
+* **dynamic** — ``graph(x)`` (and ``graph(x, capture=[names])``, which also returns intermediate tensors): a program per
+  input signature (shapes, dtypes, device) is recorded on first use and replayed after, so a training loop with a last,
+  smaller batch simply gets a second program. Gradients, the criteria and fine-tuning use this. ``batch_statistics =
+  True`` makes BatchNormalization normalise with batch statistics and update its running statistics (training mode).
+* **static** — ``graph.static(x)`` (or a shape) returns a :class:`StaticGraph` for exactly that input: the module
+  engines capture in CUDA graphs and ``torch.compile(..., fullgraph=True)`` traces without a graph break.
+
+What cannot be made static: a value that shapes the computation but is computed *from the input data* (a reshape target
+taken from activations, a data-decided ``Range``/``ConstantOfShape``/``Expand``/``Tile``/``Slice``/``Pad``/``Resize``
+argument). ``static()`` refuses such a graph with a :class:`~pipeline.runtime.torch_ops.DataDependent` error naming the
+node and the tensor; the dynamic mode still runs it by reading that value back each call (and never replays it). Input
+shapes themselves are static per program: another shape is another recording (dynamic) or another ``static()`` build.
+
+It is the engine of the ``torch-cuda`` backend and runs on the CPU as well, where tests compare it with ONNX Runtime.
+An unsupported op raises a :class:`CarveError` naming the node and the supported ops.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 from torch import nn
 
 from pipeline.errors import CarveError
-from pipeline.graph.conv import resolve_pads
 from pipeline.graph.model import Model
+from pipeline.runtime.torch_ops import ARGS, DTYPES, OPS, Const, DataDependent, Folded, In, Kernel, Node
 
-OPS: dict[str, Callable] = {}
-
-
-def op(*names: str):
-    def deco(fn):
-        for n in names:
-            OPS[n] = fn
-        return fn
-
-    return deco
-
-
-_DTYPES = {
-    onnx.TensorProto.FLOAT: torch.float32,
-    onnx.TensorProto.FLOAT16: torch.float16,
-    onnx.TensorProto.DOUBLE: torch.float64,
-    onnx.TensorProto.BFLOAT16: torch.bfloat16,
-    onnx.TensorProto.INT64: torch.int64,
-    onnx.TensorProto.INT32: torch.int32,
-    onnx.TensorProto.INT8: torch.int8,
-    onnx.TensorProto.UINT8: torch.uint8,
-    onnx.TensorProto.BOOL: torch.bool,
-    onnx.TensorProto.INT16: torch.int16,
-}
-
-
-class Node:
-    """What the interpreter needs of an ONNX node."""
-
-    __slots__ = ("name", "op", "inputs", "outputs", "attrs", "fn")
-
-    def __init__(self, n: onnx.NodeProto, fn: Callable) -> None:
-        self.name, self.op, self.fn = n.name, n.op_type, fn
-        self.inputs, self.outputs = list(n.input), list(n.output)
-        self.attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        for k, v in list(self.attrs.items()):
-            if isinstance(v, bytes):
-                self.attrs[k] = v.decode()
-            elif isinstance(v, onnx.TensorProto):
-                self.attrs[k] = numpy_helper.to_array(v)
-
-    def a(self, name: str, default: Any = None) -> Any:
-        return self.attrs.get(name, default)
+__all__ = ["TorchGraph", "StaticGraph", "Program", "DataDependent", "OPS"]
 
 
 def _is_float(t: onnx.TensorProto) -> bool:
@@ -92,6 +68,8 @@ def _safe(name: str) -> str:
 class TorchGraph(nn.Module):
     """An ONNX model as a PyTorch module (see the module docstring)."""
 
+    max_programs = 8  # dynamic mode keeps this many recorded input signatures (oldest dropped first)
+
     def __init__(self, model: Model, *, trainable: bool = True) -> None:
         super().__init__()
         self.opset = model.opset
@@ -104,55 +82,107 @@ class TorchGraph(nn.Module):
                 f"the PyTorch runner does not support op {unsupported[0]} (node {node.name!r})",
                 hint=f"supported ops: {', '.join(sorted(OPS))}",
             )
-        self.nodes = [Node(n, OPS[n.op_type]) for n in model.graph.node]
-        # BatchNormalization in train(): batch statistics when True (fine-tuning), running statistics otherwise
-        self.bn_training = False
+        self.nodes = [Node(n) for n in model.graph.node]
+        self.uses: dict[str, int] = {}  # how many node inputs read each tensor (graph outputs count as one more)
+        for n in self.nodes:
+            for i in n.inputs:
+                self.uses[i] = self.uses.get(i, 0) + 1
+        for o in self.output_names:
+            self.uses[o] = self.uses.get(o, 0) + 1
+        inits = {t.name for t in model.graph.initializer}
+        self.input_types = [
+            DTYPES.get(i.type.tensor_type.elem_type, torch.float32) for i in model.graph.input if i.name not in inits
+        ]
         self.params = nn.ParameterDict()
         self.param_of: dict[str, str] = {}
-        self.consts: dict[str, Any] = {}  # integer/bool constants: CPU tensors (shape math never leaves the host)
-        used = {i for n in model.graph.node for i in n.input}
+        self.consts: dict[str, np.ndarray] = {}  # host values: integer initializers, argument-only float initializers
+        self.arg_values: dict[str, np.ndarray] = {}  # float parameters that are also read as host arguments
+        data_uses: set[str] = set()
+        arg_uses: set[str] = set()
+        for n in model.graph.node:
+            args = ARGS.get(n.op_type, ())
+            for i, name in enumerate(n.input):
+                (arg_uses if i in args else data_uses).add(name)
         # running statistics are not learned (and torch's batch_norm refuses gradients for them)
         statistics = {i for n in model.graph.node if n.op_type == "BatchNormalization" for i in n.input[3:5]}
         for t in model.graph.initializer:
-            if t.name not in used:
+            if t.name not in data_uses and t.name not in arg_uses:
                 continue
             arr = numpy_helper.to_array(t)
-            if _is_float(t):
+            if _is_float(t) and t.name in data_uses:
                 key = _safe(t.name)
+                while key in self.params:  # "a.b" and "a_b" would share a key
+                    key += "_"
                 grad = trainable and t.name not in statistics
                 self.params[key] = nn.Parameter(torch.from_numpy(np.array(arr)), requires_grad=grad)
                 self.param_of[t.name] = key
+                if t.name in arg_uses:
+                    self.arg_values[t.name] = np.array(arr)
             else:
-                self.consts[t.name] = torch.from_numpy(np.array(arr))
+                self.consts[t.name] = np.array(arr)
+        self.onnx_float = next((p.dtype for p in self.params.values() if p.is_floating_point()), torch.float32)
+        self.batch_statistics = False
+        self._programs: dict[tuple, Program] = {}
+
+    # -- what the builders ask of the graph ------------------------------------------------------------------------
+    def float_dtype(self) -> torch.dtype:
+        """The floating-point dtype the parameters have now (after ``.to(dtype)``, the converted one)."""
+        return next((p.dtype for p in self.params.values() if p.is_floating_point()), self.onnx_float)
+
+    def device(self) -> torch.device:
+        return next((p.device for p in self.params.values()), torch.device("cpu"))
+
+    def cast_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """A Cast's target: casts to the model's own float type follow a conversion of the module (``.half()``)."""
+        now = self.float_dtype()
+        return now if dtype == self.onnx_float and now != self.onnx_float else dtype
+
+    def _apply(self, fn, *args, **kwargs):
+        self._programs.clear()  # recorded constants live on the old device / in the old dtype
+        return super()._apply(fn, *args, **kwargs)
 
     # -- running ---------------------------------------------------------------------------------------------------
-    def forward(self, *args: torch.Tensor, capture: Sequence[str] = (), **feeds: torch.Tensor):
-        env: dict[str, Any] = dict(self.consts)
-        for k, key in self.param_of.items():
-            env[k] = self.params[key]
-        for name, value in zip(self.input_names, args):
-            env[name] = value
-        env.update(feeds)
-        missing = [n for n in self.input_names if n not in env]
+    def _inputs(self, args: Sequence[torch.Tensor], feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        values = dict(zip(self.input_names, args))
+        values.update(feeds)
+        missing = [n for n in self.input_names if n not in values]
         if missing:
             raise CarveError(f"missing input {missing[0]!r}; the model takes {self.input_names}")
-        for node in self.nodes:
-            ins = [env[i] if i else None for i in node.inputs]
-            try:
-                outs = node.fn(self, node, ins)
-            except CarveError:
-                raise
-            except Exception as exc:
-                raise RuntimeError(f"{node.op} {node.name!r}: {exc}") from exc
-            if not isinstance(outs, (list, tuple)):
-                outs = [outs]
-            for o, v in zip(node.outputs, outs):
-                if o:
-                    env[o] = v
-        result = tuple(env[o] for o in self.output_names)
-        if capture:
-            return (result[0] if len(result) == 1 else result), {c: env[c] for c in capture}
-        return result[0] if len(result) == 1 else result
+        return [values[n] for n in self.input_names]
+
+    def forward(self, *args: torch.Tensor, capture: Sequence[str] = (), **feeds: torch.Tensor):
+        """Dynamic mode: replay the program recorded for this input signature, recording it on first use."""
+        inputs = self._inputs(args, feeds)
+        key = tuple((t.shape, t.dtype, t.device) for t in inputs)
+        program = self._programs.get(key)
+        if program is None:
+            program, result, env = _Recorder(self, static=False).record(inputs)
+            if program.replayable:
+                while len(self._programs) >= self.max_programs:
+                    self._programs.pop(next(iter(self._programs)))
+                self._programs[key] = program
+            captured = program.pick(env, capture) if capture else None
+        else:
+            result, captured = program.run(self, inputs, capture)
+        out = result[0] if len(result) == 1 else result
+        return (out, captured) if capture else out
+
+    def static(self, *example: torch.Tensor | Sequence[int], **named: torch.Tensor) -> StaticGraph:
+        """A :class:`StaticGraph` for exactly these inputs: example tensors, or shapes (zeros on the parameters' device
+        and dtype). Refuses a graph with data-dependent shapes (:class:`DataDependent`). Build it after moving the
+        module (``.to(device, dtype, memory_format)``): the recorded constants live where the parameters were."""
+        tensors = []
+        for i, v in enumerate(example):
+            if isinstance(v, torch.Tensor):
+                tensors.append(v)
+            else:
+                dtype = self.input_types[i] if i < len(self.input_types) else torch.float32
+                dtype = self.cast_dtype(dtype) if dtype.is_floating_point else dtype
+                tensors.append(torch.zeros(tuple(int(d) for d in v), dtype=dtype, device=self.device()))
+        inputs = self._inputs(tensors, named)
+        with torch.no_grad():
+            program, _, _ = _Recorder(self, static=True).record(inputs)
+        return StaticGraph(self, program, [tuple(t.shape) for t in inputs])
 
     def parameter(self, initializer: str) -> nn.Parameter:
         return self.params[self.param_of[initializer]]
@@ -167,576 +197,287 @@ class TorchGraph(nn.Module):
                     )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# helpers
-
-
-def ints(v: Any) -> list[int]:
-    """A shape-like value (CPU tensor, array, list) as Python ints."""
-    if v is None:
-        return []
-    if isinstance(v, torch.Tensor):
-        return [int(x) for x in v.reshape(-1).tolist()]
-    return [int(x) for x in np.ravel(v)]
-
-
-def floats(v: Any) -> list[float]:
-    if isinstance(v, torch.Tensor):
-        return [float(x) for x in v.detach().reshape(-1).tolist()]
-    return [float(x) for x in np.ravel(v)]
-
-
-def _on(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return x.to(like.device) if isinstance(x, torch.Tensor) and x.device != like.device else x
-
-
-def _pads_2d(node: Node, x: torch.Tensor, kernel: list[int], strides: list[int], dil: list[int]) -> list[int]:
-    """ONNX pads [b1, b2, ..., e1, e2, ...] with auto_pad resolved."""
-    return resolve_pads(node.a("auto_pad", "NOTSET"), node.a("pads"), list(x.shape[2:]), kernel, strides, dil)
-
-
-def _sym_or_pad(x: torch.Tensor, pads: list[int], value: float = 0.0) -> tuple[torch.Tensor, list[int]]:
-    """Symmetric pads go to the op; asymmetric ones are applied with F.pad first."""
-    nd = len(pads) // 2
-    b, e = pads[:nd], pads[nd:]
-    if b == e:
-        return x, b
-    torch_pads = []
-    for k in reversed(range(nd)):
-        torch_pads += [b[k], e[k]]
-    return F.pad(x, torch_pads, value=value), [0] * nd
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# ops
-
-
-def _conv_args(n: Node, ins):
-    """(x, weight, bias, spatial dims, strides, dilations) of a Conv / ConvTranspose."""
-    x, w, b = ins[0], ins[1], (ins[2] if len(ins) > 2 else None)
-    nd = w.dim() - 2
-    return x, w, b, nd, ints(n.a("strides", [1] * nd)), ints(n.a("dilations", [1] * nd))
-
-
-@op("Conv")
-def _conv(g, n: Node, ins):
-    x, w, b, nd, strides, dil = _conv_args(n, ins)
-    x, pads = _sym_or_pad(x, _pads_2d(n, x, list(w.shape[2:]), strides, dil))
-    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
-    return fn(x, w, b, strides, pads, dil, int(n.a("group", 1)))
-
-
-@op("ConvTranspose")
-def _conv_t(g, n: Node, ins):
-    x, w, b, nd, strides, dil = _conv_args(n, ins)
-    pads = ints(n.a("pads", [0] * (2 * nd)))
-    out_pad = ints(n.a("output_padding", [0] * nd))
-    if n.a("output_shape") is not None or n.a("auto_pad", "NOTSET") != "NOTSET" or pads[:nd] != pads[nd:]:
-        raise CarveError(
-            f"ConvTranspose {n.name!r}: output_shape/auto_pad/asymmetric pads are not supported by the PyTorch runner"
-        )
-    fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
-    return fn(x, w, b, strides, pads[:nd], out_pad, int(n.a("group", 1)), dil)
-
-
-@op("BatchNormalization")
-def _bn(g, n: Node, ins):
-    x, scale, bias, mean, var = ins[:5]
-    eps = float(n.a("epsilon", 1e-5))
-    if g.training and g.bn_training:
-        # batch statistics, running statistics updated in place (ONNX: running = m running + (1 - m) batch; torch's
-        # momentum is the weight of the batch)
-        return F.batch_norm(x, mean, var, scale, bias, True, 1.0 - float(n.a("momentum", 0.9)), eps)
-    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, eps)
-
-
-@op("InstanceNormalization")
-def _in(g, n: Node, ins):
-    return F.instance_norm(ins[0], weight=ins[1], bias=ins[2], eps=float(n.a("epsilon", 1e-5)))
-
-
-@op("LRN")
-def _lrn(g, n: Node, ins):
-    return F.local_response_norm(
-        ins[0], int(n.a("size")), float(n.a("alpha", 1e-4)), float(n.a("beta", 0.75)), float(n.a("bias", 1.0))
-    )
-
-
-@op("Gemm")
-def _gemm(g, n: Node, ins):
-    a, b = ins[0], ins[1]
-    if n.a("transA", 0):
-        a = a.t()
-    if n.a("transB", 0):
-        b = b.t()
-    y = float(n.a("alpha", 1.0)) * (a @ b)
-    if len(ins) > 2 and ins[2] is not None:
-        y = y + float(n.a("beta", 1.0)) * ins[2]
-    return y
-
-
-@op("MatMul")
-def _matmul(g, n, ins):
-    return ins[0] @ ins[1]
-
-
-_UNARY = {
-    "Relu": F.relu,
-    "Sigmoid": torch.sigmoid,
-    "Tanh": torch.tanh,
-    "Exp": torch.exp,
-    "Log": torch.log,
-    "Sqrt": torch.sqrt,
-    "Abs": torch.abs,
-    "Neg": torch.neg,
-    "Reciprocal": torch.reciprocal,
-    "Erf": torch.erf,
-    "Floor": torch.floor,
-    "Ceil": torch.ceil,
-    "Round": torch.round,
-    "Sign": torch.sign,
-    "Sin": torch.sin,
-    "Cos": torch.cos,
-    "Softsign": F.softsign,
-    "Mish": F.mish,
-    "Not": torch.logical_not,
-    "IsNaN": torch.isnan,
-}
-
-
-@op(*_UNARY)
-def _unary(g, n: Node, ins):
-    return _UNARY[n.op](ins[0])
-
-
-@op("Identity")
-def _identity(g, n, ins):
-    return ins[0]
-
-
-@op("Dropout")
-def _dropout(g, n: Node, ins):
-    return ins[0], torch.ones_like(ins[0], dtype=torch.bool)
-
-
-@op("LeakyRelu")
-def _leaky(g, n: Node, ins):
-    return F.leaky_relu(ins[0], float(n.a("alpha", 0.01)))
-
-
-@op("Elu")
-def _elu(g, n: Node, ins):
-    return F.elu(ins[0], float(n.a("alpha", 1.0)))
-
-
-@op("Celu")
-def _celu(g, n: Node, ins):
-    return F.celu(ins[0], float(n.a("alpha", 1.0)))
-
-
-@op("Selu")
-def _selu(g, n: Node, ins):
-    alpha, gamma = float(n.a("alpha", 1.6732632423543772)), float(n.a("gamma", 1.0507009873554805))
-    return gamma * torch.where(ins[0] > 0, ins[0], alpha * (torch.exp(ins[0]) - 1))
-
-
-@op("Softplus")
-def _softplus(g, n, ins):
-    return F.softplus(ins[0])
-
-
-@op("ThresholdedRelu")
-def _trelu(g, n: Node, ins):
-    return torch.where(ins[0] > float(n.a("alpha", 1.0)), ins[0], torch.zeros_like(ins[0]))
-
-
-@op("Gelu")
-def _gelu(g, n: Node, ins):
-    return F.gelu(ins[0], approximate=n.a("approximate", "none"))
-
-
-@op("HardSigmoid")
-def _hsig(g, n: Node, ins):
-    return torch.clamp(float(n.a("alpha", 0.2)) * ins[0] + float(n.a("beta", 0.5)), 0, 1)
-
-
-@op("HardSwish")
-def _hswish(g, n, ins):
-    return F.hardswish(ins[0])
-
-
-@op("PRelu")
-def _prelu(g, n, ins):
-    x, slope = ins
-    return torch.where(x >= 0, x, slope * x)
-
-
-@op("Clip")
-def _clip(g, n: Node, ins):
-    x = ins[0]
-    lo = ins[1] if len(ins) > 1 and ins[1] is not None else n.a("min")
-    hi = ins[2] if len(ins) > 2 and ins[2] is not None else n.a("max")
-    if isinstance(lo, torch.Tensor):
-        lo = float(lo.detach().reshape(-1)[0]) if lo.device.type == "cpu" else lo
-    if isinstance(hi, torch.Tensor):
-        hi = float(hi.detach().reshape(-1)[0]) if hi.device.type == "cpu" else hi
-    return torch.clamp(x, lo, hi)
-
-
-def _binary(fn):
-    def run(g, n, ins):
-        a, b = ins[0], ins[1]
-        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-            b = _on(b, a) if a.dim() else b
-            a = _on(a, b)
-        return fn(a, b)
-
-    return run
-
-
-for _name, _fn in {
-    "Add": torch.add,
-    "Sub": torch.sub,
-    "Mul": torch.mul,
-    "Pow": torch.pow,
-    "Equal": torch.eq,
-    "Greater": torch.gt,
-    "Less": torch.lt,
-    "GreaterOrEqual": torch.ge,
-    "LessOrEqual": torch.le,
-    "And": torch.logical_and,
-    "Or": torch.logical_or,
-    "Xor": torch.logical_xor,
-}.items():
-    OPS[_name] = _binary(_fn)
-
-
-def _div(a, b):
-    if not a.is_floating_point() and not b.is_floating_point():
-        return torch.div(a, b, rounding_mode="trunc")
-    return a / b
-
-
-OPS["Div"] = _binary(_div)
-OPS["Mod"] = _binary(torch.fmod)
-
-
-@op("Max", "Min", "Sum", "Mean")
-def _nary(g, n: Node, ins):
-    out = ins[0]
-    for v in ins[1:]:
-        v = _on(v, out)
-        out = {"Max": torch.maximum, "Min": torch.minimum, "Sum": torch.add, "Mean": torch.add}[n.op](out, v)
-    return out / len(ins) if n.op == "Mean" else out
-
-
-@op("Where")
-def _where(g, n, ins):
-    c, a, b = ins
-    return torch.where(_on(c, a), a, _on(b, a))
-
-
-def _pool_args(n: Node, x):
-    kernel = ints(n.a("kernel_shape"))
-    nd = len(kernel)
-    strides = ints(n.a("strides", [1] * nd))
-    dil = ints(n.a("dilations", [1] * nd))
-    return kernel, strides, dil, _pads_2d(n, x, kernel, strides, dil)
-
-
-@op("MaxPool")
-def _maxpool(g, n: Node, ins):
-    x = ins[0]
-    kernel, strides, dil, pads = _pool_args(n, x)
-    x, p = _sym_or_pad(x, pads, value=float("-inf"))
-    fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(kernel)]
-    return fn(x, kernel, strides, p, dil, ceil_mode=bool(n.a("ceil_mode", 0)))
-
-
-@op("AveragePool")
-def _avgpool(g, n: Node, ins):
-    x = ins[0]
-    kernel, strides, _, pads = _pool_args(n, x)
-    include = bool(n.a("count_include_pad", 0))
-    nd = len(kernel)
-    if pads[:nd] != pads[nd:] and not include:
-        raise CarveError(f"AveragePool {n.name!r}: asymmetric pads without count_include_pad are not supported")
-    x, p = _sym_or_pad(x, pads)
-    fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[nd]
-    return fn(x, kernel, strides, p, ceil_mode=bool(n.a("ceil_mode", 0)), count_include_pad=include)
-
-
-@op("GlobalAveragePool")
-def _gap(g, n, ins):
-    return ins[0].mean(dim=tuple(range(2, ins[0].dim())), keepdim=True)
-
-
-@op("GlobalMaxPool")
-def _gmp(g, n, ins):
-    return ins[0].amax(dim=tuple(range(2, ins[0].dim())), keepdim=True)
-
-
-@op("Resize", "Upsample")
-def _resize(g, n: Node, ins):
-    x = ins[0]
-    if n.op == "Upsample":
-        scales = floats(ins[1])
-        sizes = None
-    else:
-        scales = floats(ins[2]) if len(ins) > 2 and ins[2] is not None and ins[2].numel() else None
-        sizes = ints(ins[3]) if len(ins) > 3 and ins[3] is not None else None
-    mode = n.a("mode", "nearest")
-    ctm = n.a("coordinate_transformation_mode", "half_pixel" if n.op == "Resize" else "asymmetric")
-    if sizes is None:
-        if scales[:2] != [1.0, 1.0]:
-            raise CarveError(f"Resize {n.name!r} scales the batch or channel axis")
-        out = [int(math.floor(s * f)) for s, f in zip(x.shape[2:], scales[2:])]
-    else:
-        out = sizes[2:]
-    if mode == "nearest":
-        nearest = n.a("nearest_mode", "round_prefer_floor")
-        if ctm == "asymmetric" and nearest == "floor":
-            return F.interpolate(x, size=out, mode="nearest")
-        if ctm in ("half_pixel", "pytorch_half_pixel") and nearest in ("round_prefer_ceil", "round_prefer_floor"):
-            return F.interpolate(x, size=out, mode="nearest-exact")
-        raise CarveError(f"Resize {n.name!r}: nearest with {ctm}/{nearest} is not supported by the PyTorch runner")
-    if mode == "linear":
-        torch_mode = {3: "linear", 4: "bilinear", 5: "trilinear"}[x.dim()]
-        if ctm == "align_corners":
-            return F.interpolate(x, size=out, mode=torch_mode, align_corners=True)
-        if ctm in ("half_pixel", "pytorch_half_pixel"):
-            return F.interpolate(x, size=out, mode=torch_mode, align_corners=False)
-    raise CarveError(f"Resize {n.name!r}: mode {mode} with {ctm} is not supported by the PyTorch runner")
-
-
-@op("Pad")
-def _pad(g, n: Node, ins):
-    x = ins[0]
-    pads = ints(ins[1]) if len(ins) > 1 and ins[1] is not None else ints(n.a("pads"))
-    value = floats(ins[2])[0] if len(ins) > 2 and ins[2] is not None else float(n.a("value", 0.0))
-    axes = ints(ins[3]) if len(ins) > 3 and ins[3] is not None else list(range(x.dim()))
-    axes = [a % x.dim() for a in axes]
-    k = len(axes)
-    full_b, full_e = [0] * x.dim(), [0] * x.dim()
-    for i, a in enumerate(axes):
-        full_b[a], full_e[a] = pads[i], pads[i + k]
-    torch_pads = []
-    for a in reversed(range(x.dim())):
-        torch_pads += [full_b[a], full_e[a]]
-    mode = n.a("mode", "constant")
-    if mode == "constant":
-        return F.pad(x, torch_pads, value=value)
-    lead = 2 * (x.dim() - 2)  # reflect/replicate pad only spatial dims in torch
-    if any(torch_pads[lead:]):
-        raise CarveError(f"Pad {n.name!r}: {mode} padding of the batch or channel axis is not supported")
-    return F.pad(x, torch_pads[:lead], mode={"reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode])
-
-
-@op("Concat")
-def _concat(g, n: Node, ins):
-    ins = [v for v in ins if v is not None]
-    dev = next((v.device for v in ins if v.device.type != "cpu"), None)
-    if dev is not None:
-        ins = [v.to(dev) for v in ins]
-    return torch.cat(ins, dim=int(n.a("axis")))
-
-
-@op("Split")
-def _split(g, n: Node, ins):
-    x = ins[0]
-    axis = int(n.a("axis", 0)) % x.dim()
-    if len(ins) > 1 and ins[1] is not None:
-        sizes = ints(ins[1])
-    elif n.a("split") is not None:
-        sizes = ints(n.a("split"))
-    else:
-        k = int(n.a("num_outputs", len(n.outputs)))
-        step = -(-x.shape[axis] // k)
-        sizes = [min(step, x.shape[axis] - i * step) for i in range(k)]
-    return list(torch.split(x, sizes, dim=axis))
-
-
-@op("Slice")
-def _slice(g, n: Node, ins):
-    x = ins[0]
-    starts, ends = ints(ins[1]), ints(ins[2])
-    axes = ints(ins[3]) if len(ins) > 3 and ins[3] is not None else list(range(len(starts)))
-    steps = ints(ins[4]) if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
-    index = [slice(None)] * x.dim()
-    for s, e, a, st in zip(starts, ends, axes, steps):
-        a %= x.dim()
-        if st < 0:
-            size = x.shape[a]
-            idx = list(range(size))[slice(s, e, st)]
-            x = x.index_select(a, torch.tensor(idx, dtype=torch.long, device=x.device))
-            continue
-        index[a] = slice(s, e, st)
-    return x[tuple(index)]
-
-
-@op("Gather")
-def _gather(g, n: Node, ins):
-    x, idx = ins
-    axis = int(n.a("axis", 0)) % x.dim()
-    idx = idx.long()
-    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
-    if x.device.type == "cpu" and not x.is_floating_point():
-        idx = idx.cpu()
-    else:
-        idx = idx.to(x.device)
-    flat = x.index_select(axis, idx.reshape(-1))
-    return flat.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :]))
-
-
-@op("Flatten")
-def _flatten(g, n: Node, ins):
-    x = ins[0]
-    axis = int(n.a("axis", 1)) % (x.dim() + 1) if x.dim() else 0
-    return x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)
-
-
-@op("Reshape")
-def _reshape(g, n: Node, ins):
-    x, shape = ins[0], ints(ins[1])
-    if not n.a("allowzero", 0):
-        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
-    return x.reshape(shape)
-
-
-@op("Transpose")
-def _transpose(g, n: Node, ins):
-    perm = n.a("perm")
-    return ins[0].permute(*(ints(perm) if perm is not None else reversed(range(ins[0].dim()))))
-
-
-@op("Squeeze")
-def _squeeze(g, n: Node, ins):
-    x = ins[0]
-    axes = ints(ins[1]) if len(ins) > 1 and ins[1] is not None else n.a("axes")
-    if axes is None:
-        return x.squeeze()
-    for a in sorted((a % x.dim() for a in ints(axes)), reverse=True):
-        x = x.squeeze(a)
-    return x
-
-
-@op("Unsqueeze")
-def _unsqueeze(g, n: Node, ins):
-    x = ins[0]
-    axes = ints(ins[1]) if len(ins) > 1 and ins[1] is not None else ints(n.a("axes"))
-    rank = x.dim() + len(axes)
-    for a in sorted(a % rank for a in axes):
-        x = x.unsqueeze(a)
-    return x
-
-
-def _axes(n: Node, ins, rank: int) -> list[int] | None:
-    if len(ins) > 1 and ins[1] is not None:
-        axes = ints(ins[1])
-    else:
-        axes = n.a("axes")
-        axes = ints(axes) if axes is not None else None
-    if not axes:
-        return None if not n.a("noop_with_empty_axes", 0) else []
-    return [a % rank for a in axes]
-
-
-_REDUCE = {
-    "ReduceMean": lambda x, d, k: x.mean(dim=d, keepdim=k),
-    "ReduceSum": lambda x, d, k: x.sum(dim=d, keepdim=k),
-    "ReduceMax": lambda x, d, k: x.amax(dim=d, keepdim=k),
-    "ReduceMin": lambda x, d, k: x.amin(dim=d, keepdim=k),
-    "ReduceProd": lambda x, d, k: _prod(x, d, k),
-    "ReduceL2": lambda x, d, k: x.pow(2).sum(dim=d, keepdim=k).sqrt(),
-    "ReduceL1": lambda x, d, k: x.abs().sum(dim=d, keepdim=k),
-    "ReduceSumSquare": lambda x, d, k: x.pow(2).sum(dim=d, keepdim=k),
-    "ReduceLogSumExp": lambda x, d, k: torch.logsumexp(x, dim=d, keepdim=k),
-}
-
-
-def _prod(x, dims, keep):
-    for d in sorted(dims, reverse=True):
-        x = x.prod(dim=d, keepdim=keep)
-    return x
-
-
-@op(*_REDUCE)
-def _reduce(g, n: Node, ins):
-    x = ins[0]
-    axes = _axes(n, ins, x.dim())
-    if axes == []:
-        return x
-    dims = tuple(range(x.dim())) if axes is None else tuple(axes)
-    return _REDUCE[n.op](x, dims, bool(n.a("keepdims", 1)))
-
-
-@op("ArgMax", "ArgMin")
-def _arg(g, n: Node, ins):
-    fn = torch.argmax if n.op == "ArgMax" else torch.argmin
-    return fn(ins[0], dim=int(n.a("axis", 0)), keepdim=bool(n.a("keepdims", 1)))
-
-
-@op("Softmax", "LogSoftmax")
-def _softmax(g, n: Node, ins):
-    x = ins[0]
-    fn = F.softmax if n.op == "Softmax" else F.log_softmax
-    if g.opset >= 13:
-        return fn(x, dim=int(n.a("axis", -1)))
-    axis = int(n.a("axis", 1)) % x.dim()  # opset < 13: coerced to 2-D at axis
-    flat = x.reshape(int(np.prod(x.shape[:axis])), -1)
-    return fn(flat, dim=1).reshape(x.shape)
-
-
-@op("Cast")
-def _cast(g, n: Node, ins):
-    return ins[0].to(_DTYPES[int(n.a("to"))])
-
-
-@op("CastLike")
-def _castlike(g, n, ins):
-    return ins[0].to(ins[1].dtype)
-
-
-@op("Shape")
-def _shape(g, n: Node, ins):
-    dims = list(ins[0].shape)
-    start, end = int(n.a("start", 0)), n.a("end")
-    return torch.tensor(dims[start:end], dtype=torch.int64)
-
-
-@op("Size")
-def _size(g, n, ins):
-    return torch.tensor(ins[0].numel(), dtype=torch.int64)
-
-
-@op("ConstantOfShape")
-def _const_of_shape(g, n: Node, ins):
-    value = n.a("value")
-    v = torch.from_numpy(np.array(value)).reshape(-1)[0] if value is not None else torch.tensor(0.0)
-    return torch.full(ints(ins[0]), v.item(), dtype=v.dtype)
-
-
-@op("Constant")
-def _constant(g, n: Node, ins):
-    for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
-        if n.a(key) is not None:
-            return torch.from_numpy(np.array(n.a(key)))
-    raise CarveError(f"Constant {n.name!r}: unsupported value kind")
-
-
-@op("Expand")
-def _expand(g, n: Node, ins):
-    x, shape = ins[0], ints(ins[1])
-    target = torch.broadcast_shapes(tuple(x.shape), tuple(shape))
-    return x.expand(target)
-
-
-@op("Tile")
-def _tile(g, n, ins):
-    return ins[0].repeat(*ints(ins[1]))
-
-
-@op("Range")
-def _range(g, n, ins):
-    start, limit, delta = (v.reshape(-1)[0].item() for v in ins)
-    return torch.arange(start, limit, delta, dtype=ins[0].dtype)
+class StaticGraph(nn.Module):
+    """A :class:`TorchGraph`'s program for one input signature: nothing but kernels on tensors (see the module doc).
+    Parameters are read from the graph at every call, so in-place updates are seen; moving it is refused (build a new
+    one after moving the graph)."""
+
+    def __init__(self, graph: TorchGraph, program: Program, shapes: list[tuple[int, ...]]) -> None:
+        super().__init__()
+        self.graph = graph
+        self.program = program
+        self.input_shapes = shapes
+
+    def forward(self, *inputs: torch.Tensor):
+        if len(inputs) != len(self.input_shapes) or any(tuple(t.shape) != s for t, s in zip(inputs, self.input_shapes)):
+            got = [tuple(t.shape) for t in inputs]
+            raise CarveError(f"this static graph was built for inputs {self.input_shapes}, got {got}")
+        result, _ = self.program.run(self.graph, inputs)
+        return result[0] if len(result) == 1 else result
+
+    def _apply(self, fn, *args, **kwargs):
+        raise CarveError("a StaticGraph cannot be moved: move the TorchGraph, then call .static() again")
+
+
+class Program:
+    """Recorded kernels and the slots they read and write. ``template`` holds the constants (device tensors made once
+    at recording) and ``None`` elsewhere; ``steps`` are ``(kernel, input slots, output slots, dead slots, single)``."""
+
+    def __init__(
+        self,
+        steps: list[tuple],
+        template: list[Any],
+        input_slots: list[int],
+        param_slots: list[tuple[int, str]],
+        output_slots: list[int],
+        names: dict[str, int],
+        host: dict[str, np.ndarray],
+        why_dynamic: str | None,
+    ) -> None:
+        self.steps, self.template = steps, template
+        self.input_slots, self.param_slots, self.output_slots = input_slots, param_slots, output_slots
+        self.names, self.host, self.why_dynamic = names, host, why_dynamic
+        self.node_names = [s[5] for s in steps]
+
+    @property
+    def replayable(self) -> bool:
+        return self.why_dynamic is None
+
+    def run(self, graph: TorchGraph, inputs: Sequence[torch.Tensor], capture: Sequence[str] = ()):
+        env = list(self.template)
+        for s, t in zip(self.input_slots, inputs):
+            env[s] = t
+        params = graph.params._parameters  # the dict behind ParameterDict: ~100x faster than its __getitem__
+        for s, key in self.param_slots:
+            env[s] = params[key]
+        keep = bool(capture)
+        k = 0
+        try:
+            for fn, ins, outs, dead, single, _ in self.steps:
+                r = fn(*[env[i] for i in ins])
+                if single:
+                    env[outs[0]] = r
+                else:
+                    for o, v in zip(outs, r):
+                        env[o] = v
+                if not keep:
+                    for d in dead:
+                        env[d] = None
+                k += 1
+        except CarveError:
+            raise
+        except Exception as exc:
+            raise RuntimeError(f"node {self.node_names[k]}: {exc}") from exc
+        result = tuple(env[s] for s in self.output_slots)
+        return result, (self.pick(env, capture) if capture else None)
+
+    def pick(self, env: Sequence[Any], names: Sequence[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for c in names:
+            if c in self.names:
+                out[c] = env[self.names[c]]
+            elif c in self.host:
+                out[c] = torch.from_numpy(np.array(self.host[c]))
+            else:
+                raise CarveError(f"capture: the graph has no tensor named {c!r}")
+        return out
+
+
+class _Recorder:
+    """One recording pass: runs every node's builder and kernel on real tensors, keeps host values on the host, and
+    writes the :class:`Program` that replays the kernels."""
+
+    def __init__(self, graph: TorchGraph, *, static: bool) -> None:
+        self.g, self.static = graph, static
+        self.why_dynamic: str | None = None
+        self.values: list[Any] = [None, None]  # slot 0: an absent input; slot 1: outputs nobody named
+        self.consts: set[int] = set()
+        self.host: dict[str, np.ndarray] = dict(graph.consts)
+        self.dev: dict[str, tuple[torch.Tensor, int]] = {}
+        self.made: dict[tuple, int] = {}
+        self.steps: list[list | None] = []
+        self.producer: dict[str, int] = {}  # tensor -> index of the step that computes it
+
+    # -- what builders call ----------------------------------------------------------------------------------------
+    def read(self, inp: In, what: str) -> np.ndarray:
+        n = inp.node
+        if self.static:
+            raise DataDependent(
+                f"{n.op} {n.name!r}: its {what} is tensor {inp.name!r}, computed from the input data at run time (a "
+                "data-dependent shape): it cannot be fixed when the graph is built, so this model cannot be captured "
+                "in a CUDA graph or compiled as one static graph",
+                hint="run it in dynamic mode (carve's torch-cuda engine falls back to that without CUDA graphs), or "
+                "export the model with that value constant",
+            )
+        self.why_dynamic = f"{n.op} {n.name!r} reads its {what} ({inp.name!r}) from the data"
+        return inp.tensor.detach().cpu().numpy()
+
+    # -- slots -----------------------------------------------------------------------------------------------------
+    def slot(self, value: Any) -> int:
+        self.values.append(value)
+        return len(self.values) - 1
+
+    def constant(self, arr: np.ndarray, key: Any, device: torch.device, dtype: torch.dtype | None) -> int:
+        """A host value as a device tensor, made once per (value, device, dtype)."""
+        t = torch.from_numpy(np.array(arr))
+        if t.is_floating_point() and dtype is not None:
+            t = t.to(dtype)
+        ck = (key if key is not None else id(arr), device, t.dtype)
+        if ck not in self.made:
+            s = self.slot(t.to(device))
+            self.consts.add(s)
+            self.made[ck] = s
+        return self.made[ck]
+
+    # -- the pass --------------------------------------------------------------------------------------------------
+    def record(self, inputs: Sequence[torch.Tensor]):
+        g = self.g
+        input_slots = []
+        for name, t in zip(g.input_names, inputs):
+            s = self.slot(t)
+            self.dev[name] = (t, s)
+            input_slots.append(s)
+        param_slots = []
+        for name, key in g.param_of.items():
+            s = self.slot(g.params[key])
+            self.dev[name] = (g.params[key], s)
+            param_slots.append((s, key))
+        for node in g.nodes:
+            self.node(node)
+        device = inputs[0].device if inputs else g.device()
+        output_slots = []
+        for name in g.output_names:
+            if name in self.dev:
+                output_slots.append(self.dev[name][1])
+            elif name in self.host:
+                output_slots.append(self.constant(self.host[name], name, device, None))
+            else:
+                raise CarveError(f"graph output {name!r} is not produced by any node")
+        result = tuple(self.values[s] for s in output_slots)
+        env = self.values
+        program = self.program(input_slots, param_slots, output_slots)
+        return program, result, env
+
+    def program(self, input_slots, param_slots, output_slots) -> Program:
+        self.steps = [s for s in self.steps if s is not None]  # steps a fusion replaced
+        last: dict[int, int] = {}
+        for k, step in enumerate(self.steps):
+            for s in step[1]:
+                last[s] = k
+            for s in step[2]:
+                last.setdefault(s, k)  # produced and never read: dead right away
+        keep = set(output_slots) | self.consts | {s for s, _ in param_slots} | {0, 1}
+        dead: list[list[int]] = [[] for _ in self.steps]
+        for s, k in last.items():
+            if s not in keep:
+                dead[k].append(s)
+        steps = [
+            (fn, tuple(ins), tuple(outs), tuple(dead[k]), single, name)
+            for k, (fn, ins, outs, single, name, _) in enumerate(self.steps)
+        ]
+        template = [v if i in self.consts else None for i, v in enumerate(self.values)]
+        names = {name: s for name, (_, s) in self.dev.items()}
+        return Program(steps, template, input_slots, param_slots, output_slots, names, self.host, self.why_dynamic)
+
+    def fuse_silu(self, n: Node) -> bool:
+        """Static builds: ``Mul(x, Sigmoid(x))`` (how SiLU is exported) as one ``F.silu`` kernel, as PyTorch runs it,
+        when nothing else reads the sigmoid. Dynamic mode keeps every node (its tensors can be captured)."""
+        if not self.static or n.op != "Mul" or len(n.inputs) != 2:
+            return False
+        for x, s in (n.inputs, n.inputs[::-1]):
+            k = self.producer.get(s)
+            step = self.steps[k] if k is not None else None
+            if step is None or step[5] != "Sigmoid" or self.g.uses.get(s) != 1 or x not in self.dev:
+                continue
+            if step[1] != [self.dev[x][1]]:
+                continue
+            self.steps[k] = None
+            out = F.silu(self.dev[x][0])
+            slot = self.slot(out)
+            self.dev[n.outputs[0]] = (out, slot)
+            self.steps.append([F.silu, [self.dev[x][1]], [slot], True, n.name, "SiLU"])
+            self.producer[n.outputs[0]] = len(self.steps) - 1
+            return True
+        return False
+
+    def node(self, n: Node) -> None:
+        g = self.g
+        if self.fuse_silu(n):
+            return
+        args = ARGS[n.op]
+        ins: list[In] = []
+        for i, name in enumerate(n.inputs):
+            host, tensor = None, None
+            if not name:
+                pass
+            elif i in args and name in g.arg_values:
+                host = g.arg_values[name]
+            elif name in self.host:
+                host = self.host[name]
+            elif name in self.dev:
+                tensor = self.dev[name][0]
+            else:
+                raise CarveError(f"{n.op} {n.name!r}: input {name!r} is not produced by any node or initializer")
+            ins.append(In(n, name, host, tensor, self.read))
+        try:
+            built = OPS[n.op](g, n, ins)
+            if isinstance(built, Folded):
+                self.set_host(n, built.values)
+                return
+            if not isinstance(built, Kernel):
+                built = Kernel(built, range(len(ins)))
+            ops = built.operands
+            dev_ops = [
+                ins[o].tensor for o in ops if not isinstance(o, Const) and o < len(ins) and ins[o].tensor is not None
+            ]
+            if not dev_ops:  # everything known on the host: fold it now
+                with torch.no_grad():
+                    vals = built.fn(*[self.host_tensor(o, ins) for o in ops])
+                vals = vals if isinstance(vals, (list, tuple)) else [vals]
+                self.set_host(n, [v.detach().cpu().numpy() for v in vals])
+                return
+            device = dev_ops[0].device
+            fdtype = next((t.dtype for t in dev_ops if t.is_floating_point()), None)
+            in_slots = []
+            for o in ops:
+                if isinstance(o, Const):
+                    in_slots.append(self.constant(o.value, None, device, fdtype))
+                elif o >= len(ins) or not ins[o].present:
+                    in_slots.append(0)
+                elif ins[o].tensor is not None:
+                    in_slots.append(self.dev[ins[o].name][1])
+                else:
+                    in_slots.append(self.constant(ins[o].host, ins[o].name, device, fdtype))
+            out = built.fn(*[self.values[s] for s in in_slots])
+        except CarveError:
+            raise
+        except Exception as exc:
+            raise RuntimeError(f"{n.op} {n.name!r}: {exc}") from exc
+        single = not isinstance(out, (list, tuple))
+        outs = [out] if single else list(out)
+        out_slots = []
+        for name, v in zip(n.outputs, outs):
+            if name:
+                s = self.slot(v)
+                self.dev[name] = (v, s)
+                out_slots.append(s)
+            else:
+                out_slots.append(1)
+        if not single and len(out_slots) < len(outs):
+            out_slots += [1] * (len(outs) - len(out_slots))
+        self.steps.append([built.fn, in_slots, out_slots, single, n.name, n.op])
+        for name in n.outputs:
+            if name:
+                self.producer[name] = len(self.steps) - 1
+
+    def host_tensor(self, o: int | Const, ins: list[In]) -> torch.Tensor | None:
+        if isinstance(o, Const):
+            return torch.from_numpy(np.array(o.value))
+        if o >= len(ins) or not ins[o].present:
+            return None
+        return torch.from_numpy(np.array(ins[o].host))
+
+    def set_host(self, n: Node, values: Sequence[np.ndarray]) -> None:
+        for name, v in zip(n.outputs, values):
+            if name:
+                self.host[name] = np.asarray(v)

@@ -196,7 +196,7 @@ def finetune(
     augment = Augment(opts.crop_pad, opts.flip)
     teacher_top1 = _top1_teacher(teacher_run, eval_data) if eval_data is not None and teacher_run else None
     net.train()
-    net.bn_training = True
+    net.batch_statistics = True
     started, cpu0 = time.perf_counter(), time.process_time()
     images = 0
     step = state["step"]
@@ -273,7 +273,7 @@ def finetune(
             _save_checkpoint(checkpoint, key, net, optim, epoch + 1, step, state["history"])
         if progress:
             progress({"event": "epoch", **entry, "epochs": epochs})
-    net.bn_training = False
+    net.batch_statistics = False
     net.eval()
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu0
     result = student.copy()
@@ -413,7 +413,7 @@ def _top1_student(net, data: Dataset, device: str) -> float:
 
     was_training = net.training
     net.eval()
-    net.bn_training = False
+    net.batch_statistics = False
     correct, total = 0, 0
     with torch.no_grad():
         for x, y in data.batches(256):
@@ -422,7 +422,7 @@ def _top1_student(net, data: Dataset, device: str) -> float:
             correct += int((out.reshape(len(x), -1).argmax(1).cpu().numpy() == y).sum())
             total += len(x)
     net.train(was_training)
-    net.bn_training = was_training
+    net.batch_statistics = was_training
     return correct / max(total, 1)
 
 

@@ -43,7 +43,10 @@ class EngineConfig:
     precision: str = "fp32"  # fp32 | fp16
     threads: int = 1  # CPU threads (intra-op)
     device: str = "cpu"  # ort: cpu | cuda | tensorrt
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = None  # None: the backend's default (on for torch-cuda and trt, off for ort)
+    channels_last: bool | None = None  # torch: None = on for CUDA, off on the CPU
+    compile: bool = False  # torch: torch.compile (inductor) the runner's static program
+    provider_options: dict[str, str] = field(default_factory=dict)  # ort: options for the GPU execution provider
     optimization: str = "all"  # ort graph optimisation level: disable | basic | extended | all
     memory_arena: bool = True  # ort: disable when measuring peak memory
     spinning: bool = False  # ort: let idle intra-op threads spin (steals CPU from the other model of an A/B)
@@ -133,6 +136,24 @@ class Backend:
         ok, why = self.available()
         if not ok:
             raise MissingDependencyError(f"backend {self.name!r} cannot run here: {why}")
+
+
+# what an engine's info() says it applied that both engines of a comparison must share
+SHARED_SETTINGS = ("precision", "fp16_graph", "cuda_graphs", "channels_last", "compile", "program", "providers")
+
+
+def settings_differ(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The applied settings in which two engines' ``info()`` differ (an A/B between them would not compare models)."""
+    out = []
+    for key in SHARED_SETTINGS:
+        if (key in a or key in b) and a.get(key) != b.get(key):
+            why = [
+                f"{k.upper()}: {i['cuda_graphs_fallback']}"
+                for k, i in (("a", a), ("b", b))
+                if "cuda_graphs_fallback" in i
+            ]
+            out.append(f"{key}: A {a.get(key)!r}, B {b.get(key)!r}" + (f" ({'; '.join(why)})" if why else ""))
+    return out
 
 
 def get(name: str) -> Backend:

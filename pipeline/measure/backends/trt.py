@@ -4,12 +4,16 @@ built: the rest of carve works without it.
 Build: ONNX parser -> network (strongly typed: mandatory on TensorRT 11, opted into on 10.x) -> builder config
 (workspace limit, builder optimisation level, one optimisation profile for the batch size) -> serialised engine.
 FP16 means an FP16 graph (:func:`pipeline.precision.to_fp16`), because TensorRT 11 has no FP16 builder flag.
-A timing cache shared by all builds (both models of a comparison) makes kernel choices comparable and builds fast;
-serialised engines are cached on disk under a key of (model hash, TensorRT version, GPU, build settings).
+A timing cache shared by all builds on one GPU with one TensorRT version (both models of a comparison) makes kernel
+choices comparable and builds fast; its file is keyed by GPU and TensorRT version (:func:`timing_cache_path`) and
+``set_timing_cache``'s answer is checked (:func:`attach_timing_cache`: a cache TensorRT rejects is replaced by an empty
+one and the report says so). Serialised engines are cached on disk under a key of (model hash, TensorRT version, GPU,
+build settings).
 
 Run: device buffers are torch CUDA tensors bound by name (``set_tensor_address``), ``execute_async_v3`` on a torch
-stream, CUDA events for timing, optionally the whole run captured in a CUDA graph. Memory: serialised engine size,
-weight bytes, ``device_memory_size_v2`` (activation memory of an execution context).
+stream, CUDA events for timing, the whole run captured in a CUDA graph by default (``cuda_graphs=False`` turns it
+off; a capture TensorRT refuses falls back to plain enqueues, with the reason in ``info()``). Memory: serialised
+engine size, weight bytes, ``device_memory_size_v2`` (activation memory of an execution context).
 
 The parts that need no GPU (build plan, cache keys, FP16 conversion, report fields) are plain Python and unit-tested
 on machines without TensorRT.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +77,7 @@ def build_plan(config: EngineConfig, trt_version: str) -> BuildPlan:
         workspace_bytes=int(config.workspace_mb) << 20,
         builder_level=config.builder_level,
         batch=config.batch,
-        cuda_graphs=config.cuda_graphs,
+        cuda_graphs=True if config.cuda_graphs is None else bool(config.cuda_graphs),
     )
 
 
@@ -82,6 +87,33 @@ def engine_key(model_bytes: bytes, trt_version: str, gpu: str, plan: BuildPlan) 
     h.update(hashlib.sha256(model_bytes).digest())
     h.update(json.dumps({"trt": trt_version, "gpu": gpu, **plan.key_fields()}, sort_keys=True).encode())
     return h.hexdigest()[:32]
+
+
+def timing_cache_path(directory: Path, trt_version: str, gpu: str) -> Path:
+    """The timing cache file for one GPU model and TensorRT version (timings are only valid there)."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()[:40] or "gpu"
+    digest = hashlib.sha256(f"{gpu}|{trt_version}".encode()).hexdigest()[:8]
+    return Path(directory) / f"timing-trt{trt_version}-{slug}-{digest}.cache"
+
+
+def attach_timing_cache(builder_config, path: Path) -> str:
+    """Give the builder config the timing cache stored at ``path``; returns what happened ("loaded", "new", or
+    "rejected ...: rebuilt empty"). ``set_timing_cache`` returns False for a cache from another device or version:
+    that is checked, never ignored."""
+    blob = path.read_bytes() if path.is_file() else b""
+    status = "new"
+    if blob:
+        try:
+            cache = builder_config.create_timing_cache(blob)
+        except Exception:  # a truncated or foreign file
+            cache = None
+        if cache is not None and builder_config.set_timing_cache(cache, ignore_mismatch=False):
+            return "loaded"
+        status = "rejected (not from this GPU/TensorRT, or damaged): rebuilt empty"
+    cache = builder_config.create_timing_cache(b"")
+    if cache is None or not builder_config.set_timing_cache(cache, ignore_mismatch=False):
+        raise CarveError("TensorRT refused an empty timing cache (set_timing_cache returned False)")
+    return status
 
 
 def cache_dir(config: EngineConfig) -> Path:
@@ -128,7 +160,8 @@ class TrtEngine(Engine):
 
         proto = to_fp16(m) if self.plan.fp16_graph else m.proto
         data = proto.SerializeToString()
-        gpu = torch.cuda.get_device_name(0)
+        self.gpu = gpu = torch.cuda.get_device_name(0)
+        self.timing_cache = "not used (engine from cache)"
         self.key = engine_key(data, trt.__version__, gpu, self.plan)
         cdir = cache_dir(config)
         cdir.mkdir(parents=True, exist_ok=True)
@@ -168,12 +201,22 @@ class TrtEngine(Engine):
                 self.buffers[name] = torch.empty(shape, dtype=dtype, device="cuda")
             self.context.set_tensor_address(name, self.buffers[name].data_ptr())
         self.graph = None
+        self.graph_fallback: str | None = None
         self._launch()  # one run before any capture (TensorRT's requirement)
         torch.cuda.synchronize()
-        if config.cuda_graphs:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=self.stream):
-                self._launch()
+        if self.plan.cuda_graphs:
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, stream=self.stream):
+                    self._launch()
+                graph.replay()
+                torch.cuda.synchronize()
+                self.graph = graph
+            except Exception as exc:
+                torch.cuda.synchronize()
+                self.graph_fallback = (
+                    f"CUDA graph capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                )
 
     def _build(self, data: bytes, proto, cdir: Path) -> bytes:
         trt = self.trt
@@ -187,9 +230,8 @@ class TrtEngine(Engine):
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.plan.workspace_bytes)
         config.builder_optimization_level = self.plan.builder_level
-        timing_file = cdir / "timing.cache"
-        cache = config.create_timing_cache(timing_file.read_bytes() if timing_file.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        timing_file = timing_cache_path(cdir, trt.__version__, self.gpu)
+        self.timing_cache = attach_timing_cache(config, timing_file)
         profile = builder.create_optimization_profile()
         for i in range(network.num_inputs):
             t = network.get_input(i)
@@ -237,6 +279,7 @@ class TrtEngine(Engine):
         torch = self.torch
         for name, value in feeds.items():
             self.buffers[name].copy_(torch.from_numpy(value).to(self.buffers[name].dtype))
+        torch.cuda.synchronize()  # the copies ran on the default stream, the engine runs on its own
         self.run()
         outs = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         outs = [n for n in outs if self.engine.get_tensor_mode(n) != self.trt.TensorIOMode.INPUT]
@@ -250,16 +293,21 @@ class TrtEngine(Engine):
         }
 
     def info(self) -> dict:
-        return {
+        d = {
             "tensorrt": self.trt.__version__,
             "gpu": self.torch.cuda.get_device_name(0),
             "engine_key": self.key,
             "engine_cached": self.cached,
             "precision": self.plan.precision,
-            "cuda_graphs": self.plan.cuda_graphs,
+            "fp16_graph": self.plan.fp16_graph,
+            "cuda_graphs": self.graph is not None,
             "builder_level": self.plan.builder_level,
             "workspace_bytes": self.plan.workspace_bytes,
+            "timing_cache": self.timing_cache,
         }
+        if self.plan.cuda_graphs and self.graph is None:
+            d["cuda_graphs_fallback"] = self.graph_fallback or "not captured"
+        return d
 
 
 @backends.register("trt")
