@@ -27,6 +27,10 @@ class UnsupportedModelError(CarveError):
     """The model uses something carve cannot analyse safely (e.g. control flow on the channel path)."""
 
 
+class UnreachableTarget(CarveError):
+    """A MAC or parameter target the plan cannot reach under its constraints (frozen channels, alignment, minimums)."""
+
+
 class MissingDependencyError(CarveError):
     """An optional dependency (torchvision, TensorRT, a GPU) is not available."""
 

@@ -425,3 +425,17 @@ def test_gradual_pass_steps_toward_a_latency_target(net, staircase_backend, late
     assert ratios[0] > ratios[1] and ratios[1] < 0.5 * 1.15  # the closed loop's tolerance on the fake engine
     with pytest.raises(CarveError, match="not both"):
         get("gradual", target_latency=0.5, target_macs=0.5, steps=2)
+
+
+def test_default_alignment_halves_when_a_target_is_out_of_its_reach():
+    """The backend's alignment is a default, not a wall: a target it cannot reach on narrow layers is planned at a
+    finer alignment, with a warning; a --round-to the user gave is kept and the target refused."""
+    from pipeline.errors import CarveWarning, UnreachableTarget
+
+    opts = P.PruneOptions(criterion="l1", target_macs=0.05, measure=False, verify=False)
+    align = opts.alignment()
+    with pytest.raises(UnreachableTarget):
+        P.prune_model(staircase_net(), P.PruneOptions(criterion="l1", target_macs=0.05, round_to=align))
+    with pytest.warns(CarveWarning, match="planned with round-to"):
+        _, summary = P.prune_model(staircase_net(), opts)
+    assert summary["options"]["round_to"] < align and summary["macs_after"] <= 0.05 * summary["macs_before"] + 1e-9

@@ -62,7 +62,7 @@ def test_a_repair_that_produces_nan_writes_nothing(tiny_resnet_onnx, tmp_path):
     images[3, 0, 0, 0] = np.nan
     calib = Dataset(images, None, "raw", Preprocess())
     with pytest.raises(CarveError, match="NaN or Inf"):
-        P.prune_model(load(tiny_resnet_onnx), P.PruneOptions(fuse="lsq"), calib=calib)
+        P.prune_model(load(tiny_resnet_onnx), P.PruneOptions(fuse="lsq", round_to=1), calib=calib)
 
 
 def test_verification_refuses_nan_outputs(tiny_resnet_onnx):
@@ -141,7 +141,8 @@ def rgb_npz(tmp_path_factory):
 @pytest.mark.parametrize("flags", [["--fuse", "lsq"], ["--criterion", "hrank"], ["--repair", "bn"]])
 def test_static_batch_model_calibrates_in_chunks_of_its_batch(static_tiny, rgb_npz, tmp_path, flags, capsys):
     out = tmp_path / "p.onnx"
-    rc = main(["prune", str(static_tiny), "-o", str(out), "--calib", str(rgb_npz), "--samples", "10", *flags])
+    args = ["prune", str(static_tiny), "-o", str(out), "--calib", str(rgb_npz), "--samples", "10", "--round-to", "1"]
+    rc = main([*args, *flags])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "8 of 10 samples used, the last 2 dropped" in captured.err  # said, not silent

@@ -23,6 +23,7 @@ data: {calib: digits:train, eval: digits:test, samples: 64}
 axes:
   criterion: [l1, fpgm]
   target: {kind: macs, values: [0.5, 0.0001]}
+prune: {round_to: 1}
 bench: {threads: 1, rounds: 3, min_round_ms: 5, warmup_ms: 10}
 """
 

@@ -12,10 +12,14 @@ speed-up above 1 means carve's model is faster).
 For CIFAR ResNet-56 (trained weights from ../shared) also top-1 on ``--eval-samples`` test images with no repair, and
 with each tool's best recovery that needs no training: carve's least-squares refit (``fuse lsq``) on 256 training
 images; Torch-Pruning has no post-training repair of its own, so it gets BatchNorm re-estimation on the same 256 images
-(the usual no-training recovery for a pruned PyTorch model). The fine-tuning comparison is not run here yet.
+(the usual no-training recovery for a pruned PyTorch model). With ``--finetune-only EPOCHS`` both tools' unrepaired
+ResNet-56 models (Torch-Pruning's and carve's round-to 8) are fine-tuned with the same budget and the same trainer
+(``carve finetune``'s defaults: distillation from the original plus cross-entropy, on the 10,000-image train subset,
+one thread each, both at once) and evaluated on the same test images; the row is added to the existing JSON.
 
     python tools/bench_peers.py                      # all models -> benchmarks/peers.json
     python tools/bench_peers.py --models resnet56 --rounds 5 -o /tmp/peers.json    # a smoke test
+    python tools/bench_peers.py --finetune-only 3     # add the equal-budget fine-tuning comparison
     python tools/bench_peers.py --markdown
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import sys
 import tempfile
@@ -206,6 +211,49 @@ def accuracy_resnet56(net, orig: Path, tp_path: Path, tmp: Path, target: float, 
     return out
 
 
+def finetune_one(student: str, teacher: str, epochs: float, eval_samples: int) -> dict:
+    """``carve finetune``'s defaults on one pruned model (run in a worker process, one thread)."""
+    from pipeline.data.datasets import load_data
+    from pipeline.data.shared import shared_dir
+    from pipeline.graph import load
+    from pipeline.measure.evaluate import evaluate
+    from pipeline.training.finetune import FinetuneOptions, finetune
+
+    data = shared_dir() / "data" / "cifar10"
+    model, original = load(student), load(teacher)
+    train = load_data(data / "train_subset.npz", model=model)
+    test = load_data(data / "test.npz", model=model, samples=eval_samples, seed=1)
+    t0 = time.process_time()
+    result = finetune(model, train, FinetuneOptions(epochs=epochs, threads=1), teacher=original)
+    return {
+        "top1": evaluate(result.model, test)["top1"],
+        "train_cpu_min": round((time.process_time() - t0) / 60, 2),
+        "images_per_s": result.summary.get("images_per_s"),
+    }
+
+
+def finetune_resnet56(doc: dict, epochs: float, args, tmp: Path) -> None:
+    """Both tools' unrepaired ResNet-56 models, fine-tuned with the same budget and trainer (added to ``doc``)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    import models
+
+    row = next(r for r in doc["rows"] if r["model"] == "resnet56" and "error" not in r)
+    orig, tp_path, carve_path = tmp / "resnet56.onnx", tmp / "resnet56_tp.onnx", tmp / "resnet56_carve_r8.onnx"
+    models.export("resnet56", orig)
+    net, setup, _ = tp_prune("resnet56", args.ratio)
+    to_onnx_like(net, "resnet56", orig, tp_path)
+    target = macs_of(tp_path) / macs_of(orig)
+    carve_prune(orig, carve_path, target, 8)
+    with ProcessPoolExecutor(2) as pool:
+        jobs = {
+            k: pool.submit(finetune_one, str(p), str(orig), epochs, args.eval_samples)
+            for k, p in (("tp", tp_path), ("carve_r8", carve_path))
+        }
+        got = {k: j.result() for k, j in jobs.items()}
+    row["finetune"] = {"epochs": epochs, "eval_samples": args.eval_samples, "tp_setup": setup, **got}
+
+
 def markdown(doc: dict) -> str:
     rows = []
     for r in doc["rows"]:
@@ -257,6 +305,24 @@ def markdown(doc: dict) -> str:
                 ],
             ),
         ]
+    ft = next((r.get("finetune") for r in doc["rows"] if r.get("finetune")), None)
+    if ft:
+        lines += [
+            "",
+            f"ResNet-56 top-1 on {ft['eval_samples']} test images after the same fine-tuning ({ft['epochs']:g} epochs "
+            "of `carve finetune`'s defaults from each tool's unrepaired model):",
+            "",
+            *table(
+                ["Torch-Pruning + fine-tuning", "carve r8 + fine-tuning", "train CPU min (TP / carve)"],
+                [
+                    [
+                        f"{ft['tp']['top1']:.2%}",
+                        f"{ft['carve_r8']['top1']:.2%}",
+                        f"{ft['tp']['train_cpu_min']:.1f} / {ft['carve_r8']['train_cpu_min']:.1f}",
+                    ]
+                ],
+            ),
+        ]
     return "\n".join(lines)
 
 
@@ -269,6 +335,7 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=2000)
     ap.add_argument("-o", "--output", default=str(REPO / "benchmarks" / "peers.json"))
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--finetune-only", type=float, metavar="EPOCHS", help="add the fine-tuning comparison to -o")
     args = ap.parse_args()
     try:
         import torch_pruning
@@ -280,6 +347,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    if args.finetune_only:
+        doc = json.loads(Path(args.output).read_text())
+        with tempfile.TemporaryDirectory(prefix="carve-peers-") as tmp:
+            finetune_resnet56(doc, args.finetune_only, args, Path(tmp))
+        write(doc, args.output, markdown, args.markdown)
+        return
     started = time.time()
     load_before = os.getloadavg()
     rows = []

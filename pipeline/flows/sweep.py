@@ -272,6 +272,7 @@ def expand(sweep: Sweep) -> list[Point]:
 def point_recipe(sweep: Sweep, point: Point, output: Path) -> Recipe:
     """The recipe ``carve run`` would run for this point."""
     prune = {
+        "measure": False,  # the sweep times each point itself, under its timing lock; no quick A/B outside it
         **sweep.prune,
         "criterion": point.criterion,
         "allocator": point.allocator,

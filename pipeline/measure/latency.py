@@ -78,11 +78,12 @@ class MeasuredLatency:
     def measure(self, original: Model, pruned: Model) -> dict:
         if self.progress:
             self.progress(f"measuring the pruned model against the original ({self.describe()})")
+        batch = self.batch_for(original)
         cfg = MeasureConfig(
             backend=self.backend,
             device=self.device,
             precision=self.precision,
-            batch=[self.batch],
+            batch=[batch],
             threads=[self.threads],
             rounds=self.rounds,
             min_round_ms=self.min_round_ms,
@@ -95,7 +96,7 @@ class MeasuredLatency:
             a, b = Path(tmp) / "original.onnx", Path(tmp) / "pruned.onnx"
             onnx.save_model(original.proto, str(a))
             onnx.save_model(pruned.proto, str(b))
-            res = measure_pair(a, b, cfg, self.batch, self.threads)
+            res = measure_pair(a, b, cfg, batch, self.threads)
         s = res["speedup"]
         return {
             "ratio": round(1.0 / s["median"], 4),
@@ -105,4 +106,12 @@ class MeasuredLatency:
             "b_ms": round(res["b"]["median_ms"], 4),
             "clock": res["a"]["engine"].get("clock"),
             "rounds": self.rounds,
+            "batch": batch,
         }
+
+    def batch_for(self, model: Model) -> int:
+        """The batch to measure at: ours, unless the model's batch is static (it runs at nothing else)."""
+        from pipeline.runtime.ort import input_specs
+
+        static = {shape[0] for shape, _ in input_specs(model.proto, self.batch).values() if shape}
+        return static.pop() if len(static) == 1 else self.batch

@@ -16,11 +16,12 @@ Without ``round_to`` kept widths are multiples of what the backend's kernels wan
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.config import bounds, options_for, validate
-from pipeline.errors import CarveError, warn
+from pipeline.errors import CarveError, UnreachableTarget, warn
 from pipeline.graph.channels import analyse
 from pipeline.graph.history import record
 from pipeline.graph.model import Model, check_finite, nonfinite_initializers
@@ -152,7 +153,8 @@ def prune_model(
     if opts.target_latency is not None:
         target = parse_target(opts.target_latency)
         plan_opts["target_latency"] = min(1.0, target.budget(table.model_ms))
-    p = plan(analysis, calib=calib, progress=progress, **plan_opts)
+    p = plan_aligned(analysis, opts, plan_opts, calib=calib, progress=progress)
+    plan_opts["round_to"] = p.options.get("round_to", plan_opts.get("round_to"))
     loop = None
     measuring = latency is not None and opts.measure
     original = model.copy() if measuring else None  # the unpruned model (surgery below works in place)
@@ -195,8 +197,40 @@ def prune_model(
         summary["latency"] = latency_summary(latency, measured, p, table, loop)
     elif bound is not None:
         summary["latency"] = latency_summary(latency, None, p, table, loop)
-    record(pruned, "prune", summary, command=command, replace_last=True)
+    record(pruned, "prune", recorded(summary), command=command, replace_last=True)
     return pruned, summary
+
+
+def recorded(summary: dict) -> dict:
+    """What the model's history keeps of a prune: all of the summary, except that under ``SOURCE_DATE_EPOCH`` (a
+    reproducible build) the timings measured on this machine are left out: they describe the machine, not the model,
+    and would make two identical prunes differ byte for byte. They stay in the returned summary either way."""
+    if "latency" not in summary or not os.environ.get("SOURCE_DATE_EPOCH"):
+        return summary
+    latency = {k: v for k, v in summary["latency"].items() if k not in ("measured", "loop")}
+    return {**summary, "latency": latency}
+
+
+def plan_aligned(analysis, opts: PruneOptions, plan_opts: dict, *, calib: Any = None, progress=None):
+    """:func:`plan` at the backend's alignment; when the user did not choose ``--round-to`` and that alignment makes
+    a MAC or parameter target unreachable (narrow layers: a 16-wide layer cannot lose channels in steps of 16), halve
+    the alignment until it is reachable, and say so. A ``--round-to`` the user gave is kept as given."""
+    align = plan_opts.get("round_to") or 1
+    while True:
+        try:
+            p = plan(analysis, calib=calib, progress=progress, **{**plan_opts, "round_to": align})
+        except UnreachableTarget:
+            if opts.round_to is not None or align <= 1 or "latency" in plan_opts:
+                raise
+            align //= 2
+            continue
+        if align != (plan_opts.get("round_to") or 1):
+            warn(
+                f"the backend's channel alignment ({plan_opts['round_to']}) cannot reach this target on this model's "
+                f"narrow layers; planned with round-to {align} (give --round-to to choose)"
+            )
+        p.options["round_to"] = align
+        return p
 
 
 def describe_amount(summary: dict) -> str:

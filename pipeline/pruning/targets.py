@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.errors import CarveError
+from pipeline.errors import CarveError, UnreachableTarget
 from pipeline.graph.channels import ChannelAnalysis
 from pipeline.graph.cost import CostModel
 from pipeline.graph.shapes import unknown_conv_outputs
@@ -37,7 +37,7 @@ def bisect_ratio(
     lo, hi = 0.0, 0.999
     removed_hi = allocate(hi)
     if frac(removed_hi) > target + 1e-9:
-        raise CarveError(
+        raise UnreachableTarget(
             f"cannot reach {kind} {target:.3g} of the original: removing everything prunable leaves "
             f"{frac(removed_hi):.3g} (frozen channels, --keep-min and --round-to limit it)",
             hint="`carve inspect` shows what is frozen and why; lower --round-to / --keep-min or raise the target",
