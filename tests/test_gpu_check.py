@@ -50,6 +50,8 @@ def test_dry_run_document_has_every_row_and_the_settings_applied(dry_run):
         assert r["overhead"] > 0 and r["max_rel_diff"] < 1e-3  # the same model: torchvision and carve's runner agree
         assert r["native_engine"]["channels_last"] == r["carve_engine"]["channels_last"]
     assert any("torch.compile" in s for s in doc["skipped"])
+    # the timing sanity check is measured by the tool (never asserted in a test); a dry run records it, judged ok
+    assert doc["sanity"]["eager_over_replayed"] > 0 and doc["sanity"]["ok"] is True
 
 
 @pytest.mark.xdist_group("timing")
@@ -57,7 +59,9 @@ def test_markdown_shows_mac_ratio_beside_speedup_and_readme_waits_for_a_real_gpu
     gpu_check, doc = dry_run
     md = gpu_check.markdown(doc)
     assert "dry run on a CPU" in md and "| MAC ratio |" in md and "speed-up" in md and "not a speed-up" in md
-    assert "carve / native b1" in md and "engine settings as applied" in md
+    assert "carve / native b1" in md and "engine settings as applied" in md and "Timing sanity" in md
+    failed = {**doc, "sanity": {**doc["sanity"], "ok": False}}
+    assert "FAILED" in gpu_check.markdown(failed)
     assert gpu_check.readme([]) == gpu_check.NOT_MEASURED == gpu_check.readme([doc])  # a dry run is no GPU figure
     real = {**doc, "dry_run": False, "device": "NVIDIA Test GPU"}
     assert gpu_check.readme([real]).startswith("**NVIDIA Test GPU** (")
