@@ -262,3 +262,23 @@ def latency_cache(tmp_path, monkeypatch) -> Path:
     d = tmp_path / "cache"
     monkeypatch.setenv("CARVE_CACHE", str(d))
     return d / "latency"
+
+
+def bench_report(speedups: list[tuple[float, float, float]], *, rounds: int = 20, batch0: int = 1) -> dict:
+    """A constructed ``carve bench`` report: one configuration per (median, ci_low, ci_high), batch ``batch0`` up."""
+    return {
+        "schema_version": 1,
+        "kind": "carve.bench",
+        "results": [
+            {
+                "backend": "ort",
+                "device": "cpu",
+                "precision": "fp32",
+                "batch": batch0 + k,
+                "threads": 1,
+                "rounds": rounds,
+                "speedup": {"median": m, "ci_low": lo, "ci_high": hi},
+            }
+            for k, (m, lo, hi) in enumerate(speedups)
+        ],
+    }

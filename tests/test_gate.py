@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import bench_report
 
 from pipeline.cli import main
 from pipeline.errors import CarveError
@@ -35,34 +36,15 @@ def test_a_slower_model_is_caught(zoo_dir, simulated_backend):
     assert 0.5 < report["results"][0]["speedup"]["median"] < 0.75
 
 
-def fake(speedups: list[tuple[float, float, float]], batch0: int = 1) -> dict:
-    return {
-        "schema_version": 1,
-        "kind": "carve.bench",
-        "results": [
-            {
-                "backend": "ort",
-                "device": "cpu",
-                "precision": "fp32",
-                "batch": batch0 + k,
-                "threads": 1,
-                "rounds": 20,
-                "speedup": {"median": m, "ci_low": lo, "ci_high": hi},
-            }
-            for k, (m, lo, hi) in enumerate(speedups)
-        ],
-    }
-
-
 def test_rules_on_constructed_reports():
-    assert evaluate(fake([(0.97, 0.93, 1.01)])).passed  # noise around 1 passes
-    assert not evaluate(fake([(0.90, 0.88, 0.93)])).passed  # clearly slower fails
-    assert not evaluate(fake([(1.3, 1.2, 1.35)]), min_speedup=1.5).passed
-    base = fake([(2.0, 1.9, 2.1)])
-    assert evaluate(fake([(1.98, 1.9, 2.05)]), baseline=base).passed
-    r = evaluate(fake([(1.5, 1.4, 1.6)]), baseline=base)
+    assert evaluate(bench_report([(0.97, 0.93, 1.01)])).passed  # noise around 1 passes
+    assert not evaluate(bench_report([(0.90, 0.88, 0.93)])).passed  # clearly slower fails
+    assert not evaluate(bench_report([(1.3, 1.2, 1.35)]), min_speedup=1.5).passed
+    base = bench_report([(2.0, 1.9, 2.1)])
+    assert evaluate(bench_report([(1.98, 1.9, 2.05)]), baseline=base).passed
+    r = evaluate(bench_report([(1.5, 1.4, 1.6)]), baseline=base)
     assert not r.passed and "lost more than 5%" in r.failures[0]
-    r = evaluate(fake([(2.0, 1.9, 2.1)], batch0=8), baseline=base)
+    r = evaluate(bench_report([(2.0, 1.9, 2.1)], batch0=8), baseline=base)
     assert r.passed and "not in the baseline" in r.notes[0]
     with pytest.raises(CarveError, match="no latency results"):
         evaluate({"schema_version": 1})
@@ -70,9 +52,9 @@ def test_rules_on_constructed_reports():
 
 def test_cli_exit_codes_and_summary(tmp_path, capsys):
     good, bad, base = tmp_path / "good.json", tmp_path / "bad.json", tmp_path / "base.json"
-    good.write_text(json.dumps(fake([(1.6, 1.5, 1.7)])))
-    bad.write_text(json.dumps(fake([(0.7, 0.65, 0.75)])))
-    base.write_text(json.dumps(fake([(2.5, 2.4, 2.6)])))
+    good.write_text(json.dumps(bench_report([(1.6, 1.5, 1.7)])))
+    bad.write_text(json.dumps(bench_report([(0.7, 0.65, 0.75)])))
+    base.write_text(json.dumps(bench_report([(2.5, 2.4, 2.6)])))
     summary = tmp_path / "summary.md"
     assert main(["gate", str(good), "--max-slowdown", "5%", "--summary", str(summary)]) == 0
     assert "carve gate: passed" in summary.read_text()

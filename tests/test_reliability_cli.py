@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import REPO
+from conftest import REPO, bench_report
 
 from pipeline.cli import main
 
@@ -109,7 +109,7 @@ def test_export_opset_99_is_refused_without_dumping_the_torch_ir(tmp_path, capsy
 )
 def test_a_file_where_a_folder_belongs(tmp_path, args, capsys):
     (tmp_path / "file.txt").write_text("x")
-    (tmp_path / "rep.json").write_text(json.dumps(_bench_report([(1.0, 0.9, 1.1)])))
+    (tmp_path / "rep.json").write_text(json.dumps(bench_report([(1.0, 0.9, 1.1)])))
     a = args(tmp_path)
     rc, _, err = run(a, capsys)
     assert rc == (2 if a[0] == "gate" else 1)
@@ -168,37 +168,18 @@ def test_a_huge_batch_is_refused_before_allocating(lenet, capsys):
 # -- item 8: the gate decides only on reports that can decide ---------------------------------------------------------
 
 
-def _bench_report(speedups, rounds: int = 20) -> dict:
-    return {
-        "schema_version": 1,
-        "kind": "carve.bench",
-        "results": [
-            {
-                "backend": "ort",
-                "device": "cpu",
-                "precision": "fp32",
-                "batch": 1 + k,
-                "threads": 1,
-                "rounds": rounds,
-                "speedup": {"median": m, "ci_low": lo, "ci_high": hi},
-            }
-            for k, (m, lo, hi) in enumerate(speedups)
-        ],
-    }
-
-
 @pytest.mark.parametrize(
     "doc",
     [
-        _bench_report([(float("nan"), float("nan"), float("nan"))]),
-        _bench_report([(float("inf"), 1.0, float("inf"))]),
-        _bench_report([(0.5, 1.2, 0.4)]),  # inverted interval
-        _bench_report([(0.5, 0.4, 0.6)], rounds=1),
-        _bench_report([(0.5, 0.4, 0.6)], rounds=2),
-        {**_bench_report([(1.0, 0.9, 1.1)]), "schema_version": "1"},
-        {**_bench_report([(1.0, 0.9, 1.1)]), "schema_version": None},
-        {**_bench_report([(1.0, 0.9, 1.1)]), "results": {"a": 1}},
-        {**_bench_report([(1.0, 0.9, 1.1)]), "results": [1, 2]},
+        bench_report([(float("nan"), float("nan"), float("nan"))]),
+        bench_report([(float("inf"), 1.0, float("inf"))]),
+        bench_report([(0.5, 1.2, 0.4)]),  # inverted interval
+        bench_report([(0.5, 0.4, 0.6)], rounds=1),
+        bench_report([(0.5, 0.4, 0.6)], rounds=2),
+        {**bench_report([(1.0, 0.9, 1.1)]), "schema_version": "1"},
+        {**bench_report([(1.0, 0.9, 1.1)]), "schema_version": None},
+        {**bench_report([(1.0, 0.9, 1.1)]), "results": {"a": 1}},
+        {**bench_report([(1.0, 0.9, 1.1)]), "results": [1, 2]},
         [1, 2, 3],
     ],
     ids=[
@@ -224,8 +205,8 @@ def test_the_gate_refuses_reports_it_cannot_decide_on(tmp_path, doc, capsys):
 
 def test_a_baseline_without_speedups_is_unusable(tmp_path, capsys):
     good, base = tmp_path / "g.json", tmp_path / "b.json"
-    good.write_text(json.dumps(_bench_report([(1.6, 1.5, 1.7)])))
-    doc = _bench_report([(1.6, 1.5, 1.7)])
+    good.write_text(json.dumps(bench_report([(1.6, 1.5, 1.7)])))
+    doc = bench_report([(1.6, 1.5, 1.7)])
     del doc["results"][0]["speedup"]
     base.write_text(json.dumps(doc))
     rc, _, err = run(["gate", str(good), "--baseline", str(base)], capsys)
@@ -235,7 +216,7 @@ def test_a_baseline_without_speedups_is_unusable(tmp_path, capsys):
 @pytest.mark.parametrize("flag", [["--max-slowdown", "nan"], ["--min-speedup", "nan"], ["--tolerance", "2"]])
 def test_gate_thresholds_must_be_numbers_in_range(tmp_path, flag, capsys):
     good = tmp_path / "g.json"
-    good.write_text(json.dumps(_bench_report([(1.6, 1.5, 1.7)])))
+    good.write_text(json.dumps(bench_report([(1.6, 1.5, 1.7)])))
     rc, _, _ = run(["gate", str(good), *flag], capsys)
     assert rc == 2
 

@@ -27,7 +27,7 @@ def prune_measured(
     """:func:`~pipeline.pruning.prune.prune_model` with measurements on ``opts.backend`` (the Python API of
     ``carve prune``): a latency target works, and the summary's ``latency`` says how fast the result is.
     ``progress`` (:mod:`pipeline.progress`) hears every stage, profiling and measuring included."""
-    latency = MeasuredLatency.for_options(opts, progress=_messages(progress))
+    latency = MeasuredLatency.for_options(opts, progress=progress)  # a progress callback takes a bare stage too
     return prune_model(model, opts, calib=calib, command=command, inplace=inplace, progress=progress, latency=latency)
 
 
@@ -41,14 +41,6 @@ def prune_file(
     progress: Progress | None = None,
 ) -> dict:
     """Prune ``model`` (loaded from its file; changed in place) and save the result to ``output``."""
-    latency = MeasuredLatency.for_options(opts, progress=_messages(progress))
-    pruned, summary = prune_model(
-        model, opts, calib=calib, command=command, inplace=True, progress=progress, latency=latency
-    )
+    pruned, summary = prune_measured(model, opts, calib=calib, command=command, inplace=True, progress=progress)
     save(pruned, output, check_inputs=[model.source])
     return summary
-
-
-def _messages(progress: Progress | None):
-    """The latency oracle's message callback (profiling, measuring) as progress stages."""
-    return None if progress is None else (lambda message: progress(message))

@@ -103,7 +103,7 @@ class Gradual(Pass):
             if self.kind == "latency":  # of the current model's latency, as measured so far
                 options = {**self.prune_options, "target_latency": min(keep / latency_ratio, 1.0)}
                 opts = from_mapping(PruneOptions, options, where="pass 'gradual': prune")
-                oracle = MeasuredLatency.for_options(opts, progress=_messages(ctx))
+                oracle = MeasuredLatency.for_options(opts, progress=ctx.progress)
                 pruned, summary = prune_model(current, opts, calib=ctx.calib, command=ctx.command, latency=oracle)
                 latency_ratio *= summary["latency"]["measured"]["ratio"]
             else:
@@ -135,8 +135,3 @@ class Gradual(Pass):
             lat = f", latency {latency_ratio:.1%} (measured)" if self.kind == "latency" else ""
             details.append(f"step {k}: MACs {step['macs_ratio']:.1%}{lat} of the input{acc}")
         return PassResult(current, True, details, {"steps": steps, "schedule": self.keep})
-
-
-def _messages(ctx: PassContext):
-    """Profiling and measuring messages as progress stages of the run (none without a progress callback)."""
-    return None if ctx.progress is None else (lambda message: ctx.progress(message))

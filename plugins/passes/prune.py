@@ -30,7 +30,7 @@ class Prune(Pass):
         return frozenset({"calib"}) if self.opts.data_needed() else frozenset()
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        latency = MeasuredLatency.for_options(self.opts)
+        latency = MeasuredLatency.for_options(self.opts, progress=ctx.progress)
         pruned, summary = prune_model(
             model, self.opts, calib=ctx.calib, command=ctx.command, progress=ctx.progress, latency=latency
         )
