@@ -13,9 +13,12 @@ CIFAR ResNet-56 with its trained weights), on ONNX Runtime CPU, one thread, batc
    wall-clock measurement beside it), its MAC ratio, and its kept importance (the share of the criterion's importance
    its kept channels hold: Taylor as it is for ResNet-56, L1 divided by each group's mean for the random-weight
    models, as the knapsack sees them);
-4. ResNet-56: top-1 on 2,000 test images without repair and after the least-squares repair (``--fuse lsq``, 256
-   calibration images), and the uniform allocator at the knapsack's MAC ratio (equal MACs);
-5. alignment: every model pruned by L1 to the same MAC target with round-to 8 and round-to 16, speed-up against the
+4. at the latency-aware model's MAC ratio (equal MACs): ``uniform`` and ``knapsack`` (the same knapsack with MACs
+   as its exact cost, round-to 16 or 8), which shows what comparing groups on one importance scale buys without a
+   latency table;
+5. ResNet-56: top-1 on 2,000 test images without repair and after the least-squares repair (``--fuse lsq``, 256
+   calibration images) for every row;
+6. alignment: every model pruned by L1 to the same MAC target with round-to 8 and round-to 16, speed-up against the
    original (this decides ``--round-to``'s default on ORT CPU).
 
     python tools/bench_latency.py                          # -> benchmarks/latency.json (about an hour)
@@ -40,6 +43,7 @@ sys.path.insert(0, str(REPO))
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "vgg16_bn", "resnet56"]
 IMAGENET = {"resnet18", "resnet50", "mobilenet_v2", "vgg16_bn"}
 ALLOCATORS = ["uniform", "global"]
+EQUAL_MACS = ["uniform", "knapsack"]
 ALIGN_TARGET = {"resnet56": 0.6}  # its 16-channel stage cannot go below 16 with round-to 16
 
 
@@ -83,13 +87,11 @@ def final_measure(a: Path, b: Path, rounds: int, clock: str) -> dict:
 
 
 def kept_importance(analysis, scores, frozen, removed, criterion: str) -> float:
-    import numpy as np
+    """The share of the importance the knapsack maximises (its ``norm=auto`` scale) that the kept channels hold."""
+    from pipeline.pruning.allocator import Allocation
+    from plugins.allocators.latency import LatencyKnapsack
 
-    from plugins.allocators.global_rank import normalised
-
-    s = np.asarray(scores, dtype=np.float64)
-    if criterion not in ("taylor", "cep"):
-        s = normalised(analysis, s, frozen, "mean")
+    s = LatencyKnapsack().importance(Allocation(analysis, scores, frozen, 0.0, criterion=criterion))
     prunable = ~frozen
     return float(s[prunable & ~removed].sum() / s[prunable].sum())
 
@@ -227,12 +229,22 @@ def bench_model(name: str, args, tmp: Path) -> dict:
         for allocator in ALLOCATORS:
             q, qloop = reach(allocator, goal)
             doc["rows"].append(row(target, allocator, q, qloop))
-        if trained:
-            try:
-                q = plan(an, criterion=criterion, scores=scores, target_macs=lat["mac_ratio"], round_to=16)
-            except CarveError:
-                q = plan(an, criterion=criterion, scores=scores, target_macs=lat["mac_ratio"], round_to=8)
-            doc["rows"].append(row(target, "uniform", q, None, label="uniform equal MACs"))
+        for allocator in EQUAL_MACS:  # the same MACs as the latency-aware model, spread by MACs instead
+            for round_to in (16, 8):
+                try:
+                    q = plan(
+                        an,
+                        criterion=criterion,
+                        scores=scores,
+                        allocator=allocator,
+                        target_macs=lat["mac_ratio"],
+                        round_to=round_to,
+                    )
+                    break
+                except CarveError:
+                    if round_to == 8:
+                        raise
+            doc["rows"].append(row(target, allocator, q, None, label=f"{allocator} equal MACs"))
     doc["load_after"] = load_avg()
     doc["alignment"] = []
     macs = ALIGN_TARGET.get(name, 0.5)
@@ -247,7 +259,15 @@ def bench_model(name: str, args, tmp: Path) -> dict:
 
 
 def markdown(doc: dict) -> str:
-    lines = []
+    has_top1 = any("top1_lsq" in r for m in doc["models"] for r in m["rows"])
+
+    def top1(by: dict, keys: list[str]) -> str:
+        return " / ".join(f"{by[a]['top1_lsq']:.1%}" for a in keys if a in by and "top1_lsq" in by[a]) or "-"
+
+    def per_target(m: dict):
+        for t in sorted({r["target"] for r in m["rows"]}, reverse=True):
+            yield t, {r["allocator"]: r for r in m["rows"] if r["target"] == t}
+
     head = [
         "model",
         "table: profiling, error",
@@ -257,13 +277,11 @@ def markdown(doc: dict) -> str:
         "kept importance: latency / uniform / global",
         "uniform, global: measured",
     ]
-    has_top1 = any("top1_lsq" in r for m in doc["models"] for r in m["rows"])
     if has_top1:
-        head.append("top-1 after lsq: latency / uniform / global / uniform at equal MACs")
+        head.append("top-1 after lsq: latency / uniform / global")
     rows = []
     for m in doc["models"]:
-        for t in sorted({r["target"] for r in m["rows"]}, reverse=True):
-            by = {r["allocator"]: r for r in m["rows"] if r["target"] == t}
+        for t, by in per_target(m):
             lat = by["latency"]
             within = abs(lat["measured"]["ratio"] / t - 1) <= 0.10
             cells = [
@@ -276,21 +294,41 @@ def markdown(doc: dict) -> str:
                 ", ".join(f"{by[a]['measured']['ratio']:.3f}" for a in ALLOCATORS if a in by),
             ]
             if has_top1:
-                keys = ["latency", *ALLOCATORS, "uniform equal MACs"]
-                cells.append(
-                    " / ".join(f"{by[a]['top1_lsq']:.1%}" for a in keys if a in by and "top1_lsq" in by[a]) or "-"
-                )
+                cells.append(top1(by, ["latency", *ALLOCATORS]))
             rows.append(cells)
-    lines += table(head, rows)
+    lines = table(head, rows)
     lines.append("")
     lines.append(
         "Measured = latency of the pruned model / the original's, median of interleaved rounds on ONNX Runtime CPU "
         "(1 thread, batch 1, the thread's CPU clock); * = outside +-10% of the target. Kept importance = the share "
-        "of the criterion's importance (Taylor on ResNet-56, group-normalised L1 on the random-weight models) the "
-        "kept channels hold. Uniform and global (round-to 16) aim, through the same closed loop, at the latency the "
-        "latency-aware model measured."
+        "of the importance the knapsack maximises (Taylor as it is on ResNet-56; L1 normalised per group and "
+        "weighted by the layers each group passes through on the random-weight models) the kept channels hold. "
+        "Uniform and global (round-to 16) aim, through the same closed loop, at the latency the latency-aware model "
+        "measured."
     )
     lines.append("")
+    head = ["model", "target", "MAC ratio", "uniform: measured, kept", "knapsack (MACs): measured, kept"]
+    if has_top1:
+        head.append("top-1 after lsq: uniform / knapsack (MACs) / latency-aware")
+    rows = []
+    for m in doc["models"]:
+        for t, by in per_target(m):
+            eq = [by.get(f"{a} equal MACs") for a in EQUAL_MACS]
+            if not all(eq):
+                continue
+            cells = [m["model"], f"{t:g}", f"{by['latency']['mac_ratio']:.3f}"]
+            cells += [f"{r['measured']['ratio']:.3f}, {r['kept_importance']:.3f}" for r in eq]
+            if has_top1:
+                cells.append(top1(by, [f"{a} equal MACs" for a in EQUAL_MACS] + ["latency"]))
+            rows.append(cells)
+    if rows:
+        lines += table(head, rows)
+        lines.append("")
+        lines.append(
+            "At the latency-aware model's MAC ratio: uniform allocation against the knapsack with MACs as its cost "
+            "(`--allocator knapsack --target-macs`); measured = latency ratio as above."
+        )
+        lines.append("")
     head = ["model", "MAC target", "round-to 8: speed-up (95% CI)", "round-to 16: speed-up (95% CI)"]
     rows = []
     for m in doc["models"]:

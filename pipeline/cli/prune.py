@@ -90,7 +90,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         dest="allocator",
         default=None,
         help="how to spread the removal over layers: uniform (default), global, dispersion, latency (the default "
-        "with --target-latency: a knapsack over measured widths)",
+        "with --target-latency: a knapsack over measured widths), knapsack (the same knapsack under any target: "
+        "--target-macs/--target-params with their exact cost)",
     )
     which.add_argument(
         "--allocator-opt",
@@ -178,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
     pr = summary["params_after"] / summary["params_before"]
     mr = summary["macs_after"] / summary["macs_before"]
     options = summary["options"]
-    align = "widths from the latency table" if summary["allocator"] == "latency" else f"round-to {options['round_to']}"
+    from_table = summary["allocator"] in ("latency", "knapsack") and options.get("target_latency") is not None
+    align = "widths from the latency table" if from_table else f"round-to {options['round_to']}"
     con.print(
         f"removed {summary['channels_removed']}/{summary['channels_before']} output channels "
         f"({describe_amount(summary)}, {align})"

@@ -192,6 +192,10 @@ class BoundTable:
         p += sum(tau * (f.get(a, 1.0) - 1.0) * (f.get(b, 1.0) - 1.0) for a, b, tau in self.pairs)
         return float(p)
 
+    def predict_kept(self, kept: dict[int, list[int]]) -> float:
+        """The same from kept units per slice of the groups given (the others whole)."""
+        return self.predict_factors({gid: self.entries[gid].factor(k) for gid, k in kept.items()})
+
     def predict(self, removed: np.ndarray) -> float:
         """Predicted latency of the model pruned by ``removed``, as a fraction of the original's."""
         return self.predict_factors(self.factors(np.asarray(removed, dtype=bool)))

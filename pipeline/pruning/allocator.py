@@ -47,6 +47,9 @@ class LatencyModel(Protocol):
     def predict_factors(self, factors: dict[int, float]) -> float:
         """The same from each group's latency factor."""
 
+    def predict_kept(self, kept: dict[int, list[int]]) -> float:
+        """The same from kept units per slice of the groups given (the others whole)."""
+
 
 @dataclass
 class Allocation:

@@ -18,8 +18,10 @@ import numpy as np
 from pipeline.errors import CarveError
 from pipeline.graph.channels import ChannelAnalysis
 from pipeline.graph.plan import Plan
+from pipeline.graph.shapes import unknown_conv_outputs
 from pipeline.progress import Progress
 from pipeline.pruning.allocator import LatencyModel, allocators
+from pipeline.pruning.cost_table import CostTable
 from pipeline.pruning.criterion import ScoreContext, criteria
 from pipeline.pruning.targets import bisect_ratio
 
@@ -101,6 +103,12 @@ def plan(
     alloc = allocators.get(allocator)(**allocator_options)
 
     job = {"criterion": criterion, "latency": latency, "latency_budget": target_latency}
+    knapsack = allocator in ("latency", "knapsack") and target is not None
+    if knapsack and target_latency is None:  # the knapsack under MACs or params: their exact cost table
+        kind = "macs" if target_macs is not None else "params"
+        if kind == "macs" and unknown_conv_outputs(analysis.model):
+            bisect_ratio(analysis, None, target, kind)  # raises its clear error: MACs are not countable
+        job.update(latency=CostTable(analysis, kind, round_to, keep_min), latency_budget=target)
 
     def allocate(r: float) -> np.ndarray:
         return alloc(analysis, scores, frozen, ratio=r, round_to=round_to, keep_min=keep_min, **job)
@@ -108,10 +116,14 @@ def plan(
     allocate.scores, allocate.round_to = scores, round_to  # type: ignore[attr-defined]  # for fill_to_target
 
     options: dict[str, Any] = {}
-    if target is None or (target_latency is not None and allocator == "latency"):
+    if target is None or knapsack:
         removed = allocate(ratio if target is None else 0.0)
         if target_latency is not None:
             options["target_latency"] = target_latency
+        elif target is not None:
+            kind = "macs" if target_macs is not None else "params"
+            achieved = float(job["latency"].predict(removed))
+            options.update({f"target_{kind}": target, f"achieved_{kind}": round(achieved, 4)})
     else:
         kind = "macs" if target_macs is not None else "params" if target_params is not None else "latency"
         predict = latency.predict if kind == "latency" else None

@@ -105,7 +105,12 @@ class PruneOptions:
         if self.target_latency is not None:
             parse_target(self.target_latency)
         if self.allocator == "latency" and self.target_latency is None:
-            raise CarveError("allocator 'latency' needs --target-latency")
+            raise CarveError("allocator 'latency' needs --target-latency", hint="or --allocator knapsack --target-macs")
+        if self.allocator == "knapsack" and not given:
+            raise CarveError(
+                "allocator 'knapsack' needs a target: --target-latency, --target-macs or --target-params",
+                hint="a knapsack spends a budget; --ratio is for the uniform, global and dispersion allocators",
+            )
         if self.refine < 0:
             raise CarveError(f"--refine must be 0 or more, got {self.refine}")
         who = self.data_needed()
