@@ -402,6 +402,8 @@ def test_the_readme_latency_commands_run(zoo_dir, tmp_path, monkeypatch, stairca
     assert (tmp_path / "r20.lut.json").exists() and (tmp_path / "r20_fast.onnx").exists()
     fast = json.loads(P.load(tmp_path / "r20_fast.onnx").metadata()["carve.prune"])
     assert fast["latency"]["measured"]["ratio"] < 1.0 and fast["allocator"] == "latency"
+    half = json.loads(P.load(tmp_path / "r20_half.onnx").metadata()["carve.prune"])
+    assert half["allocator"] == "knapsack" and half["macs_after"] <= 0.5 * half["macs_before"]
 
 
 def test_gradual_pass_steps_toward_a_latency_target(net, staircase_backend, latency_cache):

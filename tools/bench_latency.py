@@ -11,18 +11,20 @@ CIFAR ResNet-56 with its trained weights), on ONNX Runtime CPU, one thread, batc
    same measured latency;
 3. every chosen model measured once more against the original (interleaved rounds, the thread's CPU clock; a
    wall-clock measurement beside it), its MAC ratio, and its kept importance (the share of the criterion's importance
-   its kept channels hold: Taylor as it is for ResNet-56, L1 divided by each group's mean for the random-weight
-   models, as the knapsack sees them);
+   its kept channels hold, on the knapsack's own scale: Taylor as it is for ResNet-56, L1 divided by each group's
+   mean and weighted by the layers the group passes through for the random-weight models);
 4. at the latency-aware model's MAC ratio (equal MACs): ``uniform`` and ``knapsack`` (the same knapsack with MACs
    as its exact cost, round-to 16 or 8), which shows what comparing groups on one importance scale buys without a
    latency table;
 5. ResNet-56: top-1 on 2,000 test images without repair and after the least-squares repair (``--fuse lsq``, 256
-   calibration images) for every row;
+   calibration images) for every row; and for uniform and global, top-1 at exactly the knapsack's measured latency,
+   read from a line through five of their models around it (each measured and repaired);
 6. alignment: every model pruned by L1 to the same MAC target with round-to 8 and round-to 16, speed-up against the
    original (this decides ``--round-to``'s default on ORT CPU).
 
     python tools/bench_latency.py                          # -> benchmarks/latency.json (about an hour)
     python tools/bench_latency.py --models resnet56 --targets 0.7 --no-repair -o /tmp/l.json   # smoke test
+    python tools/bench_latency.py --resume --repeats 3     # each model three times, each with a fresh table
     python tools/bench_latency.py --markdown
 """
 
@@ -33,6 +35,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from benchio import document, table, write
@@ -44,6 +47,7 @@ MODELS = ["resnet18", "resnet50", "mobilenet_v2", "vgg16_bn", "resnet56"]
 IMAGENET = {"resnet18", "resnet50", "mobilenet_v2", "vgg16_bn"}
 ALLOCATORS = ["uniform", "global"]
 EQUAL_MACS = ["uniform", "knapsack"]
+CURVE = [0.8, 0.9, 1.1, 1.25]  # MAC targets around the latency-matched plan, for the equal-latency fit
 ALIGN_TARGET = {"resnet56": 0.6}  # its 16-channel stage cannot go below 16 with round-to 16
 
 
@@ -96,7 +100,7 @@ def kept_importance(analysis, scores, frozen, removed, criterion: str) -> float:
     return float(s[prunable & ~removed].sum() / s[prunable].sum())
 
 
-def bench_model(name: str, args, tmp: Path) -> dict:
+def bench_model(name: str, args, tmp: Path, alignment: bool = True) -> dict:
     from pipeline import analyse, load, prune, save
     from pipeline.data.datasets import load_data
     from pipeline.data.shared import shared_file
@@ -180,7 +184,7 @@ def bench_model(name: str, args, tmp: Path) -> dict:
             return p, loop
         raise AssertionError("unreachable")
 
-    def row(target: float, allocator: str, p, loop: dict | None, label: str | None = None) -> dict:
+    def row(target: float, allocator: str, p, loop: dict | None, label: str | None = None, wall: bool = True) -> dict:
         path = tmp / f"{name}_{target}_{label or allocator}.onnx"
         pruned = prune(model, p, verify=False)
         save(pruned, path)
@@ -195,7 +199,7 @@ def bench_model(name: str, args, tmp: Path) -> dict:
             "widths": [int(len(g.units) - p.removed[g.units].sum()) for g in an.groups],
             "round_to": None if allocator == "latency" else p.options.get("round_to"),
         }
-        if args.wall:
+        if args.wall and wall:
             r["measured_wall"] = final_measure(src, path, max(5, args.final_rounds // 2), "wall")
         if loop is not None:
             r["loop"] = loop
@@ -215,7 +219,45 @@ def bench_model(name: str, args, tmp: Path) -> dict:
         )
         return r
 
+    def aligned_plan(allocator: str, macs: float):
+        for round_to in (16, 8):
+            try:
+                return plan(
+                    an, criterion=criterion, scores=scores, allocator=allocator, target_macs=macs, round_to=round_to
+                )
+            except CarveError:
+                if round_to == 8:
+                    raise
+        raise AssertionError("unreachable")
+
+    def curve(target: float, allocator: str, matched: dict, goal: float) -> dict:
+        """Top-1 after repair of ``allocator`` at a few MAC targets around the latency-matched plan, each measured;
+        a least-squares line through (measured latency ratio, top-1) read at ``goal``: the closed loop lands the
+        ratio allocators only within a few percent of the knapsack's latency, and a tiny model's measurements
+        scatter by as much, so one point is not an equal-latency comparison."""
+        import numpy as np
+
+        points = [matched]
+        for f in CURVE:
+            q = aligned_plan(allocator, min(matched["mac_ratio"] * f, 0.99))
+            points.append(row(target, allocator, q, None, label=f"{allocator} curve", wall=False))
+        x = np.array([r["measured"]["ratio"] for r in points])
+        y = np.array([r["top1_lsq"] for r in points])
+        slope, icpt = np.polyfit(x, y, 1)
+        return {
+            "target": target,
+            "allocator": allocator,
+            "at_latency": goal,
+            "top1_lsq": float(slope * goal + icpt),
+            "inside": bool(x.min() <= goal <= x.max()),
+            "points": [
+                {"mac_ratio": r["mac_ratio"], "measured": r["measured"]["ratio"], "top1_lsq": r["top1_lsq"]}
+                for r in points
+            ],
+        }
+
     doc["unreachable"] = []
+    doc["curves"] = []
     for target in args.targets:
         try:
             p, loop = reach("latency", target)
@@ -229,26 +271,15 @@ def bench_model(name: str, args, tmp: Path) -> dict:
         for allocator in ALLOCATORS:
             q, qloop = reach(allocator, goal)
             doc["rows"].append(row(target, allocator, q, qloop))
+            if trained and args.repair:  # the ratio allocator's accuracy at exactly the knapsack's measured latency
+                doc["curves"].append(curve(target, allocator, doc["rows"][-1], goal))
         for allocator in EQUAL_MACS:  # the same MACs as the latency-aware model, spread by MACs instead
-            for round_to in (16, 8):
-                try:
-                    q = plan(
-                        an,
-                        criterion=criterion,
-                        scores=scores,
-                        allocator=allocator,
-                        target_macs=lat["mac_ratio"],
-                        round_to=round_to,
-                    )
-                    break
-                except CarveError:
-                    if round_to == 8:
-                        raise
+            q = aligned_plan(allocator, lat["mac_ratio"])
             doc["rows"].append(row(target, allocator, q, None, label=f"{allocator} equal MACs"))
     doc["load_after"] = load_avg()
     doc["alignment"] = []
     macs = ALIGN_TARGET.get(name, 0.5)
-    for rt in (8, 16):
+    for rt in (8, 16) if alignment else ():
         p = plan(an, criterion="l1", target_macs=macs, round_to=rt)
         path = tmp / f"{name}_rt{rt}.onnx"
         save(prune(model, p, verify=False), path)
@@ -278,14 +309,16 @@ def markdown(doc: dict) -> str:
         "uniform, global: measured",
     ]
     if has_top1:
-        head.append("top-1 after lsq: latency / uniform / global")
+        head.append("top-1 after lsq: latency / uniform / global (at the same latency, fitted)")
+    runs = Counter(m["model"] for m in doc["models"])
     rows = []
     for m in doc["models"]:
+        fits = {(c["target"], c["allocator"]): c for c in m.get("curves", [])}
         for t, by in per_target(m):
             lat = by["latency"]
             within = abs(lat["measured"]["ratio"] / t - 1) <= 0.10
             cells = [
-                f"{m['model']} ({m['input']})",
+                f"{m['model']} ({m['input']})" + (f" #{m['repeat']}" if runs[m["model"]] > 1 else ""),
                 f"{m['profile']['seconds_here']:.0f} s, {m['stated_error']:.0%}",
                 f"{t:g}",
                 f"{lat['measured']['ratio']:.3f} ({lat['predicted']:.3f}){'' if within else ' *'}",
@@ -294,7 +327,12 @@ def markdown(doc: dict) -> str:
                 ", ".join(f"{by[a]['measured']['ratio']:.3f}" for a in ALLOCATORS if a in by),
             ]
             if has_top1:
-                cells.append(top1(by, ["latency", *ALLOCATORS]))
+                cell = top1(by, ["latency", *ALLOCATORS])
+                fitted = [fits[(t, a)] for a in ALLOCATORS if (t, a) in fits]
+                if fitted and "top1_lsq" in lat:
+                    marks = [f"{c['top1_lsq']:.1%}{'' if c['inside'] else ' (extrapolated)'}" for c in fitted]
+                    cell = f"{lat['top1_lsq']:.1%} / " + " / ".join(marks)
+                cells.append(cell)
             rows.append(cells)
     lines = table(head, rows)
     lines.append("")
@@ -304,7 +342,9 @@ def markdown(doc: dict) -> str:
         "of the importance the knapsack maximises (Taylor as it is on ResNet-56; L1 normalised per group and "
         "weighted by the layers each group passes through on the random-weight models) the kept channels hold. "
         "Uniform and global (round-to 16) aim, through the same closed loop, at the latency the latency-aware model "
-        "measured."
+        "measured. Their top-1 (ResNet-56) is read at exactly that latency from a least-squares line through five "
+        "of their models around it (the loop-matched one and MAC targets x0.8-1.25 of it), each measured and "
+        "repaired: a tiny model's latency measurements scatter by a few percent, and so does where the loop lands."
     )
     lines.append("")
     head = ["model", "target", "MAC ratio", "uniform: measured, kept", "knapsack (MACs): measured, kept"]
@@ -316,7 +356,8 @@ def markdown(doc: dict) -> str:
             eq = [by.get(f"{a} equal MACs") for a in EQUAL_MACS]
             if not all(eq):
                 continue
-            cells = [m["model"], f"{t:g}", f"{by['latency']['mac_ratio']:.3f}"]
+            label = m["model"] + (f" #{m['repeat']}" if runs[m["model"]] > 1 else "")
+            cells = [label, f"{t:g}", f"{by['latency']['mac_ratio']:.3f}"]
             cells += [f"{r['measured']['ratio']:.3f}, {r['kept_importance']:.3f}" for r in eq]
             if has_top1:
                 cells.append(top1(by, [f"{a} equal MACs" for a in EQUAL_MACS] + ["latency"]))
@@ -326,7 +367,7 @@ def markdown(doc: dict) -> str:
         lines.append("")
         lines.append(
             "At the latency-aware model's MAC ratio: uniform allocation against the knapsack with MACs as its cost "
-            "(`--allocator knapsack --target-macs`); measured = latency ratio as above."
+            "(`--allocate knapsack --target-macs`); measured = latency ratio as above."
         )
         lines.append("")
     head = ["model", "MAC target", "round-to 8: speed-up (95% CI)", "round-to 16: speed-up (95% CI)"]
@@ -344,6 +385,10 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def order(m: dict) -> tuple[int, int]:
+    return (MODELS.index(m["model"]) if m["model"] in MODELS else 99, m.get("repeat", 1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=MODELS)
@@ -355,6 +400,9 @@ def main() -> None:
     ap.add_argument("--no-wall", dest="wall", action="store_false")
     ap.add_argument("--cached-tables", dest="fresh_tables", action="store_false", help="reuse cached tables")
     ap.add_argument("--resume", action="store_true", help="keep the models already in --output")
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="run each model N times, each with a fresh table (rows per repeat)"
+    )
     ap.add_argument("-o", "--output", default=str(REPO / "benchmarks" / "latency.json"))
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
@@ -372,10 +420,10 @@ def main() -> None:
         docs = [m for m in json.loads(out.read_text())["models"] if m["model"] in args.models]
     done = {m["model"] for m in docs}
     with tempfile.TemporaryDirectory(prefix="carve-bench-latency-") as tmp:
-        for name in args.models:
+        for name, repeat in [(n, k) for n in args.models for k in range(1, args.repeats + 1)]:
             if name in done:
                 continue
-            docs.append(bench_model(name, args, Path(tmp)))
+            docs.append({**bench_model(name, args, Path(tmp), alignment=repeat == 1), "repeat": repeat})
             doc = document(
                 "latency",
                 t0,
@@ -388,7 +436,7 @@ def main() -> None:
                 method="tables profiled fresh; closed loop of carve prune --target-latency (quick A/B of "
                 f"{args.loop_rounds} rounds); final measurement {args.final_rounds} interleaved rounds of >= 50 ms "
                 "per model",
-                models=sorted(docs, key=lambda m: MODELS.index(m["model"]) if m["model"] in MODELS else 99),
+                models=sorted(docs, key=order),
             )
             write(doc, args.output, markdown, False)  # after every model: a long run keeps what it measured
     if args.markdown:

@@ -105,7 +105,7 @@ class PruneOptions:
         if self.target_latency is not None:
             parse_target(self.target_latency)
         if self.allocator == "latency" and self.target_latency is None:
-            raise CarveError("allocator 'latency' needs --target-latency", hint="or --allocator knapsack --target-macs")
+            raise CarveError("allocator 'latency' needs --target-latency", hint="or --allocate knapsack --target-macs")
         if self.allocator == "knapsack" and not given:
             raise CarveError(
                 "allocator 'knapsack' needs a target: --target-latency, --target-macs or --target-params",

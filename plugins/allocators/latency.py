@@ -14,8 +14,8 @@ meet a conv), and the knapsack is a multiple-choice knapsack: every prunable gro
   divided by their group's mean and multiplied by the number of layers the group's channels pass through
   (``norm``: auto | none | mean | max | rank | layers; auto = none for Taylor, layers otherwise). Mean alone makes a
   residual-stream channel, which every block of its stage reads and writes, worth a block's inner channel while it
-  costs many times more, and the knapsack then thins the stream first: on ResNet-56 at half the MACs that lost 26
-  points of top-1 after repair against uniform allocation (L1; docs/latency.md has the study).
+  costs many times more, and the knapsack then thins the stream first: on ResNet-56 at half the MACs that gave
+  57.6% top-1 after repair against 72.6% with ``layers`` (L1; benchmarks/allocation.json, docs/latency.md).
 * **Cost**: the table's prediction, linearised per group around a point (HALP's "neighbours at their current
   widths"): starting from the uniform fraction that meets the budget, the knapsack is solved exactly by dynamic
   programming over the budget in ``bins`` steps (costs rounded up, so the linearised budget always holds), then
@@ -25,6 +25,9 @@ meet a conv), and the knapsack is a multiple-choice knapsack: every prunable gro
   the table, with one exception: a budget below what the narrowest widths are predicted to take, but within the
   table's stated error of it, gets the narrowest widths (the closed loop's measurement decides); a budget further
   out of reach is refused.
+
+``knapsack`` is the same allocator under whichever target is given: a latency table's, or the exact MAC or parameter
+cost of :mod:`pipeline.pruning.cost_table` (widths aligned to ``--round-to``).
 """
 
 from __future__ import annotations
