@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 SETUPS = [
     ("uniform", "uniform", {}),
     ("global (mean)", "global", {}),
+    ("global (layers)", "global", {"norm": "layers"}),
     ("knapsack (default scale)", "knapsack", {}),
     ("knapsack (mean)", "knapsack", {"norm": "mean"}),
     ("knapsack (none)", "knapsack", {"norm": "none"}),
