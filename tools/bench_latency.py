@@ -11,8 +11,8 @@ CIFAR ResNet-56 with its trained weights), on ONNX Runtime CPU, one thread, batc
    same measured latency;
 3. every chosen model measured once more against the original (interleaved rounds, the thread's CPU clock; a
    wall-clock measurement beside it), its MAC ratio, and its kept importance (the share of the criterion's importance
-   its kept channels hold, on the knapsack's own scale: Taylor as it is for ResNet-56, L1 divided by each group's
-   mean and weighted by the layers the group passes through for the random-weight models);
+   its kept channels hold, on the knapsack's own scale: Taylor for ResNet-56, L1 for the random-weight models, each
+   divided by its group's mean and weighted by the layers the group passes through);
 4. at the latency-aware model's MAC ratio (equal MACs): ``uniform`` and ``knapsack`` (the same knapsack with MACs
    as its exact cost, round-to 16 or 8), which shows what comparing groups on one importance scale buys without a
    latency table;
@@ -339,8 +339,8 @@ def markdown(doc: dict) -> str:
     lines.append(
         "Measured = latency of the pruned model / the original's, median of interleaved rounds on ONNX Runtime CPU "
         "(1 thread, batch 1, the thread's CPU clock); * = outside +-10% of the target. Kept importance = the share "
-        "of the importance the knapsack maximises (Taylor as it is on ResNet-56; L1 normalised per group and "
-        "weighted by the layers each group passes through on the random-weight models) the kept channels hold. "
+        "of the importance the knapsack maximises (Taylor on ResNet-56, L1 on the random-weight models, both "
+        "normalised per group and weighted by the layers each group passes through) the kept channels hold. "
         "Uniform and global (round-to 16) aim, through the same closed loop, at the latency the latency-aware model "
         "measured. Their top-1 (ResNet-56) is read at exactly that latency from a least-squares line through five "
         "of their models around it (the loop-matched one and MAC targets x0.8-1.25 of it), each measured and "

@@ -49,9 +49,6 @@ class Criterion(Plugin):
 
     kind: ClassVar[str] = "criterion"
     needs: ClassVar[frozenset[str]] = frozenset({"weights"})
-    # scores that are one estimate of the loss change across the whole model (Taylor), so groups compare as they are;
-    # others are normalised per group before a global allocator compares them
-    comparable: ClassVar[bool] = False
 
     def element_scores(self, ctx: ScoreContext) -> np.ndarray:
         raise NotImplementedError

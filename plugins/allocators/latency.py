@@ -9,13 +9,13 @@ meet a conv), and the knapsack is a multiple-choice knapsack: every prunable gro
 
 * **Widths**: only the fast steps of each group's staircase (a width that costs what a wider one costs is never
   chosen), at least ``keep_min`` per slice and every frozen unit kept; this replaces ``--round-to``.
-* **Value** of a width: the sum of the importance scores of the units it keeps (the highest-scored ones). Taylor
-  scores (a first-order estimate of the loss change) are comparable across groups as they are; other scores are
-  divided by their group's mean and multiplied by the number of layers the group's channels pass through
-  (``norm``: auto | none | mean | max | rank | layers; auto = none for Taylor, layers otherwise). Mean alone makes a
+* **Value** of a width: the sum of the importance scores of the units it keeps (the highest-scored ones), on one
+  scale across groups (``norm``: layers | mean | max | rank | none): by default each group's scores divided by
+  their mean and multiplied by the number of layers the group's channels pass through. Mean alone makes a
   residual-stream channel, which every block of its stage reads and writes, worth a block's inner channel while it
-  costs many times more, and the knapsack then thins the stream first: on ResNet-56 at half the MACs that gave
-  57.6% top-1 after repair against 72.6% with ``layers`` (L1; benchmarks/allocation.json, docs/latency.md).
+  costs many times more, and the knapsack then thins the stream first; raw scores (``none``), even Taylor's
+  loss estimates, swing from group to group with the 256 calibration images they come from. Measured on ResNet-56
+  at equal MACs after the least-squares repair (benchmarks/allocation.json, docs/latency.md).
 * **Cost**: the table's prediction, linearised per group around a point (HALP's "neighbours at their current
   widths"): starting from the uniform fraction that meets the budget, the knapsack is solved exactly by dynamic
   programming over the budget in ``bins`` steps (costs rounded up, so the linearised budget always holds), then
@@ -38,7 +38,6 @@ import numpy as np
 
 from pipeline.errors import CarveError, UnreachableTarget
 from pipeline.pruning.allocator import Allocation, Allocator, allocators
-from pipeline.pruning.criterion import criteria
 from plugins.allocators.global_rank import normalised
 
 
@@ -92,7 +91,7 @@ class _Group:
 @allocators.register("latency")
 class LatencyKnapsack(Allocator):
     description = "the most importance that fits --target-latency: knapsack over groups x measured widths (HALP)"
-    options = {"norm": "auto", "bins": 2000, "iterations": 4}
+    options = {"norm": "layers", "bins": 2000, "iterations": 4}
 
     def allocate(self, job: Allocation) -> np.ndarray:
         table, budget = job.latency, job.latency_budget
@@ -167,9 +166,6 @@ class LatencyKnapsack(Allocator):
     # -- pieces -------------------------------------------------------------------------------------------------------
     def importance(self, job: Allocation) -> np.ndarray:
         norm = self.opts["norm"]
-        if norm == "auto":
-            comparable = job.criterion is not None and criteria.get(job.criterion).comparable
-            norm = "none" if comparable else "layers"
         if norm == "none":
             return np.asarray(job.scores, dtype=np.float64)
         return normalised(job.analysis, np.asarray(job.scores, dtype=np.float64), job.frozen, norm)

@@ -32,7 +32,6 @@ def bias_of(model, source):
 class Taylor(Criterion):
     description = "(sum of gradient x weight over a filter)^2 (Molchanov et al. 2019)"
     needs = frozenset({"weights", "gradients", "labels"})
-    comparable = True  # a first-order estimate of the loss change: the same scale in every group
 
     def element_scores(self, ctx: ScoreContext) -> np.ndarray:
         an, model = ctx.analysis, ctx.model
