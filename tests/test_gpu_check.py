@@ -28,8 +28,20 @@ def tool(name: str):
 def dry_run(tmp_path_factory):
     gpu_check = tool("gpu_check")
     out = tmp_path_factory.mktemp("gpu") / "gpu_dry.json"
-    assert gpu_check.main(["--dry-run", "--models", "resnet18", "-o", str(out)]) == 0
+    # an unbounded time budget: which rows exist must not depend on how busy this machine is (the budget's own
+    # behaviour is tested with a budget of 0 below)
+    assert gpu_check.main(["--dry-run", "--models", "resnet18", "--budget-s", "1e9", "-o", str(out)]) == 0
     return gpu_check, json.loads(out.read_text())
+
+
+def test_a_spent_time_budget_lists_what_was_not_measured(tmp_path):
+    gpu_check = tool("gpu_check")
+    out = tmp_path / "gpu_dry.json"
+    assert gpu_check.main(["--dry-run", "--models", "resnet18", "--budget-s", "0", "-o", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["rows"] == [] and doc["sanity"] is None
+    spent = [s for s in doc["skipped"] if "time budget (0 s) spent" in s]
+    assert any(s.startswith("resnet18 torch-cpu fp16") for s in spent) and any("timing sanity" in s for s in spent)
 
 
 @pytest.mark.xdist_group("timing")

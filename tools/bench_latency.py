@@ -156,33 +156,38 @@ def bench_model(name: str, args, tmp: Path, alignment: bool = True) -> dict:
     if trained:
         doc["original_top1"] = evaluate(model, evalset)["top1"]
 
-    def reach(allocator: str, goal: float):
-        """The allocator's plan through the closed loop, at round-to 16 (ORT CPU's default), or 8 when 16 cannot go
-        that low (ResNet-56's 16-channel stage)."""
+    def aligned(allocator: str, **target):
+        """``plan`` at round-to 16 (ORT CPU's default), or 8 when 16 cannot reach the target (ResNet-56's 16-channel
+        stage): the plan and the alignment used."""
         for round_to in (16, 8):
-
-            def replan(budget: float, round_to=round_to):
-                return plan(
-                    an,
-                    criterion=criterion,
-                    scores=scores,
-                    allocator=allocator,
-                    target_latency=budget,
-                    latency=bound,
-                    round_to=round_to,
-                )
-
             try:
-                first = replan(min(goal, 1.0))
+                return plan(
+                    an, criterion=criterion, scores=scores, allocator=allocator, round_to=round_to, **target
+                ), round_to
             except CarveError:
                 if round_to == 8:
                     raise
-                continue
-            goal_ = LatencyTarget(fraction=goal)
-            p, loop = closed_loop(model, an, first, replan, goal_, oracle, error=tolerance(lut.stated_error))
-            loop["round_to"] = round_to
-            return p, loop
         raise AssertionError("unreachable")
+
+    def reach(allocator: str, goal: float):
+        """The allocator's plan through the closed loop, at the alignment :func:`aligned` finds for the goal."""
+        first, round_to = aligned(allocator, target_latency=min(goal, 1.0), latency=bound)
+
+        def replan(budget: float):
+            return plan(
+                an,
+                criterion=criterion,
+                scores=scores,
+                allocator=allocator,
+                target_latency=budget,
+                latency=bound,
+                round_to=round_to,
+            )
+
+        goal_ = LatencyTarget(fraction=goal)
+        p, loop = closed_loop(model, an, first, replan, goal_, oracle, error=tolerance(lut.stated_error))
+        loop["round_to"] = round_to
+        return p, loop
 
     def row(target: float, allocator: str, p, loop: dict | None, label: str | None = None, wall: bool = True) -> dict:
         path = tmp / f"{name}_{target}_{label or allocator}.onnx"
@@ -219,17 +224,6 @@ def bench_model(name: str, args, tmp: Path, alignment: bool = True) -> dict:
         )
         return r
 
-    def aligned_plan(allocator: str, macs: float):
-        for round_to in (16, 8):
-            try:
-                return plan(
-                    an, criterion=criterion, scores=scores, allocator=allocator, target_macs=macs, round_to=round_to
-                )
-            except CarveError:
-                if round_to == 8:
-                    raise
-        raise AssertionError("unreachable")
-
     def curve(target: float, allocator: str, matched: dict, goal: float) -> dict:
         """Top-1 after repair of ``allocator`` at a few MAC targets around the latency-matched plan, each measured;
         a least-squares line through (measured latency ratio, top-1) read at ``goal``: the closed loop lands the
@@ -239,7 +233,7 @@ def bench_model(name: str, args, tmp: Path, alignment: bool = True) -> dict:
 
         points = [matched]
         for f in CURVE:
-            q = aligned_plan(allocator, min(matched["mac_ratio"] * f, 0.99))
+            q, _ = aligned(allocator, target_macs=min(matched["mac_ratio"] * f, 0.99))
             points.append(row(target, allocator, q, None, label=f"{allocator} curve", wall=False))
         x = np.array([r["measured"]["ratio"] for r in points])
         y = np.array([r["top1_lsq"] for r in points])
@@ -274,7 +268,7 @@ def bench_model(name: str, args, tmp: Path, alignment: bool = True) -> dict:
             if trained and args.repair:  # the ratio allocator's accuracy at exactly the knapsack's measured latency
                 doc["curves"].append(curve(target, allocator, doc["rows"][-1], goal))
         for allocator in EQUAL_MACS:  # the same MACs as the latency-aware model, spread by MACs instead
-            q = aligned_plan(allocator, lat["mac_ratio"])
+            q, _ = aligned(allocator, target_macs=lat["mac_ratio"])
             doc["rows"].append(row(target, allocator, q, None, label=f"{allocator} equal MACs"))
     doc["load_after"] = load_avg()
     doc["alignment"] = []

@@ -102,7 +102,8 @@ class CostModel:
         for rec in analysis.slice_records:
             cuts.setdefault(rec.tensor, {}).setdefault(rec.axis, analysis.unit_of[rec.ids])
         used = {i for n in model.graph.node for i in n.input}
-        self._tensors = []  # (dims, {axis: units}, is_param, macs of the nodes whose weight it is)
+        self.tensors: list[tuple[tuple[int, ...], dict[int, np.ndarray], bool, int]] = []
+        # per cut initializer: (dims, {axis: units}, is_param, MACs of the nodes whose weight it is)
         weight_macs: dict[str, int] = {}
         for n in model.graph.node:
             if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1:
@@ -110,13 +111,13 @@ class CostModel:
         for name, axes in cuts.items():
             t = model.init[name]
             is_param = name in used and t.data_type in _FLOAT_TYPES
-            self._tensors.append((tuple(int(d) for d in t.dims), axes, is_param, weight_macs.get(name, 0)))
+            self.tensors.append((tuple(int(d) for d in t.dims), axes, is_param, weight_macs.get(name, 0)))
 
     def __call__(self, removed: np.ndarray) -> tuple[int, int]:
         """(params, MACs) after removing the units in the boolean mask ``removed``."""
         params, macs = self.base.params, self.base.macs
         keep = ~np.asarray(removed, dtype=bool)
-        for dims, axes, is_param, wmacs in self._tensors:
+        for dims, axes, is_param, wmacs in self.tensors:
             new = list(dims)
             for axis, units in axes.items():
                 new[axis] = int(keep[units].sum())
@@ -130,3 +131,12 @@ class CostModel:
     def ratios(self, removed: np.ndarray) -> tuple[float, float]:
         p, m = self(removed)
         return p / self.base.params if self.base.params else 1.0, m / self.base.macs if self.base.macs else 1.0
+
+
+def bilinear_ratio(shares: dict[int, float], pairs: list[tuple[int, int, float]], factors: dict[int, float]) -> float:
+    """A pruned model's cost as a fraction of the original's from per-group factors F_g (groups not given: 1):
+    ``1 + sum_g t_g (F_g - 1) + sum_(g,h) tau_gh (F_g - 1)(F_h - 1)``. Exact for MACs (a layer between groups a and b
+    costs M F_a F_b); a latency table fits the same form to measurements."""
+    p = 1.0 + sum(shares[g] * (f - 1.0) for g, f in factors.items() if g in shares)
+    p += sum(t * (factors.get(a, 1.0) - 1.0) * (factors.get(b, 1.0) - 1.0) for a, b, t in pairs)
+    return float(p)

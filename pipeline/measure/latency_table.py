@@ -43,6 +43,7 @@ import onnx
 
 from pipeline.errors import CarveError
 from pipeline.graph.channels import ChannelAnalysis
+from pipeline.graph.cost import bilinear_ratio
 from pipeline.graph.model import Model
 from pipeline.version import __version__
 
@@ -188,9 +189,7 @@ class BoundTable:
         return out
 
     def predict_factors(self, f: dict[int, float]) -> float:
-        p = 1.0 + sum(self.shares[g] * (f[g] - 1.0) for g in f)
-        p += sum(tau * (f.get(a, 1.0) - 1.0) * (f.get(b, 1.0) - 1.0) for a, b, tau in self.pairs)
-        return float(p)
+        return bilinear_ratio(self.shares, self.pairs, f)
 
     def predict_kept(self, kept: dict[int, list[int]]) -> float:
         """The same from kept units per slice of the groups given (the others whole)."""

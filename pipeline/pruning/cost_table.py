@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.graph.channels import ChannelAnalysis
-from pipeline.graph.cost import CostModel
+from pipeline.graph.cost import CostModel, bilinear_ratio
 from pipeline.pruning.allocator import kept_width
 
 
@@ -63,7 +63,7 @@ class CostTable:
         group_of_col = np.array([g for g, _ in self.column], dtype=np.int64)
         total = float(self.cost.base.macs if kind == "macs" else self.cost.base.params) or 1.0
         rows, weights, tensor_axes = [], [], []
-        for dims, axes, is_param, wmacs in self.cost._tensors:
+        for dims, axes, is_param, wmacs in self.cost.tensors:
             weight = (wmacs if kind == "macs" else (int(np.prod(dims)) if is_param else 0)) / total
             if not weight:
                 continue
@@ -115,9 +115,7 @@ class CostTable:
 
     def predict_factors(self, f: dict[int, float]) -> float:
         """From one factor per group (every slice at that fraction): the expansion's terms."""
-        p = 1.0 + sum(self.shares[g] * (f[g] - 1.0) for g in f if g in self.shares)
-        p += sum(t * (f.get(a, 1.0) - 1.0) * (f.get(b, 1.0) - 1.0) for a, b, t in self.pairs)
-        return float(p)
+        return bilinear_ratio(self.shares, self.pairs, f)
 
     def predict_kept(self, kept: dict[int, list[int]]) -> float:
         """Exact, from kept units per slice of the groups given (the others whole)."""

@@ -18,12 +18,11 @@ import numpy as np
 from pipeline.errors import CarveError
 from pipeline.graph.channels import ChannelAnalysis
 from pipeline.graph.plan import Plan
-from pipeline.graph.shapes import unknown_conv_outputs
 from pipeline.progress import Progress
 from pipeline.pruning.allocator import LatencyModel, allocators
 from pipeline.pruning.cost_table import CostTable
 from pipeline.pruning.criterion import ScoreContext, criteria
-from pipeline.pruning.targets import bisect_ratio
+from pipeline.pruning.targets import bisect_ratio, check_countable
 
 
 def exclusion_mask(
@@ -106,8 +105,8 @@ def plan(
     knapsack = allocator in ("latency", "knapsack") and target is not None
     if knapsack and target_latency is None:  # the knapsack under MACs or params: their exact cost table
         kind = "macs" if target_macs is not None else "params"
-        if kind == "macs" and unknown_conv_outputs(analysis.model):
-            bisect_ratio(analysis, None, target, kind)  # raises its clear error: MACs are not countable
+        if kind == "macs":
+            check_countable(analysis)
         job.update(latency=CostTable(analysis, kind, round_to, keep_min), latency_budget=target)
 
     def allocate(r: float) -> np.ndarray:

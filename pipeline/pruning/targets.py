@@ -12,19 +12,24 @@ from pipeline.graph.cost import CostModel
 from pipeline.graph.shapes import unknown_conv_outputs
 
 
+def check_countable(analysis: ChannelAnalysis) -> None:
+    """Refuse a MAC target on a model whose conv output sizes are unknown (their MACs would count as 0)."""
+    unknown = unknown_conv_outputs(analysis.model)
+    if unknown:
+        raise CarveError(
+            f"--target-macs: the output size of {len(unknown)} layer(s) is unknown (first: {unknown[0]!r}), so "
+            "their MACs cannot be counted and a MAC target would be met on wrong numbers",
+            hint="give the input size with --input-shape CxHxW (the model's input dimensions are dynamic)",
+        )
+
+
 def bisect_ratio(
     analysis: ChannelAnalysis, allocate, target: float, kind: str = "macs", *, steps: int = 30, predict=None
 ):
     """The smallest allocator ratio whose predicted cost fraction is at most ``target``: (ratio, removed, achieved).
     ``kind`` is macs or params (the cost model), or latency with ``predict`` (removal mask -> fraction)."""
     if kind == "macs":
-        unknown = unknown_conv_outputs(analysis.model)
-        if unknown:
-            raise CarveError(
-                f"--target-macs: the output size of {len(unknown)} layer(s) is unknown (first: {unknown[0]!r}), so "
-                "their MACs cannot be counted and a MAC target would be met on wrong numbers",
-                hint="give the input size with --input-shape CxHxW (the model's input dimensions are dynamic)",
-            )
+        check_countable(analysis)
     if predict is not None:
         frac = predict
     else:
