@@ -23,7 +23,7 @@ import onnx
 import torch
 from torch import nn
 
-from pipeline.errors import CarveError, MissingDependencyError
+from carve.pipeline.errors import CarveError, MissingDependencyError
 
 from .registry import get_spec
 from .weights import with_weights
@@ -44,7 +44,7 @@ class ExportInfo:
 
 
 def build(name: str, *, weights: str = "auto", input_size: int | None = None) -> nn.Module:
-    """A zoo model in eval mode, with its weights (see :func:`models.weights.with_weights`)."""
+    """A zoo model in eval mode, with its weights (see :func:`carve.models.weights.with_weights`)."""
     spec = get_spec(name)
     spec.input(input_size)  # validates input_size
     torch.manual_seed(0)  # random weights are reproducible
@@ -63,8 +63,8 @@ def export(
     input_size: int | None = None,
     exporter: str = "torchscript",
 ) -> ExportInfo:
-    from pipeline.graph import check_output_path, save
-    from pipeline.version import __version__
+    from carve.pipeline.graph import check_output_path, save
+    from carve.pipeline.version import __version__
 
     path = check_output_path(path)
     spec = get_spec(name)

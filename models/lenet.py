@@ -1,7 +1,7 @@
 """LeNet-5 (LeCun et al. 1998) for 1 x 32 x 32 inputs: conv/pool/conv/pool then three fully connected layers.
 
 Its Flatten -> Linear exercises the "consumer owns H x W columns per channel" case of the channel analysis. Trained
-weights come from training on scikit-learn's digits in seconds (:mod:`models.train`).
+weights come from training on scikit-learn's digits in seconds (:mod:`carve.models.train`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ EfficientNet-B0 (SE, SiLU), DenseNet-121 (dense concatenations). torchvision is 
 
 from __future__ import annotations
 
-from pipeline.errors import MissingDependencyError
+from carve.pipeline.errors import MissingDependencyError
 
 from .registry import ModelSpec, register
 

@@ -1,7 +1,7 @@
 """Training on built-in data: a small, deterministic loop, and LeNet-5 on scikit-learn's digits in seconds.
 
-The digits come from :func:`pipeline.data.datasets.digits_arrays` (a seeded, stratified train/test split of the 1,797
-real 8x8 images shipped inside scikit-learn) and are prepared with the same :class:`~pipeline.data.datasets.Preprocess`
+The digits come from :func:`carve.pipeline.data.datasets.digits_arrays` (a seeded, stratified train/test split of the 1,797
+real 8x8 images shipped inside scikit-learn) and are prepared with the same :class:`~carve.pipeline.data.datasets.Preprocess`
 the exported model records, so ``carve eval --data digits:test`` measures exactly what training saw."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data.datasets import Dataset, Preprocess, digits_arrays
+from carve.pipeline.data.datasets import Dataset, Preprocess, digits_arrays
 
 DIGITS_PREPROCESS = Preprocess(size=(32, 32), channels=1, mean=(0.5,), std=(0.5,))
 CACHE_VERSION = 1  # bump when the training recipe changes

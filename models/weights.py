@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.data.shared import missing_reason, shared_dir
-from pipeline.errors import CarveError
+from carve.pipeline.data.shared import missing_reason, shared_dir
+from carve.pipeline.errors import CarveError
 
 from .registry import ModelSpec
 

@@ -18,7 +18,7 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from pipeline.errors import CarveError
+from carve.pipeline.errors import CarveError
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """The pass contract: requires -> run -> ensures, with instruments around every pass.
 
-A :class:`Pass` transforms a :class:`~pipeline.graph.Model` into a new one (never in place) and says what it did in a
+A :class:`Pass` transforms a :class:`~carve.pipeline.graph.Model` into a new one (never in place) and says what it did in a
 :class:`PassResult`: one line per decision ("conv3: rank 12 of 64 (energy 0.95)", "conv7: skipped, rank 60 is above
 the break-even 48"). It declares
 
@@ -21,30 +21,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pipeline.data.batching import first_batch
-from pipeline.errors import CarveError
-from pipeline.graph.history import record
-from pipeline.graph.io import save
-from pipeline.graph.model import Model, check_finite, nonfinite_initializers
-from pipeline.graph.shapes import verify_structure
-from pipeline.progress import Progress
-from pipeline.registry import Registry
-from pipeline.runtime.ort import random_feeds, run, run_checked
-from pipeline.runtime.verify import nonfinite_outputs, output_metrics
+from carve.pipeline.data.batching import first_batch
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.history import record
+from carve.pipeline.graph.io import save
+from carve.pipeline.graph.model import Model, check_finite, nonfinite_initializers
+from carve.pipeline.graph.shapes import verify_structure
+from carve.pipeline.progress import Progress
+from carve.pipeline.registry import Registry
+from carve.pipeline.runtime.ort import random_feeds, run, run_checked
+from carve.pipeline.runtime.verify import nonfinite_outputs, output_metrics
 
-passes: Registry[type[Pass]] = Registry("pass", entry_point_group="carve.passes", builtin_modules=["plugins.passes"])
+passes: Registry[type[Pass]] = Registry("pass", entry_point_group="carve.passes", builtin_modules=["carve.plugins.passes"])
 
 
 @dataclass
 class PassContext:
-    calib: Any = None  # calibration data, a pipeline.data.datasets.Dataset
+    calib: Any = None  # calibration data, a carve.pipeline.data.datasets.Dataset
     train: Any = None  # training data (fine-tuning)
     eval: Any = None  # evaluation data (passes that report accuracy along the way)
     original: Model | None = None  # the model the run started from (the teacher of distillation)
     workdir: Path | None = None  # where a pass may write its side outputs (e.g. each step's model)
     seed: int = 0
     command: str | None = None
-    progress: Progress | None = None  # pipeline.progress: "pass <name>" k of n, and the pass's own stages
+    progress: Progress | None = None  # carve.pipeline.progress: "pass <name>" k of n, and the pass's own stages
     options: dict[str, Any] = field(default_factory=dict)
 
 

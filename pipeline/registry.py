@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Generic, TypeVar
 
-from pipeline.errors import CarveError
+from carve.pipeline.errors import CarveError
 
 T = TypeVar("T")
 

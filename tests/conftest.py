@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.shared import missing_reason, shared_file
+from carve.pipeline.data.shared import missing_reason, shared_file
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No test depends on the host CPU: the capability carve plans for (ONNX Runtime's default channel alignment) is pinned
+# to an AVX2-only CPU for every test and the commands they spawn; tests of the AVX-512 branch set their own.
+os.environ["CARVE_CPU_FLAGS"] = "sse4_2 avx avx2 fma"
 
 
 def need_shared(*parts: str) -> Path:
@@ -109,7 +112,7 @@ def digits_rgb(tmp_path_factory) -> dict[str, Path]:
     real labelled data that fits the tiny ResNet's 3x16x16 input (carve refuses grey images for an RGB model)."""
     import numpy as np
 
-    from pipeline.data.datasets import digits_arrays
+    from carve.pipeline.data.datasets import digits_arrays
 
     d = tmp_path_factory.mktemp("digits_rgb")
     out = {}
@@ -123,7 +126,7 @@ def digits_rgb(tmp_path_factory) -> dict[str, Path]:
 
 def zoo_input_size(name: str) -> int | None:
     """Small inputs for the torchvision models keep the tests fast; the others have fixed sizes."""
-    import models
+    from carve import models
 
     return 64 if models.spec(name).family == "torchvision" else None
 
@@ -131,7 +134,7 @@ def zoo_input_size(name: str) -> int | None:
 @pytest.fixture(scope="session")
 def zoo_dir(tmp_path_factory) -> Path:
     """Every zoo model exported once per session (weights "auto": trained where available)."""
-    import models
+    from carve import models
 
     d = tmp_path_factory.mktemp("zoo")
     for name in models.available():
@@ -150,8 +153,8 @@ class _SimulatedEngine:
 
         import numpy as np
 
-        from pipeline.graph.cost import model_cost
-        from pipeline.graph.io import load
+        from carve.pipeline.graph.cost import model_cost
+        from carve.pipeline.graph.io import load
 
         self.base = model_cost(load(model)).macs * 1e-12 * config.batch
         digest = hashlib.sha256(f"{model}:{config.seed}".encode()).digest()
@@ -179,7 +182,7 @@ class _SimulatedEngine:
 @pytest.fixture(scope="session")
 def simulated_backend() -> str:
     """Register the ``simulated`` backend (see :class:`_SimulatedEngine`) and return its name."""
-    from pipeline.measure.backends import Backend, backends
+    from carve.pipeline.measure.backends import Backend, backends
 
     if "simulated" not in backends:
 
@@ -212,7 +215,7 @@ class _StaircaseEngine(_SimulatedEngine):
         import numpy as np
         import onnx
 
-        from pipeline.graph.model import Model, attr
+        from carve.pipeline.graph.model import Model, attr
 
         m = Model(onnx.load(str(model)))
         s = STAIRCASE_STEP
@@ -242,7 +245,7 @@ class _StaircaseEngine(_SimulatedEngine):
 @pytest.fixture(scope="session")
 def staircase_backend() -> str:
     """Register the ``staircase`` backend (see :class:`_StaircaseEngine`) and return its name."""
-    from pipeline.measure.backends import Backend, backends
+    from carve.pipeline.measure.backends import Backend, backends
 
     if "staircase" not in backends:
 

@@ -30,7 +30,7 @@ import onnx
 from hypothesis import strategies as st
 from strategies import cnn
 
-from pipeline.cli import main
+from carve.pipeline.cli import main
 
 INPUT = (8, 8, 3)  # H, W, C of the random CNNs (tests/strategies.py builds 1x3x8x8 inputs)
 
@@ -63,8 +63,8 @@ def invoke(args: list[str]) -> tuple[int, str, str]:
 
 def check_written(path: Path) -> None:
     """A model carve wrote: full checker, finite weights, runs in ONNX Runtime with finite outputs."""
-    from pipeline.graph.shapes import concrete_input_shapes
-    from pipeline.runtime.ort import session
+    from carve.pipeline.graph.shapes import concrete_input_shapes
+    from carve.pipeline.runtime.ort import session
 
     proto = onnx.load(path)
     onnx.checker.check_model(proto, full_check=True)

@@ -6,10 +6,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-import pipeline as P
-from pipeline.graph.plan import Plan
-from pipeline.graph.surgery import prune, zero_removed
-from pipeline.runtime import ort as ortutil
+import carve as P
+from carve.pipeline import graph as cgraph
+from carve.pipeline.graph.plan import Plan
+from carve.pipeline.graph.surgery import prune, zero_removed
+from carve.pipeline.runtime import ort as ortutil
 
 
 class G:
@@ -122,7 +123,7 @@ class G:
 
     def flat_features(self, x: str) -> int:
         m = self.model([x])
-        shp = P.graph.infer_shapes(m)[x]
+        shp = cgraph.infer_shapes(m)[x]
         return int(np.prod(shp[1:]))
 
     def model(self, outputs: list[str]) -> onnx.ModelProto:
@@ -134,7 +135,7 @@ class G:
 
 
 def analyse_proto(proto: onnx.ModelProto):
-    model = P.graph.from_proto(proto)
+    model = cgraph.from_proto(proto)
     return model, P.analyse(model)
 
 

@@ -23,13 +23,21 @@ ALLOWED = {
     "models": {"graph", "data"},
     "flows": {"graph", "runtime", "data", "pruning", "training", "passes", "measure", "models"},
     "cli": {"graph", "runtime", "data", "pruning", "training", "passes", "measure", "models", "flows"},
-    "api": {"graph", "pruning", "data"},  # pipeline/__init__.py: the lazy facade of the Python API
+    "api": {"graph", "pruning", "data"},  # carve/__init__.py: the lazy facade of the Python API
 }
-BASE = {"pipeline.errors", "pipeline.version", "pipeline.registry", "pipeline.config", "pipeline.progress"}
+BASE = {f"carve.pipeline.{m}" for m in ("errors", "version", "registry", "config", "progress")}
+# installed names -> the folders they come from (pyproject's package-dir)
+FOLDERS = {"carve.pipeline": "pipeline", "carve.plugins": "plugins", "carve.models": "models", "carve": "carve"}
 
 
 def layer_of(module: str) -> str | None:
-    parts = module.split(".")
+    if module == "carve":
+        return "api"  # carve/__init__.py: the lazy facade of the Python API
+    if module == "carve.__main__":
+        return "cli"  # python -m carve
+    if not module.startswith("carve."):
+        return None
+    parts = module.split(".")[1:]
     if parts[0] in ("plugins", "models"):
         return parts[0]
     if parts[0] != "pipeline":
@@ -38,17 +46,26 @@ def layer_of(module: str) -> str | None:
         return "base"
     if len(parts) == 1:
         return "api"
-    if parts[1] in ("__main__",):
-        return "cli"
     return parts[1] if parts[1] in ALLOWED else None
 
 
 def module_name(path: Path) -> str:
-    rel = path.relative_to(REPO).with_suffix("")
-    parts = list(rel.parts)
+    """The installed name of a source file: pipeline/graph/io.py -> carve.pipeline.graph.io."""
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
-    return ".".join(parts)
+    top = next(name for name, folder in FOLDERS.items() if folder == parts[0])
+    return ".".join([top, *parts[1:]])
+
+
+def source_path(module: str) -> Path:
+    """Where an installed name's source lies (without suffix): carve.pipeline.graph -> REPO/pipeline/graph."""
+    parts = module.split(".")
+    for n in (2, 1):
+        top = ".".join(parts[:n])
+        if top in FOLDERS:
+            return REPO.joinpath(FOLDERS[top], *parts[n:])
+    return REPO.joinpath(*parts)
 
 
 def imports(path: Path) -> list[tuple[str, int, bool]]:
@@ -68,17 +85,17 @@ def imports(path: Path) -> list[tuple[str, int, bool]]:
             else:
                 mod = node.module or ""
             found.append((mod, node.lineno, id(node) in top))
-            for a in node.names:  # `from pipeline.graph import surgery` imports a module too
+            for a in node.names:  # `from carve.pipeline.graph import surgery` imports a module too
                 found.append((f"{mod}.{a.name}", node.lineno, id(node) in top))
     return found
 
 
 def sources() -> list[Path]:
-    return [p for d in ("pipeline", "plugins", "models") for p in sorted((REPO / d).rglob("*.py"))]
+    return [p for d in ("carve", "pipeline", "plugins", "models") for p in sorted((REPO / d).rglob("*.py"))]
 
 
 def known(module: str) -> bool:
-    p = REPO / Path(*module.split("."))
+    p = source_path(module)
     return p.with_suffix(".py").is_file() or (p / "__init__.py").is_file()
 
 
@@ -98,7 +115,7 @@ def test_layers_import_only_downwards():
 
 def test_base_modules_import_only_each_other():
     for mod in BASE:
-        path = REPO / Path(*mod.split(".")).with_suffix(".py")
+        path = source_path(mod).with_suffix(".py")
         for imported, line, _ in imports(path):
             assert layer_of(imported) in (None, "base") or not known(imported), f"{path}:{line} imports {imported}"
 
@@ -116,16 +133,16 @@ def test_only_the_tensorrt_backend_imports_tensorrt():
 def test_flows_and_cli_reach_plugins_through_registries_only():
     for path in sources():
         if layer_of(module_name(path)) in ("flows", "cli", "api"):
-            direct = [m for m, _, _ in imports(path) if m.split(".")[0] == "plugins"]
+            direct = [m for m, _, _ in imports(path) if m.startswith("carve.plugins")]
             assert not direct, f"{path} imports {direct[0]}"
 
 
 def test_no_import_cycles_between_packages():
-    """Packages (pipeline.graph.channels, pipeline.measure.backends, plugins.criteria, ...) form no cycle through
+    """Packages (carve.pipeline.graph.channels, carve.pipeline.measure.backends, carve.plugins.criteria, ...) form no cycle through
     module-level imports."""
 
     def package(module: str) -> str:
-        path = REPO / Path(*module.split("."))
+        path = source_path(module)
         return module if (path / "__init__.py").is_file() else module.rsplit(".", 1)[0]
 
     edges: dict[str, set[str]] = defaultdict(set)

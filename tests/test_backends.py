@@ -7,11 +7,11 @@ import numpy as np
 import onnx
 import pytest
 
-import pipeline as P
-from pipeline.errors import CarveError, MissingDependencyError
-from pipeline.measure.backends import EngineConfig, backends, build, get
-from pipeline.measure.backends.trt import build_plan, engine_key
-from pipeline.runtime.ort import random_feeds, run
+import carve as P
+from carve.pipeline.errors import CarveError, MissingDependencyError
+from carve.pipeline.measure.backends import EngineConfig, backends, build, get
+from carve.pipeline.measure.backends.trt import build_plan, engine_key
+from carve.pipeline.runtime.ort import random_feeds, run
 
 
 @pytest.mark.parametrize("optimization", ["disable", "basic", "extended", "all"])
@@ -111,9 +111,9 @@ def test_trt_engine_cache_key_changes_with_everything_that_matters():
 def test_fp16_graph_keeps_fp32_io_and_computes_in_fp16(zoo_dir):
     import torch
 
-    from pipeline.graph import from_proto
-    from pipeline.graph.precision import to_fp16
-    from pipeline.runtime.torch_graph import TorchGraph
+    from carve.pipeline.graph import from_proto
+    from carve.pipeline.graph.precision import to_fp16
+    from carve.pipeline.runtime.torch_graph import TorchGraph
 
     for name in ("resnet20", "unet", "mobilenet_v3_small"):
         m = P.load(zoo_dir / f"{name}.onnx")
@@ -173,7 +173,7 @@ def test_ort_cuda_graphs_on_the_cpu_are_refused(zoo_dir):
 
 
 def test_ort_provider_options_for_each_device(tmp_path):
-    from pipeline.measure.backends.ort import provider_options
+    from carve.pipeline.measure.backends.ort import provider_options
 
     assert provider_options(EngineConfig()) == [("CPUExecutionProvider", {})]
     with pytest.raises(CarveError, match="takes none"):
@@ -199,7 +199,7 @@ def test_ort_provider_options_for_each_device(tmp_path):
 
 
 def test_ort_settings_the_session_did_not_take_are_errors_not_records():
-    from pipeline.measure.backends.ort import check_applied
+    from carve.pipeline.measure.backends.ort import check_applied
 
     asked = [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE", "enable_cuda_graph": "1"})]
     ok = {"CUDAExecutionProvider": {"cudnn_conv_algo_search": "EXHAUSTIVE", "enable_cuda_graph": "1", "x": "y"}}
@@ -221,7 +221,7 @@ def test_ort_settings_the_session_did_not_take_are_errors_not_records():
 def test_ort_output_shapes_and_fp32_fallback_detection(zoo_dir):
     from onnx import helper
 
-    from pipeline.measure.backends.ort import fallback_ops, output_shapes
+    from carve.pipeline.measure.backends.ort import fallback_ops, output_shapes
 
     proto = P.load(zoo_dir / "resnet20.onnx").proto
     assert output_shapes(proto, 4) == {"logits": ((4, 10), np.dtype("float32"))}
@@ -257,7 +257,7 @@ class FakeBuilderConfig:
 
 
 def test_trt_timing_cache_is_keyed_by_gpu_and_version_and_checked(tmp_path):
-    from pipeline.measure.backends.trt import attach_timing_cache, timing_cache_path
+    from carve.pipeline.measure.backends.trt import attach_timing_cache, timing_cache_path
 
     p = timing_cache_path(tmp_path, "10.13.0", "NVIDIA H100 80GB HBM3")
     assert p.parent == tmp_path and "10.13.0" in p.name and "nvidia-h100" in p.name
@@ -286,7 +286,7 @@ def test_trt_cuda_graphs_default_on_and_can_be_turned_off():
 
 
 def test_torch_settings_defaults_by_device():
-    from pipeline.measure.backends.torch_cuda import torch_settings
+    from carve.pipeline.measure.backends.torch_cuda import torch_settings
 
     cuda = torch_settings(EngineConfig(precision="fp16"), "cuda")
     assert cuda.cuda_graphs and cuda.channels_last and not cuda.compile and cuda.threads is None
@@ -303,7 +303,7 @@ def test_torch_settings_defaults_by_device():
 def test_engine_state_is_restored():
     import torch
 
-    from pipeline.measure.backends.torch_cuda import TorchSettings, engine_state
+    from carve.pipeline.measure.backends.torch_cuda import TorchSettings, engine_state
 
     before = (torch.backends.cudnn.benchmark, torch.get_num_threads())
     cuda = TorchSettings("cuda", "fp16", True, True, False, None)
@@ -357,9 +357,9 @@ def test_torch_engine_compile_option_traces_the_whole_static_graph(zoo_dir, monk
 
 
 def test_a_comparison_refuses_engines_that_ran_differently(zoo_dir, tmp_path):
-    from pipeline.measure.backends import Backend, settings_differ
-    from pipeline.measure.compare import compare
-    from pipeline.measure.config import MeasureConfig
+    from carve.pipeline.measure.backends import Backend, settings_differ
+    from carve.pipeline.measure.compare import compare
+    from carve.pipeline.measure.config import MeasureConfig
 
     assert settings_differ({"cuda_graphs": True}, {"cuda_graphs": True, "gpu": "x"}) == []
     differ = settings_differ({"cuda_graphs": True}, {"cuda_graphs": False, "cuda_graphs_fallback": "capture failed"})
@@ -382,7 +382,7 @@ def test_a_comparison_refuses_engines_that_ran_differently(zoo_dir, tmp_path):
 
 
 def test_report_states_engine_settings_as_applied():
-    from pipeline.measure.report import engine_settings
+    from carve.pipeline.measure.report import engine_settings
 
     assert (
         engine_settings({"cuda_graphs": True, "channels_last": True, "compile": False}) == "CUDA graphs, channels_last"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from graphs import G, analyse_proto, assert_exact, if_model, manual_plan, random_removal
 
-from pipeline.errors import UnsupportedModelError
-from pipeline.graph.channels import Kind
+from carve.pipeline.errors import UnsupportedModelError
+from carve.pipeline.graph.channels import Kind
 
 
 def prune_randomly(model, analysis, seeds=(0, 1, 2), p=0.5):
@@ -522,7 +522,7 @@ def test_view_with_dynamic_batch_then_linear(tmp_path):
             return self.fc(y.view(y.size(0), -1))
 
     path = export_torch(Net().eval(), tmp_path / "view.onnx", shape=(1, 3, 8, 8))
-    from pipeline.graph import load
+    from carve.pipeline.graph import load
 
     model = load(path)
     assert any(n.op_type == "Reshape" for n in model.graph.node)

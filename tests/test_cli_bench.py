@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.cli import main
+from carve.pipeline.cli import main
 
 
 @pytest.mark.xdist_group("timing")
@@ -68,9 +68,9 @@ def test_bench_json_on_torch_cpu(zoo_dir, capsys):
 
 
 def test_bench_engine_options_from_the_command_line():
-    from pipeline.cli import build_parser
-    from pipeline.config import from_args
-    from pipeline.measure.config import MeasureConfig
+    from carve.pipeline.cli import build_parser
+    from carve.pipeline.config import from_args
+    from carve.pipeline.measure.config import MeasureConfig
 
     parser = build_parser()
     args = parser.parse_args(

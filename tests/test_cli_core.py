@@ -14,9 +14,9 @@ import onnx
 import pytest
 from graphs import if_model
 
-from pipeline.cli import main
-from pipeline.graph import save
-from pipeline.runtime import ort as ortutil
+from carve.pipeline.cli import main
+from carve.pipeline.graph import save
+from carve.pipeline.runtime import ort as ortutil
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 def carve(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+        [sys.executable, "-m", "carve", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
     )
 
 
@@ -98,7 +98,7 @@ def bad_inputs(tmp_path: Path, good: Path) -> dict[str, tuple[list[str], str]]:
     text.write_text("not a model at all\n")
     ext_dir = tmp_path / "ext"
     ext_dir.mkdir()
-    from pipeline.graph import load
+    from carve.pipeline.graph import load
 
     save(load(good), ext_dir / "ext.onnx", external_data=True)
     (ext_dir / "ext.onnx.data").unlink()

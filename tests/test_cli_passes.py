@@ -7,7 +7,7 @@ import json
 import onnx
 import pytest
 
-from pipeline.cli import main
+from carve.pipeline.cli import main
 
 
 @pytest.fixture

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from graphs import G
 
-import pipeline as P
-from pipeline.data import compensate as C
-from pipeline.data.datasets import Dataset, Preprocess
-from pipeline.graph import from_proto
-from pipeline.graph.rewrite import ensure_biases
-from pipeline.graph.surgery import zero_removed
-from pipeline.pruning.repair import repairs
-from pipeline.runtime import ort as ortutil
+import carve as P
+from carve.pipeline.data import compensate as C
+from carve.pipeline.data.datasets import Dataset, Preprocess
+from carve.pipeline.graph import from_proto
+from carve.pipeline.graph.rewrite import ensure_biases
+from carve.pipeline.graph.surgery import zero_removed
+from carve.pipeline.pruning.repair import repairs
+from carve.pipeline.runtime import ort as ortutil
 
 
 def branching_model():

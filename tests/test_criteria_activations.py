@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from graphs import G, analyse_proto
 
-from pipeline.data.activations import activation_tensor
-from pipeline.data.capture import ChannelMoments, capture
-from pipeline.data.datasets import Dataset, Preprocess, load_data
-from pipeline.errors import CarveError
-from pipeline.pruning.criterion import ScoreContext, criteria
-from pipeline.pruning.planner import plan
-from plugins.criteria.aura import aura_entropy, mutual_information, quantile_edges, quantise
+from carve.pipeline.data.activations import activation_tensor
+from carve.pipeline.data.capture import ChannelMoments, capture
+from carve.pipeline.data.datasets import Dataset, Preprocess, load_data
+from carve.pipeline.errors import CarveError
+from carve.pipeline.pruning.criterion import ScoreContext, criteria
+from carve.pipeline.pruning.planner import plan
+from carve.plugins.criteria.aura import aura_entropy, mutual_information, quantile_edges, quantise
 
 
 def test_aura_entropy_of_a_constant_map_is_zero():
@@ -96,8 +96,8 @@ def test_capture_reduces_on_the_fly_and_matches_numpy():
     data = load_data("digits", preprocess=Preprocess(size=(8, 8), channels=1), samples=200)
     moments = ChannelMoments()
     capture(model, [t], data, moments, batch_size=16)
-    from pipeline.data.capture import with_outputs
-    from pipeline.runtime.ort import session
+    from carve.pipeline.data.capture import with_outputs
+    from carve.pipeline.runtime.ort import session
 
     sess = session(with_outputs(model, [t]))
     x, _ = data.arrays()

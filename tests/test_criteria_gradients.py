@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import models
-import pipeline as P
-from pipeline.data.datasets import load_data
-from pipeline.errors import CarveError
-from pipeline.graph import load
-from pipeline.pruning.criterion import ScoreContext, criteria
-from plugins.passes.sparsify import sparsify
+from carve import models
+import carve as P
+from carve.pipeline.data.datasets import load_data
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph import load
+from carve.pipeline.pruning.criterion import ScoreContext, criteria
+from carve.plugins.passes.sparsify import sparsify
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_loss_criteria_need_labels(lenet):
 
 
 def test_cep_plan_prunes_and_keeps_accuracy_reasonable(lenet, digits):
-    from pipeline.measure.evaluate import evaluate
+    from carve.pipeline.measure.evaluate import evaluate
 
     an = P.analyse(lenet)
     test = load_data("digits:test", model=lenet)
@@ -97,8 +97,8 @@ def test_cep_delta_is_the_measured_loss_increase_of_removing_a_unit(lenet, digit
     import torch
     import torch.nn.functional as F
 
-    from pipeline.graph.plan import Plan
-    from pipeline.runtime.torch_graph import TorchGraph
+    from carve.pipeline.graph.plan import Plan
+    from carve.pipeline.runtime.torch_graph import TorchGraph
 
     an = P.analyse(lenet)
     ctx = ScoreContext(an, calib=digits)

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from graphs import G, analyse_proto
 
-from pipeline.errors import CarveError
-from pipeline.graph.bn import folded_filters
-from pipeline.pruning.criterion import ScoreContext, criteria
-from pipeline.pruning.planner import plan
-from plugins.criteria.apbm import entropy, kl_importance, similarity_distributions
-from plugins.criteria.simfp import kernel_dispersion, redundancy_scores
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.bn import folded_filters
+from carve.pipeline.pruning.criterion import ScoreContext, criteria
+from carve.pipeline.pruning.planner import plan
+from carve.plugins.criteria.apbm import entropy, kl_importance, similarity_distributions
+from carve.plugins.criteria.simfp import kernel_dispersion, redundancy_scores
 
 
 def layer_with_filters(filters: np.ndarray, *, bn: bool = False):

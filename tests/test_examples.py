@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import REPO, need_shared
 
-from pipeline.cli import main
+from carve.pipeline.cli import main
 
 
 def run_example(name: str, tmp_path) -> dict:
@@ -59,8 +59,8 @@ def test_prune_then_finetune_recipe(tmp_path):
 
 
 def test_resnet56_gradual_recipe_is_valid():
-    from pipeline.flows.recipe import load_recipe
-    from pipeline.passes import get
+    from carve.pipeline.flows.recipe import load_recipe
+    from carve.pipeline.passes import get
 
     recipe = load_recipe(REPO / "examples" / "resnet56_gradual.yaml")
     ((name, opts),) = recipe.passes

@@ -11,16 +11,16 @@ import numpy as np
 import onnx
 import pytest
 
-import pipeline as P
-from pipeline.cli import main
-from pipeline.data.datasets import Dataset, Preprocess, load_data
-from pipeline.errors import CarveError
-from pipeline.graph.history import history
-from pipeline.runtime import ort as ortutil
-from pipeline.training.augment import Augment
-from pipeline.training.finetune import FinetuneOptions, finetune
-from pipeline.training.schedule import Temperature, cosine_lr
-from plugins.passes.gradual import keep_schedule
+import carve as P
+from carve.pipeline.cli import main
+from carve.pipeline.data.datasets import Dataset, Preprocess, load_data
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.history import history
+from carve.pipeline.runtime import ort as ortutil
+from carve.pipeline.training.augment import Augment
+from carve.pipeline.training.finetune import FinetuneOptions, finetune
+from carve.pipeline.training.schedule import Temperature, cosine_lr
+from carve.plugins.passes.gradual import keep_schedule
 
 QUICK = {"batch": 32, "flip": False, "threads": 1}  # digits are not mirror-symmetric
 
@@ -28,7 +28,7 @@ QUICK = {"batch": 32, "flip": False, "threads": 1}  # digits are not mirror-symm
 @pytest.fixture(scope="module")
 def lenet(tmp_path_factory):
     """LeNet-5 trained on digits (the zoo's default weights), and the same pruned to 40% of its channels."""
-    import models
+    from carve import models
 
     path = tmp_path_factory.mktemp("ft") / "lenet5.onnx"
     models.export("lenet5", path)
@@ -53,7 +53,7 @@ def test_the_loss_falls_and_accuracy_comes_back(lenet):
     h = r.summary["history"]
     assert len(h) == 3 and h[-1]["loss"] < h[0]["loss"] and h[-1]["kd"] < h[0]["kd"]
     before = P.load_data("digits:test", model=original)
-    from pipeline.measure.evaluate import evaluate
+    from carve.pipeline.measure.evaluate import evaluate
 
     assert evaluate(r.model, before)["top1"] > evaluate(pruned, before)["top1"] + 0.05
     assert h[-1]["top1"] == pytest.approx(evaluate(r.model, before)["top1"], abs=0.01)  # torch eval = ORT eval
@@ -80,7 +80,7 @@ def _bn_data(n: int = 96) -> Dataset:
 def test_batchnorm_trains_and_its_running_statistics_are_written(tiny_resnet_onnx):
     import torch
 
-    from pipeline.runtime.torch_graph import TorchGraph
+    from carve.pipeline.runtime.torch_graph import TorchGraph
 
     m = P.load(tiny_resnet_onnx)
     bns = [n for n in m.graph.node if n.op_type == "BatchNormalization"]
@@ -97,7 +97,7 @@ def test_batchnorm_trains_and_its_running_statistics_are_written(tiny_resnet_onn
 
 
 def test_folded_batchnorm_trains_the_folded_convs(tmp_path):
-    import models
+    from carve import models
 
     models.export("lenet5", tmp_path / "folded.onnx", fold_bn=True)
     m = P.load(tmp_path / "folded.onnx")

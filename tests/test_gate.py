@@ -9,11 +9,11 @@ import json
 import pytest
 from conftest import bench_report
 
-from pipeline.cli import main
-from pipeline.errors import CarveError
-from pipeline.measure.compare import compare
-from pipeline.measure.config import MeasureConfig
-from pipeline.measure.gate import evaluate
+from carve.pipeline.cli import main
+from carve.pipeline.errors import CarveError
+from carve.pipeline.measure.compare import compare
+from carve.pipeline.measure.config import MeasureConfig
+from carve.pipeline.measure.gate import evaluate
 
 QUICK = MeasureConfig(backend="simulated", rounds=10, min_round_ms=10, warmup_ms=50, memory=False, agreement=False)
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import pipeline as P
-from pipeline.errors import MissingDependencyError
-from pipeline.measure.backends import EngineConfig, build, get
-from pipeline.runtime.ort import random_feeds, run
+import carve as P
+from carve.pipeline.errors import MissingDependencyError
+from carve.pipeline.measure.backends import EngineConfig, build, get
+from carve.pipeline.runtime.ort import random_feeds, run
 
 
 def _cuda() -> bool:

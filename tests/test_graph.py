@@ -9,10 +9,10 @@ import onnx
 import pytest
 from graphs import G
 
-import pipeline as P
-from pipeline.errors import CarveError
-from pipeline.graph import from_proto, load, save
-from pipeline.runtime import ort as ortutil
+import carve as P
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph import from_proto, load, save
+from carve.pipeline.runtime import ort as ortutil
 
 
 def digest(path) -> str:

@@ -30,11 +30,11 @@ from test_torchrun import CASES, case_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import models
-import pipeline as P
-from pipeline.graph import from_proto
-from pipeline.runtime import ort as ortutil
-from pipeline.runtime.torch_graph import DataDependent, TorchGraph
+from carve import models
+import carve as P
+from carve.pipeline.graph import from_proto
+from carve.pipeline.runtime import ort as ortutil
+from carve.pipeline.runtime.torch_graph import DataDependent, TorchGraph
 
 aten = torch.ops.aten
 HOST_OPS = {aten._local_scalar_dense, aten.item, aten.lift_fresh, aten.lift_fresh_copy}

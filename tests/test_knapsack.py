@@ -13,12 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import cnn
 
-import pipeline as P
-from pipeline.cli import main
-from pipeline.errors import CarveError, UnreachableTarget
-from pipeline.graph.cost import CostModel, model_cost
-from pipeline.pruning.cost_table import CostTable
-from plugins.allocators.global_rank import layer_counts, normalised
+import carve as P
+from carve.pipeline import graph as cgraph
+from carve.pipeline.cli import main
+from carve.pipeline.errors import CarveError, UnreachableTarget
+from carve.pipeline.graph.cost import CostModel, model_cost
+from carve.pipeline.pruning.cost_table import CostTable
+from carve.plugins.allocators.global_rank import layer_counts, normalised
 
 
 def resnet_stream(blocks: int = 3, width: int = 16, inner: int = 16):
@@ -29,13 +30,13 @@ def resnet_stream(blocks: int = 3, width: int = 16, inner: int = 16):
     for _ in range(blocks):
         y = g.conv(g.relu(g.conv(x, inner)), width)
         x = g.relu(g.add(x, y))
-    return P.graph.from_proto(g.model([g.head(x, 10)]))
+    return cgraph.from_proto(g.model([g.head(x, 10)]))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(proto=cnn(), seed=st.integers(0, 1000), p=st.floats(0.0, 0.9), kind=st.sampled_from(["macs", "params"]))
 def test_cost_table_is_the_cost_model_on_random_cnns(proto, seed, p, kind):
-    a = P.analyse(P.graph.from_proto(proto))
+    a = P.analyse(cgraph.from_proto(proto))
     rng = np.random.default_rng(seed)
     removed = (rng.random(a.n_units) < p) & ~a.unit_frozen
     params, macs = CostModel(a).ratios(removed)
@@ -45,7 +46,7 @@ def test_cost_table_is_the_cost_model_on_random_cnns(proto, seed, p, kind):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(proto=cnn(), target=st.floats(0.2, 0.95), round_to=st.sampled_from([1, 2, 4]))
 def test_knapsack_never_exceeds_a_mac_target_and_keeps_widths_aligned(proto, target, round_to):
-    a = P.analyse(P.graph.from_proto(proto))
+    a = P.analyse(cgraph.from_proto(proto))
     try:
         p = P.plan(a, criterion="l1", allocator="knapsack", target_macs=target, round_to=round_to)
     except UnreachableTarget:

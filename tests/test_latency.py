@@ -14,13 +14,14 @@ import pytest
 from conftest import STAIRCASE_STEP
 from graphs import G
 
-import pipeline as P
-from pipeline.cli import main
-from pipeline.errors import CarveError
-from pipeline.measure.latency_table import LatencyTable, table_key
-from pipeline.measure.profile import ProfileSettings, candidate_widths, group_candidates, profile
-from pipeline.pruning.latency import closed_loop, default_alignment, parse_target
-from plugins.allocators.latency import solve_mckp
+import carve as P
+from carve.pipeline import graph as cgraph
+from carve.pipeline.cli import main
+from carve.pipeline.errors import CarveError
+from carve.pipeline.measure.latency_table import LatencyTable, table_key
+from carve.pipeline.measure.profile import ProfileSettings, candidate_widths, group_candidates, profile
+from carve.pipeline.pruning.latency import CPU_FLAGS_ENV, closed_loop, cpu_flags, default_alignment, parse_target
+from carve.plugins.allocators.latency import solve_mckp
 
 
 def staircase_net(widths=(48, 64), seed: int = 0):
@@ -30,7 +31,7 @@ def staircase_net(widths=(48, 64), seed: int = 0):
     x = g.relu(g.conv(x, widths[1]))
     y = g.conv(g.relu(g.conv(x, widths[1])), widths[1])
     x = g.relu(g.add(x, y))
-    return P.graph.from_proto(g.model([g.head(x, 10)]))
+    return cgraph.from_proto(g.model([g.head(x, 10)]))
 
 
 def settings(backend: str, **kw) -> ProfileSettings:
@@ -75,9 +76,23 @@ def test_latency_targets_parse():
             parse_target(bad)
 
 
-def test_default_alignment_is_a_backend_property():
-    assert default_alignment("ort", "cpu") in (8, 16)
+def test_default_alignment_is_a_backend_property(monkeypatch):
+    monkeypatch.setenv(CPU_FLAGS_ENV, "avx2,fma")
+    assert default_alignment("ort", "cpu") == 8 and cpu_flags() == {"avx2", "fma"}
+    monkeypatch.setenv(CPU_FLAGS_ENV, "avx2 avx512f")
+    assert default_alignment("ort", "cpu") == 16
     assert default_alignment("trt") == 8 and default_alignment("torch-cuda") == 8
+    monkeypatch.delenv(CPU_FLAGS_ENV)  # the host's own flags: whatever they are, read without error
+    assert default_alignment("ort", "cpu") in (8, 16) and isinstance(cpu_flags(), frozenset)
+
+
+def min_macs_at(model, align: int) -> float:
+    """The smallest MAC fraction a plan at channel multiple ``align`` reaches on ``model`` (every group cut to one
+    block), from the planner itself."""
+    analysis = P.analyse(model)
+    before = P.model_cost(model).macs
+    pruned = P.prune(model, P.plan(analysis, criterion="l1", ratio=0.999, round_to=align))
+    return P.model_cost(pruned).macs / before
 
 
 # -- the knapsack -------------------------------------------------------------------------------------------------
@@ -140,14 +155,14 @@ def test_table_keys_change_with_everything_that_decides_latency(monkeypatch):
     assert table_key(m, **{**base, "precision": "fp16"}) != k0
     assert table_key(staircase_net(widths=(48, 80)), **base)["model"] != k0["model"]
     assert table_key(staircase_net(seed=1), **base) == k0  # other weight values, same latency
-    from pipeline.measure import latency_table
+    from carve.pipeline.measure import latency_table
 
     monkeypatch.setattr(latency_table, "library_versions", lambda: {"onnxruntime": "0.0.1"})
     assert table_key(m, **base) != k0  # a library upgrade is a new table
 
 
 def test_profile_is_cached_and_invalidated(staircase_backend, latency_cache, monkeypatch):
-    from pipeline.measure import profile as prof
+    from carve.pipeline.measure import profile as prof
 
     m = staircase_net()
     built = []
@@ -160,7 +175,7 @@ def test_profile_is_cached_and_invalidated(staircase_backend, latency_cache, mon
     assert len(built) == n and t2.to_json() == t1.to_json()  # from the cache, nothing measured
     profile(m, settings(staircase_backend, batch=2))
     assert len(built) > n and len(list(latency_cache.glob("*.json"))) == 2  # another setting: measured anew
-    from pipeline.measure import latency_table
+    from carve.pipeline.measure import latency_table
 
     monkeypatch.setattr(latency_table, "library_versions", lambda: {"onnxruntime": "99"})
     k = len(built)
@@ -364,7 +379,7 @@ def test_prune_measures_by_default_and_says_when_the_result_is_slower(
 
 
 def test_recipe_prune_pass_takes_a_latency_target(net, tmp_path, staircase_backend, latency_cache):
-    from pipeline.passes import PassContext, get
+    from carve.pipeline.passes import PassContext, get
 
     m = P.load(net)
     result = get("prune", target_latency=0.6, backend=staircase_backend, criterion="l1")(m, PassContext())
@@ -373,7 +388,7 @@ def test_recipe_prune_pass_takes_a_latency_target(net, tmp_path, staircase_backe
 
 
 def test_python_api_prune_measured(net, staircase_backend, latency_cache):
-    from pipeline.flows.prune import prune_measured
+    from carve.pipeline.flows.prune import prune_measured
 
     opts = P.PruneOptions(criterion="l1", target_latency=0.6, backend=staircase_backend)
     pruned, summary = prune_measured(P.load(net), opts)
@@ -408,8 +423,8 @@ def test_the_readme_latency_commands_run(zoo_dir, tmp_path, monkeypatch, stairca
 
 def test_gradual_pass_steps_toward_a_latency_target(net, staircase_backend, latency_cache):
     """Issue 12 item 4: gradual pruning toward a latency target: each step's latency is measured on the engine."""
-    from pipeline.data.datasets import Dataset
-    from pipeline.passes import PassContext, get
+    from carve.pipeline.data.datasets import Dataset
+    from carve.pipeline.passes import PassContext, get
 
     rng = np.random.default_rng(0)
     train = Dataset(rng.random((64, 3, 16, 16), dtype=np.float32), rng.integers(0, 10, 64), "random")
@@ -429,15 +444,20 @@ def test_gradual_pass_steps_toward_a_latency_target(net, staircase_backend, late
         get("gradual", target_latency=0.5, target_macs=0.5, steps=2)
 
 
-def test_default_alignment_halves_when_a_target_is_out_of_its_reach():
+@pytest.mark.parametrize("flags, align", [("sse4_2 avx2 fma", 8), ("avx2 avx512f avx512bw", 16)])
+def test_default_alignment_halves_when_a_target_is_out_of_its_reach(monkeypatch, flags, align):
     """The backend's alignment is a default, not a wall: a target it cannot reach on narrow layers is planned at a
-    finer alignment, with a warning; a --round-to the user gave is kept and the target refused."""
-    from pipeline.errors import CarveWarning, UnreachableTarget
+    finer alignment, with a warning; a --round-to the user gave is kept and the target refused. Run as on an AVX2-only
+    CPU (ONNX Runtime's default alignment 8) and as on an AVX-512 one (16)."""
+    from carve.pipeline.errors import CarveWarning, UnreachableTarget
 
-    opts = P.PruneOptions(criterion="l1", target_macs=0.05, measure=False, verify=False)
-    align = opts.alignment()
+    monkeypatch.setenv(CPU_FLAGS_ENV, flags)
+    # a target below what the default alignment can reach: each of the three layers keeps one block of `align`
+    target = 0.5 * min_macs_at(staircase_net(), align)
+    opts = P.PruneOptions(criterion="l1", target_macs=target, measure=False, verify=False)
+    assert opts.alignment() == align
     with pytest.raises(UnreachableTarget):
-        P.prune_model(staircase_net(), P.PruneOptions(criterion="l1", target_macs=0.05, round_to=align))
+        P.prune_model(staircase_net(), P.PruneOptions(criterion="l1", target_macs=target, round_to=align))
     with pytest.warns(CarveWarning, match="planned with round-to"):
         _, summary = P.prune_model(staircase_net(), opts)
-    assert summary["options"]["round_to"] < align and summary["macs_after"] <= 0.05 * summary["macs_before"] + 1e-9
+    assert summary["options"]["round_to"] < align and summary["macs_after"] <= target * summary["macs_before"] + 1e-9

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.measure.compare import compare
-from pipeline.measure.config import MeasureConfig
-from pipeline.measure.memory import measure_in_fresh_process
-from pipeline.measure.report import load_report, merge, plots, to_markdown
-from pipeline.measure.stats import bootstrap_median_ci, latency_stats
+from carve.pipeline.measure.compare import compare
+from carve.pipeline.measure.config import MeasureConfig
+from carve.pipeline.measure.memory import measure_in_fresh_process
+from carve.pipeline.measure.report import load_report, merge, plots, to_markdown
+from carve.pipeline.measure.stats import bootstrap_median_ci, latency_stats
 
 FAST = dict(rounds=6, min_round_ms=10, warmup_ms=50)
 
@@ -34,7 +34,7 @@ def test_bootstrap_interval_covers_and_shrinks():
 
 
 def test_compare_pruned_against_original(zoo_dir, tmp_path):
-    import pipeline as P
+    import carve as P
 
     m = P.load(zoo_dir / "resnet20.onnx")
     pruned = P.prune(m, P.plan(P.analyse(m), ratio=0.5, round_to=8))
@@ -55,7 +55,7 @@ def test_compare_pruned_against_original(zoo_dir, tmp_path):
 
 def test_speedup_statistics_on_known_times(zoo_dir, tmp_path, simulated_backend):
     """With a simulated engine (time proportional to MACs), the measured speed-up is the inverse MAC ratio."""
-    import pipeline as P
+    import carve as P
 
     m = P.load(zoo_dir / "resnet20.onnx")
     P.save(P.prune(m, P.plan(P.analyse(m), ratio=0.5, round_to=8)), tmp_path / "p.onnx")

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from graphs import G
 
-import pipeline as P
-from pipeline.data.datasets import Preprocess, load_data
-from pipeline.graph import from_proto
-from pipeline.passes import NumericCheck, PassContext, PassManager, get
-from pipeline.runtime import ort as ortutil
+import carve as P
+from carve.pipeline.data.datasets import Preprocess, load_data
+from carve.pipeline.graph import from_proto
+from carve.pipeline.passes import NumericCheck, PassContext, PassManager, get
+from carve.pipeline.runtime import ort as ortutil
 
 
 def same_outputs(a, b, batch=2, rtol=1e-5):
@@ -151,7 +151,7 @@ def test_data_aware_decomposition_beats_plain_svd_on_its_data(tiny_resnet_onnx):
 
 
 def test_target_macs_is_met(tiny_resnet_onnx):
-    from pipeline.graph.cost import model_cost
+    from carve.pipeline.graph.cost import model_cost
 
     m = P.load(tiny_resnet_onnx)
     d = get("decompose", target_macs=0.5, round_to=2)(m)
@@ -159,7 +159,7 @@ def test_target_macs_is_met(tiny_resnet_onnx):
 
 
 def test_pass_manager_numeric_check_catches_a_broken_exact_pass(tiny_resnet_onnx):
-    from pipeline.passes import Pass, PassResult
+    from carve.pipeline.passes import Pass, PassResult
 
     class Broken(Pass):
         name = "broken"
@@ -179,7 +179,7 @@ def test_pass_manager_numeric_check_catches_a_broken_exact_pass(tiny_resnet_onnx
 
 
 def test_decomposed_rank_channels_are_prunable_by_coefficient_norms(tiny_resnet_onnx):
-    from pipeline.pruning.criterion import ScoreContext, criteria
+    from carve.pipeline.pruning.criterion import ScoreContext, criteria
 
     m = P.load(tiny_resnet_onnx)
     d = get("decompose", energy=0.9, break_even=False)(m).model

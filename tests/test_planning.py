@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from graphs import G, analyse_proto
 
-from pipeline.errors import CarveError
-from pipeline.pruning.allocator import kept_width
-from pipeline.pruning.criterion import ScoreContext, criteria
-from pipeline.pruning.planner import plan
+from carve.pipeline.errors import CarveError
+from carve.pipeline.pruning.allocator import kept_width
+from carve.pipeline.pruning.criterion import ScoreContext, criteria
+from carve.pipeline.pruning.planner import plan
 
 
 @pytest.mark.parametrize(
@@ -109,8 +109,8 @@ def test_bad_ratio():
 
 @pytest.mark.parametrize("target", [0.75, 0.5, 0.35])
 def test_target_macs_is_met_and_tight(tiny_resnet_onnx, target):
-    import pipeline as P
-    from pipeline.graph.cost import model_cost
+    import carve as P
+    from carve.pipeline.graph.cost import model_cost
 
     m = P.load(tiny_resnet_onnx)
     an = P.analyse(m)
@@ -124,8 +124,8 @@ def test_target_macs_is_met_and_tight(tiny_resnet_onnx, target):
 
 
 def test_target_params_and_unreachable_target(tiny_resnet_onnx):
-    import pipeline as P
-    from pipeline.graph.cost import model_cost
+    import carve as P
+    from carve.pipeline.graph.cost import model_cost
 
     m = P.load(tiny_resnet_onnx)
     an = P.analyse(m)
@@ -136,8 +136,8 @@ def test_target_params_and_unreachable_target(tiny_resnet_onnx):
 
 
 def test_cost_model_predicts_surgery_exactly(tiny_resnet_onnx):
-    import pipeline as P
-    from pipeline.graph.cost import CostModel, model_cost
+    import carve as P
+    from carve.pipeline.graph.cost import CostModel, model_cost
 
     m = P.load(tiny_resnet_onnx)
     an = P.analyse(m)
@@ -152,7 +152,7 @@ def test_cost_model_predicts_surgery_exactly(tiny_resnet_onnx):
 def test_coarse_alignment_does_not_overshoot_the_target(zoo_dir, target):
     """ResNet-20 with round-to 8: 16-channel layers can only be 8 or 16 wide, all stepping down at ratio 0.5, so the
     smallest ratio meeting a target overshoots it; the plan must still land near the target."""
-    import pipeline as P
+    import carve as P
 
     an = P.analyse(P.load(zoo_dir / "resnet20.onnx"))
     p = plan(an, target_macs=target, round_to=8)
@@ -164,7 +164,7 @@ def test_coarse_alignment_does_not_overshoot_the_target(zoo_dir, target):
 
 
 def test_precomputed_scores_give_the_same_plan_and_are_checked():
-    from pipeline.pruning.planner import score_units
+    from carve.pipeline.pruning.planner import score_units
 
     model, an = chain((8, 16))
     scores = score_units(an, "l2")

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import cnn
 
-from pipeline.pruning.planner import plan
+from carve.pipeline.pruning.planner import plan
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -49,8 +49,8 @@ EXACT_PASSES = {"fold_bn", "merge", "decompose_full"}
 
 def apply_pass(model, name: str, x: float, calib):
     """One step of a random pipeline; ``x`` in [0.3, 1] parametrises it (energy or kept fraction)."""
-    from pipeline.passes import PassContext, get
-    from pipeline.pruning.prune import PruneOptions, prune_model
+    from carve.pipeline.passes import PassContext, get
+    from carve.pipeline.pruning.prune import PruneOptions, prune_model
 
     ctx = PassContext(calib=calib)
     if name == "fold_bn":
@@ -81,8 +81,8 @@ def apply_pass(model, name: str, x: float, calib):
 def test_random_pass_sequences_stay_valid_and_shape_preserving(proto, steps):
     import onnx
 
-    from pipeline.data.datasets import Dataset, Preprocess
-    from pipeline.runtime.ort import random_feeds, run
+    from carve.pipeline.data.datasets import Dataset, Preprocess
+    from carve.pipeline.runtime.ort import random_feeds, run
 
     model, _ = analyse_proto(proto)
     rng = np.random.default_rng(0)

@@ -8,8 +8,8 @@ import shlex
 import pytest
 from conftest import REPO
 
-from pipeline.cli import main
-from pipeline.data.shared import shared_dir
+from carve.pipeline.cli import main
+from carve.pipeline.data.shared import shared_dir
 
 README = (REPO / "README.md").read_text()
 
@@ -66,7 +66,7 @@ def test_benchmark_tables_are_the_committed_json():
 
 
 def test_gpu_commands_say_what_is_missing(zoo_dir, tmp_path, monkeypatch, capsys):
-    from pipeline.measure.backends import get
+    from carve.pipeline.measure.backends import get
 
     block = next(b for b in bash_blocks() if "--backend trt" in b[0])
     for name in ("r20.onnx", "r20_p.onnx"):
@@ -85,7 +85,7 @@ def test_gpu_commands_say_what_is_missing(zoo_dir, tmp_path, monkeypatch, capsys
 def test_the_github_actions_job_uses_valid_carve_commands():
     import yaml
 
-    from pipeline.cli import build_parser
+    from carve.pipeline.cli import build_parser
 
     job = yaml.safe_load(re.search(r"```yaml\n(.*?)```", README, re.S).group(1))
     runs = [s["run"] for s in job["jobs"]["gate"]["steps"] if "run" in s]

@@ -14,7 +14,7 @@ import onnx
 import pytest
 from conftest import REPO, bench_report
 
-from pipeline.cli import main
+from carve.pipeline.cli import main
 
 
 def run(args: list[str], capsys) -> tuple[int, str, str]:
@@ -341,7 +341,7 @@ def test_a_recipe_runs_from_any_folder_and_writes_only_under_out_dir(lenet, tmp_
     folder = tmp_path / "recipes"
     folder.mkdir()
     (folder / "m.onnx").write_bytes(lenet.read_bytes())
-    images, labels = __import__("pipeline.data.datasets", fromlist=["x"]).digits_arrays("train")
+    images, labels = __import__("carve.pipeline.data.datasets", fromlist=["x"]).digits_arrays("train")
     np.savez(folder / "calib.npz", images=images[:64], labels=labels[:64])
     (folder / "r.yaml").write_text(
         "model: m.onnx\noutput: out/carved.onnx\nreport: out/carved.json\n"
@@ -360,7 +360,7 @@ def test_a_recipe_runs_from_any_folder_and_writes_only_under_out_dir(lenet, tmp_
 def test_recipe_data_under_the_shared_folder(lenet, tmp_path, monkeypatch, capsys):
     shared = tmp_path / "shared"
     (shared / "data").mkdir(parents=True)
-    images, labels = __import__("pipeline.data.datasets", fromlist=["x"]).digits_arrays("train")
+    images, labels = __import__("carve.pipeline.data.datasets", fromlist=["x"]).digits_arrays("train")
     np.savez(shared / "data" / "d.npz", images=images[:64], labels=labels[:64])
     monkeypatch.setenv("CARVE_SHARED", str(shared))
     recipe = tmp_path / "r.yaml"

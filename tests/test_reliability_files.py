@@ -16,9 +16,9 @@ import onnx
 import pytest
 from conftest import REPO
 
-from pipeline.cli import main
-from pipeline.errors import CarveError
-from pipeline.graph import load, save
+from carve.pipeline.cli import main
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph import load, save
 
 
 def digest(path) -> str:
@@ -175,8 +175,8 @@ def test_the_onnx_floor_has_the_external_data_check():
 _KILL_DURING_SAVE = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-import pipeline.graph.io as io
-from pipeline.graph import load
+import carve.pipeline.graph.io as io
+from carve.pipeline.graph import load
 real = io.os.replace
 def die(src, dst):
     os.kill(os.getpid(), signal.SIGKILL)

@@ -14,15 +14,15 @@ import torch
 from conftest import _tiny_resnet, export_torch
 from graphs import G
 
-import pipeline as P
-from pipeline.cli import main
-from pipeline.data.datasets import Dataset, Preprocess, load_data
-from pipeline.errors import CarveError
-from pipeline.graph import from_proto, load
-from pipeline.graph.cost import model_cost
-from pipeline.passes import NumericCheck, Pass, PassContext, PassManager, PassResult
-from pipeline.runtime import ort as ortutil
-from pipeline.runtime.verify import verify_equal
+import carve as P
+from carve.pipeline.cli import main
+from carve.pipeline.data.datasets import Dataset, Preprocess, load_data
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph import from_proto, load
+from carve.pipeline.graph.cost import model_cost
+from carve.pipeline.passes import NumericCheck, Pass, PassContext, PassManager, PassResult
+from carve.pipeline.runtime import ort as ortutil
+from carve.pipeline.runtime.verify import verify_equal
 
 
 def onnx_ok(path) -> None:
@@ -171,8 +171,8 @@ def test_bench_never_measures_one_batch_and_labels_it_another(static_tiny, tmp_p
 
 
 def test_bench_at_the_static_batch_is_labelled_with_it(static_tiny):
-    from pipeline.measure.compare import compare
-    from pipeline.measure.config import MeasureConfig
+    from carve.pipeline.measure.compare import compare
+    from carve.pipeline.measure.config import MeasureConfig
 
     cfg = MeasureConfig(backend="ort", batch=[4], rounds=2, min_round_ms=1, warmup_ms=1, memory=False)
     report = compare(static_tiny, static_tiny, cfg)
@@ -238,7 +238,7 @@ def test_macs_do_not_depend_on_how_the_exporter_spelled_the_shapes(shuffle_pair)
     expected = model_cost(load(static)).macs
     m = load(dyn)
     assert model_cost(m).macs == expected  # was about half: the convs after a shuffle counted as 1x1 outputs
-    from pipeline.graph.shapes import unknown_conv_outputs
+    from carve.pipeline.graph.shapes import unknown_conv_outputs
 
     assert not unknown_conv_outputs(m)
 
@@ -294,7 +294,7 @@ def test_grey_digits_are_refused_for_an_rgb_model(zoo_dir, tmp_path, capsys):
 
 
 def test_data_of_another_size_is_resized_with_a_warning(zoo_dir, tmp_path):
-    from pipeline.errors import CarveWarning
+    from carve.pipeline.errors import CarveWarning
 
     m = load(zoo_dir / "resnet20.onnx")
     small = tmp_path / "small.npz"

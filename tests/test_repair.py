@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 from graphs import G
 
-import pipeline as P
-from pipeline.data.datasets import Preprocess, load_data
-from pipeline.graph import from_proto
-from pipeline.graph.plan import Plan
-from pipeline.graph.rewrite import ensure_biases
-from pipeline.graph.surgery import prune, zero_removed
-from pipeline.pruning.repair import repairs
-from pipeline.runtime import ort as ortutil
+import carve as P
+from carve.pipeline.data.datasets import Preprocess, load_data
+from carve.pipeline.graph import from_proto
+from carve.pipeline.graph.plan import Plan
+from carve.pipeline.graph.rewrite import ensure_biases
+from carve.pipeline.graph.surgery import prune, zero_removed
+from carve.pipeline.pruning.repair import repairs
+from carve.pipeline.runtime import ort as ortutil
 
 
 def repair(name: str, model, plan, data, working=None, **options):
@@ -118,8 +118,8 @@ def test_bias_correction_and_bn_reestimation(tiny_resnet_onnx):
     assert any("bias corrected" in d for d in details)
     work, details, _ = repair("bn", m, plan, data)
     bn = next(n for n in work.graph.node if n.op_type == "BatchNormalization")
-    from pipeline.data.capture import with_outputs
-    from pipeline.runtime.ort import session
+    from carve.pipeline.data.capture import with_outputs
+    from carve.pipeline.runtime.ort import session
 
     x, _ = data.arrays()
     # the first BN's input does not depend on any other BN: its statistics are those of the data
@@ -131,7 +131,7 @@ def test_bias_correction_and_bn_reestimation(tiny_resnet_onnx):
 def test_lsq_requires_biases(tiny_resnet_onnx):
     import pytest
 
-    from pipeline.errors import CarveError
+    from carve.pipeline.errors import CarveError
 
     m = P.load(tiny_resnet_onnx)
     an = P.analyse(m)

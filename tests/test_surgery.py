@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from graphs import G, analyse_proto, assert_exact
 
-import pipeline as P
-from pipeline.errors import CarveError
-from pipeline.graph import check
-from pipeline.graph.plan import Plan
-from pipeline.runtime import ort as ortutil
+import carve as P
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph import check
+from carve.pipeline.graph.plan import Plan
+from carve.pipeline.runtime import ort as ortutil
 
 
 def test_ratio_zero_is_the_identity_bit_for_bit(tiny_resnet_onnx):

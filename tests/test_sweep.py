@@ -10,10 +10,10 @@ import textwrap
 import pytest
 from conftest import REPO
 
-from pipeline.cli import main
-from pipeline.errors import CarveError
-from pipeline.flows.pareto import dominates, mark_pareto, pareto_ids
-from pipeline.flows.sweep import LocalExecutor, config_hash, expand, load_sweep, run_sweep
+from carve.pipeline.cli import main
+from carve.pipeline.errors import CarveError
+from carve.pipeline.flows.pareto import dominates, mark_pareto, pareto_ids
+from carve.pipeline.flows.sweep import LocalExecutor, config_hash, expand, load_sweep, run_sweep
 
 # a tiny sweep: 2 criteria x 2 MAC targets (one impossible) = 4 points, short measurements
 TINY = """\
@@ -96,7 +96,7 @@ def test_expand_is_the_product_of_the_axes_with_unique_ids(tmp_path):
     assert len({p.id for p in points}) == len(points)
     assert {p.repair for p in points} == {"none", "lsq", "lsq+bn"}
     # the recipe of a point is what `carve run` would get
-    from pipeline.flows.sweep import point_recipe
+    from carve.pipeline.flows.sweep import point_recipe
 
     pt = next(p for p in points if p.repair == "lsq+bn" and p.allocator == "global")
     (name, opts), *rest = point_recipe(sweep, pt, tmp_path / "x.onnx").passes
@@ -236,7 +236,7 @@ def test_the_readme_sweep_commands_run_as_written(tmp_path, monkeypatch):
     redoes nothing; the ResNet-56 line is a valid command on a valid sweep file (it needs ../shared and a cluster)."""
     import shlex
 
-    from pipeline.cli import build_parser
+    from carve.pipeline.cli import build_parser
 
     monkeypatch.chdir(tmp_path)
     lines = readme_sweep_block()
@@ -309,7 +309,7 @@ def test_ray_flag_without_ray_says_how_to_install(tmp_path, monkeypatch, capsys)
 @pytest.mark.xdist_group("ray")
 def test_ray_cluster_gives_the_local_results(tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'carve[ray]')")
-    from pipeline.flows.sweep_ray import RayExecutor
+    from carve.pipeline.flows.sweep_ray import RayExecutor
 
     sweep = load_sweep(write(tmp_path, TINY))
     local = run_sweep(sweep, tmp_path / "local", executor=LocalExecutor(inline=True))

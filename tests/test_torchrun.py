@@ -8,12 +8,12 @@ import pytest
 import torch
 from graphs import G
 
-import models
-import pipeline as P
-from pipeline.errors import CarveError
-from pipeline.graph import from_proto
-from pipeline.runtime import ort as ortutil
-from pipeline.runtime.torch_graph import TorchGraph
+from carve import models
+import carve as P
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph import from_proto
+from carve.pipeline.runtime import ort as ortutil
+from carve.pipeline.runtime.torch_graph import TorchGraph
 
 
 def compare(model, batch=2, seed=0, rtol=1e-4):

@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import REPO, zoo_input_size
 
-import models
-from pipeline.cli import main
-from pipeline.errors import CarveError, MissingDependencyError
-from pipeline.runtime import ort as ortutil
+from carve import models
+from carve.pipeline.cli import main
+from carve.pipeline.errors import CarveError, MissingDependencyError
+from carve.pipeline.runtime import ort as ortutil
 
 NAMES = models.available()
 
@@ -73,7 +73,7 @@ def test_bn_is_kept_by_default_and_folded_on_request(tmp_path, zoo_dir):
 
 
 def test_option_a_shortcut_exports_a_channel_pad(zoo_dir):
-    from pipeline.graph import load
+    from carve.pipeline.graph import load
 
     m = load(zoo_dir / "resnet20.onnx")
     pads = [m.array(n.input[1]) for n in m.graph.node if n.op_type == "Pad"]
@@ -82,9 +82,9 @@ def test_option_a_shortcut_exports_a_channel_pad(zoo_dir):
 
 @pytest.mark.shared
 def test_trained_resnet20_on_cifar(resnet20_weights, cifar_test, zoo_dir):
-    from pipeline.data.capture import predict
-    from pipeline.data.datasets import load_data
-    from pipeline.graph import load
+    from carve.pipeline.data.capture import predict
+    from carve.pipeline.data.datasets import load_data
+    from carve.pipeline.graph import load
 
     m = load(zoo_dir / "resnet20.onnx")
     assert "resnet20-12fca82f.th" in m.metadata()["carve.weights"]
@@ -94,7 +94,7 @@ def test_trained_resnet20_on_cifar(resnet20_weights, cifar_test, zoo_dir):
 
 
 def test_lenet5_trains_on_digits():
-    from models.train import lenet5_digits
+    from carve.models.train import lenet5_digits
 
     net, metrics = lenet5_digits()
     assert metrics["test_acc"] >= 0.95 and metrics["train_acc"] >= 0.97
@@ -131,7 +131,7 @@ def test_export_cli_subprocess(tmp_path):
         [
             sys.executable,
             "-m",
-            "pipeline",
+            "carve",
             "export",
             "detector",
             "-o",
@@ -153,8 +153,8 @@ def test_export_cli_subprocess(tmp_path):
 
 def test_dynamo_exporter(tmp_path):
     pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
-    from pipeline.graph import load
-    from pipeline.graph.channels import analyse
+    from carve.pipeline.graph import load
+    from carve.pipeline.graph.channels import analyse
 
     info = models.export("mobilenet_v3_small", tmp_path / "d.onnx", exporter="dynamo", input_size=64)
     assert info.opset >= 18

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from graphs import assert_exact
 
-import models
-import pipeline as P
-from pipeline.graph.overview import overview
+from carve import models
+import carve as P
+from carve.pipeline.graph.overview import overview
 
 
 @pytest.mark.parametrize("name", models.available())

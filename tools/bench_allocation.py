@@ -35,17 +35,17 @@ SETUPS = [
 
 
 def run(args) -> dict:
-    import models
-    from pipeline import analyse, load, prune
-    from pipeline.data.datasets import load_data
-    from pipeline.data.shared import shared_file
-    from pipeline.graph.cost import CostModel
-    from pipeline.graph.rewrite import ensure_biases
-    from pipeline.graph.surgery import zero_removed
-    from pipeline.measure.evaluate import evaluate
-    from pipeline.pruning.planner import plan, score_units
-    from pipeline.pruning.repair import repairs
-    from plugins.allocators.global_rank import layer_counts
+    from carve import models
+    from carve import analyse, load, prune
+    from carve.pipeline.data.datasets import load_data
+    from carve.pipeline.data.shared import shared_file
+    from carve.pipeline.graph.cost import CostModel
+    from carve.pipeline.graph.rewrite import ensure_biases
+    from carve.pipeline.graph.surgery import zero_removed
+    from carve.pipeline.measure.evaluate import evaluate
+    from carve.pipeline.pruning.planner import plan, score_units
+    from carve.pipeline.pruning.repair import repairs
+    from carve.plugins.allocators.global_rank import layer_counts
 
     with tempfile.TemporaryDirectory(prefix="carve-bench-allocation-") as tmp:
         src = Path(tmp) / "resnet56.onnx"

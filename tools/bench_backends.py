@@ -1,7 +1,7 @@
 """Benchmark engines: every zoo model against its uniformly pruned version, side by side.
 
 For each model: export (trained weights where available), prune with L1 at ``--ratio`` (round-to ``--round-to``),
-then ``pipeline.measure.compare`` on the chosen backend for every (threads, batch) pair: interleaved rounds, speed-up
+then ``carve.pipeline.measure.compare`` on the chosen backend for every (threads, batch) pair: interleaved rounds, speed-up
 with a 95% bootstrap interval, MAC ratio and efficiency, fresh-process memory. An alignment study prunes MobileNetV2
 and ResNet-50 at ratio 0.3 with round-to 1, 8 and 16, because channel widths decide which kernels run.
 
@@ -26,15 +26,15 @@ sys.path.insert(0, str(REPO))
 
 
 def prune_copy(src: Path, dst: Path, ratio: float, round_to: int) -> None:
-    from pipeline import analyse, load, plan, prune, save
+    from carve import analyse, load, plan, prune, save
 
     m = load(src)
     save(prune(m, plan(analyse(m), criterion="l1", ratio=ratio, round_to=round_to), inplace=True), dst)
 
 
 def measure(a: Path, b: Path, args, batches: list[int], threads: list[int]) -> dict:
-    from pipeline.measure.compare import compare
-    from pipeline.measure.config import MeasureConfig
+    from carve.pipeline.measure.compare import compare
+    from carve.pipeline.measure.config import MeasureConfig
 
     cfg = MeasureConfig(
         backend=args.backend,
@@ -78,7 +78,7 @@ def row(name: str, res: dict, mem: dict | None) -> dict:
 
 
 def main() -> None:
-    import models as zoo
+    import carve.models as zoo
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*")

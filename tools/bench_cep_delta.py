@@ -25,12 +25,12 @@ VARIANTS = [("l1", {}), ("cep", {}), ("cep", {"variant": "delta", "samples": 128
 
 
 def main() -> None:
-    import models
-    from pipeline import analyse, load, prune
-    from pipeline.data.datasets import load_data
-    from pipeline.data.shared import shared_file
-    from pipeline.measure.evaluate import evaluate
-    from pipeline.pruning.planner import plan, score_units
+    from carve import models
+    from carve import analyse, load, prune
+    from carve.pipeline.data.datasets import load_data
+    from carve.pipeline.data.shared import shared_file
+    from carve.pipeline.measure.evaluate import evaluate
+    from carve.pipeline.pruning.planner import plan, score_units
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", nargs="*", type=float, default=[0.75, 0.5])

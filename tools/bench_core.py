@@ -31,9 +31,9 @@ def rss(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
-import pipeline, pipeline.graph.channels, pipeline.graph.surgery, pipeline.pruning.planner
-import plugins.criteria, plugins.allocators
-from pipeline import load, analyse, plan, prune, save
+import pipeline, carve.pipeline.graph.channels, carve.pipeline.graph.surgery, carve.pipeline.pruning.planner
+import carve.plugins.criteria, plugins.allocators
+from carve import load, analyse, plan, prune, save
 base = rss("VmRSS:")
 t = [time.perf_counter()]
 m = load(sys.argv[1]); t.append(time.perf_counter())
@@ -48,9 +48,9 @@ print(json.dumps({"stages": dict(zip(["load", "analyse", "plan", "prune", "save"
 
 
 def run(models: list[str], repeat: int) -> dict:
-    import models as zoo
-    from pipeline.graph import load
-    from pipeline.graph.cost import model_cost
+    import carve.models as zoo
+    from carve.pipeline.graph import load
+    from carve.pipeline.graph.cost import model_cost
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,7 +124,7 @@ def markdown(doc: dict) -> str:
 
 
 def main() -> None:
-    import models as zoo
+    import carve.models as zoo
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=None)

@@ -54,10 +54,10 @@ def label(name: str, opts: dict, allocator: str) -> str:
 def run_model(
     model_path: Path, calib, evalset, criteria, targets, tmp: Path, *, latency: bool, round_to: int = 1
 ) -> list[dict]:
-    from pipeline import analyse, load, prune, save
-    from pipeline.graph.cost import model_cost
-    from pipeline.measure.evaluate import evaluate
-    from pipeline.pruning.planner import plan, score_units
+    from carve import analyse, load, prune, save
+    from carve.pipeline.graph.cost import model_cost
+    from carve.pipeline.measure.evaluate import evaluate
+    from carve.pipeline.pruning.planner import plan, score_units
 
     m = load(model_path)
     base = evaluate(m, evalset)
@@ -114,11 +114,11 @@ def run_model(
 
 
 def lenet_tables(tmp: Path, targets) -> dict:
-    import models
-    from pipeline.data.datasets import load_data
-    from pipeline.graph import load
-    from pipeline.measure.evaluate import evaluate
-    from plugins.passes.sparsify import sparsify
+    from carve import models
+    from carve.pipeline.data.datasets import load_data
+    from carve.pipeline.graph import load
+    from carve.pipeline.measure.evaluate import evaluate
+    from carve.plugins.passes.sparsify import sparsify
 
     path = tmp / "lenet5.onnx"
     models.export("lenet5", path)
@@ -151,10 +151,10 @@ def lenet_tables(tmp: Path, targets) -> dict:
 
 
 def main() -> None:
-    import models
-    from pipeline.data.datasets import load_data
-    from pipeline.data.shared import missing_reason, shared_file
-    from pipeline.graph import load
+    from carve import models
+    from carve.pipeline.data.datasets import load_data
+    from carve.pipeline.data.shared import missing_reason, shared_file
+    from carve.pipeline.graph import load
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet56")

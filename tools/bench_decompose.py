@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 
 def variants(m, target: float, calib, *, with_data: bool):
     """(name, model) for every variant at one MAC target."""
-    from pipeline.passes import PassContext, get
-    from pipeline.pruning.prune import PruneOptions, prune_model
+    from carve.pipeline.passes import PassContext, get
+    from carve.pipeline.pruning.prune import PruneOptions, prune_model
 
     ctx = PassContext(calib=calib if with_data else None)
     d = get("decompose", target_macs=target, round_to=8 if target > 0.4 else 4)(m, ctx).model
@@ -44,12 +44,12 @@ def variants(m, target: float, calib, *, with_data: bool):
 
 
 def main() -> None:
-    import models
-    from pipeline.data.datasets import load_data
-    from pipeline.data.shared import shared_file
-    from pipeline.graph import load, save
-    from pipeline.graph.cost import model_cost
-    from pipeline.measure.evaluate import evaluate
+    from carve import models
+    from carve.pipeline.data.datasets import load_data
+    from carve.pipeline.data.shared import shared_file
+    from carve.pipeline.graph import load, save
+    from carve.pipeline.graph.cost import model_cost
+    from carve.pipeline.measure.evaluate import evaluate
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", nargs="*", type=float, default=[0.75, 0.5, 0.35])

@@ -34,13 +34,13 @@ def run_one(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from pipeline.data.datasets import load_data
-    from pipeline.graph import load
-    from pipeline.graph.cost import model_cost
-    from pipeline.measure.evaluate import evaluate
-    from pipeline.pruning.prune import PruneOptions, prune_model
-    from pipeline.training.finetune import FinetuneOptions, finetune
-    from plugins.passes.gradual import keep_schedule
+    from carve.pipeline.data.datasets import load_data
+    from carve.pipeline.graph import load
+    from carve.pipeline.graph.cost import model_cost
+    from carve.pipeline.measure.evaluate import evaluate
+    from carve.pipeline.pruning.prune import PruneOptions, prune_model
+    from carve.pipeline.training.finetune import FinetuneOptions, finetune
+    from carve.plugins.passes.gradual import keep_schedule
 
     original = load(job["model"])
     train = load_data(job["train"], model=original, seed=0)
@@ -81,10 +81,10 @@ def run_one(job: dict) -> dict:
 
 
 def main() -> None:
-    import models
-    from pipeline.data.shared import missing_reason, shared_file
-    from pipeline.graph import load
-    from pipeline.measure.evaluate import evaluate
+    from carve import models
+    from carve.pipeline.data.shared import missing_reason, shared_file
+    from carve.pipeline.graph import load
+    from carve.pipeline.measure.evaluate import evaluate
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--criteria", nargs="*", default=["l1", "taylor"])
@@ -141,8 +141,8 @@ def main() -> None:
 
 
 def _test(path, model_path):
-    from pipeline.data.datasets import load_data
-    from pipeline.graph import load
+    from carve.pipeline.data.datasets import load_data
+    from carve.pipeline.graph import load
 
     return load_data(path, model=load(model_path), seed=1)
 

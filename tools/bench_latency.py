@@ -53,7 +53,7 @@ ALIGN_TARGET = {"resnet56": 0.6}  # its 16-channel stage cannot go below 16 with
 
 def export(name: str, path: Path) -> None:
     """The zoo model; VGG-16-BN at ImageNet shapes is torchvision's (the zoo's is the CIFAR variant)."""
-    import models
+    from carve import models
 
     if name != "vgg16_bn":
         models.export(name, path)
@@ -61,8 +61,8 @@ def export(name: str, path: Path) -> None:
     import torch
     import torchvision
 
-    from models.export import to_onnx
-    from pipeline.graph import save
+    from carve.models.export import to_onnx
+    from carve.pipeline.graph import save
 
     torch.manual_seed(0)
     net = torchvision.models.vgg16_bn(weights=None).eval()
@@ -74,8 +74,8 @@ def load_avg() -> list[float]:
 
 
 def final_measure(a: Path, b: Path, rounds: int, clock: str) -> dict:
-    from pipeline.measure.ab import measure_pair
-    from pipeline.measure.config import MeasureConfig
+    from carve.pipeline.measure.ab import measure_pair
+    from carve.pipeline.measure.config import MeasureConfig
 
     cfg = MeasureConfig(rounds=rounds, min_round_ms=50, warmup_ms=200, clock=clock, memory=False, agreement=False)
     r = measure_pair(a, b, cfg, 1, 1)
@@ -92,8 +92,8 @@ def final_measure(a: Path, b: Path, rounds: int, clock: str) -> dict:
 
 def kept_importance(analysis, scores, frozen, removed, criterion: str) -> float:
     """The share of the importance the knapsack maximises (its ``norm=auto`` scale) that the kept channels hold."""
-    from pipeline.pruning.allocator import Allocation
-    from plugins.allocators.latency import LatencyKnapsack
+    from carve.pipeline.pruning.allocator import Allocation
+    from carve.plugins.allocators.latency import LatencyKnapsack
 
     s = LatencyKnapsack().importance(Allocation(analysis, scores, frozen, 0.0, criterion=criterion))
     prunable = ~frozen
@@ -101,19 +101,19 @@ def kept_importance(analysis, scores, frozen, removed, criterion: str) -> float:
 
 
 def bench_model(name: str, args, tmp: Path, alignment: bool = True) -> dict:
-    from pipeline import analyse, load, prune, save
-    from pipeline.data.datasets import load_data
-    from pipeline.data.shared import shared_file
-    from pipeline.errors import CarveError
-    from pipeline.graph.cost import CostModel
-    from pipeline.graph.rewrite import ensure_biases
-    from pipeline.graph.surgery import zero_removed
-    from pipeline.measure.evaluate import evaluate
-    from pipeline.measure.latency import MeasuredLatency
-    from pipeline.measure.profile import ProfileSettings
-    from pipeline.pruning.latency import LatencyTarget, closed_loop, tolerance
-    from pipeline.pruning.planner import plan, score_units
-    from pipeline.pruning.repair import repairs
+    from carve import analyse, load, prune, save
+    from carve.pipeline.data.datasets import load_data
+    from carve.pipeline.data.shared import shared_file
+    from carve.pipeline.errors import CarveError
+    from carve.pipeline.graph.cost import CostModel
+    from carve.pipeline.graph.rewrite import ensure_biases
+    from carve.pipeline.graph.surgery import zero_removed
+    from carve.pipeline.measure.evaluate import evaluate
+    from carve.pipeline.measure.latency import MeasuredLatency
+    from carve.pipeline.measure.profile import ProfileSettings
+    from carve.pipeline.pruning.latency import LatencyTarget, closed_loop, tolerance
+    from carve.pipeline.pruning.planner import plan, score_units
+    from carve.pipeline.pruning.repair import repairs
 
     src = tmp / f"{name}.onnx"
     export(name, src)

@@ -1,7 +1,7 @@
 """Runner overhead: carve's torch-cuda engine against the same torchvision model run natively by PyTorch.
 
 For each model and batch size, the torchvision module (the zoo's random weights, seed 0) and its ONNX export run in
-the same engine machinery (:class:`pipeline.measure.backends.torch_cuda.ModuleEngine`): the same precision (weights
+the same engine machinery (:class:`carve.pipeline.measure.backends.torch_cuda.ModuleEngine`): the same precision (weights
 converted once), ``channels_last``, CUDA graphs, CUDA events, interleaved rounds. Reported per row: both medians,
 ``overhead`` = time(carve) / time(native) with its 95% bootstrap interval (1.00 = none), the settings each engine
 applied (they must match, or the row is refused) and the outputs' agreement. This is what makes a torch-cuda speed-up
@@ -37,8 +37,8 @@ def native_engine(name: str, batch: int, config, input_size: int | None):
     import numpy as np
     import torch
 
-    import models
-    from pipeline.measure.backends.torch_cuda import (
+    from carve import models
+    from carve.pipeline.measure.backends.torch_cuda import (
         ModuleEngine,
         memory_baseline,
         prepare_input,
@@ -64,9 +64,9 @@ def time_ratio(base, other, rounds: int, min_round_ms: float, warmup_ms: float, 
     """Interleaved rounds of two engines: ratio = time(other) / time(base) (1.00: as fast), with its 95% interval."""
     import numpy as np
 
-    from pipeline.measure.ab import interleave
-    from pipeline.measure.runners import LocalRunner
-    from pipeline.measure.stats import bootstrap_median_ci
+    from carve.pipeline.measure.ab import interleave
+    from carve.pipeline.measure.runners import LocalRunner
+    from carve.pipeline.measure.stats import bootstrap_median_ci
 
     run = interleave(
         LocalRunner.of(other),
@@ -104,10 +104,10 @@ def measure(
     """One row: the native module against carve's engine of its ONNX export."""
     import numpy as np
 
-    import models
-    from pipeline.errors import CarveError
-    from pipeline.measure.backends import EngineConfig
-    from pipeline.measure.backends.torch_cuda import TorchEngine
+    from carve import models
+    from carve.pipeline.errors import CarveError
+    from carve.pipeline.measure.backends import EngineConfig
+    from carve.pipeline.measure.backends.torch_cuda import TorchEngine
 
     with tempfile.TemporaryDirectory(prefix="carve-native-") as tmp:
         path = Path(directory or tmp) / f"{name}_{input_size or 'default'}.onnx"
@@ -143,9 +143,9 @@ def measure(
 
 def compile_row(name: str, batch: int, precision: str, device: str, **kw) -> dict:
     """carve's static program through torch.compile (inductor) against the CUDA-graph default, same model."""
-    import models
-    from pipeline.measure.backends import EngineConfig
-    from pipeline.measure.backends.torch_cuda import TorchEngine
+    from carve import models
+    from carve.pipeline.measure.backends import EngineConfig
+    from carve.pipeline.measure.backends.torch_cuda import TorchEngine
 
     input_size = kw.pop("input_size", None)
     with tempfile.TemporaryDirectory(prefix="carve-compile-") as tmp:

@@ -58,7 +58,7 @@ def tp_prune(name: str, ratio: float) -> tuple:
     import torch
     import torch_pruning as tp
 
-    import models
+    from carve import models
 
     spec = models.spec(name)
     example = torch.randn(1, *spec.input_shape)
@@ -93,8 +93,8 @@ def to_onnx_like(net, name: str, original: Path, out: Path) -> None:
     """Export a torch module as carve's zoo export does, with the original's metadata (its preprocessing)."""
     import onnx
 
-    import models
-    from models.export import to_onnx
+    from carve import models
+    from carve.models.export import to_onnx
 
     spec = models.spec(name)
     proto = to_onnx(net, (1, *spec.input_shape), spec.outputs)
@@ -119,7 +119,7 @@ def bn_recalibrate(net, images) -> None:
 
 
 def carve_prune(src: Path, dst: Path, macs: float, round_to: int, fuse: str | None = None, calib=None) -> dict:
-    from pipeline import PruneOptions, load, prune_model, save
+    from carve import PruneOptions, load, prune_model, save
 
     m = load(src)
     opts = PruneOptions(criterion="l1", target_macs=macs, round_to=round_to, fuse=fuse)
@@ -129,15 +129,15 @@ def carve_prune(src: Path, dst: Path, macs: float, round_to: int, fuse: str | No
 
 
 def macs_of(p: Path) -> int:
-    from pipeline.graph import load
-    from pipeline.graph.cost import model_cost
+    from carve.pipeline.graph import load
+    from carve.pipeline.graph.cost import model_cost
 
     return model_cost(load(p)).macs
 
 
 def bench(a: Path, b: Path, args) -> dict:
-    from pipeline.measure.compare import compare
-    from pipeline.measure.config import MeasureConfig
+    from carve.pipeline.measure.compare import compare
+    from carve.pipeline.measure.config import MeasureConfig
 
     cfg = MeasureConfig(
         batch=[1, 8], threads=[1], rounds=args.rounds, min_round_ms=args.min_round_ms, memory=False, agreement=False
@@ -154,7 +154,7 @@ def bench(a: Path, b: Path, args) -> dict:
 
 
 def run_model(name: str, args, tmp: Path) -> dict:
-    import models
+    from carve import models
 
     orig, tp_path = tmp / f"{name}.onnx", tmp / f"{name}_tp.onnx"
     models.export(name, orig)
@@ -189,9 +189,9 @@ def run_model(name: str, args, tmp: Path) -> dict:
 
 
 def accuracy_resnet56(net, orig: Path, tp_path: Path, tmp: Path, target: float, args) -> dict:
-    from pipeline.data.datasets import load_data
-    from pipeline.graph import load
-    from pipeline.measure.evaluate import evaluate
+    from carve.pipeline.data.datasets import load_data
+    from carve.pipeline.graph import load
+    from carve.pipeline.measure.evaluate import evaluate
 
     data = args.shared / "data" / "cifar10"
     model = load(orig)
@@ -213,11 +213,11 @@ def accuracy_resnet56(net, orig: Path, tp_path: Path, tmp: Path, target: float, 
 
 def finetune_one(student: str, teacher: str, epochs: float, eval_samples: int) -> dict:
     """``carve finetune``'s defaults on one pruned model (run in a worker process, one thread)."""
-    from pipeline.data.datasets import load_data
-    from pipeline.data.shared import shared_dir
-    from pipeline.graph import load
-    from pipeline.measure.evaluate import evaluate
-    from pipeline.training.finetune import FinetuneOptions, finetune
+    from carve.pipeline.data.datasets import load_data
+    from carve.pipeline.data.shared import shared_dir
+    from carve.pipeline.graph import load
+    from carve.pipeline.measure.evaluate import evaluate
+    from carve.pipeline.training.finetune import FinetuneOptions, finetune
 
     data = shared_dir() / "data" / "cifar10"
     model, original = load(student), load(teacher)
@@ -236,7 +236,7 @@ def finetune_resnet56(doc: dict, epochs: float, args, tmp: Path) -> None:
     """Both tools' unrepaired ResNet-56 models, fine-tuned with the same budget and trainer (added to ``doc``)."""
     from concurrent.futures import ProcessPoolExecutor
 
-    import models
+    from carve import models
 
     row = next(r for r in doc["rows"] if r["model"] == "resnet56" and "error" not in r)
     orig, tp_path, carve_path = tmp / "resnet56.onnx", tmp / "resnet56_tp.onnx", tmp / "resnet56_carve_r8.onnx"
@@ -341,7 +341,7 @@ def main() -> None:
         import torch_pruning
     except ImportError:
         sys.exit('bench_peers needs Torch-Pruning: pip install "carve[peers]"')
-    from pipeline.data.shared import shared_dir
+    from carve.pipeline.data.shared import shared_dir
 
     args.shared = shared_dir()
     import torch

@@ -16,8 +16,8 @@ from typing import Any
 
 def speedups(a: Path, b: Path, batches: list[int], rounds: int) -> dict[str, dict]:
     """Per batch size: both medians and B's speed-up over A with its 95% CI (interleaved rounds, 1 thread)."""
-    from pipeline.measure.compare import compare
-    from pipeline.measure.config import MeasureConfig
+    from carve.pipeline.measure.compare import compare
+    from carve.pipeline.measure.config import MeasureConfig
 
     config = MeasureConfig(batch=batches, threads=[1], rounds=rounds, min_round_ms=50, memory=False, agreement=False)
     return {
@@ -43,9 +43,9 @@ def write(doc: dict, output: str | Path, markdown: Callable[[dict], str], show: 
 
 
 def document(benchmark: str, started: float, **fields: Any) -> dict:
-    """A benchmark's result document: its name, the machine (:func:`pipeline.measure.environment.environment`), the
+    """A benchmark's result document: its name, the machine (:func:`carve.pipeline.measure.environment.environment`), the
     wall time since ``started`` (``time.time()``), then the benchmark's own fields."""
-    from pipeline.measure.environment import environment
+    from carve.pipeline.measure.environment import environment
 
     return {"benchmark": benchmark, "environment": environment(), "seconds": round(time.time() - started), **fields}
 

@@ -22,9 +22,9 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> int:
-    from pipeline.cli import main as carve
-    from pipeline.data.shared import missing_reason, shared_dir, shared_file
-    from pipeline.measure.report import load_report, merge, plots
+    from carve.pipeline.cli import main as carve
+    from carve.pipeline.data.shared import missing_reason, shared_dir, shared_file
+    from carve.pipeline.measure.report import load_report, merge, plots
 
     test = shared_file("data", "cifar10", "test.npz")
     if test is None:

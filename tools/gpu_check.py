@@ -57,8 +57,8 @@ def versions() -> tuple[dict, dict]:
     import onnxruntime
     import torch
 
-    from pipeline.measure.backends.trt import tensorrt_version
-    from pipeline.measure.environment import environment
+    from carve.pipeline.measure.backends.trt import tensorrt_version
+    from carve.pipeline.measure.environment import environment
 
     env = environment()
     out = {
@@ -119,8 +119,8 @@ def run_gpu_tests(timeout: float) -> dict:
 
 def gpu_backends(dry_run: bool) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
     """(label, backend, device) of every backend that runs here, and why each other one does not."""
-    from pipeline.errors import CarveError
-    from pipeline.measure.backends import EngineConfig, build, get
+    from carve.pipeline.errors import CarveError
+    from carve.pipeline.measure.backends import EngineConfig, build, get
 
     if dry_run:
         return [("torch-cpu", "torch-cpu", "cpu"), ("ort-cpu", "ort", "cpu")], {"note": "dry run: CPU stand-ins"}
@@ -131,7 +131,7 @@ def gpu_backends(dry_run: bool) -> tuple[list[tuple[str, str, str]], dict[str, s
             present.append((backend, backend, "cuda"))
         else:
             absent[backend] = why
-    import models
+    from carve import models
 
     with tempfile.TemporaryDirectory(prefix="carve-probe-") as tmp:
         probe = Path(tmp) / "lenet5.onnx"
@@ -148,8 +148,8 @@ def gpu_backends(dry_run: bool) -> tuple[list[tuple[str, str, str]], dict[str, s
 def pair_rows(
     name: str, a: Path, b: Path, label: str, backend: str, device: str, precision: str, args, extra: dict
 ) -> list[dict]:
-    from pipeline.measure.compare import compare
-    from pipeline.measure.config import MeasureConfig
+    from carve.pipeline.measure.compare import compare
+    from carve.pipeline.measure.config import MeasureConfig
 
     cfg = MeasureConfig(
         backend=backend,
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = t0 + args.budget_s
     import torch
 
-    import models
+    from carve import models
 
     if args.dry_run and not args.output:
         ap.error("--dry-run needs -o (a dry run never writes under benchmarks/)")
@@ -309,9 +309,9 @@ def replay_sanity(args, tmp: Path, input_size: int | None) -> dict:
     the gap is several-fold, so a loss means the graph path is broken. Measured here, never asserted in a test."""
     import numpy as np
 
-    import models
-    from pipeline.measure.ab import interleave
-    from pipeline.measure.backends import EngineConfig, build, get
+    from carve import models
+    from carve.pipeline.measure.ab import interleave
+    from carve.pipeline.measure.backends import EngineConfig, build, get
 
     backend = "torch-cpu" if args.dry_run else "torch-cuda"
     ok, why = get(backend).available()
@@ -377,7 +377,7 @@ def native_and_compile(args, doc: dict, left, tmp: Path, input_size: int | None)
 
 
 def _settings(info: dict) -> str:
-    from pipeline.measure.report import engine_settings
+    from carve.pipeline.measure.report import engine_settings
 
     return engine_settings(info) or "-"
 

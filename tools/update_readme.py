@@ -49,7 +49,7 @@ def table(name: str) -> str:
 def report(name: str) -> str:
     """``carve report``'s Markdown of benchmarks/NAME.json, headings demoted to sit under a README section."""
     sys.path.insert(0, str(REPO))
-    from pipeline.measure.report import load_report, to_markdown
+    from carve.pipeline.measure.report import load_report, to_markdown
 
     md = to_markdown(load_report(REPO / "benchmarks" / f"{name}.json")).rstrip("\n")
     return "\n".join("###" + ln if ln.startswith("#") else ln for ln in md.splitlines()) + "\n"

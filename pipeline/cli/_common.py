@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from pipeline.errors import CarveError
+from carve.pipeline.errors import CarveError
 
 
 def command_line() -> str:
@@ -120,7 +120,7 @@ def emit_json(args: argparse.Namespace, doc: dict, output: str | None = None) ->
     ``--json``. Returns whether it was printed (the command then prints nothing else)."""
     import json
 
-    from pipeline.graph.io import atomic_write
+    from carve.pipeline.graph.io import atomic_write
 
     output = output if output is not None else getattr(args, "output", None)
     if output:
@@ -192,7 +192,7 @@ def load_calib(args: argparse.Namespace, model, *, required: bool | str):
     """The calibration Dataset the arguments name (None when not given and not required).
 
     ``required`` may be a string saying who needs the data; it goes into the error message."""
-    from pipeline.data.datasets import Preprocess, load_data
+    from carve.pipeline.data.datasets import Preprocess, load_data
 
     if args.calib is None:
         if required:
@@ -216,12 +216,12 @@ def load_calib(args: argparse.Namespace, model, *, required: bool | str):
 
 
 def run_pass(args: argparse.Namespace, passes: list, *, model=None, calib=None) -> int:
-    """Run passes on ``args.model`` into ``args.output`` (:func:`pipeline.flows.passes.run_passes`) and print their
+    """Run passes on ``args.model`` into ``args.output`` (:func:`carve.pipeline.flows.passes.run_passes`) and print their
     decisions, their error and the cost change."""
     import json
 
-    from pipeline.flows.passes import run_passes
-    from pipeline.graph.cost import model_cost
+    from carve.pipeline.flows.passes import run_passes
+    from carve.pipeline.graph.cost import model_cost
 
     con = console(getattr(args, "quiet", False) or getattr(args, "json", False))
     with con.status("running " + ", ".join(p.name for p in passes) + "...", spinner="dots"):

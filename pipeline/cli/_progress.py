@@ -1,4 +1,4 @@
-"""Showing progress (:mod:`pipeline.progress`) on the command line: a rich progress display when stdout is a terminal,
+"""Showing progress (:mod:`carve.pipeline.progress`) on the command line: a rich progress display when stdout is a terminal,
 plain log lines on stderr when it is not (CI logs, pipes), nothing with ``--quiet`` / ``--json``.
 
 Log lines are ``carve prune: lsq: layer 12/55``: one when a stage starts, then at most one every
@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from pipeline.progress import Progress, silent
+from carve.pipeline.progress import Progress, silent
 
 LOG_EVERY_S = 2.0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli._common import int_list, non_negative_float, positive_int
+from carve.pipeline.cli._common import int_list, non_negative_float, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -83,14 +83,14 @@ class KeyValue(argparse.Action):
 
 def run(args: argparse.Namespace) -> int:
 
-    from pipeline.cli._common import command_line, console, emit_json
-    from pipeline.cli._progress import show_progress
-    from pipeline.config import from_args
-    from pipeline.graph import check_output_path
-    from pipeline.measure.backends import get
-    from pipeline.measure.compare import compare
-    from pipeline.measure.config import MeasureConfig
-    from pipeline.measure.report import render_agreement, render_results
+    from carve.pipeline.cli._common import command_line, console, emit_json
+    from carve.pipeline.cli._progress import show_progress
+    from carve.pipeline.config import from_args
+    from carve.pipeline.graph import check_output_path
+    from carve.pipeline.measure.backends import get
+    from carve.pipeline.measure.compare import compare
+    from carve.pipeline.measure.config import MeasureConfig
+    from carve.pipeline.measure.report import render_agreement, render_results
 
     if args.output:
         check_output_path(args.output, args.a, args.b, args.data)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli._common import add_calib_args, add_input_shape_arg, fraction_keep, positive_int
+from carve.pipeline.cli._common import add_calib_args, add_input_shape_arg, fraction_keep, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,10 +40,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.cli._common import load_calib, run_pass
-    from pipeline.config import options_for
-    from pipeline.graph import check_output_path, load
-    from pipeline.passes import get, passes
+    from carve.pipeline.cli._common import load_calib, run_pass
+    from carve.pipeline.config import options_for
+    from carve.pipeline.graph import check_output_path, load
+    from carve.pipeline.passes import get, passes
 
     p = get("decompose", **options_for(passes.get("decompose"), args))
     check_output_path(args.output, args.model, args.calib)

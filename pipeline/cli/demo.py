@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.cli._common import fraction
+from carve.pipeline.cli._common import fraction
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,16 +28,16 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.table import Table
 
-    import models
-    from pipeline.cli._common import command_line, console
-    from pipeline.data.datasets import load_data
-    from pipeline.errors import CarveError
-    from pipeline.graph import atomic_write, load, save
-    from pipeline.graph.channels import analyse
-    from pipeline.graph.cost import model_cost
-    from pipeline.graph.overview import overview
-    from pipeline.measure.evaluate import evaluate
-    from pipeline.pruning.prune import PruneOptions, prune_model
+    from carve import models
+    from carve.pipeline.cli._common import command_line, console
+    from carve.pipeline.data.datasets import load_data
+    from carve.pipeline.errors import CarveError
+    from carve.pipeline.graph import atomic_write, load, save
+    from carve.pipeline.graph.channels import analyse
+    from carve.pipeline.graph.cost import model_cost
+    from carve.pipeline.graph.overview import overview
+    from carve.pipeline.measure.evaluate import evaluate
+    from carve.pipeline.pruning.prune import PruneOptions, prune_model
 
     con = console()
     out = Path(args.out_dir)
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CarveError(f"--out-dir {out}: cannot create the folder ({exc.strerror or exc})") from None
     con.rule("1. train LeNet-5 on scikit-learn's digits and export it")
-    from models.train import lenet5_digits
+    from carve.models.train import lenet5_digits
 
     _, metrics = lenet5_digits()
     how = "loaded from the cache" if metrics["cached"] else f"trained in {metrics['seconds']}s"
@@ -133,7 +133,7 @@ def _timing(original, others: dict) -> dict:
 
     import numpy as np
 
-    from pipeline.runtime.ort import random_feeds, session
+    from carve.pipeline.runtime.ort import random_feeds, session
 
     sessions = {"original": session(original), **{k: session(m) for k, m in others.items()}}
     feeds = random_feeds(original, batch=1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli._common import positive_int
+from carve.pipeline.cli._common import positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,10 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.cli._common import console, emit_json
-    from pipeline.data.datasets import Preprocess, load_data
-    from pipeline.graph import check_output_path, load
-    from pipeline.measure.evaluate import evaluate
+    from carve.pipeline.cli._common import console, emit_json
+    from carve.pipeline.data.datasets import Preprocess, load_data
+    from carve.pipeline.graph import check_output_path, load
+    from carve.pipeline.measure.evaluate import evaluate
 
     if args.output:
         check_output_path(args.output, args.model, args.reference, args.data)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli._common import positive_int
+from carve.pipeline.cli._common import positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,15 +32,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.cli._common import console
-    from pipeline.errors import CarveError
+    from carve.pipeline.cli._common import console
+    from carve.pipeline.errors import CarveError
 
     con = console()
     if args.list:
         return _list(con)
     if not args.name or not args.output:
         raise CarveError("give a model name and -o OUTPUT (or --list)")
-    import models
+    from carve import models
 
     if args.opset < 11:
         raise CarveError(f"--opset {args.opset}: carve works with opset 11 and newer")
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 def _list(con) -> int:
     from rich.table import Table
 
-    import models
+    from carve import models
 
     t = Table(title="the carve model zoo", title_justify="left")
     for c in ("name", "input", "classes", "trained weights", "exercises"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cli._common import positive_int
+from carve.pipeline.cli._common import positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -68,10 +68,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.cli._common import command_line, console
-    from pipeline.config import from_args
-    from pipeline.flows.finetune import finetune_file
-    from pipeline.training.finetune import FinetuneOptions
+    from carve.pipeline.cli._common import command_line, console
+    from carve.pipeline.config import from_args
+    from carve.pipeline.flows.finetune import finetune_file
+    from carve.pipeline.training.finetune import FinetuneOptions
 
     opts = from_args(FinetuneOptions, args)
     opts.check()

@@ -19,9 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.errors import CarveError
-    from pipeline.measure.gate import evaluate, parse_fraction
-    from pipeline.measure.report import load_report
+    from carve.pipeline.errors import CarveError
+    from carve.pipeline.measure.gate import evaluate, parse_fraction
+    from carve.pipeline.measure.report import load_report
 
     try:
         if args.summary:
@@ -55,7 +55,7 @@ def check_summary(summary: str, *inputs: str | None) -> None:
     import os
     from pathlib import Path
 
-    from pipeline.errors import CarveError
+    from carve.pipeline.errors import CarveError
 
     s = Path(summary)
     if not s.resolve().parent.is_dir():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.cli._common import add_input_shape_arg
+from carve.pipeline.cli._common import add_input_shape_arg
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,12 +27,12 @@ def _si(n: float) -> str:
 def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from pipeline.cli._common import console
-    from pipeline.errors import warn
-    from pipeline.graph import load
-    from pipeline.graph.channels import analyse
-    from pipeline.graph.overview import overview
-    from pipeline.graph.shapes import unknown_conv_outputs
+    from carve.pipeline.cli._common import console
+    from carve.pipeline.errors import warn
+    from carve.pipeline.graph import load
+    from carve.pipeline.graph.channels import analyse
+    from carve.pipeline.graph.overview import overview
+    from carve.pipeline.graph.shapes import unknown_conv_outputs
 
     model = load(args.model, input_shape=args.input_shape)
     info = overview(model, analyse(model))

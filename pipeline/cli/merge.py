@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli._common import positive_int
+from carve.pipeline.cli._common import positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,8 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.cli._common import run_pass
-    from pipeline.passes import get
+    from carve.pipeline.cli._common import run_pass
+    from carve.pipeline.passes import get
 
     passes = [get("fold_bn")] if args.fold_bn else []
     passes.append(get("merge", when=args.when, backend=args.backend, threads=args.threads, batch=args.batch))

@@ -32,10 +32,10 @@ def _doc(obj) -> str:
 def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from pipeline.cli._common import console
-    from pipeline.passes import passes
-    from pipeline.pruning.allocator import allocators
-    from pipeline.pruning.criterion import criteria
+    from carve.pipeline.cli._common import console
+    from carve.pipeline.passes import passes
+    from carve.pipeline.pruning.allocator import allocators
+    from carve.pipeline.pruning.criterion import criteria
 
     info = {
         "criteria": [

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli._common import positive_int
+from carve.pipeline.cli._common import positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,11 +39,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.cli._common import console
-    from pipeline.config import from_args
-    from pipeline.graph import check_output_path, load
-    from pipeline.measure.backends import get
-    from pipeline.measure.profile import ProfileSettings, profile
+    from carve.pipeline.cli._common import console
+    from carve.pipeline.config import from_args
+    from carve.pipeline.graph import check_output_path, load
+    from carve.pipeline.measure.backends import get
+    from carve.pipeline.measure.profile import ProfileSettings, profile
 
     if args.output:
         check_output_path(args.output, args.model)

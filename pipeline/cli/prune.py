@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.cli._common import (
+from carve.pipeline.cli._common import (
     KeyValues,
     add_calib_args,
     add_input_shape_arg,
@@ -17,9 +17,9 @@ from pipeline.cli._common import (
 
 
 def latency_target(text: str) -> str:
-    """``0.5``, ``50%``, ``4ms``, ``800us``: checked here, interpreted by pipeline.pruning.latency.parse_target."""
-    from pipeline.errors import CarveError
-    from pipeline.pruning.latency import parse_target
+    """``0.5``, ``50%``, ``4ms``, ``800us``: checked here, interpreted by carve.pipeline.pruning.latency.parse_target."""
+    from carve.pipeline.errors import CarveError
+    from carve.pipeline.pruning.latency import parse_target
 
     try:
         parse_target(text)
@@ -158,12 +158,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.cli._common import command_line, console, load_calib
-    from pipeline.cli._progress import show_progress
-    from pipeline.config import from_args
-    from pipeline.flows.prune import prune_file
-    from pipeline.graph import check_output_path, load
-    from pipeline.pruning.prune import PruneOptions, describe_amount
+    from carve.pipeline.cli._common import command_line, console, load_calib
+    from carve.pipeline.cli._progress import show_progress
+    from carve.pipeline.config import from_args
+    from carve.pipeline.flows.prune import prune_file
+    from carve.pipeline.graph import check_output_path, load
+    from carve.pipeline.pruning.prune import PruneOptions, describe_amount
 
     check_output_path(args.output, args.model, args.calib, args.lut)
     engine_defaults(args)
@@ -215,7 +215,7 @@ def engine_defaults(args: argparse.Namespace) -> None:
     batch 1, fp32."""
     key = {}
     if args.lut:
-        from pipeline.measure.latency_table import LatencyTable
+        from carve.pipeline.measure.latency_table import LatencyTable
 
         key = LatencyTable.load(args.lut).key
     for name, default in ENGINE.items():

@@ -17,8 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.graph import atomic_write, check_output_path
-    from pipeline.measure.report import load_report, merge, plots, to_markdown
+    from carve.pipeline.graph import atomic_write, check_output_path
+    from carve.pipeline.measure.report import load_report, merge, plots, to_markdown
 
     if args.output:
         check_output_path(args.output, *args.reports)
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
         check_plot_dir(args.plots, args.reports, args.output)
     docs = [load_report(p) for p in args.reports]
     if len(docs) > 1 and any(d.get("kind") == "carve.sweep" for d in docs):
-        from pipeline.errors import CarveError
+        from carve.pipeline.errors import CarveError
 
         raise CarveError("a sweep's results.json is rendered on its own", hint="give one results.json per call")
     doc = docs[0] if len(docs) == 1 else merge(docs)
@@ -47,8 +47,8 @@ def check_plot_dir(directory: str, reports: list[str], output: str | None) -> No
     """--plots names a folder (made when missing); never a file, and the plots never land on an input."""
     from pathlib import Path
 
-    from pipeline.errors import CarveError
-    from pipeline.graph import check_output_path
+    from carve.pipeline.errors import CarveError
+    from carve.pipeline.graph import check_output_path
 
     d = Path(directory)
     if d.exists() and not d.is_dir():

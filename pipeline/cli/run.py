@@ -29,11 +29,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.cli._common import command_line, console
-    from pipeline.cli._progress import show_progress
-    from pipeline.errors import CarveError
-    from pipeline.flows.recipe import bench_recipe, check_thresholds, load_recipe, run_recipe
-    from pipeline.graph import atomic_write, check_output_path, save
+    from carve.pipeline.cli._common import command_line, console
+    from carve.pipeline.cli._progress import show_progress
+    from carve.pipeline.errors import CarveError
+    from carve.pipeline.flows.recipe import bench_recipe, check_thresholds, load_recipe, run_recipe
+    from carve.pipeline.graph import atomic_write, check_output_path, save
 
     recipe = load_recipe(args.recipe)
     if args.out_dir:  # outputs only under --out-dir
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             for d in p["details"][:6]:
                 con.print(f"  {d}")
         if report.get("results"):
-            from pipeline.measure.report import render_results
+            from carve.pipeline.measure.report import render_results
 
             for line in render_results(report)[:-2]:
                 con.print(line)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli._common import add_calib_args, fraction
+from carve.pipeline.cli._common import add_calib_args, fraction
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,11 +32,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.cli._common import command_line, console, load_calib
-    from pipeline.config import options_for
-    from pipeline.flows.passes import run_passes
-    from pipeline.graph import check_output_path, load
-    from pipeline.passes import get, passes
+    from carve.pipeline.cli._common import command_line, console, load_calib
+    from carve.pipeline.config import options_for
+    from carve.pipeline.flows.passes import run_passes
+    from carve.pipeline.graph import check_output_path, load
+    from carve.pipeline.passes import get, passes
 
     check_output_path(args.output, args.model, args.calib)
     model = load(args.model)

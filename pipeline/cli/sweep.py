@@ -9,7 +9,7 @@ import time
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from pipeline.cli._common import positive_int
+    from carve.pipeline.cli._common import positive_int
 
     p = sub.add_parser(
         "sweep", help="run a sweep (YAML): points pruned, evaluated, measured; Pareto front", description=__doc__
@@ -31,8 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.cli._common import command_line, console
-    from pipeline.flows.sweep import LocalExecutor, expand, load_sweep, run_sweep
+    from carve.pipeline.cli._common import command_line, console
+    from carve.pipeline.flows.sweep import LocalExecutor, expand, load_sweep, run_sweep
 
     sweep = load_sweep(args.sweep)
     points = expand(sweep)
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         con.print(f"{len(points)} points")
         return 0
     if args.ray:
-        from pipeline.flows.sweep_ray import RayExecutor
+        from carve.pipeline.flows.sweep_ray import RayExecutor
 
         executor = RayExecutor(args.ray)
         executor.connect()  # fails here, before any work, when Ray is missing or unreachable

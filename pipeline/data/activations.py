@@ -8,7 +8,7 @@ ends the chain. Criteria record which one they read (``tensor_kind``) so reports
 
 from __future__ import annotations
 
-from pipeline.graph.channels import ChannelAnalysis, Source
+from carve.pipeline.graph.channels import ChannelAnalysis, Source
 
 PER_CHANNEL = {
     "BatchNormalization",

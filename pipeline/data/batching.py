@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import numpy as np
 import onnx
 
-from pipeline.data.datasets import Dataset
-from pipeline.errors import CarveError, warn
-from pipeline.graph.model import Model
+from carve.pipeline.data.datasets import Dataset
+from carve.pipeline.errors import CarveError, warn
+from carve.pipeline.graph.model import Model
 
 
 def static_batch(model: Model | onnx.ModelProto) -> int | None:

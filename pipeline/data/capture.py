@@ -15,12 +15,12 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from pipeline.data.batching import model_batches
-from pipeline.data.datasets import Dataset
-from pipeline.errors import CarveError
-from pipeline.graph.model import Model
-from pipeline.progress import Progress
-from pipeline.runtime.ort import session
+from carve.pipeline.data.batching import model_batches
+from carve.pipeline.data.datasets import Dataset
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.model import Model
+from carve.pipeline.progress import Progress
+from carve.pipeline.runtime.ort import session
 
 
 class Reducer(Protocol):
@@ -132,7 +132,7 @@ def predict(
     model: Model | onnx.ModelProto, data: Dataset, *, batch_size: int = 128, threads: int | None = None
 ) -> np.ndarray:
     """The model's first output over the whole dataset (N x classes); a static-batch model runs in chunks of its
-    batch, the last one padded and cut back (:mod:`pipeline.data.batching`)."""
+    batch, the last one padded and cut back (:mod:`carve.pipeline.data.batching`)."""
 
     sess = session(model, threads=threads or 2)
     name = sess.get_inputs()[0].name

@@ -30,13 +30,13 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from pipeline.data.batching import model_batches
-from pipeline.data.capture import with_outputs
-from pipeline.data.datasets import Dataset
-from pipeline.errors import CarveError
-from pipeline.graph import Model
-from pipeline.graph.model import itemsize, outer_names
-from pipeline.runtime.ort import session
+from carve.pipeline.data.batching import model_batches
+from carve.pipeline.data.capture import with_outputs
+from carve.pipeline.data.datasets import Dataset
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph import Model
+from carve.pipeline.graph.model import itemsize, outer_names
+from carve.pipeline.runtime.ort import session
 
 Progress = Callable[[int, int], None]  # (targets repaired so far, targets in all)
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import CarveError, warn
-from pipeline.graph.model import Model
+from carve.pipeline.errors import CarveError, warn
+from carve.pipeline.graph.model import Model
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -217,7 +217,7 @@ def load_data(
     pre = preprocess or Preprocess.for_model(model)
     text = str(source)
     if text.startswith("shared:"):
-        from pipeline.data.shared import missing_reason, shared_file
+        from carve.pipeline.data.shared import missing_reason, shared_file
 
         parts = [p for p in text[len("shared:") :].split("/") if p]
         found = shared_file(*parts)

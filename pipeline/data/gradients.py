@@ -1,6 +1,6 @@
 """Loss gradients with respect to the ONNX initializers, on labelled calibration data.
 
-The model runs in PyTorch (:class:`pipeline.runtime.torch_graph.TorchGraph`, inference semantics: BN uses its running
+The model runs in PyTorch (:class:`carve.pipeline.runtime.torch_graph.TorchGraph`, inference semantics: BN uses its running
 statistics); the cross-entropy of its first output against the labels is back-propagated batch by batch, and only
 running means over mini-batches are kept, per weight: E[g], E[|g|] (first-order terms: a converged model's gradient
 averaged over many batches is close to zero, so importance uses the per-batch magnitude) and E[g^2] (Fisher / OBD).
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.data.batching import model_batches
-from pipeline.data.datasets import Dataset
-from pipeline.errors import CarveError
-from pipeline.graph import Model
+from carve.pipeline.data.batching import model_batches
+from carve.pipeline.data.datasets import Dataset
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph import Model
 
 
 def check_labels(data: Dataset, labels: np.ndarray, classes: int) -> None:
@@ -53,7 +53,7 @@ def weight_gradients(
     import torch  # here, not at import: loading torch costs seconds and most commands never need it
     import torch.nn.functional as F
 
-    from pipeline.runtime.torch_graph import TorchGraph
+    from carve.pipeline.runtime.torch_graph import TorchGraph
 
     if data.labels is None:
         raise CarveError(f"gradients of the loss need labelled data; {data.name} has no labels")

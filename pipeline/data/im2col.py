@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from pipeline.errors import CarveError
-from pipeline.graph.conv import conv_pads
-from pipeline.graph.model import Model, attr
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.conv import conv_pads
+from carve.pipeline.graph.model import Model, attr
 
 
 def patches(model: Model, node: onnx.NodeProto, x: np.ndarray) -> np.ndarray:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.datasets import Preprocess, load_data
-from pipeline.graph.io import check_output_path, load, save
-from pipeline.measure.evaluate import evaluate
-from pipeline.training.finetune import FinetuneOptions, FinetuneResult, Progress, finetune
+from carve.pipeline.data.datasets import Preprocess, load_data
+from carve.pipeline.graph.io import check_output_path, load, save
+from carve.pipeline.measure.evaluate import evaluate
+from carve.pipeline.training.finetune import FinetuneOptions, FinetuneResult, Progress, finetune
 
 
 def checkpoint_path(output: str | Path) -> Path:

@@ -1,6 +1,6 @@
 """Running passes on a model file: load, run the passes with their instruments (numeric check), record each in the
 model's history, save atomically next to nothing it read. What ``carve decompose``, ``carve merge`` and
-``carve sparsify`` do; recipes run passes through :mod:`pipeline.flows.recipe`."""
+``carve sparsify`` do; recipes run passes through :mod:`carve.pipeline.flows.recipe`."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.graph.io import check_output_path, load, save
-from pipeline.graph.model import Model
-from pipeline.passes import NumericCheck, Pass, PassContext, PassManager, PassResult, record_pass
-from pipeline.runtime.ort import check_runs
+from carve.pipeline.graph.io import check_output_path, load, save
+from carve.pipeline.graph.model import Model
+from carve.pipeline.passes import NumericCheck, Pass, PassContext, PassManager, PassResult, record_pass
+from carve.pipeline.runtime.ort import check_runs
 
 
 @dataclass

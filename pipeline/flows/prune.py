@@ -1,6 +1,6 @@
 """``carve prune`` as a flow: a loaded model, options and calibration data in; the pruned model written atomically
-(never over an input) and its summary out. The pruning itself is :func:`pipeline.pruning.prune.prune_model`; this
-flow gives it the measurements (:class:`pipeline.measure.latency.MeasuredLatency` on the options' backend): the latency
+(never over an input) and its summary out. The pruning itself is :func:`carve.pipeline.pruning.prune.prune_model`; this
+flow gives it the measurements (:class:`carve.pipeline.measure.latency.MeasuredLatency` on the options' backend): the latency
 table of a latency target, the closed loop, and the quick A/B of the result against the original."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.graph.io import save
-from pipeline.graph.model import Model
-from pipeline.measure.latency import MeasuredLatency
-from pipeline.progress import Progress
-from pipeline.pruning.prune import PruneOptions, prune_model
+from carve.pipeline.graph.io import save
+from carve.pipeline.graph.model import Model
+from carve.pipeline.measure.latency import MeasuredLatency
+from carve.pipeline.progress import Progress
+from carve.pipeline.pruning.prune import PruneOptions, prune_model
 
 
 def prune_measured(
@@ -24,9 +24,9 @@ def prune_measured(
     inplace: bool = False,
     progress: Progress | None = None,
 ) -> tuple[Model, dict]:
-    """:func:`~pipeline.pruning.prune.prune_model` with measurements on ``opts.backend`` (the Python API of
+    """:func:`~carve.pipeline.pruning.prune.prune_model` with measurements on ``opts.backend`` (the Python API of
     ``carve prune``): a latency target works, and the summary's ``latency`` says how fast the result is.
-    ``progress`` (:mod:`pipeline.progress`) hears every stage, profiling and measuring included."""
+    ``progress`` (:mod:`carve.pipeline.progress`) hears every stage, profiling and measuring included."""
     latency = MeasuredLatency.for_options(opts, progress=progress)  # a progress callback takes a bare stage too
     return prune_model(model, opts, calib=calib, command=command, inplace=inplace, progress=progress, latency=latency)
 

@@ -37,22 +37,22 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import bounds, field_names, from_mapping
-from pipeline.data.datasets import Preprocess, load_data
-from pipeline.errors import CarveError
-from pipeline.graph import check_output_path, load, save
-from pipeline.graph.cost import model_cost
-from pipeline.measure import gate
-from pipeline.measure.compare import compare
-from pipeline.measure.config import MeasureConfig
-from pipeline.measure.evaluate import evaluate
-from pipeline.passes import Dump, NumericCheck, PassContext, PassManager, Timing, get, record_pass
-from pipeline.runtime.ort import check_runs
+from carve.pipeline.config import bounds, field_names, from_mapping
+from carve.pipeline.data.datasets import Preprocess, load_data
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph import check_output_path, load, save
+from carve.pipeline.graph.cost import model_cost
+from carve.pipeline.measure import gate
+from carve.pipeline.measure.compare import compare
+from carve.pipeline.measure.config import MeasureConfig
+from carve.pipeline.measure.evaluate import evaluate
+from carve.pipeline.passes import Dump, NumericCheck, PassContext, PassManager, Timing, get, record_pass
+from carve.pipeline.runtime.ort import check_runs
 
 
 @dataclass
 class RecipeFile:
-    """The top-level keys of a recipe file, as written (validated by :func:`pipeline.config.from_mapping`)."""
+    """The top-level keys of a recipe file, as written (validated by :func:`carve.pipeline.config.from_mapping`)."""
 
     model: str | None = None
     passes: list[Any] | None = None
@@ -119,7 +119,7 @@ class Recipe:
         return None if self.model.startswith("zoo:") else self.resolve(self.model)
 
     def data_source(self, key: str) -> str | Path | None:
-        """``data.calib`` / ``data.eval`` / ``data.train`` as :func:`pipeline.data.datasets.load_data` takes it: a
+        """``data.calib`` / ``data.eval`` / ``data.train`` as :func:`carve.pipeline.data.datasets.load_data` takes it: a
         path resolved against the recipe's folder, or ``digits[:split]`` / ``shared:<path>`` as written."""
         v = self.data.get(key)
         if v is None:
@@ -202,7 +202,7 @@ def resolve_model(recipe: Recipe, workdir: Path):
     """Load the recipe's model: an ONNX path, or ``zoo:NAME`` exported into ``workdir``."""
     spec = recipe.model
     if spec.startswith("zoo:"):
-        import models
+        from carve import models
 
         out = workdir / f"{spec[4:]}.onnx"
         models.export(spec[4:], out)

@@ -18,14 +18,14 @@
     bench: {backend: ort, threads: 1, batch: [1], rounds: 10}   # required: each point is measured
     seed: 0
 
-Each point is a recipe (:class:`pipeline.flows.recipe.Recipe`) with the passes ``prune`` [+ ``finetune``], run by
-:func:`pipeline.flows.recipe.run_recipe` and measured by :func:`pipeline.flows.recipe.bench_recipe` exactly as
+Each point is a recipe (:class:`carve.pipeline.flows.recipe.Recipe`) with the passes ``prune`` [+ ``finetune``], run by
+:func:`carve.pipeline.flows.recipe.run_recipe` and measured by :func:`carve.pipeline.flows.recipe.bench_recipe` exactly as
 ``carve run`` does. A point's record is written as soon as it finishes (``points/<id>.json``, atomically, next to its
 model ``models/<id>.onnx``); ``results.json`` at the end holds every record with the Pareto-optimal ones marked.
 
 Execution: :func:`run_sweep` takes an executor. :class:`LocalExecutor` is a process pool sized to the machine whose
 workers take a file lock around measurement, so two points are never timed at the same time on one machine (other
-points keep pruning meanwhile). The Ray executor is in :mod:`pipeline.flows.sweep_ray`.
+points keep pruning meanwhile). The Ray executor is in :mod:`carve.pipeline.flows.sweep_ray`.
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import from_mapping
-from pipeline.errors import CarveError
-from pipeline.flows.pareto import mark_pareto
-from pipeline.flows.recipe import BENCH_KEYS, DATA_KEYS, Recipe, bench_recipe, run_recipe
-from pipeline.graph import atomic_write, load, save
+from carve.pipeline.config import from_mapping
+from carve.pipeline.errors import CarveError
+from carve.pipeline.flows.pareto import mark_pareto
+from carve.pipeline.flows.recipe import BENCH_KEYS, DATA_KEYS, Recipe, bench_recipe, run_recipe
+from carve.pipeline.graph import atomic_write, load, save
 
 TOP_KEYS = {"name", "model", "data", "axes", "prune", "finetune", "bench", "seed"}
 AXIS_KEYS = {"criterion", "allocator", "target", "repair", "finetune_epochs"}
@@ -133,11 +133,11 @@ def _as_list(path: Path, key: str, value: Any) -> list[Any]:
 
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file; every error names the file and the key."""
-    from pipeline.measure.config import MeasureConfig
-    from pipeline.pruning.allocator import allocators
-    from pipeline.pruning.criterion import criteria
-    from pipeline.pruning.prune import PruneOptions
-    from pipeline.training.finetune import FinetuneOptions
+    from carve.pipeline.measure.config import MeasureConfig
+    from carve.pipeline.pruning.allocator import allocators
+    from carve.pipeline.pruning.criterion import criteria
+    from carve.pipeline.pruning.prune import PruneOptions
+    from carve.pipeline.training.finetune import FinetuneOptions
 
     path = Path(path)
     if not path.is_file():
@@ -551,8 +551,8 @@ def accuracy_key(records: list[dict]) -> str:
 
 def finish(sweep: Sweep, records: list[dict], *, command: str | None, executor: str) -> dict:
     """results.json: every record, latency on a common footing, the Pareto front marked."""
-    from pipeline.measure.config import MeasureConfig
-    from pipeline.measure.environment import environment
+    from carve.pipeline.measure.config import MeasureConfig
+    from carve.pipeline.measure.environment import environment
 
     ok = [r for r in records if r["status"] == "ok"]
     # Each point is timed interleaved with the original, so its speed-up is robust to the machine's load changing

@@ -4,7 +4,7 @@ How a point runs on Ray (https://docs.ray.io: tasks, actors, scheduling strategi
 
 - **Build** is a Ray task with a resource request: ``num_cpus=1``, plus ``num_gpus=1`` when the sweep measures on a
   GPU (``bench.backend`` trt / torch-cuda, or ``device: cuda``). It prunes, repairs, fine-tunes and evaluates as
-  ``carve run`` does (:func:`pipeline.flows.sweep.build_point`) in a temporary folder of the node and returns the
+  ``carve run`` does (:func:`carve.pipeline.flows.sweep.build_point`) in a temporary folder of the node and returns the
   original and final models as bytes with the run report: nothing stays on the node's disk.
 - **Timing** goes through one ``Timer`` actor per sweep (a sweep has one device kind: its ``bench`` section). An actor
   lives on one node and runs one call at a time, so every point is measured on the same machine and never two at
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import CarveError
-from pipeline.flows.sweep import Point, Sweep, build_point, from_threads, record_failed, record_ok, time_point
+from carve.pipeline.errors import CarveError
+from carve.pipeline.flows.sweep import Point, Sweep, build_point, from_threads, record_failed, record_ok, time_point
 
 INSTALL_HINT = 'pip install "carve[ray]"'
 

@@ -3,14 +3,14 @@
 It imports nothing from the layers above it (runtime, data, pruning, measure, flows, cli) nor from plugins; see
 docs/architecture.md. The names most code needs are re-exported here::
 
-    from pipeline.graph import Model, load, save
+    from carve.pipeline.graph import Model, load, save
 """
 
 from __future__ import annotations
 
-from pipeline.graph.io import atomic_write, check_output_path, from_proto, load, save
-from pipeline.graph.model import Model, attr, opset_of
-from pipeline.graph.shapes import check, infer_shapes, skeleton
+from carve.pipeline.graph.io import atomic_write, check_output_path, from_proto, load, save
+from carve.pipeline.graph.model import Model, attr, opset_of
+from carve.pipeline.graph.shapes import check, infer_shapes, skeleton
 
 __all__ = [
     "Model",

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.graph.channels import ChannelAnalysis, Source
-from pipeline.graph.model import Model, attr
+from carve.pipeline.graph.channels import ChannelAnalysis, Source
+from carve.pipeline.graph.model import Model, attr
 
 
 def following_bn(model: Model, tensor: str):

@@ -30,9 +30,9 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from pipeline.errors import CarveError, first_line
-from pipeline.graph.model import Model, opset_of, outer_names
-from pipeline.graph.shapes import infer_shapes
+from carve.pipeline.errors import CarveError, first_line
+from carve.pipeline.graph.model import Model, opset_of, outer_names
+from carve.pipeline.graph.shapes import infer_shapes
 
 MIN_OPSET = 11
 _NONDETERMINISTIC = {

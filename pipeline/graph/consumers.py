@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from pipeline.errors import CarveError
-from pipeline.graph.model import Model, attr
-from pipeline.graph.plan import Plan
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.model import Model, attr
+from carve.pipeline.graph.plan import Plan
 
 
 def consumer_columns(plan: Plan) -> dict[str, tuple[str, int, np.ndarray]]:
@@ -51,7 +51,7 @@ def add_bias(model: Model, node: onnx.NodeProto, delta: np.ndarray) -> None:
     if not (len(node.input) > 2 and node.input[2]):
         raise CarveError(
             f"{node.op_type} {node.name!r} has no bias to take the correction",
-            hint="call pipeline.graph.rewrite.ensure_biases(model) before analysing (carve prune does)",
+            hint="call carve.pipeline.graph.rewrite.ensure_biases(model) before analysing (carve prune does)",
         )
     b = model.array(node.input[2])
     model.set_array(node.input[2], (b.astype(np.float64) + delta.reshape(b.shape)).astype(b.dtype))

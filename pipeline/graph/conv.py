@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import onnx
 
-from pipeline.graph.model import Model, attr
+from carve.pipeline.graph.model import Model, attr
 
 
 def resolve_pads(

@@ -3,7 +3,7 @@
 MACs count the linear ops that dominate a CNN (Conv, ConvTranspose, Gemm, MatMul) for one sample: symbolic batch
 dimensions count as 1. Elementwise ops, pools and normalisations are not counted. Parameters are the elements of
 floating-point initializers a node reads (weights, biases, BN statistics); an initializer read by several nodes counts
-once in the model total. These are static estimates: a MAC ratio is never a speed-up (see :mod:`pipeline.measure.ab`).
+once in the model total. These are static estimates: a MAC ratio is never a speed-up (see :mod:`carve.pipeline.measure.ab`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from pipeline.graph import Model, attr
+from carve.pipeline.graph import Model, attr
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 

@@ -11,9 +11,9 @@ import json
 import os
 import time
 
-from pipeline.errors import CarveError
-from pipeline.graph.model import Model
-from pipeline.version import __version__
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.model import Model
+from carve.pipeline.version import __version__
 
 
 def record(model: Model, step: str, summary: dict, *, command: str | None = None, replace_last: bool = False) -> None:

@@ -2,7 +2,7 @@
 an input reads.
 
 :func:`load` reads a file (with its external data, which must lie inside the model's folder: checked here, whatever
-onnx's version) and prepares it for analysis (:func:`pipeline.graph.canonical.prepare`). :func:`save` writes atomically
+onnx's version) and prepares it for analysis (:func:`carve.pipeline.graph.canonical.prepare`). :func:`save` writes atomically
 (a private staging folder next to the target, then a rename), keeps external data external, and refuses an output
 that is, or whose external-data file would be, any file an input reads: the input model and every file its external
 data really lives in (the ``location`` of each tensor, not a guessed ``<name>.data``), through ``..``, symlinks and
@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from pipeline.errors import CarveError, first_line
-from pipeline.graph.canonical import prepare
-from pipeline.graph.model import Model, attr, itemsize, tensor_nbytes
-from pipeline.graph.shapes import check
+from carve.pipeline.errors import CarveError, first_line
+from carve.pipeline.graph.canonical import prepare
+from carve.pipeline.graph.model import Model, attr, itemsize, tensor_nbytes
+from carve.pipeline.graph.shapes import check
 
 
 def load(path: str | os.PathLike, *, prepare_graph: bool = True, input_shape: tuple[int, ...] | None = None) -> Model:

@@ -1,7 +1,7 @@
 """The indexed ONNX model carve works on: :class:`Model`, a light index around an ``onnx.ModelProto``.
 
 Producers and consumers by tensor name, initializers as numpy arrays (cached), and static shapes from shape
-inference on a skeleton of the model (:mod:`pipeline.graph.shapes`). Small helpers every graph module needs live here
+inference on a skeleton of the model (:mod:`carve.pipeline.graph.shapes`). Small helpers every graph module needs live here
 too: node attributes, the opset, and the names a control-flow node's subgraphs read from the enclosing scope.
 """
 
@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.errors import CarveError
-from pipeline.graph.shapes import Shape, ShapeMap, infer_shapes
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.shapes import Shape, ShapeMap, infer_shapes
 
 SUBGRAPH_OPS = {"If", "Loop", "Scan", "SequenceMap"}
 

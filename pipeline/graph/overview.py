@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline.graph import Model, attr
-from pipeline.graph.channels import ChannelAnalysis, Kind, reason_kind
-from pipeline.graph.cost import model_cost
+from carve.pipeline.graph import Model, attr
+from carve.pipeline.graph.channels import ChannelAnalysis, Kind, reason_kind
+from carve.pipeline.graph.cost import model_cost
 
 
 @dataclass

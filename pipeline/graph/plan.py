@@ -1,6 +1,6 @@
 """A pruning plan: which channel units to remove from an analysed model. Plain data that surgery
-(:mod:`pipeline.graph.surgery`) takes; the planner that makes one from importance scores is
-:func:`pipeline.pruning.planner.plan`."""
+(:mod:`carve.pipeline.graph.surgery`) takes; the planner that makes one from importance scores is
+:func:`carve.pipeline.pruning.planner.plan`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.graph.channels import ChannelAnalysis, Kind
-from pipeline.graph.cost import model_cost
+from carve.pipeline.graph.channels import ChannelAnalysis, Kind
+from carve.pipeline.graph.cost import model_cost
 
 
 @dataclass

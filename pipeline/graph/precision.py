@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.graph import Model
+from carve.pipeline.graph import Model
 
 # (op, input index) that must stay FP32 whatever the data type
 KEEP_FP32 = {("Resize", 1), ("Resize", 2), ("Upsample", 1)}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from pipeline.graph import Model, attr
+from carve.pipeline.graph import Model, attr
 
 
 def replace_nodes(model: Model, old: list[onnx.NodeProto], new: list[onnx.NodeProto]) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from pipeline.errors import CarveError, first_line
+from carve.pipeline.errors import CarveError, first_line
 
 # Initializers at most this many elements stay real during skeleton shape inference (shape constants, pads, axes).
 _SKELETON_KEEP_ELEMS = 4096

@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from pipeline.errors import CarveError
-from pipeline.graph.channels import ChannelAnalysis
-from pipeline.graph.model import Model
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.channels import ChannelAnalysis
+from carve.pipeline.graph.model import Model
 
 _FLOAT = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 

@@ -1,11 +1,11 @@
 """Apply a pruning plan to the ONNX graph: physically remove channels.
 
-Given the units a :class:`~pipeline.graph.plan.Plan` removes, every constant recorded by the channel analysis is cut
+Given the units a :class:`~carve.pipeline.graph.plan.Plan` removes, every constant recorded by the channel analysis is cut
 along its axis (filters, consumer columns, biases, BN statistics, per-channel constants, concatenated constants), every
-recorded fix (:mod:`pipeline.graph.channels.fixes`: Split sizes, Slice bounds, Pad pads, depthwise ``group``, Gather
+recorded fix (:mod:`carve.pipeline.graph.channels.fixes`: Split sizes, Slice bounds, Pad pads, depthwise ``group``, Gather
 indices, Reshape targets, Resize sizes) is applied, shapes are inferred again, and the result is checked: graph output
 shapes never change and the model passes ``onnx.checker`` with full (strict shape inference) checking. The model's
-``metadata_props`` record what was done (:mod:`pipeline.graph.history`).
+``metadata_props`` record what was done (:mod:`carve.pipeline.graph.history`).
 
 :func:`zero_removed` builds the reference that defines correctness: the original model in which every consumer weight
 of a removed channel is zeroed. The pruned model computes exactly the same function.
@@ -19,9 +19,9 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
-from pipeline.errors import CarveError
-from pipeline.graph.channels import ChannelAnalysis, fingerprint
-from pipeline.graph.channels.fixes import (
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.channels import ChannelAnalysis, fingerprint
+from carve.pipeline.graph.channels.fixes import (
     Fix,
     GatherFix,
     GroupFix,
@@ -31,11 +31,11 @@ from pipeline.graph.channels.fixes import (
     SliceFix,
     SplitFix,
 )
-from pipeline.graph.cost import model_cost
-from pipeline.graph.history import record
-from pipeline.graph.model import Model, attr
-from pipeline.graph.plan import Plan
-from pipeline.graph.shapes import verify_structure
+from carve.pipeline.graph.cost import model_cost
+from carve.pipeline.graph.history import record
+from carve.pipeline.graph.model import Model, attr
+from carve.pipeline.graph.plan import Plan
+from carve.pipeline.graph.shapes import verify_structure
 
 Keep = Callable[[np.ndarray], np.ndarray]
 

@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from pipeline.errors import CarveError
-from pipeline.measure.backends import EngineConfig, settings_differ
-from pipeline.measure.config import MeasureConfig
-from pipeline.measure.runners import LocalRunner, RemoteRunner
-from pipeline.measure.stats import bootstrap_median_ci, latency_stats
-from pipeline.progress import Progress
+from carve.pipeline.errors import CarveError
+from carve.pipeline.measure.backends import EngineConfig, settings_differ
+from carve.pipeline.measure.config import MeasureConfig
+from carve.pipeline.measure.runners import LocalRunner, RemoteRunner
+from carve.pipeline.measure.stats import bootstrap_median_ci, latency_stats
+from carve.pipeline.progress import Progress
 
 
 @dataclass

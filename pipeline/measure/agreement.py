@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.datasets import load_data
-from pipeline.graph.io import load
-from pipeline.measure.backends import build
-from pipeline.measure.config import MeasureConfig
-from pipeline.runtime.ort import random_feeds
-from pipeline.runtime.verify import output_metrics
+from carve.pipeline.data.datasets import load_data
+from carve.pipeline.graph.io import load
+from carve.pipeline.measure.backends import build
+from carve.pipeline.measure.config import MeasureConfig
+from carve.pipeline.runtime.ort import random_feeds
+from carve.pipeline.runtime.verify import output_metrics
 
 
 def agreement(a: Path, b: Path, cfg: MeasureConfig, batch: int) -> dict:

@@ -1,6 +1,6 @@
 """``carve bench``: measure two models side by side on the same engine and write the report (docs/report-schema.md):
-latency per configuration (:mod:`pipeline.measure.ab`), memory in fresh processes (:mod:`pipeline.measure.memory`),
-agreement (:mod:`pipeline.measure.agreement`), the models' costs, and the environment. The MAC ratio is reported
+latency per configuration (:mod:`carve.pipeline.measure.ab`), memory in fresh processes (:mod:`carve.pipeline.measure.memory`),
+agreement (:mod:`carve.pipeline.measure.agreement`), the models' costs, and the environment. The MAC ratio is reported
 beside the measured speed-up, with their product, the speed-up efficiency; a MAC ratio is never called a speed-up."""
 
 from __future__ import annotations
@@ -12,19 +12,19 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import validate
-from pipeline.errors import CarveError
-from pipeline.graph.cost import model_cost
-from pipeline.graph.history import timestamp
-from pipeline.graph.io import load
-from pipeline.graph.model import Model
-from pipeline.measure.ab import measure_pair
-from pipeline.measure.agreement import agreement
-from pipeline.measure.config import MeasureConfig
-from pipeline.measure.environment import environment
-from pipeline.measure.memory import measure_in_fresh_process
-from pipeline.progress import Progress
-from pipeline.runtime.ort import input_specs
+from carve.pipeline.config import validate
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.cost import model_cost
+from carve.pipeline.graph.history import timestamp
+from carve.pipeline.graph.io import load
+from carve.pipeline.graph.model import Model
+from carve.pipeline.measure.ab import measure_pair
+from carve.pipeline.measure.agreement import agreement
+from carve.pipeline.measure.config import MeasureConfig
+from carve.pipeline.measure.environment import environment
+from carve.pipeline.measure.memory import measure_in_fresh_process
+from carve.pipeline.progress import Progress
+from carve.pipeline.runtime.ort import input_specs
 
 SCHEMA_VERSION = 1
 

@@ -1,12 +1,12 @@
 """Configuration of a side-by-side measurement (``carve bench``, recipes' ``bench`` section). Field names are the
-command line's option names and the recipe keys (:mod:`pipeline.config`)."""
+command line's option names and the recipe keys (:mod:`carve.pipeline.config`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.config import bounds
-from pipeline.measure.backends import EngineConfig
+from carve.pipeline.config import bounds
+from carve.pipeline.measure.backends import EngineConfig
 
 
 @dataclass

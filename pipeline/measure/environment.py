@@ -9,9 +9,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from pipeline.measure.backends.trt import tensorrt_version
-from pipeline.measure.config import MeasureConfig
-from pipeline.version import __version__
+from carve.pipeline.measure.backends.trt import tensorrt_version
+from carve.pipeline.measure.config import MeasureConfig
+from carve.pipeline.version import __version__
 
 
 def environment(cfg: MeasureConfig | None = None) -> dict:

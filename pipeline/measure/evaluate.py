@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data.capture import predict
-from pipeline.data.datasets import Dataset
-from pipeline.errors import CarveError
-from pipeline.graph import Model
-from pipeline.graph.shapes import concrete_input_shapes
+from carve.pipeline.data.capture import predict
+from carve.pipeline.data.datasets import Dataset
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph import Model
+from carve.pipeline.graph.shapes import concrete_input_shapes
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ Rules, per measured configuration (backend, batch, threads) of a bench report:
    baseline's by more than ``tolerance`` (default ``max_slowdown``), again on the upper end of its interval.
    Configurations only one report has are listed, not judged.
 
-A report too thin to decide is refused (:class:`~pipeline.errors.CarveError`; ``carve gate`` exits 2), never passed:
+A report too thin to decide is refused (:class:`~carve.pipeline.errors.CarveError`; ``carve gate`` exits 2), never passed:
 results that are not a list of configurations, a speed-up that is not a finite positive number, an interval that does
 not contain its median, or fewer than :data:`MIN_ROUNDS` interleaved rounds (with 2 rounds, two copies of one model
 "fail" about one run in five; with 10, the interval is wide enough that noise alone fails well under 1%; see
@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pipeline.errors import CarveError
+from carve.pipeline.errors import CarveError
 
 DEFAULT_MAX_SLOWDOWN = 0.05
 MIN_ROUNDS = 10

@@ -1,8 +1,8 @@
-"""What ``carve prune`` asks of measurement (the ``LatencyOracle`` of :mod:`pipeline.pruning.latency`): the latency
+"""What ``carve prune`` asks of measurement (the ``LatencyOracle`` of :mod:`carve.pipeline.pruning.latency`): the latency
 table of a model on one engine (a given file, checked against the model and settings; or the cache; or profiled
 now), and a quick interleaved A/B of a pruned model against the original on the same engine.
 
-The quick A/B is :func:`pipeline.measure.ab.measure_pair` with few, short rounds (``rounds``, ``min_round_ms``): it
+The quick A/B is :func:`carve.pipeline.measure.ab.measure_pair` with few, short rounds (``rounds``, ``min_round_ms``): it
 decides whether a plan met its target and says whether the written model is faster, in about a second for the
 models of the zoo; ``carve bench`` is the thorough measurement. On the CPU with one thread both time with the
 thread's CPU clock (``clock=auto``), which on a shared machine is far steadier than the wall clock.
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import onnx
 
-from pipeline.graph.model import Model
-from pipeline.measure.ab import measure_pair
-from pipeline.measure.backends import get
-from pipeline.measure.config import MeasureConfig
-from pipeline.measure.latency_table import LatencyTable
-from pipeline.measure.profile import ProfileSettings, profile
+from carve.pipeline.graph.model import Model
+from carve.pipeline.measure.ab import measure_pair
+from carve.pipeline.measure.backends import get
+from carve.pipeline.measure.config import MeasureConfig
+from carve.pipeline.measure.latency_table import LatencyTable
+from carve.pipeline.measure.profile import ProfileSettings, profile
 
 
 @dataclass
@@ -43,7 +43,7 @@ class MeasuredLatency:
 
     @classmethod
     def for_options(cls, opts, progress: Callable[[str], None] | None = None, **kw) -> MeasuredLatency:
-        """From :class:`pipeline.pruning.prune.PruneOptions` (its backend, device, threads, batch, precision, lut)."""
+        """From :class:`carve.pipeline.pruning.prune.PruneOptions` (its backend, device, threads, batch, precision, lut)."""
         fields = {k: getattr(opts, k) for k in ("backend", "device", "threads", "batch", "precision", "lut")}
         return cls(**fields, progress=progress, **kw)
 
@@ -111,7 +111,7 @@ class MeasuredLatency:
 
     def batch_for(self, model: Model) -> int:
         """The batch to measure at: ours, unless the model's batch is static (it runs at nothing else)."""
-        from pipeline.runtime.ort import input_specs
+        from carve.pipeline.runtime.ort import input_specs
 
         static = {shape[0] for shape, _ in input_specs(model.proto, self.batch).values() if shape}
         return static.pop() if len(static) == 1 else self.batch

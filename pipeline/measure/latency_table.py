@@ -2,7 +2,7 @@
 and the prediction of a pruned model's latency from them (HALP, Shen et al., NeurIPS 2022: a per-layer latency
 lookup table measured on the target engine; NetAdapt, Yang et al., ECCV 2018: measure candidate widths on the target).
 
-A table is made by :func:`pipeline.measure.profile.profile` and holds, per group g (relative to the whole original
+A table is made by :func:`carve.pipeline.measure.profile.profile` and holds, per group g (relative to the whole original
 model's latency L0, all measured as interleaved ratios, so a busy machine's drift cancels):
 
 * ``share`` t_g: the latency of g's subgraph (its producers, per-channel ops and consumers) at full width / L0;
@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from pipeline.errors import CarveError
-from pipeline.graph.channels import ChannelAnalysis
-from pipeline.graph.cost import bilinear_ratio
-from pipeline.graph.model import Model
-from pipeline.version import __version__
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.channels import ChannelAnalysis
+from carve.pipeline.graph.cost import bilinear_ratio
+from carve.pipeline.graph.model import Model
+from carve.pipeline.version import __version__
 
 SCHEMA = 1
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
@@ -127,7 +127,7 @@ class LatencyTable:
         return cls(groups=groups, **fields)
 
     def save(self, path: str | Path) -> Path:
-        from pipeline.graph.io import atomic_write
+        from carve.pipeline.graph.io import atomic_write
 
         path = Path(path)
         with atomic_write(path) as f:

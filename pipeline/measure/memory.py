@@ -1,6 +1,6 @@
 """Peak memory of loading and running a model, measured in a fresh process.
 
-``python -m pipeline.measure.memory MODEL --backend ort --batch 8`` imports what it needs, notes its resident memory,
+``python -m carve.pipeline.measure.memory MODEL --backend ort --batch 8`` imports what it needs, notes its resident memory,
 builds an engine (ONNX Runtime's CPU arena disabled so the peak is the model's, not the allocator's high-water mark),
 runs it a few times and prints JSON: the peak resident memory above that baseline (VmHWM - VmRSS before loading, from
 /proc/self/status), plus the memory figures the engine reports (engine size, device memory). A fresh process per
@@ -30,7 +30,7 @@ def measure_here(
 ) -> dict:
     """``options``: further EngineConfig fields (cuda_graphs, channels_last, compile, provider_options), so the engine
     measured here is built as the timed one was."""
-    from pipeline.measure.backends import EngineConfig, build
+    from carve.pipeline.measure.backends import EngineConfig, build
 
     base = _status("VmRSS:")
     engine = build(
@@ -62,7 +62,7 @@ def measure_in_fresh_process(
     cmd = [
         sys.executable,
         "-m",
-        "pipeline.measure.memory",
+        "carve.pipeline.measure.memory",
         str(model),
         "--backend",
         backend,
@@ -98,7 +98,7 @@ def main() -> None:
     import numpy  # noqa: F401
     import onnxruntime  # noqa: F401
 
-    import pipeline.measure.backends  # noqa: F401
+    import carve.pipeline.measure.backends  # noqa: F401
 
     options = json.loads(a.options)
     print(json.dumps(measure_here(a.model, a.backend, a.batch, a.threads, a.precision, a.device, options)))

@@ -1,19 +1,19 @@
-"""Profiling a model into a latency table (:mod:`pipeline.measure.latency_table`): ``carve profile``.
+"""Profiling a model into a latency table (:mod:`carve.pipeline.measure.latency_table`): ``carve profile``.
 
 For every channel group that has prunable units:
 
-1. its subgraph (:func:`pipeline.graph.subgraph.group_nodes`, :func:`~pipeline.graph.subgraph.extract`): the layers
+1. its subgraph (:func:`carve.pipeline.graph.subgraph.group_nodes`, :func:`~carve.pipeline.graph.subgraph.extract`): the layers
    the group's width changes, as a model of its own; identical subgraphs (the repeated blocks of a ResNet stage) are
    timed once;
 2. candidate widths per slice (:func:`candidate_widths`: every multiple of ``step`` in the top half, coarser below),
    and for each a copy of the subgraph physically pruned to it by carve's own surgery;
-3. timing on the target backend through the runners and the interleaved round-robin of :mod:`pipeline.measure.ab`:
+3. timing on the target backend through the runners and the interleaved round-robin of :mod:`carve.pipeline.measure.ab`:
    first the whole model and every distinct subgraph at full width together (each subgraph's share of the whole
    model), then per subgraph its candidates against its full width (the staircase), in chunks.
 
 Then a validation: a few whole pruned models (every group near a common fraction of its width) are measured against
 the original in interleaved rounds and compared with the table's prediction; the worst relative error is the table's
-stated error. The result is cached on disk (:func:`pipeline.measure.latency_table.cached`).
+stated error. The result is cached on disk (:func:`carve.pipeline.measure.latency_table.cached`).
 """
 
 from __future__ import annotations
@@ -32,17 +32,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from pipeline.errors import CarveError
-from pipeline.graph.channels import ChannelAnalysis, analyse
-from pipeline.graph.cost import model_cost
-from pipeline.graph.model import Model, tensor_nbytes
-from pipeline.graph.plan import Plan
-from pipeline.graph.subgraph import extract, group_nodes
-from pipeline.graph.surgery import prune
-from pipeline.measure.ab import interleave_many
-from pipeline.measure.backends import EngineConfig
-from pipeline.measure.latency_table import BoundTable, GroupTable, LatencyTable, cached, store, table_key
-from pipeline.measure.runners import LocalRunner
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.channels import ChannelAnalysis, analyse
+from carve.pipeline.graph.cost import model_cost
+from carve.pipeline.graph.model import Model, tensor_nbytes
+from carve.pipeline.graph.plan import Plan
+from carve.pipeline.graph.subgraph import extract, group_nodes
+from carve.pipeline.graph.surgery import prune
+from carve.pipeline.measure.ab import interleave_many
+from carve.pipeline.measure.backends import EngineConfig
+from carve.pipeline.measure.latency_table import BoundTable, GroupTable, LatencyTable, cached, store, table_key
+from carve.pipeline.measure.runners import LocalRunner
 
 Progress = Callable[[str], None]
 VALIDATION_FRACTIONS = (0.75, 0.5, 0.625, 0.875, 0.375)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import CarveError
+from carve.pipeline.errors import CarveError
 
 SCHEMA_VERSION = 1
 KNOWN_KINDS = {"carve.bench", "carve.eval", "carve.run", "carve.sweep"}
@@ -215,7 +215,7 @@ SKIP = {"schema_version", "kind", "created", "command", "settings", "accuracy_mo
 
 def to_markdown(doc: dict, *, title: str = "carve report") -> str:
     if doc.get("kind") == "carve.sweep":  # a sweep's results.json has its own layout
-        from pipeline.measure import sweep_report
+        from carve.pipeline.measure import sweep_report
 
         return sweep_report.to_markdown(doc, title=title)
     out = [f"# {title}", ""]
@@ -244,7 +244,7 @@ def plots(doc: dict, directory: str | Path) -> list[Path]:
     """PNG plots: latency distributions of A and B per configuration, and speed-up with its interval per batch (for
     a sweep: accuracy against latency with the Pareto front)."""
     if doc.get("kind") == "carve.sweep":
-        from pipeline.measure import sweep_report
+        from carve.pipeline.measure import sweep_report
 
         return sweep_report.plots(doc, directory)
     import matplotlib

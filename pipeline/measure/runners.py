@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import CarveError
-from pipeline.measure.backends import Engine, EngineConfig, build
+from carve.pipeline.errors import CarveError
+from carve.pipeline.measure.backends import Engine, EngineConfig, build
 
 
 class LocalRunner:

@@ -15,11 +15,11 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from pipeline.graph.channels import ChannelAnalysis
-from pipeline.registry import Plugin, Registry
+from carve.pipeline.graph.channels import ChannelAnalysis
+from carve.pipeline.registry import Plugin, Registry
 
 allocators: Registry = Registry(
-    "allocator", entry_point_group="carve.allocators", builtin_modules=["plugins.allocators"]
+    "allocator", entry_point_group="carve.allocators", builtin_modules=["carve.plugins.allocators"]
 )
 
 
@@ -33,7 +33,7 @@ def kept_width(n: int, ratio: float, round_to: int = 1, keep_min: int = 1) -> in
 
 class LatencyModel(Protocol):
     """What a latency table bound to an analysis offers the planner and allocators
-    (:class:`pipeline.measure.latency_table.BoundTable` is one)."""
+    (:class:`carve.pipeline.measure.latency_table.BoundTable` is one)."""
 
     reference_ms: float  # the original's latency the fractions are of
     error: float  # the relative error the table vouches for

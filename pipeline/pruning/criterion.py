@@ -1,6 +1,6 @@
 """The importance-criterion interface and its registry.
 
-A criterion scores channel **elements** (see :mod:`pipeline.graph.channels`); a unit's score is the sum of its
+A criterion scores channel **elements** (see :mod:`carve.pipeline.graph.channels`); a unit's score is the sum of its
 elements' scores, so a channel shared by several producers (a residual stream) aggregates all of them consistently. A
 criterion declares what it needs (``weights``, ``activations``, ``labels``, ``gradients``) so the CLI can ask for
 calibration data and ``carve plugins`` can list it. Lower score = less important = removed first.
@@ -19,11 +19,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.graph.channels import ChannelAnalysis
-from pipeline.registry import Plugin, Registry
+from carve.pipeline.graph.channels import ChannelAnalysis
+from carve.pipeline.registry import Plugin, Registry
 
 criteria: Registry[type[Criterion]] = Registry(
-    "criterion", entry_point_group="carve.criteria", builtin_modules=["plugins.criteria"]
+    "criterion", entry_point_group="carve.criteria", builtin_modules=["carve.plugins.criteria"]
 )
 
 
@@ -33,7 +33,7 @@ class ScoreContext:
     seed: int = 0
     calib: Any = None  # calibration data, for criteria that need activations/labels/gradients
     extra: dict[str, Any] = field(default_factory=dict)
-    progress: Any = None  # a pipeline.progress.Progress callback for long scoring (activation capture)
+    progress: Any = None  # a carve.pipeline.progress.Progress callback for long scoring (activation capture)
 
     @property
     def model(self):

@@ -1,5 +1,5 @@
 """Pruning for speed: what a latency target means, the channel multiple each backend's kernels want, what pruning
-asks of measurement (:class:`LatencyOracle`, implemented by :class:`pipeline.measure.latency.MeasuredLatency`), and the
+asks of measurement (:class:`LatencyOracle`, implemented by :class:`carve.pipeline.measure.latency.MeasuredLatency`), and the
 closed loop that checks a plan on the real engine and corrects it (NetAdapt, Yang et al., ECCV 2018: propose, measure
 on the target, adjust).
 
@@ -14,16 +14,17 @@ one that meets it) is kept.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pipeline.errors import CarveError
-from pipeline.graph.channels import ChannelAnalysis
-from pipeline.graph.model import Model
-from pipeline.graph.plan import Plan
-from pipeline.graph.surgery import prune
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.channels import ChannelAnalysis
+from carve.pipeline.graph.model import Model
+from carve.pipeline.graph.plan import Plan
+from carve.pipeline.graph.surgery import prune
 
 # Channel multiple per backend (and device) when no table is given: what kernels run fastest on. ONNX Runtime's CPU
 # convolutions use blocked NCHWc kernels whose block is the SIMD width: 16 floats with AVX-512, 8 with AVX2. Measured
@@ -39,12 +40,25 @@ def default_alignment(backend: str, device: str = "cpu") -> int:
     return GPU_ALIGNMENT
 
 
-def cpu_has(flag: str) -> bool:
+CPU_FLAGS_ENV = "CARVE_CPU_FLAGS"
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags carve plans for: ``$CARVE_CPU_FLAGS`` (space- or comma-separated, e.g. ``avx2 fma``) when
+    set, so that a model can be prepared for a deployment CPU other than this one (and tests pin the capability they
+    test), else the host's, from /proc/cpuinfo (none where that cannot be read)."""
+    forced = os.environ.get(CPU_FLAGS_ENV)
+    if forced is not None:
+        return frozenset(forced.replace(",", " ").split())
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and flag in line.split() for line in f)
+            return frozenset(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
     except OSError:
-        return False
+        return frozenset()
+
+
+def cpu_has(flag: str) -> bool:
+    return flag in cpu_flags()
 
 
 _UNITS = {"s": 1e3, "ms": 1.0, "us": 1e-3, "µs": 1e-3}

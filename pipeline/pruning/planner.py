@@ -1,7 +1,7 @@
 """From importance scores to a pruning plan: which channel units to remove.
 
-:func:`plan` scores every unit with a criterion (:mod:`pipeline.pruning.criterion`) and lets an allocator
-(:mod:`pipeline.pruning.allocator`) decide how many units each slice of each group loses. The built-in ``uniform``
+:func:`plan` scores every unit with a criterion (:mod:`carve.pipeline.pruning.criterion`) and lets an allocator
+(:mod:`carve.pipeline.pruning.allocator`) decide how many units each slice of each group loses. The built-in ``uniform``
 allocator removes the same fraction of every slice (a slice is the set of units of a group that appear in exactly the
 same tensors, so every tensor shrinks by the same ratio), rounds the kept width up to a multiple of ``round_to``
 (channel alignment for the engine's kernels) and never keeps fewer than ``keep_min`` channels. Frozen units are never
@@ -15,14 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import CarveError
-from pipeline.graph.channels import ChannelAnalysis
-from pipeline.graph.plan import Plan
-from pipeline.progress import Progress
-from pipeline.pruning.allocator import LatencyModel, allocators
-from pipeline.pruning.cost_table import CostTable
-from pipeline.pruning.criterion import ScoreContext, criteria
-from pipeline.pruning.targets import bisect_ratio, check_countable
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.channels import ChannelAnalysis
+from carve.pipeline.graph.plan import Plan
+from carve.pipeline.progress import Progress
+from carve.pipeline.pruning.allocator import LatencyModel, allocators
+from carve.pipeline.pruning.cost_table import CostTable
+from carve.pipeline.pruning.criterion import ScoreContext, criteria
+from carve.pipeline.pruning.targets import bisect_ratio, check_countable
 
 
 def exclusion_mask(
@@ -75,7 +75,7 @@ def plan(
     With ``target_macs`` (or ``target_params``), a fraction of the original model's MACs (params) to keep, the
     allocator's ``ratio`` is found by bisection: the smallest ratio whose predicted cost meets the target.
     With ``target_latency``, a fraction of the original's latency, and ``latency``, a latency table bound to this
-    analysis (:meth:`pipeline.measure.latency_table.LatencyTable.bind`): the ``latency`` allocator (the default
+    analysis (:meth:`carve.pipeline.measure.latency_table.LatencyTable.bind`): the ``latency`` allocator (the default
     then) solves a knapsack under that budget; any other allocator's ratio is bisected to the table's prediction.
     """
     if not 0 <= ratio < 1:

@@ -7,10 +7,10 @@
 Criteria, allocators and repairs are reached through their registries. Repairs work on a *working* copy of the model
 whose removed consumer columns are zeroed, so verification is always the same statement: the pruned model equals the
 (repaired) working model in ONNX Runtime. Latency tables and measurements come from a :class:`LatencyOracle` the
-caller passes (``pipeline.measure.latency.MeasuredLatency``: the CLI, recipes and
-:func:`pipeline.flows.prune.prune_measured` do); without one, nothing is measured and a latency target is refused.
+caller passes (``carve.pipeline.measure.latency.MeasuredLatency``: the CLI, recipes and
+:func:`carve.pipeline.flows.prune.prune_measured` do); without one, nothing is measured and a latency target is refused.
 Without ``round_to`` kept widths are multiples of what the backend's kernels want
-(:func:`pipeline.pruning.latency.default_alignment`).
+(:func:`carve.pipeline.pruning.latency.default_alignment`).
 """
 
 from __future__ import annotations
@@ -20,19 +20,19 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.config import bounds, options_for, validate
-from pipeline.errors import CarveError, UnreachableTarget, warn
-from pipeline.graph.channels import analyse
-from pipeline.graph.history import record
-from pipeline.graph.model import Model, check_finite, nonfinite_initializers
-from pipeline.graph.rewrite import ensure_biases
-from pipeline.graph.surgery import prune, zero_removed
-from pipeline.progress import Progress, counted, silent
-from pipeline.pruning.criterion import criteria
-from pipeline.pruning.latency import LatencyOracle, closed_loop, default_alignment, parse_target, tolerance
-from pipeline.pruning.planner import plan
-from pipeline.pruning.repair import repairs
-from pipeline.runtime.verify import verify_equal
+from carve.pipeline.config import bounds, options_for, validate
+from carve.pipeline.errors import CarveError, UnreachableTarget, warn
+from carve.pipeline.graph.channels import analyse
+from carve.pipeline.graph.history import record
+from carve.pipeline.graph.model import Model, check_finite, nonfinite_initializers
+from carve.pipeline.graph.rewrite import ensure_biases
+from carve.pipeline.graph.surgery import prune, zero_removed
+from carve.pipeline.progress import Progress, counted, silent
+from carve.pipeline.pruning.criterion import criteria
+from carve.pipeline.pruning.latency import LatencyOracle, closed_loop, default_alignment, parse_target, tolerance
+from carve.pipeline.pruning.planner import plan
+from carve.pipeline.pruning.repair import repairs
+from carve.pipeline.runtime.verify import verify_equal
 
 
 @dataclass
@@ -65,7 +65,7 @@ class PruneOptions:
     refine: int = 2  # closed-loop refinement steps for a latency target
 
     def plan_options(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`pipeline.pruning.planner.plan` these options set (the latency target is
+        """The keyword arguments of :func:`carve.pipeline.pruning.planner.plan` these options set (the latency target is
         set by :func:`prune_model`, as a fraction of the table's reference)."""
         out = {**options_for(plan, asdict(self)), **self.allocator_options}
         out.pop("target_latency", None)
@@ -129,15 +129,15 @@ def prune_model(
     latency: LatencyOracle | None = None,
 ) -> tuple[Model, dict]:
     """Prune ``model`` as ``opts`` says; returns the pruned model and a summary (also stored in its metadata).
-    ``progress`` (:mod:`pipeline.progress`) hears every stage: analyse, score, plan, each repair layer by layer,
-    surgery, verify. ``latency`` measures (:class:`~pipeline.pruning.latency.LatencyOracle`): it gives the latency
+    ``progress`` (:mod:`carve.pipeline.progress`) hears every stage: analyse, score, plan, each repair layer by layer,
+    surgery, verify. ``latency`` measures (:class:`~carve.pipeline.pruning.latency.LatencyOracle`): it gives the latency
     table for a latency target, checks the plan on the engine (closed loop), and measures the result against the
     original."""
     opts.check(calib)
     if opts.target_latency is not None and latency is None:
         raise CarveError(
             "a latency target needs measurements on the target engine",
-            hint="use pipeline.flows.prune.prune_measured(...) or pass latency=MeasuredLatency(...)",
+            hint="use carve.pipeline.flows.prune.prune_measured(...) or pass latency=MeasuredLatency(...)",
         )
     report = progress or silent
     had_nonfinite = nonfinite_initializers(model)  # the input's own (e.g. a Clip bound of inf) are not ours

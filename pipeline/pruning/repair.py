@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pipeline.graph.model import Model
-from pipeline.graph.plan import Plan
-from pipeline.registry import Plugin, Registry
+from carve.pipeline.graph.model import Model
+from carve.pipeline.graph.plan import Plan
+from carve.pipeline.registry import Plugin, Registry
 
 
 @dataclass
@@ -54,5 +54,5 @@ class Repair(Plugin):
 
 
 repairs: Registry[type[Repair]] = Registry(
-    "repair", entry_point_group="carve.repairs", builtin_modules=["plugins.repairs"]
+    "repair", entry_point_group="carve.repairs", builtin_modules=["carve.plugins.repairs"]
 )

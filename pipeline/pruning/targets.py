@@ -1,15 +1,15 @@
 """Reaching a MAC, parameter or latency target: the smallest allocator ratio whose predicted cost meets it (bisection
-on the :class:`~pipeline.graph.cost.CostModel`, or on a latency table's prediction; no surgery), then aligned chunks
+on the :class:`~carve.pipeline.graph.cost.CostModel`, or on a latency table's prediction; no surgery), then aligned chunks
 given back while the target still holds."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.errors import CarveError, UnreachableTarget
-from pipeline.graph.channels import ChannelAnalysis
-from pipeline.graph.cost import CostModel
-from pipeline.graph.shapes import unknown_conv_outputs
+from carve.pipeline.errors import CarveError, UnreachableTarget
+from carve.pipeline.graph.channels import ChannelAnalysis
+from carve.pipeline.graph.cost import CostModel
+from carve.pipeline.graph.shapes import unknown_conv_outputs
 
 
 def check_countable(analysis: ChannelAnalysis) -> None:

@@ -1,5 +1,5 @@
 """The smallest ONNX Runtime helpers: a CPU session for a model, concrete input shapes, deterministic random feeds, and
-one run. Verification, capture and evaluation use these; timed runs go through :mod:`pipeline.measure.backends`,
+one run. Verification, capture and evaluation use these; timed runs go through :mod:`carve.pipeline.measure.backends`,
 which configures sessions for measurement."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from pipeline.graph.model import Model
-from pipeline.graph.shapes import concrete_input_shapes
+from carve.pipeline.graph.model import Model
+from carve.pipeline.graph.shapes import concrete_input_shapes
 
 
 def session(
@@ -35,7 +35,7 @@ def input_specs(
     proto: onnx.ModelProto, batch: int = 1, *, strict: bool = False
 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Graph inputs with concrete shapes: an open batch axis becomes ``batch``, other open dimensions come from
-    what the model says about its input (:func:`pipeline.graph.shapes.concrete_input_shapes`; a CarveError naming
+    what the model says about its input (:func:`carve.pipeline.graph.shapes.concrete_input_shapes`; a CarveError naming
     the dimension when nothing does). ``strict``: a static batch other than ``batch`` is refused."""
     return concrete_input_shapes(proto, batch, strict=strict)
 
@@ -64,7 +64,7 @@ def run_checked(model, feeds: dict[str, np.ndarray], *, what: str = "the model")
     """:func:`run` on a model that comes from the user (or is the user's model with weights changed): ONNX Runtime
     refusing it is a user error naming ``what``, not a crash. Models carve built itself are run with :func:`run`,
     so their failures stay bugs."""
-    from pipeline.errors import CarveError, first_line
+    from carve.pipeline.errors import CarveError, first_line
 
     try:
         return run(model, feeds)
@@ -80,7 +80,7 @@ def run_checked(model, feeds: dict[str, np.ndarray], *, what: str = "the model")
 
 def check_runs(model, *, what: str = "the model") -> None:
     """The model runs in ONNX Runtime on random inputs with finite outputs (else a CarveError)."""
-    from pipeline.errors import CarveError
+    from carve.pipeline.errors import CarveError
 
     outs = run_checked(model, random_feeds(model, batch=2), what=what)
     for o, y in zip(model.proto.graph.output if isinstance(model, Model) else model.graph.output, outs):

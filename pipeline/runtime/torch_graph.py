@@ -1,13 +1,13 @@
 """Run an ONNX graph with PyTorch: an ``nn.Module`` whose parameters are the ONNX initializers, executed as a
 *recorded program* that is graph-safe by construction.
 
-:class:`TorchGraph` is built from a :class:`~pipeline.graph.Model`:
+:class:`TorchGraph` is built from a :class:`~carve.pipeline.graph.Model`:
 
 * floating-point initializers become ``nn.Parameter``s, so gradients flow to them (loss-based criteria, fine-tuning)
   and :meth:`TorchGraph.write_back` copies trained values into the very same ONNX initializers; integer initializers,
   and float initializers read only as arguments (a Pad value, Resize scales, Clip bounds), stay host values;
 * running it records a **program** for the input shapes at hand: every node's builder
-  (:mod:`pipeline.runtime.torch_ops`) resolves pads, pad values, resize sizes, reshape targets, slice bounds, split
+  (:mod:`carve.pipeline.runtime.torch_ops`) resolves pads, pad values, resize sizes, reshape targets, slice bounds, split
   sizes, ranges, constant-of-shape and the whole ``Shape -> Gather -> Concat -> Reshape`` arithmetic into Python values
   once, turns host constants that meet device tensors into device tensors once, and leaves a list of kernels that take
   tensors only. Replaying the program performs no host read, no ``.item()``, no ``.cpu()`` and no host-to-device copy,
@@ -25,7 +25,7 @@ Two ways to use it, side by side:
 
 What cannot be made static: a value that shapes the computation but is computed *from the input data* (a reshape target
 taken from activations, a data-decided ``Range``/``ConstantOfShape``/``Expand``/``Tile``/``Slice``/``Pad``/``Resize``
-argument). ``static()`` refuses such a graph with a :class:`~pipeline.runtime.torch_ops.DataDependent` error naming the
+argument). ``static()`` refuses such a graph with a :class:`~carve.pipeline.runtime.torch_ops.DataDependent` error naming the
 node and the tensor; the dynamic mode still runs it by reading that value back each call (and never replays it). Input
 shapes themselves are static per program: another shape is another recording (dynamic) or another ``static()`` build.
 
@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
-from pipeline.errors import CarveError
-from pipeline.graph.model import Model
-from pipeline.runtime.torch_ops import ARGS, DTYPES, OPS, Const, DataDependent, Folded, In, Kernel, Node
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.model import Model
+from carve.pipeline.runtime.torch_ops import ARGS, DTYPES, OPS, Const, DataDependent, Folded, In, Kernel, Node
 
 __all__ = ["TorchGraph", "StaticGraph", "Program", "DataDependent", "OPS"]
 

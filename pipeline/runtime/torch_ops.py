@@ -1,4 +1,4 @@
-"""The ONNX ops the PyTorch runner (:mod:`pipeline.runtime.torch_graph`) knows, as *kernel builders*.
+"""The ONNX ops the PyTorch runner (:mod:`carve.pipeline.runtime.torch_graph`) knows, as *kernel builders*.
 
 A builder is called once per node when a program is recorded for given input shapes. It sees every input as an
 :class:`In`: its shape and dtype, and its value when that value is known on the host at build time (integer and
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
-from pipeline.errors import CarveError
-from pipeline.graph.conv import resolve_pads
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.conv import resolve_pads
 
 OPS: dict[str, Callable] = {}
 ARGS: dict[str, tuple[int, ...]] = {}

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.errors import CarveError
-from pipeline.graph.model import Model
-from pipeline.runtime.ort import random_feeds, run, run_checked
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.model import Model
+from carve.pipeline.runtime.ort import random_feeds, run, run_checked
 
 
 def output_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:

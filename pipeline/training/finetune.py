@@ -1,18 +1,18 @@
 """Distillation fine-tuning of an ONNX graph's own weights.
 
-The student graph runs in PyTorch (:class:`~pipeline.runtime.torch_graph.TorchGraph`): its float initializers are
+The student graph runs in PyTorch (:class:`~carve.pipeline.runtime.torch_graph.TorchGraph`): its float initializers are
 parameters, BatchNormalization nodes train as batch norm (batch statistics; running statistics updated with the node's
 momentum), and a graph whose BN was folded trains its folded convs. Non-float initializers (shapes, axes) and the
 parameters of nodes matched by ``freeze`` stay untouched. After training the values are written back into a copy of
 the very same graph (no re-export), which must pass the checker, keep its output shapes, hold only finite weights and
 agree with the trained torch module in ONNX Runtime; the fine-tune is recorded in its ``carve.history``.
 
-Loss (:mod:`pipeline.training.losses`, :mod:`pipeline.training.schedule`): distillation from a teacher graph at
+Loss (:mod:`carve.pipeline.training.losses`, :mod:`carve.pipeline.training.schedule`): distillation from a teacher graph at
 temperature T (SFP's variable temperature as ``START:END``), cross-entropy when the data has labels, and an optional
 feature loss on tensors that exist with the same shape in both graphs. The teacher runs in ONNX Runtime on the CPU
 (cheaper than torch there) and in PyTorch on CUDA. Training: SGD with Nesterov momentum or AdamW, cosine learning rate
 with optional linear warm-up, weight decay on weight tensors only, gradient clipping, random-crop-and-flip augmentation
-(:mod:`pipeline.training.augment`). The data order and augmentation of epoch e come from a generator seeded with (seed,
+(:mod:`carve.pipeline.training.augment`). The data order and augmentation of epoch e come from a generator seeded with (seed,
 e), so a seeded run on the CPU is repeatable, and a run resumed from an epoch checkpoint continues exactly as the
 uninterrupted one would.
 """
@@ -31,14 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.datasets import Dataset
-from pipeline.errors import CarveError
-from pipeline.graph.channels import fingerprint
-from pipeline.graph.history import record
-from pipeline.graph.model import Model
-from pipeline.graph.shapes import verify_structure
-from pipeline.training.augment import Augment
-from pipeline.training.schedule import Temperature, cosine_lr
+from carve.pipeline.data.datasets import Dataset
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.channels import fingerprint
+from carve.pipeline.graph.history import record
+from carve.pipeline.graph.model import Model
+from carve.pipeline.graph.shapes import verify_structure
+from carve.pipeline.training.augment import Augment
+from carve.pipeline.training.schedule import Temperature, cosine_lr
 
 # one progress event per step and per epoch: {"event": "step"|"epoch", "step", "steps", "epoch", "epochs", "loss",
 # "lr", "images_per_s", "eta_s", ...}; the CLI draws them as a progress bar (or log lines when not a terminal)
@@ -141,8 +141,8 @@ def finetune(
     """
     import torch
 
-    from pipeline.runtime.torch_graph import TorchGraph
-    from pipeline.training import losses
+    from carve.pipeline.runtime.torch_graph import TorchGraph
+    from carve.pipeline.training import losses
 
     opts = opts or FinetuneOptions()
     opts.check()
@@ -384,7 +384,7 @@ class _Teacher:
         self.sessions: dict[tuple[str, ...], Any] = {}
         self.threads = threads or 1
         if device != "cpu":
-            from pipeline.runtime.torch_graph import TorchGraph
+            from carve.pipeline.runtime.torch_graph import TorchGraph
 
             self.net = TorchGraph(model, trainable=False).eval().to(device)
 
@@ -398,8 +398,8 @@ class _Teacher:
             return (out[0] if isinstance(out, tuple) else out), feats
         sess = self.sessions.get(tuple(features))
         if sess is None:
-            from pipeline.data.capture import with_outputs
-            from pipeline.runtime.ort import session
+            from carve.pipeline.data.capture import with_outputs
+            from carve.pipeline.runtime.ort import session
 
             proto = with_outputs(self.model, list(features)) if features else self.model.proto
             sess = self.sessions[tuple(features)] = session(proto, threads=self.threads)
@@ -446,9 +446,9 @@ def _agreement(net, model: Model, data: Dataset, device: str) -> dict[str, float
     """The written graph in ONNX Runtime against the trained torch module, on a few training images."""
     import torch
 
-    from pipeline.data.batching import first_batch
-    from pipeline.runtime.ort import run
-    from pipeline.runtime.verify import output_metrics
+    from carve.pipeline.data.batching import first_batch
+    from carve.pipeline.runtime.ort import run
+    from carve.pipeline.runtime.verify import output_metrics
 
     x = first_batch(model, data, 8)  # exactly the model's batch when it is static
     with torch.no_grad():

@@ -2,7 +2,7 @@
 
 * Distillation (Hinton, Vinyals and Dean, "Distilling the Knowledge in a Neural Network", 2015): KL(teacher_T ||
   student_T) of the softened outputs at temperature T, times T^2 so its gradients keep their scale as T changes.
-  The temperature may vary over the training (:class:`pipeline.training.schedule.Temperature`, SFP).
+  The temperature may vary over the training (:class:`carve.pipeline.training.schedule.Temperature`, SFP).
 * Cross-entropy with the labels, when the data has them.
 * A feature loss on matched intermediate tensors (FitNets-style hints, Romero et al., ICLR 2015): the mean squared
   difference of a tensor present with the same shape in both graphs, relative to the teacher tensor's mean square.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pipeline.errors import CarveError
+from carve.pipeline.errors import CarveError
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int = 0) -> float:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.graph.bn import folded_filters
-from pipeline.graph.channels import ChannelAnalysis, Kind
-from pipeline.pruning.allocator import Allocation, Allocator, allocators, remove_by_rate
-from plugins.criteria.simfp import kernel_dispersion
+from carve.pipeline.graph.bn import folded_filters
+from carve.pipeline.graph.channels import ChannelAnalysis, Kind
+from carve.pipeline.pruning.allocator import Allocation, Allocator, allocators, remove_by_rate
+from carve.plugins.criteria.simfp import kernel_dispersion
 
 
 def group_dispersion(analysis: ChannelAnalysis) -> np.ndarray:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.errors import CarveError
-from pipeline.graph.channels import ChannelAnalysis
-from pipeline.pruning.allocator import Allocation, Allocator, aligned_removal, allocators, remove_lowest
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.channels import ChannelAnalysis
+from carve.pipeline.pruning.allocator import Allocation, Allocator, aligned_removal, allocators, remove_lowest
 
 
 def layer_counts(analysis: ChannelAnalysis) -> np.ndarray:

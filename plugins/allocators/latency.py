@@ -4,7 +4,7 @@ Alvarez, "Structural Pruning via Latency-Saliency Knapsack", NeurIPS 2022).
 HALP measures a latency lookup table of every layer on the target engine and, at each pruning step, solves a knapsack:
 maximise the summed importance of the kept channels subject to the latency budget, the latency of a layer read from
 the table at its neighbours' current widths. Here the table is carve's per-group table
-(:mod:`pipeline.measure.latency_table`: each group's subgraph timed at candidate widths, bilinear where two groups
+(:mod:`carve.pipeline.measure.latency_table`: each group's subgraph timed at candidate widths, bilinear where two groups
 meet a conv), and the knapsack is a multiple-choice knapsack: every prunable group chooses one width.
 
 * **Widths**: only the fast steps of each group's staircase (a width that costs what a wider one costs is never
@@ -27,7 +27,7 @@ meet a conv), and the knapsack is a multiple-choice knapsack: every prunable gro
   out of reach is refused.
 
 ``knapsack`` is the same allocator under whichever target is given: a latency table's, or the exact MAC or parameter
-cost of :mod:`pipeline.pruning.cost_table` (widths aligned to ``--round-to``).
+cost of :mod:`carve.pipeline.pruning.cost_table` (widths aligned to ``--round-to``).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.errors import CarveError, UnreachableTarget
-from pipeline.pruning.allocator import Allocation, Allocator, allocators
-from plugins.allocators.global_rank import normalised
+from carve.pipeline.errors import CarveError, UnreachableTarget
+from carve.pipeline.pruning.allocator import Allocation, Allocator, allocators
+from carve.plugins.allocators.global_rank import normalised
 
 
 def solve_mckp(values: list[np.ndarray], costs: list[np.ndarray], budget: float, bins: int = 2000) -> list[int] | None:
@@ -246,6 +246,6 @@ class LatencyKnapsack(Allocator):
 @allocators.register("knapsack")
 class Knapsack(LatencyKnapsack):
     """The same knapsack under whichever target is given: --target-latency (a latency table), --target-macs or
-    --target-params (their exact cost, :mod:`pipeline.pruning.cost_table`, widths aligned to --round-to)."""
+    --target-params (their exact cost, :mod:`carve.pipeline.pruning.cost_table`, widths aligned to --round-to)."""
 
     description = "the most importance that fits the target (latency, MACs or params): knapsack over groups x widths"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.pruning.allocator import Allocation, Allocator, allocators, remove_by_rate
+from carve.pipeline.pruning.allocator import Allocation, Allocator, allocators, remove_by_rate
 
 
 @allocators.register("uniform")

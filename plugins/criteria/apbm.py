@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.graph.bn import folded_filters
-from pipeline.pruning.criterion import Criterion, ScoreContext, criteria, pairwise_distances
+from carve.pipeline.graph.bn import folded_filters
+from carve.pipeline.pruning.criterion import Criterion, ScoreContext, criteria, pairwise_distances
 
 
 def similarity_distributions(w: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data.activations import PER_CHANNEL, activation_tensor, spatial_producers
-from pipeline.data.capture import capture
-from pipeline.data.datasets import Dataset
-from pipeline.pruning.criterion import Criterion, ScoreContext, criteria
+from carve.pipeline.data.activations import PER_CHANNEL, activation_tensor, spatial_producers
+from carve.pipeline.data.capture import capture
+from carve.pipeline.data.datasets import Dataset
+from carve.pipeline.pruning.criterion import Criterion, ScoreContext, criteria
 
 NEIGHBOURS = ((0, 1), (1, 0), (0, -1), (-1, 0))
 
@@ -199,7 +199,7 @@ class Aura(Criterion):
                 pairs.append((x_of[s.name], y, pick, xs[2] // ys[2], s.name))
                 y_tensors[s.name] = y
         elif self.opts["variant"] != "entropy":
-            from pipeline.errors import CarveError
+            from carve.pipeline.errors import CarveError
 
             raise CarveError(f"aura: unknown variant {self.opts['variant']!r}; valid: mi, entropy")
         names = sorted(set(x_of.values()) | {p[1] for p in pairs})

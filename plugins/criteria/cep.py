@@ -26,11 +26,11 @@ from collections import defaultdict
 
 import numpy as np
 
-from pipeline.data.batching import model_batches
-from pipeline.data.gradients import Gradients, check_labels, weight_gradients
-from pipeline.errors import CarveError
-from pipeline.pruning.criterion import Criterion, ScoreContext, criteria
-from plugins.criteria.taylor import filter_rows
+from carve.pipeline.data.batching import model_batches
+from carve.pipeline.data.gradients import Gradients, check_labels, weight_gradients
+from carve.pipeline.errors import CarveError
+from carve.pipeline.pruning.criterion import Criterion, ScoreContext, criteria
+from carve.plugins.criteria.taylor import filter_rows
 
 
 def weight_scores(grads: Gradients, name: str, w: np.ndarray, variant: str) -> np.ndarray:
@@ -48,7 +48,7 @@ def delta_loss(ctx: ScoreContext, samples: int | None) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.runtime.torch_graph import TorchGraph
+    from carve.pipeline.runtime.torch_graph import TorchGraph
 
     an = ctx.analysis
     data = ctx.calib.sample(samples, seed=ctx.seed) if samples else ctx.calib

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.pruning.criterion import Criterion, ScoreContext, criteria, filter_scores, pairwise_distances
+from carve.pipeline.pruning.criterion import Criterion, ScoreContext, criteria, filter_scores, pairwise_distances
 
 
 @criteria.register("fpgm")

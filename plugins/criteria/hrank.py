@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data.activations import activation_tensor, spatial_producers
-from pipeline.data.capture import capture
-from pipeline.pruning.criterion import Criterion, ScoreContext, criteria
+from carve.pipeline.data.activations import activation_tensor, spatial_producers
+from carve.pipeline.data.capture import capture
+from carve.pipeline.pruning.criterion import Criterion, ScoreContext, criteria
 
 
 class _RankSum:

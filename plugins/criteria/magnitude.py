@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.pruning.criterion import Criterion, ScoreContext, criteria, filter_scores
+from carve.pipeline.pruning.criterion import Criterion, ScoreContext, criteria, filter_scores
 
 
 @criteria.register("l1")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.pruning.criterion import Criterion, ScoreContext, criteria
+from carve.pipeline.pruning.criterion import Criterion, ScoreContext, criteria
 
 
 @criteria.register("random")

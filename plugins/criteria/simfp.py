@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.graph.bn import folded_filters
-from pipeline.pruning.criterion import Criterion, ScoreContext, cosine_distances, criteria
+from carve.pipeline.graph.bn import folded_filters
+from carve.pipeline.pruning.criterion import Criterion, ScoreContext, cosine_distances, criteria
 
 
 def redundancy_scores(w: np.ndarray, linkage: str = "average") -> np.ndarray:

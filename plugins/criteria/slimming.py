@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.errors import CarveError
-from pipeline.graph.bn import bn_scale_shift
-from pipeline.pruning.criterion import Criterion, ScoreContext, criteria
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.bn import bn_scale_shift
+from carve.pipeline.pruning.criterion import Criterion, ScoreContext, criteria
 
 
 @criteria.register("slimming")

@@ -3,15 +3,15 @@ Network Pruning", CVPR 2019).
 
 Removing a filter changes the loss by about the first-order term of its weights: I_o = (sum_{w in filter o} g_w w)^2,
 computed per mini-batch of labelled calibration data and averaged over the batches, as in the paper (the bias is part
-of the filter). Gradients come from running the ONNX graph in PyTorch (:mod:`pipeline.data.gradients`).
+of the filter). Gradients come from running the ONNX graph in PyTorch (:mod:`carve.pipeline.data.gradients`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data.gradients import weight_gradients
-from pipeline.pruning.criterion import Criterion, ScoreContext, criteria
+from carve.pipeline.data.gradients import weight_gradients
+from carve.pipeline.pruning.criterion import Criterion, ScoreContext, criteria
 
 
 def filter_rows(arr: np.ndarray, axis: int) -> np.ndarray:

@@ -28,12 +28,12 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from pipeline.data.im2col import patches
-from pipeline.errors import CarveError
-from pipeline.graph import Model, attr
-from pipeline.graph.rewrite import finish, replace_nodes
-from pipeline.passes import Pass, PassContext, PassResult, passes
-from plugins.passes.fold_bn import FoldBN
+from carve.pipeline.data.im2col import patches
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph import Model, attr
+from carve.pipeline.graph.rewrite import finish, replace_nodes
+from carve.pipeline.passes import Pass, PassContext, PassResult, passes
+from carve.plugins.passes.fold_bn import FoldBN
 
 
 @dataclass
@@ -91,7 +91,7 @@ def _candidates(model: Model, include: list[str], exclude: list[str], kernels: s
 
 def _patch_covariances(model: Model, nodes: list[onnx.NodeProto], data, budget_bytes: int = 512 << 20):
     """E[p p^T] of every node's input patches over the calibration data, a few layers per pass to bound memory."""
-    from pipeline.data.capture import capture
+    from carve.pipeline.data.capture import capture
 
     covs: dict[str, np.ndarray] = {}
     chunk: list[onnx.NodeProto] = []
@@ -243,8 +243,8 @@ class Decompose(Pass):
             eta = 1.0 - self.error**2  # relative Frobenius error e <=> kept energy 1 - e^2
             return {lay.node.name: self.rank(lay, eta) for lay in layers}
         # target MACs: bisect a common energy level
-        from pipeline.graph.cost import model_cost
-        from pipeline.graph.shapes import unknown_conv_outputs
+        from carve.pipeline.graph.cost import model_cost
+        from carve.pipeline.graph.shapes import unknown_conv_outputs
 
         unknown = unknown_conv_outputs(model)
         if unknown:

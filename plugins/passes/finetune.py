@@ -1,17 +1,17 @@
 """Distillation fine-tuning as a recipe pass: train the graph's own weights on the recipe's ``data: train``, with the
 model the run started from as the teacher (``teacher: none`` to train on labels alone). See
-:mod:`pipeline.training.finetune` (distillation: Hinton et al. 2015; variable temperature: SFP, Information Sciences
+:mod:`carve.pipeline.training.finetune` (distillation: Hinton et al. 2015; variable temperature: SFP, Information Sciences
 2024)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import from_mapping
-from pipeline.errors import CarveError
-from pipeline.graph.model import Model
-from pipeline.passes import Pass, PassContext, PassResult, passes
-from pipeline.training.finetune import FinetuneOptions, finetune
+from carve.pipeline.config import from_mapping
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.model import Model
+from carve.pipeline.passes import Pass, PassContext, PassResult, passes
+from carve.pipeline.training.finetune import FinetuneOptions, finetune
 
 
 def finetune_options(options: dict[str, Any], where: str) -> tuple[FinetuneOptions, str]:

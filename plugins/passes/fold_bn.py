@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from pipeline.graph import Model, attr
-from pipeline.graph.bn import bn_scale_shift
-from pipeline.graph.rewrite import finish
-from pipeline.passes import Pass, PassContext, PassResult, passes
+from carve.pipeline.graph import Model, attr
+from carve.pipeline.graph.bn import bn_scale_shift
+from carve.pipeline.graph.rewrite import finish
+from carve.pipeline.passes import Pass, PassContext, PassResult, passes
 
 LINEAR = ("Conv", "ConvTranspose", "Gemm")
 

@@ -21,17 +21,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pipeline.config import from_mapping
-from pipeline.errors import CarveError
-from pipeline.graph.cost import model_cost
-from pipeline.graph.io import save
-from pipeline.graph.model import Model
-from pipeline.measure.evaluate import evaluate
-from pipeline.measure.latency import MeasuredLatency
-from pipeline.passes import Pass, PassContext, PassResult, passes
-from pipeline.pruning.prune import PruneOptions, prune_model
-from pipeline.training.finetune import finetune
-from plugins.passes.finetune import finetune_options
+from carve.pipeline.config import from_mapping
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.cost import model_cost
+from carve.pipeline.graph.io import save
+from carve.pipeline.graph.model import Model
+from carve.pipeline.measure.evaluate import evaluate
+from carve.pipeline.measure.latency import MeasuredLatency
+from carve.pipeline.passes import Pass, PassContext, PassResult, passes
+from carve.pipeline.pruning.prune import PruneOptions, prune_model
+from carve.pipeline.training.finetune import finetune
+from carve.plugins.passes.finetune import finetune_options
 
 
 def keep_schedule(

@@ -22,11 +22,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from pipeline.errors import CarveError
-from pipeline.graph import Model, attr
-from pipeline.graph.conv import conv_pads
-from pipeline.graph.rewrite import finish, replace_nodes
-from pipeline.passes import Pass, PassContext, PassResult, passes
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph import Model, attr
+from carve.pipeline.graph.conv import conv_pads
+from carve.pipeline.graph.rewrite import finish, replace_nodes
+from carve.pipeline.passes import Pass, PassContext, PassResult, passes
 
 
 def _bias(model: Model, node: onnx.NodeProto, n: int) -> np.ndarray:
@@ -180,7 +180,7 @@ def merged_nodes(model: Model, pair: Pair) -> tuple[list[onnx.NodeProto], dict[s
 
 
 def pair_macs(model: Model, pair: Pair) -> int:
-    from pipeline.graph.cost import node_macs
+    from carve.pipeline.graph.cost import node_macs
 
     return sum(node_macs(model, n) for n in pair.nodes)
 
@@ -251,15 +251,15 @@ class Merge(Pass):
         new, inits = merged_nodes(model, pair)
         after_model = submodel(model, new, inits)
         before_model = submodel(model, pair.nodes)
-        from pipeline.graph import from_proto
-        from pipeline.graph.cost import model_cost
+        from carve.pipeline.graph import from_proto
+        from carve.pipeline.graph.cost import model_cost
 
         macs_pair = pair_macs(model, pair)
         macs_merged = model_cost(from_proto(after_model)).macs
         if self.when == "macs":
             ok = macs_merged <= macs_pair
             return ok, f"MACs {macs_pair:,} as a pair, {macs_merged:,} merged"
-        from pipeline.measure.ab import time_ratio
+        from carve.pipeline.measure.ab import time_ratio
 
         ratio = time_ratio(before_model, after_model, backend=self.backend, threads=self.threads, batch=self.batch)
         return ratio >= 1.0, f"merged runs {ratio:.2f}x the pair's speed on {self.backend}"

@@ -1,22 +1,22 @@
 """Pruning as a pass, for recipes: plan with a criterion and an allocator (a ratio, or a MAC, parameter or latency
-target), repair, cut, and measure the result against its input on the options' backend (see pipeline.pruning.prune;
+target), repair, cut, and measure the result against its input on the options' backend (see carve.pipeline.pruning.prune;
 ``measure: false`` skips the measurement)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import from_mapping
-from pipeline.errors import CarveError
-from pipeline.graph.model import Model
-from pipeline.measure.latency import MeasuredLatency
-from pipeline.passes import Pass, PassContext, PassResult, passes
-from pipeline.pruning.prune import PruneOptions, describe_amount, prune_model
+from carve.pipeline.config import from_mapping
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.model import Model
+from carve.pipeline.measure.latency import MeasuredLatency
+from carve.pipeline.passes import Pass, PassContext, PassResult, passes
+from carve.pipeline.pruning.prune import PruneOptions, describe_amount, prune_model
 
 
 @passes.register("prune")
 class Prune(Pass):
-    description = "remove channels: criterion + allocator, optional fusion/refit/repair (pipeline.pruning.prune)"
+    description = "remove channels: criterion + allocator, optional fusion/refit/repair (carve.pipeline.pruning.prune)"
     records_history = True
 
     def __init__(self, **options: Any) -> None:

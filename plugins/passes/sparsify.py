@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.data.gradients import weight_gradients
-from pipeline.errors import CarveError
-from pipeline.graph.model import Model
-from pipeline.passes import Pass, PassContext, PassResult, passes
-from plugins.criteria.cep import weight_mask, weight_scores
+from carve.pipeline.data.gradients import weight_gradients
+from carve.pipeline.errors import CarveError
+from carve.pipeline.graph.model import Model
+from carve.pipeline.passes import Pass, PassContext, PassResult, passes
+from carve.plugins.criteria.cep import weight_mask, weight_scores
 
 
 @dataclass

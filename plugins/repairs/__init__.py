@@ -1,3 +1,3 @@
 """Built-in repairs (one method per module); importing this package registers them."""
 
-from plugins.repairs import bias, bn, fuse, lsq  # noqa: F401
+from carve.plugins.repairs import bias, bn, fuse, lsq  # noqa: F401

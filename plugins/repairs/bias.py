@@ -1,16 +1,16 @@
 """Bias correction: after pruning, each consumer's bias absorbs the mean shift of its output,
 b' = b + E[W X_orig] - E[W_K X_K] per output channel, from channel means only (cheaper than the least-squares refit;
 the mean-shift correction of data-free quantisation and pruning work, e.g. Nagel et al. ICCV 2019). In topological
-order on calibration data (:mod:`pipeline.data.compensate`)."""
+order on calibration data (:mod:`carve.pipeline.data.compensate`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data.compensate import compensate
-from pipeline.graph.consumers import add_bias, consumer_columns, weight_matrix
-from pipeline.graph.model import Model
-from pipeline.pruning.repair import Repair, RepairResult, repairs
+from carve.pipeline.data.compensate import compensate
+from carve.pipeline.graph.consumers import add_bias, consumer_columns, weight_matrix
+from carve.pipeline.graph.model import Model
+from carve.pipeline.pruning.repair import Repair, RepairResult, repairs
 
 
 class _BiasCorrection:

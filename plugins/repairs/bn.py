@@ -1,13 +1,13 @@
 """BatchNorm re-estimation: every BatchNormalization's running mean and variance are re-measured on the working model
 (the statistics the pruned network really produces; "AdaBN"-style recalibration, Li et al. 2016), in topological order
-on calibration data, one forward pass of the working model (:mod:`pipeline.data.compensate`)."""
+on calibration data, one forward pass of the working model (:mod:`carve.pipeline.data.compensate`)."""
 
 from __future__ import annotations
 
-from pipeline.data.capture import ChannelMoments
-from pipeline.data.compensate import compensate
-from pipeline.graph.model import Model
-from pipeline.pruning.repair import Repair, RepairResult, repairs
+from carve.pipeline.data.capture import ChannelMoments
+from carve.pipeline.data.compensate import compensate
+from carve.pipeline.graph.model import Model
+from carve.pipeline.pruning.repair import Repair, RepairResult, repairs
 
 
 class _BNStats:

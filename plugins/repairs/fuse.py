@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.graph.bn import folded_filters, following_bn
-from pipeline.graph.channels import Kind
-from pipeline.graph.model import Model
-from pipeline.graph.plan import Plan
-from pipeline.pruning.repair import Repair, RepairResult, repairs
+from carve.pipeline.graph.bn import folded_filters, following_bn
+from carve.pipeline.graph.channels import Kind
+from carve.pipeline.graph.model import Model
+from carve.pipeline.graph.plan import Plan
+from carve.pipeline.pruning.repair import Repair, RepairResult, repairs
 
 HOMOGENEOUS = {
     "Relu",

@@ -6,12 +6,12 @@ conv upstream is simply part of the input), the kept columns and the bias are re
 consumer's output on the working model's inputs matches the original consumer's output on the original inputs:
 min_{W', b'} ||W X_orig - W'_K X_K - b'||^2 + ridge ||W'_K||^2. The plain pruned weights are one candidate, so on the
 calibration data the refit's error never exceeds plain pruning's (up to the ridge term). Consumers are refit in
-topological order on inputs that carry every upstream refit (:mod:`pipeline.data.compensate`).
+topological order on inputs that carry every upstream refit (:mod:`carve.pipeline.data.compensate`).
 
 Per batch and consumer at most ``max_rows`` rows (patch positions: neighbours are highly redundant) are drawn, the
 same in both models, seeded per (node, batch). The targets are read off the original consumer's *output*, which ONNX
 Runtime computes anyway (no im2col on that side); the working model's rows are gathered directly, kept input channels
-only (:func:`pipeline.data.im2col.patch_rows`). Statistics are Gram matrices accumulated batch by batch (float32
+only (:func:`carve.pipeline.data.im2col.patch_rows`). Statistics are Gram matrices accumulated batch by batch (float32
 products, float64 sums and solve), so memory does not grow with the samples.
 """
 
@@ -22,11 +22,11 @@ import zlib
 import numpy as np
 import onnx
 
-from pipeline.data.compensate import compensate
-from pipeline.data.im2col import from_uvc, patch_rows, uvc_matrix
-from pipeline.graph.consumers import add_bias, consumer_columns, weight_matrix, write_matrix
-from pipeline.graph.model import Model
-from pipeline.pruning.repair import Repair, RepairResult, repairs
+from carve.pipeline.data.compensate import compensate
+from carve.pipeline.data.im2col import from_uvc, patch_rows, uvc_matrix
+from carve.pipeline.graph.consumers import add_bias, consumer_columns, weight_matrix, write_matrix
+from carve.pipeline.graph.model import Model
+from carve.pipeline.pruning.repair import Repair, RepairResult, repairs
 
 
 def _matrix(model: Model, node: onnx.NodeProto, weight: str, axis: int) -> np.ndarray:

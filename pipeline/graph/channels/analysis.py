@@ -6,8 +6,8 @@ Model (docs/channels.md has a picture):
   MatMul with a constant weight), a depthwise conv's filter (a *member* of its input channel), a constant channel that a
   ``Pad`` or a ``Concat`` with a constant adds, or a channel of a graph input / of an op carve does not understand.
 * Every tensor that carries channels holds, per index along its channel axis, the element it came from
-  (:class:`~pipeline.graph.channels.elements.Chan`). Walking the graph in topological order, one handler per op type
-  (:mod:`pipeline.graph.channels.handlers`) computes the output vectors from the input vectors and records
+  (:class:`~carve.pipeline.graph.channels.elements.Chan`). Walking the graph in topological order, one handler per op type
+  (:mod:`carve.pipeline.graph.channels.handlers`) computes the output vectors from the input vectors and records
     - **unions**: elements that must be removed together (residual ``Add``, SE gating ``Mul``, depthwise in/out),
     - **freezes**: elements that must stay, with a reason (graph inputs/outputs, unknown ops, tied weights, ...),
     - **slices**: which constant is cut along which axis by which elements (weights, biases, BN statistics, ...),
@@ -30,12 +30,12 @@ import onnx
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from pipeline.errors import UnsupportedModelError
-from pipeline.graph.channels.elements import Chan, Group, Kind, SliceRecord, Source
-from pipeline.graph.channels.fixes import Fix
-from pipeline.graph.channels.handlers import HANDLERS, q, unknown
-from pipeline.graph.channels.state import Analyser
-from pipeline.graph.model import Model, control_flow_nodes, outer_names
+from carve.pipeline.errors import UnsupportedModelError
+from carve.pipeline.graph.channels.elements import Chan, Group, Kind, SliceRecord, Source
+from carve.pipeline.graph.channels.fixes import Fix
+from carve.pipeline.graph.channels.handlers import HANDLERS, q, unknown
+from carve.pipeline.graph.channels.state import Analyser
+from carve.pipeline.graph.model import Model, control_flow_nodes, outer_names
 
 
 class ChannelAnalysis:
@@ -215,7 +215,7 @@ def fingerprint(model: Model) -> tuple:
 
 
 def analyse(model: Model) -> ChannelAnalysis:
-    """Analyse the channels of a prepared model (:func:`pipeline.graph.load`)."""
+    """Analyse the channels of a prepared model (:func:`carve.pipeline.graph.load`)."""
     a = Analyser(model)
     for name in model.input_names:
         shp = model.shape(name)

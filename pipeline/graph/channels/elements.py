@@ -1,6 +1,6 @@
 """The vocabulary of the channel analysis: elements and where they come from (:class:`Source`), the channel vector a
 tensor carries (:class:`Chan`), the constants surgery cuts (:class:`SliceRecord`) and coupled channel spaces
-(:class:`Group`). See :mod:`pipeline.graph.channels` and docs/channels.md."""
+(:class:`Group`). See :mod:`carve.pipeline.graph.channels` and docs/channels.md."""
 
 from __future__ import annotations
 

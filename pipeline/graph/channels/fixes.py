@@ -2,7 +2,7 @@
 own channels but count them (Split sizes, Slice bounds, Pad pads, a depthwise conv's ``group``, Gather indices,
 Reshape targets, Resize sizes / Expand shapes).
 
-The analysis records them as plain data; :mod:`pipeline.graph.surgery` applies them. Each record holds the channel
+The analysis records them as plain data; :mod:`carve.pipeline.graph.surgery` applies them. Each record holds the channel
 elements whose survival decides the new value (``keep(ids)`` is a boolean mask over them).
 """
 

@@ -1,14 +1,14 @@
 """The state threaded through the channel handlers while the graph is walked: new elements, the channel vector of
-every tensor, and the unions, freezes, slices and fixes the handlers record (:mod:`pipeline.graph.channels`)."""
+every tensor, and the unions, freezes, slices and fixes the handlers record (:mod:`carve.pipeline.graph.channels`)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 
-from pipeline.graph.channels.elements import Chan, Kind, SliceRecord, Source
-from pipeline.graph.channels.fixes import Fix
-from pipeline.graph.model import Model
+from carve.pipeline.graph.channels.elements import Chan, Kind, SliceRecord, Source
+from carve.pipeline.graph.channels.fixes import Fix
+from carve.pipeline.graph.model import Model
 
 
 class Analyser:

@@ -5,12 +5,12 @@ and a precision. An engine has its inputs bound once, runs one inference with :m
 with the clock that fits its device (:meth:`Engine.time`: wall clock on the CPU, CUDA events on a GPU), returns its
 outputs for agreement checks, and reports what it knows about memory and its own settings.
 
-    from pipeline.measure.backends import build
+    from carve.pipeline.measure.backends import build
     engine = build("ort", "model.onnx", EngineConfig(batch=8, threads=2))
     seconds = engine.time(100) / 100
 
 Backends: ``ort`` (CPU everywhere; CUDA / TensorRT execution providers where they load), ``trt`` (TensorRT 10/11,
-``tensorrt`` imported only in :mod:`pipeline.measure.backends.trt`), ``torch-cuda`` (the ONNX graph run by PyTorch on
+``tensorrt`` imported only in :mod:`carve.pipeline.measure.backends.trt`), ``torch-cuda`` (the ONNX graph run by PyTorch on
 a GPU) and ``torch-cpu`` (the same runner on the CPU, for numerics and machines without a GPU).
 """
 
@@ -23,16 +23,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.errors import CarveError, MissingDependencyError
-from pipeline.registry import Registry
+from carve.pipeline.errors import CarveError, MissingDependencyError
+from carve.pipeline.registry import Registry
 
 backends: Registry[type[Backend]] = Registry(
     "backend",
     entry_point_group="carve.backends",
     builtin_modules=[
-        "pipeline.measure.backends.ort",
-        "pipeline.measure.backends.trt",
-        "pipeline.measure.backends.torch_cuda",
+        "carve.pipeline.measure.backends.ort",
+        "carve.pipeline.measure.backends.trt",
+        "carve.pipeline.measure.backends.torch_cuda",
     ],
 )
 

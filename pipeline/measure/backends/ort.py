@@ -6,7 +6,7 @@ arena, which otherwise keeps peak memory after the first run.
 
 What the engine reports is what ran:
 
-* ``precision="fp16"`` runs carve's own FP16 graph (:func:`pipeline.graph.precision.to_fp16`: FP16 weights and
+* ``precision="fp16"`` runs carve's own FP16 graph (:func:`carve.pipeline.graph.precision.to_fp16`: FP16 weights and
   compute, FP32 inputs and outputs). ONNX Runtime runs an FP16 op it has no FP16 kernel for in FP32 between inserted
   casts; those ops are listed in ``info()["fp32_fallback_ops"]`` (from the optimised graph ORT writes), so an "fp16"
   figure says how much of it was not;
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import CarveError, MissingDependencyError, first_line
-from pipeline.measure.backends import Backend, Engine, EngineConfig, backends
-from pipeline.runtime.ort import input_specs
+from carve.pipeline.errors import CarveError, MissingDependencyError, first_line
+from carve.pipeline.measure.backends import Backend, Engine, EngineConfig, backends
+from carve.pipeline.runtime.ort import input_specs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 LEVELS = {
@@ -145,7 +145,7 @@ def output_shapes(proto, batch: int) -> dict[str, tuple[tuple[int, ...], np.dtyp
     import onnx
     from onnx import helper
 
-    from pipeline.graph.shapes import skeleton
+    from carve.pipeline.graph.shapes import skeleton
 
     sk = skeleton(proto)
     specs = input_specs(proto, batch)
@@ -181,7 +181,7 @@ class OrtEngine(Engine):
         import onnx
         import onnxruntime as ort
 
-        from pipeline.graph import load
+        from carve.pipeline.graph import load
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = config.threads
@@ -207,7 +207,7 @@ class OrtEngine(Engine):
         self.fp32_fallback: list[str] | None = None
         with tempfile.TemporaryDirectory(prefix="carve-ort-") as tmp:
             if config.precision == "fp16":
-                from pipeline.graph.precision import to_fp16
+                from carve.pipeline.graph.precision import to_fp16
 
                 source = to_fp16(load(model)).SerializeToString()
                 if provider != "TensorrtExecutionProvider":  # TensorRT's compiled nodes cannot be written out

@@ -1,4 +1,4 @@
-"""The ONNX graph run by PyTorch (:mod:`pipeline.runtime.torch_graph`): ``torch-cuda`` on an NVIDIA GPU without
+"""The ONNX graph run by PyTorch (:mod:`carve.pipeline.runtime.torch_graph`): ``torch-cuda`` on an NVIDIA GPU without
 TensorRT, and ``torch-cpu`` on the CPU (numerics against ONNX Runtime, machines without a GPU).
 
 What is timed is the model, not the interpreter. The runner's *static* program for the engine's input (every shape,
@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import CarveError
-from pipeline.measure.backends import Backend, Engine, EngineConfig, backends
+from carve.pipeline.errors import CarveError
+from carve.pipeline.measure.backends import Backend, Engine, EngineConfig, backends
 
 
 @dataclass(frozen=True)
@@ -303,9 +303,9 @@ class TorchEngine(ModuleEngine):
     def __init__(self, model: str | Path, config: EngineConfig, device: str) -> None:
         import torch
 
-        from pipeline.graph import load
-        from pipeline.runtime.ort import input_specs
-        from pipeline.runtime.torch_graph import DataDependent, TorchGraph
+        from carve.pipeline.graph import load
+        from carve.pipeline.runtime.ort import input_specs
+        from carve.pipeline.runtime.torch_graph import DataDependent, TorchGraph
 
         settings = torch_settings(config, device)
         base = memory_baseline(torch, settings)

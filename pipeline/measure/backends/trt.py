@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import CarveError, MissingDependencyError
-from pipeline.measure.backends import Backend, Engine, EngineConfig, backends
+from carve.pipeline.errors import CarveError, MissingDependencyError
+from carve.pipeline.measure.backends import Backend, Engine, EngineConfig, backends
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ class TrtEngine(Engine):
     def __init__(self, model: str | Path, config: EngineConfig) -> None:
         import torch
 
-        from pipeline.graph import load
+        from carve.pipeline.graph import load
 
         trt = _import_trt()
         if not torch.cuda.is_available():
@@ -156,7 +156,7 @@ class TrtEngine(Engine):
         self.plan = build_plan(config, trt.__version__)
         m = load(model)
         self.weight_bytes = m.weight_bytes()
-        from pipeline.graph.precision import to_fp16
+        from carve.pipeline.graph.precision import to_fp16
 
         proto = to_fp16(m) if self.plan.fp16_graph else m.proto
         data = proto.SerializeToString()

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import onnx
 
-from pipeline.graph.channels.elements import Chan
-from pipeline.graph.channels.handlers.table import handles, handles_channels, q
-from pipeline.graph.channels.state import Analyser
-from pipeline.graph.model import attr
+from carve.pipeline.graph.channels.elements import Chan
+from carve.pipeline.graph.channels.handlers.table import handles, handles_channels, q
+from carve.pipeline.graph.channels.state import Analyser
+from carve.pipeline.graph.model import attr
 
 _UNARY = (
     "Relu LeakyRelu Sigmoid HardSigmoid HardSwish Tanh Elu Selu Celu Softplus Softsign Mish Gelu Erf Exp Log Sqrt "

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from pipeline.graph.channels.elements import Chan, Kind
-from pipeline.graph.channels.fixes import GroupFix
-from pipeline.graph.channels.handlers.table import handles, q
-from pipeline.graph.channels.state import Analyser
-from pipeline.graph.model import attr
+from carve.pipeline.graph.channels.elements import Chan, Kind
+from carve.pipeline.graph.channels.fixes import GroupFix
+from carve.pipeline.graph.channels.handlers.table import handles, q
+from carve.pipeline.graph.channels.state import Analyser
+from carve.pipeline.graph.model import attr
 
 
 @dataclass

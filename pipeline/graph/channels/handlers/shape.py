@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from pipeline.graph.channels.elements import Chan
-from pipeline.graph.channels.fixes import ReshapeFix, ShapeEntryFix
-from pipeline.graph.channels.handlers.table import handles_channels, q
-from pipeline.graph.channels.state import Analyser
-from pipeline.graph.model import Model, attr
+from carve.pipeline.graph.channels.elements import Chan
+from carve.pipeline.graph.channels.fixes import ReshapeFix, ShapeEntryFix
+from carve.pipeline.graph.channels.handlers.table import handles_channels, q
+from carve.pipeline.graph.channels.state import Analyser
+from carve.pipeline.graph.model import Model, attr
 
 
 @handles_channels("Flatten")

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from pipeline.graph.channels.elements import Chan, Kind
-from pipeline.graph.channels.fixes import GatherFix, PadFix, SliceFix, SplitFix
-from pipeline.graph.channels.handlers.table import handles, handles_channels, q
-from pipeline.graph.channels.state import Analyser
-from pipeline.graph.model import attr
+from carve.pipeline.graph.channels.elements import Chan, Kind
+from carve.pipeline.graph.channels.fixes import GatherFix, PadFix, SliceFix, SplitFix
+from carve.pipeline.graph.channels.handlers.table import handles, handles_channels, q
+from carve.pipeline.graph.channels.state import Analyser
+from carve.pipeline.graph.model import attr
 
 
 @handles("Concat")

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import onnx
 
-from pipeline.graph.channels.elements import Chan
-from pipeline.graph.channels.state import Analyser
+from carve.pipeline.graph.channels.elements import Chan
+from carve.pipeline.graph.channels.state import Analyser
 
 
 def q(node: onnx.NodeProto) -> str:

@@ -1,0 +1,1 @@
+"""carve.pipeline.data: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""carve.pipeline.flows: see docs/architecture.md."""

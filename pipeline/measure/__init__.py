@@ -1,0 +1,1 @@
+"""carve.pipeline.measure: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""carve.pipeline.pruning: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""carve.pipeline.runtime: see docs/architecture.md."""
