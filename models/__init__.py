@@ -1,6 +1,6 @@
 """The model zoo: torch definitions, trained weights where we have them, and ONNX export.
 
-from carve import models
+import carve.models as models
 models.available()                        # names
 models.spec("resnet56")                   # input shape, classes, what it exercises, trained weights?
 models.build("resnet56")                  # nn.Module in eval mode (trained weights from ../shared when present)

@@ -1,8 +1,9 @@
 """Training on built-in data: a small, deterministic loop, and LeNet-5 on scikit-learn's digits in seconds.
 
-The digits come from :func:`carve.pipeline.data.datasets.digits_arrays` (a seeded, stratified train/test split of the 1,797
-real 8x8 images shipped inside scikit-learn) and are prepared with the same :class:`~carve.pipeline.data.datasets.Preprocess`
-the exported model records, so ``carve eval --data digits:test`` measures exactly what training saw."""
+The digits come from :func:`carve.pipeline.data.datasets.digits_arrays` (a seeded, stratified train/test split of the
+1,797 real 8x8 images shipped inside scikit-learn) and are prepared with the same
+:class:`~carve.pipeline.data.datasets.Preprocess` the exported model records, so ``carve eval --data digits:test``
+measures exactly what training saw."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The pass contract: requires -> run -> ensures, with instruments around every pass.
 
-A :class:`Pass` transforms a :class:`~carve.pipeline.graph.Model` into a new one (never in place) and says what it did in a
-:class:`PassResult`: one line per decision ("conv3: rank 12 of 64 (energy 0.95)", "conv7: skipped, rank 60 is above
+A :class:`Pass` transforms a :class:`~carve.pipeline.graph.Model` into a new one (never in place) and says what it did
+in a :class:`PassResult`: one line per decision ("conv3: rank 12 of 64 (energy 0.95)", "conv7: skipped, rank 60 is above
 the break-even 48"). It declares
 
 * ``exact``: whether it must preserve the model's function (BN folding, merging a pair back, fusing an exact multiple);
@@ -32,7 +32,9 @@ from carve.pipeline.registry import Registry
 from carve.pipeline.runtime.ort import random_feeds, run, run_checked
 from carve.pipeline.runtime.verify import nonfinite_outputs, output_metrics
 
-passes: Registry[type[Pass]] = Registry("pass", entry_point_group="carve.passes", builtin_modules=["carve.plugins.passes"])
+passes: Registry[type[Pass]] = Registry(
+    "pass", entry_point_group="carve.passes", builtin_modules=["carve.plugins.passes"]
+)
 
 
 @dataclass

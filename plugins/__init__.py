@@ -1,1 +1,2 @@
-"""carve.plugins: the policy (criteria, allocators, repairs, passes), each registered by name; see docs/architecture.md."""
+"""carve.plugins: the policy (criteria, allocators, repairs, passes), each registered by name; see
+docs/architecture.md."""

@@ -526,7 +526,7 @@ def test_view_with_dynamic_batch_then_linear(tmp_path):
 
     model = load(path)
     assert any(n.op_type == "Reshape" for n in model.graph.node)
-    an = __import__("pipeline").analyse(model)
+    an = __import__("carve").analyse(model)
     conv_out = next(n for n in model.graph.node if n.op_type == "Conv").output[0]
     assert not an.unit_frozen[an.units_of_tensor(conv_out)].any()
     prune_randomly(model, an)

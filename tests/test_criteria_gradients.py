@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from carve import models
 import carve as P
+from carve import models
 from carve.pipeline.data.datasets import load_data
 from carve.pipeline.errors import CarveError
 from carve.pipeline.graph import load

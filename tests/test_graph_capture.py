@@ -30,8 +30,8 @@ from test_torchrun import CASES, case_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from carve import models
 import carve as P
+from carve import models
 from carve.pipeline.graph import from_proto
 from carve.pipeline.runtime import ort as ortutil
 from carve.pipeline.runtime.torch_graph import DataDependent, TorchGraph

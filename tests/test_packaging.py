@@ -1,14 +1,14 @@
-"""What `pip install` gives: one import name, `carve`, holding the three layers, with the public API at `import carve`."""
+"""What `pip install` gives: one import name, `carve`, holding the three layers, with the public API at `import
+carve`."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 import zipfile
 
 import pytest
-
+import tomllib
 from conftest import REPO
 
 FOLDERS = {"carve": "carve", "carve.pipeline": "pipeline", "carve.plugins": "plugins", "carve.models": "models"}
@@ -37,8 +37,21 @@ def test_every_package_folder_is_listed_under_carve():
 @pytest.mark.slow
 def test_the_wheel_installs_exactly_one_top_level_name(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = tmp_path.glob("carve-*.whl")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from graphs import G
 
-from carve import models
 import carve as P
+from carve import models
 from carve.pipeline.errors import CarveError
 from carve.pipeline.graph import from_proto
 from carve.pipeline.runtime import ort as ortutil

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from graphs import assert_exact
 
-from carve import models
 import carve as P
+from carve import models
 from carve.pipeline.graph.overview import overview
 
 

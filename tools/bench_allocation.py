@@ -35,8 +35,7 @@ SETUPS = [
 
 
 def run(args) -> dict:
-    from carve import models
-    from carve import analyse, load, prune
+    from carve import analyse, load, models, prune
     from carve.pipeline.data.datasets import load_data
     from carve.pipeline.data.shared import shared_file
     from carve.pipeline.graph.cost import CostModel

@@ -1,9 +1,9 @@
 """Benchmark engines: every zoo model against its uniformly pruned version, side by side.
 
 For each model: export (trained weights where available), prune with L1 at ``--ratio`` (round-to ``--round-to``),
-then ``carve.pipeline.measure.compare`` on the chosen backend for every (threads, batch) pair: interleaved rounds, speed-up
-with a 95% bootstrap interval, MAC ratio and efficiency, fresh-process memory. An alignment study prunes MobileNetV2
-and ResNet-50 at ratio 0.3 with round-to 1, 8 and 16, because channel widths decide which kernels run.
+then ``carve.pipeline.measure.compare`` on the chosen backend for every (threads, batch) pair: interleaved rounds,
+speed-up with a 95% bootstrap interval, MAC ratio and efficiency, fresh-process memory. An alignment study prunes
+MobileNetV2 and ResNet-50 at ratio 0.3 with round-to 1, 8 and 16, because channel widths decide which kernels run.
 
     python tools/bench_backends.py                                   # ORT CPU -> benchmarks/backends.json
     python tools/bench_backends.py --backend torch-cuda --threads 1 --batch 1,32 -o benchmarks/backends_gpu.json

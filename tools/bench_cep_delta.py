@@ -25,8 +25,7 @@ VARIANTS = [("l1", {}), ("cep", {}), ("cep", {"variant": "delta", "samples": 128
 
 
 def main() -> None:
-    from carve import models
-    from carve import analyse, load, prune
+    from carve import analyse, load, models, prune
     from carve.pipeline.data.datasets import load_data
     from carve.pipeline.data.shared import shared_file
     from carve.pipeline.measure.evaluate import evaluate

@@ -1,11 +1,11 @@
 """Runner overhead: carve's torch-cuda engine against the same torchvision model run natively by PyTorch.
 
 For each model and batch size, the torchvision module (the zoo's random weights, seed 0) and its ONNX export run in
-the same engine machinery (:class:`carve.pipeline.measure.backends.torch_cuda.ModuleEngine`): the same precision (weights
-converted once), ``channels_last``, CUDA graphs, CUDA events, interleaved rounds. Reported per row: both medians,
-``overhead`` = time(carve) / time(native) with its 95% bootstrap interval (1.00 = none), the settings each engine
-applied (they must match, or the row is refused) and the outputs' agreement. This is what makes a torch-cuda speed-up
-believable: the issue's target is an overhead within 10% at batch 32 and 128.
+the same engine machinery (:class:`carve.pipeline.measure.backends.torch_cuda.ModuleEngine`): the same precision
+(weights converted once), ``channels_last``, CUDA graphs, CUDA events, interleaved rounds. Reported per row: both
+medians, ``overhead`` = time(carve) / time(native) with its 95% bootstrap interval (1.00 = none), the settings each
+engine applied (they must match, or the row is refused) and the outputs' agreement. This is what makes a torch-cuda
+speed-up believable: the issue's target is an overhead within 10% at batch 32 and 128.
 
 With ``--compile`` a second comparison puts carve's static program through ``torch.compile`` (inductor) against the
 CUDA-graph default, on the same model.

@@ -43,8 +43,8 @@ def write(doc: dict, output: str | Path, markdown: Callable[[dict], str], show: 
 
 
 def document(benchmark: str, started: float, **fields: Any) -> dict:
-    """A benchmark's result document: its name, the machine (:func:`carve.pipeline.measure.environment.environment`), the
-    wall time since ``started`` (``time.time()``), then the benchmark's own fields."""
+    """A benchmark's result document: its name, the machine (:func:`carve.pipeline.measure.environment.environment`),
+    the wall time since ``started`` (``time.time()``), then the benchmark's own fields."""
     from carve.pipeline.measure.environment import environment
 
     return {"benchmark": benchmark, "environment": environment(), "seconds": round(time.time() - started), **fields}

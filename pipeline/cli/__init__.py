@@ -5,8 +5,8 @@ Each command lives in its own module in this package (``pipeline/cli/<command>.p
 means adding a file. Command modules import heavy dependencies inside their ``run`` function, keeping ``carve --help``
 fast.
 
-Exit codes: 0 success, 1 user error (a :class:`~carve.pipeline.errors.CarveError`, printed as one line naming the file or
-option, plus a hint line, without a traceback; also a file the system refuses to read or write, and running out of
+Exit codes: 0 success, 1 user error (a :class:`~carve.pipeline.errors.CarveError`, printed as one line naming the file
+or option, plus a hint line, without a traceback; also a file the system refuses to read or write, and running out of
 memory), 2 usage error (argparse: a malformed or contradictory option) and, for ``carve gate``, a report too thin or
 malformed to decide, 3 internal error (a bug; ``--debug`` shows the traceback), 130 interrupted. Warnings
 (:class:`~carve.pipeline.errors.CarveWarning`) are one line each on stderr.

@@ -216,8 +216,8 @@ def load_calib(args: argparse.Namespace, model, *, required: bool | str):
 
 
 def run_pass(args: argparse.Namespace, passes: list, *, model=None, calib=None) -> int:
-    """Run passes on ``args.model`` into ``args.output`` (:func:`carve.pipeline.flows.passes.run_passes`) and print their
-    decisions, their error and the cost change."""
+    """Run passes on ``args.model`` into ``args.output`` (:func:`carve.pipeline.flows.passes.run_passes`) and print
+    their decisions, their error and the cost change."""
     import json
 
     from carve.pipeline.flows.passes import run_passes

@@ -1,5 +1,5 @@
-"""Showing progress (:mod:`carve.pipeline.progress`) on the command line: a rich progress display when stdout is a terminal,
-plain log lines on stderr when it is not (CI logs, pipes), nothing with ``--quiet`` / ``--json``.
+"""Showing progress (:mod:`carve.pipeline.progress`) on the command line: a rich progress display when stdout is a
+terminal, plain log lines on stderr when it is not (CI logs, pipes), nothing with ``--quiet`` / ``--json``.
 
 Log lines are ``carve prune: lsq: layer 12/55``: one when a stage starts, then at most one every
 :data:`LOG_EVERY_S` seconds per stage, and one when a stage with a total finishes."""

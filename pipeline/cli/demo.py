@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.table import Table
 
-    from carve import models
+    import carve.models as models
     from carve.pipeline.cli._common import command_line, console
     from carve.pipeline.data.datasets import load_data
     from carve.pipeline.errors import CarveError

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         return _list(con)
     if not args.name or not args.output:
         raise CarveError("give a model name and -o OUTPUT (or --list)")
-    from carve import models
+    import carve.models as models
 
     if args.opset < 11:
         raise CarveError(f"--opset {args.opset}: carve works with opset 11 and newer")
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 def _list(con) -> int:
     from rich.table import Table
 
-    from carve import models
+    import carve.models as models
 
     t = Table(title="the carve model zoo", title_justify="left")
     for c in ("name", "input", "classes", "trained weights", "exercises"):

@@ -17,7 +17,8 @@ from carve.pipeline.cli._common import (
 
 
 def latency_target(text: str) -> str:
-    """``0.5``, ``50%``, ``4ms``, ``800us``: checked here, interpreted by carve.pipeline.pruning.latency.parse_target."""
+    """``0.5``, ``50%``, ``4ms``, ``800us``: checked here, interpreted by
+    carve.pipeline.pruning.latency.parse_target."""
     from carve.pipeline.errors import CarveError
     from carve.pipeline.pruning.latency import parse_target
 

@@ -1,8 +1,8 @@
 """Loss gradients with respect to the ONNX initializers, on labelled calibration data.
 
-The model runs in PyTorch (:class:`carve.pipeline.runtime.torch_graph.TorchGraph`, inference semantics: BN uses its running
-statistics); the cross-entropy of its first output against the labels is back-propagated batch by batch, and only
-running means over mini-batches are kept, per weight: E[g], E[|g|] (first-order terms: a converged model's gradient
+The model runs in PyTorch (:class:`carve.pipeline.runtime.torch_graph.TorchGraph`, inference semantics: BN uses its
+running statistics); the cross-entropy of its first output against the labels is back-propagated batch by batch, and
+only running means over mini-batches are kept, per weight: E[g], E[|g|] (first-order terms: a converged model's gradient
 averaged over many batches is close to zero, so importance uses the per-batch magnitude) and E[g^2] (Fisher / OBD).
 ``per_batch`` receives every batch's gradients for statistics of other shapes (e.g. Taylor's per-filter sums). Memory
 holds a few copies of the weights, whatever the number of samples.

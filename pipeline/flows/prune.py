@@ -1,7 +1,7 @@
 """``carve prune`` as a flow: a loaded model, options and calibration data in; the pruned model written atomically
 (never over an input) and its summary out. The pruning itself is :func:`carve.pipeline.pruning.prune.prune_model`; this
-flow gives it the measurements (:class:`carve.pipeline.measure.latency.MeasuredLatency` on the options' backend): the latency
-table of a latency target, the closed loop, and the quick A/B of the result against the original."""
+flow gives it the measurements (:class:`carve.pipeline.measure.latency.MeasuredLatency` on the options' backend): the
+latency table of a latency target, the closed loop, and the quick A/B of the result against the original."""
 
 from __future__ import annotations
 

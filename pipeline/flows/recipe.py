@@ -202,7 +202,7 @@ def resolve_model(recipe: Recipe, workdir: Path):
     """Load the recipe's model: an ONNX path, or ``zoo:NAME`` exported into ``workdir``."""
     spec = recipe.model
     if spec.startswith("zoo:"):
-        from carve import models
+        import carve.models as models
 
         out = workdir / f"{spec[4:]}.onnx"
         models.export(spec[4:], out)

@@ -19,8 +19,8 @@
     seed: 0
 
 Each point is a recipe (:class:`carve.pipeline.flows.recipe.Recipe`) with the passes ``prune`` [+ ``finetune``], run by
-:func:`carve.pipeline.flows.recipe.run_recipe` and measured by :func:`carve.pipeline.flows.recipe.bench_recipe` exactly as
-``carve run`` does. A point's record is written as soon as it finishes (``points/<id>.json``, atomically, next to its
+:func:`carve.pipeline.flows.recipe.run_recipe` and measured by :func:`carve.pipeline.flows.recipe.bench_recipe` exactly
+as ``carve run`` does. A point's record is written as soon as it finishes (``points/<id>.json``, atomically, next to its
 model ``models/<id>.onnx``); ``results.json`` at the end holds every record with the Pareto-optimal ones marked.
 
 Execution: :func:`run_sweep` takes an executor. :class:`LocalExecutor` is a process pool sized to the machine whose

@@ -3,7 +3,8 @@
 MACs count the linear ops that dominate a CNN (Conv, ConvTranspose, Gemm, MatMul) for one sample: symbolic batch
 dimensions count as 1. Elementwise ops, pools and normalisations are not counted. Parameters are the elements of
 floating-point initializers a node reads (weights, biases, BN statistics); an initializer read by several nodes counts
-once in the model total. These are static estimates: a MAC ratio is never a speed-up (see :mod:`carve.pipeline.measure.ab`).
+once in the model total. These are static estimates: a MAC ratio is never a speed-up (see
+:mod:`carve.pipeline.measure.ab`).
 """
 
 from __future__ import annotations

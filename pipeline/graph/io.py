@@ -2,11 +2,11 @@
 an input reads.
 
 :func:`load` reads a file (with its external data, which must lie inside the model's folder: checked here, whatever
-onnx's version) and prepares it for analysis (:func:`carve.pipeline.graph.canonical.prepare`). :func:`save` writes atomically
-(a private staging folder next to the target, then a rename), keeps external data external, and refuses an output
-that is, or whose external-data file would be, any file an input reads: the input model and every file its external
-data really lives in (the ``location`` of each tensor, not a guessed ``<name>.data``), through ``..``, symlinks and
-hard links alike. :func:`atomic_write` does the same for reports.
+onnx's version) and prepares it for analysis (:func:`carve.pipeline.graph.canonical.prepare`). :func:`save` writes
+atomically (a private staging folder next to the target, then a rename), keeps external data external, and refuses an
+output that is, or whose external-data file would be, any file an input reads: the input model and every file its
+external data really lives in (the ``location`` of each tensor, not a guessed ``<name>.data``), through ``..``, symlinks
+and hard links alike. :func:`atomic_write` does the same for reports.
 
 Staging folders and files are named ``.carve-<pid>-*``; one whose process no longer runs (a SIGKILL during a save)
 is removed by the next write into that folder. Every file written gets the mode the umask gives a new file

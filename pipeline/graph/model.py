@@ -1,8 +1,8 @@
 """The indexed ONNX model carve works on: :class:`Model`, a light index around an ``onnx.ModelProto``.
 
 Producers and consumers by tensor name, initializers as numpy arrays (cached), and static shapes from shape
-inference on a skeleton of the model (:mod:`carve.pipeline.graph.shapes`). Small helpers every graph module needs live here
-too: node attributes, the opset, and the names a control-flow node's subgraphs read from the enclosing scope.
+inference on a skeleton of the model (:mod:`carve.pipeline.graph.shapes`). Small helpers every graph module needs live
+here too: node attributes, the opset, and the names a control-flow node's subgraphs read from the enclosing scope.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Apply a pruning plan to the ONNX graph: physically remove channels.
 
-Given the units a :class:`~carve.pipeline.graph.plan.Plan` removes, every constant recorded by the channel analysis is cut
-along its axis (filters, consumer columns, biases, BN statistics, per-channel constants, concatenated constants), every
-recorded fix (:mod:`carve.pipeline.graph.channels.fixes`: Split sizes, Slice bounds, Pad pads, depthwise ``group``, Gather
-indices, Reshape targets, Resize sizes) is applied, shapes are inferred again, and the result is checked: graph output
-shapes never change and the model passes ``onnx.checker`` with full (strict shape inference) checking. The model's
-``metadata_props`` record what was done (:mod:`carve.pipeline.graph.history`).
+Given the units a :class:`~carve.pipeline.graph.plan.Plan` removes, every constant recorded by the channel analysis is
+cut along its axis (filters, consumer columns, biases, BN statistics, per-channel constants, concatenated constants),
+every recorded fix (:mod:`carve.pipeline.graph.channels.fixes`: Split sizes, Slice bounds, Pad pads, depthwise
+``group``, Gather indices, Reshape targets, Resize sizes) is applied, shapes are inferred again, and the result is
+checked: graph output shapes never change and the model passes ``onnx.checker`` with full (strict shape inference)
+checking. The model's ``metadata_props`` record what was done (:mod:`carve.pipeline.graph.history`).
 
 :func:`zero_removed` builds the reference that defines correctness: the original model in which every consumer weight
 of a removed channel is zeroed. The pruned model computes exactly the same function.

@@ -1,7 +1,8 @@
 """``carve bench``: measure two models side by side on the same engine and write the report (docs/report-schema.md):
-latency per configuration (:mod:`carve.pipeline.measure.ab`), memory in fresh processes (:mod:`carve.pipeline.measure.memory`),
-agreement (:mod:`carve.pipeline.measure.agreement`), the models' costs, and the environment. The MAC ratio is reported
-beside the measured speed-up, with their product, the speed-up efficiency; a MAC ratio is never called a speed-up."""
+latency per configuration (:mod:`carve.pipeline.measure.ab`), memory in fresh processes
+(:mod:`carve.pipeline.measure.memory`), agreement (:mod:`carve.pipeline.measure.agreement`), the models' costs, and the
+environment. The MAC ratio is reported beside the measured speed-up, with their product, the speed-up efficiency; a MAC
+ratio is never called a speed-up."""
 
 from __future__ import annotations
 

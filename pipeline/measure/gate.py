@@ -10,9 +10,9 @@ Rules, per measured configuration (backend, batch, threads) of a bench report:
    baseline's by more than ``tolerance`` (default ``max_slowdown``), again on the upper end of its interval.
    Configurations only one report has are listed, not judged.
 
-A report too thin to decide is refused (:class:`~carve.pipeline.errors.CarveError`; ``carve gate`` exits 2), never passed:
-results that are not a list of configurations, a speed-up that is not a finite positive number, an interval that does
-not contain its median, or fewer than :data:`MIN_ROUNDS` interleaved rounds (with 2 rounds, two copies of one model
+A report too thin to decide is refused (:class:`~carve.pipeline.errors.CarveError`; ``carve gate`` exits 2), never
+passed: results that are not a list of configurations, a speed-up that is not a finite positive number, an interval that
+does not contain its median, or fewer than :data:`MIN_ROUNDS` interleaved rounds (with 2 rounds, two copies of one model
 "fail" about one run in five; with 10, the interval is wide enough that noise alone fails well under 1%; see
 docs/reliability.md).
 

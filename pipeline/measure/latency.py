@@ -1,9 +1,9 @@
-"""What ``carve prune`` asks of measurement (the ``LatencyOracle`` of :mod:`carve.pipeline.pruning.latency`): the latency
-table of a model on one engine (a given file, checked against the model and settings; or the cache; or profiled
+"""What ``carve prune`` asks of measurement (the ``LatencyOracle`` of :mod:`carve.pipeline.pruning.latency`): the
+latency table of a model on one engine (a given file, checked against the model and settings; or the cache; or profiled
 now), and a quick interleaved A/B of a pruned model against the original on the same engine.
 
-The quick A/B is :func:`carve.pipeline.measure.ab.measure_pair` with few, short rounds (``rounds``, ``min_round_ms``): it
-decides whether a plan met its target and says whether the written model is faster, in about a second for the
+The quick A/B is :func:`carve.pipeline.measure.ab.measure_pair` with few, short rounds (``rounds``, ``min_round_ms``):
+it decides whether a plan met its target and says whether the written model is faster, in about a second for the
 models of the zoo; ``carve bench`` is the thorough measurement. On the CPU with one thread both time with the
 thread's CPU clock (``clock=auto``), which on a shared machine is far steadier than the wall clock.
 """
@@ -43,7 +43,8 @@ class MeasuredLatency:
 
     @classmethod
     def for_options(cls, opts, progress: Callable[[str], None] | None = None, **kw) -> MeasuredLatency:
-        """From :class:`carve.pipeline.pruning.prune.PruneOptions` (its backend, device, threads, batch, precision, lut)."""
+        """From :class:`carve.pipeline.pruning.prune.PruneOptions` (its backend, device, threads, batch, precision,
+        lut)."""
         fields = {k: getattr(opts, k) for k in ("backend", "device", "threads", "batch", "precision", "lut")}
         return cls(**fields, progress=progress, **kw)
 

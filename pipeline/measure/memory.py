@@ -1,9 +1,9 @@
 """Peak memory of loading and running a model, measured in a fresh process.
 
-``python -m carve.pipeline.measure.memory MODEL --backend ort --batch 8`` imports what it needs, notes its resident memory,
-builds an engine (ONNX Runtime's CPU arena disabled so the peak is the model's, not the allocator's high-water mark),
-runs it a few times and prints JSON: the peak resident memory above that baseline (VmHWM - VmRSS before loading, from
-/proc/self/status), plus the memory figures the engine reports (engine size, device memory). A fresh process per
+``python -m carve.pipeline.measure.memory MODEL --backend ort --batch 8`` imports what it needs, notes its resident
+memory, builds an engine (ONNX Runtime's CPU arena disabled so the peak is the model's, not the allocator's high-water
+mark), runs it a few times and prints JSON: the peak resident memory above that baseline (VmHWM - VmRSS before loading,
+from /proc/self/status), plus the memory figures the engine reports (engine size, device memory). A fresh process per
 measurement keeps one model's allocations out of the other's figure."""
 
 from __future__ import annotations

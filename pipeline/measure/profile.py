@@ -2,7 +2,8 @@
 
 For every channel group that has prunable units:
 
-1. its subgraph (:func:`carve.pipeline.graph.subgraph.group_nodes`, :func:`~carve.pipeline.graph.subgraph.extract`): the layers
+1. its subgraph (:func:`carve.pipeline.graph.subgraph.group_nodes`, :func:`~carve.pipeline.graph.subgraph.extract`): the
+layers
    the group's width changes, as a model of its own; identical subgraphs (the repeated blocks of a ResNet stage) are
    timed once;
 2. candidate widths per slice (:func:`candidate_widths`: every multiple of ``step`` in the top half, coarser below),

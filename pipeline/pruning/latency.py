@@ -1,7 +1,7 @@
 """Pruning for speed: what a latency target means, the channel multiple each backend's kernels want, what pruning
-asks of measurement (:class:`LatencyOracle`, implemented by :class:`carve.pipeline.measure.latency.MeasuredLatency`), and the
-closed loop that checks a plan on the real engine and corrects it (NetAdapt, Yang et al., ECCV 2018: propose, measure
-on the target, adjust).
+asks of measurement (:class:`LatencyOracle`, implemented by :class:`carve.pipeline.measure.latency.MeasuredLatency`),
+and the closed loop that checks a plan on the real engine and corrects it (NetAdapt, Yang et al., ECCV 2018: propose,
+measure on the target, adjust).
 
 ``--target-latency 0.5`` is half the original's latency on the chosen backend; ``4ms`` (``4000us``, ``0.004s``) an
 absolute budget. The plan is made against a latency table's prediction; the pruned model (before repairs, which change

@@ -1,6 +1,6 @@
 """Reaching a MAC, parameter or latency target: the smallest allocator ratio whose predicted cost meets it (bisection
-on the :class:`~carve.pipeline.graph.cost.CostModel`, or on a latency table's prediction; no surgery), then aligned chunks
-given back while the target still holds."""
+on the :class:`~carve.pipeline.graph.cost.CostModel`, or on a latency table's prediction; no surgery), then aligned
+chunks given back while the target still holds."""
 
 from __future__ import annotations
 

@@ -7,11 +7,11 @@
   and :meth:`TorchGraph.write_back` copies trained values into the very same ONNX initializers; integer initializers,
   and float initializers read only as arguments (a Pad value, Resize scales, Clip bounds), stay host values;
 * running it records a **program** for the input shapes at hand: every node's builder
-  (:mod:`carve.pipeline.runtime.torch_ops`) resolves pads, pad values, resize sizes, reshape targets, slice bounds, split
-  sizes, ranges, constant-of-shape and the whole ``Shape -> Gather -> Concat -> Reshape`` arithmetic into Python values
-  once, turns host constants that meet device tensors into device tensors once, and leaves a list of kernels that take
-  tensors only. Replaying the program performs no host read, no ``.item()``, no ``.cpu()`` and no host-to-device copy,
-  and frees each intermediate after its last use. Static builds also run ``Mul(x, Sigmoid(x))`` (exported SiLU) as
+  (:mod:`carve.pipeline.runtime.torch_ops`) resolves pads, pad values, resize sizes, reshape targets, slice bounds,
+  split sizes, ranges, constant-of-shape and the whole ``Shape -> Gather -> Concat -> Reshape`` arithmetic into Python
+  values once, turns host constants that meet device tensors into device tensors once, and leaves a list of kernels that
+  take tensors only. Replaying the program performs no host read, no ``.item()``, no ``.cpu()`` and no host-to-device
+  copy, and frees each intermediate after its last use. Static builds also run ``Mul(x, Sigmoid(x))`` (exported SiLU) as
   one ``F.silu`` kernel, as PyTorch itself does.
 
 Two ways to use it, side by side:
@@ -25,9 +25,10 @@ Two ways to use it, side by side:
 
 What cannot be made static: a value that shapes the computation but is computed *from the input data* (a reshape target
 taken from activations, a data-decided ``Range``/``ConstantOfShape``/``Expand``/``Tile``/``Slice``/``Pad``/``Resize``
-argument). ``static()`` refuses such a graph with a :class:`~carve.pipeline.runtime.torch_ops.DataDependent` error naming the
-node and the tensor; the dynamic mode still runs it by reading that value back each call (and never replays it). Input
-shapes themselves are static per program: another shape is another recording (dynamic) or another ``static()`` build.
+argument). ``static()`` refuses such a graph with a :class:`~carve.pipeline.runtime.torch_ops.DataDependent` error
+naming the node and the tensor; the dynamic mode still runs it by reading that value back each call (and never replays
+it). Input shapes themselves are static per program: another shape is another recording (dynamic) or another
+``static()`` build.
 
 It is the engine of the ``torch-cuda`` backend and runs on the CPU as well, where tests compare it with ONNX Runtime.
 An unsupported op raises a :class:`CarveError` naming the node and the supported ops.

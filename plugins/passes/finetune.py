@@ -1,7 +1,7 @@
 """Distillation fine-tuning as a recipe pass: train the graph's own weights on the recipe's ``data: train``, with the
 model the run started from as the teacher (``teacher: none`` to train on labels alone). See
-:mod:`carve.pipeline.training.finetune` (distillation: Hinton et al. 2015; variable temperature: SFP, Information Sciences
-2024)."""
+:mod:`carve.pipeline.training.finetune` (distillation: Hinton et al. 2015; variable temperature: SFP, Information
+Sciences 2024)."""
 
 from __future__ import annotations
 

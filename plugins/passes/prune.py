@@ -1,6 +1,6 @@
 """Pruning as a pass, for recipes: plan with a criterion and an allocator (a ratio, or a MAC, parameter or latency
-target), repair, cut, and measure the result against its input on the options' backend (see carve.pipeline.pruning.prune;
-``measure: false`` skips the measurement)."""
+target), repair, cut, and measure the result against its input on the options' backend (see
+carve.pipeline.pruning.prune; ``measure: false`` skips the measurement)."""
 
 from __future__ import annotations
 

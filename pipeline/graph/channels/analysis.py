@@ -6,8 +6,8 @@ Model (docs/channels.md has a picture):
   MatMul with a constant weight), a depthwise conv's filter (a *member* of its input channel), a constant channel that a
   ``Pad`` or a ``Concat`` with a constant adds, or a channel of a graph input / of an op carve does not understand.
 * Every tensor that carries channels holds, per index along its channel axis, the element it came from
-  (:class:`~carve.pipeline.graph.channels.elements.Chan`). Walking the graph in topological order, one handler per op type
-  (:mod:`carve.pipeline.graph.channels.handlers`) computes the output vectors from the input vectors and records
+  (:class:`~carve.pipeline.graph.channels.elements.Chan`). Walking the graph in topological order, one handler per op
+  type (:mod:`carve.pipeline.graph.channels.handlers`) computes the output vectors from the input vectors and records
     - **unions**: elements that must be removed together (residual ``Add``, SE gating ``Mul``, depthwise in/out),
     - **freezes**: elements that must stay, with a reason (graph inputs/outputs, unknown ops, tied weights, ...),
     - **slices**: which constant is cut along which axis by which elements (weights, biases, BN statistics, ...),

@@ -10,8 +10,8 @@ outputs for agreement checks, and reports what it knows about memory and its own
     seconds = engine.time(100) / 100
 
 Backends: ``ort`` (CPU everywhere; CUDA / TensorRT execution providers where they load), ``trt`` (TensorRT 10/11,
-``tensorrt`` imported only in :mod:`carve.pipeline.measure.backends.trt`), ``torch-cuda`` (the ONNX graph run by PyTorch on
-a GPU) and ``torch-cpu`` (the same runner on the CPU, for numerics and machines without a GPU).
+``tensorrt`` imported only in :mod:`carve.pipeline.measure.backends.trt`), ``torch-cuda`` (the ONNX graph run by PyTorch
+on a GPU) and ``torch-cpu`` (the same runner on the CPU, for numerics and machines without a GPU).
 """
 
 from __future__ import annotations
