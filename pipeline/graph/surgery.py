@@ -7,8 +7,12 @@ every recorded fix (:mod:`carve.pipeline.graph.channels.fixes`: Split sizes, Sli
 checked: graph output shapes never change and the model passes ``onnx.checker`` with full (strict shape inference)
 checking. The model's ``metadata_props`` record what was done (:mod:`carve.pipeline.graph.history`).
 
-:func:`zero_removed` builds the reference that defines correctness: the original model in which every consumer weight
-of a removed channel is zeroed. The pruned model computes exactly the same function.
+:func:`reference` builds the reference that defines correctness: the original model in which every consumer weight
+of a removed channel is zeroed (:func:`zero_removed`, which keeps the graph as it is: repairs edit that copy), channels
+contracted between two activations (a head's Q/K pair) are masked where they meet, and statistics over channels
+(LayerNorm) are computed over the kept channels only. The pruned model computes exactly the same function. A removal
+that changes a statistic is *inexact*: :func:`reference` with ``statistics="all"`` keeps the statistics over every
+channel, and the pruned model's distance to that is the error the removal itself introduces.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ from carve.pipeline.graph.channels.fixes import (
     PadFix,
     ReshapeFix,
     ShapeEntryFix,
+    SlabGatherFix,
     SliceFix,
     SplitFix,
 )
+from carve.pipeline.graph.channels.layout import regular_shape
 from carve.pipeline.graph.cost import model_cost
 from carve.pipeline.graph.history import record
 from carve.pipeline.graph.model import Model, attr
@@ -63,7 +69,7 @@ def _check_plan(model: Model, plan: Plan) -> ChannelAnalysis:
         u = int(np.flatnonzero(bad)[0])
         raise CarveError(f"the plan removes frozen channel unit {u}: {'; '.join(analysis.frozen_reasons(u))}")
     keep = _keep_fn(analysis, plan.removed)
-    for name, chan in analysis.tensors.items():
+    for name, chan in [*analysis.tensors.items(), *analysis.blocks.items()]:
         if len(chan) and not keep(chan.ids).any():
             raise CarveError(
                 f"the plan removes every channel of tensor {name!r}", hint="keep at least one (--keep-min)"
@@ -128,6 +134,122 @@ def zero_removed(model: Model, plan: Plan) -> Model:
     return out
 
 
+def reference(model: Model, plan: Plan, *, statistics: str = "kept") -> Model:
+    """The model the pruned one must equal: :func:`zero_removed`, plus a mask on every activation product that
+    contracts removed channels, plus (``statistics="kept"``) every LayerNorm statistic over the kept channels only
+    (``"all"``: statistics over every channel, as the original computes them: the plain reference of an inexact
+    removal). Extra nodes are inserted, so the result is for running, not for pruning."""
+    if statistics not in ("kept", "all"):
+        raise ValueError(f"statistics must be 'kept' or 'all', got {statistics!r}")
+    analysis = _check_plan(model, plan)
+    out = zero_removed(model, plan)
+    keep = _keep_fn(analysis, plan.removed)
+    before: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    replace: dict[str, list[onnx.NodeProto]] = {}
+    ed = _Editor(out)
+    for rec in analysis.contract_records:
+        kept = keep(rec.ids)
+        if kept.all():
+            continue
+        node = out.nodes[rec.node]
+        name = node.input[rec.input_idx]
+        mask = _placed(kept, rec.axes, len(out.shape(name) or ()), ed.np_dtype(name))
+        before[node.name].append(ed.node("Mul", [name, ed.const(f"{node.name}_mask{rec.input_idx}", mask)]))
+        node.input[rec.input_idx] = before[node.name][-1].output[0]
+    if statistics == "kept":
+        for rec in analysis.stat_records:
+            kept = keep(rec.ids)
+            if kept.all():
+                continue
+            node = out.nodes[rec.node]
+            rank = len(out.shape(rec.input) or ())
+            mask = _placed(kept, (rec.axis,), rank, ed.np_dtype(rec.input))
+            factor = np.array(len(kept) / max(int(kept.sum()), 1), dtype=mask.dtype)
+            if rec.kind == "mean":
+                m = ed.node("Mul", [node.input[0], ed.const(f"{node.name}_mask", mask)])
+                before[node.name].append(m)
+                node.input[0] = m.output[0]
+                y = node.output[0]
+                node.output[0] = ed.fresh(f"{node.name}_unscaled")
+                replace[node.name] = [node, ed.node("Mul", [node.output[0], ed.const(f"{node.name}_f", factor)], [y])]
+            else:
+                replace[node.name] = _masked_layer_norm(out, ed, node, rank, mask, factor)
+    nodes = []
+    for n in out.graph.node:
+        nodes += before.get(n.name, [])
+        nodes += replace.get(n.name, [n])
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    out.refresh(shapes=False)
+    out.shapes = model.shapes
+    return out
+
+
+def _placed(values: np.ndarray, axes: tuple[int, ...], rank: int, dtype) -> np.ndarray:
+    """``values`` (one dim per axis in ``axes``) as an array of rank ``rank`` that broadcasts along the other axes."""
+    shape = [1] * rank
+    for k, ax in enumerate(axes):
+        shape[ax] = values.shape[k]
+    return np.asarray(values, dtype=dtype).reshape(shape)
+
+
+def _masked_layer_norm(model: Model, ed: _Editor, node: onnx.NodeProto, rank: int, mask, factor) -> list:
+    """LayerNormalization over the kept channels only (``mask``), spelled out: mean and variance of the masked input
+    scaled by all/kept."""
+    x, scale = node.input[0], node.input[1]
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    first = int(attr(node, "axis", -1)) % rank
+    axes = list(range(first, rank))
+    eps = np.array(float(attr(node, "epsilon", 1e-5)), dtype=mask.dtype)
+    m, f = ed.const(f"{node.name}_mask", mask), ed.const(f"{node.name}_f", factor)
+    nodes = []
+
+    def add(op, ins, outs=None):
+        nodes.append(ed.node(op, ins, outs))
+        return nodes[-1].output[0]
+
+    mean = add("Mul", [ed.reduce_mean(nodes, add("Mul", [x, m]), axes), f])
+    d = add("Sub", [x, mean])
+    dm = add("Mul", [d, m])
+    var = add("Mul", [ed.reduce_mean(nodes, add("Mul", [dm, dm]), axes), f])
+    std = add("Sqrt", [add("Add", [var, ed.const(f"{node.name}_eps", eps)])])
+    y = add("Mul", [add("Div", [d, std]), scale], None if bias else [node.output[0]])
+    if bias:
+        add("Add", [y, bias], [node.output[0]])
+    return nodes
+
+
+class _Editor:
+    """Fresh names, constants and nodes for :func:`reference`."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.n = 0
+
+    def fresh(self, base: str) -> str:
+        self.n += 1
+        return f"carve_ref/{base}/{self.n}"
+
+    def const(self, base: str, arr: np.ndarray) -> str:
+        return self.model.add_initializer(self.fresh(base), np.asarray(arr))
+
+    def node(self, op: str, inputs: list[str], outputs: list[str] | None = None, **attrs) -> onnx.NodeProto:
+        name = self.fresh(op)
+        return onnx.helper.make_node(op, inputs, outputs or [f"{name}:0"], name=name, **attrs)
+
+    def np_dtype(self, tensor: str):
+        t = self.model.dtype(tensor)
+        return onnx.helper.tensor_dtype_to_np_dtype(t) if t else np.float32
+
+    def reduce_mean(self, nodes: list, x: str, axes: list[int]) -> str:
+        if self.model.opset >= 18:
+            n = self.node("ReduceMean", [x, self.const("axes", np.array(axes, dtype=np.int64))], keepdims=1)
+        else:
+            n = self.node("ReduceMean", [x], axes=axes, keepdims=1)
+        nodes.append(n)
+        return n.output[0]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # fixes: one applier per record type
 
@@ -170,7 +292,10 @@ def _group(model: Model, fix: GroupFix, keep: Keep) -> None:
 
 @_applies(SplitFix)
 def _split(model: Model, fix: SplitFix, keep: Keep) -> None:
-    sizes = [int(keep(s).sum()) for s in fix.segments]
+    if fix.axis is None:
+        sizes = [int(keep(s).sum()) for s in fix.segments]
+    else:
+        sizes = [regular_shape(keep(s))[fix.axis] for s in fix.segments]
     node = model.nodes[fix.node]
     if len(node.input) > 1 and node.input[1]:
         _set_input_const(model, node, 1, np.array(sizes, dtype=np.int64))
@@ -222,13 +347,31 @@ def _gather(model: Model, fix: GatherFix, keep: Keep) -> None:
     _set_input_const(model, node, 1, new_pos[sel].astype(model.array(node.input[1]).dtype))
 
 
+@_applies(SlabGatherFix)
+def _slab_gather(model: Model, fix: SlabGatherFix, keep: Keep) -> None:
+    mask = keep(fix.label)
+    others = tuple(k for k in range(mask.ndim) if k != fix.axis)
+    slabs = mask.any(axis=others) if others else mask
+    new = int(slabs[: fix.index].sum())
+    if new != fix.index:
+        node = model.nodes[fix.node]
+        _set_input_const(model, node, 1, np.array(new, dtype=model.array(node.input[1]).dtype))
+
+
 @_applies(ReshapeFix)
 def _reshape(model: Model, fix: ReshapeFix, keep: Keep) -> None:
-    node = model.nodes[fix.node]
-    shape = model.array(node.input[1]).copy()
-    if fix.pos < len(shape) and int(shape[fix.pos]) > 0:
-        shape[fix.pos] = int(keep(fix.ids).sum()) * fix.inner
-        _set_input_const(model, node, 1, shape)
+    new = regular_shape(keep(fix.label))
+    for where, value in zip(fix.entries, new):
+        if where is None:
+            continue
+        node_name, idx, k = where
+        node = model.nodes[node_name]
+        arr = model.array(node.input[idx])
+        if int(np.ravel(arr)[k]) == value:
+            continue
+        arr = arr.copy()
+        arr.reshape(-1)[k] = value
+        _set_input_const(model, node, idx, arr)
 
 
 @_applies(ShapeEntryFix)

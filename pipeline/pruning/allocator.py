@@ -109,10 +109,38 @@ def remove_by_rate(job: Allocation, rate_of_group: np.ndarray) -> np.ndarray:
     kept, frozen units kept and counted in the width), lowest scores first."""
     removed = np.zeros(job.analysis.n_units, dtype=bool)
     for group in job.analysis.groups:
-        for sl in group.slices:
+        for k, sl in enumerate(group.slices):
             n = len(sl)
             prunable = sl[~job.frozen[sl]]
             rate = float(rate_of_group[group.id])
-            n_remove = min(n - kept_width(n, rate, job.round_to, job.keep_min), len(prunable))
-            remove_lowest(removed, prunable, job.scores, aligned_removal(n, n_remove, job.round_to))
+            align = group.round_to(k, job.round_to)
+            n_remove = min(n - kept_width(n, rate, align, job.keep_min), len(prunable))
+            remove_lowest(removed, prunable, job.scores, aligned_removal(n, n_remove, align))
+    return removed
+
+
+def balance_lockstep(analysis: ChannelAnalysis, removed: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Give units back until every lockstep set loses as many units from each member (the heads of an attention keep
+    equal widths: a Reshape to ``[heads, head_dim]`` needs it). Within a member, the highest-scored removed units
+    come back first. Only ever adds units back, so every other constraint still holds."""
+    sets = [m for g in analysis.groups for m in g.lockstep]
+    if not sets:
+        return removed
+    removed = removed.copy()
+    for _ in range(100):
+        changed = False
+        for members in sets:
+            counts = [int(removed[m].sum()) for m in members]
+            low = min(counts)
+            for m, n in zip(members, counts):
+                if n > low:
+                    gone = m[removed[m]]
+                    back = gone[np.argsort(-scores[gone], kind="stable")[: n - low]]
+                    removed[back] = False
+                    changed = True
+        if not changed:
+            return removed
+    for members in sets:  # no fixed point (members sharing units unevenly): keep these heads whole
+        for m in members:
+            removed[m] = False
     return removed

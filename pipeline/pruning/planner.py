@@ -19,7 +19,7 @@ from carve.pipeline.errors import CarveError
 from carve.pipeline.graph.channels import ChannelAnalysis
 from carve.pipeline.graph.plan import Plan
 from carve.pipeline.progress import Progress
-from carve.pipeline.pruning.allocator import LatencyModel, allocators
+from carve.pipeline.pruning.allocator import LatencyModel, allocators, balance_lockstep
 from carve.pipeline.pruning.cost_table import CostTable
 from carve.pipeline.pruning.criterion import ScoreContext, criteria
 from carve.pipeline.pruning.targets import bisect_ratio, check_countable
@@ -110,7 +110,8 @@ def plan(
         job.update(latency=CostTable(analysis, kind, round_to, keep_min), latency_budget=target)
 
     def allocate(r: float) -> np.ndarray:
-        return alloc(analysis, scores, frozen, ratio=r, round_to=round_to, keep_min=keep_min, **job)
+        removed = alloc(analysis, scores, frozen, ratio=r, round_to=round_to, keep_min=keep_min, **job)
+        return balance_lockstep(analysis, removed, scores)
 
     allocate.scores, allocate.round_to = scores, round_to  # type: ignore[attr-defined]  # for fill_to_target
 

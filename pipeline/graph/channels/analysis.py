@@ -22,6 +22,7 @@ Handlers never guess: whatever touches a channel axis in a way they cannot follo
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -31,10 +32,10 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from carve.pipeline.errors import UnsupportedModelError
-from carve.pipeline.graph.channels.elements import Chan, Group, Kind, SliceRecord, Source
+from carve.pipeline.graph.channels.elements import Block, Chan, Group, Kind, SliceRecord, Source, StatRecord
 from carve.pipeline.graph.channels.fixes import Fix
-from carve.pipeline.graph.channels.handlers import HANDLERS, q, unknown
-from carve.pipeline.graph.channels.state import Analyser
+from carve.pipeline.graph.channels.handlers import dispatch, q
+from carve.pipeline.graph.channels.state import ATTENTION_MODES, Analyser
 from carve.pipeline.graph.model import Model, control_flow_nodes, outer_names
 
 
@@ -48,7 +49,12 @@ class ChannelAnalysis:
         self.n_elements = a.n
         self.slice_records: list[SliceRecord] = a.slices
         self.fixes: list[Fix] = a.fixes
-        self.tensors: dict[str, Chan] = a.chan
+        self.stat_records: list[StatRecord] = a.stats
+        self.contract_records = a.contracts
+        self.attention = a.attention
+        # tensors whose channels lie on one axis; blocks (channels split over several axes: attention heads) apart
+        self.tensors: dict[str, Chan] = {k: v for k, v in a.chan.items() if isinstance(v, Chan)}
+        self.blocks: dict[str, Block] = {k: v for k, v in a.chan.items() if isinstance(v, Block)}
         self.cache: dict = {}  # derived data that plugins memoise (e.g. kernel dispersion per group)
         self._solve(a)
 
@@ -77,8 +83,15 @@ class ChannelAnalysis:
         self.unit_frozen = np.zeros(self.n_units, dtype=bool)
         self.unit_frozen[list(reasons)] = True
 
+        self.unit_inexact: dict[int, list[str]] = defaultdict(list)
+        for ids, reason in a.inexact:
+            for u in np.unique(self.unit_of[ids]):
+                if reason not in self.unit_inexact[int(u)]:
+                    self.unit_inexact[int(u)].append(reason)
+        self.unit_inexact = dict(self.unit_inexact)
+
         # groups: sources linked through shared units
-        self._build_groups()
+        self._build_groups(a)
 
     def _check_shared_constants(self, reasons: dict[int, list[str]]) -> None:
         """A constant cut by several nodes must be cut identically by all of them, and read by no one else."""
@@ -108,17 +121,24 @@ class ChannelAnalysis:
                         if problem not in reasons[int(u)]:
                             reasons[int(u)].append(problem)
 
-    def _build_groups(self) -> None:
+    def _build_groups(self, a: Analyser) -> None:
         ns = len(self.sources)
         # link each unit to the sources of its elements; groups are connected components of that bipartite graph
         labels = components(ns + self.n_units, self.element_source, ns + self.unit_of)
         self.unit_group = _renumber(labels[ns:])
         n_groups = int(self.unit_group.max()) + 1 if self.n_units else 0
         # slices: units of a group that appear in exactly the same tensors
-        signature: dict[int, list[int]] = defaultdict(list)
+        signature: dict[int, list] = defaultdict(list)
         for t_idx, chan in enumerate(self.tensors.values()):
             for u in np.unique(self.unit_of[chan.ids]):
                 signature[int(u)].append(t_idx)
+        # ... and in the same members of lockstep sets (each head of an attention is a slice of its own)
+        lockstep = self._lockstep_members(a)
+        for k, members in enumerate(lockstep):
+            for j, m in enumerate(members):
+                for u in m:
+                    signature[int(u)].append((k, j))
+        spans = self._unit_spans(a)
         groups: list[Group] = []
         source_units: dict[int, set[int]] = defaultdict(set)
         for s_idx, s in enumerate(self.sources):
@@ -132,8 +152,40 @@ class ChannelAnalysis:
             slices = [np.array(v, dtype=np.int64) for v in by_sig.values()]
             slices.sort(key=lambda s: int(s[0]))
             srcs = [self.sources[i].name for i in sorted(source_units[gid])]
-            groups.append(Group(gid, units, srcs, slices))
+            inexact = list(dict.fromkeys(r for u in units for r in self.unit_inexact.get(int(u), ())))
+            groups.append(Group(gid, units, srcs, slices, [_gcd(spans[sl]) for sl in slices], inexact))
+        for members in lockstep:
+            gid = int(self.unit_group[members[0][0]])
+            groups[gid].lockstep.append(members)
         self.groups = groups
+
+    def _lockstep_members(self, a: Analyser) -> list[list[np.ndarray]]:
+        """Lockstep sets as unit arrays: atomic members (one unit: a whole head) and duplicates dropped, sets of
+        fewer than two members dropped."""
+        out, seen = [], set()
+        for members in a.lockstep:
+            units = []
+            keys = set()
+            for m in members:
+                u = np.unique(self.unit_of[m])
+                key = tuple(u.tolist())
+                if len(u) > 1 and key not in keys:
+                    keys.add(key)
+                    units.append(u)
+            key = tuple(sorted(keys))
+            if len(units) > 1 and key not in seen:
+                seen.add(key)
+                out.append(units)
+        return out
+
+    def _unit_spans(self, a: Analyser) -> np.ndarray:
+        """Channels each unit spans (the gcd of the hints of its elements; 1 without hints)."""
+        spans = np.zeros(self.n_units, dtype=np.int64)
+        for ids, n in a.spans:
+            for u in np.unique(self.unit_of[ids]):
+                spans[u] = math.gcd(int(spans[u]), n)
+        spans[spans == 0] = 1
+        return spans
 
     # -- queries ---------------------------------------------------------------------------------------------------
     def units_of_tensor(self, name: str) -> np.ndarray | None:
@@ -160,6 +212,15 @@ class ChannelAnalysis:
     def frozen_reasons(self, unit: int) -> list[str]:
         return self.unit_reasons.get(int(unit), [])
 
+    def inexact_reasons(self, unit: int) -> list[str]:
+        """Why removing ``unit`` is not exact (it changes a LayerNorm's statistics); empty when it is."""
+        return self.unit_inexact.get(int(unit), [])
+
+    def inexact_units(self, removed: np.ndarray) -> np.ndarray:
+        """The units of a removal mask whose removal is not exact."""
+        idx = np.flatnonzero(removed)
+        return np.array([u for u in idx if int(u) in self.unit_inexact], dtype=np.int64)
+
     def prunable_units(self) -> np.ndarray:
         return np.flatnonzero(~self.unit_frozen)
 
@@ -170,6 +231,7 @@ class ChannelAnalysis:
         reasons: dict[str, int] = defaultdict(int)
         for rs in self.unit_reasons.values():
             reasons[reason_kind(rs[0])] += 1
+        inexact = [g for g in self.groups if g.inexact and not self.unit_frozen[g.units].all()]
         return {
             "channels": n_out,
             "prunable_channels": n_out - frozen_out,
@@ -178,6 +240,8 @@ class ChannelAnalysis:
             "units": self.n_units,
             "prunable_units": int((~self.unit_frozen).sum()),
             "groups": len(self.groups),
+            "inexact_groups": len(inexact),
+            "attention": self.attention,
             "frozen_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
         }
 
@@ -214,9 +278,17 @@ def fingerprint(model: Model) -> tuple:
     )
 
 
-def analyse(model: Model) -> ChannelAnalysis:
-    """Analyse the channels of a prepared model (:func:`carve.pipeline.graph.load`)."""
-    a = Analyser(model)
+def analyse(model: Model, *, attention: str = "heads") -> ChannelAnalysis:
+    """Analyse the channels of a prepared model (:func:`carve.pipeline.graph.load`).
+
+    ``attention`` chooses the units of an attention: ``heads`` (whole heads: Q, K and V channels of a head and the
+    output projection's rows it feeds) or ``width`` (per-head widths: a Q/K channel pair, or a V channel with its
+    output-projection row, the same number in every head)."""
+    if attention not in ATTENTION_MODES:
+        raise UnsupportedModelError(
+            f"unknown attention mode {attention!r}", hint=f"choose one of {', '.join(ATTENTION_MODES)}"
+        )
+    a = Analyser(model, attention)
     for name in model.input_names:
         shp = model.shape(name)
         if shp is not None and len(shp) >= 2 and shp[1] is not None:
@@ -228,15 +300,17 @@ def analyse(model: Model) -> ChannelAnalysis:
         if node.name in cf:
             _control_flow(a, node)
             continue
-        if node.domain not in ("", "ai.onnx"):
-            unknown(a, node)
-            continue
-        HANDLERS.get(node.op_type, unknown)(a, node)
+        dispatch(a, node)
     for name in model.output_names:
         c = a.get(name)
         if c is not None:
             a.freeze(c.ids, f"reaches graph output {name!r}")
+    a.settle_dim_reads()
     return ChannelAnalysis(model, a)
+
+
+def _gcd(values) -> int:
+    return int(np.gcd.reduce(np.asarray(values, dtype=np.int64))) if len(values) else 1
 
 
 def _control_flow(a: Analyser, node: onnx.NodeProto) -> None:

@@ -1,9 +1,12 @@
 """The vocabulary of the channel analysis: elements and where they come from (:class:`Source`), the channel vector a
-tensor carries (:class:`Chan`), the constants surgery cuts (:class:`SliceRecord`) and coupled channel spaces
-(:class:`Group`). See :mod:`carve.pipeline.graph.channels` and docs/channels.md."""
+tensor carries (:class:`Chan`, or :class:`Block` when its channels are split over several axes, as attention heads
+are), the constants surgery cuts (:class:`SliceRecord`), the statistics that make a removal inexact
+(:class:`StatRecord`) and coupled channel spaces (:class:`Group`). See :mod:`carve.pipeline.graph.channels` and
+docs/channels.md."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -46,6 +49,56 @@ class Chan:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def axes(self) -> tuple[int, ...]:
+        return (self.axis,)
+
+
+@dataclass
+class Block:
+    """Channels split over several axes of one tensor: ``ids[i, j, ...]`` is the element at index i of ``axes[0]``,
+    j of ``axes[1]``, ... (axes ascending). A projection's output reshaped to ``[tokens, heads, head_dim]`` carries a
+    ``(heads, head_dim)`` block. Only handlers registered with ``blocks=True`` see blocks; every other op freezes
+    them (:func:`carve.pipeline.graph.channels.handlers.table.dispatch`)."""
+
+    axes: tuple[int, ...]
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.ids.size)
+
+
+Layout = Chan | Block
+
+
+def layout(axes, ids: np.ndarray) -> Layout:
+    """A :class:`Chan` for one axis, a :class:`Block` for several (axes sorted, ids transposed to match)."""
+    axes = tuple(int(x) for x in axes)
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(axes) == 1:
+        return Chan(axes[0], ids.reshape(-1))
+    order = np.argsort(axes)
+    return Block(tuple(axes[k] for k in order), np.transpose(ids, order))
+
+
+def parts(c: Layout) -> tuple[tuple[int, ...], np.ndarray]:
+    """(axes, ids as an array with one dimension per axis) of a layout."""
+    return c.axes, (c.ids if isinstance(c, Block) else c.ids.reshape(-1))
+
+
+@dataclass(frozen=True)
+class StatRecord:
+    """``node`` computes a statistic over the channels ``ids`` (on axis ``axis`` of its input ``input``): a
+    LayerNormalization over them, or the ReduceMean of a decomposed one. Removing any of them changes the statistic,
+    so the removal is not exact; the reference of :func:`carve.pipeline.graph.surgery.masked_reference` computes it
+    over the kept channels only. ``kind``: ``layernorm`` or ``mean``."""
+
+    node: str
+    kind: str
+    input: str
+    axis: int
+    ids: np.ndarray = field(compare=False)
+
 
 @dataclass(frozen=True)
 class SliceRecord:
@@ -64,7 +117,19 @@ class Group:
     units: np.ndarray
     sources: list[str]
     slices: list[np.ndarray]  # units partitioned by the set of tensors they appear in
+    # channels each unit of a slice spans in the tensors it is aligned in (a whole attention head: its head_dim);
+    # --round-to applies to channels, so a slice of heads needs a multiple of round_to / gcd(round_to, span) units
+    spans: list[int] = field(default_factory=list)
+    # why removing a unit of this group is not exact (LayerNorm statistics); empty: exact
+    inexact: list[str] = field(default_factory=list)
+    # sets of slices that must lose the same number of units (the heads of one attention: equal head widths)
+    lockstep: list[list[int]] = field(default_factory=list)
 
     @property
     def width(self) -> int:
         return len(self.units)
+
+    def round_to(self, k: int, round_to: int) -> int:
+        """The alignment (in units) of slice ``k`` for a channel alignment ``round_to``."""
+        span = self.spans[k] if k < len(self.spans) else 1
+        return max(1, round_to // math.gcd(round_to, max(span, 1)))

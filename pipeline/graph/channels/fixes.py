@@ -27,9 +27,12 @@ class GroupFix(Fix):
 
 @dataclass(frozen=True, eq=False)
 class SplitFix(Fix):
-    """A Split on the channel axis: each output's size = survivors of its segment."""
+    """A Split on the channel axis: each output's size = survivors of its segment. A segment of a block (the Q, K and
+    V parts of a per-head projection) is an array whose axis ``axis`` is the split one: its size is that axis's extent
+    after pruning (:func:`carve.pipeline.graph.channels.layout.regular_shape`)."""
 
     segments: list[np.ndarray]
+    axis: int | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,12 +64,26 @@ class GatherFix(Fix):
 
 
 @dataclass(frozen=True, eq=False)
-class ReshapeFix(Fix):
-    """Entry ``pos`` of a Reshape's constant target holds the channel count times ``inner``."""
+class SlabGatherFix(Fix):
+    """A scalar Gather of slab ``index`` along axis ``axis`` of the block ``label``: the index counts the slabs kept
+    before it."""
 
-    pos: int
-    ids: np.ndarray
-    inner: int
+    label: np.ndarray
+    axis: int
+    index: int
+
+
+@dataclass(frozen=True, eq=False)
+class ReshapeFix(Fix):
+    """The target of a Reshape whose output dims at ``positions`` hold channels: after pruning they are the dims of
+    the kept part of ``label`` (the element at every position of those dims,
+    :func:`carve.pipeline.graph.channels.layout.regular_shape`). ``entries[k]`` locates the constant holding the target
+    entry for ``positions[k]``: (node, input index, flat position) of the constant that node reads, or None where the
+    entry needs no edit (-1, or read from a tensor that is pruned alike at run time)."""
+
+    positions: list[int]
+    entries: list[tuple[str, int, int] | None]
+    label: np.ndarray
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,19 +1,23 @@
 """The state threaded through the channel handlers while the graph is walked: new elements, the channel vector of
-every tensor, and the unions, freezes, slices and fixes the handlers record (:mod:`carve.pipeline.graph.channels`)."""
+every tensor, and the unions, freezes, slices, fixes, statistics (inexact removals), lockstep sets and unit spans the
+handlers record (:mod:`carve.pipeline.graph.channels`)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 
-from carve.pipeline.graph.channels.elements import Chan, Kind, SliceRecord, Source
+from carve.pipeline.graph.channels.elements import Block, Chan, Kind, Layout, SliceRecord, Source, StatRecord
 from carve.pipeline.graph.channels.fixes import Fix
 from carve.pipeline.graph.model import Model
 
+ATTENTION_MODES = ("heads", "width")
+
 
 class Analyser:
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, attention: str = "heads") -> None:
         self.model = model
+        self.attention = attention  # "heads": whole heads are units; "width": per-head widths of Q/K and V/out
         self.n = 0
         self.sources: list[Source] = []
         self.chan: dict[str, Chan] = {}
@@ -21,6 +25,15 @@ class Analyser:
         self.frozen: list[tuple[np.ndarray, str]] = []
         self.slices: list[SliceRecord] = []
         self.fixes: list[Fix] = []
+        self.stats: list[StatRecord] = []
+        self.contracts: list = []  # ContractRecord: channels contracted between two activations (q @ k^T)
+        self.inexact: list[tuple[np.ndarray, str]] = []  # elements whose removal changes a statistic, and why
+        self.lockstep: list[list[np.ndarray]] = []  # member element sets that must lose equal numbers of units
+        self.spans: list[tuple[np.ndarray, int]] = []  # elements whose unit spans this many channels (heads)
+        # channel counts read at run time into Reshape targets: (tensor, axis, ids, reason, the Reshapes reading it);
+        # each Reshape that checks the dim lands where the same channels do adds (reshape, tensor, axis) to the set
+        self.dim_reads: list[tuple[str, int, np.ndarray, str, frozenset[str]]] = []
+        self.dim_reads_ok: set[tuple[str, str, int]] = set()
 
     # elements
     def new(
@@ -48,24 +61,57 @@ class Analyser:
         self.chan[tensor] = Chan(1, ids)
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        a, b = np.asarray(a, dtype=np.int64).reshape(-1), np.asarray(b, dtype=np.int64).reshape(-1)
         if len(a) != len(b):  # callers check; this is a bug guard
             raise AssertionError(f"union of vectors of different lengths {len(a)} != {len(b)}")
-        self.union_pairs.append((np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)))
+        self.union_pairs.append((a, b))
+
+    def union_all(self, ids: np.ndarray) -> None:
+        """All of ``ids`` in one unit."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) > 1:
+            self.union(ids[:-1], ids[1:])
 
     def freeze(self, ids: np.ndarray, reason: str) -> None:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if len(ids):
-            self.frozen.append((np.asarray(ids, dtype=np.int64), reason))
+            self.frozen.append((ids, reason))
 
     def cut(self, tensor: str, axis: int, ids: np.ndarray, node: onnx.NodeProto, role: str) -> None:
-        self.slices.append(SliceRecord(tensor, axis, np.asarray(ids, dtype=np.int64), node.name, role))
+        self.slices.append(SliceRecord(tensor, axis, np.asarray(ids, dtype=np.int64).reshape(-1), node.name, role))
+
+    def stat(self, node: onnx.NodeProto, kind: str, chan: Chan, reason: str) -> None:
+        """``node`` computes a statistic over ``chan``'s channels (LayerNorm): removing any of them is inexact."""
+        self.stats.append(StatRecord(node.name, kind, node.input[0], chan.axis, np.asarray(chan.ids, dtype=np.int64)))
+        self.inexact.append((np.asarray(chan.ids, dtype=np.int64), reason))
+
+    def lockstep_lines(self, ids: np.ndarray) -> None:
+        """Every line of ``ids`` along its last axis must lose as many units as the others (equal head widths)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim >= 2 and ids.shape[-1] > 1:
+            lines = ids.reshape(-1, ids.shape[-1])
+            if len(lines) > 1:
+                self.lockstep.append(list(lines))
+
+    def span(self, ids: np.ndarray, channels: int) -> None:
+        """The unit of each of ``ids`` spans ``channels`` channels of the tensors it is aligned in (a head)."""
+        self.spans.append((np.asarray(ids, dtype=np.int64).reshape(-1), int(channels)))
 
     # tensors
-    def get(self, name: str) -> Chan | None:
+    def settle_dim_reads(self) -> None:
+        """Freeze the channels whose count a Reshape reads at run time without carrying them where it puts it."""
+        for tensor, axis, ids, reason, reshapes in self.dim_reads:
+            if not all((r, tensor, axis) in self.dim_reads_ok for r in reshapes):
+                self.freeze(ids, reason)
+
+    def get(self, name: str) -> Layout | None:
         return self.chan.get(name) if name else None
 
-    def set(self, name: str, chan: Chan | None) -> None:
+    def set(self, name: str, chan: Layout | None) -> None:
         if name and chan is not None:
             self.chan[name] = chan
+            if isinstance(chan, Block):
+                self.lockstep_lines(chan.ids)  # a reshape back to [..., heads, head_dim] needs equal head widths
 
     def rank(self, name: str) -> int | None:
         shp = self.model.shape(name)
@@ -73,6 +119,10 @@ class Analyser:
 
     def const(self, name: str) -> np.ndarray | None:
         return self.model.array(name) if name and self.model.is_const(name) else None
+
+    def block(self, name: str) -> Block | None:
+        c = self.get(name)
+        return c if isinstance(c, Block) else None
 
     def freeze_inputs(self, node: onnx.NodeProto, reason: str) -> None:
         for i in node.input:

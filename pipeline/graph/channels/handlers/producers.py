@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from carve.pipeline.graph.channels.elements import Chan, Kind
+from carve.pipeline.graph.channels.elements import Block, Chan, Kind
 from carve.pipeline.graph.channels.fixes import GroupFix
+from carve.pipeline.graph.channels.handlers.attention import matmul_activations
 from carve.pipeline.graph.channels.handlers.table import handles, q
 from carve.pipeline.graph.channels.state import Analyser
 from carve.pipeline.graph.model import attr
@@ -153,13 +154,20 @@ def _gemm(a: Analyser, node: onnx.NodeProto) -> None:
     a.set(out, Chan(1, ids))
 
 
-@handles("MatMul")
+@handles("MatMul", blocks=True)
 def _matmul(a: Analyser, node: onnx.NodeProto) -> None:
     a_name, b_name = node.input
     out = node.output[0]
     w = a.const(b_name)
     xin = a.get(a_name)
     ra = a.rank(a_name)
+    if w is None and a.const(a_name) is None:
+        matmul_activations(a, node)  # attention: q @ k^T, attn @ v
+        return
+    if isinstance(xin, Block) or isinstance(a.get(b_name), Block):
+        a.freeze_inputs(node, f"{q(node)} applies a weight to channels split over several axes")
+        a.opaque(out, node.name, f"{q(node)} reads attention heads")
+        return
     if w is None or w.ndim != 2 or ra is None:
         a.freeze_inputs(node, f"{q(node)} has no constant 2-D weight")
         a.opaque(out, node.name, f"{q(node)} multiplies two activations")

@@ -4,125 +4,191 @@ count is read at run time)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 
-from carve.pipeline.graph.channels.elements import Chan
+from carve.pipeline.graph.channels.elements import Block, Chan, Layout, layout, parts
 from carve.pipeline.graph.channels.fixes import ReshapeFix, ShapeEntryFix
 from carve.pipeline.graph.channels.handlers.table import handles_channels, q
+from carve.pipeline.graph.channels.layout import relabel
 from carve.pipeline.graph.channels.state import Analyser
 from carve.pipeline.graph.model import Model, attr
 
 
-@handles_channels("Flatten")
-def _flatten(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
+@handles_channels("Flatten", blocks=True)
+def _flatten(a: Analyser, node: onnx.NodeProto, c: Layout, r: int | None) -> None:
     shp = a.model.shape(node.input[0])
-    r = len(shp) if shp else None
-    axis = int(attr(node, "axis", 1)) % (r or 1)
-    if r is None:
+    if shp is None:
         a.freeze(c.ids, f"{q(node)} flattens a tensor of unknown rank")
         return
-    if c.axis < axis:
+    axis = int(attr(node, "axis", 1)) % (len(shp) + 1)
+    if max(c.axes) < axis and isinstance(c, Chan):
         a.set(node.output[0], c)  # channels stay on the outer (first) axis
         return
-    dims = shp[axis:]
-    if axis == 0 or any(d is None for d in dims):
-        a.freeze(c.ids, f"{q(node)} flattens the channels with dynamic dimensions")
+    outer, inner = shp[:axis], shp[axis:]
+    outs = (_product(outer), _product(inner))
+    res = relabel(c, shp, outs)
+    if isinstance(res, str):
+        a.freeze(c.ids, f"{q(node)} {res}")
         a.opaque(node.output[0], node.name, f"flattened by {q(node)}")
         return
-    inner = int(np.prod(shp[c.axis + 1 :], dtype=np.int64))
-    outer = int(np.prod(shp[axis : c.axis], dtype=np.int64))
-    a.set(node.output[0], Chan(1, np.tile(np.repeat(c.ids, inner), outer)))
+    a.set(node.output[0], res[0])
 
 
-@handles_channels("Reshape")
-def _reshape(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
-    """Followed when the channel axis keeps its place and merges only with the dims right after it (Flatten-like,
-    e.g. ``x.view(x.size(0), -1)``); a Reshape that splits the channel axis (channel shuffle) freezes it."""
-    ins = a.model.shape(node.input[0])
-    entries = shape_entries(a.model, node.input[1])
-    ax = c.axis
-    tail = _reshape_tail(ins, entries, ax, node.input[0])
-    if tail is None:
+def _product(dims) -> int | None:
+    return None if any(d is None for d in dims) else int(np.prod(dims, dtype=np.int64))
+
+
+@handles_channels("Reshape", blocks=True)
+def _reshape(a: Analyser, node: onnx.NodeProto, c: Layout, r: int | None) -> None:
+    """Followed through any regrouping of dims (:mod:`carve.pipeline.graph.channels.layout`): the channel axis kept
+    with the dims around it regrouped (window partition, patch flatten), merged with neighbouring dims (Flatten-like),
+    split into several axes (attention heads: a block) or a block merged back. The target's entries at the channel
+    dims must be constants (or -1, or read at run time from a tensor pruned alike), so surgery can fix them."""
+    ins, outs = a.model.shape(node.input[0]), a.model.shape(node.output[0])
+    entries = shape_refs(a.model, node.input[1], node)
+    if outs is None or (entries is not None and len(outs) != len(entries)):
+        outs = _target_dims(ins, entries)
+    res = relabel(c, ins, outs)
+    if isinstance(res, str):
+        a.freeze(c.ids, f"{q(node)} {res}")
+        a.opaque(node.output[0], node.name, f"reshaped by {q(node)}")
+        return
+    new, positions, label = res
+    if entries is None:
         a.freeze(c.ids, f"{q(node)} reshapes to a shape carve cannot see")
         a.opaque(node.output[0], node.name, f"reshaped by {q(node)}")
         return
-    tail_in = ins[ax:]
-    # output axis `ax` is the channel axis merged with the j-1 dims right after it; what follows may be reshaped freely
-    acc, j = 1, None
-    for k, d in enumerate(tail_in):
-        acc *= int(d)
-        if acc == tail[0]:
-            j = k + 1
-            break
-        if acc > tail[0]:
-            break
-    explicit = entries[ax] is not None and not isinstance(entries[ax], tuple) and entries[ax] > 0
-    fixable = not explicit or a.const(node.input[1]) is not None
-    if j is not None and fixable and np.prod(tail_in[j:], dtype=np.int64) == np.prod(tail[1:], dtype=np.int64):
-        inner = int(np.prod(tail_in[1:j], dtype=np.int64))
-        a.set(node.output[0], Chan(ax, np.repeat(c.ids, inner)))
-        if explicit:
-            a.fixes.append(ReshapeFix(node.name, ax, c.ids, inner))
-        return
-    a.freeze(c.ids, f"{q(node)} reshapes the channel axis")
-    a.opaque(node.output[0], node.name, f"reshaped by {q(node)}")
+    fix: list[tuple[str, int, int] | None] = []
+    for pos in positions:
+        e = entries[pos]
+        if e.value is not None and e.value > 0 and e.where is not None:
+            fix.append(e.where)
+            continue
+        if e.value == -1:
+            fix.append(None)
+            continue
+        same = _same_channels_at(a, e, pos, new, node)
+        if same and e.dim is not None:
+            a.dim_reads_ok.add((node.name, *e.dim))
+        if same is None:
+            why = "copies" if e.value == 0 else "reads" if e.dim is not None else "computes"
+            a.freeze(
+                c.ids,
+                f"{q(node)} {why} its channel dimension {'at run time ' if why != 'copies' else ''}from "
+                f"a tensor carve cannot match with its channels",
+            )
+            a.opaque(node.output[0], node.name, f"reshaped by {q(node)}")
+            return
+        fix.append(None)
+    a.fixes.append(ReshapeFix(node.name, positions, fix, label))
+    a.set(node.output[0], new)
 
 
-def _reshape_tail(ins, entries, ax: int, data: str) -> list[int] | None:
-    """The output dims from the channel axis on, when the dims before it are copied from the input unchanged."""
-    if ins is None or entries is None or len(entries) <= ax or any(d is None for d in ins[ax:]):
+def _same_channels_at(a: Analyser, e, pos: int, new: Layout, node: onnx.NodeProto) -> bool | None:
+    """An entry copied (0) or read at run time from a dim of a tensor carrying exactly the channels output dim
+    ``pos`` will carry: it follows the pruning by itself."""
+    if e.value == 0:
+        tensor, k = node.input[0], pos
+    elif e.dim is not None:
+        tensor, k = e.dim
+    else:
         return None
-    rest = entries[ax:]
-    for k, e in enumerate(entries[:ax]):
-        same = e == 0 or e == ("dim", data, k) or (isinstance(e, int) and ins[k] is not None and e == ins[k])
-        # a -1 before the channel axis (e.g. [-1, C*H*W]) is the batch when the tail holds every other element
-        inferred = e == -1 and k == 0 and ax == 1 and all(isinstance(x, int) and x > 0 for x in rest)
-        if not (same or inferred):
-            return None
-    if any(not isinstance(e, int) for e in rest) or sum(e == -1 for e in rest) > 1:
+    src = a.get(tensor)
+    if not isinstance(src, Chan) or not isinstance(new, Chan) or src.axis != k or new.axis != pos:
+        return None  # kept simple: one channel axis on both sides
+    return True if np.array_equal(src.ids, new.ids) else None
+
+
+def _target_dims(ins, entries) -> list[int | None] | None:
+    """Output dims of a Reshape from its target entries when shape inference could not give them."""
+    if entries is None or ins is None:
         return None
-    total = int(np.prod(ins[ax:], dtype=np.int64))
-    dims = [int(ins[ax + k]) if e == 0 else e for k, e in enumerate(rest)]
-    if -1 in dims:
-        known = int(np.prod([d for d in dims if d != -1], dtype=np.int64))
-        if known == 0 or total % known:
-            return None
-        dims[dims.index(-1)] = total // known
-    return dims if int(np.prod(dims, dtype=np.int64)) == total else None
+    dims: list[int | None] = []
+    for k, e in enumerate(entries):
+        if e.value == 0:
+            dims.append(ins[k] if k < len(ins) else None)
+        elif e.value is not None and e.value > 0:
+            dims.append(e.value)
+        else:
+            dims.append(None)
+    if dims.count(None) == 1 and all(d is not None for d in ins):
+        known = int(np.prod([d for d in dims if d is not None], dtype=np.int64))
+        total = int(np.prod(ins, dtype=np.int64))
+        if known and total % known == 0:
+            dims[dims.index(None)] = total // known
+    return dims
 
 
-def shape_entries(model: Model, name: str, depth: int = 6) -> list | None:
-    """The entries of a 1-D shape tensor: ints where constant, ``("dim", tensor, k)`` where it reads dimension k of a
-    tensor at run time (``x.size(0)``), None where unknown; None overall when the tensor cannot be followed."""
+@dataclass(frozen=True)
+class Entry:
+    """One entry of a shape tensor: its value where constant, the dim it reads at run time (``(tensor, axis)``), and
+    where the constant lives (``(node, input index, flat position)``) so that surgery can change it."""
+
+    value: int | None = None
+    dim: tuple[str, int] | None = None
+    where: tuple[str, int, int] | None = None
+
+
+def shape_refs(model: Model, name: str, reader: onnx.NodeProto, input_idx: int = 1, depth: int = 8):
+    """The entries of a 1-D shape tensor read by ``reader`` as input ``input_idx``: constants (with where they live),
+    dims read at run time (``x.size(0)``, ``x.shape[:2]``), unknown; None when the tensor cannot be followed."""
     if model.is_const(name):
         v = model.array(name)
-        return [int(x) for x in np.ravel(v)] if v.ndim <= 1 else None
+        if v.ndim > 1:
+            return None
+        return [Entry(int(x), None, (reader.name, input_idx, k)) for k, x in enumerate(np.ravel(v))]
     node = model.producer.get(name)
     if node is None or depth == 0:
         return None
     if node.op_type == "Concat":
-        parts = [shape_entries(model, i, depth - 1) for i in node.input]
-        return None if any(p is None for p in parts) else [e for p in parts for e in p]
-    if node.op_type in ("Unsqueeze", "Cast", "Identity", "Squeeze"):
-        inner = shape_entries(model, node.input[0], depth - 1)
+        out = []
+        for k, i in enumerate(node.input):
+            p = shape_refs(model, i, node, k, depth - 1)
+            if p is None:
+                return None
+            out += p
+        return out
+    if node.op_type in ("Unsqueeze", "Cast", "Identity", "Squeeze", "Reshape"):
+        inner = shape_refs(model, node.input[0], node, 0, depth - 1)
         return inner if inner is not None and len(inner) <= 1 else None
-    src = model.producer.get(node.input[0]) if node.op_type == "Gather" else None
-    if src is not None and src.op_type == "Shape" and model.is_const(node.input[1]):
-        start = int(attr(src, "start", 0))
-        return [("dim", src.input[0], start + int(k)) for k in np.ravel(model.array(node.input[1]))]
+    if node.op_type == "Shape":
+        r = len(model.shape(node.input[0]) or ())
+        start = int(attr(node, "start", 0)) % (r + 1) if r else 0
+        end = attr(node, "end")
+        end = r if end is None else (int(end) % (r + 1) if int(end) < 0 else min(int(end), r))
+        return [Entry(None, (node.input[0], k)) for k in range(start, end)]
+    if node.op_type in ("Gather", "Slice"):
+        src = shape_refs(model, node.input[0], node, 0, depth - 1)
+        if src is None or any(not model.is_const(i) for i in node.input[1:] if i):
+            return None
+        if node.op_type == "Gather":
+            idx = np.ravel(model.array(node.input[1]))
+            return [src[int(k) % len(src)] for k in idx]
+        starts, ends = (int(np.ravel(model.array(node.input[k]))[0]) for k in (1, 2))
+        step = int(np.ravel(model.array(node.input[4]))[0]) if len(node.input) > 4 and node.input[4] else 1
+        return src[slice(starts, ends, step)]
     return None
 
 
-@handles_channels("Transpose")
-def _transpose(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
+@handles_channels("Transpose", blocks=True)
+def _transpose(a: Analyser, node: onnx.NodeProto, c: Layout, r: int | None) -> None:
     perm = attr(node, "perm")
     perm = list(range(r))[::-1] if perm is None else [int(p) for p in perm]
-    a.set(node.output[0], Chan(perm.index(c.axis), c.ids))
+    axes, ids = parts(c)
+    new_axes = [perm.index(x) for x in axes]
+    if isinstance(c, Block) and new_axes != sorted(new_axes):
+        # heads stay outside their channels: regular_shape and the lockstep of head widths rely on that order
+        a.freeze(c.ids, f"{q(node)} moves attention heads inside their channels")
+        a.opaque(node.output[0], node.name, f"transposed by {q(node)}")
+        return
+    a.set(node.output[0], layout(new_axes, ids))
 
 
-@handles_channels("Squeeze", "Unsqueeze")
-def _squeeze(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
+@handles_channels("Squeeze", "Unsqueeze", blocks=True)
+def _squeeze(a: Analyser, node: onnx.NodeProto, c: Layout, r: int | None) -> None:
     r_in = a.rank(node.input[0])
     axes = a.const(node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "axes")
     if axes is None and node.op_type == "Squeeze":
@@ -131,21 +197,29 @@ def _squeeze(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
             a.freeze(c.ids, f"{q(node)} squeezes unknown axes")
             return
         axes = [k for k, d in enumerate(shp) if d == 1]
-    axes = [int(x) for x in axes]
+    axes = [int(x) for x in np.ravel(axes)]
+    c_axes, ids = parts(c)
     if node.op_type == "Squeeze":
         axes = [x % r_in for x in axes]
-        if c.axis in axes:
-            a.freeze(c.ids, f"{q(node)} removes the channel axis")
-            return
-        a.set(node.output[0], Chan(c.axis - sum(1 for x in axes if x < c.axis), c.ids))
+        for x in axes:
+            if x in c_axes:
+                k = c_axes.index(x)
+                if ids.shape[k] != 1 or len(c_axes) == 1:
+                    a.freeze(c.ids, f"{q(node)} removes the channel axis")
+                    return
+        keep = [k for k, x in enumerate(c_axes) if x not in axes]
+        ids = ids.reshape([ids.shape[k] for k in keep])
+        a.set(node.output[0], layout([c_axes[k] - sum(1 for x in axes if x < c_axes[k]) for k in keep], ids))
     else:
         r_out = r_in + len(axes)
         axes = sorted(x % r_out for x in axes)
-        pos = c.axis
-        for x in axes:
-            if x <= pos:
-                pos += 1
-        a.set(node.output[0], Chan(pos, c.ids))
+        new = []
+        for pos in c_axes:
+            for x in axes:
+                if x <= pos:
+                    pos += 1
+            new.append(pos)
+        a.set(node.output[0], layout(new, ids))
 
 
 _REDUCE = (
@@ -171,11 +245,43 @@ def _reduce(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
         axes = list(range(r))
     axes = [x % r for x in axes]
     if c.axis in axes:
+        if node.op_type == "ReduceMean" and int(attr(node, "keepdims", 1)) and _normalising(a, node, c):
+            # a decomposed LayerNorm / RMSNorm: its mean or second moment over the channels (inexact, like LN's)
+            a.stat(
+                node,
+                "mean",
+                c,
+                f"{q(node)} (a decomposed LayerNorm) averages over them: removing channels "
+                "changes the statistic (not an exact removal)",
+            )
+            return
         a.freeze(c.ids, f"{q(node)} reduces over the channels")
         return
     keep = int(attr(node, "keepdims", 1))
     pos = c.axis if keep else c.axis - sum(1 for x in axes if x < c.axis)
     a.set(node.output[0], Chan(pos, c.ids))
+
+
+def _normalising(a: Analyser, node: onnx.NodeProto, c: Chan) -> bool:
+    """Is this ReduceMean over the channels a normalisation statistic: the mean subtracted from its own input
+    (``x - mean(x)``), or the second moment of a tracked tensor (``mean(d*d)``, ``mean(d**2)``: variance, RMS)?"""
+    x, out = node.input[0], node.output[0]
+    if any(u.op_type == "Sub" and list(u.input[:2]) == [x, out] for u in a.model.consumers.get(out, [])):
+        return True
+    src = a.model.producer.get(x)
+    if src is None:
+        return False
+    if (
+        src.op_type == "Mul"
+        and src.input[0] == src.input[1]
+        or src.op_type == "Pow"
+        and a.const(src.input[1]) is not None
+        and np.all(a.const(src.input[1]) == 2)
+    ):
+        d = a.get(src.input[0])
+    else:
+        return False
+    return isinstance(d, Chan) and d.axis == c.axis and np.array_equal(d.ids, c.ids)
 
 
 @handles_channels("Resize", "Upsample")
@@ -249,5 +355,32 @@ def _shape(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
             st, en = a.const(user.input[1]), a.const(user.input[2])
             if st is not None and en is not None and pos not in range(end - start)[slice(int(st[0]), int(en[0]))]:
                 continue
-        a.freeze(c.ids, f"the channel count is read at run time by {q(user)} (via {q(node)})")
+        reason = f"the channel count is read at run time by {q(user)} (via {q(node)})"
+        reshapes = _reshape_targets(a.model, user.output[0]) if user.op_type in ("Gather", "Slice") else None
+        if reshapes:
+            # fine if each of these Reshapes puts the dim where the same channels land (checked there; else frozen
+            # when the walk ends)
+            a.dim_reads.append((node.input[0], c.axis, c.ids, reason, frozenset(reshapes)))
+            continue
+        a.freeze(c.ids, reason)
         return
+
+
+def _reshape_targets(model: Model, name: str, depth: int = 6) -> set[str] | None:
+    """The Reshapes ``name`` (a piece of a shape) reaches as their target, through Concat/Unsqueeze/Cast/Squeeze;
+    None when it reaches anything else."""
+    users = model.consumers.get(name, [])
+    if not users or depth == 0 or name in model.output_names:
+        return None
+    out: set[str] = set()
+    for u in users:
+        if u.op_type == "Reshape" and u.input[1] == name and u.input[0] != name:
+            out.add(u.name)
+            continue
+        if u.op_type in ("Concat", "Unsqueeze", "Cast", "Squeeze", "Identity"):
+            more = _reshape_targets(model, u.output[0], depth - 1)
+            if more is not None:
+                out |= more
+                continue
+        return None
+    return out

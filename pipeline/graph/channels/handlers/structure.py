@@ -1,13 +1,14 @@
-"""Handlers of ops that rearrange channels: Concat (vectors concatenated), Split and Slice (cut), Pad (constant
-channels are new elements), Gather (picked by constant indices)."""
+"""Handlers of ops that rearrange channels: Concat (vectors concatenated), Split and Slice (cut; a block of attention
+heads split into Q, K and V), Pad (constant channels are new elements), Gather (picked by constant indices; rows of a
+constant embedding table are a producer)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 
-from carve.pipeline.graph.channels.elements import Chan, Kind
-from carve.pipeline.graph.channels.fixes import GatherFix, PadFix, SliceFix, SplitFix
+from carve.pipeline.graph.channels.elements import Block, Chan, Kind, Layout, layout, parts
+from carve.pipeline.graph.channels.fixes import GatherFix, PadFix, SlabGatherFix, SliceFix, SplitFix
 from carve.pipeline.graph.channels.handlers.table import handles, handles_channels, q
 from carve.pipeline.graph.channels.state import Analyser
 from carve.pipeline.graph.model import attr
@@ -57,21 +58,41 @@ def _elementwise_like_concat(a: Analyser, node: onnx.NodeProto, chans: list, cat
     ref = tracked[0].ids
     for c in tracked[1:]:
         a.union(ref, c.ids)
+    r_out = a.rank(node.output[0])
     for i, c in chans:
         if c is None:
             if a.const(i) is not None and a.const(i).shape[axis] == len(ref):
                 a.cut(i, axis, ref, node, "param")
-            else:
+            elif not cut_behind_expand(a, i, axis, r_out, ref):
                 a.freeze(ref, f"{q(node)} joins them with {i!r}, whose channels carve does not track")
     a.set(node.output[0], Chan(axis, ref))
 
 
-@handles_channels("Split")
-def _split(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
+def cut_behind_expand(a: Analyser, name: str, axis: int, rank: int | None, ids: np.ndarray) -> bool:
+    """``name`` is a constant broadcast by Expand (a class token ``cls_token.expand(B, -1, -1)``): cut the constant
+    with the channels ``ids`` (on ``axis`` of a tensor of rank ``rank``). False when it is not."""
+    node = a.model.producer.get(name)
+    if node is None or node.op_type != "Expand" or rank is None:
+        return False
+    v = a.const(node.input[0])
+    if v is None or len(a.model.consumers.get(node.input[0], [])) != 1:
+        return False
+    k = axis - (rank - v.ndim)
+    if k < 0 or v.shape[k] != len(ids):
+        return False
+    a.cut(node.input[0], k, ids, node, "param")
+    return True
+
+
+@handles_channels("Split", blocks=True)
+def _split(a: Analyser, node: onnx.NodeProto, c: Layout, r: int | None) -> None:
     axis = int(attr(node, "axis", 0)) % r
-    if axis != c.axis:
+    if axis not in c.axes:
         for o in node.output:
             a.set(o, c)
+        return
+    if isinstance(c, Block):
+        _split_block(a, node, c, axis)
         return
     sizes = _split_sizes(a, node, len(c))
     if sizes is None:
@@ -84,6 +105,23 @@ def _split(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
     for o, seg in zip(node.output, segments):
         a.set(o, Chan(axis, seg))
     a.fixes.append(SplitFix(node.name, segments))
+
+
+def _split_block(a: Analyser, node: onnx.NodeProto, c: Block, axis: int) -> None:
+    """A block split along one of its axes (fused QKV: ``[3, heads, head_dim]`` along the first; C2PSA's per-head
+    ``[q | k | v]`` along the last): each output carries its part of the block."""
+    k = c.axes.index(axis)
+    sizes = _split_sizes(a, node, c.ids.shape[k])
+    if sizes is None:
+        a.freeze(c.ids, f"{q(node)} splits attention heads by sizes computed at run time")
+        for o in node.output:
+            a.opaque(o, node.name, f"split by {q(node)}")
+        return
+    bounds = np.cumsum([0, *sizes])
+    segments = [np.take(c.ids, np.arange(bounds[j], bounds[j + 1]), axis=k) for j in range(len(sizes))]
+    for o, seg in zip(node.output, segments):
+        a.set(o, layout(c.axes, seg))
+    a.fixes.append(SplitFix(node.name, segments, k))
 
 
 def _split_sizes(a: Analyser, node: onnx.NodeProto, total: int) -> list[int] | None:
@@ -155,7 +193,63 @@ def _pad(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
     a.fixes.append(PadFix(node.name, k, len(axes), b_ids, e_ids))
 
 
-@handles_channels("Gather")
+@handles("Gather", blocks=True)
+def _gather_node(a: Analyser, node: onnx.NodeProto) -> None:
+    c = a.get(node.input[0])
+    if c is None:
+        _embedding(a, node)
+        return
+    r = a.rank(node.input[0])
+    if isinstance(c, Block):
+        _gather_block(a, node, c, r)
+        return
+    _gather(a, node, c, r)
+
+
+def _embedding(a: Analyser, node: onnx.NodeProto) -> None:
+    """Rows of a constant table picked by run-time indices (``nn.Embedding``): a producer whose output channels are
+    the table's columns."""
+    table = a.const(node.input[0])
+    if table is None or table.ndim != 2 or int(attr(node, "axis", 0)) != 0 or a.const(node.input[1]) is not None:
+        return
+    if not np.issubdtype(table.dtype, np.floating):
+        return
+    r_out = a.rank(node.output[0])
+    if r_out is None:
+        return
+    ids = a.new(int(table.shape[1]), Kind.OUT, node.name, weight=node.input[0], axis=1, op="Gather")
+    a.cut(node.input[0], 1, ids, node, "out")
+    a.set(node.output[0], Chan(r_out - 1, ids))
+
+
+def _gather_block(a: Analyser, node: onnx.NodeProto, c: Block, r: int | None) -> None:
+    """A scalar index on an axis of a block (``qkv[0]``, as ``unbind`` exports): that part of the block."""
+    axis = int(attr(node, "axis", 0)) % r
+    idx = a.const(node.input[1])
+    axes, ids = parts(c)
+    if axis not in axes:
+        if idx is None or idx.ndim > 1:
+            a.freeze(c.ids, f"{q(node)} gathers with indices that change the rank")
+            return
+        shift = 1 if idx.ndim == 0 else 0
+        a.set(node.output[0], layout([x - (shift if x > axis else 0) for x in axes], ids))
+        return
+    if idx is None or idx.ndim != 0:
+        a.freeze(c.ids, f"{q(node)} picks attention channels by indices carve cannot follow")
+        a.opaque(node.output[0], node.name, f"gathered by {q(node)}")
+        return
+    k = axes.index(axis)
+    index = int(idx) % ids.shape[k]
+    part = np.take(ids, index, axis=k)
+    a.fixes.append(SlabGatherFix(node.name, ids, k, index))
+    rest = [x - (1 if x > axis else 0) for x in axes if x != axis]
+    if len(rest) == 1 and len(np.unique(part)) != part.size:
+        a.freeze(c.ids, f"{q(node)} picks attention channels carve cannot follow")
+        return
+    # the other parts of the block are dropped here: they must not be removed on their own
+    a.set(node.output[0], layout(rest, part))
+
+
 def _gather(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
     axis = int(attr(node, "axis", 0)) % r
     idx = a.const(node.input[1])
