@@ -13,6 +13,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="ONNX file")
     p.add_argument("--groups", action="store_true", help="also list the coupled channel groups")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--attention",
+        choices=["heads", "width"],
+        default="heads",
+        help="the units of an attention: whole heads (default) or per-head widths (as `carve prune --attention`)",
+    )
     add_input_shape_arg(p)
     p.set_defaults(func=run)
 
@@ -35,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from carve.pipeline.graph.shapes import unknown_conv_outputs
 
     model = load(args.model, input_shape=args.input_shape)
-    info = overview(model, analyse(model))
+    info = overview(model, analyse(model, attention=args.attention))
     unknown = unknown_conv_outputs(model)
     info["summary"]["unknown_output_sizes"] = unknown
     if unknown:
@@ -78,17 +84,20 @@ def run(args: argparse.Namespace) -> int:
     con.print(t)
     if args.groups:
         g = Table(title="channel groups (a unit couples channels that are removed together)", title_justify="left")
-        for col in ("group", "width", "slices", "prunable", "members", "frozen because"):
+        for col in ("group", "width", "slices", "prunable", "members", "frozen because", "inexact because"):
             g.add_column(col, overflow="fold")
         for r in info["groups"]:
             members = ", ".join(r["members"][:4]) + (f" (+{len(r['members']) - 4})" if len(r["members"]) > 4 else "")
+            more = f" (+{len(r['slices']) - 8})" if len(r["slices"]) > 8 else ""
+            slices = "/".join(map(str, r["slices"][:8])) + more
             g.add_row(
                 f"G{r['id']}",
                 str(r["width"]),
-                "/".join(map(str, r["slices"])),
+                slices,
                 str(r["prunable"]),
                 members,
                 r["reason"],
+                r["inexact"],
             )
         con.print(g)
     s = info["summary"]
@@ -96,6 +105,15 @@ def run(args: argparse.Namespace) -> int:
         f"{s['nodes']} nodes, opset {s['opset']}, {_si(s['params'])} params, {_si(s['macs'])} MACs/sample; "
         f"{s['prunable_channels']}/{s['channels']} output channels prunable ({100 * s['prunable_fraction']:.1f}%) "
         f"in {s['groups']} groups"
+    )
+    con.print(
+        f"MACs in prunable layers: {_si(s['macs_prunable'])} ({100 * s['macs_prunable_fraction']:.1f}%)"
+        + (
+            f"; {s['inexact_groups']} group(s) normalised by LayerNorm: removing their channels is not exact "
+            "(`--groups` says where)"
+            if s["inexact_groups"]
+            else ""
+        )
     )
     if s["frozen_reasons"]:
         con.print("frozen units by reason: " + "; ".join(f"{k} ({v})" for k, v in s["frozen_reasons"].items()))

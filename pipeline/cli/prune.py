@@ -102,6 +102,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="an option of the allocator, e.g. beta=2 (repeatable)",
     )
+    which.add_argument(
+        "--attention",
+        choices=["heads", "width"],
+        default="heads",
+        help="the units of an attention: whole heads (default), or per-head widths of Q/K and of V/out, the same "
+        "in every head",
+    )
     which.add_argument("--seed", type=int, default=0, help="seed for random criteria and sampling")
     add_calib_args(p)
     rep = p.add_argument_group("repair (no training)")
@@ -197,15 +204,34 @@ def run(args: argparse.Namespace) -> int:
     if "verify" in summary:
         v = summary["verify"]
         ref = "its repaired reference" if "repairs" in summary else "the original with the removed channels zeroed"
+        if v.get("reference") == "masked statistics":
+            ref += " and LayerNorm statistics taken over the kept channels"
         con.print(
             f"verified in ONNX Runtime: output equals {ref} (max |diff| {v['max_abs_diff']:.2e}, "
             f"scale {v['scale']:.2e})"
         )
+    if "inexact" in summary:
+        con.print(inexact_line(summary["inexact"]))
     con.print(f"wrote {args.output}")
     if slower_than_asked(summary, opts):
         con.print("[red]error: a speed-up was asked (--target-latency) and the pruned model is slower[/red]")
         return 1
     return 0
+
+
+def inexact_line(ix: dict) -> str:
+    """The sentence that says a removal was not exact, and by how much."""
+    head = (
+        f"inexact: {ix['units']} removed units in {ix['groups']} LayerNorm-normalised group(s) change the norm's "
+        "statistics"
+    )
+    err = ix.get("error")
+    if not err:
+        return head + " (not measured: --no-verify)"
+    return (
+        f"{head}; against the original with them zeroed but statistics over every channel the output differs by "
+        f"{err['max_rel']:.2%} of its scale (cosine {err['cosine']:.4f}): repair or fine-tune to recover it"
+    )
 
 
 ENGINE = {"backend": "ort", "device": "cpu", "threads": 1, "batch": 1, "precision": "fp32"}

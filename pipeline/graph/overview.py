@@ -36,6 +36,7 @@ class GroupRow:
     prunable: int
     members: list[str]
     reason: str
+    inexact: str = ""  # why removing its channels is not exact (LayerNorm statistics), if it is not
 
 
 def _kernel(model: Model, node) -> str:
@@ -93,16 +94,48 @@ def overview(model: Model, analysis: ChannelAnalysis) -> dict:
             reason = analysis.frozen_reasons(int(g.units[np.flatnonzero(fr)[0]]))[0]
         groups.append(
             GroupRow(
-                g.id, g.width, [len(s) for s in g.slices], int((~fr).sum()), list(dict.fromkeys(g.sources)), reason
+                g.id,
+                g.width,
+                [len(s) for s in g.slices],
+                int((~fr).sum()),
+                list(dict.fromkeys(g.sources)),
+                reason,
+                g.inexact[0] if g.inexact else "",
             )
         )
     reasons = Counter(reason_kind(rs[0]) for rs in analysis.unit_reasons.values())
     summary = analysis.summary()
+    macs_prunable = prunable_macs(analysis, cost)
     summary.update(
         params=cost.params,
         macs=cost.macs,
+        macs_prunable=macs_prunable,
+        macs_prunable_fraction=macs_prunable / cost.macs if cost.macs else 0.0,
         nodes=len(model.graph.node),
         opset=model.opset,
         frozen_reasons=dict(reasons.most_common()),
     )
     return {"summary": summary, "layers": [asdict(r) for r in layers], "groups": [asdict(g) for g in groups]}
+
+
+def prunable_macs(analysis: ChannelAnalysis, cost=None) -> int:
+    """MACs of the layers whose output channels may be removed (at least partly), plus the products of two
+    activations (attention) over channels that may be removed: what ``carve inspect`` calls MACs in prunable
+    layers. A layer whose outputs are frozen does not count, even when its inputs shrink."""
+    cost = cost or model_cost(analysis.model)
+    prunable = ~analysis.unit_frozen
+    nodes: set[str] = set()
+    for src in analysis.producers():
+        if prunable[analysis.source_units(src)].any():
+            nodes.add(src.name)
+    for rec in analysis.contract_records:
+        if prunable[analysis.unit_of[rec.ids]].any():
+            nodes.add(rec.node)
+    model = analysis.model
+    layouts = {**analysis.tensors, **analysis.blocks}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and not any(model.is_const(i) for i in node.input):
+            c = layouts.get(node.output[0])
+            if c is not None and prunable[analysis.unit_of[c.ids]].any():
+                nodes.add(node.name)
+    return sum(cost.nodes[n].macs for n in nodes if n in cost.nodes)

@@ -26,13 +26,13 @@ from carve.pipeline.graph.channels import analyse
 from carve.pipeline.graph.history import record
 from carve.pipeline.graph.model import Model, check_finite, nonfinite_initializers
 from carve.pipeline.graph.rewrite import ensure_biases
-from carve.pipeline.graph.surgery import prune, zero_removed
+from carve.pipeline.graph.surgery import prune, reference, zero_removed
 from carve.pipeline.progress import Progress, counted, silent
 from carve.pipeline.pruning.criterion import criteria
 from carve.pipeline.pruning.latency import LatencyOracle, closed_loop, default_alignment, parse_target, tolerance
 from carve.pipeline.pruning.planner import plan
 from carve.pipeline.pruning.repair import repairs
-from carve.pipeline.runtime.verify import verify_equal
+from carve.pipeline.runtime.verify import compare_outputs, verify_equal
 
 
 @dataclass
@@ -47,6 +47,8 @@ class PruneOptions:
     round_to: int | None = field(default=None, metadata=bounds(ge=1))  # default: the backend's channel multiple
     keep_min: int = field(default=1, metadata=bounds(ge=1))
     exclude: list[str] = field(default_factory=list)
+    # the units of an attention: whole heads, or per-head widths of Q/K and of V/out (same count in every head)
+    attention: str = field(default="heads", metadata=bounds(choices=("heads", "width")))
     seed: int = 0
     criterion_options: dict[str, Any] = field(default_factory=dict)
     allocator_options: dict[str, Any] = field(default_factory=dict)
@@ -147,7 +149,7 @@ def prune_model(
     if any(name in ("lsq", "bias") for name, _ in steps):
         ensure_biases(model)  # the refit's intercept needs a bias that is cut with its layer
     report("analyse")
-    analysis = analyse(model)
+    analysis = analyse(model, attention=opts.attention)
     report(f"score and plan ({opts.criterion}, {opts.allocator or 'default allocator'})")
     plan_opts = opts.plan_options()
     table = bound = target = None
@@ -181,7 +183,9 @@ def prune_model(
             result.stats["fused_channels"] if name == "exact" else len(result.details)
         )
     check_finite(work, had=had_nonfinite, what="the repaired model")
-    check_ref = zero_removed(work, p) if opts.verify else None
+    check_ref = reference(work, p) if opts.verify else None
+    inexact = analysis.inexact_units(p.removed)
+    plain_ref = reference(work, p, statistics="all") if opts.verify and len(inexact) else None
     report("surgery")
     pruned = prune(work, p, command=command, inplace=True)
     summary = json.loads(pruned.metadata()["carve.prune"])
@@ -192,6 +196,9 @@ def prune_model(
     if check_ref is not None:
         report("verify in ONNX Runtime")
         summary["verify"] = verify_equal(check_ref, pruned)
+        summary["verify"]["reference"] = "masked statistics" if plain_ref is not None else "zeroed"
+    if len(inexact):
+        summary["inexact"] = inexact_summary(analysis, inexact, plain_ref, pruned)
     notes = nothing_removed(summary, opts)
     if notes:
         summary["warnings"] = notes
@@ -204,6 +211,18 @@ def prune_model(
         summary["latency"] = latency_summary(latency, None, p, table, loop)
     record(pruned, "prune", recorded(summary), command=command, replace_last=True)
     return pruned, summary
+
+
+def inexact_summary(analysis, units, plain_ref, pruned) -> dict:
+    """What an inexact removal did: how many units of how many groups whose statistics (LayerNorm) change, why, and
+    (when verified) how far the output moved from the original with those channels zeroed but its statistics over
+    every channel: the error the removal itself introduces, which repair and fine-tuning then recover."""
+    groups = sorted({int(analysis.unit_group[u]) for u in units})
+    reasons = list(dict.fromkeys(r for u in units for r in analysis.inexact_reasons(u)))
+    out: dict[str, Any] = {"units": int(len(units)), "groups": len(groups), "reason": reasons[0] if reasons else ""}
+    if plain_ref is not None:
+        out["error"] = compare_outputs(plain_ref, pruned)
+    return out
 
 
 def recorded(summary: dict) -> dict:

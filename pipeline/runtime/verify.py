@@ -32,6 +32,27 @@ def output_error(a: Model, b: Model, feeds: dict[str, np.ndarray]) -> dict[str, 
     return output_metrics(run(a, feeds)[0], run(b, feeds)[0])
 
 
+def compare_outputs(reference, candidate, *, seed: int = 0, batch: int = 2) -> dict[str, float]:
+    """How far ``candidate`` is from ``reference`` over all their floating-point outputs on one random batch (the
+    same inputs :func:`verify_equal` uses): the largest |diff|, the same relative to the reference's scale, and the
+    lowest cosine similarity (and top-1 agreement when the first output is (N, classes) logits)."""
+    feeds = random_feeds(reference, batch=batch, seed=seed)
+    a, b = run(reference, feeds), run(candidate, feeds)
+    out = {"max_abs": 0.0, "max_rel": 0.0, "cosine": 1.0}
+    scale = 0.0
+    for k, (x, y) in enumerate(zip(a, b)):
+        if not np.issubdtype(x.dtype, np.floating) or x.shape != y.shape:
+            continue
+        m = output_metrics(x, y)
+        out["max_abs"] = max(out["max_abs"], m["max_abs"])
+        out["cosine"] = min(out["cosine"], m["cosine"])
+        scale = max(scale, float(np.abs(x).max(initial=0)))
+        if k == 0 and "top1_agreement" in m:
+            out["top1_agreement"] = m["top1_agreement"]
+    out["max_rel"] = out["max_abs"] / max(scale, 1e-12)
+    return out
+
+
 # Below this output scale (inputs are standard normal) a comparison proves nothing: any two models "agree".
 MIN_SCALE = 1e-6
 

@@ -181,7 +181,7 @@ def _transpose(a: Analyser, node: onnx.NodeProto, c: Layout, r: int | None) -> N
     new_axes = [perm.index(x) for x in axes]
     if isinstance(c, Block) and new_axes != sorted(new_axes):
         # heads stay outside their channels: regular_shape and the lockstep of head widths rely on that order
-        a.freeze(c.ids, f"{q(node)} moves attention heads inside their channels")
+        a.freeze(c.ids, f"{q(node)} reorders the axes the channel axis was split into (a channel shuffle)")
         a.opaque(node.output[0], node.name, f"transposed by {q(node)}")
         return
     a.set(node.output[0], layout(new_axes, ids))
@@ -333,8 +333,8 @@ def _tile(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
     a.set(node.output[0], c)
 
 
-@handles_channels("Shape", "Size")
-def _shape(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
+@handles_channels("Shape", "Size", blocks=True)
+def _shape(a: Analyser, node: onnx.NodeProto, c: Layout, r: int | None) -> None:
     """Reading a tensor's shape is harmless unless the channel count is used; then freeze."""
     if node.op_type == "Size":
         a.freeze(c.ids, f"its element count is read by {q(node)}")
@@ -343,27 +343,33 @@ def _shape(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
     start = int(attr(node, "start", 0)) % (r + 1) if r else 0
     end = attr(node, "end")
     end = r if end is None else int(end) % (r + 1) if int(end) < 0 else min(int(end), r)
-    if not (start <= c.axis < end):
-        return
-    pos = c.axis - start
+    for axis in c.axes:
+        if start <= axis < end and _reads_dim(a, node, c, axis - start, end - start):
+            return
+
+
+def _reads_dim(a: Analyser, node: onnx.NodeProto, c: Layout, pos: int, n: int) -> bool:
+    """Freeze ``c`` (and say so) if entry ``pos`` of the shape is used other than as the target dim of a Reshape
+    that carries the same channels there."""
     for user in a.model.consumers.get(node.output[0], []):
         if user.op_type == "Gather":
             idx = a.const(user.input[1])
-            if idx is not None and pos not in [int(v) % (end - start) for v in np.ravel(idx)]:
+            if idx is not None and pos not in [int(v) % n for v in np.ravel(idx)]:
                 continue
         elif user.op_type == "Slice":
             st, en = a.const(user.input[1]), a.const(user.input[2])
-            if st is not None and en is not None and pos not in range(end - start)[slice(int(st[0]), int(en[0]))]:
+            if st is not None and en is not None and pos not in range(n)[slice(int(st[0]), int(en[0]))]:
                 continue
         reason = f"the channel count is read at run time by {q(user)} (via {q(node)})"
         reshapes = _reshape_targets(a.model, user.output[0]) if user.op_type in ("Gather", "Slice") else None
-        if reshapes:
+        if reshapes and isinstance(c, Chan):
             # fine if each of these Reshapes puts the dim where the same channels land (checked there; else frozen
             # when the walk ends)
             a.dim_reads.append((node.input[0], c.axis, c.ids, reason, frozenset(reshapes)))
             continue
         a.freeze(c.ids, reason)
-        return
+        return True
+    return False
 
 
 def _reshape_targets(model: Model, name: str, depth: int = 6) -> set[str] | None:
