@@ -9,7 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 import carve as P
 from carve.pipeline import graph as cgraph
 from carve.pipeline.graph.plan import Plan
-from carve.pipeline.graph.surgery import prune, zero_removed
+from carve.pipeline.graph.surgery import prune, reference
+from carve.pipeline.pruning.allocator import balance_lockstep
 from carve.pipeline.runtime import ort as ortutil
 
 
@@ -140,20 +141,28 @@ def analyse_proto(proto: onnx.ModelProto):
 
 
 def random_removal(analysis, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
-    """A random plan: each prunable unit removed with probability p, never emptying a tensor."""
+    """A random plan: each prunable unit removed with probability p, never emptying a tensor; heads of an attention
+    keep equal widths (lockstep sets balanced, as the planner does)."""
     removed = (rng.random(analysis.n_units) < p) & ~analysis.unit_frozen
-    for chan in analysis.tensors.values():
-        units = analysis.unit_of[chan.ids]
-        if len(units) and removed[units].all():
-            removed[units[0]] = False
-    # un-removing a unit can only add channels back, so every tensor is non-empty now
-    return removed
+    scores = rng.random(analysis.n_units)
+    layouts = [*analysis.tensors.values(), *analysis.blocks.values()]
+    while True:
+        removed = balance_lockstep(analysis, removed, scores)  # only ever gives units back
+        emptied = False
+        for chan in layouts:
+            units = analysis.unit_of[chan.ids].reshape(-1)
+            if len(units) and removed[units].all():
+                removed[units[0]] = False
+                emptied = True
+        if not emptied:
+            return removed
 
 
 def assert_exact(model, plan: Plan, *, batch: int = 2, seed: int = 0, rtol: float = 1e-5):
-    """The pruned model equals the original with removed consumer columns zeroed; returns the pruned model."""
+    """The pruned model equals the original with removed consumer columns zeroed (activation products masked where
+    they contract removed channels, LayerNorm statistics over the kept channels); returns the pruned model."""
     pruned = prune(model, plan)
-    ref = zero_removed(model, plan)
+    ref = reference(model, plan)
     feeds = ortutil.random_feeds(model, batch=batch, seed=seed)
     for a, b in zip(ortutil.run(ref, feeds), ortutil.run(pruned, feeds)):
         assert a.shape == b.shape

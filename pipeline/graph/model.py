@@ -90,7 +90,8 @@ class Model:
     def set_array(self, name: str, arr: np.ndarray) -> None:
         """Replace initializer ``name`` in place (same name and dtype)."""
         old = self.init[name]
-        arr = np.ascontiguousarray(arr, dtype=helper.tensor_dtype_to_np_dtype(old.data_type))
+        shape = np.shape(arr)  # ascontiguousarray makes a 0-d array 1-d: keep scalars scalars
+        arr = np.ascontiguousarray(arr, dtype=helper.tensor_dtype_to_np_dtype(old.data_type)).reshape(shape)
         new = numpy_helper.from_array(arr, name)
         old.Clear()
         old.CopyFrom(new)
@@ -98,7 +99,7 @@ class Model:
 
     def add_initializer(self, name: str, arr: np.ndarray) -> str:
         name = self.unique_name(name)
-        t = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+        t = numpy_helper.from_array(np.ascontiguousarray(arr).reshape(np.shape(arr)), name)
         self.proto.graph.initializer.append(t)
         self.init[name] = self.proto.graph.initializer[-1]
         self._arrays[name] = arr

@@ -26,6 +26,7 @@ import onnx
 from carve.pipeline.errors import CarveError
 from carve.pipeline.graph.channels import ChannelAnalysis, fingerprint
 from carve.pipeline.graph.channels.fixes import (
+    Factors,
     Fix,
     GatherFix,
     GroupFix,
@@ -347,6 +348,14 @@ def _gather(model: Model, fix: GatherFix, keep: Keep) -> None:
     _set_input_const(model, node, 1, new_pos[sel].astype(model.array(node.input[1]).dtype))
 
 
+def _factor_to_change(f: Factors, size: int) -> tuple[tuple[str, int, int], int]:
+    """Which constant of ``batch x c1 x c2 ...`` to change, and to what, for the product to become ``size``."""
+    for node, idx, pos, value in f.factors:
+        if (size * value) % f.scale == 0:
+            return (node, idx, pos), size * value // f.scale
+    raise AssertionError(f"no factor of {f.scale} can make {size}")
+
+
 @_applies(SlabGatherFix)
 def _slab_gather(model: Model, fix: SlabGatherFix, keep: Keep) -> None:
     mask = keep(fix.label)
@@ -364,6 +373,8 @@ def _reshape(model: Model, fix: ReshapeFix, keep: Keep) -> None:
     for where, value in zip(fix.entries, new):
         if where is None:
             continue
+        if isinstance(where, Factors):
+            where, value = _factor_to_change(where, value)
         node_name, idx, k = where
         node = model.nodes[node_name]
         arr = model.array(node.input[idx])

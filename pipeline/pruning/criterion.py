@@ -65,6 +65,64 @@ def filter_scores(ctx: ScoreContext, fn) -> np.ndarray:
     return scores
 
 
+_THROUGH = {"Transpose", "Reshape", "Identity", "Cast", "Dropout", "Squeeze", "Unsqueeze", "Flatten"}
+
+
+def consumer_scores(ctx: ScoreContext, fn) -> np.ndarray:
+    """Element scores from the consumers' side, for the groups of a transformer: a residual stream under LayerNorm
+    (what its channels weigh is mostly how the next layers read them, after the norm's scale) and attention heads
+    (the output projection's rows a head feeds). ``fn`` of each consumer's weight columns (one row per input
+    channel), multiplied by the |scale| of the LayerNorm they read through; 0 for every other element. Added to
+    :func:`filter_scores` by the norm criteria, so a unit's score covers every weight it touches."""
+    an = ctx.analysis
+    out = np.zeros(an.n_elements)
+    whole = {g.id for g in an.groups if g.inexact or any(s > 1 for s in g.spans)}
+    if not whole:
+        return out
+    scale = _norm_scales(an)
+    for rec in an.slice_records:
+        if rec.role != "in" or int(an.unit_group[an.unit_of[rec.ids[0]]]) not in whole:
+            continue
+        w = np.moveaxis(an.model.array(rec.tensor), rec.axis, 0).astype(np.float64)
+        cols = fn(w.reshape(w.shape[0], -1)) * _reading_scale(an, rec.node, scale, rec.ids)
+        np.add.at(out, rec.ids, cols)
+    return out
+
+
+def _norm_scales(an) -> dict[str, np.ndarray]:
+    """node -> |per-element scale| of every LayerNorm (and decomposed norm's scale Mul) the analysis cut."""
+    out: dict[str, np.ndarray] = {}
+    for rec in an.slice_records:
+        node = an.model.nodes.get(rec.node)
+        if rec.role != "param" or node is None or rec.tensor != (node.input[1] if len(node.input) > 1 else None):
+            continue
+        if node.op_type not in ("LayerNormalization", "Mul"):
+            continue
+        v = np.moveaxis(np.abs(an.model.array(rec.tensor)).astype(np.float64), rec.axis, 0).reshape(len(rec.ids), -1)
+        arr = np.full(an.n_elements, np.nan)
+        arr[rec.ids] = v.mean(axis=1)
+        out[rec.node] = arr
+    return out
+
+
+def _reading_scale(an, node_name: str, scale: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """The norm scale the consumer ``node_name`` reads its input through (1 where there is none)."""
+    model = an.model
+    t = model.nodes[node_name].input[0]
+    for _ in range(8):
+        p = model.producer.get(t)
+        if p is None:
+            break
+        if p.name in scale:
+            s = scale[p.name][ids]
+            return np.where(np.isnan(s), 1.0, s)
+        if p.op_type in _THROUGH or (p.op_type == "Add" and any(model.is_const(i) for i in p.input)):
+            t = next(i for i in p.input if not model.is_const(i))
+            continue
+        break
+    return np.ones(len(ids))
+
+
 def get(name: str, **options: Any) -> Criterion:
     return criteria.get(name)(**options)
 

@@ -233,6 +233,21 @@ def _in(g, n: Node, ins: list[In]):
     return kernel(lambda x, w, b: F.instance_norm(x, weight=w, bias=b, eps=eps), 0, 1, 2)
 
 
+@op("LayerNormalization")
+def _layer_norm(g, n: Node, ins: list[In]):
+    if any(o for o in n.outputs[1:]):
+        raise CarveError(f"LayerNormalization {n.name!r}: its Mean/InvStdDev outputs are not supported")
+    eps = float(n.a("epsilon", 1e-5))
+    first = int(n.a("axis", -1)) % ins[0].ndim
+    has_bias = len(ins) > 2 and ins[2].present
+
+    def layer_norm(x, w, b):
+        y = F.layer_norm(x, x.shape[first:], None, None, eps) * w  # scale and bias broadcast, as ONNX allows
+        return y + b if has_bias else y
+
+    return kernel(layer_norm, 0, 1, 2)
+
+
 @op("LRN")
 def _lrn(g, n: Node, ins: list[In]):
     size, alpha, beta, bias = (

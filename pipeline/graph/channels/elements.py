@@ -41,10 +41,13 @@ class Source:
 
 @dataclass
 class Chan:
-    """Channel information of one tensor: its channel axis and the element (or unit) at each index."""
+    """Channel information of one tensor: its channel axis and the element (or unit) at each index. ``folded``: the
+    channels were folded into the batch axis (axis 0 holds ``batch x len(ids)`` positions, the batch outermost), as
+    MobileViT's unfold ``x.reshape(B * C * n_h, ...)`` does."""
 
     axis: int
     ids: np.ndarray
+    folded: bool = False
 
     def __len__(self) -> int:
         return len(self.ids)

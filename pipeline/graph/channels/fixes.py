@@ -63,6 +63,16 @@ class GatherFix(Fix):
     idx: np.ndarray
 
 
+@dataclass(frozen=True)
+class Factors:
+    """A target entry computed at run time as ``batch x c1 x c2 ...`` (a channel axis folded into the batch): the
+    constants ``factors`` ((node, input index, flat position, value)) multiply to ``scale``; surgery changes one of
+    them so that the product is the pruned size at batch 1."""
+
+    scale: int
+    factors: tuple[tuple[str, int, int, int], ...]
+
+
 @dataclass(frozen=True, eq=False)
 class SlabGatherFix(Fix):
     """A scalar Gather of slab ``index`` along axis ``axis`` of the block ``label``: the index counts the slabs kept
@@ -82,7 +92,7 @@ class ReshapeFix(Fix):
     entry needs no edit (-1, or read from a tensor that is pruned alike at run time)."""
 
     positions: list[int]
-    entries: list[tuple[str, int, int] | None]
+    entries: list[tuple[str, int, int] | Factors | None]
     label: np.ndarray
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from carve.pipeline.graph.channels.elements import Block, Chan, Layout, layout, parts
-from carve.pipeline.graph.channels.fixes import ReshapeFix, ShapeEntryFix
+from carve.pipeline.graph.channels.fixes import Factors, ReshapeFix, ShapeEntryFix
 from carve.pipeline.graph.channels.handlers.table import handles_channels, q
 from carve.pipeline.graph.channels.layout import relabel
 from carve.pipeline.graph.channels.state import Analyser
@@ -51,7 +51,10 @@ def _reshape(a: Analyser, node: onnx.NodeProto, c: Layout, r: int | None) -> Non
     entries = shape_refs(a.model, node.input[1], node)
     if outs is None or (entries is not None and len(outs) != len(entries)):
         outs = _target_dims(ins, entries)
-    res = relabel(c, ins, outs)
+    folded = getattr(c, "folded", False)
+    res = "the channels are folded into the batch" if folded else relabel(c, ins, outs)
+    if isinstance(res, str) and entries is not None and (folded or _batch_involved(ins, outs)):
+        res = _relabel_batched(a, c, ins, entries) or res
     if isinstance(res, str):
         a.freeze(c.ids, f"{q(node)} {res}")
         a.opaque(node.output[0], node.name, f"reshaped by {q(node)}")
@@ -61,11 +64,17 @@ def _reshape(a: Analyser, node: onnx.NodeProto, c: Layout, r: int | None) -> Non
         a.freeze(c.ids, f"{q(node)} reshapes to a shape carve cannot see")
         a.opaque(node.output[0], node.name, f"reshaped by {q(node)}")
         return
-    fix: list[tuple[str, int, int] | None] = []
+    fix: list[tuple[str, int, int] | Factors | None] = []
     for pos in positions:
         e = entries[pos]
+        if pos not in new.axes:
+            fix.append(None)  # the labels do not vary along it: its size never changes
+            continue
         if e.value is not None and e.value > 0 and e.where is not None:
             fix.append(e.where)
+            continue
+        if e.dim is not None and e.factors and getattr(new, "folded", False) and pos == 0:
+            fix.append(Factors(e.scale, e.factors))
             continue
         if e.value == -1:
             fix.append(None)
@@ -85,6 +94,73 @@ def _reshape(a: Analyser, node: onnx.NodeProto, c: Layout, r: int | None) -> Non
         fix.append(None)
     a.fixes.append(ReshapeFix(node.name, positions, fix, label))
     a.set(node.output[0], new)
+
+
+def _batch_involved(ins, outs) -> bool:
+    return ins is not None and outs is not None and (None in ins[:1] or None in outs[:1])
+
+
+def _relabel_batched(a: Analyser, c: Layout, ins, entries):
+    """Follow a Reshape whose batch (axis 0, unknown size) is regrouped with the channels: MobileViT's unfold
+    ``x.reshape(B * C * n_h, p_h, n_w, p_w)`` and its inverse. The target is evaluated at batch 1 and 2: when only
+    axis 0 scales with the batch on both sides, the layout at batch 1 holds for every batch (the batch is the
+    outermost factor of axis 0), and a channel axis that lands on axis 0 is *folded*. None when this does not apply."""
+    if ins is None or any(d is None for d in ins[1:]) or ins[0] is not None:
+        return None
+    folded = getattr(c, "folded", False)
+    if folded and (not isinstance(c, Chan) or c.axis != 0):
+        return None
+    if not folded and 0 in c.axes:
+        return None
+    dims = []
+    for b in (1, 2):
+        ins_b = [b * (len(c.ids) if folded else 1), *ins[1:]]
+        out = _entries_at(a, entries, ins_b, b)
+        if out is None:
+            return None
+        dims.append((ins_b, out))
+    (i1, o1), (i2, o2) = dims
+    if o2[0] != 2 * o1[0] or o2[1:] != o1[1:]:
+        return None
+    src = Chan(0, c.ids) if folded else c
+    res = relabel(src, i1, o1)
+    if isinstance(res, str):
+        return None
+    new, positions, label = res
+    if 0 in new.axes:
+        if not isinstance(new, Chan):
+            return None
+        new = Chan(0, new.ids, folded=True)
+    return new, positions, label
+
+
+def _entries_at(a: Analyser, entries, ins: list[int], b: int) -> list[int] | None:
+    """The target dims at batch ``b`` (``ins``: the input's dims at that batch), or None."""
+    dims: list[int | None] = []
+    for k, e in enumerate(entries):
+        if e.value is not None and e.value > 0:
+            dims.append(e.value)
+        elif e.value == 0:
+            dims.append(ins[k] if k < len(ins) else None)
+        elif e.value == -1:
+            dims.append(None)
+        elif e.dim is not None:
+            shp = a.model.shape(e.dim[0])
+            if shp is None or e.dim[1] >= len(shp):
+                return None
+            d = shp[e.dim[1]]
+            if d is None and (e.dim[1] != 0 or getattr(a.get(e.dim[0]), "folded", False)):
+                return None
+            dims.append((b if d is None else int(d)) * e.scale)
+        else:
+            return None
+    total = int(np.prod(ins, dtype=np.int64))
+    known = int(np.prod([d for d in dims if d is not None], dtype=np.int64))
+    if dims.count(None) > 1 or known == 0 or total % known:
+        return None
+    if None in dims:
+        dims[dims.index(None)] = total // known
+    return dims if int(np.prod(dims, dtype=np.int64)) == total else None
 
 
 def _same_channels_at(a: Analyser, e, pos: int, new: Layout, node: onnx.NodeProto) -> bool | None:
@@ -130,6 +206,8 @@ class Entry:
     value: int | None = None
     dim: tuple[str, int] | None = None
     where: tuple[str, int, int] | None = None
+    scale: int = 1  # a dim read at run time times constants: ``x.size(0) * C * n`` (channels folded into the batch)
+    factors: tuple[tuple[str, int, int, int], ...] = ()
 
 
 def shape_refs(model: Model, name: str, reader: onnx.NodeProto, input_idx: int = 1, depth: int = 8):
@@ -160,6 +238,16 @@ def shape_refs(model: Model, name: str, reader: onnx.NodeProto, input_idx: int =
         end = attr(node, "end")
         end = r if end is None else (int(end) % (r + 1) if int(end) < 0 else min(int(end), r))
         return [Entry(None, (node.input[0], k)) for k in range(start, end)]
+    if node.op_type == "Mul" and len(node.input) == 2:
+        k = next((j for j in (0, 1) if model.is_const(node.input[j]) and model.array(node.input[j]).size == 1), None)
+        if k is None:
+            return None
+        inner = shape_refs(model, node.input[1 - k], node, 1 - k, depth - 1)
+        v = int(np.ravel(model.array(node.input[k]))[0])
+        if inner is None or len(inner) != 1 or inner[0].dim is None or v <= 0:
+            return None
+        e = inner[0]
+        return [Entry(None, e.dim, None, e.scale * v, (*e.factors, (node.name, k, 0, v)))]
     if node.op_type in ("Gather", "Slice"):
         src = shape_refs(model, node.input[0], node, 0, depth - 1)
         if src is None or any(not model.is_const(i) for i in node.input[1:] if i):
@@ -179,6 +267,13 @@ def _transpose(a: Analyser, node: onnx.NodeProto, c: Layout, r: int | None) -> N
     perm = list(range(r))[::-1] if perm is None else [int(p) for p in perm]
     axes, ids = parts(c)
     new_axes = [perm.index(x) for x in axes]
+    if getattr(c, "folded", False):
+        if new_axes != [0]:
+            a.freeze(c.ids, f"{q(node)} moves channels folded into the batch off the batch axis")
+            a.opaque(node.output[0], node.name, f"transposed by {q(node)}")
+            return
+        a.set(node.output[0], c)
+        return
     if isinstance(c, Block) and new_axes != sorted(new_axes):
         # heads stay outside their channels: regular_shape and the lockstep of head widths rely on that order
         a.freeze(c.ids, f"{q(node)} reorders the axes the channel axis was split into (a channel shuffle)")
