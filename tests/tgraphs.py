@@ -62,7 +62,7 @@ class TG:
     def target(self, x: str, dims: list[int], *, from_shape: bool | None = None) -> str:
         """A Reshape target: constants, or (dynamic batch) the batch read at run time as exporters write it."""
         if from_shape is None:
-            from_shape = self.dynamic
+            from_shape = self.dynamic or dims[0] is None
         if not from_shape:
             return self.ints(dims)
         b = self.op("Gather", [self.op("Shape", [x], shape=[len(self.shape[x])]), self.const(np.array(0))], shape=[])

@@ -229,9 +229,13 @@ def shape_refs(model: Model, name: str, reader: onnx.NodeProto, input_idx: int =
                 return None
             out += p
         return out
+    if node.op_type == "Reshape" and model.is_const(node.input[1]) and model.array(node.input[1]).tolist() == [-1]:
+        return shape_refs(model, node.input[0], node, 0, depth - 1)  # a 1-D shape stays itself
     if node.op_type in ("Unsqueeze", "Cast", "Identity", "Squeeze", "Reshape"):
         inner = shape_refs(model, node.input[0], node, 0, depth - 1)
         return inner if inner is not None and len(inner) <= 1 else None
+    if node.op_type == "Where":
+        return _where_refs(model, node, depth)
     if node.op_type == "Shape":
         r = len(model.shape(node.input[0]) or ())
         start = int(attr(node, "start", 0)) % (r + 1) if r else 0
@@ -259,6 +263,31 @@ def shape_refs(model: Model, name: str, reader: onnx.NodeProto, input_idx: int =
         step = int(np.ravel(model.array(node.input[4]))[0]) if len(node.input) > 4 and node.input[4] else 1
         return src[slice(starts, ends, step)]
     return None
+
+
+def _where_refs(model: Model, node: onnx.NodeProto, depth: int):
+    """``Where(Equal(s, k), v, s)``: exporters write it to turn -1 into 1 in an Expand target (``x.expand(B, -1, -1)``).
+    Entry by entry: the constant ``v`` where ``s`` holds ``k``, else ``s``."""
+    cond = model.producer.get(node.input[0])
+    if cond is None or cond.op_type != "Equal" or cond.input[0] != node.input[2]:
+        return None
+    if not (model.is_const(cond.input[1]) and model.is_const(node.input[1])):
+        return None
+    s = shape_refs(model, node.input[2], node, 2, depth - 1)
+    k, v = np.ravel(model.array(cond.input[1])), np.ravel(model.array(node.input[1]))
+    if s is None:
+        return None
+    k = np.broadcast_to(k, (len(s),))
+    v = np.broadcast_to(v, (len(s),))
+    out = []
+    for j, e in enumerate(s):
+        if e.value is not None and e.value == int(k[j]):
+            out.append(Entry(int(v[j])))
+        elif e.value is not None:
+            out.append(Entry(e.value))  # a fixed entry behind Where cannot be edited in place
+        else:
+            out.append(Entry(None, e.dim, None, e.scale, e.factors))
+    return out
 
 
 @handles_channels("Transpose", blocks=True)
@@ -325,6 +354,9 @@ _REDUCE = (
 
 @handles_channels(*_REDUCE)
 def _reduce(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
+    if r is None:
+        a.freeze(c.ids, f"{q(node)} reduces a tensor of unknown rank")
+        return
     if node.op_type in ("ArgMax", "ArgMin"):
         axes = [int(attr(node, "axis", 0))]
     elif len(node.input) > 1 and node.input[1]:

@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 
 from carve.pipeline.graph.channels.elements import Block, Chan, Kind, Layout, layout, parts
-from carve.pipeline.graph.channels.fixes import GatherFix, PadFix, SlabGatherFix, SliceFix, SplitFix
+from carve.pipeline.graph.channels.fixes import GatherFix, PadFix, ReshapeFix, SlabGatherFix, SliceFix, SplitFix
+from carve.pipeline.graph.channels.handlers.shape import shape_refs
 from carve.pipeline.graph.channels.handlers.table import handles, handles_channels, q
 from carve.pipeline.graph.channels.state import Analyser
 from carve.pipeline.graph.model import attr
@@ -79,6 +80,15 @@ def cut_behind_expand(a: Analyser, name: str, axis: int, rank: int | None, ids: 
         return False
     k = axis - (rank - v.ndim)
     if k < 0 or v.shape[k] != len(ids):
+        return False
+    entries = shape_refs(a.model, node.input[1], node)
+    pos = None if entries is None else axis - (rank - len(entries))
+    if entries is None or pos is None or pos < 0:
+        return False
+    e = entries[pos]
+    if e.value is not None and e.value > 1 and e.where is not None:
+        a.fixes.append(ReshapeFix(node.name, [axis], [e.where], ids))  # the expanded channel count follows the cut
+    elif e.value != 1:
         return False
     a.cut(node.input[0], k, ids, node, "param")
     return True
