@@ -32,14 +32,23 @@ def transformer(draw):
         return _c2psa(draw, seed)
     if kind == "channels_last":
         return _channels_last(draw, seed, dynamic, opset)
-    g = TG(tokens=16 if kind == "windows" else draw(st.integers(2, 5)), channels=3, seed=seed,
-           dynamic_batch=dynamic, opset=opset)
+    g = TG(
+        tokens=16 if kind == "windows" else draw(st.integers(2, 5)),
+        channels=3,
+        seed=seed,
+        dynamic_batch=dynamic,
+        opset=opset,
+    )
     x = g.linear("x", draw(st.sampled_from([4, 6, 8])))
     for _ in range(draw(st.integers(1, 2))):
         heads, hd = draw(st.integers(1, 3)), draw(st.integers(2, 4))
         fused = draw(st.booleans())
-        attn = dict(fused=fused, gather=fused and draw(st.booleans()), bias_heads=draw(st.booleans()),
-                    v_dim=None if fused else draw(st.sampled_from([None, 2, 3])))
+        attn = dict(
+            fused=fused,
+            gather=fused and draw(st.booleans()),
+            bias_heads=draw(st.booleans()),
+            v_dim=None if fused else draw(st.sampled_from([None, 2, 3])),
+        )
         norm = draw(st.sampled_from(["fused", "decomposed", "rms"]))
         if kind == "windows":
             w, reverse = g.windows(g.layer_norm(x, norm), 4, 4, 2)
@@ -54,11 +63,17 @@ def transformer(draw):
 def _channels_last(draw, seed: int, dynamic: bool, opset: int):
     g = TG(image=(3, 4, 4), seed=seed, dynamic_batch=dynamic, opset=opset)
     n, c = g.shape["x"][0], draw(st.sampled_from([4, 6]))
-    x = g.op("Conv", ["x", g.weight(c, 3, 1, 1), g.const(np.zeros(c, np.float32))], kernel_shape=[1, 1],
-             shape=[n, c, 4, 4])
+    x = g.op(
+        "Conv", ["x", g.weight(c, 3, 1, 1), g.const(np.zeros(c, np.float32))], kernel_shape=[1, 1], shape=[n, c, 4, 4]
+    )
     for _ in range(draw(st.integers(1, 2))):
-        dw = g.op("Conv", [x, g.weight(c, 1, 3, 3), g.const(np.zeros(c, np.float32))], kernel_shape=[3, 3],
-                  pads=[1, 1, 1, 1], group=c)
+        dw = g.op(
+            "Conv",
+            [x, g.weight(c, 1, 3, 3), g.const(np.zeros(c, np.float32))],
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+            group=c,
+        )
         t = g.layer_norm(g.transpose(dw, [0, 2, 3, 1]), draw(st.sampled_from(["fused", "decomposed"])))
         x = g.op("Add", [x, g.transpose(g.mlp(t, 2 * c), [0, 3, 1, 2])])
     y = g.op("Conv", [x, g.weight(3, c, 1, 1)], kernel_shape=[1, 1], shape=[n, 3, 4, 4])
@@ -69,15 +84,24 @@ def _c2psa(draw, seed: int):
     g = TG(image=(4, 4, 4), seed=seed, dynamic_batch=False)
     heads, kd, hd = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(2, 4))
     ch = heads * (2 * kd + hd)
-    qkv = g.op("Conv", ["x", g.weight(ch, 4, 1, 1), g.const(np.zeros(ch, np.float32))], kernel_shape=[1, 1],
-               shape=[1, ch, 4, 4])
+    qkv = g.op(
+        "Conv",
+        ["x", g.weight(ch, 4, 1, 1), g.const(np.zeros(ch, np.float32))],
+        kernel_shape=[1, 1],
+        shape=[1, ch, 4, 4],
+    )
     q, k, v = g.op("Split", [g.reshape(qkv, [1, heads, 2 * kd + hd, 16]), g.ints([kd, kd, hd])], outputs=3, axis=2)
     g.shape[q], g.shape[k], g.shape[v] = [1, heads, kd, 16], [1, heads, kd, 16], [1, heads, hd, 16]
     s = g.op("MatMul", [g.transpose(q, [0, 1, 3, 2]), k], shape=[1, heads, 16, 16])
     att = g.op("Softmax", [s], axis=-1)
     o = g.reshape(g.op("MatMul", [v, g.transpose(att, [0, 1, 3, 2])], shape=[1, heads, hd, 16]), [1, heads * hd, 4, 4])
-    pe = g.op("Conv", [g.reshape(v, [1, heads * hd, 4, 4]), g.weight(heads * hd, 1, 3, 3)], kernel_shape=[3, 3],
-              pads=[1, 1, 1, 1], group=heads * hd)
+    pe = g.op(
+        "Conv",
+        [g.reshape(v, [1, heads * hd, 4, 4]), g.weight(heads * hd, 1, 3, 3)],
+        kernel_shape=[3, 3],
+        pads=[1, 1, 1, 1],
+        group=heads * hd,
+    )
     y = g.op("Conv", [g.op("Add", [o, pe]), g.weight(3, heads * hd, 1, 1)], kernel_shape=[1, 1], shape=[1, 3, 4, 4])
     return g.model([y])
 
@@ -122,16 +146,25 @@ def test_planned_prunes_of_random_transformers_are_exact_aligned_and_balanced(pr
 
 
 @settings(max_examples=30, **SETTINGS)
-@given(seed=st.integers(0, 1000), heads=st.integers(2, 3), hd=st.integers(2, 4), fused=st.booleans(),
-       dynamic=st.booleans(), which=st.integers(0, 2))
+@given(
+    seed=st.integers(0, 1000),
+    heads=st.integers(2, 3),
+    hd=st.integers(2, 4),
+    fused=st.booleans(),
+    dynamic=st.booleans(),
+    which=st.integers(0, 2),
+)
 def test_removing_a_head_with_zero_output_rows_changes_nothing(seed, heads, hd, fused, dynamic, which):
     which %= heads
     g = TG(channels=4, seed=seed, dynamic_batch=dynamic)
     x = g.linear("x", 6)
     y = g.head(g.op("Add", [x, g.attention(x, heads, hd, fused=fused)]))
     model, _ = analyse_proto(g.model([y]))
-    proj = next(n for n in model.graph.node if n.op_type == "MatMul" and n.input[0] in model.producer
-                and model.producer[n.input[0]].op_type == "Reshape")
+    proj = next(
+        n
+        for n in model.graph.node
+        if n.op_type == "MatMul" and n.input[0] in model.producer and model.producer[n.input[0]].op_type == "Reshape"
+    )
     w = model.array(proj.input[1]).copy()
     w[which * hd : (which + 1) * hd] = 0
     model.set_array(proj.input[1], w)

@@ -113,8 +113,9 @@ def test_layer_norm_over_other_axes_passes_channels_exactly():
 def test_layer_norm_stats_outputs_freeze_with_reason():
     g = TG(channels=6)
     e = g.linear("x", 8)
-    ln = g.op("LayerNormalization", [e, g.const(np.ones(8, np.float32)), g.const(np.zeros(8, np.float32))],
-              outputs=3, axis=-1)
+    ln = g.op(
+        "LayerNormalization", [e, g.const(np.ones(8, np.float32)), g.const(np.zeros(8, np.float32))], outputs=3, axis=-1
+    )
     y = g.op("Add", [g.head(g.linear(ln[0], 5)), g.op("ReduceSum", [ln[1]], keepdims=0, shape=[None])])
     model, an = analyse_proto(g.model([y]))
     assert an.unit_frozen[units_of(an, e)].all()
@@ -149,8 +150,11 @@ def test_attention_heads_are_units(fused, gather, dynamic):
     x = g.linear("x", 12)
     y = g.head(g.op("Add", [x, g.attention(x, 3, 4, fused=fused, gather=gather)]))
     model, an = analyse_proto(g.model([y]))
-    proj = next(n for n in model.graph.node if n.op_type == "MatMul" and n.input[0] in model.producer
-                and model.producer[n.input[0]].op_type == "Reshape")
+    proj = next(
+        n
+        for n in model.graph.node
+        if n.op_type == "MatMul" and n.input[0] in model.producer and model.producer[n.input[0]].op_type == "Reshape"
+    )
     proj_in = next(r for r in an.slice_records if r.role == "in" and r.node == proj.name)
     heads = np.unique(an.unit_of[proj_in.ids])
     assert len(heads) == 3  # one unit per head: its Q, K and V channels and the projection rows it feeds
@@ -208,8 +212,11 @@ def test_width_mode_prunes_equal_widths_per_head():
     assert lock and all(len(m) == 3 for m in lock)  # the three heads of Q/K, of V
     p = plan(an, ratio=0.5, round_to=1)
     pruned = assert_exact(model, p)
-    targets = [pruned.array(n.input[1]).tolist() for n in pruned.graph.node if n.op_type == "Reshape"
-               and pruned.is_const(n.input[1])]
+    targets = [
+        pruned.array(n.input[1]).tolist()
+        for n in pruned.graph.node
+        if n.op_type == "Reshape" and pruned.is_const(n.input[1])
+    ]
     dims = {tuple(t[-2:]) for t in targets if len(t) == 4}
     assert (3, 2) in dims and (3, 1) in dims  # Q/K 4 -> 2 per head, V 2 -> 1 per head; heads stay
 
@@ -244,10 +251,19 @@ def test_swin_windows_and_relative_position_bias():
 def test_channels_last_block_under_layer_norm():
     """ConvNeXt: depthwise conv, permute to channels-last, LayerNorm, MLP as MatMuls, permute back, residual."""
     g = TG(image=(4, 6, 6), dynamic_batch=True)
-    stem = g.op("Conv", ["x", g.weight(8, 4, 1, 1), g.const(np.zeros(8, np.float32))], kernel_shape=[1, 1],
-                shape=[g.shape["x"][0], 8, 6, 6])
-    dw = g.op("Conv", [stem, g.weight(8, 1, 3, 3), g.const(np.zeros(8, np.float32))], kernel_shape=[3, 3],
-              pads=[1, 1, 1, 1], group=8)
+    stem = g.op(
+        "Conv",
+        ["x", g.weight(8, 4, 1, 1), g.const(np.zeros(8, np.float32))],
+        kernel_shape=[1, 1],
+        shape=[g.shape["x"][0], 8, 6, 6],
+    )
+    dw = g.op(
+        "Conv",
+        [stem, g.weight(8, 1, 3, 3), g.const(np.zeros(8, np.float32))],
+        kernel_shape=[3, 3],
+        pads=[1, 1, 1, 1],
+        group=8,
+    )
     t = g.transpose(dw, [0, 2, 3, 1])
     m = g.linear(g.gelu(g.linear(g.layer_norm(t), 16)), 8)
     y = g.op("Add", [stem, g.transpose(m, [0, 3, 1, 2])])
@@ -267,15 +283,26 @@ def test_patch_flatten_class_token_and_position_embedding():
     broadcast by Expand and concatenated on the token axis, a position embedding added."""
     g = TG(image=(3, 8, 8))
     n = g.shape["x"][0]
-    p = g.op("Conv", ["x", g.weight(6, 3, 4, 4), g.const(np.zeros(6, np.float32))], kernel_shape=[4, 4],
-             strides=[4, 4], shape=[n, 6, 2, 2])
+    p = g.op(
+        "Conv",
+        ["x", g.weight(6, 3, 4, 4), g.const(np.zeros(6, np.float32))],
+        kernel_shape=[4, 4],
+        strides=[4, 4],
+        shape=[n, 6, 2, 2],
+    )
     nc = g.op("Slice", [g.op("Shape", [p], shape=[4]), g.ints([0]), g.ints([2]), g.ints([0])], shape=[2])
     r = g.op("Reshape", [p, g.op("Concat", [nc, g.ints([-1])], axis=0, shape=[3])], shape=[n, 6, 4])
     t = g.transpose(r, [0, 2, 1])
-    b = g.op("Unsqueeze", [g.op("Gather", [g.op("Shape", [t], shape=[3]), g.const(np.array(0))], shape=[]),
-                           g.ints([0])], shape=[1])
-    cls = g.op("Expand", [g.const(np.ones((1, 1, 6), np.float32)), g.op("Concat", [b, g.ints([1, 6])], axis=0)],
-               shape=[n, 1, 6])
+    b = g.op(
+        "Unsqueeze",
+        [g.op("Gather", [g.op("Shape", [t], shape=[3]), g.const(np.array(0))], shape=[]), g.ints([0])],
+        shape=[1],
+    )
+    cls = g.op(
+        "Expand",
+        [g.const(np.ones((1, 1, 6), np.float32)), g.op("Concat", [b, g.ints([1, 6])], axis=0)],
+        shape=[n, 1, 6],
+    )
     x = g.op("Concat", [cls, t], axis=1, shape=[n, 5, 6])
     x = g.op("Add", [x, g.const(g.rng.standard_normal((1, 5, 6)).astype(np.float32))])
     y = g.head(g.layer_norm(g.op("Add", [x, g.mlp(g.layer_norm(x), 12)])))
@@ -305,8 +332,12 @@ def test_c2psa_per_head_split_of_a_convolution():
     g = TG(image=(8, 4, 4), dynamic_batch=False)
     heads, kd, hd = 2, 2, 4
     ch = heads * (2 * kd + hd)
-    qkv = g.op("Conv", ["x", g.weight(ch, 8, 1, 1), g.const(np.zeros(ch, np.float32))], kernel_shape=[1, 1],
-               shape=[1, ch, 4, 4])
+    qkv = g.op(
+        "Conv",
+        ["x", g.weight(ch, 8, 1, 1), g.const(np.zeros(ch, np.float32))],
+        kernel_shape=[1, 1],
+        shape=[1, ch, 4, 4],
+    )
     r = g.reshape(qkv, [1, heads, 2 * kd + hd, 16])
     q, k, v = g.op("Split", [r, g.ints([kd, kd, hd])], outputs=3, axis=2, shape=[1, heads, None, 16])
     g.shape[q], g.shape[k], g.shape[v] = [1, heads, kd, 16], [1, heads, kd, 16], [1, heads, hd, 16]
@@ -315,8 +346,13 @@ def test_c2psa_per_head_split_of_a_convolution():
     o = g.op("MatMul", [v, g.transpose(att, [0, 1, 3, 2])], shape=[1, heads, hd, 16])
     o = g.reshape(o, [1, heads * hd, 4, 4])
     vv = g.reshape(v, [1, heads * hd, 4, 4])
-    pe = g.op("Conv", [vv, g.weight(heads * hd, 1, 3, 3), g.const(np.zeros(heads * hd, np.float32))],
-              kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=heads * hd)
+    pe = g.op(
+        "Conv",
+        [vv, g.weight(heads * hd, 1, 3, 3), g.const(np.zeros(heads * hd, np.float32))],
+        kernel_shape=[3, 3],
+        pads=[1, 1, 1, 1],
+        group=heads * hd,
+    )
     y = g.op("Conv", [g.op("Add", [o, pe]), g.weight(5, heads * hd, 1, 1)], kernel_shape=[1, 1], shape=[1, 5, 4, 4])
     model, an = analyse_proto(g.model([y]))
     heads_units = np.unique(an.unit_of[source(an, node_of(g, qkv)).elements])
@@ -332,8 +368,16 @@ def test_c2psa_per_head_split_of_a_convolution():
 def test_fused_contrib_attention_is_refused_by_name():
     g = TG(channels=8)
     x = g.linear("x", 12)
-    g.nodes.append(helper.make_node("Attention", [x, g.weight(12, 36), g.const(np.zeros(36, np.float32))], ["att"],
-                                    name="fused_attn", domain="com.microsoft", num_heads=3))
+    g.nodes.append(
+        helper.make_node(
+            "Attention",
+            [x, g.weight(12, 36), g.const(np.zeros(36, np.float32))],
+            ["att"],
+            name="fused_attn",
+            domain="com.microsoft",
+            num_heads=3,
+        )
+    )
     g.shape["att"] = g.shape[x]
     y = g.head(g.linear("att", 8))
     proto = g.model([y])
@@ -347,8 +391,11 @@ def test_contraction_with_an_untracked_tensor_is_refused():
     g = TG(channels=8)
     x = g.linear("x", 4)
     other = g.op("Relu", ["x"])  # [N, T, 8]: the input's channels (frozen, graph input) on the contracted axis?
-    s = g.op("MatMul", [x, g.transpose(g.op("Slice", [other, g.ints([0]), g.ints([4]), g.ints([2])],
-                                             shape=[None, 6, 4]), [0, 2, 1])], shape=[None, 6, 6])
+    s = g.op(
+        "MatMul",
+        [x, g.transpose(g.op("Slice", [other, g.ints([0]), g.ints([4]), g.ints([2])], shape=[None, 6, 4]), [0, 2, 1])],
+        shape=[None, 6, 6],
+    )
     y = g.head(g.op("MatMul", [g.op("Softmax", [s], axis=-1), g.linear("x", 5)], shape=[None, 6, 5]))
     model, an = analyse_proto(g.model([y]))
     assert an.unit_frozen[units_of(an, x)].all()

@@ -11,8 +11,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 
 class TG:
-    def __init__(self, tokens: int = 6, channels: int = 8, *, seed: int = 0, dynamic_batch: bool = True,
-                 opset: int = 17, image: tuple[int, int, int] | None = None) -> None:
+    def __init__(
+        self,
+        tokens: int = 6,
+        channels: int = 8,
+        *,
+        seed: int = 0,
+        dynamic_batch: bool = True,
+        opset: int = 17,
+        image: tuple[int, int, int] | None = None,
+    ) -> None:
         self.rng = np.random.default_rng(seed)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
@@ -80,8 +88,11 @@ class TG:
     def linear(self, x: str, cout: int, *, bias: bool = True) -> str:
         y = self.op("MatMul", [x, self.weight(self.width(x), cout)], shape=[*self.shape[x][:-1], cout])
         if bias:
-            y = self.op("Add", [self.const((self.rng.standard_normal(cout) * 0.1).astype(np.float32), "b"), y],
-                        shape=self.shape[y])
+            y = self.op(
+                "Add",
+                [self.const((self.rng.standard_normal(cout) * 0.1).astype(np.float32), "b"), y],
+                shape=self.shape[y],
+            )
         return y
 
     def gelu(self, x: str) -> str:
@@ -114,8 +125,17 @@ class TG:
             return self.op("ReduceMean", [x, self.ints([-1])], keepdims=1, shape=shape)
         return self.op("ReduceMean", [x], axes=[-1], keepdims=1, shape=shape)
 
-    def attention(self, x: str, heads: int, head_dim: int, *, fused: bool = True, gather: bool = False,
-                  bias_heads: bool = False, v_dim: int | None = None) -> str:
+    def attention(
+        self,
+        x: str,
+        heads: int,
+        head_dim: int,
+        *,
+        fused: bool = True,
+        gather: bool = False,
+        bias_heads: bool = False,
+        v_dim: int | None = None,
+    ) -> str:
         """Multi-head self-attention on ``x`` ``[N, T, C]`` as timm (fused QKV: Reshape [N,T,3,H,D], Transpose,
         Split/Squeeze or Gather) or transformers (separate projections) export it; ``bias_heads``: a per-head constant
         added to the scores (Swin's relative position bias)."""
@@ -127,14 +147,17 @@ class TG:
             r = self.reshape(qkv, [n, t, 3, heads, head_dim])
             p = self.transpose(r, [2, 0, 3, 1, 4])  # [3, N, H, T, D]
             if gather:
-                q, k, v = (self.op("Gather", [p, self.const(np.array(i))], axis=0, shape=self.shape[p][1:])
-                           for i in range(3))
+                q, k, v = (
+                    self.op("Gather", [p, self.const(np.array(i))], axis=0, shape=self.shape[p][1:]) for i in range(3)
+                )
             else:
                 parts = self.op("Split", [p, self.ints([1, 1, 1])], outputs=3, axis=0, shape=[1, *self.shape[p][1:]])
                 q, k, v = (self.op("Squeeze", [s, self.ints([0])], shape=self.shape[p][1:]) for s in parts)
         else:
-            q, k, v = (self.transpose(self.reshape(self.linear(x, heads * d), [n, t, heads, d]), [0, 2, 1, 3])
-                       for d in (head_dim, head_dim, dv))
+            q, k, v = (
+                self.transpose(self.reshape(self.linear(x, heads * d), [n, t, heads, d]), [0, 2, 1, 3])
+                for d in (head_dim, head_dim, dv)
+            )
         kt = self.transpose(k, [0, 1, 3, 2])
         q = self.op("Mul", [q, self.const(np.array(head_dim**-0.5, np.float32))])
         s = self.op("MatMul", [q, kt], shape=[n, heads, t, t])
@@ -162,8 +185,12 @@ class TG:
             p = self.op("ReduceMean", [x, self.ints([1])], keepdims=0, shape=[self.shape[x][0], self.width(x)])
         else:
             p = self.op("ReduceMean", [x], axes=[1], keepdims=0, shape=[self.shape[x][0], self.width(x)])
-        return self.op("Gemm", [p, self.weight(classes, self.width(x)), self.const(np.zeros(classes, np.float32))],
-                       transB=1, shape=[self.shape[x][0], classes])
+        return self.op(
+            "Gemm",
+            [p, self.weight(classes, self.width(x)), self.const(np.zeros(classes, np.float32))],
+            transB=1,
+            shape=[self.shape[x][0], classes],
+        )
 
     def windows(self, x: str, h: int, w: int, win: int) -> tuple[str, callable]:
         """Swin's window partition of ``x`` ``[N, h*w, C]``: returns ``[N*nW, win*win, C]`` and the reverse."""
@@ -173,8 +200,11 @@ class TG:
         y = self.op("Reshape", [y, self.ints([-1, win * win, c])], shape=[None, win * win, c])
 
         def reverse(z: str) -> str:
-            z = self.op("Reshape", [z, self.ints([-1, h // win, w // win, win, win, c])],
-                        shape=[None, h // win, w // win, win, win, c])
+            z = self.op(
+                "Reshape",
+                [z, self.ints([-1, h // win, w // win, win, win, c])],
+                shape=[None, h // win, w // win, win, win, c],
+            )
             z = self.transpose(z, [0, 1, 3, 2, 4, 5])
             return self.op("Reshape", [z, self.ints([-1, h * w, c])], shape=[n, h * w, c])
 

@@ -26,6 +26,7 @@ import onnx
 from carve.pipeline.errors import CarveError
 from carve.pipeline.graph.channels import ChannelAnalysis, fingerprint
 from carve.pipeline.graph.channels.fixes import (
+    BlockSliceFix,
     Factors,
     Fix,
     GatherFix,
@@ -323,6 +324,18 @@ def _slice(model: Model, fix: SliceFix, keep: Keep) -> None:
         arr = model.array(node.input[idx]).copy()
         arr[fix.k] = value
         _set_input_const(model, node, idx, arr)
+
+
+@_applies(BlockSliceFix)
+def _block_slice(model: Model, fix: BlockSliceFix, keep: Keep) -> None:
+    start = regular_shape(keep(fix.before))[fix.axis] if fix.before.size else 0
+    end = start + regular_shape(keep(fix.part))[fix.axis]
+    node = model.nodes[fix.node]
+    for idx, value in ((1, start), (2, end)):
+        arr = model.array(node.input[idx]).copy()
+        if int(arr[fix.k]) != value:
+            arr[fix.k] = value
+            _set_input_const(model, node, idx, arr)
 
 
 @_applies(PadFix)

@@ -102,11 +102,13 @@ class CostTable:
         self.entries = {gid: self._entry(gid, round_to, keep_min) for gid in sorted(shares)}
 
     def _entry(self, gid: int, round_to: int, keep_min: int) -> CostEntry:
-        slices = [len(sl) for sl in self.analysis.groups[gid].slices]
+        group = self.analysis.groups[gid]
+        slices = [len(sl) for sl in group.slices]
+        aligns = [group.round_to(k, round_to) for k in range(len(slices))]
         top = max(slices)
         seen, cands = set(), []
         for kept_top in range(top, 0, -1):
-            kept = [kept_width(n, 1.0 - kept_top / top, round_to, keep_min) for n in slices]
+            kept = [kept_width(n, 1.0 - kept_top / top, a, keep_min) for n, a in zip(slices, aligns)]
             if tuple(kept) not in seen:
                 seen.add(tuple(kept))
                 cands.append(kept)

@@ -10,6 +10,7 @@ from carve.pipeline.errors import CarveError, UnreachableTarget
 from carve.pipeline.graph.channels import ChannelAnalysis
 from carve.pipeline.graph.cost import CostModel
 from carve.pipeline.graph.shapes import unknown_conv_outputs
+from carve.pipeline.pruning.allocator import balance_lockstep
 
 
 def check_countable(analysis: ChannelAnalysis) -> None:
@@ -81,24 +82,26 @@ def fill_to_target(
     restored, the least-kept slices first, as long as the predicted cost stays at most ``target``."""
     removed = removed.copy()
     s = scores if scores is not None else np.zeros(analysis.n_units)
-    slices = [sl for g in analysis.groups for sl in g.slices]
+    slices = [(sl, g.round_to(j, round_to)) for g in analysis.groups for j, sl in enumerate(g.slices)]
     while True:
         candidates = []
-        for sl in slices:
+        for sl, align in slices:
             gone = sl[removed[sl]]
             if not len(gone):
                 continue
             kept = len(sl) - len(gone)
-            size = min(len(gone), round_to)
-            if (kept + size) % round_to and kept + size != len(sl):
+            size = min(len(gone), align)
+            if (kept + size) % align and kept + size != len(sl):
                 continue
             chunk = gone[np.argsort(-s[gone], kind="stable")[:size]]
             candidates.append((kept / len(sl), -float(s[chunk].mean()), chunk))
         candidates.sort(key=lambda c: (c[0], c[1]))
         for _, _, chunk in candidates:
-            removed[chunk] = False
-            if frac(removed) <= target + 1e-9:
+            trial = removed.copy()
+            trial[chunk] = False
+            trial = balance_lockstep(analysis, trial, s)  # the other heads of an attention give back as much
+            if frac(trial) <= target + 1e-9:
+                removed = trial
                 break
-            removed[chunk] = True
         else:
             return removed

@@ -74,9 +74,9 @@ class GlobalRank(Allocator):
         candidate = np.zeros(an.n_units, dtype=bool)
         candidate[prunable[np.argsort(s[prunable], kind="stable")[:n_remove]]] = True
         for g in an.groups:
-            for sl in g.slices:
+            for j, sl in enumerate(g.slices):
                 cand = sl[candidate[sl]]
                 n = len(sl)
-                k = aligned_removal(n, min(len(cand), n - min(n, job.keep_min)), job.round_to)
+                k = aligned_removal(n, min(len(cand), n - min(n, job.keep_min)), g.round_to(j, job.round_to))
                 remove_lowest(removed, cand, s, k)
         return removed

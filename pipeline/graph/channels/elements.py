@@ -42,7 +42,7 @@ class Source:
 @dataclass
 class Chan:
     """Channel information of one tensor: its channel axis and the element (or unit) at each index. ``folded``: the
-    channels were folded into the batch axis (axis 0 holds ``batch x len(ids)`` positions, the batch outermost), as
+    channels were folded into the batch (the axis holds ``batch x len(ids)`` positions, the batch outermost), as
     MobileViT's unfold ``x.reshape(B * C * n_h, ...)`` does."""
 
     axis: int
@@ -66,6 +66,7 @@ class Block:
 
     axes: tuple[int, ...]
     ids: np.ndarray
+    folded: int | None = None  # the axis (one of ``axes``) the batch is folded into, outermost (nn.MultiheadAttention)
 
     def __len__(self) -> int:
         return int(self.ids.size)
@@ -82,6 +83,20 @@ def layout(axes, ids: np.ndarray) -> Layout:
         return Chan(axes[0], ids.reshape(-1))
     order = np.argsort(axes)
     return Block(tuple(axes[k] for k in order), np.transpose(ids, order))
+
+
+def folded_axis(c: Layout | None) -> int | None:
+    """The axis of ``c`` into which the batch is folded (outermost), or None."""
+    if isinstance(c, Chan):
+        return c.axis if c.folded else None
+    return None if c is None else c.folded
+
+
+def with_fold(c: Layout, axis: int | None) -> Layout:
+    """``c`` with the batch folded into ``axis`` (one of its axes), or unfolded."""
+    if isinstance(c, Chan):
+        return Chan(c.axis, c.ids, folded=axis is not None)
+    return Block(c.axes, c.ids, axis)
 
 
 def parts(c: Layout) -> tuple[tuple[int, ...], np.ndarray]:

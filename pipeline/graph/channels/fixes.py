@@ -46,6 +46,17 @@ class SliceFix(Fix):
 
 
 @dataclass(frozen=True, eq=False)
+class BlockSliceFix(Fix):
+    """A Slice of a block along its axis ``axis`` (entry ``k`` of starts/ends): the new start is the extent of the
+    kept part of ``before``, the new end adds the extent of the kept part of ``part``."""
+
+    k: int
+    axis: int
+    before: np.ndarray
+    part: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
 class PadFix(Fix):
     """Constant channels added by a Pad before/after the input's channels; entry ``k`` of ``n_axes`` pad axes."""
 

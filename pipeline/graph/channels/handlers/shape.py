@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from carve.pipeline.graph.channels.elements import Block, Chan, Layout, layout, parts
+from carve.pipeline.graph.channels.elements import Block, Chan, Layout, folded_axis, layout, parts, with_fold
 from carve.pipeline.graph.channels.fixes import Factors, ReshapeFix, ShapeEntryFix
 from carve.pipeline.graph.channels.handlers.table import handles_channels, q
 from carve.pipeline.graph.channels.layout import relabel
@@ -51,7 +51,7 @@ def _reshape(a: Analyser, node: onnx.NodeProto, c: Layout, r: int | None) -> Non
     entries = shape_refs(a.model, node.input[1], node)
     if outs is None or (entries is not None and len(outs) != len(entries)):
         outs = _target_dims(ins, entries)
-    folded = getattr(c, "folded", False)
+    folded = folded_axis(c) is not None
     res = "the channels are folded into the batch" if folded else relabel(c, ins, outs)
     if isinstance(res, str) and entries is not None and (folded or _batch_involved(ins, outs)):
         res = _relabel_batched(a, c, ins, entries) or res
@@ -73,7 +73,7 @@ def _reshape(a: Analyser, node: onnx.NodeProto, c: Layout, r: int | None) -> Non
         if e.value is not None and e.value > 0 and e.where is not None:
             fix.append(e.where)
             continue
-        if e.dim is not None and e.factors and getattr(new, "folded", False) and pos == 0:
+        if e.dim is not None and e.factors and folded_axis(new) == pos:
             fix.append(Factors(e.scale, e.factors))
             continue
         if e.value == -1:
@@ -97,41 +97,45 @@ def _reshape(a: Analyser, node: onnx.NodeProto, c: Layout, r: int | None) -> Non
 
 
 def _batch_involved(ins, outs) -> bool:
-    return ins is not None and outs is not None and (None in ins[:1] or None in outs[:1])
+    return ins is not None and outs is not None and (None in ins or None in outs)
 
 
 def _relabel_batched(a: Analyser, c: Layout, ins, entries):
-    """Follow a Reshape whose batch (axis 0, unknown size) is regrouped with the channels: MobileViT's unfold
-    ``x.reshape(B * C * n_h, p_h, n_w, p_w)`` and its inverse. The target is evaluated at batch 1 and 2: when only
-    axis 0 scales with the batch on both sides, the layout at batch 1 holds for every batch (the batch is the
-    outermost factor of axis 0), and a channel axis that lands on axis 0 is *folded*. None when this does not apply."""
-    if ins is None or any(d is None for d in ins[1:]) or ins[0] is not None:
+    """Follow a Reshape that regroups the batch (the one dim of unknown size) with the channels: MobileViT's unfold
+    ``x.reshape(B * C * n_h, p_h, n_w, p_w)`` and its inverse, the heads of ``nn.MultiheadAttention`` folded into its
+    batch axis (``[T, B, H*D] -> [T, B*H, D]``). The target is evaluated at batch 1 and 2: when exactly one output axis
+    scales with the batch, and the dims before the batch multiply to the same on both sides, every batch is laid out
+    as batch 1 is (the batch is the outermost factor of that axis). A channel axis that lands there is *folded*. None
+    when this does not apply."""
+    if ins is None or sum(d is None for d in ins) != 1:
         return None
-    folded = getattr(c, "folded", False)
-    if folded and (not isinstance(c, Chan) or c.axis != 0):
+    p = list(ins).index(None)
+    fold = folded_axis(c)
+    if fold is not None and fold != p:
         return None
-    if not folded and 0 in c.axes:
+    axes, ids = parts(c)
+    extent = ids.shape[axes.index(p)] if fold is not None else 1
+    if fold is None and p in axes:
         return None
     dims = []
     for b in (1, 2):
-        ins_b = [b * (len(c.ids) if folded else 1), *ins[1:]]
+        ins_b = [b * extent if k == p else int(d) for k, d in enumerate(ins)]
         out = _entries_at(a, entries, ins_b, b)
         if out is None:
             return None
         dims.append((ins_b, out))
-    (i1, o1), (i2, o2) = dims
-    if o2[0] != 2 * o1[0] or o2[1:] != o1[1:]:
+    (i1, o1), (_, o2) = dims
+    grown = [k for k in range(len(o1)) if o2[k] != o1[k]]
+    if len(grown) != 1 or o2[grown[0]] != 2 * o1[grown[0]]:
         return None
-    src = Chan(0, c.ids) if folded else c
-    res = relabel(src, i1, o1)
+    qx = grown[0]
+    if int(np.prod(i1[:p], dtype=np.int64)) != int(np.prod(o1[:qx], dtype=np.int64)):
+        return None  # the batch does not sit at the same place of the row-major order on both sides
+    res = relabel(with_fold(c, None), i1, o1)
     if isinstance(res, str):
         return None
     new, positions, label = res
-    if 0 in new.axes:
-        if not isinstance(new, Chan):
-            return None
-        new = Chan(0, new.ids, folded=True)
-    return new, positions, label
+    return with_fold(new, qx if qx in new.axes else None), positions, label
 
 
 def _entries_at(a: Analyser, entries, ins: list[int], b: int) -> list[int] | None:
@@ -149,8 +153,8 @@ def _entries_at(a: Analyser, entries, ins: list[int], b: int) -> list[int] | Non
             if shp is None or e.dim[1] >= len(shp):
                 return None
             d = shp[e.dim[1]]
-            if d is None and (e.dim[1] != 0 or getattr(a.get(e.dim[0]), "folded", False)):
-                return None
+            if d is None and folded_axis(a.get(e.dim[0])) is not None:
+                return None  # a dim of a tensor that holds channels and batch together
             dims.append((b if d is None else int(d)) * e.scale)
         else:
             return None
@@ -296,19 +300,14 @@ def _transpose(a: Analyser, node: onnx.NodeProto, c: Layout, r: int | None) -> N
     perm = list(range(r))[::-1] if perm is None else [int(p) for p in perm]
     axes, ids = parts(c)
     new_axes = [perm.index(x) for x in axes]
-    if getattr(c, "folded", False):
-        if new_axes != [0]:
-            a.freeze(c.ids, f"{q(node)} moves channels folded into the batch off the batch axis")
-            a.opaque(node.output[0], node.name, f"transposed by {q(node)}")
-            return
-        a.set(node.output[0], c)
-        return
+    fold = folded_axis(c)
     if isinstance(c, Block) and new_axes != sorted(new_axes):
         # heads stay outside their channels: regular_shape and the lockstep of head widths rely on that order
         a.freeze(c.ids, f"{q(node)} reorders the axes the channel axis was split into (a channel shuffle)")
         a.opaque(node.output[0], node.name, f"transposed by {q(node)}")
         return
-    a.set(node.output[0], layout(new_axes, ids))
+    new = layout(new_axes, ids)
+    a.set(node.output[0], new if fold is None else with_fold(new, perm.index(fold)))
 
 
 @handles_channels("Squeeze", "Unsqueeze", blocks=True)

@@ -8,7 +8,15 @@ import numpy as np
 import onnx
 
 from carve.pipeline.graph.channels.elements import Block, Chan, Kind, Layout, layout, parts
-from carve.pipeline.graph.channels.fixes import GatherFix, PadFix, ReshapeFix, SlabGatherFix, SliceFix, SplitFix
+from carve.pipeline.graph.channels.fixes import (
+    BlockSliceFix,
+    GatherFix,
+    PadFix,
+    ReshapeFix,
+    SlabGatherFix,
+    SliceFix,
+    SplitFix,
+)
 from carve.pipeline.graph.channels.handlers.shape import shape_refs
 from carve.pipeline.graph.channels.handlers.table import handles, handles_channels, q
 from carve.pipeline.graph.channels.state import Analyser
@@ -147,8 +155,8 @@ def _split_sizes(a: Analyser, node: onnx.NodeProto, total: int) -> list[int] | N
     return sizes if all(s > 0 for s in sizes) else None
 
 
-@handles_channels("Slice")
-def _slice(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
+@handles_channels("Slice", blocks=True)
+def _slice(a: Analyser, node: onnx.NodeProto, c: Layout, r: int | None) -> None:
     vals = [a.const(i) if len(node.input) > k and i else None for k, i in enumerate(node.input)]
     if any(len(node.input) > k and node.input[k] and vals[k] is None for k in range(1, len(node.input))):
         a.freeze(c.ids, f"{q(node)} slices with bounds computed at run time")
@@ -158,8 +166,11 @@ def _slice(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
     axes = list(vals[3]) if len(vals) > 3 and vals[3] is not None else list(range(len(starts)))
     steps = list(vals[4]) if len(vals) > 4 and vals[4] is not None else [1] * len(starts)
     axes = [int(x) % r for x in axes]
-    if c.axis not in axes:
+    if not set(axes) & set(c.axes):
         a.set(node.output[0], c)
+        return
+    if isinstance(c, Block):
+        _slice_block(a, node, c, axes, starts, ends, steps)
         return
     k = axes.index(c.axis)
     n = len(c)
@@ -171,6 +182,26 @@ def _slice(a: Analyser, node: onnx.NodeProto, c: Chan, r: int | None) -> None:
         return
     a.set(node.output[0], Chan(c.axis, c.ids[idx]))
     a.fixes.append(SliceFix(node.name, k, c.ids, int(idx[0]), int(idx[0]) + len(idx)))
+
+
+def _slice_block(a: Analyser, node: onnx.NodeProto, c: Block, axes, starts, ends, steps) -> None:
+    """A block sliced along one of its axes with step 1 (``unbind`` as the dynamo exporter writes it: a Slice
+    ``[k:k+1]`` of the fused-QKV axis, then Squeeze): that part of the block."""
+    hit = [j for j, x in enumerate(axes) if x in c.axes]
+    j = hit[0]
+    k = c.axes.index(axes[j])
+    n = c.ids.shape[k]
+    idx = np.arange(n)[slice(int(starts[j]), int(ends[j]), int(steps[j]))]
+    if len(hit) > 1 or int(steps[j]) != 1 or len(idx) == 0:
+        a.freeze(c.ids, f"{q(node)} slices attention heads in a way carve cannot follow")
+        a.opaque(node.output[0], node.name, f"sliced by {q(node)}")
+        return
+    before = np.take(c.ids, np.arange(int(idx[0])), axis=k)
+    part = np.take(c.ids, idx, axis=k)
+    if before.size:
+        a.lockstep_lines(before)  # the new start counts what is kept before it: equal in every line
+    a.set(node.output[0], layout(c.axes, part))
+    a.fixes.append(BlockSliceFix(node.name, j, k, before, part))
 
 
 @handles_channels("Pad")

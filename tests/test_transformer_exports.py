@@ -1,0 +1,95 @@
+"""Real exports of small transformer modules (:mod:`tmodels`, no optional package needed): a timm-style ViT (with and
+without ``scaled_dot_product_attention``), a BERT-style encoder, a ConvNeXt stage, a Swin-style window block and
+torch's ``nn.MultiheadAttention``, exported with the TorchScript exporter (opset 17, dynamic batch) and, for some, the
+dynamo exporter (opset 18). Each is analysed (attention, residual stream and MLP prunable), pruned at ratio 0.5 in
+both attention modes and verified in ONNX Runtime by ``prune_model`` itself."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from tmodels import TinyBert, TinyConvNeXt, TinySwin, TinyViT, TorchMHA
+
+from carve.pipeline import graph as cgraph
+from carve.pipeline.graph.channels import analyse
+from carve.pipeline.graph.cost import model_cost
+from carve.pipeline.graph.overview import prunable_macs
+from carve.pipeline.pruning.prune import PruneOptions, prune_model
+from carve.pipeline.runtime import ort as ortutil
+
+MODELS = {
+    "vit": (lambda: TinyViT(), lambda: torch.randn(1, 3, 16, 16)),
+    "vit_sdpa": (lambda: TinyViT(sdpa=True), lambda: torch.randn(1, 3, 16, 16)),
+    "bert": (lambda: TinyBert(), lambda: torch.randint(0, 30, (1, 8))),
+    "convnext": (lambda: TinyConvNeXt(), lambda: torch.randn(1, 3, 16, 16)),
+    "swin": (lambda: TinySwin(), lambda: torch.randn(1, 3, 16, 16)),
+    "mha": (lambda: TorchMHA(), lambda: torch.randn(1, 5, 6)),
+}
+HAS_ATTENTION = {"vit", "vit_sdpa", "bert", "swin", "mha"}
+
+
+def export(name: str, exporter: str = "torchscript"):
+    torch.manual_seed(0)
+    make, example = MODELS[name]
+    m, x = make().eval(), example()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            f = io.BytesIO()
+            torch.onnx.export(m, (x,), f, opset_version=17, dynamo=False, input_names=["x"], output_names=["y"],
+                              dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+            proto = onnx.load_from_string(f.getvalue())
+        else:
+            dim = torch.export.Dim("b", max=64)
+            proto = torch.onnx.export(m, (x,), dynamo=True, opset_version=18, dynamic_shapes=({0: dim},),
+                                      verbose=False).model_proto
+    return cgraph.from_proto(proto)
+
+
+def check(model, name: str):
+    an = analyse(model)
+    share = prunable_macs(an) / max(1, model_cost(model).macs)
+    assert share > 0.9, f"{name}: only {share:.0%} of the MACs prunable: {an.summary()['frozen_reasons']}"
+    if name in HAS_ATTENTION:
+        assert an.contract_records, f"{name}: no attention product followed"
+    feeds = ortutil.random_feeds(model, batch=3, seed=0)
+    for mode in ("heads", "width"):
+        pruned, summary = prune_model(model, PruneOptions(ratio=0.5, round_to=1, attention=mode))
+        assert summary["macs_after"] < 0.65 * summary["macs_before"], (mode, summary["macs_after"])
+        assert summary["verify"]["reference"] == "masked statistics"  # every one of these has a LayerNorm stream
+        assert summary["inexact"]["units"] > 0 and np.isfinite(summary["inexact"]["error"]["max_rel"])
+        out = ortutil.run(pruned, feeds)[0]
+        assert out.shape == ortutil.run(model, feeds)[0].shape and np.isfinite(out).all()
+    return an
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_torchscript_exports_prune_and_verify(name):
+    check(export(name), name)
+
+
+def head_split_shapes(model) -> list[tuple]:
+    """The shapes the QKV head-split Reshapes produce (``[B, T, 3, heads, head_dim]``)."""
+    return [tuple(model.shape(n.output[0])) for n in model.graph.node
+            if n.op_type == "Reshape" and len(model.shape(n.output[0]) or ()) == 5]
+
+
+def test_vit_heads_and_widths_leave_the_export_consistent():
+    model = export("vit")
+    assert set(head_split_shapes(model)) == {(None, 17, 3, 3, 8)}
+    pruned, _ = prune_model(model, PruneOptions(ratio=0.5, round_to=1))
+    assert set(head_split_shapes(pruned)) == {(None, 17, 3, 2, 8)}  # 3 heads -> 2, each whole
+    pruned, _ = prune_model(model, PruneOptions(ratio=0.5, round_to=1, attention="width"))
+    assert set(head_split_shapes(pruned)) == {(None, 17, 3, 3, 4)}  # 3 heads of width 8 -> 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vit", "bert", "swin"])
+def test_dynamo_exports_prune_and_verify(name):
+    pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript (in the dev extra)")
+    check(export(name, "dynamo"), name)
