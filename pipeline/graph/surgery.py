@@ -136,23 +136,26 @@ def zero_removed(model: Model, plan: Plan) -> Model:
     return out
 
 
-def reference(model: Model, plan: Plan, *, statistics: str = "kept") -> Model:
+def reference(model: Model, plan: Plan, *, statistics: str = "kept", neutral: bool = False) -> Model:
     """The model the pruned one must equal: :func:`zero_removed`, plus a mask on every activation product that
     contracts removed channels, plus (``statistics="kept"``) every LayerNorm statistic over the kept channels only
     (``"all"``: statistics over every channel, as the original computes them: the plain reference of an inexact
-    removal). Extra nodes are inserted, so the result is for running, not for pruning."""
+    removal). Extra nodes are inserted, so the result is for running, not for pruning. ``neutral``: the same graph,
+    nothing zeroed and every mask 1 (the original's function in the reference's structure: what repairs compare
+    against node by node)."""
     if statistics not in ("kept", "all"):
         raise ValueError(f"statistics must be 'kept' or 'all', got {statistics!r}")
     analysis = _check_plan(model, plan)
-    out = zero_removed(model, plan)
-    keep = _keep_fn(analysis, plan.removed)
+    out = model.copy() if neutral else zero_removed(model, plan)
+    removed = _keep_fn(analysis, plan.removed)
+    keep = (lambda ids: np.ones(np.shape(ids), dtype=bool)) if neutral else removed
     before: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     replace: dict[str, list[onnx.NodeProto]] = {}
     ed = _Editor(out)
     for rec in analysis.contract_records:
-        kept = keep(rec.ids)
-        if kept.all():
+        if removed(rec.ids).all():
             continue
+        kept = keep(rec.ids)
         node = out.nodes[rec.node]
         name = node.input[rec.input_idx]
         mask = _placed(kept, rec.axes, len(out.shape(name) or ()), ed.np_dtype(name))
@@ -160,9 +163,9 @@ def reference(model: Model, plan: Plan, *, statistics: str = "kept") -> Model:
         node.input[rec.input_idx] = before[node.name][-1].output[0]
     if statistics == "kept":
         for rec in analysis.stat_records:
-            kept = keep(rec.ids)
-            if kept.all():
+            if removed(rec.ids).all():
                 continue
+            kept = keep(rec.ids)
             node = out.nodes[rec.node]
             rank = len(out.shape(rec.input) or ())
             mask = _placed(kept, (rec.axis,), rank, ed.np_dtype(rec.input))

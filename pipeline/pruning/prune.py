@@ -175,10 +175,18 @@ def prune_model(
         )
     repaired: dict[str, Any] = {}
     work = zero_removed(model, p) if steps else model
+    masked = bool(steps) and needs_mask(analysis, p.removed)
     for name, options in steps:
         report(f"{name}: layer", 0, None)
-        result = repairs.get(name)(**options).apply(model, p, work, calib, progress=counted(progress, f"{name}: layer"))
-        work = result.model
+        # an inexact removal (LayerNorm statistics) or a contracted pair (Q/K) changes what later layers see beyond
+        # the zeroed columns: the repairs run on the model that computes what the pruned one will (the masked
+        # reference, same weights by name), and their weights are copied back into the working model
+        target = reference(work, p) if masked else work
+        source = reference(model, p, neutral=True) if masked else model  # the same nodes, the original's function
+        result = repairs.get(name)(**options).apply(
+            source, p, target, calib, progress=counted(progress, f"{name}: layer")
+        )
+        work = copy_weights(result.model, work) if masked else result.model
         repaired["fused_channels" if name == "exact" else name] = (
             result.stats["fused_channels"] if name == "exact" else len(result.details)
         )
@@ -211,6 +219,23 @@ def prune_model(
         summary["latency"] = latency_summary(latency, None, p, table, loop)
     record(pruned, "prune", recorded(summary), command=command, replace_last=True)
     return pruned, summary
+
+
+def needs_mask(analysis, removed) -> bool:
+    """Does the removal change more than the zeroed consumer columns say: statistics over removed channels
+    (LayerNorm) or channels contracted between two activations (a head's Q/K)?"""
+    if len(analysis.inexact_units(removed)):
+        return True
+    return any(removed[analysis.unit_of[r.ids]].any() for r in analysis.contract_records)
+
+
+def copy_weights(source: Model, target: Model) -> Model:
+    """``target`` with every initializer it shares by name with ``source`` taken from ``source``."""
+    out = target.copy()
+    for name in out.init:
+        if name in source.init:
+            out.set_array(name, source.array(name))
+    return out
 
 
 def inexact_summary(analysis, units, plain_ref, pruned) -> dict:
