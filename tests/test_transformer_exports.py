@@ -41,13 +41,22 @@ def export(name: str, exporter: str = "torchscript"):
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
             f = io.BytesIO()
-            torch.onnx.export(m, (x,), f, opset_version=17, dynamo=False, input_names=["x"], output_names=["y"],
-                              dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+            torch.onnx.export(
+                m,
+                (x,),
+                f,
+                opset_version=17,
+                dynamo=False,
+                input_names=["x"],
+                output_names=["y"],
+                dynamic_axes={"x": {0: "b"}, "y": {0: "b"}},
+            )
             proto = onnx.load_from_string(f.getvalue())
         else:
             dim = torch.export.Dim("b", max=64)
-            proto = torch.onnx.export(m, (x,), dynamo=True, opset_version=18, dynamic_shapes=({0: dim},),
-                                      verbose=False).model_proto
+            proto = torch.onnx.export(
+                m, (x,), dynamo=True, opset_version=18, dynamic_shapes=({0: dim},), verbose=False
+            ).model_proto
     return cgraph.from_proto(proto)
 
 
@@ -75,8 +84,11 @@ def test_torchscript_exports_prune_and_verify(name):
 
 def head_split_shapes(model) -> list[tuple]:
     """The shapes the QKV head-split Reshapes produce (``[B, T, 3, heads, head_dim]``)."""
-    return [tuple(model.shape(n.output[0])) for n in model.graph.node
-            if n.op_type == "Reshape" and len(model.shape(n.output[0]) or ()) == 5]
+    return [
+        tuple(model.shape(n.output[0]))
+        for n in model.graph.node
+        if n.op_type == "Reshape" and len(model.shape(n.output[0]) or ()) == 5
+    ]
 
 
 def test_vit_heads_and_widths_leave_the_export_consistent():
@@ -114,3 +126,29 @@ def test_repairs_see_what_the_pruned_model_computes(repair):
         return float(np.abs(ortutil.run(pruned, x)[0] - y0).mean() / np.abs(y0).mean())
 
     assert error(**repair) < 0.5 * error()
+
+
+@pytest.mark.slow
+def test_readme_transformer_commands_run_as_written(tmp_path, monkeypatch):
+    """The README's transformer commands, on a small ViT export named as the README names it."""
+    import re
+    import shlex
+
+    from conftest import REPO
+
+    from carve.pipeline.cli import main
+
+    readme = (REPO / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if b.startswith("carve inspect vit.onnx"))
+    onnx.save(export("vit").proto, str(tmp_path / "vit.onnx"))
+    monkeypatch.chdir(tmp_path)
+    for line in [ln for ln in block.splitlines() if ln.strip()]:
+        args = shlex.split(line.split("  #")[0])
+        if args[1] == "bench":
+            args += ["--rounds", "3"]  # the same command, fewer timing rounds
+        elif args[1] == "prune":
+            args += ["--round-to", "1", "--no-measure"]  # the small model's 24 channels; timing is bench's job
+        assert main(args[1:]) == 0, line
+    assert (
+        (tmp_path / "vit_p.onnx").exists() and (tmp_path / "vit_w.onnx").exists() and (tmp_path / "vit.json").exists()
+    )

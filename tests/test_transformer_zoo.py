@@ -26,8 +26,16 @@ def export(m: torch.nn.Module, args: tuple, names: list[str]):
     f = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(m, args, f, opset_version=17, dynamo=False, input_names=names, output_names=["y"],
-                          dynamic_axes={**{n: {0: "b"} for n in names}, "y": {0: "b"}})
+        torch.onnx.export(
+            m,
+            args,
+            f,
+            opset_version=17,
+            dynamo=False,
+            input_names=names,
+            output_names=["y"],
+            dynamic_axes={**{n: {0: "b"} for n in names}, "y": {0: "b"}},
+        )
     return cgraph.from_proto(onnx.load_from_string(f.getvalue()))
 
 
@@ -72,8 +80,15 @@ def test_timm(name):
 def test_transformers_bert():
     tr = pytest.importorskip("transformers", reason="transformers is an optional extra (pip install transformers)")
     torch.manual_seed(0)
-    cfg = tr.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    cfg = tr.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     m = tr.BertForSequenceClassification(cfg)
     ids, mask = torch.randint(0, 100, (1, 16)), torch.ones(1, 16, dtype=torch.long)
     check(export(m, (ids, mask), ["input_ids", "attention_mask"]), 0.95)
@@ -82,8 +97,15 @@ def test_transformers_bert():
 def test_transformers_vit():
     tr = pytest.importorskip("transformers", reason="transformers is an optional extra (pip install transformers)")
     torch.manual_seed(0)
-    cfg = tr.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                       image_size=32, patch_size=8, num_labels=5)
+    cfg = tr.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=5,
+    )
     check(export(tr.ViTForImageClassification(cfg), (torch.randn(1, 3, 32, 32),), ["x"]), 0.95)
 
 
