@@ -288,7 +288,7 @@ def _where_refs(model: Model, node: onnx.NodeProto, depth: int):
         if e.value is not None and e.value == int(k[j]):
             out.append(Entry(int(v[j])))
         elif e.value is not None:
-            out.append(Entry(e.value))  # a fixed entry behind Where cannot be edited in place
+            out.append(e)  # passed through: editing the constant behind it edits this entry (a new count is not k)
         else:
             out.append(Entry(None, e.dim, None, e.scale, e.factors))
     return out
