@@ -426,3 +426,17 @@ def test_channel_count_read_into_its_own_reshape_is_followed():
     model, an = analyse_proto(g.model([y]))
     assert not an.unit_frozen[units_of(an, p)].any()
     prune_randomly(g.model([y]), modes=("heads",))
+
+
+def test_equal_parameters_stored_once_are_untied():
+    """The dynamo exporter stores equal constants once (every zero bias of a model is one tensor): load gives each
+    elementwise reader a private copy, so the layers prune independently; weights read by MatMul stay shared."""
+    g = TG(channels=8)
+    zero = g.const(np.zeros(6, np.float32), "bias")
+    x = g.op("Add", [g.op("MatMul", ["x", g.weight(8, 6)], shape=[None, 6, 6]), zero])
+    y = g.op("Add", [g.op("MatMul", [g.op("Relu", [x]), g.weight(6, 6)], shape=[None, 6, 6]), zero])
+    model, an = analyse_proto(g.model([g.head(g.op("Relu", [y]))]))
+    readers = [n for n in model.graph.node if n.op_type == "Add"]
+    assert len({n.input[1] for n in readers}) == 2
+    assert not an.unit_frozen[units_of(an, x)].any()
+    prune_randomly(g.model([g.head(g.op("Relu", [y]))]), modes=("heads",))

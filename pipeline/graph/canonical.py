@@ -66,6 +66,7 @@ def prepare(proto: onnx.ModelProto, source: Path | None = None) -> Model:
     _check_references(g, where)
     _initializers_are_not_inputs(proto)
     _unshare_identities(g)
+    _unshare_parameters(g)
     graph = _gs_import(proto, where)
     if not _is_sorted(g):
         _sorted(graph, where)
@@ -142,6 +143,46 @@ def _unshare_identities(g: onnx.GraphProto) -> None:
     if len(keep) != len(g.node):
         del g.node[:]
         g.node.extend(keep)
+
+
+# Ops whose constant operands are per-channel parameters (a bias, a scale, a norm's affine), not weights.
+_PARAMETER_READERS = {"Add", "Sub", "Mul", "Div", "LayerNormalization", "BatchNormalization", "InstanceNormalization",
+                      "PRelu"}
+_PARAMETER_MAX = 1 << 20
+
+
+def _unshare_parameters(g: onnx.GraphProto) -> None:
+    """A float initializer that several elementwise/normalisation nodes read gets a private copy per reader (the
+    dynamo exporter, like onnx optimisers, stores equal constants once: every zero bias, every unit LayerNorm scale
+    of a model becomes one tensor). The values are equal, so nothing changes; only genuinely tied weights (read by
+    Conv/Gemm/MatMul/Gather) stay shared."""
+    inits = {t.name: t for t in g.initializer}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for n in g.node:
+        for k, i in enumerate(n.input):
+            if i in inits:
+                readers.setdefault(i, []).append((n, k))
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    outputs = {o.name for o in g.output}
+    taken = set(inits) | {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    for name, uses in readers.items():
+        t = inits[name]
+        if len(uses) < 2 or t.data_type not in floats or name in outputs or int(np.prod(t.dims)) > _PARAMETER_MAX:
+            continue
+        if any(n.op_type not in _PARAMETER_READERS or n.domain not in ("", "ai.onnx") for n, _ in uses):
+            continue
+        if int(np.prod(t.dims)) <= 1:
+            continue  # scalars broadcast: they cut nothing
+        for j, (n, k) in enumerate(uses[1:], 1):
+            new = f"{name}__{j}"
+            while new in taken:
+                new += "_"
+            taken.add(new)
+            copy = onnx.TensorProto()
+            copy.CopyFrom(t)
+            copy.name = new
+            g.initializer.append(copy)
+            n.input[k] = new
 
 
 def _complete_output_types(model: Model) -> None:

@@ -177,9 +177,16 @@ def _same_channels_at(a: Analyser, e, pos: int, new: Layout, node: onnx.NodeProt
     else:
         return None
     src = a.get(tensor)
-    if not isinstance(src, Chan) or not isinstance(new, Chan) or src.axis != k or new.axis != pos:
-        return None  # kept simple: one channel axis on both sides
-    return True if np.array_equal(src.ids, new.ids) else None
+    if src is None or k not in src.axes or pos not in new.axes:
+        return None
+    return True if _slabs(src, k) == _slabs(new, pos) else None
+
+
+def _slabs(c: Layout, axis: int) -> list[frozenset[int]]:
+    """The elements at each index of ``axis`` (a head's channels along a head axis; one channel along a vector)."""
+    axes, ids = parts(c)
+    k = axes.index(axis)
+    return [frozenset(np.take(ids, i, axis=k).ravel().tolist()) for i in range(ids.shape[k])]
 
 
 def _target_dims(ins, entries) -> list[int | None] | None:
@@ -470,11 +477,11 @@ def _shape(a: Analyser, node: onnx.NodeProto, c: Layout, r: int | None) -> None:
     end = attr(node, "end")
     end = r if end is None else int(end) % (r + 1) if int(end) < 0 else min(int(end), r)
     for axis in c.axes:
-        if start <= axis < end and _reads_dim(a, node, c, axis - start, end - start):
+        if start <= axis < end and _reads_dim(a, node, c, axis, axis - start, end - start):
             return
 
 
-def _reads_dim(a: Analyser, node: onnx.NodeProto, c: Layout, pos: int, n: int) -> bool:
+def _reads_dim(a: Analyser, node: onnx.NodeProto, c: Layout, axis: int, pos: int, n: int) -> bool:
     """Freeze ``c`` (and say so) if entry ``pos`` of the shape is used other than as the target dim of a Reshape
     that carries the same channels there."""
     for user in a.model.consumers.get(node.output[0], []):
@@ -488,10 +495,10 @@ def _reads_dim(a: Analyser, node: onnx.NodeProto, c: Layout, pos: int, n: int) -
                 continue
         reason = f"the channel count is read at run time by {q(user)} (via {q(node)})"
         reshapes = _reshape_targets(a.model, user.output[0]) if user.op_type in ("Gather", "Slice") else None
-        if reshapes and isinstance(c, Chan):
+        if reshapes:
             # fine if each of these Reshapes puts the dim where the same channels land (checked there; else frozen
             # when the walk ends)
-            a.dim_reads.append((node.input[0], c.axis, c.ids, reason, frozenset(reshapes)))
+            a.dim_reads.append((node.input[0], axis, c.ids, reason, frozenset(reshapes)))
             continue
         a.freeze(c.ids, reason)
         return True
