@@ -25,7 +25,7 @@ ALLOWED = {
     "cli": {"graph", "runtime", "data", "pruning", "training", "passes", "measure", "models", "flows"},
     "api": {"graph", "pruning", "data"},  # carve/__init__.py: the lazy facade of the Python API
 }
-BASE = {f"carve.pipeline.{m}" for m in ("errors", "version", "registry", "config", "progress")}
+BASE = {f"carve.pipeline.{m}" for m in ("errors", "version", "registry", "config", "progress", "files")}
 # installed names -> the folders they come from (pyproject's package-dir)
 FOLDERS = {"carve.pipeline": "pipeline", "carve.plugins": "plugins", "carve.models": "models", "carve": "carve"}
 
