@@ -27,7 +27,7 @@ from carve.pipeline.graph.history import record
 from carve.pipeline.graph.model import Model, check_finite, nonfinite_initializers
 from carve.pipeline.graph.rewrite import ensure_biases
 from carve.pipeline.graph.surgery import prune, zero_removed
-from carve.pipeline.progress import Progress, counted, silent
+from carve.pipeline.progress import Progress, silent
 from carve.pipeline.pruning.criterion import criteria
 from carve.pipeline.pruning.latency import LatencyOracle, closed_loop, default_alignment, parse_target, tolerance
 from carve.pipeline.pruning.planner import plan
@@ -175,7 +175,7 @@ def prune_model(
     work = zero_removed(model, p) if steps else model
     for name, options in steps:
         report(f"{name}: layer", 0, None)
-        result = repairs.get(name)(**options).apply(model, p, work, calib, progress=counted(progress, f"{name}: layer"))
+        result = repairs.get(name)(**options).apply(model, p, work, calib, progress=progress)
         work = result.model
         repaired["fused_channels" if name == "exact" else name] = (
             result.stats["fused_channels"] if name == "exact" else len(result.details)

@@ -12,8 +12,9 @@ pruned model equals it. Repairs run in the order given; each sees the previous o
 
         def apply(self, original, plan, working, calib, *, progress=None) -> RepairResult: ...
 
-``progress(done, total)``, when given, is told how many of the layers the repair works on are done (the pruning
-operation shows it as ``lsq: layer 12/55``); a repair calls it as often as it has news, at least at the end.
+``progress`` (:class:`carve.pipeline.progress.Progress`), when given, is told how many of the layers the repair works
+on are done, as ``progress(f"{self.name}: layer", done, total)`` (shown as ``lsq: layer 12/55``); a repair calls it as
+often as it has news, at least at the end.
 
 Built-ins live in ``plugins/repairs/`` (``exact`` fusion, ``lsq``, ``bias``, ``bn``); third parties register through
 the ``carve.repairs`` entry-point group.
@@ -21,12 +22,12 @@ the ``carve.repairs`` entry-point group.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from carve.pipeline.graph.model import Model
 from carve.pipeline.graph.plan import Plan
+from carve.pipeline.progress import Progress
 from carve.pipeline.registry import Plugin, Registry
 
 
@@ -48,7 +49,7 @@ class Repair(Plugin):
         working: Model,
         calib: Any = None,
         *,
-        progress: Callable[[int, int], None] | None = None,
+        progress: Progress | None = None,
     ) -> RepairResult:  # pragma: no cover - interface
         raise NotImplementedError
 

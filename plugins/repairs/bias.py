@@ -58,5 +58,13 @@ class BiasCorrection(Repair):
 
     def apply(self, original, plan, working, calib=None, *, progress=None) -> RepairResult:
         cols = consumer_columns(plan)
-        details = compensate(original, working, cols, _BiasCorrection(original, cols), calib, progress=progress)
+        details = compensate(
+            original,
+            working,
+            cols,
+            _BiasCorrection(original, cols),
+            calib,
+            progress=progress,
+            stage=f"{self.name}: layer",
+        )
         return RepairResult(working, details)

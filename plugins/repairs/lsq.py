@@ -128,5 +128,5 @@ class LeastSquares(Repair):
     def apply(self, original, plan, working, calib=None, *, progress=None) -> RepairResult:
         cols = consumer_columns(plan)
         job = _LSQ(original, cols, float(self.opts["ridge"]))
-        details = compensate(original, working, cols, job, calib, progress=progress)
+        details = compensate(original, working, cols, job, calib, progress=progress, stage=f"{self.name}: layer")
         return RepairResult(working, details, {"errors": job.errors, "target_energy": job.target_energy})
