@@ -33,7 +33,7 @@ def lenet(tmp_path_factory):
     path = tmp_path_factory.mktemp("ft") / "lenet5.onnx"
     models.export("lenet5", path)
     original = P.load(path)
-    pruned, _ = P.prune_model(original, P.PruneOptions(ratio=0.6))
+    pruned = P.prune_model(original, P.PruneOptions(ratio=0.6)).model
     return original, pruned
 
 

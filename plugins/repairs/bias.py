@@ -54,7 +54,7 @@ class _BiasCorrection:
 @repairs.register("bias")
 class BiasCorrection(Repair):
     description = "correct each consumer's bias for the mean shift of its output (calibration data)"
-    needs = frozenset({"calib"})
+    needs = frozenset({"calib", "biases"})
 
     def apply(self, original, plan, working, calib=None, *, progress=None) -> RepairResult:
         cols = consumer_columns(plan)
