@@ -48,25 +48,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def flags_for(command: argparse.ArgumentParser) -> dict[str, str]:
-    """Option name -> the command's flag (``round_to`` -> ``--round-to``, ``allocator`` -> ``--allocate``), from the
-    parser's own destinations, plus the names a command maps itself (``set_defaults(option_flags={...})``)."""
-    out = {}
+def flags_for(command: argparse.ArgumentParser) -> dict[str, tuple[str, argparse.Action | None]]:
+    """Option name -> the command's flag and its action (``round_to`` -> ``--round-to``, ``allocator`` ->
+    ``--allocate``), from the parser's own destinations, plus the names a command maps itself
+    (``set_defaults(option_flags={...})``)."""
+    out: dict[str, tuple[str, argparse.Action | None]] = {}
     for action in command._actions:
         longs = [o for o in action.option_strings if o.startswith("--")]
         if longs and action.dest not in out:
-            out[action.dest] = longs[0]
-    out.update(command.get_default("option_flags") or {})
+            out[action.dest] = (longs[0], action)
+    out.update({k: (v, None) for k, v in (command.get_default("option_flags") or {}).items()})
     return out
 
 
-_OPTION = re.compile(r"`([a-z][a-z0-9_]*)`")
+_OPTION = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`\s]+))?`")
 
 
-def as_flags(text: str, flags: dict[str, str]) -> str:
-    """``text`` with every `` `option` `` this command has as a flag written as that flag; other names keep their
-    backticks (a recipe key, an option of another command)."""
-    return _OPTION.sub(lambda m: flags.get(m.group(1), m.group(0)), text)
+def as_flags(text: str, flags: dict[str, tuple[str, argparse.Action | None]]) -> str:
+    """``text`` with every `` `option` `` (or `` `option=value` ``) this command has as a flag written as that flag
+    (``--option value``; a switch's value as the switch itself: `` `verify=false` `` -> ``--no-verify``); other names
+    keep their backticks (a recipe key, an option of another command)."""
+
+    def flag(m: re.Match) -> str:
+        name, value = m.group(1), m.group(2)
+        if name not in flags:
+            return m.group(0)
+        text, action = flags[name]
+        if value is None:
+            return text
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return text if value.lower() == "true" else f"--no-{text[2:]}"
+        if isinstance(action, argparse._StoreFalseAction | argparse._StoreTrueAction):
+            return text
+        return f"{text} {value}"
+
+    return _OPTION.sub(flag, text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,7 +116,7 @@ def set_input_shape(proto: onnx.ModelProto, dims: tuple[int, ...], *, where: str
     inits = {t.name for t in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in inits]
     if not inputs:
-        raise CarveError(f"{where}: --input-shape: the model has no graph input")
+        raise CarveError(f"{where}: `input_shape`: the model has no graph input")
     vi = inputs[0]
     declared = [
         d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in vi.type.tensor_type.shape.dim
@@ -126,13 +126,13 @@ def set_input_shape(proto: onnx.ModelProto, dims: tuple[int, ...], *, where: str
         given = [declared[0], *given]  # the batch stays as declared
     if len(given) != len(declared):
         raise CarveError(
-            f"{where}: --input-shape {'x'.join(map(str, dims))} has {len(dims)} sizes; input {vi.name!r} has "
+            f"{where}: `input_shape` {'x'.join(map(str, dims))} has {len(dims)} sizes; input {vi.name!r} has "
             f"{len(declared)} dimensions (give {len(declared) - 1}, without the batch)"
         )
     for ax, (d, g) in enumerate(zip(declared, given)):
         if d is not None and g is not None and d != g:
             raise CarveError(
-                f"{where}: --input-shape {'x'.join(map(str, dims))} contradicts input {vi.name!r}, whose dimension "
+                f"{where}: `input_shape` {'x'.join(map(str, dims))} contradicts input {vi.name!r}, whose dimension "
                 f"{ax} is declared {d}"
             )
     meta = {p.key: p for p in proto.metadata_props}

@@ -67,7 +67,7 @@ def _check_plan(model: Model, plan: Plan) -> ChannelAnalysis:
     for name, chan in analysis.tensors.items():
         if len(chan) and not keep(chan.ids).any():
             raise CarveError(
-                f"the plan removes every channel of tensor {name!r}", hint="keep at least one (--keep-min)"
+                f"the plan removes every channel of tensor {name!r}", hint="keep at least one (`keep_min`)"
             )
     return analysis
 

@@ -124,7 +124,7 @@ def measure_pair(
             raise CarveError(
                 f"{a.name} and {b.name} did not run with the same engine settings ({'; '.join(differ)}): a speed-up "
                 "between them would not compare the models",
-                hint="set the differing option explicitly for both (e.g. --no-cuda-graphs)",
+                hint="set the differing option explicitly for both (e.g. `cuda_graphs=false`)",
             )
         run = interleave(
             ra,

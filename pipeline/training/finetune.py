@@ -77,7 +77,7 @@ class FinetuneOptions:
 
     def __post_init__(self) -> None:
         if self.optimizer not in DEFAULTS:
-            raise CarveError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
+            raise CarveError(f"`optimizer` must be adamw or sgd, got {self.optimizer!r}")
         if self.lr is None:
             self.lr = DEFAULTS[self.optimizer]["lr"]
         if self.weight_decay is None:
@@ -85,18 +85,18 @@ class FinetuneOptions:
 
     def check(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
-            raise CarveError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        for name, value in (("--lr", self.lr), ("--batch", self.batch), ("--epochs", self.epochs)):
+            raise CarveError(f"`device` must be auto, cpu or cuda, got {self.device!r}")
+        for name, value in (("lr", self.lr), ("batch", self.batch), ("epochs", self.epochs)):
             if not value > 0 or not math.isfinite(value):
-                raise CarveError(f"{name} must be a positive number, got {value}")
+                raise CarveError(f"`{name}` must be a positive number, got {value}")
         if self.steps is not None and self.steps < 0:
-            raise CarveError(f"--steps must be at least 0, got {self.steps}")
-        nonneg = [("--weight-decay", self.weight_decay), ("--warmup", self.warmup), ("--clip", self.clip)]
-        nonneg += [("--kd", self.kd), ("--feature-weight", self.feature_weight), ("--crop-pad", self.crop_pad)]
-        nonneg += [("--momentum", self.momentum)] + ([("--ce", self.ce)] if self.ce is not None else [])
+            raise CarveError(f"`steps` must be at least 0, got {self.steps}")
+        nonneg = [("weight_decay", self.weight_decay), ("warmup", self.warmup), ("clip", self.clip)]
+        nonneg += [("kd", self.kd), ("feature_weight", self.feature_weight), ("crop_pad", self.crop_pad)]
+        nonneg += [("momentum", self.momentum)] + ([("ce", self.ce)] if self.ce is not None else [])
         for name, value in nonneg:
             if not value >= 0 or not math.isfinite(value):
-                raise CarveError(f"{name} must be a number >= 0, got {value}")
+                raise CarveError(f"`{name}` must be a number >= 0, got {value}")
         Temperature.parse(self.temperature)
 
 
@@ -439,7 +439,7 @@ def _device(choice: str) -> str:
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():
-        raise CarveError("--device cuda: torch sees no CUDA GPU", hint="use --device cpu (or auto)")
+        raise CarveError("`device=cuda`: torch sees no CUDA GPU", hint="use `device=cpu` (or auto)")
     return choice
 
 
@@ -449,7 +449,7 @@ def _freeze(net, model: Model, patterns: list[str]) -> set[str]:
         return set()
     nodes = [n for n in model.graph.node if any(fnmatch.fnmatchcase(n.name, p) for p in patterns)]
     if not nodes:
-        raise CarveError(f"--freeze {' '.join(patterns)} matches no node", hint="`carve inspect` lists the node names")
+        raise CarveError(f"`freeze` {' '.join(patterns)} matches no node", hint="`carve inspect` lists the node names")
     names = {i for n in nodes for i in n.input if i in net.param_of}
     for name in names:
         net.parameter(name).requires_grad_(False)
@@ -489,15 +489,15 @@ def _check_labels(data: Dataset, out_shape: tuple[int, ...]) -> None:
 
 def _check_features(student: Model, teacher: Model | None, names: list[str]) -> None:
     if teacher is None:
-        raise CarveError("--features needs a --teacher to match the tensors against")
+        raise CarveError("`features` needs a `teacher` to match the tensors against")
     for n in names:
         s, t = student.shape(n), teacher.shape(n)
         if n not in student.producer or n not in teacher.producer:
             missing = "student" if n not in student.producer else "teacher"
-            raise CarveError(f"--features {n}: no tensor of that name in the {missing} graph")
+            raise CarveError(f"`features` {n}: no tensor of that name in the {missing} graph")
         if s is None or t is None or s[1:] != t[1:]:
             raise CarveError(
-                f"--features {n}: shapes differ between student {s} and teacher {t}",
+                f"`features` {n}: shapes differ between student {s} and teacher {t}",
                 hint="match tensors whose channels were not pruned (e.g. a residual stream left at full width)",
             )
 
@@ -565,7 +565,7 @@ def _check_finite(model: Model) -> None:
     for t in model.graph.initializer:
         arr = model.array(t.name)
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise CarveError(f"fine-tuning produced non-finite values in {t.name!r}", hint="lower --lr or raise --clip")
+            raise CarveError(f"fine-tuning produced non-finite values in {t.name!r}", hint="lower `lr` or raise `clip`")
 
 
 def _agreement(net, model: Model, data: Dataset, device: str) -> dict[str, float]:
@@ -614,7 +614,7 @@ def _load_checkpoint(path, key: dict, net, optim, device: str) -> TrainState:
     import torch
 
     if path is None or not Path(path).is_file():
-        raise CarveError(f"--resume: no checkpoint at {path}", hint="run without --resume to start from the beginning")
+        raise CarveError(f"`resume`: no checkpoint at {path}", hint="run without `resume` to start from the beginning")
     try:
         ck = torch.load(path, map_location=device, weights_only=False)
     except Exception as exc:
