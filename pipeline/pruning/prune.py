@@ -193,32 +193,12 @@ def prune_model(
         p, loop = closed_loop(
             original, analysis, p, replan, target, latency, error=tolerance(table.stated_error), refine=opts.refine
         )
-    repaired: dict[str, int] = {}
-    work = zero_removed(model, p) if built else model
-    for name, repair in built:
-        report(f"{name}: layer", 0, None)
-        result = repair.apply(model, p, work, calib, progress=progress)
-        work = result.model
-        repaired.update(result.counts if result.counts is not None else {name: len(result.details)})
+    work, repaired = run_repairs(model, p, built, calib, progress)
     check_finite(work, had=had_nonfinite, what="the repaired model")
     check_ref = zero_removed(work, p) if opts.verify else None
     report("surgery")
     done = cut(work, p, inplace=True)
-    out = PruneReport(
-        done.model,
-        target,
-        p.criterion,
-        p.allocator,
-        p.options,
-        done.channels_before,
-        done.channels_removed,
-        done.units_removed,
-        done.groups_touched,
-        done.before,
-        done.after,
-        repairs=repaired,
-        calibration=calib.describe() if calib is not None else None,
-    )
+    out = PruneReport.of(done, p, target, repairs=repaired, calibration=calib.describe() if calib is not None else None)
     if check_ref is not None:
         report("verify in ONNX Runtime")
         v = verify_equal(check_ref, done.model)
@@ -233,6 +213,21 @@ def prune_model(
         out.latency = latency_report(latency, None, p, table, loop)
     record(done.model, "prune", out.recorded(), command=command)
     return out
+
+
+def run_repairs(
+    model: Model, p: Plan, built: list[tuple[str, Any]], calib: Any, progress: Progress | None
+) -> tuple[Model, dict[str, int]]:
+    """Run the repairs in order on the working model (``model`` with the plan's removed columns zeroed); the repaired
+    working model and what each repair did (its own counts, else its number of decisions)."""
+    repaired: dict[str, int] = {}
+    work = zero_removed(model, p) if built else model
+    for name, repair in built:
+        (progress or silent)(f"{name}: layer", 0, None)
+        result = repair.apply(model, p, work, calib, progress=progress)
+        work = result.model
+        repaired.update(result.counts if result.counts is not None else {name: len(result.details)})
+    return work, repaired
 
 
 def plan_aligned(analysis: ChannelAnalysis, opts: PruneOptions, target: Target, scores: Scores, latency: Costs | None):

@@ -11,6 +11,8 @@ from typing import Any
 
 from carve.pipeline.graph.cost import Cost
 from carve.pipeline.graph.model import Model
+from carve.pipeline.graph.plan import Plan
+from carve.pipeline.graph.surgery import Cut
 from carve.pipeline.pruning.latency import Loop, Measured
 from carve.pipeline.pruning.targets import Target
 
@@ -73,6 +75,14 @@ class PruneReport:
     verify: Verified | None = None
     warnings: list[str] = field(default_factory=list)
     latency: LatencyReport | None = None
+
+    @classmethod
+    def of(cls, done: Cut, plan: Plan, target: Target, **rest: Any) -> PruneReport:
+        """The report of surgery ``done`` on ``plan``, made for ``target``; ``rest``: the other fields."""
+        counts = (done.channels_before, done.channels_removed, done.units_removed, done.groups_touched)
+        return cls(
+            done.model, target, plan.criterion, plan.allocator, plan.options, *counts, done.before, done.after, **rest
+        )
 
     @property
     def macs_ratio(self) -> float:
