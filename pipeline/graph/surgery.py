@@ -72,7 +72,7 @@ def _check_plan(model: Model, plan: Plan) -> ChannelAnalysis:
     return analysis
 
 
-@dataclass(frozen=True)
+@dataclass
 class Cut:
     """What surgery did: the pruned model, the output channels (and channel units, and groups) removed, and the
     model's cost before and after."""

@@ -9,8 +9,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from carve.pipeline.graph.cost import Cost
-from carve.pipeline.graph.model import Model
 from carve.pipeline.graph.plan import Plan
 from carve.pipeline.graph.surgery import Cut
 from carve.pipeline.pruning.latency import Loop, Measured
@@ -56,20 +54,14 @@ class LatencyReport:
 
 
 @dataclass
-class PruneReport:
-    """A finished prune: the pruned ``model`` and what was done to it."""
+class PruneReport(Cut):
+    """A finished prune: the :class:`Cut` (the pruned ``model``, the channels removed, the cost before and after) and
+    what was asked and done on the way."""
 
-    model: Model
-    target: Target  # what was asked
-    criterion: str
-    allocator: str
-    options: dict[str, Any]  # the plan's options as recorded (ratio, round_to, keep_min, targets and what they reached)
-    channels_before: int
-    channels_removed: int
-    units_removed: int
-    groups_touched: int
-    before: Cost
-    after: Cost
+    target: Target | None = None  # what was asked
+    criterion: str = "manual"
+    allocator: str = "manual"
+    options: dict[str, Any] = field(default_factory=dict)  # the plan's options as recorded (ratio, round_to, ...)
     repairs: dict[str, int] = field(default_factory=dict)  # per repair, what it did (fused channels, layers refit)
     calibration: dict[str, Any] | None = None  # the calibration data, described
     verify: Verified | None = None
@@ -79,9 +71,13 @@ class PruneReport:
     @classmethod
     def of(cls, done: Cut, plan: Plan, target: Target, **rest: Any) -> PruneReport:
         """The report of surgery ``done`` on ``plan``, made for ``target``; ``rest``: the other fields."""
-        counts = (done.channels_before, done.channels_removed, done.units_removed, done.groups_touched)
         return cls(
-            done.model, target, plan.criterion, plan.allocator, plan.options, *counts, done.before, done.after, **rest
+            **vars(done),
+            target=target,
+            criterion=plan.criterion,
+            allocator=plan.allocator,
+            options=plan.options,
+            **rest,
         )
 
     @property

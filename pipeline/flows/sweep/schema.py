@@ -10,11 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from carve.pipeline.config import bounds, from_mapping
 from carve.pipeline.errors import CarveError
-from carve.pipeline.flows.recipe import BENCH_KEYS, DataSection
+from carve.pipeline.flows.recipe import BENCH_KEYS, DataSection, read_mapping
 from carve.pipeline.measure.config import MeasureConfig
 from carve.pipeline.pruning.allocator import allocators
 from carve.pipeline.pruning.criterion import criteria
@@ -182,14 +180,7 @@ def _model(path: Path, model: str) -> str:
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file; every error names the file and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise CarveError(f"{path}: no such sweep file")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise CarveError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(doc, dict):
-        raise CarveError(f"{path}: a sweep is a mapping with `model`, `axes` and `bench`")
+    doc = read_mapping(path, "sweep", "`model`, `axes` and `bench`")
     top = from_mapping(SweepFile, doc, where=str(path))
     for key in ("model", "axes", "bench"):
         if not getattr(top, key):
