@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 from graphs import analyse_proto, assert_exact, manual_plan, random_removal
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from strategies import cnn
 
+from carve.pipeline.errors import CarveError
 from carve.pipeline.pruning.planner import Widths, plan
 
 
@@ -63,7 +64,14 @@ def apply_pass(model, name: str, x: float, calib):
         return get("decompose", energy=x)(model, ctx).model
     repairs = {"prune": [], "prune_fuse": [{"exact": {"gate": 0.5}}], "prune_lsq": ["lsq"]}[name]
     opts = PruneOptions(criterion="l1", ratio=1 - x, round_to=1, repairs=repairs, verify=True)
-    return prune_model(model, opts, calib=calib if name == "prune_lsq" else None).model
+    try:
+        return prune_model(model, opts, calib=calib if name == "prune_lsq" else None).model
+    except CarveError as exc:
+        # a random CNN whose pruned reference outputs only zeros: carve rightly refuses to call that verified
+        # (tests/test_reliability_models.py tests the refusal); no pipeline to check from here on
+        if "verification proves nothing" in exc.message:
+            reject()
+        raise
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

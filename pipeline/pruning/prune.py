@@ -105,7 +105,7 @@ class PruneOptions:
 
     def check(self, calib: Any) -> Target:
         """Validate everything that can be checked before any work; returns the target."""
-        validate(self, where=lambda name: f"`{name}`")
+        validate(self)
         target = self.target()
         allocator_for(self.allocator, target, self.allocator_options)
         who = self.data_needed()
