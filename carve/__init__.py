@@ -5,11 +5,11 @@ Everything carve installs lives under this one name: ``carve.pipeline`` (the mec
 passes, measurement, flows, the CLI), ``carve.plugins`` (the policy: criteria, allocators, repairs, passes) and
 ``carve.models`` (the model zoo). The Python API mirrors the command line::
 
-    from carve import load, analyse, plan, prune, save
+    from carve import Target, Widths, analyse, load, plan, prune, save
 
     model = load("r56.onnx")
     analysis = analyse(model)               # coupled channel groups, frozen channels with reasons
-    p = plan(analysis, criterion="l1", ratio=0.5, round_to=8)
+    p = plan(analysis, Target("macs", 0.5), scores="l1", widths=Widths(round_to=8))
     pruned = prune(model, p)                # a new, physically smaller Model
     save(pruned, "r56_p.onnx")
 """
@@ -28,10 +28,15 @@ _LAZY = {
     "analyze": ("carve.pipeline.graph.channels", "analyse"),
     "ChannelAnalysis": ("carve.pipeline.graph.channels", "ChannelAnalysis"),
     "plan": ("carve.pipeline.pruning.planner", "plan"),
+    "score": ("carve.pipeline.pruning.planner", "score"),
+    "Scores": ("carve.pipeline.pruning.planner", "Scores"),
+    "Widths": ("carve.pipeline.pruning.planner", "Widths"),
+    "Target": ("carve.pipeline.pruning.targets", "Target"),
     "Plan": ("carve.pipeline.graph.plan", "Plan"),
     "prune": ("carve.pipeline.graph.surgery", "prune"),
     "prune_model": ("carve.pipeline.pruning.prune", "prune_model"),
     "PruneOptions": ("carve.pipeline.pruning.prune", "PruneOptions"),
+    "PruneReport": ("carve.pipeline.pruning.report", "PruneReport"),
     "model_cost": ("carve.pipeline.graph.cost", "model_cost"),
     "load_data": ("carve.pipeline.data.datasets", "load_data"),
 }

@@ -118,8 +118,8 @@ def check_opset(opset: int, exporter: str) -> None:
     low = 18 if exporter == "dynamo" else 11
     if not 11 <= opset <= top:
         raise CarveError(
-            f"--opset {opset}: the {exporter} exporter writes opsets {low} to {top}",
-            hint=f"use --opset {min(max(opset, low), top)}",
+            f"`opset={opset}`: the {exporter} exporter writes opsets {low} to {top}",
+            hint=f"use `opset={min(max(opset, low), top)}`",
         )
 
 
@@ -162,7 +162,7 @@ def to_onnx(
         except ImportError:
             raise MissingDependencyError(
                 "the dynamo exporter needs onnxscript",
-                hint="pip install onnxscript, or use the default --exporter torchscript",
+                hint="pip install onnxscript, or use the default `exporter=torchscript`",
             ) from None
         dyn = ({0: torch.export.Dim("N", min=1, max=1024)},) if dynamic_batch else None
         with _quiet():

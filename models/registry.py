@@ -30,7 +30,7 @@ class ModelSpec:
         c, h, w = self.input_shape
         if input_size is not None:
             if not self.resizable:
-                raise CarveError(f"model {self.name!r} takes a fixed {h}x{w} input; --input-size does not apply")
+                raise CarveError(f"model {self.name!r} takes a fixed {h}x{w} input; `input_size` does not apply")
             return (c, input_size, input_size)
         return self.input_shape
 

@@ -59,12 +59,12 @@ def check_value(value: Any, metadata: Mapping[str, Any], *, where: str) -> None:
                 raise CarveError(f"{where} must be {text} {b[key]:g}; got {v!r}")
 
 
-def flag(name: str) -> str:
-    """A field's command-line option (``round_to`` -> ``--round-to``)."""
-    return "--" + name.replace("_", "-")
+def option(name: str) -> str:
+    """A field named as an option in a message: `` `round_to` `` (the CLI prints it as its flag, ``--round-to``)."""
+    return f"`{name}`"
 
 
-def validate(obj: Any, *, where: Callable[[str], str] | str = flag) -> None:
+def validate(obj: Any, *, where: Callable[[str], str] | str = option) -> None:
     """Every field of the dataclass instance ``obj`` within its bounds; ``where`` names a field in messages (a
     function of the field name, or a prefix)."""
     for f in dataclasses.fields(obj):

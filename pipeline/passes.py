@@ -70,7 +70,7 @@ class Pass:
     def requires(self, model: Model, ctx: PassContext) -> None:
         if "calib" in self.needs and ctx.calib is None:
             raise CarveError(
-                f"pass {self.name!r} needs calibration data", hint="give --calib FILE.npz | FOLDER | digits"
+                f"pass {self.name!r} needs calibration data", hint="give `calib` FILE.npz | FOLDER | digits"
             )
         if "train" in self.needs and ctx.train is None:
             raise CarveError(

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Generic, TypeVar
 
+from carve.pipeline.config import check_value, coerce
 from carve.pipeline.errors import CarveError
 
 T = TypeVar("T")
@@ -85,17 +86,28 @@ class Registry(Generic[T]):
 
 
 class Plugin:
-    """Base of plugins configured by keyword options (criteria, repairs): ``options`` lists the accepted ones with
-    their defaults; an unknown option is a user error naming the valid ones. ``self.opts`` holds the merged values."""
+    """Base of plugins configured by keyword options (criteria, allocators, repairs): ``options`` lists the accepted
+    ones with their defaults; an unknown option is a user error naming the valid ones. A value is coerced to its
+    default's type (a number, a flag, a string) and checked against ``limits`` (:func:`carve.pipeline.config.bounds`
+    per option), or refused naming the plugin and the option. ``self.opts`` holds the merged values, ``self.given``
+    the ones chosen."""
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "plugin"
     description: ClassVar[str] = ""
     options: ClassVar[dict[str, Any]] = {}
+    limits: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, **options: Any) -> None:
         unknown = set(options) - set(self.options)
         if unknown:
             valid = ", ".join(sorted(self.options)) or "none"
             raise CarveError(f"{self.kind} {self.name!r} has no option {sorted(unknown)[0]!r}; its options: {valid}")
+        for key, value in options.items():
+            where = f"{self.kind} {self.name!r}: {key}"
+            default = self.options[key]
+            if value is not None and type(default) in (bool, int, float, str):
+                value = options[key] = coerce(value, type(default), where=where)
+            check_value(value, self.limits.get(key, {}), where=where)
+        self.given = dict(options)  # as chosen (what a plan or a report records)
         self.opts = {**self.options, **options}

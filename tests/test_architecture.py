@@ -4,6 +4,7 @@ and inside functions) is parsed, and each layer may import only the layers below
 from __future__ import annotations
 
 import ast
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,7 +26,7 @@ ALLOWED = {
     "cli": {"graph", "runtime", "data", "pruning", "training", "passes", "measure", "models", "flows"},
     "api": {"graph", "pruning", "data"},  # carve/__init__.py: the lazy facade of the Python API
 }
-BASE = {f"carve.pipeline.{m}" for m in ("errors", "version", "registry", "config", "progress")}
+BASE = {f"carve.pipeline.{m}" for m in ("errors", "version", "registry", "config", "progress", "files")}
 # installed names -> the folders they come from (pyproject's package-dir)
 FOLDERS = {"carve.pipeline": "pipeline", "carve.plugins": "plugins", "carve.models": "models", "carve": "carve"}
 
@@ -167,3 +168,90 @@ def test_no_import_cycles_between_packages():
     for node in sorted(edges):
         if node not in state:
             visit(node, [node])
+
+
+# -- what crosses layers: options by name, history by its owner -------------------------------------------------------
+
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
+COMMAND = re.compile(r"`[a-z][\w.-]* [^`]*`")  # a whole command line in backticks: `carve inspect --groups`
+# flags of other programs that carve runs, not carve's options
+EXTERNAL_FLAGS = {("pipeline/measure/environment.py", "--query-gpu"), ("pipeline/measure/environment.py", "--format")}
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            first = node.body[0] if node.body else None
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                out.add(id(first.value))
+    return out
+
+
+def string_literals(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every string literal but docstrings; an f-string as one text with ``{}`` for its fields."""
+    tree = ast.parse(path.read_text())
+    skip = _docstrings(tree)
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            skip.update(id(v) for v in node.values)
+            text = "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+            out.append((node.lineno, text))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
+            out.append((node.lineno, node.value))
+    return out
+
+
+def test_no_layer_below_the_cli_names_a_command_line_flag():
+    """Messages below the CLI name an option as recipes and the Python API spell it (`` `round_to` ``); the CLI
+    writes it as its flag (carve.pipeline.cli.as_flags). A whole command in backticks (`` `carve inspect --groups` ``)
+    is a command to run, not an option of this one."""
+    bad = []
+    for path in sources():
+        if layer_of(module_name(path)) in ("cli", None):
+            continue
+        rel = str(path.relative_to(REPO))
+        for line, text in string_literals(path):
+            for flag in FLAG.findall(COMMAND.sub("", text)):
+                if (rel, flag) not in EXTERNAL_FLAGS:
+                    bad.append(f"{rel}:{line}: {flag} in {text.strip()[:80]!r}")
+    assert not bad, "command-line flags below the CLI:\n" + "\n".join(bad)
+
+
+def test_the_cli_writes_option_names_as_its_flags():
+    from carve.pipeline.cli import as_flags, build_parser, flags_for
+
+    prune = flags_for(build_parser().parse_args(["prune", "m.onnx", "-o", "o.onnx"]).commands["prune"])
+    text = "`round_to` 16 and `keep_min`; `allocator`; `verify=false`; `repairs`; `nosuch`; `carve inspect`"
+    assert as_flags(text, prune) == "--round-to 16 and --keep-min; --allocate; --no-verify; --repair; `nosuch`; " + (
+        "`carve inspect`"
+    )
+
+
+def history_keys() -> set[str]:
+    """The metadata keys of the model's history: carve.history, carve.command and carve.<step> for every step that
+    records itself (the prune operation, fine-tuning, every registered pass)."""
+    from carve.pipeline.passes import passes
+
+    return {"carve.history", "carve.command", *(f"carve.{s}" for s in ["prune", "finetune", *passes.names()])}
+
+
+def test_only_the_history_module_reads_or_writes_history_metadata():
+    """A step's summary is written once, by graph/history.py's ``record`` from the typed report of the layer that
+    made the model; nothing reads it back to add to it (``history()`` is the one reader, for reports and tests)."""
+    keys = history_keys()
+    owner = "pipeline/graph/history.py"
+    bad = [
+        f"{path.relative_to(REPO)}:{line}: {text!r}"
+        for path in sources()
+        if str(path.relative_to(REPO)) != owner
+        for line, text in string_literals(path)
+        if text in keys
+    ]
+    assert not bad, "history metadata handled outside graph/history.py:\n" + "\n".join(bad)

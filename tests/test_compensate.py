@@ -37,7 +37,7 @@ def data(n=40):
 def test_stream_equals_levels(method, monkeypatch):
     m = branching_model()
     ensure_biases(m)
-    plan = P.plan(P.analyse(m), ratio=0.5)
+    plan = P.plan(P.analyse(m), 0.5)
     results = []
     for budget in (0, 1 << 40):  # the stream cannot fit 0 bytes: level by level; then the stream
         monkeypatch.setattr(C, "STREAM_MEMORY_BUDGET", budget)

@@ -76,7 +76,7 @@ def test_activation_criteria_score_a_dead_channel_lowest(name, opts):
 def test_activation_criteria_need_calibration_data():
     model, an = dead_channel_model()
     with pytest.raises(CarveError, match="needs calibration data"):
-        plan(an, criterion="hrank")
+        plan(an, scores="hrank")
 
 
 def test_activation_tensor_follows_bn_and_relu():

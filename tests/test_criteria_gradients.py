@@ -58,7 +58,7 @@ def test_loss_criteria_need_labels(lenet):
     unlabelled = load_data("digits", model=lenet, samples=32)
     unlabelled.labels = None
     with pytest.raises(CarveError, match="needs labelled calibration data"):
-        P.plan(an, criterion="cep", calib=unlabelled)
+        P.plan(an, scores=P.score(an, "cep", calib=unlabelled))
 
 
 def test_cep_plan_prunes_and_keeps_accuracy_reasonable(lenet, digits):
@@ -66,8 +66,8 @@ def test_cep_plan_prunes_and_keeps_accuracy_reasonable(lenet, digits):
 
     an = P.analyse(lenet)
     test = load_data("digits:test", model=lenet)
-    p = P.plan(an, criterion="cep", ratio=0.3, calib=digits)
-    r = P.plan(an, criterion="random", ratio=0.3, seed=3)
+    p = P.plan(an, 0.3, scores=P.score(an, "cep", calib=digits))
+    r = P.plan(an, 0.3, scores=P.score(an, "random", seed=3))
     acc_cep = evaluate(P.prune(lenet, p), test)["top1"]
     acc_rand = evaluate(P.prune(lenet, r), test)["top1"]
     assert acc_cep >= acc_rand - 0.02 and acc_cep > 0.8

@@ -8,6 +8,7 @@ from graphs import G, analyse_proto
 
 from carve.pipeline.errors import CarveError
 from carve.pipeline.graph.bn import folded_filters
+from carve.pipeline.pruning.allocator import allocators
 from carve.pipeline.pruning.criterion import ScoreContext, criteria
 from carve.pipeline.pruning.planner import plan
 from carve.plugins.criteria.apbm import entropy, kl_importance, similarity_distributions
@@ -50,7 +51,7 @@ def test_simfp_prunes_an_exact_duplicate_first():
     _, an, src = layer_with_filters(f)
     s = element_scores("simfp", an, src)
     assert int(np.argmin(s)) == 2  # the weaker copy goes first, the stronger one stays
-    p = plan(an, criterion="simfp", ratio=1 / 7)
+    p = plan(an, 1 / 7, scores="simfp")
     assert p.removed[an.source_units(src)][2] and p.n_removed == 1
 
 
@@ -112,7 +113,7 @@ def test_slimming_uses_bn_gamma_and_refuses_folded_bn():
     assert int(np.argmin(s)) == 3
     _, an2, _ = layer_with_filters(rng.standard_normal((5, 4)), bn=False)
     with pytest.raises(CarveError, match="BN was folded"):
-        plan(an2, criterion="slimming")
+        plan(an2, scores="slimming")
 
 
 def test_folded_filters_apply_the_following_bn():
@@ -146,19 +147,19 @@ def two_groups():
 
 def test_global_allocator_normalises_across_groups():
     model, an = two_groups()
-    p = plan(an, criterion="l1", allocator="global", ratio=0.5)
+    p = plan(an, 0.5, scores="l1", allocator="global")
     per_group = [int(p.removed[g.units].sum()) for g in an.groups if not an.unit_frozen[g.units].all()]
     # without normalisation every removal would hit the small-scale layer; normalised, both lose channels
     assert all(k > 0 for k in per_group) and sum(per_group) == 8
     with pytest.raises(CarveError, match="unknown norm"):
-        plan(an, allocator="global", norm="median")
+        plan(an, allocator=allocators.get("global")(norm="median"))
 
 
 def test_dispersion_allocator_prunes_redundant_layers_harder():
     rng = np.random.default_rng(9)
     alike = np.tile(rng.standard_normal((1, 4, 1, 1)), (8, 1, 1, 1)) + 0.05 * rng.standard_normal((8, 4, 1, 1))
     g, model, an = two_layers(alike, seed=9)
-    p = plan(an, allocator="dispersion", ratio=0.4)
+    p = plan(an, 0.4, allocator="dispersion")
     conv_a, conv_b = [n.name for n in g.nodes if n.op_type == "Conv"][:2]
     ga = next(gr for gr in an.groups if conv_a in gr.sources)
     gb = next(gr for gr in an.groups if conv_b in gr.sources)

@@ -33,7 +33,7 @@ def lenet(tmp_path_factory):
     path = tmp_path_factory.mktemp("ft") / "lenet5.onnx"
     models.export("lenet5", path)
     original = P.load(path)
-    pruned, _ = P.prune_model(original, P.PruneOptions(ratio=0.6))
+    pruned = P.prune_model(original, P.PruneOptions(ratio=0.6)).model
     return original, pruned
 
 
@@ -130,8 +130,8 @@ def test_resume_continues_exactly(lenet, tmp_path):
     straight = finetune(pruned, data, opts, teacher=original).model
     ckpt = tmp_path / "run.ckpt"
 
-    def interrupt(e):
-        if e["event"] == "step" and e["epoch"] == 3:
+    def interrupt(stage, done=None, total=None, **info):
+        if stage == "train: step" and info["epoch"] == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

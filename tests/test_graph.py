@@ -136,7 +136,7 @@ def test_unwritable_location_is_a_clear_error(tiny_resnet_onnx):
 def test_dynamic_batch_survives(tiny_resnet_onnx):
     m = load(tiny_resnet_onnx)
     a = P.analyse(m)
-    pruned = P.prune(m, P.plan(a, ratio=0.5))
+    pruned = P.prune(m, P.plan(a, 0.5))
     for batch in (1, 5):
         feeds = ortutil.random_feeds(pruned, batch=batch)
         assert ortutil.run(pruned, feeds)[0].shape == (batch, 10)

@@ -18,6 +18,7 @@ from carve.pipeline import graph as cgraph
 from carve.pipeline.cli import main
 from carve.pipeline.errors import CarveError, UnreachableTarget
 from carve.pipeline.graph.cost import CostModel, model_cost
+from carve.pipeline.pruning.allocator import allocators
 from carve.pipeline.pruning.cost_table import CostTable
 from carve.plugins.allocators.global_rank import layer_counts, normalised
 
@@ -48,9 +49,9 @@ def test_cost_table_is_the_cost_model_on_random_cnns(proto, seed, p, kind):
 def test_knapsack_never_exceeds_a_mac_target_and_keeps_widths_aligned(proto, target, round_to):
     a = P.analyse(cgraph.from_proto(proto))
     try:
-        p = P.plan(a, criterion="l1", allocator="knapsack", target_macs=target, round_to=round_to)
+        p = P.plan(a, P.Target("macs", target), scores="l1", allocator="knapsack", widths=P.Widths(round_to=round_to))
     except UnreachableTarget:
-        floor = P.plan(a, criterion="l1", allocator="uniform", ratio=0.999, round_to=round_to)
+        floor = P.plan(a, 0.999, scores="l1", allocator="uniform", widths=P.Widths(round_to=round_to))
         assert CostModel(a).ratios(floor.removed)[1] > target - 0.05  # only refused when (nearly) out of reach
         return
     assert CostModel(a).ratios(p.removed)[1] <= target + 1e-9
@@ -72,7 +73,13 @@ def test_knapsack_under_macs_is_optimal_against_brute_force():
     assert len(groups) >= 3
     options = [range(len(g.units), 0, -4) for g in groups]  # round-to 4
     for target in (0.3, 0.5, 0.7):
-        p = P.plan(a, criterion="l1", scores=scores, allocator="knapsack", target_macs=target, round_to=4, norm="none")
+        p = P.plan(
+            a,
+            P.Target("macs", target),
+            scores=P.Scores(scores, "l1"),
+            allocator=allocators.get("knapsack")(norm="none"),
+            widths=P.Widths(round_to=4),
+        )
         best = -np.inf
         for widths in itertools.product(*options):
             removed = np.zeros(a.n_units, dtype=bool)
@@ -107,7 +114,8 @@ def test_knapsack_default_scale_keeps_the_stream_that_mean_normalising_thins():
     kept = {}
     for norm in ("mean", None):
         opts = {"norm": norm} if norm else {}
-        p = P.plan(a, criterion="l1", scores=s, allocator="knapsack", target_macs=0.5, round_to=4, **opts)
+        knapsack = allocators.get("knapsack")(**opts)
+        p = P.plan(a, P.Target("macs", 0.5), scores=P.Scores(s, "l1"), allocator=knapsack, widths=P.Widths(round_to=4))
         kept[norm] = len(stream.units) - int(p.removed[stream.units].sum())
     assert kept[None] > kept["mean"]
 
@@ -129,4 +137,10 @@ def test_cli_knapsack_to_a_mac_target(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and "needs a target" in err and "Traceback" not in err
     with pytest.raises(CarveError, match="cannot reach macs"):
-        P.plan(P.analyse(P.load(src)), criterion="l1", allocator="knapsack", target_macs=0.001, round_to=4)
+        P.plan(
+            P.analyse(P.load(src)),
+            P.Target("macs", 0.001),
+            scores="l1",
+            allocator="knapsack",
+            widths=P.Widths(round_to=4),
+        )

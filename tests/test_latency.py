@@ -20,7 +20,7 @@ from carve.pipeline.cli import main
 from carve.pipeline.errors import CarveError
 from carve.pipeline.measure.latency_table import LatencyTable, table_key
 from carve.pipeline.measure.profile import ProfileSettings, candidate_widths, group_candidates, profile
-from carve.pipeline.pruning.latency import CPU_FLAGS_ENV, closed_loop, cpu_flags, default_alignment, parse_target
+from carve.pipeline.pruning.latency import CPU_FLAGS_ENV, closed_loop, cpu_flags, default_alignment
 from carve.plugins.allocators.latency import solve_mckp
 
 
@@ -67,13 +67,35 @@ def test_group_candidates_of_a_multi_slice_stream():
     assert all(k >= 12 for (k,) in frozen)
 
 
+def parse_target(value):
+    return P.Target.parse("latency", value)
+
+
 def test_latency_targets_parse():
     assert parse_target("0.5").fraction == 0.5 and parse_target("50%").fraction == 0.5
     assert parse_target("4ms").ms == 4.0 and parse_target("800us").ms == pytest.approx(0.8)
     assert parse_target("0.004s").ms == pytest.approx(4.0) and parse_target(0.7).fraction == 0.7
-    for bad in ("2", "0", "fast", "-1ms"):
+    for bad in ("2", "0", "fast", "-1ms", "0ms"):
         with pytest.raises(CarveError):
             parse_target(bad)
+
+
+@pytest.mark.parametrize(
+    "kind,value,ok",
+    [("ratio", 0.0, True), ("ratio", 1.0, False), ("macs", 1.0, True), ("macs", 0.0, False), ("params", 1.2, False)],
+)
+def test_one_target_type_validates_every_kind(kind, value, ok):
+    if ok:
+        assert P.Target(kind, value).value == value
+    else:
+        with pytest.raises(CarveError, match=f"`{P.Target(kind, 0.5).option}`"):
+            P.Target(kind, value)
+    with pytest.raises(CarveError, match="give one of"):
+        P.Target.from_options(target_macs=0.5, target_latency="4ms")
+    assert P.Target.from_options(ratio=0.3) == P.Target("ratio", 0.3)
+    assert P.Target.from_options(ratio=0.3, target_params=0.5) == P.Target("params", 0.5)
+    with pytest.raises(CarveError):
+        P.Target("macs", 4.0, absolute=True)  # only a latency may be a time
 
 
 def test_default_alignment_is_a_backend_property(monkeypatch):
@@ -91,7 +113,7 @@ def min_macs_at(model, align: int) -> float:
     block), from the planner itself."""
     analysis = P.analyse(model)
     before = P.model_cost(model).macs
-    pruned = P.prune(model, P.plan(analysis, criterion="l1", ratio=0.999, round_to=align))
+    pruned = P.prune(model, P.plan(analysis, 0.999, scores="l1", widths=P.Widths(round_to=align)))
     return P.model_cost(pruned).macs / before
 
 
@@ -209,7 +231,7 @@ def test_staircase_is_measured_and_widths_land_on_its_steps(staircase_backend, l
         assert any(w % STAIRCASE_STEP for w in widths)  # they were measured, and found slow
     bound = table.bind(a)
     for budget in (0.9, 0.75, 0.6, 0.5):
-        p = P.plan(a, criterion="l1", target_latency=budget, latency=bound)
+        p = P.plan(a, P.Target("latency", budget), scores="l1", latency=bound)
         assert p.allocator == "latency"
         assert bound.predict(p.removed) <= budget + 1e-9  # never over the budget under the table
         for g in a.groups:
@@ -224,23 +246,25 @@ def test_latency_allocator_respects_frozen_groups_and_keep_min(staircase_backend
     bound = profile(m, settings(staircase_backend)).bind(a)
     first = min(bound.entries)
     node = a.groups[first].sources[0]
-    p = P.plan(a, criterion="l1", target_latency=0.8, latency=bound, exclude=[node], keep_min=32)
+    p = P.plan(a, P.Target("latency", 0.8), scores="l1", widths=P.Widths(keep_min=32, exclude=[node]), latency=bound)
     assert not p.removed[a.groups[first].units].any()
     for g in a.groups:
         kept = len(g.units) - int(p.removed[g.units].sum())
         assert kept >= min(32, len(g.units))
     with pytest.raises(CarveError, match="cannot reach latency"):
-        P.plan(a, criterion="l1", target_latency=0.01, latency=bound)
+        P.plan(a, P.Target("latency", 0.01), scores="l1", latency=bound)
 
 
 def test_other_allocators_reach_a_latency_target_by_bisection(staircase_backend, latency_cache):
     m = staircase_net()
     a = P.analyse(m)
     bound = profile(m, settings(staircase_backend)).bind(a)
-    p = P.plan(a, criterion="l1", allocator="uniform", target_latency=0.6, latency=bound, round_to=16)
+    p = P.plan(
+        a, P.Target("latency", 0.6), scores="l1", allocator="uniform", widths=P.Widths(round_to=16), latency=bound
+    )
     assert bound.predict(p.removed) <= 0.6 + 1e-9 and p.options["achieved_latency"] <= 0.6 + 1e-9
     with pytest.raises(CarveError, match="needs a latency table"):
-        P.plan(a, criterion="l1", target_latency=0.6)
+        P.plan(a, P.Target("latency", 0.6), scores="l1")
 
 
 def test_table_validation_states_its_error(staircase_backend, latency_cache):
@@ -290,17 +314,17 @@ def test_closed_loop_corrects_a_table_that_is_off(staircase_backend, latency_cac
     oracle = SkewedOracle(bound, a, skew=1.25)  # the real engine is 25% slower than the table says
 
     def replan(budget):
-        return P.plan(a, criterion="l1", target_latency=budget, latency=bound)
+        return P.plan(a, P.Target("latency", budget), scores="l1", latency=bound)
 
     target = parse_target(0.6)
     chosen, record = closed_loop(m, a, replan(0.6), replan, target, oracle, error=0.05, refine=2)
-    steps = record["steps"]
+    steps = record.steps
     assert oracle.calls == len(steps) >= 2  # measured, missed, refined
-    assert steps[0]["miss"] > 0.05 and steps[1]["budget"] < steps[0]["budget"]
-    assert abs(steps[record["chosen"]]["miss"]) < abs(steps[0]["miss"])
+    assert steps[0].miss > 0.05 and steps[1].budget < steps[0].budget
+    assert abs(record.kept.miss) < abs(steps[0].miss)
     exact = SkewedOracle(bound, a, skew=1.0)
     _, rec = closed_loop(m, a, replan(0.6), replan, target, exact, error=0.05, refine=2)
-    assert len(rec["steps"]) == 1 and rec["met"]  # within the error: no refinement
+    assert len(rec.steps) == 1 and rec.met  # within the error: no refinement
 
 
 # -- the command line ------------------------------------------------------------------------------------------------
@@ -391,8 +415,8 @@ def test_python_api_prune_measured(net, staircase_backend, latency_cache):
     from carve.pipeline.flows.prune import prune_measured
 
     opts = P.PruneOptions(criterion="l1", target_latency=0.6, backend=staircase_backend)
-    pruned, summary = prune_measured(P.load(net), opts)
-    assert summary["latency"]["measured"]["ratio"] < 1.0
+    report = prune_measured(P.load(net), opts)
+    assert report.latency.measured.ratio < 1.0 and report.to_json()["latency"]["measured"]["ratio"] < 1.0
     with pytest.raises(CarveError, match="needs measurements"):
         P.prune_model(P.load(net), opts)
 
@@ -458,6 +482,6 @@ def test_default_alignment_halves_when_a_target_is_out_of_its_reach(monkeypatch,
     assert opts.alignment() == align
     with pytest.raises(UnreachableTarget):
         P.prune_model(staircase_net(), P.PruneOptions(criterion="l1", target_macs=target, round_to=align))
-    with pytest.warns(CarveWarning, match="planned with round-to"):
-        _, summary = P.prune_model(staircase_net(), opts)
-    assert summary["options"]["round_to"] < align and summary["macs_after"] <= target * summary["macs_before"] + 1e-9
+    with pytest.warns(CarveWarning, match="planned with `round_to` "):
+        report = P.prune_model(staircase_net(), opts)
+    assert report.round_to < align and report.after.macs <= target * report.before.macs + 1e-9

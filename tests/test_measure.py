@@ -37,7 +37,7 @@ def test_compare_pruned_against_original(zoo_dir, tmp_path):
     import carve as P
 
     m = P.load(zoo_dir / "resnet20.onnx")
-    pruned = P.prune(m, P.plan(P.analyse(m), ratio=0.5, round_to=8))
+    pruned = P.prune(m, P.plan(P.analyse(m), 0.5, widths=P.Widths(round_to=8)))
     P.save(pruned, tmp_path / "p.onnx")
     r = compare(zoo_dir / "resnet20.onnx", tmp_path / "p.onnx", MeasureConfig(batch=[1, 4], **FAST))
     assert r["schema_version"] == 1 and len(r["results"]) == 2
@@ -58,7 +58,7 @@ def test_speedup_statistics_on_known_times(zoo_dir, tmp_path, simulated_backend)
     import carve as P
 
     m = P.load(zoo_dir / "resnet20.onnx")
-    P.save(P.prune(m, P.plan(P.analyse(m), ratio=0.5, round_to=8)), tmp_path / "p.onnx")
+    P.save(P.prune(m, P.plan(P.analyse(m), 0.5, widths=P.Widths(round_to=8))), tmp_path / "p.onnx")
     cfg = MeasureConfig(backend=simulated_backend, memory=False, agreement=False, **FAST)
     res = compare(zoo_dir / "resnet20.onnx", tmp_path / "p.onnx", cfg)["results"][0]
     assert res["speedup"]["median"] == pytest.approx(1 / res["mac_ratio"], rel=0.05)

@@ -193,6 +193,6 @@ def test_decomposed_rank_channels_are_prunable_by_coefficient_norms(tiny_resnet_
         np.testing.assert_allclose(scores[s.start : s.start + s.count], np.linalg.norm(a, axis=0), rtol=1e-5)
         # the SVD orders the spectrum: coefficient column norms (sqrt of singular values) decrease
         assert np.all(np.diff(scores[s.start : s.start + s.count]) <= 1e-6)
-    pruned = P.prune(d, P.plan(an, criterion="edp", ratio=0.3))
+    pruned = P.prune(d, P.plan(an, 0.3, scores="edp"))
     feeds = ortutil.random_feeds(d)
     assert ortutil.run(pruned, feeds)[0].shape == (1, 10)

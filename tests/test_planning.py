@@ -9,7 +9,8 @@ from graphs import G, analyse_proto
 from carve.pipeline.errors import CarveError
 from carve.pipeline.pruning.allocator import kept_width
 from carve.pipeline.pruning.criterion import ScoreContext, criteria
-from carve.pipeline.pruning.planner import plan
+from carve.pipeline.pruning.planner import Scores, Widths, plan, score
+from carve.pipeline.pruning.targets import Target
 
 
 @pytest.mark.parametrize(
@@ -40,14 +41,14 @@ def chain(widths=(16, 24, 12)):
 
 def test_uniform_ratio_and_alignment_per_layer():
     model, an = chain()
-    p = plan(an, ratio=0.5, round_to=8)
+    p = plan(an, 0.5, widths=Widths(round_to=8))
     kept = [int((~p.removed[g.units]).sum()) for g in an.groups if not an.unit_frozen[g.units].any()]
     assert kept == [8, 16, 8]
 
 
 def test_keep_min():
     model, an = chain()
-    p = plan(an, ratio=0.95, keep_min=6)
+    p = plan(an, 0.95, widths=Widths(keep_min=6))
     kept = [int((~p.removed[g.units]).sum()) for g in an.groups if not an.unit_frozen[g.units].any()]
     assert kept == [6, 6, 6]
 
@@ -58,7 +59,7 @@ def test_lowest_scores_are_removed():
     w = model.array(w_name).copy()
     w[[1, 5]] *= 1e-3  # two nearly dead filters
     model.set_array(w_name, w)
-    p = plan(an, criterion="l1", ratio=0.25)
+    p = plan(an, 0.25, scores="l1")
     src = next(s for s in an.sources if s.weight == w_name)
     assert sorted(np.flatnonzero(p.removed[an.source_units(src)])) == [1, 5]
 
@@ -66,18 +67,18 @@ def test_lowest_scores_are_removed():
 def test_exclude_by_node_pattern():
     model, an = chain()
     first = next(n.name for n in model.graph.node if n.op_type == "Conv")
-    p = plan(an, ratio=0.5, exclude=[first])
+    p = plan(an, 0.5, widths=Widths(exclude=[first]))
     src = next(s for s in an.sources if s.name == first)
     assert not p.removed[an.source_units(src)].any()
     assert p.removed.any()
     with pytest.raises(CarveError, match="matches no node"):
-        plan(an, ratio=0.5, exclude=["no_such_node*"])
+        plan(an, 0.5, widths=Widths(exclude=["no_such_node*"]))
 
 
 def test_unknown_criterion_lists_the_valid_ones():
     model, an = chain()
     with pytest.raises(CarveError, match="unknown criterion 'l3'; valid: .*l1, l2.*random"):
-        plan(an, criterion="l3")
+        plan(an, scores="l3")
     with pytest.raises(CarveError, match="unknown allocator"):
         plan(an, allocator="magic")
 
@@ -95,16 +96,16 @@ def test_l1_and_l2_scores_are_filter_norms():
 
 def test_random_criterion_is_seeded():
     model, an = chain()
-    a = plan(an, criterion="random", ratio=0.5, seed=1).removed
-    b = plan(an, criterion="random", ratio=0.5, seed=1).removed
-    c = plan(an, criterion="random", ratio=0.5, seed=2).removed
+    a = plan(an, 0.5, scores=score(an, "random", seed=1)).removed
+    b = plan(an, 0.5, scores=score(an, "random", seed=1)).removed
+    c = plan(an, 0.5, scores=score(an, "random", seed=2)).removed
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
 def test_bad_ratio():
     model, an = chain()
     with pytest.raises(CarveError, match="ratio"):
-        plan(an, ratio=1.0)
+        plan(an, 1.0)
 
 
 @pytest.mark.parametrize("target", [0.75, 0.5, 0.35])
@@ -114,12 +115,12 @@ def test_target_macs_is_met_and_tight(tiny_resnet_onnx, target):
 
     m = P.load(tiny_resnet_onnx)
     an = P.analyse(m)
-    p = plan(an, target_macs=target, round_to=2)
+    p = plan(an, Target("macs", target), widths=Widths(round_to=2))
     real = model_cost(P.prune(m, p)).macs / model_cost(m).macs
     assert real <= target + 1e-9
     assert p.options["achieved_macs"] == pytest.approx(real)
     # tight: a slightly smaller ratio would miss the target
-    looser = plan(an, ratio=max(0.0, p.options["ratio"] - 0.02), round_to=2)
+    looser = plan(an, max(0.0, p.options["ratio"] - 0.02), widths=Widths(round_to=2))
     assert model_cost(P.prune(m, looser)).macs / model_cost(m).macs > target - 0.05
 
 
@@ -129,10 +130,10 @@ def test_target_params_and_unreachable_target(tiny_resnet_onnx):
 
     m = P.load(tiny_resnet_onnx)
     an = P.analyse(m)
-    p = plan(an, target_params=0.4)
+    p = plan(an, Target("params", 0.4))
     assert model_cost(P.prune(m, p)).params <= 0.4 * model_cost(m).params
     with pytest.raises(CarveError, match="cannot reach macs 0.001"):
-        plan(an, target_macs=0.001)
+        plan(an, Target("macs", 0.001))
 
 
 def test_cost_model_predicts_surgery_exactly(tiny_resnet_onnx):
@@ -143,7 +144,7 @@ def test_cost_model_predicts_surgery_exactly(tiny_resnet_onnx):
     an = P.analyse(m)
     cm = CostModel(an)
     for seed in range(5):
-        p = plan(an, criterion="random", ratio=0.1 + 0.15 * seed, seed=seed)
+        p = plan(an, 0.1 + 0.15 * seed, scores=score(an, "random", seed=seed))
         real = model_cost(P.prune(m, p))
         assert cm(p.removed) == (real.params, real.macs)
 
@@ -155,7 +156,7 @@ def test_coarse_alignment_does_not_overshoot_the_target(zoo_dir, target):
     import carve as P
 
     an = P.analyse(P.load(zoo_dir / "resnet20.onnx"))
-    p = plan(an, target_macs=target, round_to=8)
+    p = plan(an, Target("macs", target), widths=Widths(round_to=8))
     assert target - 0.15 <= p.options["achieved_macs"] <= target + 1e-9
     for g in an.groups:
         for sl in g.slices:
@@ -164,10 +165,8 @@ def test_coarse_alignment_does_not_overshoot_the_target(zoo_dir, target):
 
 
 def test_precomputed_scores_give_the_same_plan_and_are_checked():
-    from carve.pipeline.pruning.planner import score_units
-
     model, an = chain((8, 16))
-    scores = score_units(an, "l2")
-    assert np.array_equal(plan(an, criterion="l2", ratio=0.5).removed, plan(an, scores=scores, ratio=0.5).removed)
+    scores = score(an, "l2").values
+    assert np.array_equal(plan(an, 0.5, scores="l2").removed, plan(an, 0.5, scores=Scores(scores)).removed)
     with pytest.raises(AssertionError, match="scores"):
-        plan(an, scores=scores[:-1], ratio=0.5)
+        plan(an, 0.5, scores=Scores(scores[:-1]))

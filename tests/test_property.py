@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 from graphs import analyse_proto, assert_exact, manual_plan, random_removal
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from strategies import cnn
 
-from carve.pipeline.pruning.planner import plan
+from carve.pipeline.errors import CarveError
+from carve.pipeline.pruning.planner import Widths, plan
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -31,7 +32,7 @@ def test_random_plans_on_random_cnns_are_exact(proto, seed, p):
 )
 def test_uniform_plans_are_exact_and_aligned(proto, ratio, round_to, criterion):
     model, an = analyse_proto(proto)
-    p = plan(an, criterion=criterion, ratio=ratio, round_to=round_to)
+    p = plan(an, ratio, scores=criterion, widths=Widths(round_to=round_to))
     assert_exact(model, p)
     for group in an.groups:
         for sl in group.slices:
@@ -61,9 +62,16 @@ def apply_pass(model, name: str, x: float, calib):
         return get("decompose", energy=1.0, break_even=False)(model, ctx).model
     if name == "decompose":
         return get("decompose", energy=x)(model, ctx).model
-    fuse = {"prune": None, "prune_fuse": "exact", "prune_lsq": "lsq"}[name]
-    opts = PruneOptions(criterion="l1", ratio=1 - x, round_to=1, fuse=fuse, fuse_gate=0.5, verify=True)
-    return prune_model(model, opts, calib=calib if fuse == "lsq" else None)[0]
+    repairs = {"prune": [], "prune_fuse": [{"exact": {"gate": 0.5}}], "prune_lsq": ["lsq"]}[name]
+    opts = PruneOptions(criterion="l1", ratio=1 - x, round_to=1, repairs=repairs, verify=True)
+    try:
+        return prune_model(model, opts, calib=calib if name == "prune_lsq" else None).model
+    except CarveError as exc:
+        # a random CNN whose pruned reference outputs only zeros: carve rightly refuses to call that verified
+        # (tests/test_reliability_models.py tests the refusal); no pipeline to check from here on
+        if "verification proves nothing" in exc.message:
+            reject()
+        raise
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -15,7 +15,7 @@ from tgraphs import TG
 from carve.pipeline.graph.channels import analyse
 from carve.pipeline.graph.plan import Plan
 from carve.pipeline.graph.surgery import prune, reference
-from carve.pipeline.pruning.planner import plan
+from carve.pipeline.pruning.planner import Widths, plan
 from carve.pipeline.runtime import ort as ortutil
 from carve.pipeline.runtime.verify import compare_outputs
 
@@ -133,7 +133,7 @@ def test_random_plans_on_random_transformers_are_exact(proto, seed, p, mode):
 def test_planned_prunes_of_random_transformers_are_exact_aligned_and_balanced(proto, ratio, round_to, criterion, mode):
     model, _ = analyse_proto(proto)
     an = analyse(model, attention=mode)
-    p = plan(an, criterion=criterion, ratio=ratio, round_to=round_to)
+    p = plan(an, ratio, scores=criterion, widths=Widths(round_to=round_to))
     assert_exact(model, p)
     for group in an.groups:
         for k, sl in enumerate(group.slices):

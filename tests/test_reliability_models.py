@@ -43,8 +43,10 @@ def test_nan_ridge_is_a_usage_error(tiny_resnet_onnx, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["prune", str(tiny_resnet_onnx), "-o", str(out), "--fuse", "lsq", "--calib", "digits", "--ridge", "nan"])
     assert e.value.code == 2 and not out.exists()
-    with pytest.raises(CarveError, match="ridge must be at least 0"):
-        P.prune_model(load(tiny_resnet_onnx), P.PruneOptions(fuse="lsq", ridge=float("nan")), calib=None)
+    with pytest.raises(CarveError, match="repair 'lsq': ridge must be a finite number"):
+        P.prune_model(load(tiny_resnet_onnx), P.PruneOptions(repairs=[{"lsq": {"ridge": float("nan")}}]), calib=None)
+    with pytest.raises(CarveError, match="repair 'lsq': ridge must be at least 0"):
+        P.prune_model(load(tiny_resnet_onnx), P.PruneOptions(repairs=[{"lsq": {"ridge": -1}}]), calib=None)
 
 
 def test_all_nan_calibration_images_are_refused(tiny_resnet_onnx, tmp_path, capsys):
@@ -62,7 +64,7 @@ def test_a_repair_that_produces_nan_writes_nothing(tiny_resnet_onnx, tmp_path):
     images[3, 0, 0, 0] = np.nan
     calib = Dataset(images, None, "raw", Preprocess())
     with pytest.raises(CarveError, match="NaN or Inf"):
-        P.prune_model(load(tiny_resnet_onnx), P.PruneOptions(fuse="lsq", round_to=1), calib=calib)
+        P.prune_model(load(tiny_resnet_onnx), P.PruneOptions(repairs=["lsq"], round_to=1), calib=calib)
 
 
 def test_verification_refuses_nan_outputs(tiny_resnet_onnx):

@@ -93,7 +93,7 @@ def pruned_setup(tiny_resnet_onnx):
     m = P.load(tiny_resnet_onnx)
     ensure_biases(m)
     an = P.analyse(m)
-    plan = P.plan(an, ratio=0.5)
+    plan = P.plan(an, 0.5)
     data = load_data("digits", preprocess=Preprocess(size=(16, 16), channels=3), samples=96)
     return m, plan, data
 
@@ -135,7 +135,7 @@ def test_lsq_requires_biases(tiny_resnet_onnx):
 
     m = P.load(tiny_resnet_onnx)
     an = P.analyse(m)
-    plan = P.plan(an, ratio=0.5)
+    plan = P.plan(an, 0.5)
     data = load_data("digits", preprocess=Preprocess(size=(16, 16), channels=3), samples=32)
     with pytest.raises(CarveError, match="ensure_biases"):
         repair("lsq", m, plan, data)

@@ -17,7 +17,7 @@ from carve.pipeline.runtime import ort as ortutil
 
 def test_ratio_zero_is_the_identity_bit_for_bit(tiny_resnet_onnx):
     m = P.load(tiny_resnet_onnx)
-    p = P.plan(P.analyse(m), ratio=0.0)
+    p = P.plan(P.analyse(m), 0.0)
     assert p.n_removed == 0
     pruned = P.prune(m, p)
     feeds = ortutil.random_feeds(m, batch=4)
@@ -29,7 +29,7 @@ def test_ratio_zero_is_the_identity_bit_for_bit(tiny_resnet_onnx):
 
 def test_prune_is_exact_smaller_and_explained(tiny_resnet_onnx):
     m = P.load(tiny_resnet_onnx)
-    p = P.plan(P.analyse(m), ratio=0.5, round_to=2)
+    p = P.plan(P.analyse(m), 0.5, widths=P.Widths(round_to=2))
     pruned = assert_exact(m, p, batch=3)
     check(pruned.proto, full=True)
     meta = pruned.metadata()
@@ -44,14 +44,14 @@ def test_prune_is_exact_smaller_and_explained(tiny_resnet_onnx):
 def test_prune_leaves_the_input_model_untouched(tiny_resnet_onnx):
     m = P.load(tiny_resnet_onnx)
     before = m.proto.SerializeToString()
-    P.prune(m, P.plan(P.analyse(m), ratio=0.5))
+    P.prune(m, P.plan(P.analyse(m), 0.5))
     assert m.proto.SerializeToString() == before
 
 
 def test_pruning_twice_accumulates_history(tiny_resnet_onnx):
     m = P.load(tiny_resnet_onnx)
-    once = P.prune(m, P.plan(P.analyse(m), ratio=0.3))
-    twice = P.prune(once, P.plan(P.analyse(once), ratio=0.3))
+    once = P.prune(m, P.plan(P.analyse(m), 0.3))
+    twice = P.prune(once, P.plan(P.analyse(once), 0.3))
     assert [h["step"] for h in json.loads(twice.metadata()["carve.history"])] == ["prune", "prune"]
     feeds = ortutil.random_feeds(twice)
     assert ortutil.run(twice, feeds)[0].shape == (1, 10)
@@ -62,7 +62,7 @@ def test_plan_for_another_model_is_refused(tiny_resnet_onnx):
     g = G()
     other, an = analyse_proto(g.model([g.conv(g.relu(g.conv("x", 4)), 2)]))
     with pytest.raises(CarveError, match="different model"):
-        P.prune(m, P.plan(an, ratio=0.5))
+        P.prune(m, P.plan(an, 0.5))
 
 
 def test_plan_that_empties_a_tensor_or_removes_frozen_units_is_refused():

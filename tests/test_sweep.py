@@ -44,18 +44,20 @@ def write(tmp_path, text: str, name: str = "s.yaml"):
         (("name: tiny", "colour: red"), "unknown key 'colour'"),
         (("  criterion: [l1, fpgm]", "  criterion: [l1, nosuch]"), "axes.criterion: unknown criterion 'nosuch'"),
         (("  criterion: [l1, fpgm]", "  criterion: [l1, l1]"), "axes.criterion: repeated values"),
-        (("  criterion: [l1, fpgm]", "  criterion: [l1]\n  width: [1]"), "unknown axis 'width'"),
-        (("kind: macs", "kind: flops"), "axes.target.kind: unknown kind 'flops'"),
-        (("values: [0.5, 0.0001]", "values: [0.5, 1.5]"), "axes.target.values: 1.5 is outside (0, 1]"),
+        (("  criterion: [l1, fpgm]", "  criterion: [l1]\n  width: [1]"), "axes: unknown key 'width'"),
+        (("kind: macs", "kind: flops"), "axes.target: kind must be one of macs, params, ratio; got 'flops'"),
+        (("values: [0.5, 0.0001]", "values: [0.5, 1.5]"), "axes.target.values: `target_macs` is the fraction"),
         (("values: [0.5, 0.0001]", "values: []"), "axes.target.values: an axis needs at least one value"),
-        (("values: [0.5, 0.0001]", "values: [half]"), "axes.target.values: not a number: 'half'"),
+        (("values: [0.5, 0.0001]", "values: [half]"), "axes.target: values must be a finite number, got 'half'"),
         (("bench: {threads: 1,", "prune: {criterion: l1}\nbench: {threads: 1,"), "prune.criterion is set by the axes"),
         (("bench: {threads: 1,", "prune: {round_too: 8}\nbench: {threads: 1,"), "round_too"),
         (("bench: {threads: 1,", "bench: {threadz: 1,"), "threadz"),
         (("data: {calib: digits:train, eval: digits:test,", "data: {calib: digits:train,"), "missing `data.eval`"),
         (("  target:", "  repair: [none, glue]\n  target:"), "axes.repair: unknown repair 'glue'"),
         (("  target:", "  finetune_epochs: [0, 1]\n  target:"), "finetune_epochs > 0 needs `data.train`"),
-        (("  target:", "  finetune_epochs: [-1]\n  target:"), "axes.finetune_epochs: -1 is negative"),
+        (("  target:", "  finetune_epochs: [-1]\n  target:"), "axes: finetune_epochs must be at least 0"),
+        (("  target:", "  repair: [none, [lsq, {bn: {bogus: 1}}]]\n  target:"), "repair 'bn' has no option 'bogus'"),
+        (("  target:", "  repair: [lsq, lsq]\n  target:"), "axes.repair: repeated values"),
     ],
 )
 def test_invalid_sweeps_name_the_key(tmp_path, edit, message):
@@ -82,7 +84,7 @@ def test_cli_refuses_a_bad_sweep_with_exit_1(tmp_path, capsys):
     p = write(tmp_path, TINY.replace("kind: macs", "kind: flops"))
     assert main(["sweep", str(p), "--out-dir", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert "axes.target.kind" in err and "Traceback" not in err
+    assert "axes.target: kind" in err and "Traceback" not in err
 
 
 def test_expand_is_the_product_of_the_axes_with_unique_ids(tmp_path):
@@ -101,8 +103,8 @@ def test_expand_is_the_product_of_the_axes_with_unique_ids(tmp_path):
     pt = next(p for p in points if p.repair == "lsq+bn" and p.allocator == "global")
     (name, opts), *rest = point_recipe(sweep, pt, tmp_path / "x.onnx").passes
     assert name == "prune" and not rest
-    assert opts["fuse"] == "lsq" and opts["repair"] == "bn" and opts["allocator"] == "global"
-    assert opts["target_macs"] == pt.target
+    assert opts["repairs"] == ["lsq", "bn"] and opts["allocator"] == "global"
+    assert opts["target_macs"] == pt.target.value
     assert config_hash(sweep, pt) != config_hash(sweep, points[0])
 
 

@@ -68,11 +68,11 @@ def check(model, name: str):
         assert an.contract_records, f"{name}: no attention product followed"
     feeds = ortutil.random_feeds(model, batch=3, seed=0)
     for mode in ("heads", "width"):
-        pruned, summary = prune_model(model, PruneOptions(ratio=0.5, round_to=1, attention=mode))
-        assert summary["macs_after"] < 0.65 * summary["macs_before"], (mode, summary["macs_after"])
-        assert summary["verify"]["reference"] == "masked statistics"  # every one of these has a LayerNorm stream
-        assert summary["inexact"]["units"] > 0 and np.isfinite(summary["inexact"]["error"]["max_rel"])
-        out = ortutil.run(pruned, feeds)[0]
+        report = prune_model(model, PruneOptions(ratio=0.5, round_to=1, attention=mode))
+        assert report.macs_ratio < 0.65, (mode, report.macs_ratio)
+        assert report.verify.reference == "masked statistics"  # every one of these has a LayerNorm stream
+        assert report.inexact.units > 0 and np.isfinite(report.inexact.error["max_rel"])
+        out = ortutil.run(report.model, feeds)[0]
         assert out.shape == ortutil.run(model, feeds)[0].shape and np.isfinite(out).all()
     return an
 
@@ -94,9 +94,9 @@ def head_split_shapes(model) -> list[tuple]:
 def test_vit_heads_and_widths_leave_the_export_consistent():
     model = export("vit")
     assert set(head_split_shapes(model)) == {(None, 17, 3, 3, 8)}
-    pruned, _ = prune_model(model, PruneOptions(ratio=0.5, round_to=1))
+    pruned = prune_model(model, PruneOptions(ratio=0.5, round_to=1)).model
     assert set(head_split_shapes(pruned)) == {(None, 17, 3, 2, 8)}  # 3 heads -> 2, each whole
-    pruned, _ = prune_model(model, PruneOptions(ratio=0.5, round_to=1, attention="width"))
+    pruned = prune_model(model, PruneOptions(ratio=0.5, round_to=1, attention="width")).model
     assert set(head_split_shapes(pruned)) == {(None, 17, 3, 3, 4)}  # 3 heads of width 8 -> 4
 
 
@@ -107,7 +107,7 @@ def test_dynamo_exports_prune_and_verify(name):
     check(export(name, "dynamo"), name)
 
 
-@pytest.mark.parametrize("repair", [dict(repair="bias"), dict(fuse="lsq")])
+@pytest.mark.parametrize("repair", ["bias", "lsq"])
 def test_repairs_see_what_the_pruned_model_computes(repair):
     """An inexact removal (LayerNorm statistics) and removed Q/K pairs change more than zeroed columns say: the
     repairs run on the masked reference, so they correct for what the pruned model computes; verification still
@@ -121,11 +121,11 @@ def test_repairs_see_what_the_pruned_model_computes(repair):
     y0 = ortutil.run(model, x)[0]
 
     def error(**opts):
-        pruned, summary = prune_model(model, PruneOptions(ratio=0.5, round_to=1, **opts), calib=calib)
-        assert summary["verify"]["reference"] == "masked statistics"
-        return float(np.abs(ortutil.run(pruned, x)[0] - y0).mean() / np.abs(y0).mean())
+        report = prune_model(model, PruneOptions(ratio=0.5, round_to=1, **opts), calib=calib)
+        assert report.verify.reference == "masked statistics"
+        return float(np.abs(ortutil.run(report.model, x)[0] - y0).mean() / np.abs(y0).mean())
 
-    assert error(**repair) < 0.5 * error()
+    assert error(repairs=[repair]) < 0.5 * error()
 
 
 @pytest.mark.slow

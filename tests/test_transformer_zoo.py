@@ -45,11 +45,10 @@ def check(model, min_share: float, modes=("heads", "width")):
     assert share >= min_share, f"{share:.1%} of the MACs prunable; frozen: {an.summary()['frozen_reasons']}"
     assert an.contract_records, "no attention product followed"
     for mode in modes:
-        _, summary = prune_model(model, PruneOptions(ratio=0.5, round_to=1, attention=mode))
-        assert summary["macs_after"] < 0.6 * summary["macs_before"]
-        assert "verify" in summary
-        if "inexact" in summary:
-            assert np.isfinite(summary["inexact"]["error"]["max_rel"])
+        report = prune_model(model, PruneOptions(ratio=0.5, round_to=1, attention=mode))
+        assert report.macs_ratio < 0.6 and report.verify is not None
+        if report.inexact is not None:
+            assert np.isfinite(report.inexact.error["max_rel"])
 
 
 TIMM = {
@@ -71,8 +70,8 @@ def test_timm(name):
     if name == "convnext_atto":
         an = analyse(model)
         assert prunable_macs(an) / model_cost(model).macs > 0.95 and not an.contract_records
-        _, summary = prune_model(model, PruneOptions(ratio=0.5, round_to=1))
-        assert summary["inexact"]["groups"] >= 4  # one residual stream per stage, each under LayerNorm
+        report = prune_model(model, PruneOptions(ratio=0.5, round_to=1))
+        assert report.inexact.groups >= 4  # one residual stream per stage, each under LayerNorm
         return
     check(model, 0.95)
 
@@ -129,5 +128,5 @@ def test_ultralytics_c2psa():
     an = analyse(model)
     assert an.contract_records and prunable_macs(an) / model_cost(model).macs > 0.95
     for mode in ("heads", "width"):
-        _, summary = prune_model(model, PruneOptions(ratio=0.5, round_to=1, attention=mode))
-        assert summary["macs_after"] < 0.6 * summary["macs_before"] and "inexact" not in summary
+        report = prune_model(model, PruneOptions(ratio=0.5, round_to=1, attention=mode))
+        assert report.macs_ratio < 0.6 and report.inexact is None

@@ -128,16 +128,17 @@ def test_prune_model_reports_the_inexact_error():
     x = g.block(x, 2, 4)
     y = g.head(g.layer_norm(x))
     model = cgraph.from_proto(g.model([y]))
-    pruned, summary = prune_model(model, PruneOptions(ratio=0.5, round_to=1))
-    assert summary["verify"]["reference"] == "masked statistics"
-    ix = summary["inexact"]
-    assert ix["units"] > 0 and ix["groups"] == 1 and "LayerNormalization" in ix["reason"]
-    assert 0 < ix["error"]["max_rel"] < 10 and 0 < ix["error"]["cosine"] <= 1
+    report = prune_model(model, PruneOptions(ratio=0.5, round_to=1))
+    assert report.verify.reference == "masked statistics"
+    ix = report.inexact
+    assert ix.units > 0 and ix.groups == 1 and "LayerNormalization" in ix.reason
+    assert 0 < ix.error["max_rel"] < 10 and 0 < ix.error["cosine"] <= 1
+    assert report.to_json()["inexact"]["error"] == ix.error  # the summary and the model's history say it too
     # without a LayerNorm over channels the same prune is exact: plain reference, nothing inexact
     g = TG(channels=6)
     y = g.head(g.mlp(g.linear("x", 16), 32))
-    _, summary = prune_model(cgraph.from_proto(g.model([y])), PruneOptions(ratio=0.5, round_to=1))
-    assert summary["verify"]["reference"] == "zeroed" and "inexact" not in summary
+    report = prune_model(cgraph.from_proto(g.model([y])), PruneOptions(ratio=0.5, round_to=1))
+    assert report.verify.reference == "zeroed" and report.inexact is None
 
 
 # -- attention heads --------------------------------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def test_width_mode_prunes_equal_widths_per_head():
     an = analyse(model, attention="width")
     lock = [m for gr in an.groups for m in gr.lockstep]
     assert lock and all(len(m) == 3 for m in lock)  # the three heads of Q/K, of V
-    p = plan(an, ratio=0.5, round_to=1)
+    p = plan(an, 0.5)
     pruned = assert_exact(model, p)
     targets = [
         pruned.array(n.input[1]).tolist()

@@ -19,7 +19,7 @@ def test_inspect_and_prune_every_zoo_model(name, zoo_dir):
     assert info["summary"]["prunable_fraction"] > 0.5, info["summary"]
     assert all(r["status"] == "prunable" or r["reason"] for r in info["layers"])
     for ratio in (0.3, 0.5):
-        p = P.plan(an, ratio=ratio, round_to=8)
+        p = P.plan(an, ratio, widths=P.Widths(round_to=8))
         assert p.n_removed > 0
         pruned = assert_exact(m, p, batch=2)  # prune() also runs the full ONNX checker
         for out in m.output_names:

@@ -42,8 +42,10 @@ def run(args) -> dict:
     from carve.pipeline.graph.rewrite import ensure_biases
     from carve.pipeline.graph.surgery import zero_removed
     from carve.pipeline.measure.evaluate import evaluate
-    from carve.pipeline.pruning.planner import plan, score_units
+    from carve.pipeline.pruning.allocator import allocators
+    from carve.pipeline.pruning.planner import Widths, plan, score
     from carve.pipeline.pruning.repair import repairs
+    from carve.pipeline.pruning.targets import Target
     from carve.plugins.allocators.global_rank import layer_counts
 
     with tempfile.TemporaryDirectory(prefix="carve-bench-allocation-") as tmp:
@@ -59,12 +61,11 @@ def run(args) -> dict:
     stream = max(an.groups, key=lambda g: counts[g.id])
     rows = []
     for criterion in args.criteria:
-        scores = score_units(an, criterion, calib=calib)
+        scores = score(an, criterion, calib=calib)
         for macs in args.macs:
             for label, allocator, opts in SETUPS:
-                p = plan(
-                    an, criterion=criterion, scores=scores, allocator=allocator, target_macs=macs, round_to=8, **opts
-                )
+                alloc = allocators.get(allocator)(**opts)
+                p = plan(an, Target("macs", macs), scores=scores, allocator=alloc, widths=Widths(round_to=8))
                 work = repairs.get("lsq")(ridge=1e-3).apply(model, p, zero_removed(model, p), calib).model
                 r = {
                     "criterion": criterion,

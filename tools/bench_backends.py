@@ -26,10 +26,10 @@ sys.path.insert(0, str(REPO))
 
 
 def prune_copy(src: Path, dst: Path, ratio: float, round_to: int) -> None:
-    from carve import analyse, load, plan, prune, save
+    from carve import Widths, analyse, load, plan, prune, save
 
     m = load(src)
-    save(prune(m, plan(analyse(m), criterion="l1", ratio=ratio, round_to=round_to), inplace=True), dst)
+    save(prune(m, plan(analyse(m), ratio, scores="l1", widths=Widths(round_to=round_to)), inplace=True), dst)
 
 
 def measure(a: Path, b: Path, args, batches: list[int], threads: list[int]) -> dict:

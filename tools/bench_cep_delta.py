@@ -29,7 +29,8 @@ def main() -> None:
     from carve.pipeline.data.datasets import load_data
     from carve.pipeline.data.shared import shared_file
     from carve.pipeline.measure.evaluate import evaluate
-    from carve.pipeline.pruning.planner import plan, score_units
+    from carve.pipeline.pruning.planner import plan, score
+    from carve.pipeline.pruning.targets import Target
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", nargs="*", type=float, default=[0.75, 0.5])
@@ -53,10 +54,10 @@ def main() -> None:
             base = evaluate(m, evalset)["top1"]
             for crit, opts in VARIANTS:
                 t0 = time.perf_counter()
-                scores = score_units(an, crit, calib=calib, options=opts)
+                scores = score(an, crit, calib=calib, options=opts)
                 seconds = time.perf_counter() - t0
                 top1 = {
-                    str(t): evaluate(prune(m, plan(an, scores=scores, target_macs=t)), evalset)["top1"]
+                    str(t): evaluate(prune(m, plan(an, Target("macs", t), scores=scores)), evalset)["top1"]
                     for t in args.targets
                 }
                 label = crit + ("[delta]" if opts.get("variant") == "delta" else "")

@@ -31,14 +31,14 @@ def rss(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
-import pipeline, carve.pipeline.graph.channels, carve.pipeline.graph.surgery, carve.pipeline.pruning.planner
-import carve.plugins.criteria, plugins.allocators
-from carve import load, analyse, plan, prune, save
+import carve.pipeline.graph.channels, carve.pipeline.graph.surgery, carve.pipeline.pruning.planner
+import carve.plugins.criteria, carve.plugins.allocators
+from carve import Widths, load, analyse, plan, prune, save
 base = rss("VmRSS:")
 t = [time.perf_counter()]
 m = load(sys.argv[1]); t.append(time.perf_counter())
 a = analyse(m); t.append(time.perf_counter())
-p = plan(a, criterion="l1", ratio=0.5, round_to=8); t.append(time.perf_counter())
+p = plan(a, 0.5, scores="l1", widths=Widths(round_to=8)); t.append(time.perf_counter())
 q = prune(m, p, inplace=True); t.append(time.perf_counter())
 save(q, sys.argv[2]); t.append(time.perf_counter())
 s = a.summary()

@@ -57,7 +57,8 @@ def run_model(
     from carve import analyse, load, prune, save
     from carve.pipeline.graph.cost import model_cost
     from carve.pipeline.measure.evaluate import evaluate
-    from carve.pipeline.pruning.planner import plan, score_units
+    from carve.pipeline.pruning.planner import Widths, plan, score
+    from carve.pipeline.pruning.targets import Target
 
     m = load(model_path)
     base = evaluate(m, evalset)
@@ -76,14 +77,18 @@ def run_model(
     for name, opts, allocator in criteria:
         t0 = time.perf_counter()
         try:
-            scores = score_units(an, name, calib=calib, options=opts)
+            scores = score(an, name, calib=calib, options=opts)
         except Exception as exc:  # e.g. slimming on a model without BN: record why, keep going
             rows.append({"criterion": label(name, opts, allocator), "error": str(exc).splitlines()[0]})
             continue
         seconds = time.perf_counter() - t0
         for t in targets:
             p = plan(
-                an, criterion=name, allocator=allocator, target_macs=t, scores=scores, calib=calib, round_to=round_to
+                an,
+                Target("macs", t),
+                scores=scores,
+                allocator=allocator,
+                widths=Widths(round_to=round_to),
             )
             q = prune(m, p)
             path = tmp / f"{name}_{allocator}_{t}.onnx"

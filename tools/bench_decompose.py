@@ -37,10 +37,10 @@ def variants(m, target: float, calib, *, with_data: bool):
     yield "decompose", d
     yield "decompose+merge", get("merge", when="slower")(d, ctx).model
     opts = dict(criterion="l1", target_macs=target, round_to=8, verify=False)
-    yield "prune", prune_model(m, PruneOptions(**opts))[0]
+    yield "prune", prune_model(m, PruneOptions(**opts)).model
     if with_data:
-        yield "prune+fuse", prune_model(m, PruneOptions(**opts, fuse="exact"))[0]
-        yield "prune+lsq", prune_model(m, PruneOptions(**opts, fuse="lsq"), calib=calib)[0]
+        yield "prune+fuse", prune_model(m, PruneOptions(**opts, repairs=["exact"])).model
+        yield "prune+lsq", prune_model(m, PruneOptions(**opts, repairs=["lsq"]), calib=calib).model
 
 
 def main() -> None:

@@ -58,7 +58,7 @@ def run_one(job: dict) -> dict:
     for keep, epochs in rounds:
         fraction = min(1.0, keep * macs0 / model_cost(current).macs)
         po = PruneOptions(criterion=job["criterion"], target_macs=fraction, round_to=8, seed=0)
-        current, _ = prune_model(current, po, calib=calib)
+        current = prune_model(current, po, calib=calib).model
         if pruned_top1 is None:
             pruned_top1 = evaluate(current, test)["top1"]  # after the first cut, before any fine-tuning
         t0 = time.process_time()

@@ -95,7 +95,7 @@ def kept_importance(analysis, scores, frozen, removed, criterion: str) -> float:
     from carve.pipeline.pruning.allocator import Allocation
     from carve.plugins.allocators.latency import LatencyKnapsack
 
-    s = LatencyKnapsack().importance(Allocation(analysis, scores, frozen, 0.0, criterion=criterion))
+    s = LatencyKnapsack().importance(Allocation(analysis, scores.values, frozen, 0.0, criterion=criterion))
     prunable = ~frozen
     return float(s[prunable & ~removed].sum() / s[prunable].sum())
 
@@ -111,9 +111,10 @@ def bench_model(name: str, args, tmp: Path, alignment: bool = True) -> dict:
     from carve.pipeline.measure.evaluate import evaluate
     from carve.pipeline.measure.latency import MeasuredLatency
     from carve.pipeline.measure.profile import ProfileSettings
-    from carve.pipeline.pruning.latency import LatencyTarget, closed_loop, tolerance
-    from carve.pipeline.pruning.planner import plan, score_units
+    from carve.pipeline.pruning.latency import closed_loop, tolerance
+    from carve.pipeline.pruning.planner import Widths, plan, score
     from carve.pipeline.pruning.repair import repairs
+    from carve.pipeline.pruning.targets import Target
 
     src = tmp / f"{name}.onnx"
     export(name, src)
@@ -138,7 +139,7 @@ def bench_model(name: str, args, tmp: Path, alignment: bool = True) -> dict:
         criterion = "taylor"
         calib = load_data(shared_file("data", "cifar10", "train_subset.npz"), model=model, samples=256, seed=0)
         evalset = load_data(shared_file("data", "cifar10", "test.npz"), model=model, samples=args.eval_samples, seed=1)
-    scores = score_units(an, criterion, calib=calib)
+    scores = score(an, criterion, calib=calib)
     cost = CostModel(an)
     frozen = an.unit_frozen
     doc: dict = {
@@ -156,14 +157,13 @@ def bench_model(name: str, args, tmp: Path, alignment: bool = True) -> dict:
     if trained:
         doc["original_top1"] = evaluate(model, evalset)["top1"]
 
-    def aligned(allocator: str, **target):
+    def aligned(allocator: str, target, latency=None):
         """``plan`` at round-to 16 (ORT CPU's default), or 8 when 16 cannot reach the target (ResNet-56's 16-channel
         stage): the plan and the alignment used."""
         for round_to in (16, 8):
             try:
-                return plan(
-                    an, criterion=criterion, scores=scores, allocator=allocator, round_to=round_to, **target
-                ), round_to
+                widths = Widths(round_to=round_to)
+                return plan(an, target, scores=scores, allocator=allocator, widths=widths, latency=latency), round_to
             except CarveError:
                 if round_to == 8:
                     raise
@@ -171,23 +171,22 @@ def bench_model(name: str, args, tmp: Path, alignment: bool = True) -> dict:
 
     def reach(allocator: str, goal: float):
         """The allocator's plan through the closed loop, at the alignment :func:`aligned` finds for the goal."""
-        first, round_to = aligned(allocator, target_latency=min(goal, 1.0), latency=bound)
+        first, round_to = aligned(allocator, Target("latency", min(goal, 1.0)), latency=bound)
 
         def replan(budget: float):
             return plan(
                 an,
-                criterion=criterion,
+                Target("latency", budget),
                 scores=scores,
                 allocator=allocator,
-                target_latency=budget,
+                widths=Widths(round_to=round_to),
                 latency=bound,
-                round_to=round_to,
             )
 
-        goal_ = LatencyTarget(fraction=goal)
-        p, loop = closed_loop(model, an, first, replan, goal_, oracle, error=tolerance(lut.stated_error))
-        loop["round_to"] = round_to
-        return p, loop
+        p, loop = closed_loop(
+            model, an, first, replan, Target("latency", goal), oracle, error=tolerance(lut.stated_error)
+        )
+        return p, {**loop.to_json(), "round_to": round_to}
 
     def row(target: float, allocator: str, p, loop: dict | None, label: str | None = None, wall: bool = True) -> dict:
         path = tmp / f"{name}_{target}_{label or allocator}.onnx"
@@ -233,7 +232,7 @@ def bench_model(name: str, args, tmp: Path, alignment: bool = True) -> dict:
 
         points = [matched]
         for f in CURVE:
-            q, _ = aligned(allocator, target_macs=min(matched["mac_ratio"] * f, 0.99))
+            q, _ = aligned(allocator, Target("macs", min(matched["mac_ratio"] * f, 0.99)))
             points.append(row(target, allocator, q, None, label=f"{allocator} curve", wall=False))
         x = np.array([r["measured"]["ratio"] for r in points])
         y = np.array([r["top1_lsq"] for r in points])
@@ -268,13 +267,13 @@ def bench_model(name: str, args, tmp: Path, alignment: bool = True) -> dict:
             if trained and args.repair:  # the ratio allocator's accuracy at exactly the knapsack's measured latency
                 doc["curves"].append(curve(target, allocator, doc["rows"][-1], goal))
         for allocator in EQUAL_MACS:  # the same MACs as the latency-aware model, spread by MACs instead
-            q, _ = aligned(allocator, target_macs=lat["mac_ratio"])
+            q, _ = aligned(allocator, Target("macs", lat["mac_ratio"]))
             doc["rows"].append(row(target, allocator, q, None, label=f"{allocator} equal MACs"))
     doc["load_after"] = load_avg()
     doc["alignment"] = []
     macs = ALIGN_TARGET.get(name, 0.5)
     for rt in (8, 16) if alignment else ():
-        p = plan(an, criterion="l1", target_macs=macs, round_to=rt)
+        p = plan(an, Target("macs", macs), scores="l1", widths=Widths(round_to=rt))
         path = tmp / f"{name}_rt{rt}.onnx"
         save(prune(model, p, verify=False), path)
         m = final_measure(src, path, args.final_rounds, "auto")

@@ -122,10 +122,10 @@ def carve_prune(src: Path, dst: Path, macs: float, round_to: int, fuse: str | No
     from carve import PruneOptions, load, prune_model, save
 
     m = load(src)
-    opts = PruneOptions(criterion="l1", target_macs=macs, round_to=round_to, fuse=fuse)
-    pruned, summary = prune_model(m, opts, calib=calib)
-    save(pruned, dst)
-    return summary
+    opts = PruneOptions(criterion="l1", target_macs=macs, round_to=round_to, repairs=[fuse] if fuse else [])
+    report = prune_model(m, opts, calib=calib)
+    save(report.model, dst)
+    return report.to_json()
 
 
 def macs_of(p: Path) -> int:

@@ -160,12 +160,12 @@ def run_dynamo(name: str, tmp: Path) -> dict:
         return {"export": f"failed: {export_error(exc)}"}
     model = load(src)
     an = analyse(model)
-    _, summary = prune_model(model, PruneOptions(ratio=0.5, measure=False))
+    report = prune_model(model, PruneOptions(ratio=0.5, measure=False))
     return {
         "export": "ok, opset 18",
         "macs_prunable_share": round(prunable_macs(an) / model_cost(model).macs, 4),
-        "mac_ratio": round(summary["macs_after"] / summary["macs_before"], 4),
-        "verify_max_abs": summary["verify"]["max_abs_diff"],
+        "mac_ratio": round(report.macs_ratio, 4),
+        "verify_max_abs": report.verify.max_abs_diff,
     }
 
 
@@ -203,21 +203,21 @@ def run_one(name: str, tmp: Path, rounds: int) -> dict:
     for mode in modes:
         t0 = time.time()
         m = load(src)
-        pruned, summary = prune_measured(m, PruneOptions(ratio=0.5, attention=mode, measure=False), inplace=True)
+        report = prune_measured(m, PruneOptions(ratio=0.5, attention=mode, measure=False), inplace=True)
         dst = tmp / f"{name}_{mode}.onnx"
-        save(pruned, dst)
+        save(report.model, dst)
         run = {
             "prune_s": round(time.time() - t0, 1),
-            "round_to": summary["options"]["round_to"],
-            "mac_ratio": round(summary["macs_after"] / summary["macs_before"], 4),
-            "param_ratio": round(summary["params_after"] / summary["params_before"], 4),
-            "verify_max_abs": summary["verify"]["max_abs_diff"],
-            "verify_scale": summary["verify"]["scale"],
-            "verify_reference": summary["verify"]["reference"],
+            "round_to": report.round_to,
+            "mac_ratio": round(report.macs_ratio, 4),
+            "param_ratio": round(report.params_ratio, 4),
+            "verify_max_abs": report.verify.max_abs_diff,
+            "verify_scale": report.verify.scale,
+            "verify_reference": report.verify.reference,
         }
-        if "inexact" in summary:
-            ix = summary["inexact"]
-            run["inexact"] = {"units": ix["units"], "groups": ix["groups"], **ix.get("error", {})}
+        if report.inexact is not None:
+            ix = report.inexact
+            run["inexact"] = {"units": ix.units, "groups": ix.groups, **(ix.error or {})}
         run["speed"] = speedups(src, dst, [1], rounds)["1"]
         out["runs"][mode] = run
     out["dynamo"] = run_dynamo(name, tmp)

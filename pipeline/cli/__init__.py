@@ -5,6 +5,9 @@ Each command lives in its own module in this package (``pipeline/cli/<command>.p
 means adding a file. Command modules import heavy dependencies inside their ``run`` function, keeping ``carve --help``
 fast.
 
+Lower layers name an option the way a recipe or the Python API spells it, in backticks (`` `round_to` ``); the CLI
+prints it as the current command's flag (``--round-to``) in errors and warnings (:func:`flags_for`, :func:`as_flags`).
+
 Exit codes: 0 success, 1 user error (a :class:`~carve.pipeline.errors.CarveError`, printed as one line naming the file
 or option, plus a hint line, without a traceback; also a file the system refuses to read or write, and running out of
 memory), 2 usage error (argparse: a malformed or contradictory option) and, for ``carve gate``, a report too thin or
@@ -18,6 +21,7 @@ import argparse
 import contextlib
 import importlib
 import pkgutil
+import re
 import sys
 import warnings
 
@@ -40,19 +44,58 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         module.add_parser(sub)
+    parser.set_defaults(commands=sub.choices)
     return parser
+
+
+def flags_for(command: argparse.ArgumentParser) -> dict[str, tuple[str, argparse.Action | None]]:
+    """Option name -> the command's flag and its action (``round_to`` -> ``--round-to``, ``allocator`` ->
+    ``--allocate``), from the parser's own destinations, plus the names a command maps itself
+    (``set_defaults(option_flags={...})``)."""
+    out: dict[str, tuple[str, argparse.Action | None]] = {}
+    for action in command._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if longs and action.dest not in out:
+            out[action.dest] = (longs[0], action)
+    out.update({k: (v, None) for k, v in (command.get_default("option_flags") or {}).items()})
+    return out
+
+
+_OPTION = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`\s]+))?`")
+
+
+def as_flags(text: str, flags: dict[str, tuple[str, argparse.Action | None]]) -> str:
+    """``text`` with every `` `option` `` (or `` `option=value` ``) this command has as a flag written as that flag
+    (``--option value``; a switch's value as the switch itself: `` `verify=false` `` -> ``--no-verify``); other names
+    keep their backticks (a recipe key, an option of another command)."""
+
+    def flag(m: re.Match) -> str:
+        name, value = m.group(1), m.group(2)
+        if name not in flags:
+            return m.group(0)
+        text, action = flags[name]
+        if value is None:
+            return text
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return text if value.lower() == "true" else f"--no-{text[2:]}"
+        if isinstance(action, argparse._StoreFalseAction | argparse._StoreTrueAction):
+            return text
+        return f"{text} {value}"
+
+    return _OPTION.sub(flag, text)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"carve {args.command}"
-    with _warnings_as_lines(prog):
+    flags = flags_for(args.commands[args.command])
+    with _warnings_as_lines(prog, flags):
         try:
             rc = args.func(args)
             return int(rc or 0)
         except CarveError as exc:
-            print(f"{prog}: error: {exc}", file=sys.stderr)
+            print(f"{prog}: error: {as_flags(str(exc), flags)}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)
@@ -92,12 +135,12 @@ def _internal(prog: str, exc: BaseException) -> int:
 
 
 @contextlib.contextmanager
-def _warnings_as_lines(prog: str):
+def _warnings_as_lines(prog: str, flags: dict[str, str]):
     """carve's own warnings as one line each on stderr; other libraries' warnings are not the user's business."""
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, CarveWarning):
-            print(f"{prog}: warning: {message}", file=sys.stderr)
+            print(f"{prog}: warning: {as_flags(str(message), flags)}", file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -79,17 +79,16 @@ def run(args: argparse.Namespace) -> int:
     con.rule(f"3. prune {args.ratio:.0%} of every layer's channels (L1), plain and repaired by least squares")
     calib = load_data("digits:train", model=original, samples=512)
     results = {}
-    for label, fuse in (("pruned", None), ("pruned+lsq", "lsq")):
+    for label, repairs in (("pruned", []), ("pruned+lsq", ["lsq"])):
         # round_to 1: LeNet's 6- and 16-channel convolutions are narrower than ORT CPU's default alignment (16)
-        opts = PruneOptions(criterion="l1", ratio=args.ratio, fuse=fuse, round_to=1)
-        pruned, summary = prune_model(original, opts, calib=calib if fuse else None, command=command_line())
-        path = save(pruned, out / f"lenet5_{label.replace('+', '_')}.onnx")
-        v = summary["verify"]
+        opts = PruneOptions(criterion="l1", ratio=args.ratio, repairs=repairs, round_to=1)
+        report = prune_model(original, opts, calib=calib if repairs else None, command=command_line())
+        path = save(report.model, out / f"lenet5_{label.replace('+', '_')}.onnx")
         con.print(
-            f"{label}: {summary['channels_removed']} of {summary['channels_before']} channels removed, "
-            f"checker passed, ONNX Runtime equals its reference (max |diff| {v['max_abs_diff']:.1e}) -> {path}"
+            f"{label}: {report.channels_removed} of {report.channels_before} channels removed, checker passed, "
+            f"ONNX Runtime equals its reference (max |diff| {report.verify.max_abs_diff:.1e}) -> {path}"
         )
-        results[label] = (load(path), summary)
+        results[label] = (load(path), report)
 
     con.rule("4. accuracy on held-out digits, cost, and latency side by side")
     test = load_data("digits:test", model=original)

@@ -148,32 +148,35 @@ class _TrainingProgress:
         if self.bar is not None:
             self.bar.__exit__(*exc)
 
-    def __call__(self, e: dict) -> None:
+    def __call__(self, stage: str, done: int | None = None, total: int | None = None, **e) -> None:
+        """The :class:`carve.pipeline.progress.Progress` of a fine-tuning run: ``train: step`` and ``train: epoch``."""
         if not self.enabled:
             return
-        if e["event"] == "step":
+        if stage == "train: step":
             if self.bar is not None:
                 if self.task is None:
-                    self.task = self.bar.add_task("train", total=e["steps"], epoch=1, loss=0.0, lr=0.0, rate=0.0)
+                    self.task = self.bar.add_task("train", total=total, epoch=1, loss=0.0, lr=0.0, rate=0.0)
                 self.bar.update(
                     self.task,
-                    completed=e["step"],
+                    completed=done,
                     epoch=f"{e['epoch']}/{e['epochs']}",
                     loss=e["loss"],
                     lr=e["lr"],
                     rate=e["images_per_s"],
                 )
-            elif e["step"] >= self.next_log:
-                self.next_log = e["step"] + max(1, e["steps"] // 10)
+            elif done >= self.next_log:
+                self.next_log = done + max(1, total // 10)
                 eta = f", ETA {e['eta_s'] / 60:.1f} min" if e.get("eta_s") else ""
                 print(
-                    f"step {e['step']}/{e['steps']} (epoch {e['epoch']}/{e['epochs']}): loss {e['loss']:.4f}, "
+                    f"step {done}/{total} (epoch {e['epoch']}/{e['epochs']}): loss {e['loss']:.4f}, "
                     f"lr {e['lr']:.2e}, {e['images_per_s']:.0f} images/s{eta}",
                     file=sys.stderr,
                     flush=True,
                 )
             return
-        line = f"epoch {e['epoch']}/{e['epochs']}: loss {e['loss']:.4f}"
+        if stage != "train: epoch":
+            return
+        line = f"epoch {done}/{total}: loss {e['loss']:.4f}"
         if "top1" in e:
             line += f", top-1 {e['top1']:.2%}"
             if "teacher_top1" in e:

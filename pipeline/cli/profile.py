@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from carve.pipeline.cli._common import console
+    from carve.pipeline.cli._progress import describe
     from carve.pipeline.config import from_args
     from carve.pipeline.graph import check_output_path, load
     from carve.pipeline.measure.backends import get
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     model = load(args.model)
     con = console(args.quiet or args.json)
     with con.status("profiling...", spinner="dots") as spin:
-        table = profile(model, settings, progress=lambda msg: spin.update(msg))
+        table = profile(model, settings, progress=lambda *a, **info: spin.update(describe(*a, **info)))
     if args.output:
         table.save(args.output)
     if args.json:

@@ -17,15 +17,14 @@ from carve.pipeline.cli._common import (
 
 
 def latency_target(text: str) -> str:
-    """``0.5``, ``50%``, ``4ms``, ``800us``: checked here, interpreted by
-    carve.pipeline.pruning.latency.parse_target."""
+    """``0.5``, ``50%``, ``4ms``, ``800us``: checked here, interpreted by carve.pipeline.pruning.targets.Target."""
     from carve.pipeline.errors import CarveError
-    from carve.pipeline.pruning.latency import parse_target
+    from carve.pipeline.pruning.targets import Target
 
     try:
-        parse_target(text)
+        Target.parse("latency", text)
     except CarveError as exc:
-        raise argparse.ArgumentTypeError(exc.message.split(": ", 1)[-1]) from None
+        raise argparse.ArgumentTypeError(exc.message.split(": ", 1)[-1].replace("`", "")) from None
     return text
 
 
@@ -111,27 +110,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     which.add_argument("--seed", type=int, default=0, help="seed for random criteria and sampling")
     add_calib_args(p)
-    rep = p.add_argument_group("repair (no training)")
-    rep.add_argument(
-        "--fuse",
-        choices=["exact", "lsq"],
-        help="exact: fold removed filters that are positive multiples of kept ones into the consumers; "
-        "lsq: refit the consumers by least squares on --calib data",
-    )
+    rep = p.add_argument_group("repair (no training; `carve plugins` lists the repairs and their options)")
     rep.add_argument(
         "--repair",
-        choices=["bias", "bn"],
-        help="bias: correct consumer biases for the mean shift; bn: re-estimate BatchNorm statistics",
+        dest="repair_names",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a post-training repair, run in the order given (repeatable): exact (fold removed filters that are "
+        "positive multiples of kept ones into the consumers), lsq (refit the consumers by least squares on --calib "
+        "data), bias (correct consumer biases for the mean shift), bn (re-estimate BatchNorm statistics), or one a "
+        "package registers (entry-point group carve.repairs)",
     )
     rep.add_argument(
-        "--ridge", type=non_negative_float, default=1e-3, help="ridge strength of the lsq refit (relative, >= 0)"
+        "--repair-opt",
+        dest="repair_options",
+        action=KeyValues,
+        default={},
+        metavar="[NAME.]KEY=VALUE",
+        help="an option of a chosen repair, e.g. ridge=1e-2 (the repair that takes it) or lsq.ridge=1e-2 (repeatable)",
     )
-    rep.add_argument(
-        "--fuse-gate",
-        type=non_negative_float,
-        default=1e-3,
-        help="largest relative residual for exact fusion (1e-3 = practically exact multiples)",
-    )
+    rep.add_argument("--fuse", choices=["exact", "lsq"], help="older spelling of --repair exact|lsq (run first)")
+    rep.add_argument("--ridge", type=non_negative_float, help="older spelling of --repair-opt lsq.ridge=X")
+    rep.add_argument("--fuse-gate", type=non_negative_float, help="older spelling of --repair-opt exact.gate=X")
     eng = p.add_argument_group(
         "speed (the engine the latency target and the measurements refer to; with --lut, the table's by default)"
     )
@@ -162,7 +163,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_input_shape_arg(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, option_flags={"repairs": "--repair", "allocator_options": "--allocator-opt"})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,67 +172,82 @@ def run(args: argparse.Namespace) -> int:
     from carve.pipeline.config import from_args
     from carve.pipeline.flows.prune import prune_file
     from carve.pipeline.graph import check_output_path, load
-    from carve.pipeline.pruning.prune import PruneOptions, describe_amount
+    from carve.pipeline.pruning.prune import PruneOptions
 
     check_output_path(args.output, args.model, args.calib, args.lut)
     engine_defaults(args)
+    args.repairs = repair_list(args)
     opts = from_args(PruneOptions, args)
     model = load(args.model, input_shape=args.input_shape)
     calib = load_calib(args, model, required=opts.data_needed() or False)
     con = console(args.quiet or args.json)
     with show_progress("carve prune", con, quiet=args.quiet or args.json) as progress:
-        summary = prune_file(model, args.output, opts, calib=calib, command=command_line(), progress=progress)
+        report = prune_file(model, args.output, opts, calib=calib, command=command_line(), progress=progress)
     if args.json:
-        print(json.dumps(summary, indent=1))
-        return 0 if not slower_than_asked(summary, opts) else 1
-    pr = summary["params_after"] / summary["params_before"]
-    mr = summary["macs_after"] / summary["macs_before"]
-    options = summary["options"]
-    from_table = summary["allocator"] in ("latency", "knapsack") and options.get("target_latency") is not None
-    align = "widths from the latency table" if from_table else f"round-to {options['round_to']}"
+        print(json.dumps(report.to_json(), indent=1))
+        return 0 if not slower_than_asked(report) else 1
+    align = "widths from the latency table" if report.widths_from_table else f"round-to {report.round_to}"
     con.print(
-        f"removed {summary['channels_removed']}/{summary['channels_before']} output channels "
-        f"({describe_amount(summary)}, {align})"
+        f"removed {report.channels_removed}/{report.channels_before} output channels "
+        f"({report.describe_amount()}, {align})"
     )
+    b, a = report.before, report.after
     con.print(
-        f"params {summary['params_before']:,} -> {summary['params_after']:,} ({pr:.1%}); "
-        f"MACs {summary['macs_before']:,} -> {summary['macs_after']:,} ({mr:.1%}, a MAC ratio, not a speed-up)"
+        f"params {b.params:,} -> {a.params:,} ({report.params_ratio:.1%}); "
+        f"MACs {b.macs:,} -> {a.macs:,} ({report.macs_ratio:.1%}, a MAC ratio, not a speed-up)"
     )
-    for line in latency_lines(summary, opts):
+    for line in latency_lines(report):
         con.print(line)
-    if "repairs" in summary:
-        con.print("repairs: " + ", ".join(f"{k} {v}" for k, v in summary["repairs"].items()))
-    if "verify" in summary:
-        v = summary["verify"]
-        ref = "its repaired reference" if "repairs" in summary else "the original with the removed channels zeroed"
-        if v.get("reference") == "masked statistics":
+    if report.repairs:
+        con.print("repairs: " + ", ".join(f"{k} {v}" for k, v in report.repairs.items()))
+    if report.verify is not None:
+        v = report.verify
+        ref = "its repaired reference" if report.repairs else "the original with the removed channels zeroed"
+        if v.reference == "masked statistics":
             ref += " and LayerNorm statistics taken over the kept channels"
         con.print(
-            f"verified in ONNX Runtime: output equals {ref} (max |diff| {v['max_abs_diff']:.2e}, "
-            f"scale {v['scale']:.2e})"
+            f"verified in ONNX Runtime: output equals {ref} (max |diff| {v.max_abs_diff:.2e}, scale {v.scale:.2e})"
         )
-    if "inexact" in summary:
-        con.print(inexact_line(summary["inexact"]))
+    if report.inexact is not None:
+        con.print(inexact_line(report.inexact))
     con.print(f"wrote {args.output}")
-    if slower_than_asked(summary, opts):
+    if slower_than_asked(report):
         con.print("[red]error: a speed-up was asked (--target-latency) and the pruned model is slower[/red]")
         return 1
     return 0
 
 
-def inexact_line(ix: dict) -> str:
-    """The sentence that says a removal was not exact, and by how much."""
+def inexact_line(ix) -> str:
+    """The sentence that says a removal was not exact (:class:`~carve.pipeline.pruning.report.Inexact`), and by how
+    much."""
     head = (
-        f"inexact: {ix['units']} removed units in {ix['groups']} LayerNorm-normalised group(s) change the norm's "
-        "statistics"
+        f"inexact: {ix.units} removed units in {ix.groups} LayerNorm-normalised group(s) change the norm's statistics"
     )
-    err = ix.get("error")
+    err = ix.error
     if not err:
         return head + " (not measured: --no-verify)"
     return (
         f"{head}; against the original with them zeroed but statistics over every channel the output differs by "
         f"{err['max_rel']:.2%} of its scale (cosine {err['cosine']:.4f}): repair or fine-tune to recover it"
     )
+
+
+def repair_list(args: argparse.Namespace) -> list:
+    """The repairs to run, in order, from ``--repair`` and ``--repair-opt`` (and the older ``--fuse``, ``--ridge``,
+    ``--fuse-gate``, each said in the new spelling on stderr)."""
+    from carve.pipeline.errors import warn
+    from carve.pipeline.pruning.repair import parse_repairs, with_options
+
+    names = ([args.fuse] if args.fuse else []) + list(args.repair_names)
+    options = dict(args.repair_options)
+    for old, key, value in (("--ridge", "lsq.ridge", args.ridge), ("--fuse-gate", "exact.gate", args.fuse_gate)):
+        if value is not None:
+            options.setdefault(key, value)
+            warn(f"{old} {value:g} is --repair-opt {key}={value:g}")
+    if args.fuse:
+        warn(f"--fuse {args.fuse} is --repair {args.fuse} (run before the other repairs)")
+    steps = with_options(parse_repairs(names, where="--repair"), options, where="--repair-opt")
+    return [s.to_json() for s in steps]
 
 
 ENGINE = {"backend": "ort", "device": "cpu", "threads": 1, "batch": 1, "precision": "fp32"}
@@ -250,56 +266,54 @@ def engine_defaults(args: argparse.Namespace) -> None:
             setattr(args, name, key.get(name, default))
 
 
-def latency_lines(summary: dict, opts) -> list[str]:
-    """The prune summary's speed lines: predicted, measured beside the original, the closed loop's steps."""
-    lat = summary.get("latency")
-    if not lat:
+def latency_lines(report) -> list[str]:
+    """The prune report's speed lines: predicted, measured beside the original, the closed loop's steps."""
+    lat = report.latency
+    if lat is None:
         return []
     lines = []
-    if lat.get("predicted") is not None:
-        t = lat["table"]
+    if lat.predicted is not None:
         lines.append(
-            f"latency on {lat['engine']}: predicted {lat['predicted']:.3f} of the original "
-            f"({lat['predicted'] * t['reference_ms']:.3f} ms; the table's stated error {t['error']:.0%})"
+            f"latency on {lat.engine}: predicted {lat.predicted:.3f} of the original "
+            f"({lat.predicted * lat.reference_ms:.3f} ms; the table's stated error {lat.table_error:.0%})"
         )
-    m = lat.get("measured")
-    if m:
-        mr = summary["macs_after"] / summary["macs_before"]
-        s, (lo, hi) = m["speedup"], m["ci"]
+    m = lat.measured
+    if m is not None:
+        s, (lo, hi) = m.speedup, m.ci
         word = "faster" if s >= 1 else "slower"
         text = (
-            f"measured on {lat['engine']} ({m.get('clock', 'wall')} clock, interleaved): {m['b_ms']:.3f} ms vs "
-            f"{m['a_ms']:.3f} ms original: {s:.2f}x {word} (95% CI {lo:.2f}-{hi:.2f}), latency ratio "
-            f"{m['ratio']:.3f} beside a MAC ratio of {mr:.3f}"
+            f"measured on {lat.engine} ({m.clock or 'wall'} clock, interleaved): {m.b_ms:.3f} ms vs "
+            f"{m.a_ms:.3f} ms original: {s:.2f}x {word} (95% CI {lo:.2f}-{hi:.2f}), latency ratio "
+            f"{m.ratio:.3f} beside a MAC ratio of {report.macs_ratio:.3f}"
         )
-        if summary.get("channels_removed", 0) == 0:
+        if report.channels_removed == 0:
             text += " (nothing was removed: the original meets the target)"
         elif hi < 1.0:
             text = f"[red]{text}: THE PRUNED MODEL IS SLOWER THAN THE ORIGINAL[/red]"
         elif s < 1.0:
             text = f"[yellow]{text}: not measurably faster[/yellow]"
         lines.append(text)
-    loop = lat.get("loop")
-    if loop:
-        for k, st in enumerate(loop["steps"]):
-            mark = " (kept)" if k == loop["chosen"] else ""
-            stop = f"; stopped: {st['stopped']}" if "stopped" in st else ""
+    loop = lat.loop
+    if loop is not None:
+        unit = " ms" if loop.target.absolute else ""
+        for k, st in enumerate(loop.steps):
+            mark = " (kept)" if k == loop.chosen else ""
+            stop = f"; stopped: {st.stopped}" if st.stopped is not None else ""
             lines.append(
-                f"  step {k + 1}: table budget {st['budget']:.3f}, predicted {st['predicted']:.3f}, measured "
-                f"{st['measured']:.3f}{' ms' if opts and 'ms' in loop['target'] else ''} ({st['miss']:+.1%} from "
-                f"the target){mark}{stop}"
+                f"  step {k + 1}: table budget {st.budget:.3f}, predicted {st.predicted:.3f}, measured "
+                f"{st.measured:.3f}{unit} ({st.miss:+.1%} from the target){mark}{stop}"
             )
-        if not loop["met"]:
+        if not loop.met:
             lines.append(
-                f"[yellow]warning: the target {loop['target']} was missed by more than the table's error "
-                f"({loop['error']:.0%}) after {len(loop['steps'])} measurement(s)[/yellow]"
+                f"[yellow]warning: the target {loop.target.describe()} was missed by more than the table's error "
+                f"({loop.error:.0%}) after {len(loop.steps)} measurement(s)[/yellow]"
             )
     return lines
 
 
-def slower_than_asked(summary: dict, opts) -> bool:
+def slower_than_asked(report) -> bool:
     """A speed-up was asked for, channels were removed, and the measurement says with confidence that the result is
     slower than the original."""
-    m = (summary.get("latency") or {}).get("measured")
-    removed = summary.get("channels_removed", 0) > 0
-    return opts.target_latency is not None and removed and m is not None and m["ci"][1] < 1.0
+    m = report.latency.measured if report.latency is not None else None
+    asked = report.target.kind == "latency"
+    return asked and report.channels_removed > 0 and m is not None and m.ci[1] < 1.0

@@ -47,7 +47,7 @@ def model_batches(
     if len(data) < b and not pad_last:
         raise CarveError(
             f"{data.name}: {len(data)} samples, fewer than the model's static batch of {b}",
-            hint=f"give at least {b} samples (--samples), or re-export the model with a dynamic batch",
+            hint=f"give at least {b} samples (`samples`), or re-export the model with a dynamic batch",
         )
     used = 0
     for x, y in data.batches(b):

@@ -23,7 +23,7 @@ single-threaded (``threadpoolctl``): on shared cores multi-threaded OpenBLAS/Ope
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Protocol
 
 import numpy as np
@@ -36,9 +36,8 @@ from carve.pipeline.data.datasets import Dataset
 from carve.pipeline.errors import CarveError
 from carve.pipeline.graph import Model
 from carve.pipeline.graph.model import itemsize, outer_names
+from carve.pipeline.progress import Progress
 from carve.pipeline.runtime.ort import session
-
-Progress = Callable[[int, int], None]  # (targets repaired so far, targets in all)
 
 STREAM_MEMORY_BUDGET = 2 << 30  # bytes of live activations the stream may hold for all batches (both models)
 
@@ -72,15 +71,17 @@ def compensate(
     *,
     batch_size: int = 64,
     progress: Progress | None = None,
+    stage: str = "compensate: layer",
     memory_budget: int | None = None,
 ) -> list[str]:
     """Compensate ``targets`` in ``working``: streamed when its frontier fits ``memory_budget`` (default
-    :data:`STREAM_MEMORY_BUDGET`), else level by level. Returns the report lines."""
+    :data:`STREAM_MEMORY_BUDGET`), else level by level. Returns the report lines. ``progress`` hears ``stage`` with
+    the targets done so far of all."""
     targets = list(targets)
     budget = STREAM_MEMORY_BUDGET if memory_budget is None else memory_budget
     runner = run_stream if stream_bytes(working, len(data), work.needs_original) <= budget else run_levels
     with _single_threaded_blas():
-        return runner(original, working, targets, work, data, batch_size=batch_size, progress=progress)
+        return runner(original, working, targets, work, data, batch_size=batch_size, progress=progress, stage=stage)
 
 
 @contextlib.contextmanager
@@ -207,6 +208,7 @@ def run_stream(
     *,
     batch_size: int = 64,
     progress: Progress | None = None,
+    stage: str = "compensate: layer",
 ) -> list[str]:
     """Compensate ``targets`` in ``working`` in one streamed pass of each model (see the module docstring)."""
     nodes = list(working.graph.node)
@@ -251,7 +253,7 @@ def run_stream(
         if ostream is not None:
             ostream.drop()
         if progress:
-            progress(len(done), len(todo))
+            progress(stage, len(done), len(todo))
     return details
 
 
@@ -283,6 +285,7 @@ def run_levels(
     *,
     batch_size: int = 64,
     progress: Progress | None = None,
+    stage: str = "compensate: layer",
 ) -> list[str]:
     """Compensate ``targets`` in ``working`` level by level (see the module docstring). Returns the report lines."""
     groups = levels(working, targets)
@@ -309,5 +312,5 @@ def run_levels(
                 details.append(line)
         done += len(group)
         if progress:
-            progress(done, total)
+            progress(stage, done, total)
     return details

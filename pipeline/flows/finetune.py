@@ -9,7 +9,8 @@ from typing import Any
 from carve.pipeline.data.datasets import Preprocess, load_data
 from carve.pipeline.graph.io import check_output_path, load, save
 from carve.pipeline.measure.evaluate import evaluate
-from carve.pipeline.training.finetune import FinetuneOptions, FinetuneResult, Progress, finetune
+from carve.pipeline.progress import Progress
+from carve.pipeline.training.finetune import FinetuneOptions, FinetuneResult, finetune
 
 
 def checkpoint_path(output: str | Path) -> Path:

@@ -148,16 +148,22 @@ def _percent(v: Any) -> Any:
     return v
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
+def read_mapping(path: Path, kind: str, keys: str) -> dict[str, Any]:
+    """A YAML file holding one mapping (a recipe, a sweep), or a one-line error naming the file."""
     if not path.is_file():
-        raise CarveError(f"{path}: no such recipe file")
+        raise CarveError(f"{path}: no such {kind} file")
     try:
         doc = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise CarveError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(doc, dict):
-        raise CarveError(f"{path}: a recipe is a mapping with at least `model` and `passes`")
+        raise CarveError(f"{path}: a {kind} is a mapping with {keys}")
+    return doc
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    doc = read_mapping(path, "recipe", "at least `model` and `passes`")
     top = from_mapping(RecipeFile, doc, where=str(path))
     for key in ("model", "passes"):
         if getattr(top, key) is None:

@@ -37,7 +37,7 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise CarveError("--ray needs Ray, which is not installed", hint=INSTALL_HINT) from None
+        raise CarveError("`ray` needs Ray, which is not installed", hint=INSTALL_HINT) from None
     return ray
 
 
@@ -88,8 +88,8 @@ class RayExecutor:
         except (ConnectionError, RuntimeError, ValueError) as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CarveError(
-                f"--ray {self.address}: cannot connect ({msg})",
-                hint="start one with `ray start --head`, or give --ray local",
+                f"`ray={self.address}`: cannot connect ({msg})",
+                hint="start one with `ray start --head`, or give `ray=local`",
             ) from None
 
     def run(self, sweep: Sweep, points: list[Point], started, finished) -> None:

@@ -146,8 +146,16 @@ def _unshare_identities(g: onnx.GraphProto) -> None:
 
 
 # Ops whose constant operands are per-channel parameters (a bias, a scale, a norm's affine), not weights.
-_PARAMETER_READERS = {"Add", "Sub", "Mul", "Div", "LayerNormalization", "BatchNormalization", "InstanceNormalization",
-                      "PRelu"}
+_PARAMETER_READERS = {
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "LayerNormalization",
+    "BatchNormalization",
+    "InstanceNormalization",
+    "PRelu",
+}
 _PARAMETER_MAX = 1 << 20
 
 

@@ -6,20 +6,14 @@ onnx's version) and prepares it for analysis (:func:`carve.pipeline.graph.canoni
 atomically (a private staging folder next to the target, then a rename), keeps external data external, and refuses an
 output that is, or whose external-data file would be, any file an input reads: the input model and every file its
 external data really lives in (the ``location`` of each tensor, not a guessed ``<name>.data``), through ``..``, symlinks
-and hard links alike. :func:`atomic_write` does the same for reports.
-
-Staging folders and files are named ``.carve-<pid>-*``; one whose process no longer runs (a SIGKILL during a save)
-is removed by the next write into that folder. Every file written gets the mode the umask gives a new file
-(``0o666 & ~umask``), as ``open()`` would.
+and hard links alike. :func:`atomic_write` does the same for reports. How a file is written safely (staging that a
+SIGKILL cannot leave behind for long, fsync, the umask's mode) is :mod:`carve.pipeline.files`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -27,6 +21,8 @@ import numpy as np
 import onnx
 
 from carve.pipeline.errors import CarveError, first_line
+from carve.pipeline.files import atomic_write as atomic_file
+from carve.pipeline.files import check_writable, publish, same_file, staging_dir
 from carve.pipeline.graph.canonical import prepare
 from carve.pipeline.graph.model import Model, attr, itemsize, tensor_nbytes
 from carve.pipeline.graph.shapes import check
@@ -120,7 +116,7 @@ def set_input_shape(proto: onnx.ModelProto, dims: tuple[int, ...], *, where: str
     inits = {t.name for t in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in inits]
     if not inputs:
-        raise CarveError(f"{where}: --input-shape: the model has no graph input")
+        raise CarveError(f"{where}: `input_shape`: the model has no graph input")
     vi = inputs[0]
     declared = [
         d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in vi.type.tensor_type.shape.dim
@@ -130,13 +126,13 @@ def set_input_shape(proto: onnx.ModelProto, dims: tuple[int, ...], *, where: str
         given = [declared[0], *given]  # the batch stays as declared
     if len(given) != len(declared):
         raise CarveError(
-            f"{where}: --input-shape {'x'.join(map(str, dims))} has {len(dims)} sizes; input {vi.name!r} has "
+            f"{where}: `input_shape` {'x'.join(map(str, dims))} has {len(dims)} sizes; input {vi.name!r} has "
             f"{len(declared)} dimensions (give {len(declared) - 1}, without the batch)"
         )
     for ax, (d, g) in enumerate(zip(declared, given)):
         if d is not None and g is not None and d != g:
             raise CarveError(
-                f"{where}: --input-shape {'x'.join(map(str, dims))} contradicts input {vi.name!r}, whose dimension "
+                f"{where}: `input_shape` {'x'.join(map(str, dims))} contradicts input {vi.name!r}, whose dimension "
                 f"{ax} is declared {d}"
             )
     meta = {p.key: p for p in proto.metadata_props}
@@ -273,32 +269,11 @@ def _check_tensor_sizes(proto: onnx.ModelProto, path: Path) -> None:
                 )
 
 
-def _same(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links
-    except OSError:
-        return False
-
-
 def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike | Model | None) -> Path:
     """Refuse an output that would overwrite a file an input reads, or that cannot be written, before any work is
     done. ``inputs`` are paths (models, reports, recipes) or loaded models; for a model, every file its external
     data lives in counts, and so does the external-data file ``<out>.data`` the output may write."""
-    out = Path(out)
-    try:
-        parent = out.resolve().parent
-    except (OSError, RuntimeError) as exc:  # a symlink loop
-        raise CarveError(f"{out}: not a usable output path ({exc})") from None
-    if out.exists() and out.is_dir():
-        raise CarveError(f"{out}: is a directory; give a file name for the output")
-    if not parent.is_dir():
-        raise CarveError(f"{out}: the output directory {parent} does not exist", hint="create it first")
-    if not os.access(parent, os.W_OK):
-        raise CarveError(f"{out}: the output directory {parent} is not writable")
-    if out.exists() and not os.access(out, os.W_OK):
-        raise CarveError(f"{out}: the output file exists and is not writable")
+    out = check_writable(out)
     data = Path(f"{out}.data")
     for inp in inputs:
         if inp is None:
@@ -308,20 +283,20 @@ def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike | Model
                 continue
             inp = inp.source
         inp = Path(inp)
-        if _same(out, inp):
+        if same_file(out, inp):
             raise CarveError(
                 f"{out}: the output path is the input path; carve never overwrites its input",
                 hint="choose another output file name",
             )
         for f in files_read(inp)[1:]:
-            if _same(out, f):
+            if same_file(out, f):
                 raise CarveError(
                     f"{out}: the output would overwrite the external data of {inp} ({f.name}); carve never "
                     "overwrites its input",
                     hint="choose another output file name",
                 )
         for f in files_read(inp):
-            if _same(data, f):
+            if same_file(data, f):
                 raise CarveError(
                     f"{out}: its external data would be written to {data.name}, which is the input "
                     f"{'model' if f == files_read(inp)[0] else 'external data'} {f}",
@@ -354,66 +329,12 @@ def save(
     return out
 
 
-STAGING = ".carve-"
-_STAGING_RE = re.compile(r"^\.carve-(\d+)-")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
-def clean_stale_staging(directory: str | os.PathLike) -> list[Path]:
-    """Remove the ``.carve-<pid>-*`` staging folders and files of processes that no longer run (a save killed with
-    SIGKILL cannot clean up after itself). Returns what was removed."""
-    removed = []
-    try:
-        entries = list(Path(directory).iterdir())
-    except OSError:
-        return removed
-    for p in entries:
-        m = _STAGING_RE.match(p.name)
-        if not m or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
-            continue
-        with contextlib.suppress(OSError):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-            removed.append(p)
-    return removed
-
-
-def _umask() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # no /proc: read it the only other way there is
-    os.umask(mask)
-    return mask
-
-
-def _new_file_mode(path: Path) -> None:
-    """The mode ``open()`` gives a new file: 0o666 minus the umask (staging files are created 0o600)."""
-    os.chmod(path, 0o666 & ~_umask())
-
-
 def _write_model(proto: onnx.ModelProto, out: Path, external_data: bool) -> None:
     # Everything is written into a private staging folder next to the target, then renamed into place, so a
     # failure leaves neither a partial model nor a partial data file behind; a kill leaves the staging folder, which
-    # the next write into this folder removes.
+    # the next write into this folder removes (carve.pipeline.files).
     parent = out.resolve().parent
-    clean_stale_staging(parent)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-", dir=parent))
-    try:
+    with staging_dir(parent) as tmpdir:
         tmp_model = tmpdir / out.name
         data_name = f"{out.name}.data"
         if external_data:
@@ -427,43 +348,17 @@ def _write_model(proto: onnx.ModelProto, out: Path, external_data: bool) -> None
                 location=data_name,
                 size_threshold=1024,
             )
-            _new_file_mode(tmp_model)
             if (tmpdir / data_name).exists():
-                _new_file_mode(tmpdir / data_name)
-                _fsync(tmpdir / data_name)
-                os.replace(tmpdir / data_name, parent / data_name)
+                publish(tmpdir / data_name, parent / data_name)
         else:
-            with open(tmp_model, "wb") as f:
-                f.write(proto.SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
-            _new_file_mode(tmp_model)
-        os.replace(tmp_model, out)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+            tmp_model.write_bytes(proto.SerializeToString())
+        publish(tmp_model, out)
 
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", *, inputs: Iterable[str | os.PathLike | None] = ()):
-    """Write any output file atomically: a staging file next to it, renamed into place on success, with the mode
-    the umask gives a new file. ``inputs``: files the output must not overwrite (checked first)."""
+    """:func:`carve.pipeline.files.atomic_write` for any output file, after refusing one that would overwrite a file
+    an input reads (``inputs``: models, reports, recipes)."""
     path = check_output_path(path, *inputs)
-    parent = path.resolve().parent
-    clean_stale_staging(parent)
-    fd, tmp = tempfile.mkstemp(prefix=f"{STAGING}{os.getpid()}-", suffix=f"-{path.name}", dir=parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        _new_file_mode(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, mode) as f:
+        yield f

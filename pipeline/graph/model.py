@@ -212,7 +212,8 @@ def check_finite(model: Model, *, had: Iterable[str] = (), what: str = "the resu
         more = f" (and {len(new) - 1} more)" if len(new) > 1 else ""
         raise CarveError(
             f"{what} holds NaN or Inf in initializer {new[0]!r}{more}; nothing was written",
-            hint="check the calibration data and the repair's options (e.g. --ridge) for NaN/Inf or degenerate values",
+            hint="check the calibration data and the repairs' options (e.g. a refit's ridge) for NaN/Inf or degenerate "
+            "values",
         )
 
 

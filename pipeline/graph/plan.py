@@ -32,22 +32,29 @@ class Plan:
         a = self.analysis
         return sum(int(self.removed[a.source_units(s)].sum()) for s in a.sources if s.kind == Kind.OUT)
 
-    def summary(self, model_before=None, model_after=None, cost_before=None) -> dict:
+    def counts(self) -> dict[str, int]:
+        """Output channels before, and channels, units and groups the plan removes."""
         a = self.analysis
-        total = sum(s.count for s in a.sources if s.kind == Kind.OUT)
-        out: dict[str, Any] = {
-            "criterion": self.criterion,
-            "allocator": self.allocator,
-            "options": self.options,
-            "channels_before": total,
+        return {
+            "channels_before": sum(s.count for s in a.sources if s.kind == Kind.OUT),
             "channels_removed": self.removed_channels(),
             "units_removed": self.n_removed,
             "groups_touched": int(len(np.unique(a.unit_group[self.removed]))) if self.n_removed else 0,
         }
+
+    def summary(self, model_before=None, model_after=None, cost_before=None, cost_after=None) -> dict:
+        """The plan as a history entry of raw surgery (:func:`carve.pipeline.graph.surgery.prune`): criterion,
+        allocator, options, counts and, when given, the cost before and after."""
+        out: dict[str, Any] = {
+            "criterion": self.criterion,
+            "allocator": self.allocator,
+            "options": self.options,
+            **self.counts(),
+        }
         c0 = cost_before or (model_cost(model_before) if model_before is not None else None)
+        c1 = cost_after or (model_cost(model_after) if model_after is not None else None)
         if c0 is not None:
             out.update(params_before=c0.params, macs_before=c0.macs)
-            if model_after is not None:
-                c1 = model_cost(model_after)
+            if c1 is not None:
                 out.update(params_after=c1.params, macs_after=c1.macs)
         return out

@@ -131,7 +131,7 @@ def concrete_input_shapes(proto: onnx.ModelProto, batch: int = 1, *, strict: boo
                 f"input {vi.name!r} has open dimensions {', '.join(f'{a} ({names[int(a)]})' for a in open_axes)} "
                 f"(declared {'x'.join(names[i] if d is None else str(d) for i, d in enumerate(_declared(vi)))}); "
                 "carve needs concrete sizes to run it",
-                hint="give --input-shape, e.g. --input-shape 3x224x224 (channels x height x width)",
+                hint="give `input_shape`, e.g. 3x224x224 (channels x height x width)",
             )
         try:
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -39,7 +40,7 @@ from carve.pipeline.graph.channels.fixes import (
     SplitFix,
 )
 from carve.pipeline.graph.channels.layout import regular_shape
-from carve.pipeline.graph.cost import model_cost
+from carve.pipeline.graph.cost import Cost, model_cost
 from carve.pipeline.graph.history import record
 from carve.pipeline.graph.model import Model, attr
 from carve.pipeline.graph.plan import Plan
@@ -74,19 +75,35 @@ def _check_plan(model: Model, plan: Plan) -> ChannelAnalysis:
     for name, chan in [*analysis.tensors.items(), *analysis.blocks.items()]:
         if len(chan) and not keep(chan.ids).any():
             raise CarveError(
-                f"the plan removes every channel of tensor {name!r}", hint="keep at least one (--keep-min)"
+                f"the plan removes every channel of tensor {name!r}", hint="keep at least one (`keep_min`)"
             )
     return analysis
 
 
-def prune(model: Model, plan: Plan, *, verify: bool = True, command: str | None = None, inplace: bool = False) -> Model:
-    """Return a model with the plan's channels physically removed.
+@dataclass
+class Cut:
+    """What surgery did: the pruned model, the output channels (and channel units, and groups) removed, and the
+    model's cost before and after."""
+
+    model: Model
+    channels_before: int
+    channels_removed: int
+    units_removed: int
+    groups_touched: int
+    before: Cost
+    after: Cost
+
+
+def cut(model: Model, plan: Plan, *, verify: bool = True, inplace: bool = False) -> Cut:
+    """Physically remove the plan's channels; the typed report of the result. Records nothing in the model's history
+    (the caller that owns the result does, once: :func:`prune`, or the prune operation of
+    :mod:`carve.pipeline.pruning.prune`).
 
     ``model`` is left untouched unless ``inplace`` (which saves a copy of every weight: the CLI uses it).
     """
     analysis = _check_plan(model, plan)
     shapes_before = {n: model.shape(n) for n in model.output_names}
-    cost_before = model_cost(model)
+    before = model_cost(model)
     out = model if inplace else model.copy()
     keep = _keep_fn(analysis, plan.removed)
     cut_constants(out, analysis, keep)
@@ -96,8 +113,26 @@ def prune(model: Model, plan: Plan, *, verify: bool = True, command: str | None 
     out.refresh()
     if verify:
         verify_structure(shapes_before, out, what="pruning")
-    record(out, "prune", plan.summary(cost_before=cost_before, model_after=out), command=command)
-    return out
+    counts = plan.counts()
+    return Cut(
+        out,
+        counts["channels_before"],
+        counts["channels_removed"],
+        counts["units_removed"],
+        counts["groups_touched"],
+        before,
+        model_cost(out),
+    )
+
+
+def prune(model: Model, plan: Plan, *, verify: bool = True, command: str | None = None, inplace: bool = False) -> Model:
+    """Return a model with the plan's channels physically removed, the plan recorded in its history.
+
+    ``model`` is left untouched unless ``inplace`` (which saves a copy of every weight).
+    """
+    done = cut(model, plan, verify=verify, inplace=inplace)
+    record(done.model, "prune", plan.summary(cost_before=done.before, cost_after=done.after), command=command)
+    return done.model
 
 
 def cut_constants(model: Model, analysis: ChannelAnalysis, keep: Keep) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,10 +44,14 @@ def interleave(
     rounds: int,
     min_round_s: float,
     warmup_s: float,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
+    stage: str = "round",
 ) -> Interleaved:
-    """Warm both runners up, size a round to ``min_round_s``, then run ``rounds`` alternating rounds."""
-    run = interleave_many([ra, rb], rounds=rounds, min_round_s=min_round_s, warmup_s=warmup_s, progress=progress)
+    """Warm both runners up, size a round to ``min_round_s``, then run ``rounds`` alternating rounds (``progress``
+    hears ``stage`` with the rounds done)."""
+    run = interleave_many(
+        [ra, rb], rounds=rounds, min_round_s=min_round_s, warmup_s=warmup_s, progress=progress, stage=stage
+    )
     means = run.means()
     return Interleaved(run.times[0], run.times[1], means[:, 0] / means[:, 1], run.iterations_per_round)
 
@@ -82,7 +85,8 @@ def interleave_many(
     min_round_s: float,
     warmup_s: float,
     size_each: bool = False,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
+    stage: str = "round",
 ) -> RoundRobin:
     """Interleaved rounds over any number of runners (latency tables time a layer at many widths at once): every
     round runs each runner in turn, in forward order on even rounds and reversed on odd ones, so drift hits all alike
@@ -98,7 +102,7 @@ def interleave_many(
         for k in order:
             times[k].append(np.asarray(runners[k].round(counts[k])))
         if progress:
-            progress(r + 1)
+            progress(stage, r + 1, rounds)
     return RoundRobin(times, counts)
 
 
@@ -120,7 +124,7 @@ def measure_pair(
             raise CarveError(
                 f"{a.name} and {b.name} did not run with the same engine settings ({'; '.join(differ)}): a speed-up "
                 "between them would not compare the models",
-                hint="set the differing option explicitly for both (e.g. --no-cuda-graphs)",
+                hint="set the differing option explicitly for both (e.g. `cuda_graphs=false`)",
             )
         run = interleave(
             ra,
@@ -128,9 +132,8 @@ def measure_pair(
             rounds=cfg.rounds,
             min_round_s=cfg.min_round_ms / 1000,
             warmup_s=cfg.warmup_ms / 1000,
-            progress=(lambda r: progress(f"batch {batch}, {threads} thread(s): round", r, cfg.rounds))
-            if progress
-            else None,
+            progress=progress,
+            stage=f"batch {batch}, {threads} thread(s): round",
         )
         med, lo, hi = bootstrap_median_ci(run.ratios, confidence=cfg.confidence, resamples=cfg.bootstrap, seed=cfg.seed)
         out: dict[str, Any] = {

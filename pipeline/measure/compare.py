@@ -16,7 +16,7 @@ import numpy as np
 from carve.pipeline.config import validate
 from carve.pipeline.errors import CarveError
 from carve.pipeline.graph.cost import model_cost
-from carve.pipeline.graph.history import timestamp
+from carve.pipeline.graph.history import history, timestamp
 from carve.pipeline.graph.io import load
 from carve.pipeline.graph.model import Model
 from carve.pipeline.measure.ab import measure_pair
@@ -34,7 +34,6 @@ def model_info(path: Path, m: Model | None = None) -> dict:
     m = m if m is not None else load(path)
     c = model_cost(m)
     data = path.read_bytes()
-    meta = m.metadata()
     return {
         "path": str(path),
         "name": path.stem,
@@ -43,7 +42,7 @@ def model_info(path: Path, m: Model | None = None) -> dict:
         "weight_bytes": m.weight_bytes(),
         "params": c.params,
         "macs": c.macs,
-        "carved": "carve.history" in meta,
+        "carved": bool(history(m)),
     }
 
 
@@ -56,7 +55,7 @@ def check_runnable(a: Path, ma: Model, b: Path, mb: Model, batches: list[int]) -
             try:
                 specs[path] = input_specs(m.proto, batch, strict=True)
             except CarveError as exc:
-                raise CarveError(f"{path}: {exc.message} (--batch {batch})", hint=exc.hint) from None
+                raise CarveError(f"{path}: {exc.message} (`batch={batch}`)", hint=exc.hint) from None
         sa, sb = specs[a], specs[b]
         if {k: v[0] for k, v in sa.items()} != {k: v[0] for k, v in sb.items()} or [v[1] for v in sa.values()] != [
             v[1] for v in sb.values()
@@ -73,9 +72,9 @@ def check_runnable(a: Path, ma: Model, b: Path, mb: Model, batches: list[int]) -
         ram = _physical_memory()
         if ram and need > ram / 4:
             raise CarveError(
-                f"--batch {batch}: one input batch of {a} takes {need / 2**30:.3g} GiB, more than a quarter of this "
+                f"`batch={batch}`: one input batch of {a} takes {need / 2**30:.3g} GiB, more than a quarter of this "
                 f"machine's {ram / 2**30:.3g} GiB",
-                hint="use a smaller --batch",
+                hint="use a smaller `batch`",
             )
 
 

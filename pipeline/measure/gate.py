@@ -87,7 +87,7 @@ def _speedup(r: dict, what: str) -> tuple[float, float, float]:
         raise CarveError(
             f"{what}: result {_label(r)} was measured over {got} interleaved rounds; the gate needs at least "
             f"{MIN_ROUNDS} to tell a slow-down from noise",
-            hint=f"rerun carve bench with --rounds {MIN_ROUNDS} or more (default 20)",
+            hint=f"rerun `carve bench ... --rounds {MIN_ROUNDS}` or more (default 20)",
         )
     return med, lo, hi
 
@@ -113,11 +113,11 @@ def evaluate(
 ) -> GateResult:
     results = _results(report, "report")
     if not 0 <= max_slowdown < 1:
-        raise CarveError(f"--max-slowdown must be in [0, 1), got {max_slowdown}")
+        raise CarveError(f"`max_slowdown` must be in [0, 1), got {max_slowdown}")
     if tolerance is not None and not 0 <= tolerance < 1:
-        raise CarveError(f"--tolerance must be in [0, 1), got {tolerance}")
+        raise CarveError(f"`tolerance` must be in [0, 1), got {tolerance}")
     if min_speedup is not None and not (math.isfinite(min_speedup) and min_speedup > 0):
-        raise CarveError(f"--min-speedup must be a positive number, got {min_speedup}")
+        raise CarveError(f"`min_speedup` must be a positive number, got {min_speedup}")
     tolerance = max_slowdown if tolerance is None else tolerance
     base = {}
     if baseline is not None:

@@ -11,7 +11,6 @@ thread's CPU clock (``clock=auto``), which on a shared machine is far steadier t
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from carve.pipeline.measure.backends import get
 from carve.pipeline.measure.config import MeasureConfig
 from carve.pipeline.measure.latency_table import LatencyTable
 from carve.pipeline.measure.profile import ProfileSettings, profile
+from carve.pipeline.progress import Progress
 
 
 @dataclass
@@ -38,11 +38,11 @@ class MeasuredLatency:
     min_round_ms: float = 20.0
     warmup_ms: float = 50.0
     profiling: ProfileSettings | None = None  # how to profile when no table is given or cached
-    progress: Callable[[str], None] | None = None
+    progress: Progress | None = None
     tables: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def for_options(cls, opts, progress: Callable[[str], None] | None = None, **kw) -> MeasuredLatency:
+    def for_options(cls, opts, progress: Progress | None = None, **kw) -> MeasuredLatency:
         """From :class:`carve.pipeline.pruning.prune.PruneOptions` (its backend, device, threads, batch, precision,
         lut)."""
         fields = {k: getattr(opts, k) for k in ("backend", "device", "threads", "batch", "precision", "lut")}

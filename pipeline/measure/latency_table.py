@@ -165,7 +165,9 @@ class LatencyTable:
 
 class BoundTable:
     """A table bound to the analysis of the model it was measured on: predicts the latency of a removal mask (the
-    ``LatencyModel`` the planner and the ``latency`` allocator use)."""
+    :class:`carve.pipeline.pruning.allocator.Costs` of kind ``latency`` the planner and the knapsack use)."""
+
+    kind = "latency"
 
     def __init__(self, table: LatencyTable, analysis: ChannelAnalysis) -> None:
         self.table, self.analysis = table, analysis

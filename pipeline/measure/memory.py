@@ -1,14 +1,13 @@
 """Peak memory of loading and running a model, measured in a fresh process.
 
-``python -m carve.pipeline.measure.memory MODEL --backend ort --batch 8`` imports what it needs, notes its resident
-memory, builds an engine (ONNX Runtime's CPU arena disabled so the peak is the model's, not the allocator's high-water
-mark), runs it a few times and prints JSON: the peak resident memory above that baseline (VmHWM - VmRSS before loading,
-from /proc/self/status), plus the memory figures the engine reports (engine size, device memory). A fresh process per
-measurement keeps one model's allocations out of the other's figure."""
+``python -m carve.pipeline.measure.memory '{"model": "m.onnx", "backend": "ort", "batch": 8, ...}'`` imports what it
+needs, notes its resident memory, builds an engine (ONNX Runtime's CPU arena disabled so the peak is the model's, not
+the allocator's high-water mark), runs it a few times and prints JSON: the peak resident memory above that baseline
+(VmHWM - VmRSS before loading, from /proc/self/status), plus the memory figures the engine reports (engine size, device
+memory). A fresh process per measurement keeps one model's allocations out of the other's figure."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -59,24 +58,16 @@ def measure_in_fresh_process(
     timeout: float = 600,
     options: dict | None = None,
 ) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "carve.pipeline.measure.memory",
-        str(model),
-        "--backend",
-        backend,
-        "--batch",
-        str(batch),
-        "--threads",
-        str(threads),
-        "--precision",
-        precision,
-        "--device",
-        device,
-        "--options",
-        json.dumps(options or {}),
-    ]
+    spec = {
+        "model": str(model),
+        "backend": backend,
+        "batch": batch,
+        "threads": threads,
+        "precision": precision,
+        "device": device,
+        "options": options or {},
+    }
+    cmd = [sys.executable, "-m", "carve.pipeline.measure.memory", json.dumps(spec)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip() and not ln.strip().startswith("hint:")]
@@ -85,23 +76,17 @@ def measure_in_fresh_process(
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("model")
-    p.add_argument("--backend", default="ort")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--precision", default="fp32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--options", default="{}", help="further EngineConfig fields as JSON")
-    a = p.parse_args()
+    """The child: one argument, the measurement as JSON (model, backend, batch, threads, precision, device and
+    further EngineConfig fields as ``options``)."""
+    spec = json.loads(sys.argv[1])
     # import before the baseline so that library code is not counted as the model's memory
     import numpy  # noqa: F401
     import onnxruntime  # noqa: F401
 
     import carve.pipeline.measure.backends  # noqa: F401
 
-    options = json.loads(a.options)
-    print(json.dumps(measure_here(a.model, a.backend, a.batch, a.threads, a.precision, a.device, options)))
+    keys = ("model", "backend", "batch", "threads", "precision", "device", "options")
+    print(json.dumps(measure_here(*(spec[k] for k in keys))))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -44,8 +43,8 @@ from carve.pipeline.measure.ab import interleave_many
 from carve.pipeline.measure.backends import EngineConfig
 from carve.pipeline.measure.latency_table import BoundTable, GroupTable, LatencyTable, cached, store, table_key
 from carve.pipeline.measure.runners import LocalRunner
+from carve.pipeline.progress import Progress
 
-Progress = Callable[[str], None]
 VALIDATION_FRACTIONS = (0.75, 0.5, 0.625, 0.875, 0.375)
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
@@ -176,7 +175,7 @@ def profile(
         hit = cached(key)
         if hit is not None:
             if progress:
-                progress("latency table from the cache")
+                progress("profile: latency table from the cache")
             return hit
     t0 = time.time()
     load0 = _load()
@@ -194,7 +193,7 @@ def profile(
         rep_of: dict[int, GroupSubgraph] = {}
         for k, gid in enumerate(gids):
             if progress:
-                progress(f"cutting out group {k + 1}/{len(gids)}")
+                progress("profile: cutting out groups", k + 1, len(gids))
             sub = GroupSubgraph(model, analysis, gid, frozen)
             rep_of[gid] = subs.setdefault(sub.signature, sub)
         reps = list(subs.values())
@@ -204,7 +203,9 @@ def profile(
             staircases = {}
             for k, sub in enumerate(reps):
                 if progress:
-                    progress(f"timing widths of subgraph {k + 1}/{len(reps)} (group {sub.gid}, {len(sub.nodes)} nodes)")
+                    progress(
+                        "profile: timing widths of subgraphs", k + 1, len(reps), group=sub.gid, nodes=len(sub.nodes)
+                    )
                 staircases[sub.gid] = _staircase(sub, settings, tmp)
             groups = []
             for gid in gids:
@@ -244,7 +245,12 @@ def profile(
 
 
 def _shares(
-    original: LocalRunner, whole_bytes: int, reps: list[GroupSubgraph], settings: ProfileSettings, tmp: Path, progress
+    original: LocalRunner,
+    whole_bytes: int,
+    reps: list[GroupSubgraph],
+    settings: ProfileSettings,
+    tmp: Path,
+    progress: Progress | None,
 ):
     """Each distinct subgraph's full-width latency / the whole model's, measured in the same rounds (in chunks, the
     whole model in each); and the whole model's median latency in ms."""
@@ -254,7 +260,7 @@ def _shares(
     for chunk in _chunks(reps, [_nbytes(s.proto) for s in reps], settings, reserved=whole_bytes):
         done += len(chunk)
         if progress:
-            progress(f"timing subgraphs against the whole model ({done}/{len(reps)})")
+            progress("profile: timing subgraphs against the whole model", done, len(reps))
         runners = [original]
         try:
             for sub in chunk:
@@ -437,7 +443,7 @@ def validate(
     raw = []
     for k, fraction in enumerate(VALIDATION_FRACTIONS[: settings.validate]):
         if progress:
-            progress(f"validating the table on a whole pruned model ({k + 1}/{settings.validate})")
+            progress("profile: validating the table on whole pruned models", k + 1, settings.validate)
         removed = uniform_removal(analysis, table, fraction)
         predicted = bound.predict(removed)
         pruned = prune(model, Plan(analysis, removed), verify=False)

@@ -1,10 +1,19 @@
 """The allocator interface and its registry: how many units each slice of each group loses.
 
-An allocator is an :class:`Allocator`: configured by its options (``--allocator-opt beta=2``), called on an
-:class:`Allocation` (scores, frozen mask, base ratio, alignment; for a latency target also a latency model and a
-budget) it returns a boolean mask of removed units. Built-ins live in ``plugins/allocators/``; third parties register
-through the ``carve.allocators`` entry-point group. The helpers here are what every allocator needs: the aligned kept
-width of a slice and the removal of its lowest-scored prunable units.
+An allocator is an :class:`Allocator`: configured by its options (``allocator_options``, e.g. ``beta=2``), asked
+with an :class:`Allocation` (scores, frozen mask, alignment, and either a base ratio or a cost table and a budget) it
+returns a boolean mask of removed units. An allocator declares what it needs in :attr:`Allocator.spends`:
+
+* nothing (the default): it removes a *ratio*; a MAC, parameter or latency target is reached by the planner, which
+  bisects that ratio against the target's cost (:func:`carve.pipeline.pruning.targets.bisect_ratio`);
+* the target kinds it spends as a *budget* (``{"latency"}``, or ``{"latency", "macs", "params"}`` for the knapsack):
+  it is then given the target's :class:`Costs` table (a latency table bound to the analysis, or the exact
+  :class:`carve.pipeline.pruning.cost_table.CostTable` of MACs or parameters) and the budget (a fraction of the
+  original), and never a ratio.
+
+Built-ins live in ``plugins/allocators/``; third parties register through the ``carve.allocators`` entry-point group.
+The helpers here are what every allocator needs: the aligned kept width of a slice and the removal of its
+lowest-scored prunable units.
 """
 
 from __future__ import annotations
@@ -31,21 +40,22 @@ def kept_width(n: int, ratio: float, round_to: int = 1, keep_min: int = 1) -> in
     return min(n, max(keep, keep_min, 1))
 
 
-class LatencyModel(Protocol):
-    """What a latency table bound to an analysis offers the planner and allocators
-    (:class:`carve.pipeline.measure.latency_table.BoundTable` is one)."""
+class Costs(Protocol):
+    """A cost table bound to an analysis: what a budget-spending allocator reads. :attr:`kind` says what it costs
+    (``latency``: :class:`carve.pipeline.measure.latency_table.BoundTable`; ``macs`` / ``params``:
+    :class:`carve.pipeline.pruning.cost_table.CostTable`)."""
 
-    reference_ms: float  # the original's latency the fractions are of
-    error: float  # the relative error the table vouches for
-    entries: dict[int, Any]  # per tabled group: candidates and their latency factors
-    shares: dict[int, float]  # per tabled group: its (calibrated) share of the original's latency
-    pairs: list[tuple[int, int, float]]  # (calibrated) bilinear terms between groups
+    kind: str  # latency | macs | params
+    error: float  # the relative error the table vouches for (0 for an exact count)
+    entries: dict[int, Any]  # per tabled group: candidates (kept per slice, widest first), ``fast()`` and factors
+    shares: dict[int, float]  # per tabled group: its share of the original's cost
+    pairs: list[tuple[int, int, float]]  # bilinear terms between groups
 
     def predict(self, removed: np.ndarray) -> float:
-        """Predicted latency after removing ``removed``, as a fraction of the original's."""
+        """Predicted cost after removing ``removed``, as a fraction of the original's."""
 
     def predict_factors(self, factors: dict[int, float]) -> float:
-        """The same from each group's latency factor."""
+        """The same from each group's cost factor."""
 
     def predict_kept(self, kept: dict[int, list[int]]) -> float:
         """The same from kept units per slice of the groups given (the others whole)."""
@@ -53,42 +63,30 @@ class LatencyModel(Protocol):
 
 @dataclass
 class Allocation:
-    """What an allocator is asked: remove units given their scores, never frozen ones, at base ``ratio``, keeping
-    every slice at least ``keep_min`` wide and a multiple of ``round_to`` (or whole). For a latency target also
-    the latency model and the budget (a fraction of the original's latency), and the criterion that scored."""
+    """What an allocator is asked: remove units given their ``scores``, never ``frozen`` ones, keeping every slice at
+    least ``keep_min`` wide and a multiple of ``round_to`` (or whole); ``criterion`` names what scored. A ratio
+    allocator reads ``ratio``; a budget allocator reads ``cost`` and ``budget`` (a fraction of the original's cost)."""
 
     analysis: ChannelAnalysis
     scores: np.ndarray
     frozen: np.ndarray
-    ratio: float
+    ratio: float = 0.0
     round_to: int = 1
     keep_min: int = 1
     criterion: str | None = None
-    latency: LatencyModel | None = None
-    latency_budget: float | None = None
+    cost: Costs | None = None
+    budget: float | None = None
 
 
 class Allocator(Plugin):
-    """Base class: override :meth:`allocate`; options (e.g. ``beta``) are declared in ``options`` with defaults."""
+    """Base class: override :meth:`allocate`; options (e.g. ``beta``) are declared in ``options`` with defaults;
+    ``spends`` names the target kinds it takes as a budget (empty: it takes a ratio)."""
 
     kind: ClassVar[str] = "allocator"
+    spends: ClassVar[frozenset[str]] = frozenset()
 
     def allocate(self, job: Allocation) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
-
-    def __call__(
-        self,
-        analysis: ChannelAnalysis,
-        scores: np.ndarray,
-        frozen: np.ndarray,
-        *,
-        ratio: float,
-        round_to: int = 1,
-        keep_min: int = 1,
-        **job: Any,
-    ) -> np.ndarray:
-        """The boolean mask of removed units (``job``: the other fields of :class:`Allocation`)."""
-        return self.allocate(Allocation(analysis, scores, frozen, ratio, round_to, keep_min, **job))
 
 
 def aligned_removal(n: int, n_remove: int, round_to: int) -> int:

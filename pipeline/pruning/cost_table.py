@@ -36,7 +36,7 @@ class CostEntry:
 
 class CostTable:
     """MACs (``kind="macs"``) or parameters (``"params"``) of a pruned model as a fraction of the original's, in the
-    form the knapsack reads (:class:`carve.pipeline.pruning.allocator.LatencyModel`): exact, so ``error`` is 0.
+    form the knapsack reads (:class:`carve.pipeline.pruning.allocator.Costs`): exact, so ``error`` is 0.
 
     Each cut weight tensor's cost scales with the product, over its cut axes, of the kept fraction of that axis; an
     axis's kept fraction is linear in the kept fractions of the group slices whose units it holds (matrix ``A``).

@@ -3,21 +3,20 @@ asks of measurement (:class:`LatencyOracle`, implemented by :class:`carve.pipeli
 and the closed loop that checks a plan on the real engine and corrects it (NetAdapt, Yang et al., ECCV 2018: propose,
 measure on the target, adjust).
 
-``--target-latency 0.5`` is half the original's latency on the chosen backend; ``4ms`` (``4000us``, ``0.004s``) an
-absolute budget. The plan is made against a latency table's prediction; the pruned model (before repairs, which change
-weights, not shapes) is then measured against the original in a quick interleaved A/B. When the measured latency
-misses the target by more than the table's stated error (:func:`tolerance`: at most 5%, so that a table that is off
-by more than that is still corrected, and at least 3%, the quick A/B's own spread), the table's budget is scaled by
-target / measured and the plan is made again, at most ``refine`` times; the step closest to the target (preferring
-one that meets it) is kept.
+A latency target (:class:`carve.pipeline.pruning.targets.Target` of kind ``latency``) of 0.5 is half the original's
+latency on the chosen backend; ``4ms`` (``4000us``, ``0.004s``) an absolute budget. The plan is made against a latency
+table's prediction; the pruned model (before repairs, which change weights, not shapes) is then measured against the
+original in a quick interleaved A/B. When the measured latency misses the target by more than the table's stated error
+(:func:`tolerance`: at most 5%, so that a table that is off by more than that is still corrected, and at least 3%, the
+quick A/B's own spread), the table's budget is scaled by target / measured and the plan is made again, at most
+``refine`` times; the step closest to the target (preferring one that meets it) is kept.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from carve.pipeline.errors import CarveError
@@ -25,6 +24,7 @@ from carve.pipeline.graph.channels import ChannelAnalysis
 from carve.pipeline.graph.model import Model
 from carve.pipeline.graph.plan import Plan
 from carve.pipeline.graph.surgery import prune
+from carve.pipeline.pruning.targets import Target
 
 # Channel multiple per backend (and device) when no table is given: what kernels run fastest on. ONNX Runtime's CPU
 # convolutions use blocked NCHWc kernels whose block is the SIMD width: 16 floats with AVX-512, 8 with AVX2. Measured
@@ -61,49 +61,6 @@ def cpu_has(flag: str) -> bool:
     return flag in cpu_flags()
 
 
-_UNITS = {"s": 1e3, "ms": 1.0, "us": 1e-3, "µs": 1e-3}
-
-
-@dataclass(frozen=True)
-class LatencyTarget:
-    """A fraction of the original's latency, or an absolute latency in milliseconds."""
-
-    fraction: float | None = None
-    ms: float | None = None
-
-    def budget(self, reference_ms: float) -> float:
-        """The target as a fraction of a latency of ``reference_ms`` (the table's or the measured original's)."""
-        return self.fraction if self.fraction is not None else self.ms / reference_ms
-
-    def describe(self) -> str:
-        return f"{self.fraction:g} of the original" if self.fraction is not None else f"{self.ms:g} ms"
-
-
-def parse_target(value: float | str) -> LatencyTarget:
-    """``0.5`` / ``50%`` (a fraction of the original's latency) or ``4ms`` / ``4000us`` / ``0.004s`` (absolute)."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        text = repr(float(value))
-    else:
-        text = str(value).strip().lower().replace(" ", "")
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)(%|s|ms|us|µs)?", text)
-    if not m:
-        raise CarveError(
-            f"--target-latency {value!r}: give a fraction of the original's latency (0.5, 50%) or a time (4ms, 800us)"
-        )
-    number, unit = float(m.group(1)), m.group(2)
-    if unit in _UNITS:
-        if number <= 0:
-            raise CarveError(f"--target-latency {value!r}: a latency budget must be positive")
-        return LatencyTarget(ms=number * _UNITS[unit])
-    fraction = number / 100 if unit == "%" else number
-    if not 0 < fraction <= 1:
-        raise CarveError(
-            f"--target-latency {value!r}: a fraction of the original's latency is in (0, 1]",
-            hint="for an absolute budget give a unit, e.g. 4ms",
-        )
-    return LatencyTarget(fraction=fraction)
-
-
 def tolerance(stated_error: float) -> float:
     """How far a measured latency may miss its target before the closed loop refines: the table's stated error,
     within [3%, 5%]."""
@@ -125,36 +82,106 @@ class LatencyOracle(Protocol):
         rounds), ``speedup`` with ``ci``, ``a_ms``, ``b_ms`` (medians), ``clock``."""
 
 
+@dataclass(frozen=True)
+class Measured:
+    """One interleaved A/B of a pruned model against its original: ``ratio`` (latency pruned / original, median of
+    rounds), ``speedup`` with its confidence interval ``ci``, the medians ``a_ms`` (original) and ``b_ms``
+    (pruned), and the ``clock`` that timed them."""
+
+    ratio: float
+    speedup: float
+    ci: tuple[float, float]
+    a_ms: float
+    b_ms: float
+    clock: str | None = None
+
+    @classmethod
+    def of(cls, m: dict) -> Measured:
+        """From what :meth:`LatencyOracle.measure` returns."""
+        return cls(m["ratio"], m["speedup"], tuple(m["ci"]), m["a_ms"], m["b_ms"], m.get("clock"))
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "ratio": self.ratio,
+            "speedup": self.speedup,
+            "ci": list(self.ci),
+            "a_ms": self.a_ms,
+            "b_ms": self.b_ms,
+        }
+        if self.clock is not None:
+            out["clock"] = self.clock
+        return out
+
+
+@dataclass(frozen=True)
+class LoopStep:
+    """One measurement of the closed loop: the table budget planned for, the table's prediction, what was measured
+    (a fraction of the original, or milliseconds for an absolute target) and its miss from the target."""
+
+    budget: float
+    predicted: float | None
+    measured: float
+    miss: float
+    measurement: Measured
+    stopped: str | None = None  # why no further step was made (a corrected budget out of the table's reach)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"budget": self.budget, "predicted": self.predicted, "measured": self.measured, "miss": self.miss}
+        m = self.measurement.to_json()
+        out.update({k: m[k] for k in ("speedup", "ci", "a_ms", "b_ms", "ratio", "clock") if k in m})
+        if self.stopped is not None:
+            out["stopped"] = self.stopped
+        return out
+
+
+@dataclass(frozen=True)
+class Loop:
+    """The closed loop's record: every step, which one was kept, and whether it met the target within ``error``."""
+
+    target: Target
+    error: float
+    steps: list[LoopStep]
+    chosen: int
+    met: bool
+
+    @property
+    def kept(self) -> LoopStep:
+        return self.steps[self.chosen]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target.describe(),
+            "error": self.error,
+            "steps": [s.to_json() for s in self.steps],
+            "chosen": self.chosen,
+            "met": self.met,
+        }
+
+
 def closed_loop(
     model: Model,
     analysis: ChannelAnalysis,
     first: Plan,
     replan: Callable[[float], Plan],
-    target: LatencyTarget,
+    target: Target,
     oracle: LatencyOracle,
     *,
     error: float,
     refine: int = 2,
-) -> tuple[Plan, dict]:
+) -> tuple[Plan, Loop]:
     """Measure ``first`` (made for the target's budget), refine while it misses by more than ``error``; return the
     chosen plan and a record of every step (budget, predicted, measured)."""
     budget = float(first.options.get("target_latency", 1.0))
-    steps: list[dict] = []
+    steps: list[LoopStep] = []
     plans: list[Plan] = []
     p = first
+    goal = target.value
     for k in range(refine + 1):
-        m = oracle.measure(model, prune(model, p, verify=False))
-        measured = m["ratio"] if target.fraction is not None else m["b_ms"]
-        goal = target.fraction if target.fraction is not None else target.ms
-        steps.append(
-            {
-                "budget": round(budget, 4),
-                "predicted": p.options.get("predicted_latency"),
-                "measured": round(measured, 4),
-                "miss": round(measured / goal - 1.0, 4),
-                **{key: m[key] for key in ("speedup", "ci", "a_ms", "b_ms", "ratio", "clock") if key in m},
-            }
-        )
+        m = Measured.of(oracle.measure(model, prune(model, p, verify=False)))
+        measured = m.b_ms if target.absolute else m.ratio
+        miss = round(measured / goal - 1.0, 4)
+        step = LoopStep(round(budget, 4), p.options.get("predicted_latency"), round(measured, 4), miss, m)
+        steps.append(step)
         plans.append(p)
         if abs(measured / goal - 1.0) <= error or k == refine:
             break
@@ -164,18 +191,12 @@ def closed_loop(
         try:
             p = replan(budget)
         except CarveError as exc:  # the corrected budget is out of the table's reach
-            steps[-1]["stopped"] = exc.message
+            steps[-1] = replace(step, stopped=exc.message)
             break
 
     def rank(i: int) -> tuple[bool, float]:
-        return (steps[i]["miss"] > error, abs(steps[i]["miss"]))
+        return (steps[i].miss > error, abs(steps[i].miss))
 
     best = min(range(len(steps)), key=rank)
-    record = {
-        "target": target.describe(),
-        "error": round(error, 4),
-        "steps": steps,
-        "chosen": best,
-        "met": abs(steps[best]["miss"]) <= error or steps[best]["miss"] < 0,
-    }
-    return plans[best], record
+    met = abs(steps[best].miss) <= error or steps[best].miss < 0
+    return plans[best], Loop(target, round(error, 4), steps, best, met)

@@ -1,8 +1,8 @@
 """The whole pruning operation, shared by ``carve prune``, the ``prune`` pass of recipes and the Python API:
 
-    analyse -> plan (criterion + allocator, ratio or MAC/param/latency target) -> [measure and refine: latency
-    target] -> repairs ([exact fusion] [lsq refit] [bias correction | BN re-estimation]) -> surgery -> verification
-    -> [measured against the original]
+    analyse -> plan (criterion + allocator, to a Target: a ratio or a MAC/param/latency target) -> [measure and
+    refine: latency target] -> repairs (an ordered list from the registry) -> surgery -> verification -> [measured
+    against the original] -> one history entry
 
 Criteria, allocators and repairs are reached through their registries. Repairs work on a *working* copy of the model
 whose removed consumer columns are zeroed, so verification is always the same statement: the pruned model equals the
@@ -10,28 +10,33 @@ whose removed consumer columns are zeroed, so verification is always the same st
 caller passes (``carve.pipeline.measure.latency.MeasuredLatency``: the CLI, recipes and
 :func:`carve.pipeline.flows.prune.prune_measured` do); without one, nothing is measured and a latency target is refused.
 Without ``round_to`` kept widths are multiples of what the backend's kernels want
-(:func:`carve.pipeline.pruning.latency.default_alignment`).
+(:func:`carve.pipeline.pruning.latency.default_alignment`). The result is a :class:`PruneReport`; the model's
+``carve.prune`` history entry is written once, here, from it.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-from carve.pipeline.config import bounds, options_for, validate
+import yaml
+
+from carve.pipeline.config import bounds, from_mapping, validate
 from carve.pipeline.errors import CarveError, UnreachableTarget, warn
-from carve.pipeline.graph.channels import analyse
+from carve.pipeline.graph.channels import ChannelAnalysis, analyse
 from carve.pipeline.graph.history import record
 from carve.pipeline.graph.model import Model, check_finite, nonfinite_initializers
+from carve.pipeline.graph.plan import Plan
 from carve.pipeline.graph.rewrite import ensure_biases
-from carve.pipeline.graph.surgery import prune, reference, zero_removed
-from carve.pipeline.progress import Progress, counted, silent
+from carve.pipeline.graph.surgery import cut, reference, zero_removed
+from carve.pipeline.progress import Progress, silent
+from carve.pipeline.pruning.allocator import Costs
 from carve.pipeline.pruning.criterion import criteria
-from carve.pipeline.pruning.latency import LatencyOracle, closed_loop, default_alignment, parse_target, tolerance
-from carve.pipeline.pruning.planner import plan
-from carve.pipeline.pruning.repair import repairs
+from carve.pipeline.pruning.latency import LatencyOracle, Loop, Measured, closed_loop, default_alignment, tolerance
+from carve.pipeline.pruning.planner import Scores, Widths, allocator_for, plan, score
+from carve.pipeline.pruning.repair import RepairStep, parse_repairs, repairs
+from carve.pipeline.pruning.report import Inexact, LatencyReport, PruneReport, Verified
+from carve.pipeline.pruning.targets import Target
 from carve.pipeline.runtime.verify import compare_outputs, verify_equal
 
 
@@ -52,10 +57,8 @@ class PruneOptions:
     seed: int = 0
     criterion_options: dict[str, Any] = field(default_factory=dict)
     allocator_options: dict[str, Any] = field(default_factory=dict)
-    fuse: str | None = field(default=None, metadata=bounds(choices=("exact", "lsq")))
-    repair: str | None = field(default=None, metadata=bounds(choices=("bias", "bn")))
-    ridge: float = field(default=1e-3, metadata=bounds(ge=0))  # lsq: relative ridge strength
-    fuse_gate: float = field(default=1e-3, metadata=bounds(ge=0))  # exact fusion: largest relative residual
+    # post-training repairs, in order: registry names or {name: {options}} (``[lsq, bn]``, ``[{lsq: {ridge: 0.01}}]``)
+    repairs: list[Any] = field(default_factory=list)
     verify: bool = True
     # the engine a latency target, the table and the measurements refer to
     backend: str = "ort"
@@ -64,60 +67,77 @@ class PruneOptions:
     batch: int = 1
     precision: str = "fp32"
     measure: bool = True  # measure the pruned model against the original (quick interleaved A/B)
-    refine: int = 2  # closed-loop refinement steps for a latency target
+    refine: int = field(default=2, metadata=bounds(ge=0))  # closed-loop refinement steps for a latency target
 
-    def plan_options(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`carve.pipeline.pruning.planner.plan` these options set (the latency target is
-        set by :func:`prune_model`, as a fraction of the table's reference)."""
-        out = {**options_for(plan, asdict(self)), **self.allocator_options}
-        out.pop("target_latency", None)
-        out["round_to"] = self.alignment()
-        return out
+    @classmethod
+    def from_mapping(cls, mapping: dict[str, Any] | None, *, where: str) -> PruneOptions:
+        """Options from a recipe mapping (a pass's options, a sweep's ``prune:`` section); the keys of earlier
+        versions (``fuse``, ``repair``, ``ridge``, ``fuse_gate``) are read as ``repairs`` with a warning."""
+        return from_mapping(cls, legacy_repairs(dict(mapping or {}), where=where), where=where)
+
+    def target(self) -> Target:
+        """The one target these options give (validated)."""
+        return Target.from_options(
+            ratio=self.ratio,
+            target_macs=self.target_macs,
+            target_params=self.target_params,
+            target_latency=self.target_latency,
+        )
 
     def alignment(self) -> int:
         """``round_to``, or the backend's channel multiple when not given."""
         return self.round_to if self.round_to is not None else default_alignment(self.backend, self.device)
 
-    def repair_steps(self) -> list[tuple[str, dict[str, Any]]]:
-        """The repairs to run, in order, with their options (registry name, options)."""
-        steps: list[tuple[str, dict[str, Any]]] = []
-        if self.fuse == "exact":
-            steps.append(("exact", {"gate": self.fuse_gate}))
-        elif self.fuse == "lsq":
-            steps.append(("lsq", {"ridge": self.ridge}))
-        if self.repair:
-            steps.append((self.repair, {}))
-        return steps
+    def widths(self, round_to: int | None = None) -> Widths:
+        return Widths(round_to or self.alignment(), self.keep_min, tuple(self.exclude))
+
+    def repair_steps(self) -> list[RepairStep]:
+        """The repairs to run, in order (checked against the registry)."""
+        return parse_repairs(self.repairs, where="`repairs`")
 
     def data_needed(self) -> str | None:
         """Who needs calibration data under these options (for messages), or None when nothing does."""
         needs = sorted(criteria.get(self.criterion).needs & {"activations", "labels", "gradients"})
         if needs:
             return f"criterion {self.criterion!r} ({', '.join(needs)})"
-        for name, _ in self.repair_steps():
-            if "calib" in repairs.get(name).needs:
-                return "--fuse lsq" if name == "lsq" else f"--repair {name}"
+        for step in self.repair_steps():
+            if "calib" in repairs.get(step.name).needs:
+                return f"repair {step.name!r}"
         return None
 
-    def check(self, calib: Any) -> None:
+    def check(self, calib: Any) -> Target:
+        """Validate everything that can be checked before any work; returns the target."""
         validate(self)
-        given = [t for t in (self.target_macs, self.target_params, self.target_latency) if t is not None]
-        if len(given) > 1:
-            raise CarveError("give one of --target-macs, --target-params and --target-latency")
-        if self.target_latency is not None:
-            parse_target(self.target_latency)
-        if self.allocator == "latency" and self.target_latency is None:
-            raise CarveError("allocator 'latency' needs --target-latency", hint="or --allocate knapsack --target-macs")
-        if self.allocator == "knapsack" and not given:
-            raise CarveError(
-                "allocator 'knapsack' needs a target: --target-latency, --target-macs or --target-params",
-                hint="a knapsack spends a budget; --ratio is for the uniform, global and dispersion allocators",
-            )
-        if self.refine < 0:
-            raise CarveError(f"--refine must be 0 or more, got {self.refine}")
+        target = self.target()
+        allocator_for(self.allocator, target, self.allocator_options)
         who = self.data_needed()
         if who and calib is None:
-            raise CarveError(f"{who} needs calibration data", hint="give --calib FILE.npz | FOLDER | digits")
+            raise CarveError(f"{who} needs calibration data", hint="give `calib` FILE.npz | FOLDER | digits")
+        return target
+
+
+LEGACY_REPAIR_KEYS = ("fuse", "repair", "ridge", "fuse_gate")
+
+
+def legacy_repairs(mapping: dict[str, Any], *, where: str) -> dict[str, Any]:
+    """A mapping whose repair keys of earlier versions (``fuse: exact|lsq``, ``repair: bias|bn``, ``ridge``,
+    ``fuse_gate``) are rewritten as ``repairs`` (the fusion first, as they ran), saying so."""
+    old = {k: mapping.pop(k) for k in LEGACY_REPAIR_KEYS if k in mapping}
+    if not old:
+        return mapping
+    if "repairs" in mapping:
+        raise CarveError(f"{where}: give `repairs` only (`{sorted(old)[0]}` is its older spelling)")
+    steps: list[Any] = []
+    for key in ("fuse", "repair"):
+        if old.get(key) not in (None, "none"):
+            name = str(old[key])
+            opts = {"lsq": {"ridge": old.get("ridge")}, "exact": {"gate": old.get("fuse_gate")}}.get(name, {})
+            opts = {k: v for k, v in opts.items() if v is not None}
+            steps.append({name: opts} if opts else name)
+    mapping["repairs"] = steps
+    said = ", ".join(f"{k}: {v}" for k, v in old.items())
+    warn(f"{where}: `{said}` is written `repairs: {yaml.safe_dump(steps, default_flow_style=True).strip()}` now")
+    return mapping
 
 
 def prune_model(
@@ -129,14 +149,15 @@ def prune_model(
     inplace: bool = False,
     progress: Progress | None = None,
     latency: LatencyOracle | None = None,
-) -> tuple[Model, dict]:
-    """Prune ``model`` as ``opts`` says; returns the pruned model and a summary (also stored in its metadata).
-    ``progress`` (:mod:`carve.pipeline.progress`) hears every stage: analyse, score, plan, each repair layer by layer,
-    surgery, verify. ``latency`` measures (:class:`~carve.pipeline.pruning.latency.LatencyOracle`): it gives the latency
-    table for a latency target, checks the plan on the engine (closed loop), and measures the result against the
-    original."""
-    opts.check(calib)
-    if opts.target_latency is not None and latency is None:
+) -> PruneReport:
+    """Prune ``model`` as ``opts`` says; returns a :class:`PruneReport` (the pruned model is ``report.model``; its
+    history holds ``report.to_json()``). ``progress`` (:mod:`carve.pipeline.progress`) hears every stage: analyse,
+    score, plan, each repair layer by layer, surgery, verify. ``latency`` measures
+    (:class:`~carve.pipeline.pruning.latency.LatencyOracle`): it gives the latency table for a latency target, checks
+    the plan on the engine (closed loop), and measures the result against the original."""
+    target = opts.check(calib)
+    steps = opts.repair_steps()
+    if target.kind == "latency" and latency is None:
         raise CarveError(
             "a latency target needs measurements on the target engine",
             hint="use carve.pipeline.flows.prune.prune_measured(...) or pass latency=MeasuredLatency(...)",
@@ -145,83 +166,90 @@ def prune_model(
     had_nonfinite = nonfinite_initializers(model)  # the input's own (e.g. a Clip bound of inf) are not ours
     if not inplace:
         model = model.copy()
-    steps = opts.repair_steps()
-    if any(name in ("lsq", "bias") for name, _ in steps):
-        ensure_biases(model)  # the refit's intercept needs a bias that is cut with its layer
+    built = [(step.name, step.build()) for step in steps]
+    if any("biases" in r.needs for _, r in built):
+        ensure_biases(model)  # e.g. a refit's intercept needs a bias that is cut with its layer
     report("analyse")
     analysis = analyse(model, attention=opts.attention)
     report(f"score and plan ({opts.criterion}, {opts.allocator or 'default allocator'})")
-    plan_opts = opts.plan_options()
-    table = bound = target = None
-    if opts.target_latency is not None or opts.lut:
+    scores = score(
+        analysis, opts.criterion, options=opts.criterion_options, calib=calib, seed=opts.seed, progress=progress
+    )
+    table = bound = None
+    if target.kind == "latency" or opts.lut:
         table = latency.table(model)
         bound = table.bind(analysis)
-        plan_opts["latency"] = bound
-    if opts.target_latency is not None:
-        target = parse_target(opts.target_latency)
-        plan_opts["target_latency"] = min(1.0, target.budget(table.model_ms))
-    p = plan_aligned(analysis, opts, plan_opts, calib=calib, progress=progress)
-    plan_opts["round_to"] = p.options.get("round_to", plan_opts.get("round_to"))
+    asked = Target("latency", min(1.0, target.budget(table.model_ms))) if target.kind == "latency" else target
+    p = plan_aligned(analysis, opts, asked, scores, bound)
     loop = None
     measuring = latency is not None and opts.measure
     original = model.copy() if measuring else None  # the unpruned model (surgery below works in place)
-    if target is not None and measuring:
+    if target.kind == "latency" and measuring:
+        widths = opts.widths(p.options["round_to"])
 
-        def replan(budget: float):
-            return plan(analysis, calib=calib, **{**plan_opts, "target_latency": budget, "scores": p.scores})
+        def replan(budget: float) -> Plan:
+            again = Target("latency", budget)
+            allocator = allocator_for(opts.allocator, again, opts.allocator_options)
+            return plan(analysis, again, scores=scores, allocator=allocator, widths=widths, latency=bound)
 
         p, loop = closed_loop(
             original, analysis, p, replan, target, latency, error=tolerance(table.stated_error), refine=opts.refine
         )
-    repaired: dict[str, Any] = {}
-    work = zero_removed(model, p) if steps else model
-    masked = bool(steps) and needs_mask(analysis, p.removed)
-    for name, options in steps:
-        report(f"{name}: layer", 0, None)
-        # an inexact removal (LayerNorm statistics) or a contracted pair (Q/K) changes what later layers see beyond
-        # the zeroed columns: the repairs run on the model that computes what the pruned one will (the masked
-        # reference, same weights by name), and their weights are copied back into the working model
-        target = reference(work, p) if masked else work
-        source = reference(model, p, neutral=True) if masked else model  # the same nodes, the original's function
-        result = repairs.get(name)(**options).apply(
-            source, p, target, calib, progress=counted(progress, f"{name}: layer")
-        )
-        work = copy_weights(result.model, work) if masked else result.model
-        repaired["fused_channels" if name == "exact" else name] = (
-            result.stats["fused_channels"] if name == "exact" else len(result.details)
-        )
+    work, repaired = run_repairs(model, analysis, p, built, calib, progress)
     check_finite(work, had=had_nonfinite, what="the repaired model")
     check_ref = reference(work, p) if opts.verify else None
     inexact = analysis.inexact_units(p.removed)
     plain_ref = reference(work, p, statistics="all") if opts.verify and len(inexact) else None
     report("surgery")
-    pruned = prune(work, p, command=command, inplace=True)
-    summary = json.loads(pruned.metadata()["carve.prune"])
-    if repaired:
-        summary["repairs"] = repaired
-    if calib is not None:
-        summary["calibration"] = calib.describe()
+    done = cut(work, p, inplace=True)
+    out = PruneReport.of(done, p, target, repairs=repaired, calibration=calib.describe() if calib is not None else None)
     if check_ref is not None:
         report("verify in ONNX Runtime")
-        summary["verify"] = verify_equal(check_ref, pruned)
-        summary["verify"]["reference"] = "masked statistics" if plain_ref is not None else "zeroed"
+        v = verify_equal(check_ref, done.model)
+        out.verify = Verified(v["max_abs_diff"], v["scale"], "masked statistics" if plain_ref is not None else "zeroed")
     if len(inexact):
-        summary["inexact"] = inexact_summary(analysis, inexact, plain_ref, pruned)
-    notes = nothing_removed(summary, opts)
-    if notes:
-        summary["warnings"] = notes
-        for n in notes:
-            warn(n)
+        out.inexact = inexact_report(analysis, inexact, plain_ref, done.model)
+    out.warnings = nothing_removed(out, opts)
+    for n in out.warnings:
+        warn(n)
     if measuring:
-        measured = loop["steps"][loop["chosen"]] if loop else latency.measure(original, pruned)
-        summary["latency"] = latency_summary(latency, measured, p, table, loop)
+        measured = loop.kept.measurement if loop else Measured.of(latency.measure(original, done.model))
+        out.latency = latency_report(latency, measured, p, table, loop)
     elif bound is not None:
-        summary["latency"] = latency_summary(latency, None, p, table, loop)
-    record(pruned, "prune", recorded(summary), command=command, replace_last=True)
-    return pruned, summary
+        out.latency = latency_report(latency, None, p, table, loop)
+    record(done.model, "prune", out.recorded(), command=command)
+    return out
 
 
-def needs_mask(analysis, removed) -> bool:
+def run_repairs(
+    model: Model,
+    analysis: ChannelAnalysis,
+    p: Plan,
+    built: list[tuple[str, Any]],
+    calib: Any,
+    progress: Progress | None,
+) -> tuple[Model, dict[str, int]]:
+    """Run the repairs in order on the working model (``model`` with the plan's removed columns zeroed); the repaired
+    working model and what each repair did (its own counts, else its number of decisions).
+
+    An inexact removal (LayerNorm statistics) or a removed contracted pair (a head's Q/K) changes what later layers
+    see beyond the zeroed columns: then the repairs run on the model that computes what the pruned one will (the
+    masked reference, weights shared by name) against the original in the same structure, and their weights are
+    copied back into the working model."""
+    repaired: dict[str, int] = {}
+    work = zero_removed(model, p) if built else model
+    masked = bool(built) and needs_mask(analysis, p.removed)
+    source = reference(model, p, neutral=True) if masked else model  # the same nodes, the original's function
+    for name, repair in built:
+        (progress or silent)(f"{name}: layer", 0, None)
+        target = reference(work, p) if masked else work
+        result = repair.apply(source, p, target, calib, progress=progress)
+        work = copy_weights(result.model, work) if masked else result.model
+        repaired.update(result.counts if result.counts is not None else {name: len(result.details)})
+    return work, repaired
+
+
+def needs_mask(analysis: ChannelAnalysis, removed) -> bool:
     """Does the removal change more than the zeroed consumer columns say: statistics over removed channels
     (LayerNorm) or channels contracted between two activations (a head's Q/K)?"""
     if len(analysis.inexact_units(removed)):
@@ -238,95 +266,63 @@ def copy_weights(source: Model, target: Model) -> Model:
     return out
 
 
-def inexact_summary(analysis, units, plain_ref, pruned) -> dict:
-    """What an inexact removal did: how many units of how many groups whose statistics (LayerNorm) change, why, and
-    (when verified) how far the output moved from the original with those channels zeroed but its statistics over
-    every channel: the error the removal itself introduces, which repair and fine-tuning then recover."""
-    groups = sorted({int(analysis.unit_group[u]) for u in units})
+def inexact_report(analysis: ChannelAnalysis, units, plain_ref: Model | None, pruned: Model) -> Inexact:
+    """What an inexact removal did (:class:`~carve.pipeline.pruning.report.Inexact`)."""
+    groups = {int(analysis.unit_group[u]) for u in units}
     reasons = list(dict.fromkeys(r for u in units for r in analysis.inexact_reasons(u)))
-    out: dict[str, Any] = {"units": int(len(units)), "groups": len(groups), "reason": reasons[0] if reasons else ""}
-    if plain_ref is not None:
-        out["error"] = compare_outputs(plain_ref, pruned)
-    return out
+    error = compare_outputs(plain_ref, pruned) if plain_ref is not None else None
+    return Inexact(int(len(units)), len(groups), reasons[0] if reasons else "", error)
 
 
-def recorded(summary: dict) -> dict:
-    """What the model's history keeps of a prune: all of the summary, except that under ``SOURCE_DATE_EPOCH`` (a
-    reproducible build) the timings measured on this machine are left out: they describe the machine, not the model,
-    and would make two identical prunes differ byte for byte. They stay in the returned summary either way."""
-    if "latency" not in summary or not os.environ.get("SOURCE_DATE_EPOCH"):
-        return summary
-    latency = {k: v for k, v in summary["latency"].items() if k not in ("measured", "loop")}
-    return {**summary, "latency": latency}
-
-
-def plan_aligned(analysis, opts: PruneOptions, plan_opts: dict, *, calib: Any = None, progress=None):
-    """:func:`plan` at the backend's alignment; when the user did not choose ``--round-to`` and that alignment makes
+def plan_aligned(analysis: ChannelAnalysis, opts: PruneOptions, target: Target, scores: Scores, latency: Costs | None):
+    """:func:`plan` at the backend's alignment; when the user did not choose ``round_to`` and that alignment makes
     a MAC or parameter target unreachable (narrow layers: a 16-wide layer cannot lose channels in steps of 16), halve
-    the alignment until it is reachable, and say so. A ``--round-to`` the user gave is kept as given."""
-    align = plan_opts.get("round_to") or 1
+    the alignment until it is reachable, and say so. A ``round_to`` the user gave is kept as given."""
+    first = align = opts.alignment()
     while True:
         try:
-            p = plan(analysis, calib=calib, progress=progress, **{**plan_opts, "round_to": align})
+            allocator = allocator_for(opts.allocator, target, opts.allocator_options)
+            p = plan(analysis, target, scores=scores, allocator=allocator, widths=opts.widths(align), latency=latency)
         except UnreachableTarget:
-            if opts.round_to is not None or align <= 1 or "latency" in plan_opts:
+            if opts.round_to is not None or align <= 1 or target.kind == "latency":
                 raise
             align //= 2
             continue
-        if align != (plan_opts.get("round_to") or 1):
+        if align != first:
             warn(
-                f"the backend's channel alignment ({plan_opts['round_to']}) cannot reach this target on this model's "
-                f"narrow layers; planned with round-to {align} (give --round-to to choose)"
+                f"the backend's channel alignment ({first}) cannot reach this target on this model's narrow layers; "
+                f"planned with `round_to` {align} (give `round_to` to choose)"
             )
-        p.options["round_to"] = align
         return p
 
 
-def describe_amount(summary: dict) -> str:
-    """How much was asked for, in words: ``l1, uniform ratio 0.5`` or ``l1, uniform to MACs 0.745 for target 0.75``
-    (with a target, the allocator's bisected ratio is not what was removed: chunks are given back afterwards, so it
-    is not shown)."""
-    o = summary["options"]
-    head = f"{summary['criterion']}, {summary['allocator']}"
-    for kind, label in (("macs", "MACs"), ("params", "params")):
-        if o.get(f"target_{kind}") is not None:
-            return f"{head} to {label} {o[f'achieved_{kind}']:.3g} for target {o[f'target_{kind}']:g}"
-    if o.get("target_latency") is not None:
-        predicted = o.get("predicted_latency")
-        to = f" to predicted latency {predicted:.3g}" if predicted is not None else ""
-        return f"{head}{to} for latency target {o['target_latency']:.3g}"
-    return f"{head} ratio {o['ratio']:.3g}"
-
-
-def nothing_removed(summary: dict, opts: PruneOptions) -> list[str]:
-    """A sentence when the plan removed nothing although something was asked for (``--round-to 1000`` or
-    ``--keep-min 1000`` keep every layer whole; everything may be frozen)."""
-    asked = opts.ratio > 0 or any(t is not None for t in (opts.target_macs, opts.target_params, opts.target_latency))
-    if summary.get("channels_removed", 0) or not asked:
+def nothing_removed(report: PruneReport, opts: PruneOptions) -> list[str]:
+    """A sentence when the plan removed nothing although something was asked for (a ``round_to`` or ``keep_min`` of
+    1000 keeps every layer whole; everything may be frozen)."""
+    asked = report.target.kind != "ratio" or report.target.value > 0
+    if report.channels_removed or not asked:
         return []
     why = []
     if opts.alignment() > 1:
-        why.append(f"--round-to {opts.alignment()}")
+        why.append(f"`round_to` {opts.alignment()}")
     if opts.keep_min > 1:
-        why.append(f"--keep-min {opts.keep_min}")
+        why.append(f"`keep_min` {opts.keep_min}")
     because = f"{' and '.join(why)} keep every layer at its width" if why else "no channel could be removed"
     return [f"nothing was removed: {because}; the model is unchanged (`carve inspect` shows the layer widths)"]
 
 
-def latency_summary(latency: LatencyOracle | None, measured: dict | None, p, table, loop: dict | None) -> dict:
+def latency_report(
+    latency: LatencyOracle | None, measured: Measured | None, p: Plan, table, loop: Loop | None
+) -> LatencyReport:
     """What a prune reports about speed: the engine, the table's prediction, the measurement, the closed loop."""
-    out: dict[str, Any] = {"engine": latency.describe() if latency is not None else None}
-    if table is not None:
-        out["table"] = {"reference_ms": round(table.model_ms, 4), "error": round(table.stated_error, 4)}
-        out["predicted"] = p.options.get("predicted_latency")
-    if measured is not None:
-        out["measured"] = {k: measured[k] for k in ("ratio", "speedup", "ci", "a_ms", "b_ms") if k in measured}
-        if "clock" in measured:
-            out["measured"]["clock"] = measured["clock"]
-    if loop is not None:
-        out["loop"] = loop
-    return out
-
-
-def options_dict(opts: PruneOptions) -> dict:
-    return asdict(opts)
+    engine = latency.describe() if latency is not None else None
+    if table is None:
+        return LatencyReport(engine, measured=measured, loop=loop)
+    return LatencyReport(
+        engine,
+        reference_ms=round(table.model_ms, 4),
+        table_error=round(table.stated_error, 4),
+        predicted=p.options.get("predicted_latency"),
+        measured=measured,
+        loop=loop,
+    )

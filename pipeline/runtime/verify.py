@@ -77,7 +77,7 @@ def verify_equal(reference, candidate, *, seed: int = 0, batch: int = 2, rtol: f
             name = _output_name(model, bad[0])
             raise CarveError(
                 f"verification failed: the {what}'s output {name!r} holds NaN or Inf on random inputs",
-                hint="check the model's weights and the calibration data for NaN/Inf (and --ridge)",
+                hint="check the model's weights and the calibration data for NaN/Inf (and a refit's ridge)",
             )
     worst, scale, compared = 0.0, 0.0, 0
     for x, y in zip(a, b):
@@ -91,19 +91,19 @@ def verify_equal(reference, candidate, *, seed: int = 0, batch: int = 2, rtol: f
         elif not np.array_equal(x, y):
             raise CarveError(
                 f"verification failed: a non-float output differs ({int((x != y).sum())} of {x.size} values)",
-                hint="--no-verify skips the check",
+                hint="`verify=false` skips the check",
             )
     if compared and scale < MIN_SCALE:
         raise CarveError(
             f"verification proves nothing: the reference's outputs are all ~0 (largest |y| {scale:.3g}) on random "
             "inputs, so any model would agree with it",
-            hint="are the weights degenerate (scaled to ~0)? --no-verify writes the result unverified",
+            hint="are the weights degenerate (scaled to ~0)? `verify=false` writes the result unverified",
         )
     if not worst <= rtol * scale + 1e-6 * min(scale, 1.0):
         raise CarveError(
             f"verification failed: the result differs from its reference by {worst:.3g} (output scale {scale:.3g}); "
             "please report this model",
-            hint="--no-verify skips the check",
+            hint="`verify=false` skips the check",
         )
     return {"max_abs_diff": worst, "scale": scale}
 

@@ -24,7 +24,6 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +36,9 @@ from carve.pipeline.graph.channels import fingerprint
 from carve.pipeline.graph.history import record
 from carve.pipeline.graph.model import Model
 from carve.pipeline.graph.shapes import verify_structure
+from carve.pipeline.progress import Progress
 from carve.pipeline.training.augment import Augment
 from carve.pipeline.training.schedule import Temperature, cosine_lr
-
-# one progress event per step and per epoch: {"event": "step"|"epoch", "step", "steps", "epoch", "epochs", "loss",
-# "lr", "images_per_s", "eta_s", ...}; the CLI draws them as a progress bar (or log lines when not a terminal)
-Progress = Callable[[dict[str, Any]], None]
 
 CHECKPOINT_VERSION = 1
 
@@ -81,7 +77,7 @@ class FinetuneOptions:
 
     def __post_init__(self) -> None:
         if self.optimizer not in DEFAULTS:
-            raise CarveError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
+            raise CarveError(f"`optimizer` must be adamw or sgd, got {self.optimizer!r}")
         if self.lr is None:
             self.lr = DEFAULTS[self.optimizer]["lr"]
         if self.weight_decay is None:
@@ -89,18 +85,18 @@ class FinetuneOptions:
 
     def check(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
-            raise CarveError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        for name, value in (("--lr", self.lr), ("--batch", self.batch), ("--epochs", self.epochs)):
+            raise CarveError(f"`device` must be auto, cpu or cuda, got {self.device!r}")
+        for name, value in (("lr", self.lr), ("batch", self.batch), ("epochs", self.epochs)):
             if not value > 0 or not math.isfinite(value):
-                raise CarveError(f"{name} must be a positive number, got {value}")
+                raise CarveError(f"`{name}` must be a positive number, got {value}")
         if self.steps is not None and self.steps < 0:
-            raise CarveError(f"--steps must be at least 0, got {self.steps}")
-        nonneg = [("--weight-decay", self.weight_decay), ("--warmup", self.warmup), ("--clip", self.clip)]
-        nonneg += [("--kd", self.kd), ("--feature-weight", self.feature_weight), ("--crop-pad", self.crop_pad)]
-        nonneg += [("--momentum", self.momentum)] + ([("--ce", self.ce)] if self.ce is not None else [])
+            raise CarveError(f"`steps` must be at least 0, got {self.steps}")
+        nonneg = [("weight_decay", self.weight_decay), ("warmup", self.warmup), ("clip", self.clip)]
+        nonneg += [("kd", self.kd), ("feature_weight", self.feature_weight), ("crop_pad", self.crop_pad)]
+        nonneg += [("momentum", self.momentum)] + ([("ce", self.ce)] if self.ce is not None else [])
         for name, value in nonneg:
             if not value >= 0 or not math.isfinite(value):
-                raise CarveError(f"{name} must be a number >= 0, got {value}")
+                raise CarveError(f"`{name}` must be a number >= 0, got {value}")
         Temperature.parse(self.temperature)
 
 
@@ -138,18 +134,18 @@ def finetune(
     """Fine-tune ``student`` on ``data`` (distilling from ``teacher`` when given); returns a new model and a summary.
 
     ``checkpoint``: a file written (atomically) at the end of every epoch; with ``resume`` the run continues from it.
+    ``progress`` (:class:`carve.pipeline.progress.Progress`) hears ``train: step`` and ``train: epoch``.
     """
     import torch
 
     from carve.pipeline.runtime.torch_graph import TorchGraph
-    from carve.pipeline.training import losses
 
     opts = opts or FinetuneOptions()
     opts.check()
     if data.labels is None and teacher is None:
         raise CarveError(
             f"{data.name}: has no labels and no teacher was given: nothing to learn from",
-            hint="give --teacher ORIGINAL.onnx (distillation needs no labels) or labelled data",
+            hint="give a teacher (the original model: distillation needs no labels) or labelled data",
         )
     device = _device(opts.device)
     if opts.threads:
@@ -157,150 +153,280 @@ def finetune(
     torch.manual_seed(opts.seed)
     net = TorchGraph(student).to(device)
     frozen = _freeze(net, student, opts.freeze)
-    out_shape = _check_data(student, data, net, device)
-    teacher_run = _Teacher(teacher, device, opts.threads) if teacher is not None else None
-    ce_weight = opts.ce
-    if ce_weight is None:  # labels: cross-entropy (beside distillation with a teacher); none: distillation only
-        ce_weight = 0.0 if data.labels is None else 1.0
-    if ce_weight and data.labels is None:
-        raise CarveError(f"--ce {ce_weight}: {data.name} has no labels")
-    if ce_weight:
-        _check_labels(data, out_shape)
-    if opts.features:
-        _check_features(student, teacher, opts.features)
-    temperature = Temperature.parse(opts.temperature)
+    loss = Loss.compose(opts, student, teacher, data, _check_data(student, data, net, device), device)
+    schedule = Schedule.of(opts, len(data))
+    optim, params = optimizer(net, opts)
+    key = run_key(student, data, opts)
+    state = _load_checkpoint(checkpoint, key, net, optim, device) if resume else TrainState()
+    teacher_top1 = _top1_teacher(loss.teacher, eval_data) if eval_data is not None and loss.teacher else None
+    meter = Meter(progress, schedule)
+    net.train()
+    net.batch_statistics = True
+    for epoch in range(state.epoch, schedule.epochs):
+        entry = train_epoch(net, optim, params, loss, data, opts, schedule, state, epoch, meter)
+        if eval_data is not None:
+            entry["top1"] = _top1_student(net, eval_data, device)
+            if teacher_top1 is not None:
+                entry["teacher_top1"] = teacher_top1
+        state.history.append(entry)
+        state.epoch = epoch + 1
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, key, net, optim, state)
+        meter.epoch(entry)
+    net.batch_statistics = False
+    net.eval()
+    result, agreement = write_back(net, student, frozen, data, device)
+    summary = summarise(opts, state, meter, loss, device, data, key, teacher, frozen, agreement)
+    record(result, "finetune", summary, command=command)
+    return FinetuneResult(result, summary)
 
-    batch = min(opts.batch, len(data))
-    steps_per_epoch = max(1, len(data) // batch)  # the last partial batch is dropped (BN needs real batches)
-    total = opts.steps if opts.steps is not None else int(round(opts.epochs * steps_per_epoch))
-    epochs = math.ceil(total / steps_per_epoch) if total else 0
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the run's parts: schedule, optimiser, loss, state, the loop, progress, write-back, summary
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many steps the run makes: ``batch`` images a step, ``per_epoch`` steps an epoch (the last partial batch
+    is dropped: BN needs real batches), ``total`` in all over ``epochs`` epochs, ``warm`` of them warming up."""
+
+    batch: int
+    per_epoch: int
+    total: int
+    epochs: int
+    warm: int
+
+    @classmethod
+    def of(cls, opts: FinetuneOptions, n: int) -> Schedule:
+        batch = min(opts.batch, n)
+        per_epoch = max(1, n // batch)
+        total = opts.steps if opts.steps is not None else int(round(opts.epochs * per_epoch))
+        epochs = math.ceil(total / per_epoch) if total else 0
+        return cls(batch, per_epoch, total, epochs, int(opts.warmup * total))
+
+
+def optimizer(net, opts: FinetuneOptions):
+    """The optimiser over the trainable parameters (weight decay on weight tensors only) and those parameters."""
+    import torch
+
     params = [p for p in net.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() > 1], "weight_decay": opts.weight_decay},
         {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
     ]
     if opts.optimizer == "sgd":
-        optim = torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=opts.momentum > 0)
-    else:
-        optim = torch.optim.AdamW(groups, lr=opts.lr)
-    warm = int(opts.warmup * total)
+        return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=opts.momentum > 0), params
+    return torch.optim.AdamW(groups, lr=opts.lr), params
 
-    key = {
+
+@dataclass
+class Loss:
+    """The training loss: distillation from the teacher at temperature T (with feature matching), plus
+    cross-entropy on the labels; each part weighted as the options say."""
+
+    teacher: _Teacher | None
+    temperature: Temperature
+    kd: float
+    ce: float
+    features: list[str]
+    feature_weight: float
+    device: str
+
+    @classmethod
+    def compose(
+        cls,
+        opts: FinetuneOptions,
+        student: Model,
+        teacher: Model | None,
+        data: Dataset,
+        out_shape: tuple[int, ...],
+        device: str,
+    ) -> Loss:
+        """The loss these options, models and data call for, checked before any training."""
+        ce = opts.ce
+        if ce is None:  # labels: cross-entropy (beside distillation with a teacher); none: distillation only
+            ce = 0.0 if data.labels is None else 1.0
+        if ce and data.labels is None:
+            raise CarveError(f"`ce` {ce}: {data.name} has no labels")
+        if ce:
+            _check_labels(data, out_shape)
+        if opts.features:
+            _check_features(student, teacher, opts.features)
+        run = _Teacher(teacher, device, opts.threads) if teacher is not None else None
+        temperature = Temperature.parse(opts.temperature)
+        return cls(run, temperature, opts.kd, ce, list(opts.features), opts.feature_weight, device)
+
+    def __call__(self, net, x_np: np.ndarray, y_np, t: float):
+        """(loss, its parts) of one batch at temperature ``t``."""
+        import torch
+
+        from carve.pipeline.training import losses
+
+        x = torch.from_numpy(x_np).to(self.device)
+        out, feats = net(x, capture=self.features) if self.features else (net(x), {})
+        logits = out[0] if isinstance(out, tuple) else out
+        loss = torch.zeros((), device=self.device)
+        parts = {}
+        if self.teacher is not None:
+            t_logits, t_feats = self.teacher(x_np, self.features)
+            parts["kd"] = losses.distillation(logits, t_logits.to(self.device), t)
+            loss = loss + self.kd * parts["kd"]
+            if self.features:
+                pairs = [(feats[n], t_feats[n].to(self.device)) for n in self.features]
+                parts["feature"] = sum(losses.feature(a, b) for a, b in pairs) / len(pairs)
+                loss = loss + self.feature_weight * parts["feature"]
+        if self.ce:
+            y = torch.from_numpy(y_np).to(self.device)
+            parts["ce"] = torch.nn.functional.cross_entropy(logits.reshape(len(x), -1), y)
+            loss = loss + self.ce * parts["ce"]
+        return loss, parts
+
+
+@dataclass
+class TrainState:
+    """Where a run is: epochs and steps done, one history entry per epoch (what a checkpoint holds)."""
+
+    epoch: int = 0
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int | None = None
+
+
+def run_key(student: Model, data: Dataset, opts: FinetuneOptions) -> dict[str, Any]:
+    """What a checkpoint must have been made for to continue this run: the model, the data and the options."""
+    return {
         "model": hashlib.sha256(repr(fingerprint(student)).encode()).hexdigest()[:16],
         "data": data_fingerprint(data),
         "options": {k: v for k, v in asdict(opts).items() if k not in ("threads", "device")},
     }
-    state = {"epoch": 0, "step": 0, "history": []}
-    if resume:
-        state = _load_checkpoint(checkpoint, key, net, optim, device)
+
+
+def train_epoch(
+    net,
+    optim,
+    params,
+    loss: Loss,
+    data: Dataset,
+    opts: FinetuneOptions,
+    schedule: Schedule,
+    state: TrainState,
+    epoch: int,
+    meter: Meter,
+) -> dict[str, Any]:
+    """One epoch of optimiser steps (the order and augmentation seeded with (seed, epoch)); its history entry."""
+    import torch
+
+    rng = np.random.default_rng([opts.seed, epoch])
+    order = rng.permutation(len(data))
     augment = Augment(opts.crop_pad, opts.flip)
-    teacher_top1 = _top1_teacher(teacher_run, eval_data) if eval_data is not None and teacher_run else None
-    net.train()
-    net.batch_statistics = True
-    started, cpu0 = time.perf_counter(), time.process_time()
-    images = 0
-    step = state["step"]
-    for epoch in range(state["epoch"], epochs):
-        rng = np.random.default_rng([opts.seed, epoch])
-        order = rng.permutation(len(data))
-        sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "feature": 0.0}
-        batches = 0
-        for b in range(steps_per_epoch):
-            if step >= total:
-                break
-            x_np, y_np = data.take(order[b * batch : (b + 1) * batch])
-            x_np = augment(x_np, rng)
-            lr = cosine_lr(step, total, opts.lr, warm)
-            for g in optim.param_groups:
-                g["lr"] = lr
-            t = temperature.at(step / max(1, total))
-            x = torch.from_numpy(x_np).to(device)
-            out, feats = net(x, capture=opts.features) if opts.features else (net(x), {})
-            logits = out[0] if isinstance(out, tuple) else out
-            loss = torch.zeros((), device=device)
-            parts = {}
-            if teacher_run is not None:
-                t_logits, t_feats = teacher_run(x_np, opts.features)
-                parts["kd"] = losses.distillation(logits, t_logits.to(device), t)
-                loss = loss + opts.kd * parts["kd"]
-                if opts.features:
-                    pairs = [(feats[n], t_feats[n].to(device)) for n in opts.features]
-                    parts["feature"] = sum(losses.feature(a, b) for a, b in pairs) / len(pairs)
-                    loss = loss + opts.feature_weight * parts["feature"]
-            if ce_weight:
-                y = torch.from_numpy(y_np).to(device)
-                parts["ce"] = torch.nn.functional.cross_entropy(logits.reshape(len(x), -1), y)
-                loss = loss + ce_weight * parts["ce"]
-            if not torch.isfinite(loss):
-                raise CarveError(
-                    f"fine-tuning diverged at step {step + 1} (loss {float(loss)})", hint="lower --lr or raise --clip"
-                )
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            if opts.clip:
-                torch.nn.utils.clip_grad_norm_(params, opts.clip)
-            optim.step()
-            step += 1
-            batches += 1
-            images += len(x)
-            sums["loss"] += float(loss.detach())
-            for k, v in parts.items():
-                sums[k] += float(v.detach())
-            if progress:
-                elapsed = time.perf_counter() - started
-                rate = images / elapsed if elapsed > 0 else 0.0
-                progress(
-                    {
-                        "event": "step",
-                        "step": step,
-                        "steps": total,
-                        "epoch": epoch + 1,
-                        "epochs": epochs,
-                        "loss": float(loss.detach()),
-                        "lr": lr,
-                        "temperature": t,
-                        "images_per_s": rate,
-                        "eta_s": (total - step) * batch / rate if rate else None,
-                    }
-                )
-        entry = {"epoch": epoch + 1, "steps": step, **{k: v / max(batches, 1) for k, v in sums.items() if v}}
-        if eval_data is not None:
-            entry["top1"] = _top1_student(net, eval_data, device)
-            if teacher_top1 is not None:
-                entry["teacher_top1"] = teacher_top1
-        state["history"].append(entry)
-        if checkpoint is not None:
-            _save_checkpoint(checkpoint, key, net, optim, epoch + 1, step, state["history"])
-        if progress:
-            progress({"event": "epoch", **entry, "epochs": epochs})
-    net.batch_statistics = False
-    net.eval()
-    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu0
+    sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "feature": 0.0}
+    batches = 0
+    for b in range(schedule.per_epoch):
+        if state.step >= schedule.total:
+            break
+        x_np, y_np = data.take(order[b * schedule.batch : (b + 1) * schedule.batch])
+        x_np = augment(x_np, rng)
+        lr = cosine_lr(state.step, schedule.total, opts.lr, schedule.warm)
+        for g in optim.param_groups:
+            g["lr"] = lr
+        t = loss.temperature.at(state.step / max(1, schedule.total))
+        value, parts = loss(net, x_np, y_np, t)
+        if not torch.isfinite(value):
+            raise CarveError(
+                f"fine-tuning diverged at step {state.step + 1} (loss {float(value)})",
+                hint="lower `lr` or raise `clip`",
+            )
+        optim.zero_grad(set_to_none=True)
+        value.backward()
+        if opts.clip:
+            torch.nn.utils.clip_grad_norm_(params, opts.clip)
+        optim.step()
+        state.step += 1
+        batches += 1
+        sums["loss"] += float(value.detach())
+        for k, v in parts.items():
+            sums[k] += float(v.detach())
+        meter.step(state.step, epoch, len(x_np), loss=float(value.detach()), lr=lr, temperature=t)
+    return {"epoch": epoch + 1, "steps": state.step, **{k: v / max(batches, 1) for k, v in sums.items() if v}}
+
+
+class Meter:
+    """Counts images and time, and tells ``progress`` about every step and epoch."""
+
+    def __init__(self, progress: Progress | None, schedule: Schedule) -> None:
+        self.progress, self.schedule = progress, schedule
+        self.images = 0
+        self.started, self.cpu0 = time.perf_counter(), time.process_time()
+
+    def elapsed(self) -> tuple[float, float]:
+        """(wall, CPU) seconds since the start."""
+        return time.perf_counter() - self.started, time.process_time() - self.cpu0
+
+    def step(self, step: int, epoch: int, images: int, **figures: float) -> None:
+        self.images += images
+        if not self.progress:
+            return
+        s = self.schedule
+        wall = time.perf_counter() - self.started
+        rate = self.images / wall if wall > 0 else 0.0
+        eta = (s.total - step) * s.batch / rate if rate else None
+        info = {"epoch": epoch + 1, "epochs": s.epochs, **figures, "images_per_s": rate, "eta_s": eta}
+        self.progress("train: step", step, s.total, **info)
+
+    def epoch(self, entry: dict[str, Any]) -> None:
+        if self.progress:
+            figures = {k: v for k, v in entry.items() if k not in ("epoch", "steps")}
+            self.progress("train: epoch", entry["epoch"], self.schedule.epochs, **figures)
+
+
+def write_back(net, student: Model, frozen: set[str], data: Dataset, device: str) -> tuple[Model, dict[str, float]]:
+    """The trained values written into a copy of the student graph, checked (checker and output shapes, finite
+    weights, ONNX Runtime against the torch module); the copy and the agreement."""
+    import torch
+
     result = student.copy()
     with torch.no_grad():
         net.write_back(result, only=[n for n in net.param_of if n not in frozen])
     verify_structure({n: student.shape(n) for n in student.output_names}, result, what="fine-tuning")
     _check_finite(result)
-    agreement = _agreement(net, result, data, device)
-    summary = {
-        "steps": step,
-        "epochs": state["history"][-1]["epoch"] if state["history"] else 0,
-        "images": images,
+    return result, _agreement(net, result, data, device)
+
+
+def summarise(
+    opts: FinetuneOptions,
+    state: TrainState,
+    meter: Meter,
+    loss: Loss,
+    device: str,
+    data: Dataset,
+    key: dict[str, Any],
+    teacher: Model | None,
+    frozen: set[str],
+    agreement: dict[str, float],
+) -> dict[str, Any]:
+    """The run's summary (returned, and recorded in the model's history)."""
+    seconds, cpu = meter.elapsed()
+    if teacher is None:
+        source = None
+    else:
+        source = str(teacher.source) if teacher.source else "given"
+    return {
+        "steps": state.step,
+        "epochs": state.history[-1]["epoch"] if state.history else 0,
+        "images": meter.images,
         "seconds": round(seconds, 1),
         "cpu_seconds": round(cpu, 1),
-        "images_per_s": round(images / seconds, 1) if seconds > 0 else None,
+        "images_per_s": round(meter.images / seconds, 1) if seconds > 0 else None,
         "device": device,
         "data": {**data.describe(), "fingerprint": key["data"]},
-        "teacher": str(teacher.source) if teacher is not None and teacher.source else ("given" if teacher else None),
-        "losses": {"kd": opts.kd if teacher is not None else 0.0, "ce": ce_weight, "features": opts.features},
+        "teacher": source,
+        "losses": {"kd": opts.kd if teacher is not None else 0.0, "ce": loss.ce, "features": opts.features},
         "options": asdict(opts),
-        "history": state["history"],
-        "resumed_from_epoch": state.get("resumed_from"),
+        "history": state.history,
+        "resumed_from_epoch": state.resumed_from,
         "frozen_parameters": len(frozen),
         "torch_vs_ort": agreement,
     }
-    record(result, "finetune", summary, command=command)
-    return FinetuneResult(result, summary)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -313,7 +439,7 @@ def _device(choice: str) -> str:
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():
-        raise CarveError("--device cuda: torch sees no CUDA GPU", hint="use --device cpu (or auto)")
+        raise CarveError("`device=cuda`: torch sees no CUDA GPU", hint="use `device=cpu` (or auto)")
     return choice
 
 
@@ -323,7 +449,7 @@ def _freeze(net, model: Model, patterns: list[str]) -> set[str]:
         return set()
     nodes = [n for n in model.graph.node if any(fnmatch.fnmatchcase(n.name, p) for p in patterns)]
     if not nodes:
-        raise CarveError(f"--freeze {' '.join(patterns)} matches no node", hint="`carve inspect` lists the node names")
+        raise CarveError(f"`freeze` {' '.join(patterns)} matches no node", hint="`carve inspect` lists the node names")
     names = {i for n in nodes for i in n.input if i in net.param_of}
     for name in names:
         net.parameter(name).requires_grad_(False)
@@ -363,15 +489,15 @@ def _check_labels(data: Dataset, out_shape: tuple[int, ...]) -> None:
 
 def _check_features(student: Model, teacher: Model | None, names: list[str]) -> None:
     if teacher is None:
-        raise CarveError("--features needs a --teacher to match the tensors against")
+        raise CarveError("`features` needs a `teacher` to match the tensors against")
     for n in names:
         s, t = student.shape(n), teacher.shape(n)
         if n not in student.producer or n not in teacher.producer:
             missing = "student" if n not in student.producer else "teacher"
-            raise CarveError(f"--features {n}: no tensor of that name in the {missing} graph")
+            raise CarveError(f"`features` {n}: no tensor of that name in the {missing} graph")
         if s is None or t is None or s[1:] != t[1:]:
             raise CarveError(
-                f"--features {n}: shapes differ between student {s} and teacher {t}",
+                f"`features` {n}: shapes differ between student {s} and teacher {t}",
                 hint="match tensors whose channels were not pruned (e.g. a residual stream left at full width)",
             )
 
@@ -439,7 +565,7 @@ def _check_finite(model: Model) -> None:
     for t in model.graph.initializer:
         arr = model.array(t.name)
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise CarveError(f"fine-tuning produced non-finite values in {t.name!r}", hint="lower --lr or raise --clip")
+            raise CarveError(f"fine-tuning produced non-finite values in {t.name!r}", hint="lower `lr` or raise `clip`")
 
 
 def _agreement(net, model: Model, data: Dataset, device: str) -> dict[str, float]:
@@ -464,7 +590,7 @@ def _agreement(net, model: Model, data: Dataset, device: str) -> dict[str, float
     return {"max_abs": m["max_abs"], "max_rel": m["max_rel"]}
 
 
-def _save_checkpoint(path, key: dict, net, optim, epoch: int, step: int, history: list) -> None:
+def _save_checkpoint(path, key: dict, net, optim, state: TrainState) -> None:
     import torch
 
     path = Path(path)
@@ -473,9 +599,9 @@ def _save_checkpoint(path, key: dict, net, optim, epoch: int, step: int, history
         {
             "version": CHECKPOINT_VERSION,
             "key": key,
-            "epoch": epoch,
-            "step": step,
-            "history": history,
+            "epoch": state.epoch,
+            "step": state.step,
+            "history": state.history,
             "params": {k: v.detach().cpu() for k, v in net.params.items()},
             "optimizer": optim.state_dict(),
         },
@@ -484,11 +610,11 @@ def _save_checkpoint(path, key: dict, net, optim, epoch: int, step: int, history
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path, key: dict, net, optim, device: str) -> dict:
+def _load_checkpoint(path, key: dict, net, optim, device: str) -> TrainState:
     import torch
 
     if path is None or not Path(path).is_file():
-        raise CarveError(f"--resume: no checkpoint at {path}", hint="run without --resume to start from the beginning")
+        raise CarveError(f"`resume`: no checkpoint at {path}", hint="run without `resume` to start from the beginning")
     try:
         ck = torch.load(path, map_location=device, weights_only=False)
     except Exception as exc:
@@ -505,4 +631,4 @@ def _load_checkpoint(path, key: dict, net, optim, device: str) -> dict:
         for k, v in ck["params"].items():
             net.params[k].copy_(v.to(device))
     optim.load_state_dict(ck["optimizer"])
-    return {"epoch": ck["epoch"], "step": ck["step"], "history": list(ck["history"]), "resumed_from": ck["epoch"]}
+    return TrainState(ck["epoch"], ck["step"], list(ck["history"]), resumed_from=ck["epoch"])

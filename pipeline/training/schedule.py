@@ -36,9 +36,9 @@ class Temperature:
         try:
             values = [float(p) for p in parts]
         except ValueError:
-            raise CarveError(f"--temperature: expected T or START:END, got {text!r}") from None
+            raise CarveError(f"`temperature`: expected T or START:END, got {text!r}") from None
         if len(values) > 2 or any(not v > 0 for v in values):
-            raise CarveError(f"--temperature: temperatures are positive numbers, T or START:END; got {text!r}")
+            raise CarveError(f"`temperature`: temperatures are positive numbers, T or START:END; got {text!r}")
         return cls(values[0], values[1] if len(values) == 2 else None)
 
     def at(self, progress: float) -> float:

@@ -90,17 +90,15 @@ class _Group:
 
 @allocators.register("latency")
 class LatencyKnapsack(Allocator):
-    description = "the most importance that fits --target-latency: knapsack over groups x measured widths (HALP)"
+    description = "the most importance that fits a latency target: knapsack over groups x measured widths (HALP)"
     options = {"norm": "layers", "bins": 2000, "iterations": 4}
 
+    spends = frozenset({"latency"})
+
     def allocate(self, job: Allocation) -> np.ndarray:
-        table, budget = job.latency, job.latency_budget
+        table, budget = job.cost, job.budget
         if table is None or budget is None:
-            given = "--target-latency" if self.name == "latency" else "--target-latency|macs|params"
-            raise CarveError(
-                f"allocator {self.name!r} needs a budget: {given}",
-                hint="with --target-latency also a latency table: --lut FILE, or let carve profile on --backend",
-            )
+            raise CarveError(f"allocator {self.name!r} spends a budget: it needs a cost table and a budget")
         an = job.analysis
         scores = self.importance(job)
         groups = self.groups(job, table, scores)
@@ -115,11 +113,11 @@ class LatencyKnapsack(Allocator):
 
         narrowest = [len(g.options) - 1 for g in groups]
         if predict(narrowest) > budget * (1 + table.error) + 1e-9:
-            what = getattr(table, "kind", "latency")
+            what = table.kind
             raise UnreachableTarget(
                 f"cannot reach {what} {budget:.3g} of the original: the narrowest widths the "
                 f"{'latency table' if what == 'latency' else 'alignment'} allows here predict {predict(narrowest):.3g}",
-                hint="frozen channels, --exclude, --keep-min and --round-to limit it; raise the target or look at "
+                hint="frozen channels, `exclude`, `keep_min` and `round_to` limit it; raise the target or look at "
                 "`carve inspect`",
             )
         if predict(narrowest) > budget + 1e-9:  # out of the table's reach, but within its error: let measuring decide
@@ -245,7 +243,8 @@ class LatencyKnapsack(Allocator):
 
 @allocators.register("knapsack")
 class Knapsack(LatencyKnapsack):
-    """The same knapsack under whichever target is given: --target-latency (a latency table), --target-macs or
-    --target-params (their exact cost, :mod:`carve.pipeline.pruning.cost_table`, widths aligned to --round-to)."""
+    """The same knapsack under whichever target is given: a latency target (a latency table), a MAC or parameter
+    target (their exact cost, :mod:`carve.pipeline.pruning.cost_table`, widths aligned to ``round_to``)."""
 
     description = "the most importance that fits the target (latency, MACs or params): knapsack over groups x widths"
+    spends = frozenset({"latency", "macs", "params"})

@@ -43,6 +43,7 @@ class Slimming(Criterion):
             raise CarveError(
                 "criterion 'slimming' needs BatchNormalization nodes, and this model has none: its BN was folded "
                 "into the convolutions",
-                hint="export with BN kept (carve export keeps it unless --fold-bn), or use l1/fpgm/apbm",
+                hint="export with BN kept (`carve export` keeps it; `carve export --fold-bn` folds it), or use "
+                "l1/fpgm/apbm",
             )
         return np.where(touched, acc, np.nan)

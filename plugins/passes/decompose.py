@@ -176,7 +176,7 @@ class Decompose(Pass):
     ) -> None:
         chosen = [x for x in (energy, error, target_macs) if x is not None]
         if len(chosen) > 1:
-            raise CarveError("decompose: give one of --energy, --error, --target-macs")
+            raise CarveError("decompose: give one of `energy`, `error`, `target_macs`")
         if energy is None and error is None and target_macs is None:
             energy = 0.95
         for name, v in (("energy", energy), ("target_macs", target_macs)):
@@ -249,9 +249,9 @@ class Decompose(Pass):
         unknown = unknown_conv_outputs(model)
         if unknown:
             raise CarveError(
-                f"decompose --target-macs: the output size of {len(unknown)} layer(s) is unknown (first: "
+                f"decompose `target_macs`: the output size of {len(unknown)} layer(s) is unknown (first: "
                 f"{unknown[0]!r}), so MACs cannot be counted",
-                hint="give the input size with --input-shape CxHxW (the model's input dimensions are dynamic)",
+                hint="give the input size with `input_shape` CxHxW (the model's input dimensions are dynamic)",
             )
 
         total = model_cost(model).macs

@@ -35,7 +35,9 @@ class Finetune(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         teacher = ctx.original if self.teacher == "original" else None
-        result = finetune(model, ctx.train, self.opts, teacher=teacher, eval_data=ctx.eval, command=ctx.command)
+        result = finetune(
+            model, ctx.train, self.opts, teacher=teacher, eval_data=ctx.eval, command=ctx.command, progress=ctx.progress
+        )
         s = result.summary
         details = [
             f"epoch {e['epoch']}: loss {e['loss']:.4f}" + (f", top-1 {e['top1']:.2%}" if "top1" in e else "")

@@ -19,9 +19,9 @@ measured on the engine, and each step's measured latency ratio is in the report.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
-from carve.pipeline.config import from_mapping
 from carve.pipeline.errors import CarveError
 from carve.pipeline.graph.cost import model_cost
 from carve.pipeline.graph.io import save
@@ -29,7 +29,8 @@ from carve.pipeline.graph.model import Model
 from carve.pipeline.measure.evaluate import evaluate
 from carve.pipeline.measure.latency import MeasuredLatency
 from carve.pipeline.passes import Pass, PassContext, PassResult, passes
-from carve.pipeline.pruning.prune import PruneOptions, prune_model
+from carve.pipeline.pruning.prune import PruneOptions, legacy_repairs, prune_model
+from carve.pipeline.pruning.targets import Target
 from carve.pipeline.training.finetune import finetune
 from carve.plugins.passes.finetune import finetune_options
 
@@ -66,33 +67,31 @@ class Gradual(Pass):
         finetune: dict[str, Any] | None = None,
         target_latency: float | None = None,
     ) -> None:
-        prune = dict(prune or {})
+        where = "pass 'gradual': prune"
+        prune = legacy_repairs(dict(prune or {}), where=where)
         for key in ("target_macs", "target_params", "target_latency", "ratio"):
             if key in prune:
-                raise CarveError(
-                    f"pass 'gradual': prune.{key} is set by the schedule; give gradual's target_macs or target_latency"
-                )
+                raise CarveError(f"{where}.{key} is set by the schedule; give gradual's target_macs or target_latency")
         if target_macs is not None and target_latency is not None:
             raise CarveError("pass 'gradual': give target_macs or target_latency, not both")
-        self.kind = "latency" if target_latency is not None else "macs"
-        target = target_latency if target_latency is not None else (0.5 if target_macs is None else target_macs)
         try:
-            target = float(target)
-        except (TypeError, ValueError):
-            what = f"pass 'gradual': target_{self.kind}"
-            raise CarveError(f"{what} must be a fraction in (0, 1), got {target!r}") from None
-        self.keep = keep_schedule(target, steps=steps, per_step=per_step, kind=self.kind)
-        self.prune_options = prune
-        from_mapping(PruneOptions, prune, where="pass 'gradual': prune")  # validate now, not after hours of training
+            if target_latency is not None:
+                target = Target.parse("latency", target_latency)
+            else:
+                target = Target.parse("macs", 0.5 if target_macs is None else target_macs)
+        except CarveError as exc:
+            raise CarveError(f"pass 'gradual': {exc.message}", hint=exc.hint) from None
+        if target.absolute:
+            raise CarveError("pass 'gradual': target_latency is a fraction of the input's latency here, not a time")
+        self.kind = target.kind
+        self.keep = keep_schedule(target.value, steps=steps, per_step=per_step, kind=self.kind)
+        self.base = PruneOptions.from_mapping(prune, where=where)  # validated now, not after hours of training
         self.ft_opts, self.teacher = finetune_options(finetune or {}, "pass 'gradual': finetune")
         self.ft_opts.check()
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
-        needs = {"train"}
-        if from_mapping(PruneOptions, self.prune_options, where="pass 'gradual': prune").data_needed():
-            needs.add("calib")
-        return frozenset(needs)
+        return frozenset({"train", "calib"} if self.base.data_needed() else {"train"})
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         teacher = ctx.original if self.teacher == "original" else None
@@ -101,16 +100,15 @@ class Gradual(Pass):
         latency_ratio = 1.0  # measured latency of the current model / the input's (the product of the steps')
         for k, keep in enumerate(self.keep, 1):
             if self.kind == "latency":  # of the current model's latency, as measured so far
-                options = {**self.prune_options, "target_latency": min(keep / latency_ratio, 1.0)}
-                opts = from_mapping(PruneOptions, options, where="pass 'gradual': prune")
+                opts = replace(self.base, target_latency=min(keep / latency_ratio, 1.0))
                 oracle = MeasuredLatency.for_options(opts, progress=ctx.progress)
-                pruned, summary = prune_model(current, opts, calib=ctx.calib, command=ctx.command, latency=oracle)
-                latency_ratio *= summary["latency"]["measured"]["ratio"]
+                report = prune_model(current, opts, calib=ctx.calib, command=ctx.command, latency=oracle)
+                latency_ratio *= report.latency.measured.ratio
             else:
                 fraction = keep * macs0 / model_cost(current).macs  # of the current model's MACs
-                options = {**self.prune_options, "target_macs": min(fraction, 1.0)}
-                opts = from_mapping(PruneOptions, options, where="pass 'gradual': prune")
-                pruned, summary = prune_model(current, opts, calib=ctx.calib, command=ctx.command)
+                opts = replace(self.base, target_macs=min(fraction, 1.0))
+                report = prune_model(current, opts, calib=ctx.calib, command=ctx.command)
+            pruned = report.model
             tuned = finetune(pruned, ctx.train, self.ft_opts, teacher=teacher, eval_data=None, command=ctx.command)
             current = tuned.model
             cost = model_cost(current)
@@ -120,7 +118,7 @@ class Gradual(Pass):
                 "macs": cost.macs,
                 "macs_ratio": cost.macs / macs0,
                 "params": cost.params,
-                "channels_removed": summary["channels_removed"],
+                "channels_removed": report.channels_removed,
                 **({"latency_ratio": latency_ratio} if self.kind == "latency" else {}),
                 "finetune": {"steps": tuned.summary["steps"], "seconds": tuned.summary["seconds"]},
             }

@@ -223,7 +223,7 @@ class Merge(Pass):
 
     def __init__(self, when: str = "always", backend: str = "ort", threads: int = 1, batch: int = 1) -> None:
         if when not in ("always", "macs", "slower"):
-            raise CarveError(f"merge --when must be always, macs or slower; got {when!r}")
+            raise CarveError(f"merge `when` must be always, macs or slower; got {when!r}")
         self.when, self.backend, self.threads, self.batch = when, backend, threads, batch
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:

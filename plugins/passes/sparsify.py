@@ -55,7 +55,7 @@ def importance(model: Model, criterion: str, data=None, variant: str = "taylor")
         return {w: np.abs(model.array(w)).astype(np.float64) for w in weights}
     if criterion == "cep":
         if data is None:
-            raise CarveError("sparsify --criterion cep needs labelled calibration data", hint="add --calib DATA")
+            raise CarveError("sparsify `criterion=cep` needs labelled calibration data", hint="add `calib` DATA")
         grads = weight_gradients(model, data, names=sorted(weights))
         return {w: weight_scores(grads, w, model.array(w), variant) for w in weights if w in grads.mean}
     raise CarveError(f"sparsify: unknown criterion {criterion!r}; valid: cep, magnitude")

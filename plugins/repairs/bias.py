@@ -54,9 +54,17 @@ class _BiasCorrection:
 @repairs.register("bias")
 class BiasCorrection(Repair):
     description = "correct each consumer's bias for the mean shift of its output (calibration data)"
-    needs = frozenset({"calib"})
+    needs = frozenset({"calib", "biases"})
 
     def apply(self, original, plan, working, calib=None, *, progress=None) -> RepairResult:
         cols = consumer_columns(plan)
-        details = compensate(original, working, cols, _BiasCorrection(original, cols), calib, progress=progress)
+        details = compensate(
+            original,
+            working,
+            cols,
+            _BiasCorrection(original, cols),
+            calib,
+            progress=progress,
+            stage=f"{self.name}: layer",
+        )
         return RepairResult(working, details)

@@ -46,5 +46,5 @@ class BatchNormStatistics(Repair):
             for n in working.graph.node
             if n.op_type == "BatchNormalization" and all(working.is_const(i) for i in n.input[1:5])
         ]
-        details = compensate(original, working, bns, _BNStats(), calib, progress=progress)
+        details = compensate(original, working, bns, _BNStats(), calib, progress=progress, stage=f"{self.name}: layer")
         return RepairResult(working, details)

@@ -9,7 +9,7 @@ then y_j = alpha y_i everywhere, so the consumers lose nothing when they add alp
 V[:, i] += alpha V[:, j]. alpha* = <w_i, w_j> / ||w_i||^2; fusion happens only when the relative residual
 ||w_j - alpha w_i|| / ||w_j|| is below ``gate`` (exact multiples pass any positive gate).
 
-Applied between planning and surgery (``carve prune --fuse exact``, registered repair ``exact``); channels coupled
+Applied between planning and surgery (``carve prune --repair exact``, registered repair ``exact``); channels coupled
 with others (a residual stream) are not fused.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from carve.pipeline.config import bounds
 from carve.pipeline.graph.bn import folded_filters, following_bn
 from carve.pipeline.graph.channels import Kind
 from carve.pipeline.graph.model import Model
@@ -121,8 +122,9 @@ def fuse_exact(model: Model, plan: Plan, working: Model, *, gate: float = 1e-3) 
 @repairs.register("exact")
 class ExactFusion(Repair):
     description = "fold removed filters that are positive multiples of kept ones into the consumers (exact)"
-    options = {"gate": 1e-3}
+    options = {"gate": 1e-3}  # largest relative residual (1e-3: practically exact multiples)
+    limits = {"gate": bounds(ge=0)}
 
     def apply(self, original, plan, working, calib=None, *, progress=None) -> RepairResult:
         details, fused = fuse_exact(original, plan, working, gate=float(self.opts["gate"]))
-        return RepairResult(working, details, {"fused_channels": fused})
+        return RepairResult(working, details, {"fused_channels": fused}, counts={"fused_channels": fused})

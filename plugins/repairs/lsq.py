@@ -22,6 +22,7 @@ import zlib
 import numpy as np
 import onnx
 
+from carve.pipeline.config import bounds
 from carve.pipeline.data.compensate import compensate
 from carve.pipeline.data.im2col import from_uvc, patch_rows, uvc_matrix
 from carve.pipeline.graph.consumers import add_bias, consumer_columns, weight_matrix, write_matrix
@@ -122,11 +123,12 @@ class _LSQ:
 @repairs.register("lsq")
 class LeastSquares(Repair):
     description = "refit the consumers' kept columns and bias by ridge regression on calibration data (ThiNet/CP)"
-    needs = frozenset({"calib"})
-    options = {"ridge": 1e-3}
+    needs = frozenset({"calib", "biases"})  # the refit's intercept needs a bias that is cut with its layer
+    options = {"ridge": 1e-3}  # relative ridge strength
+    limits = {"ridge": bounds(ge=0)}
 
     def apply(self, original, plan, working, calib=None, *, progress=None) -> RepairResult:
         cols = consumer_columns(plan)
         job = _LSQ(original, cols, float(self.opts["ridge"]))
-        details = compensate(original, working, cols, job, calib, progress=progress)
+        details = compensate(original, working, cols, job, calib, progress=progress, stage=f"{self.name}: layer")
         return RepairResult(working, details, {"errors": job.errors, "target_energy": job.target_energy})

@@ -72,7 +72,7 @@ class EngineConfig:
             raise CarveError(f"clock must be wall, cpu or auto, got {self.clock!r}")
         if self.threads != 1:
             if self.clock == "cpu":
-                raise CarveError("the cpu clock times one thread; with --threads > 1 use the wall clock")
+                raise CarveError("the cpu clock times one thread; with `threads` > 1 use the wall clock")
             return False
         return True
 

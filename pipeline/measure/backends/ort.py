@@ -79,10 +79,10 @@ def provider_options(
         if config.cuda_graphs:
             raise CarveError(
                 "CUDA graphs exist only on ONNX Runtime's CUDA and TensorRT providers, not on the CPU",
-                hint="use --device cuda or --device tensorrt, or drop --cuda-graphs",
+                hint="use `device=cuda` or `device=tensorrt`, or `cuda_graphs=false`",
             )
         if user:
-            raise CarveError(f"provider options {sorted(user)} are for the GPU providers; --device cpu takes none")
+            raise CarveError(f"provider options {sorted(user)} are for the GPU providers; `device=cpu` takes none")
         return [("CPUExecutionProvider", {})]
     graphs = bool(config.cuda_graphs)  # off unless asked for: ORT's CUDA graphs need every node on the GPU provider
     cuda = {"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE", "enable_cuda_graph": _flag(graphs)}
@@ -224,7 +224,7 @@ class OrtEngine(Engine):
             if self.session.get_providers()[0] != provider:
                 raise MissingDependencyError(
                     f"ONNX Runtime could not load {provider} here (session runs on {self.session.get_providers()})",
-                    hint="install onnxruntime-gpu with a matching CUDA, or use --device cpu",
+                    hint="install onnxruntime-gpu with a matching CUDA, or use `device=cpu`",
                 )
             if so.optimized_model_filepath and Path(so.optimized_model_filepath).is_file():
                 self.fp32_fallback = fallback_ops(onnx.load(so.optimized_model_filepath, load_external_data=False))
@@ -298,7 +298,7 @@ class OrtEngine(Engine):
 
 @backends.register("ort")
 class OrtBackend(Backend):
-    description = "ONNX Runtime (CPU provider; CUDA/TensorRT providers with --device cuda|tensorrt)"
+    description = "ONNX Runtime (CPU provider; CUDA/TensorRT providers with device cuda|tensorrt)"
 
     def available(self) -> tuple[bool, str]:
         try:

@@ -60,7 +60,7 @@ def torch_settings(config: EngineConfig, device: str) -> TorchSettings:
     cuda = device != "cpu"
     if not cuda and config.cuda_graphs:
         raise CarveError(
-            "CUDA graphs need a CUDA device; the torch-cpu backend runs without them", hint="use --backend torch-cuda"
+            "CUDA graphs need a CUDA device; the torch-cpu backend runs without them", hint="use `backend=torch-cuda`"
         )
     return TorchSettings(
         device="cuda" if cuda else "cpu",
@@ -149,7 +149,7 @@ class ModuleEngine(Engine):
         with engine_state(torch, settings):
             if settings.compile:
                 if capture_refused:
-                    raise CarveError(f"--compile needs a static graph: {capture_refused}")
+                    raise CarveError(f"`compile` needs a static graph: {capture_refused}")
                 fn = torch.compile(fn, fullgraph=True, dynamic=False)
             self.fn = fn
             t0 = time.perf_counter()

@@ -128,7 +128,7 @@ def _import_trt():
         raise MissingDependencyError(
             f"TensorRT is not installed ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})",
             hint="install TensorRT 10/11 for your CUDA (pip install 'carve[tensorrt]' needs NVIDIA's index), or use "
-            "--backend torch-cuda / ort",
+            "`backend=torch-cuda` / `backend=ort`",
         ) from None
     return trt
 
