@@ -183,7 +183,7 @@ class PassManager:
         return model, results
 
 
-def get(name: str, **options: Any) -> Pass:
+def build(name: str, **options: Any) -> Pass:
     cls = passes.get(name)
     try:
         return cls(**options)

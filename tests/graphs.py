@@ -166,7 +166,9 @@ def assert_exact(model, plan: Plan, *, batch: int = 2, seed: int = 0, rtol: floa
     feeds = ortutil.random_feeds(model, batch=batch, seed=seed)
     for a, b in zip(ortutil.run(ref, feeds), ortutil.run(pruned, feeds)):
         assert a.shape == b.shape
-        scale = max(float(np.abs(a).max()), 1e-3)
+        # float32 rounding follows the magnitude of the intermediates, not of the output: random transformer blocks
+        # can end in outputs ~1e-2 computed from activations ~1, so the scale never drops below 1
+        scale = max(float(np.abs(a).max()), 1.0)
         np.testing.assert_allclose(b, a, rtol=0, atol=rtol * scale + 1e-6)
     return pruned
 

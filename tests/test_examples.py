@@ -60,11 +60,11 @@ def test_prune_then_finetune_recipe(tmp_path):
 
 def test_resnet56_gradual_recipe_is_valid():
     from carve.pipeline.flows.recipe import load_recipe
-    from carve.pipeline.passes import get
+    from carve.pipeline.passes import build
 
     recipe = load_recipe(REPO / "examples" / "resnet56_gradual.yaml")
     ((name, opts),) = recipe.passes
-    assert name == "gradual" and len(get(name, **opts).keep) == 3
+    assert name == "gradual" and len(build(name, **opts).keep) == 3
 
 
 def _metadata(path) -> dict:

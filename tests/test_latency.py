@@ -20,8 +20,8 @@ from carve.pipeline.cli import main
 from carve.pipeline.errors import CarveError
 from carve.pipeline.measure.latency_table import LatencyTable, table_key
 from carve.pipeline.measure.profile import ProfileSettings, candidate_widths, group_candidates, profile
-from carve.pipeline.pruning.latency import CPU_FLAGS_ENV, closed_loop, cpu_flags, default_alignment
-from carve.plugins.allocators.latency import solve_mckp
+from carve.pipeline.pruning.closed_loop import CPU_FLAGS_ENV, closed_loop, cpu_flags, default_alignment
+from carve.plugins.allocators.knapsack import solve_mckp
 
 
 def staircase_net(widths=(48, 64), seed: int = 0):
@@ -403,10 +403,10 @@ def test_prune_measures_by_default_and_says_when_the_result_is_slower(
 
 
 def test_recipe_prune_pass_takes_a_latency_target(net, tmp_path, staircase_backend, latency_cache):
-    from carve.pipeline.passes import PassContext, get
+    from carve.pipeline.passes import PassContext, build
 
     m = P.load(net)
-    result = get("prune", target_latency=0.6, backend=staircase_backend, criterion="l1")(m, PassContext())
+    result = build("prune", target_latency=0.6, backend=staircase_backend, criterion="l1")(m, PassContext())
     lat = result.summary["latency"]
     assert lat["loop"]["steps"] and any("measured on" in d for d in result.details)
 
@@ -448,11 +448,11 @@ def test_the_readme_latency_commands_run(zoo_dir, tmp_path, monkeypatch, stairca
 def test_gradual_pass_steps_toward_a_latency_target(net, staircase_backend, latency_cache):
     """Issue 12 item 4: gradual pruning toward a latency target: each step's latency is measured on the engine."""
     from carve.pipeline.data.datasets import Dataset
-    from carve.pipeline.passes import PassContext, get
+    from carve.pipeline.passes import PassContext, build
 
     rng = np.random.default_rng(0)
     train = Dataset(rng.random((64, 3, 16, 16), dtype=np.float32), rng.integers(0, 10, 64), "random")
-    gradual = get(
+    gradual = build(
         "gradual",
         target_latency=0.5,
         steps=2,
@@ -465,7 +465,7 @@ def test_gradual_pass_steps_toward_a_latency_target(net, staircase_backend, late
     ratios = [s["latency_ratio"] for s in steps]
     assert ratios[0] > ratios[1] and ratios[1] < 0.5 * 1.15  # the closed loop's tolerance on the fake engine
     with pytest.raises(CarveError, match="not both"):
-        get("gradual", target_latency=0.5, target_macs=0.5, steps=2)
+        build("gradual", target_latency=0.5, target_macs=0.5, steps=2)
 
 
 @pytest.mark.parametrize("flags, align", [("sse4_2 avx2 fma", 8), ("avx2 avx512f avx512bw", 16)])

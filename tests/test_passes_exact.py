@@ -10,7 +10,7 @@ from graphs import G
 import carve as P
 from carve.pipeline.data.datasets import Preprocess, load_data
 from carve.pipeline.graph import from_proto
-from carve.pipeline.passes import NumericCheck, PassContext, PassManager, get
+from carve.pipeline.passes import NumericCheck, PassContext, PassManager, build
 from carve.pipeline.runtime import ort as ortutil
 
 
@@ -22,7 +22,7 @@ def same_outputs(a, b, batch=2, rtol=1e-5):
 
 def test_fold_bn_is_exact_and_removes_bn(tiny_resnet_onnx):
     m = P.load(tiny_resnet_onnx)
-    r = get("fold_bn")(m)
+    r = build("fold_bn")(m)
     assert r.summary["folded"] == 5
     assert not any(n.op_type == "BatchNormalization" for n in r.model.graph.node)
     same_outputs(m, r.model)
@@ -33,14 +33,14 @@ def test_fold_bn_into_gemm_and_conv_transpose():
     h = g.op("Gemm", ["x", g.weight(8, 6), g.weight(8)], channels=8, transB=1, alpha=0.5, beta=2.0)
     y = g.op("Gemm", [g.relu(g.bn(h)), g.weight(8, 3)], channels=3)
     m = from_proto(g.model([y]))
-    r = get("fold_bn")(m)
+    r = build("fold_bn")(m)
     assert r.summary["folded"] == 1
     same_outputs(m, r.model)
     g = G()
     a = g.relu(g.conv("x", 4))
     up = g.op("ConvTranspose", [a, g.weight(4, 5, 2, 2)], channels=5, kernel_shape=[2, 2], strides=[2, 2])
     m = from_proto(g.model([g.conv(g.relu(g.bn(up)), 2)]))
-    r = get("fold_bn")(m)
+    r = build("fold_bn")(m)
     assert r.summary["folded"] == 1
     same_outputs(m, r.model)
 
@@ -50,7 +50,7 @@ def test_bn_after_shared_output_is_kept():
     a = g.conv("x", 4)
     b = g.bn(a)
     m = from_proto(g.model([g.add(g.conv(b, 4), a)]))
-    r = get("fold_bn")(m)
+    r = build("fold_bn")(m)
     assert not r.changed and "also read elsewhere" in r.details[0]
 
 
@@ -64,7 +64,7 @@ def test_merge_linear_conv_chains(k, pads_b):
     else:
         b = g.conv(a, 4, 1)
     m = from_proto(g.model([g.relu(b)]))
-    r = get("merge")(m)
+    r = build("merge")(m)
     assert r.summary["merged"] >= 1
     assert sum(n.op_type == "Conv" for n in r.model.graph.node) < sum(n.op_type == "Conv" for n in m.graph.node)
     same_outputs(m, r.model)
@@ -74,7 +74,7 @@ def test_merge_skips_1x1_with_bias_before_padded_conv():
     g = G()
     a = g.conv("x", 5, 1, bias=True)
     m = from_proto(g.model([g.conv(a, 4, 3)]))
-    assert not get("merge")(m).changed
+    assert not build("merge")(m).changed
 
 
 def test_merge_gemm_chain_and_conv_as_fc():
@@ -82,7 +82,7 @@ def test_merge_gemm_chain_and_conv_as_fc():
     h = g.op("Gemm", ["x", g.weight(8, 6), g.weight(8)], channels=8, transB=1)
     y = g.op("MatMul", [h, g.weight(8, 3)], channels=3)
     m = from_proto(g.model([y]))
-    r = get("merge")(m)
+    r = build("merge")(m)
     assert r.summary["merged"] == 1
     same_outputs(m, r.model)
     g = G((1, 4, 3, 3))
@@ -90,17 +90,17 @@ def test_merge_gemm_chain_and_conv_as_fc():
     f = g.op("Flatten", [c], axis=1)
     y = g.op("Gemm", [f, g.weight(2, 7), g.weight(2)], channels=2, transB=1)
     m = from_proto(g.model([y]))
-    r = get("merge")(m)
+    r = build("merge")(m)
     assert r.summary["merged"] == 1 and not any(n.op_type == "Conv" for n in r.model.graph.node)
     same_outputs(m, r.model)
 
 
 def test_decompose_full_rank_then_merge_is_the_original(tiny_resnet_onnx):
     m = P.load(tiny_resnet_onnx)
-    d = get("decompose", energy=1.0, break_even=False)(m)
+    d = build("decompose", energy=1.0, break_even=False)(m)
     assert d.summary["decomposed"] == 5
     same_outputs(m, d.model)
-    merged = get("merge")(d.model)
+    merged = build("merge")(d.model)
     assert merged.summary["merged"] == 5
     same_outputs(m, merged.model)
     assert sum(n.op_type == "Conv" for n in merged.model.graph.node) == 5
@@ -112,7 +112,7 @@ def test_exact_rank_weight_decomposes_at_that_rank_with_no_error():
     g = G((1, 8, 8, 8))
     y = g.op("Conv", ["x", g.const(w), g.weight(16)], channels=16, kernel_shape=[3, 3], pads=[1] * 4)
     m = from_proto(g.model([g.relu(y)]))
-    d = get("decompose", energy=1 - 1e-9)(m)
+    d = build("decompose", energy=1 - 1e-9)(m)
     assert "rank 3 of 16" in d.details[0]
     same_outputs(m, d.model, rtol=1e-5)
 
@@ -123,7 +123,7 @@ def test_error_decreases_monotonically_with_rank(tiny_resnet_onnx):
     ref = ortutil.run(m, feeds)[0]
     errors = []
     for eta in (0.5, 0.7, 0.85, 0.95, 0.99, 1.0):
-        d = get("decompose", energy=eta, break_even=False)(m)
+        d = build("decompose", energy=eta, break_even=False)(m)
         errors.append(float(np.linalg.norm(ortutil.run(d.model, feeds)[0] - ref)))
     assert all(b <= a + 1e-6 for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 1e-4 * np.linalg.norm(ref)
@@ -133,7 +133,7 @@ def test_break_even_is_respected_and_reported():
     g = G((1, 8, 8, 8))
     y = g.conv("x", 4, 3)  # 4 x 72: break-even 4*72/76 = 3.8
     m = from_proto(g.model([g.relu(y)]))
-    d = get("decompose", energy=0.999)(m)
+    d = build("decompose", energy=0.999)(m)
     assert not d.changed or "break-even" in d.details[0]
     assert "break-even" in d.details[0]
 
@@ -141,8 +141,8 @@ def test_break_even_is_respected_and_reported():
 def test_data_aware_decomposition_beats_plain_svd_on_its_data(tiny_resnet_onnx):
     m = P.load(tiny_resnet_onnx)
     data = load_data("digits", preprocess=Preprocess(size=(16, 16), channels=3), samples=128)
-    plain = get("decompose", target_macs=0.6)(m)
-    aware = get("decompose", target_macs=0.6)(m, PassContext(calib=data))
+    plain = build("decompose", target_macs=0.6)(m)
+    aware = build("decompose", target_macs=0.6)(m, PassContext(calib=data))
     x, _ = data.arrays()
     ref = ortutil.run(m, {"input": x})[0]
     e_plain = np.linalg.norm(ortutil.run(plain.model, {"input": x})[0] - ref)
@@ -154,7 +154,7 @@ def test_target_macs_is_met(tiny_resnet_onnx):
     from carve.pipeline.graph.cost import model_cost
 
     m = P.load(tiny_resnet_onnx)
-    d = get("decompose", target_macs=0.5, round_to=2)(m)
+    d = build("decompose", target_macs=0.5, round_to=2)(m)
     assert model_cost(d.model).macs <= 0.5 * model_cost(m).macs
 
 
@@ -174,7 +174,7 @@ def test_pass_manager_numeric_check_catches_a_broken_exact_pass(tiny_resnet_onnx
     m = P.load(tiny_resnet_onnx)
     with pytest.raises(AssertionError, match="exact pass 'broken' changed"):
         PassManager([Broken()], [NumericCheck()]).run(m)
-    final, results = PassManager([get("fold_bn"), get("merge")]).run(m)
+    final, results = PassManager([build("fold_bn"), build("merge")]).run(m)
     assert results[0].error["max_rel"] < 1e-5
 
 
@@ -182,7 +182,7 @@ def test_decomposed_rank_channels_are_prunable_by_coefficient_norms(tiny_resnet_
     from carve.pipeline.pruning.criterion import ScoreContext, criteria
 
     m = P.load(tiny_resnet_onnx)
-    d = get("decompose", energy=0.9, break_even=False)(m).model
+    d = build("decompose", energy=0.9, break_even=False)(m).model
     an = P.analyse(d)
     basis = [s for s in an.producers() if s.name.endswith("_basis")]
     assert basis and all(not an.unit_frozen[an.source_units(s)].any() for s in basis)

@@ -50,18 +50,18 @@ EXACT_PASSES = {"fold_bn", "merge", "decompose_full"}
 
 def apply_pass(model, name: str, x: float, calib):
     """One step of a random pipeline; ``x`` in [0.3, 1] parametrises it (energy or kept fraction)."""
-    from carve.pipeline.passes import PassContext, get
+    from carve.pipeline.passes import PassContext, build
     from carve.pipeline.pruning.prune import PruneOptions, prune_model
 
     ctx = PassContext(calib=calib)
     if name == "fold_bn":
-        return get("fold_bn")(model, ctx).model
+        return build("fold_bn")(model, ctx).model
     if name == "merge":
-        return get("merge", when="always")(model, ctx).model
+        return build("merge", when="always")(model, ctx).model
     if name == "decompose_full":
-        return get("decompose", energy=1.0, break_even=False)(model, ctx).model
+        return build("decompose", energy=1.0, break_even=False)(model, ctx).model
     if name == "decompose":
-        return get("decompose", energy=x)(model, ctx).model
+        return build("decompose", energy=x)(model, ctx).model
     repairs = {"prune": [], "prune_fuse": [{"exact": {"gate": 0.5}}], "prune_lsq": ["lsq"]}[name]
     opts = PruneOptions(criterion="l1", ratio=1 - x, round_to=1, repairs=repairs, verify=True)
     try:

@@ -29,13 +29,13 @@ sys.path.insert(0, str(REPO))
 
 def variants(m, target: float, calib, *, with_data: bool):
     """(name, model) for every variant at one MAC target."""
-    from carve.pipeline.passes import PassContext, get
+    from carve.pipeline.passes import PassContext, build
     from carve.pipeline.pruning.prune import PruneOptions, prune_model
 
     ctx = PassContext(calib=calib if with_data else None)
-    d = get("decompose", target_macs=target, round_to=8 if target > 0.4 else 4)(m, ctx).model
+    d = build("decompose", target_macs=target, round_to=8 if target > 0.4 else 4)(m, ctx).model
     yield "decompose", d
-    yield "decompose+merge", get("merge", when="slower")(d, ctx).model
+    yield "decompose+merge", build("merge", when="slower")(d, ctx).model
     opts = dict(criterion="l1", target_macs=target, round_to=8, verify=False)
     yield "prune", prune_model(m, PruneOptions(**opts)).model
     if with_data:

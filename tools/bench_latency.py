@@ -93,7 +93,7 @@ def final_measure(a: Path, b: Path, rounds: int, clock: str) -> dict:
 def kept_importance(analysis, scores, frozen, removed, criterion: str) -> float:
     """The share of the importance the knapsack maximises (its ``norm=auto`` scale) that the kept channels hold."""
     from carve.pipeline.pruning.allocator import Allocation
-    from carve.plugins.allocators.latency import LatencyKnapsack
+    from carve.plugins.allocators.knapsack import LatencyKnapsack
 
     s = LatencyKnapsack().importance(Allocation(analysis, scores.values, frozen, 0.0, criterion=criterion))
     prunable = ~frozen
@@ -109,9 +109,9 @@ def bench_model(name: str, args, tmp: Path, alignment: bool = True) -> dict:
     from carve.pipeline.graph.rewrite import ensure_biases
     from carve.pipeline.graph.surgery import zero_removed
     from carve.pipeline.measure.evaluate import evaluate
-    from carve.pipeline.measure.latency import MeasuredLatency
+    from carve.pipeline.measure.oracle import MeasuredLatency
     from carve.pipeline.measure.profile import ProfileSettings
-    from carve.pipeline.pruning.latency import closed_loop, tolerance
+    from carve.pipeline.pruning.closed_loop import closed_loop, tolerance
     from carve.pipeline.pruning.planner import Widths, plan, score
     from carve.pipeline.pruning.repair import repairs
     from carve.pipeline.pruning.targets import Target

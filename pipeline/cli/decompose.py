@@ -43,9 +43,9 @@ def run(args: argparse.Namespace) -> int:
     from carve.pipeline.cli._common import load_calib, run_pass
     from carve.pipeline.config import options_for
     from carve.pipeline.graph import check_output_path, load
-    from carve.pipeline.passes import get, passes
+    from carve.pipeline.passes import build, passes
 
-    p = get("decompose", **options_for(passes.get("decompose"), args))
+    p = build("decompose", **options_for(passes.get("decompose"), args))
     check_output_path(args.output, args.model, args.calib)
     model = load(args.model, input_shape=args.input_shape)
     calib = load_calib(args, model, required="--error" if args.error is not None else False)

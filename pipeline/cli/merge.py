@@ -32,8 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from carve.pipeline.cli._common import run_pass
-    from carve.pipeline.passes import get
+    from carve.pipeline.passes import build
 
-    passes = [get("fold_bn")] if args.fold_bn else []
-    passes.append(get("merge", when=args.when, backend=args.backend, threads=args.threads, batch=args.batch))
+    passes = [build("fold_bn")] if args.fold_bn else []
+    passes.append(build("merge", when=args.when, backend=args.backend, threads=args.threads, batch=args.batch))
     return run_pass(args, passes)

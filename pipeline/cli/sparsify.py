@@ -36,12 +36,12 @@ def run(args: argparse.Namespace) -> int:
     from carve.pipeline.config import options_for
     from carve.pipeline.flows.passes import run_passes
     from carve.pipeline.graph import check_output_path, load
-    from carve.pipeline.passes import get, passes
+    from carve.pipeline.passes import build, passes
 
     check_output_path(args.output, args.model, args.calib)
     model = load(args.model)
     data = load_calib(args, model, required="--criterion cep" if args.criterion == "cep" else False)
-    p = get("sparsify", **options_for(passes.get("sparsify"), args))
+    p = build("sparsify", **options_for(passes.get("sparsify"), args))
     run = run_passes(args.model, args.output, [p], model=model, calib=data, seed=args.seed, command=command_line())
     summary = run.results[0].summary
     if args.json:

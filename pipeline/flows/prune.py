@@ -1,6 +1,6 @@
 """``carve prune`` as a flow: a loaded model, options and calibration data in; the pruned model written atomically
 (never over an input) and its report out. The pruning itself is :func:`carve.pipeline.pruning.prune.prune_model`; this
-flow gives it the measurements (:class:`carve.pipeline.measure.latency.MeasuredLatency` on the options' backend): the
+flow gives it the measurements (:class:`carve.pipeline.measure.oracle.MeasuredLatency` on the options' backend): the
 latency table of a latency target, the closed loop, and the quick A/B of the result against the original."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 from carve.pipeline.graph.io import save
 from carve.pipeline.graph.model import Model
-from carve.pipeline.measure.latency import MeasuredLatency
+from carve.pipeline.measure.oracle import MeasuredLatency
 from carve.pipeline.progress import Progress
 from carve.pipeline.pruning.prune import PruneOptions, prune_model
 from carve.pipeline.pruning.report import PruneReport

@@ -46,7 +46,7 @@ from carve.pipeline.measure import gate
 from carve.pipeline.measure.compare import compare
 from carve.pipeline.measure.config import MeasureConfig
 from carve.pipeline.measure.evaluate import evaluate
-from carve.pipeline.passes import Dump, NumericCheck, PassContext, PassManager, Timing, get, record_pass
+from carve.pipeline.passes import Dump, NumericCheck, PassContext, PassManager, Timing, build, record_pass
 from carve.pipeline.runtime.ort import check_runs
 
 
@@ -246,7 +246,7 @@ def run_recipe(recipe: Recipe, *, keep_intermediate: Path | None = None, progres
     if data_source("eval") is not None:
         n = recipe.data.get("eval_samples")
         ev = load_data(data_source("eval"), model=original, preprocess=pre, samples=n, seed=recipe.seed + 1)
-    pass_objs = [get(name, **opts) for name, opts in recipe.passes]
+    pass_objs = [build(name, **opts) for name, opts in recipe.passes]
     instruments = [NumericCheck(), Timing()]
     if keep_intermediate is not None:
         instruments.append(Dump(keep_intermediate))

@@ -1,6 +1,6 @@
 """MACs or parameters as a knapsack cost: the exact analytic counterpart of a measured latency table.
 
-The ``knapsack`` allocator (``plugins/allocators/latency.py``) maximises kept importance under a budget whose cost is
+The ``knapsack`` allocator (``plugins/allocators/knapsack.py``) maximises kept importance under a budget whose cost is
 predicted from per-group factors, ``P = 1 + sum_g t_g (F_g - 1) + sum_(g,h) tau_gh (F_g - 1) (F_h - 1)``. For a
 latency table t and tau are measured; for MACs (or parameters) they are exact: a weight of M MACs whose output
 channels belong to group a and input channels to group b costs ``M F_a F_b`` after pruning, which expands into a

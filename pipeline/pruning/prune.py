@@ -7,10 +7,10 @@
 Criteria, allocators and repairs are reached through their registries. Repairs work on a *working* copy of the model
 whose removed consumer columns are zeroed, so verification is always the same statement: the pruned model equals the
 (repaired) working model in ONNX Runtime. Latency tables and measurements come from a :class:`LatencyOracle` the
-caller passes (``carve.pipeline.measure.latency.MeasuredLatency``: the CLI, recipes and
+caller passes (``carve.pipeline.measure.oracle.MeasuredLatency``: the CLI, recipes and
 :func:`carve.pipeline.flows.prune.prune_measured` do); without one, nothing is measured and a latency target is refused.
 Without ``round_to`` kept widths are multiples of what the backend's kernels want
-(:func:`carve.pipeline.pruning.latency.default_alignment`). The result is a :class:`PruneReport`; the model's
+(:func:`carve.pipeline.pruning.closed_loop.default_alignment`). The result is a :class:`PruneReport`; the model's
 ``carve.prune`` history entry is written once, here, from it.
 """
 
@@ -31,8 +31,8 @@ from carve.pipeline.graph.rewrite import ensure_biases
 from carve.pipeline.graph.surgery import cut, reference, zero_removed
 from carve.pipeline.progress import Progress, silent
 from carve.pipeline.pruning.allocator import Costs
+from carve.pipeline.pruning.closed_loop import LatencyOracle, Loop, Measured, closed_loop, default_alignment, tolerance
 from carve.pipeline.pruning.criterion import criteria
-from carve.pipeline.pruning.latency import LatencyOracle, Loop, Measured, closed_loop, default_alignment, tolerance
 from carve.pipeline.pruning.planner import Scores, Widths, allocator_for, plan, score
 from carve.pipeline.pruning.repair import RepairStep, parse_repairs, repairs
 from carve.pipeline.pruning.report import Inexact, LatencyReport, PruneReport, Verified
@@ -153,8 +153,8 @@ def prune_model(
     """Prune ``model`` as ``opts`` says; returns a :class:`PruneReport` (the pruned model is ``report.model``; its
     history holds ``report.to_json()``). ``progress`` (:mod:`carve.pipeline.progress`) hears every stage: analyse,
     score, plan, each repair layer by layer, surgery, verify. ``latency`` measures
-    (:class:`~carve.pipeline.pruning.latency.LatencyOracle`): it gives the latency table for a latency target, checks
-    the plan on the engine (closed loop), and measures the result against the original."""
+    (:class:`~carve.pipeline.pruning.closed_loop.LatencyOracle`): it gives the latency table for a latency target,
+    checks the plan on the engine (closed loop), and measures the result against the original."""
     target = opts.check(calib)
     steps = opts.repair_steps()
     if target.kind == "latency" and latency is None:

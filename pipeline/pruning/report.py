@@ -11,7 +11,7 @@ from typing import Any
 
 from carve.pipeline.graph.plan import Plan
 from carve.pipeline.graph.surgery import Cut
-from carve.pipeline.pruning.latency import Loop, Measured
+from carve.pipeline.pruning.closed_loop import Loop, Measured
 from carve.pipeline.pruning.targets import Target
 
 

@@ -27,7 +27,7 @@ from carve.pipeline.graph.cost import model_cost
 from carve.pipeline.graph.io import save
 from carve.pipeline.graph.model import Model
 from carve.pipeline.measure.evaluate import evaluate
-from carve.pipeline.measure.latency import MeasuredLatency
+from carve.pipeline.measure.oracle import MeasuredLatency
 from carve.pipeline.passes import Pass, PassContext, PassResult, passes
 from carve.pipeline.pruning.prune import PruneOptions, legacy_repairs, prune_model
 from carve.pipeline.pruning.targets import Target

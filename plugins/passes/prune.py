@@ -8,7 +8,7 @@ from typing import Any
 
 from carve.pipeline.errors import CarveError
 from carve.pipeline.graph.model import Model
-from carve.pipeline.measure.latency import MeasuredLatency
+from carve.pipeline.measure.oracle import MeasuredLatency
 from carve.pipeline.passes import Pass, PassContext, PassResult, passes
 from carve.pipeline.pruning.prune import PruneOptions, prune_model
 

@@ -1,5 +1,5 @@
 """Pruning for speed: what a latency target means, the channel multiple each backend's kernels want, what pruning
-asks of measurement (:class:`LatencyOracle`, implemented by :class:`carve.pipeline.measure.latency.MeasuredLatency`),
+asks of measurement (:class:`LatencyOracle`, implemented by :class:`carve.pipeline.measure.oracle.MeasuredLatency`),
 and the closed loop that checks a plan on the real engine and corrects it (NetAdapt, Yang et al., ECCV 2018: propose,
 measure on the target, adjust).
 

@@ -1,4 +1,4 @@
-"""What ``carve prune`` asks of measurement (the ``LatencyOracle`` of :mod:`carve.pipeline.pruning.latency`): the
+"""What ``carve prune`` asks of measurement (the ``LatencyOracle`` of :mod:`carve.pipeline.pruning.closed_loop`): the
 latency table of a model on one engine (a given file, checked against the model and settings; or the cache; or profiled
 now), and a quick interleaved A/B of a pruned model against the original on the same engine.
 
