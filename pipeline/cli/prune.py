@@ -108,6 +108,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="the units of an attention: whole heads (default), or per-head widths of Q/K and of V/out, the same "
         "in every head",
     )
+    which.add_argument(
+        "--conv-groups",
+        choices=["width", "whole"],
+        default="width",
+        help="the units of a grouped (not depthwise) conv: equal widths in every group (default), or whole groups "
+        "(its group count shrinks)",
+    )
     which.add_argument("--seed", type=int, default=0, help="seed for random criteria and sampling")
     add_calib_args(p)
     rep = p.add_argument_group("repair (no training; `carve plugins` lists the repairs and their options)")

@@ -54,6 +54,8 @@ class PruneOptions:
     exclude: list[str] = field(default_factory=list)
     # the units of an attention: whole heads, or per-head widths of Q/K and of V/out (same count in every head)
     attention: str = field(default="heads", metadata=bounds(choices=("heads", "width")))
+    # the units of a grouped conv: one position of every group (equal widths) or whole groups (``group`` shrinks)
+    conv_groups: str = field(default="width", metadata=bounds(choices=("width", "whole")))
     seed: int = 0
     criterion_options: dict[str, Any] = field(default_factory=dict)
     allocator_options: dict[str, Any] = field(default_factory=dict)
@@ -170,7 +172,7 @@ def prune_model(
     if any("biases" in r.needs for _, r in built):
         ensure_biases(model)  # e.g. a refit's intercept needs a bias that is cut with its layer
     report("analyse")
-    analysis = analyse(model, attention=opts.attention)
+    analysis = analyse(model, attention=opts.attention, conv_groups=opts.conv_groups)
     report(f"score and plan ({opts.criterion}, {opts.allocator or 'default allocator'})")
     scores = score(
         analysis, opts.criterion, options=opts.criterion_options, calib=calib, seed=opts.seed, progress=progress
