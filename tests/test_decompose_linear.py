@@ -70,7 +70,10 @@ def _gemm_model(trans_b: int, alpha: float, beta: float, c_shape, k: int = 12, n
     return from_proto(m)
 
 
-@pytest.mark.parametrize("trans_b,alpha,beta,c_shape", [(0, 1.0, 1.0, (7,)), (1, 0.5, 2.0, (1, 7)), (1, 1.5, 0.0, (7,))])
+GEMMS = [(0, 1.0, 1.0, (7,)), (1, 0.5, 2.0, (1, 7)), (1, 1.5, 0.0, (7,))]
+
+
+@pytest.mark.parametrize("trans_b,alpha,beta,c_shape", GEMMS)
 def test_gemm_attributes_survive_full_rank_split_and_merge(trans_b, alpha, beta, c_shape):
     m = _gemm_model(trans_b, alpha, beta, c_shape)
     d = build("decompose", energy=1.0, break_even=False)(m)
