@@ -147,24 +147,21 @@ GROUPED = {"regnetx_002", "regnety_004", "resnext26ts", "efficientvit_b0"}
 
 def reestimate_bn(m, spec, batches: int = 3, batch: int = 4) -> bool:
     """Re-estimate BatchNorm running statistics on random batches (cumulative average): random weights with the
-    default statistics give activations that explode or vanish. Returns whether the model has BatchNorm."""
+    default statistics give activations that explode or vanish. The model runs in eval mode with only its BatchNorms
+    in training mode, so detectors that want targets in training mode run too. Returns whether it has BatchNorm."""
     import torch
 
     bns = [mod for mod in m.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns or spec[1] != IMAGE:
         return False
+    m.eval()
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None
-    m.train()
+        bn.train()
     with torch.no_grad():
         for _ in range(batches):
-            x = torch.randn(batch, *spec[0][1:])
-            try:
-                m(x)
-            except Exception:  # a detector in train mode wants targets: run it image by image in eval mode instead
-                m.eval()
-                return False
+            m(torch.randn(batch, *spec[0][1:]))
     m.eval()
     return True
 
@@ -351,12 +348,11 @@ def markdown(doc: dict) -> str:
     lines.append(
         f"{len(doc['models'])} models, random weights built from configs (BatchNorm statistics re-estimated on random "
         f"batches), TorchScript exporter (opset 17); `carve prune --ratio 0.5` defaults; ORT CPU, 1 thread, batch 1, "
-        f"{doc['settings']['rounds']} interleaved rounds timed by the thread's CPU time on {env.get('cpu', '?')}; load "
-        f"average "
-        f"{la.get('before', ['?'])[0]} before, {la.get('after', ['?'])[0]} after (shared machine). Reported error of "
-        "an inexact (LayerNorm) removal: the output's max relative distance to the original with the removed channels "
-        "zeroed, before any repair. Grouped convs are pruned by equal widths in every group (the default); "
-        "'whole groups': `--conv-groups whole`, measured in the same run."
+        f"{doc['settings']['rounds']} interleaved rounds timed by the thread's CPU time on {env.get('cpu', '?')}; "
+        f"load average {la.get('before', ['?'])[0]} before, {la.get('after', ['?'])[0]} after (shared machine). "
+        "Reported error of an inexact (LayerNorm) removal: the output's max relative distance to the original with the "
+        "removed channels zeroed, before any repair. Grouped convs are pruned by equal widths in every group (the "
+        "default); 'whole groups': `--conv-groups whole`, measured in the same run."
     )
     return "\n".join(lines) + "\n"
 
