@@ -176,3 +176,12 @@ def test_timm_grouped_exports(name):
         assert share >= TIMM[name], f"{mode}: {share:.1%} prunable; frozen: {an.summary()['frozen_reasons']}"
     report = prune_model(model, PruneOptions(ratio=0.5, round_to=1, measure=False))
     assert report.macs_ratio < 0.6 and report.verify is not None
+
+
+def test_whole_groups_refuse_a_latency_table():
+    g = G((1, 3, 6, 6), seed=5)
+    x = g.relu(g.conv(g.relu(g.conv("x", 8, 1)), 8, 3, group=4))
+    model = cgraph.from_proto(g.model([g.head(x)]))
+    opts = PruneOptions(target_macs=None, target_latency=0.5, conv_groups="whole", measure=False)
+    with pytest.raises(Exception, match="`conv_groups=whole` cannot use"):
+        prune_model(model, opts, latency=object())

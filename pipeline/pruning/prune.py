@@ -164,6 +164,12 @@ def prune_model(
             "a latency target needs measurements on the target engine",
             hint="use carve.pipeline.flows.prune.prune_measured(...) or pass latency=MeasuredLatency(...)",
         )
+    if (target.kind == "latency" or opts.lut) and opts.conv_groups != "width":
+        raise CarveError(
+            "a latency table profiles grouped convs by equal widths in every group; `conv_groups=whole` cannot use "
+            "one (a latency target or `lut`)",
+            hint="use `conv_groups=width`, or a MAC or parameter target with whole groups",
+        )
     report = progress or silent
     had_nonfinite = nonfinite_initializers(model)  # the input's own (e.g. a Clip bound of inf) are not ours
     if not inplace:
