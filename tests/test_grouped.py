@@ -1,9 +1,9 @@
-"""Grouped convolutions (issue 22 item 4): a grouped, non-depthwise Conv is pruned by equal widths in every group
-(``conv_groups="width"``: one position of every group is a unit, ``group`` stays) or by whole groups (``"whole"``: a
-group's inputs and outputs are one unit, ``group`` shrinks), with its producers and consumers; depthwise stays as it
-was. Property: on random graphs of the pattern (ResNeXt/RegNet bottlenecks, stacked grouped convs of different group
-counts, SE, depthwise), every plan in either mode prunes to a valid model equal to the reference in ONNX Runtime. Real
-exports: timm's RegNetX/RegNetY/ResNeXt built from config (skipped without timm)."""
+"""Grouped convolutions (issue 22 item 4): a grouped, non-depthwise Conv is pruned by whole groups (the default,
+``conv_groups="whole"``: a group's inputs and outputs are one unit, ``group`` shrinks) or by equal widths in every
+group (``"width"``: one position of every group is a unit, ``group`` stays), with its producers and consumers;
+depthwise stays as it was. Property: on random graphs of the pattern (ResNeXt/RegNet bottlenecks, stacked grouped
+convs of different group counts, SE, depthwise), every plan in either mode prunes to a valid model equal to the
+reference in ONNX Runtime. Real exports: timm's RegNetX/RegNetY/ResNeXt built from config (skipped without timm)."""
 
 from __future__ import annotations
 
@@ -138,19 +138,20 @@ def test_unknown_conv_groups_mode_is_refused():
         analyse(model, conv_groups="half")
 
 
-def test_cli_conv_groups_whole(tmp_path):
+def test_cli_conv_groups(tmp_path):
     g = G((1, 3, 6, 6), seed=4)
     x = g.relu(g.conv("x", 8, 1))
     x = g.relu(g.conv(x, 8, 3, group=4))
     src, dst = tmp_path / "g.onnx", tmp_path / "p.onnx"
     onnx.save(g.model([g.head(x)]), str(src))
     cmd = [sys.executable, "-m", "carve", "prune", str(src), "-o", str(dst), "--ratio", "0.5"]
-    cmd += ["--round-to", "1", "--conv-groups", "whole", "--no-measure"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    groups = [a.i for n in onnx.load(str(dst)).graph.node for a in n.attribute if a.name == "group"]
-    assert 2 in groups and 4 not in groups, groups
-    bad = subprocess.run([*cmd[:-3], "--conv-groups", "half"], capture_output=True, text=True)
+    cmd += ["--round-to", "1", "--no-measure"]
+    for extra, group in (([], 2), (["--conv-groups", "width"], 4)):  # whole groups (the default), equal widths
+        res = subprocess.run([*cmd, *extra], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        groups = [a.i for n in onnx.load(str(dst)).graph.node for a in n.attribute if a.name == "group"]
+        assert group in groups and {2, 4} - {group} & set(groups) == set(), groups
+    bad = subprocess.run([*cmd, "--conv-groups", "half"], capture_output=True, text=True)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
 
 
@@ -178,10 +179,10 @@ def test_timm_grouped_exports(name):
     assert report.macs_ratio < 0.6 and report.verify is not None
 
 
-def test_whole_groups_refuse_a_latency_table():
+def test_equal_widths_refuse_a_latency_table():
     g = G((1, 3, 6, 6), seed=5)
     x = g.relu(g.conv(g.relu(g.conv("x", 8, 1)), 8, 3, group=4))
     model = cgraph.from_proto(g.model([g.head(x)]))
-    opts = PruneOptions(target_macs=None, target_latency=0.5, conv_groups="whole", measure=False)
-    with pytest.raises(Exception, match="`conv_groups=whole` cannot use"):
+    opts = PruneOptions(target_macs=None, target_latency=0.5, conv_groups="width", measure=False)
+    with pytest.raises(Exception, match="`conv_groups=width` cannot use"):
         prune_model(model, opts, latency=object())

@@ -141,7 +141,7 @@ MODELS = {
     "ssdlite320": _ssdlite,
 }
 
-# models with grouped (not depthwise) convs: also pruned by whole groups (``conv_groups="whole"``)
+# models with grouped (not depthwise) convs: also pruned by equal widths in every group (``conv_groups="width"``)
 GROUPED = {"regnetx_002", "regnety_004", "resnext26ts", "efficientvit_b0"}
 
 
@@ -235,12 +235,12 @@ def run_one(name: str, tmp: Path, rounds: int) -> dict:
         ix = report.inexact
         out["inexact"] = {"units": ix.units, "groups": ix.groups, **(ix.error or {})}
     out["speed"] = speedups(src, dst, [1], rounds, clock="cpu")["1"]
-    if name in GROUPED:  # the other way to prune a grouped conv: whole groups
-        whole = prune_measured(load(src), PruneOptions(ratio=0.5, conv_groups="whole", measure=False), inplace=True)
-        save(whole.model, dst)
-        out["whole_groups"] = {
-            "mac_ratio": round(whole.macs_ratio, 4),
-            "verify_max_abs": whole.verify.max_abs_diff,
+    if name in GROUPED:  # the other way to prune a grouped conv: equal widths in every group
+        width = prune_measured(load(src), PruneOptions(ratio=0.5, conv_groups="width", measure=False), inplace=True)
+        save(width.model, dst)
+        out["equal_widths"] = {
+            "mac_ratio": round(width.macs_ratio, 4),
+            "verify_max_abs": width.verify.max_abs_diff,
             "speed": speedups(src, dst, [1], rounds, clock="cpu")["1"],
         }
     out["seconds"] = round(time.time() - started, 1)
@@ -311,10 +311,10 @@ def markdown(doc: dict) -> str:
         err = f"inexact: {ix['max_rel']:.1%} rel." if ix else f"exact, {r['verify_max_abs']:.0e}"
         speed = f"{sp['speedup']:.2f}x ({sp['ci'][0]:.2f}-{sp['ci'][1]:.2f})"
         ratio = f"{r['mac_ratio']:.3f}"
-        if "whole_groups" in r:
-            wg = r["whole_groups"]
-            ratio += f"; whole groups {wg['mac_ratio']:.3f}"
-            speed += f"; whole groups {wg['speed']['speedup']:.2f}x"
+        if "equal_widths" in r:
+            wg = r["equal_widths"]
+            ratio += f"; equal widths {wg['mac_ratio']:.3f}"
+            speed += f"; equal widths {wg['speed']['speedup']:.2f}x"
         rows.append(
             [
                 name,
@@ -351,8 +351,8 @@ def markdown(doc: dict) -> str:
         f"{doc['settings']['rounds']} interleaved rounds timed by the thread's CPU time on {env.get('cpu', '?')}; "
         f"load average {la.get('before', ['?'])[0]} before, {la.get('after', ['?'])[0]} after (shared machine). "
         "Reported error of an inexact (LayerNorm) removal: the output's max relative distance to the original with the "
-        "removed channels zeroed, before any repair. Grouped convs are pruned by equal widths in every group (the "
-        "default); 'whole groups': `--conv-groups whole`, measured in the same run."
+        "removed channels zeroed, before any repair. Grouped convs are pruned by whole groups (the default); "
+        "'equal widths': `--conv-groups width`, measured in the same run."
     )
     return "\n".join(lines) + "\n"
 

@@ -21,9 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--conv-groups",
-        choices=["width", "whole"],
-        default="width",
-        help="the units of a grouped conv: equal widths in every group (default) or whole groups (as `carve prune`)",
+        choices=["whole", "width"],
+        default="whole",
+        help="the units of a grouped conv: whole groups (default) or equal widths in every group (as `carve prune`)",
     )
     add_input_shape_arg(p)
     p.set_defaults(func=run)

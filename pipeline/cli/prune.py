@@ -110,10 +110,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     which.add_argument(
         "--conv-groups",
-        choices=["width", "whole"],
-        default="width",
-        help="the units of a grouped (not depthwise) conv: equal widths in every group (default), or whole groups "
-        "(its group count shrinks)",
+        choices=["whole", "width"],
+        default="whole",
+        help="the units of a grouped (not depthwise) conv: whole groups (default; its group count shrinks), or equal "
+        "widths in every group",
     )
     which.add_argument("--seed", type=int, default=0, help="seed for random criteria and sampling")
     add_calib_args(p)

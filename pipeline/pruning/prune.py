@@ -54,8 +54,8 @@ class PruneOptions:
     exclude: list[str] = field(default_factory=list)
     # the units of an attention: whole heads, or per-head widths of Q/K and of V/out (same count in every head)
     attention: str = field(default="heads", metadata=bounds(choices=("heads", "width")))
-    # the units of a grouped conv: one position of every group (equal widths) or whole groups (``group`` shrinks)
-    conv_groups: str = field(default="width", metadata=bounds(choices=("width", "whole")))
+    # the units of a grouped conv: whole groups (``group`` shrinks) or one position of every group (equal widths)
+    conv_groups: str = field(default="whole", metadata=bounds(choices=("whole", "width")))
     seed: int = 0
     criterion_options: dict[str, Any] = field(default_factory=dict)
     allocator_options: dict[str, Any] = field(default_factory=dict)
@@ -164,11 +164,11 @@ def prune_model(
             "a latency target needs measurements on the target engine",
             hint="use carve.pipeline.flows.prune.prune_measured(...) or pass latency=MeasuredLatency(...)",
         )
-    if (target.kind == "latency" or opts.lut) and opts.conv_groups != "width":
+    if (target.kind == "latency" or opts.lut) and opts.conv_groups != "whole":
         raise CarveError(
-            "a latency table profiles grouped convs by equal widths in every group; `conv_groups=whole` cannot use "
-            "one (a latency target or `lut`)",
-            hint="use `conv_groups=width`, or a MAC or parameter target with whole groups",
+            "a latency table profiles grouped convs by whole groups; `conv_groups=width` cannot use one (a latency "
+            "target or `lut`)",
+            hint="use `conv_groups=whole` (the default), or a MAC or parameter target with equal widths",
         )
     report = progress or silent
     had_nonfinite = nonfinite_initializers(model)  # the input's own (e.g. a Clip bound of inf) are not ours

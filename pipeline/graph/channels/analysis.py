@@ -280,14 +280,14 @@ def fingerprint(model: Model) -> tuple:
     )
 
 
-def analyse(model: Model, *, attention: str = "heads", conv_groups: str = "width") -> ChannelAnalysis:
+def analyse(model: Model, *, attention: str = "heads", conv_groups: str = "whole") -> ChannelAnalysis:
     """Analyse the channels of a prepared model (:func:`carve.pipeline.graph.load`).
 
     ``attention`` chooses the units of an attention: ``heads`` (whole heads: Q, K and V channels of a head and the
     output projection's rows it feeds) or ``width`` (per-head widths: a Q/K channel pair, or a V channel with its
     output-projection row, the same number in every head). ``conv_groups`` chooses the units of a grouped (not
-    depthwise) conv: ``width`` (one position of every group: equal widths in every group) or ``whole`` (whole groups:
-    the ``group`` attribute shrinks)."""
+    depthwise) conv: ``whole`` (whole groups: the ``group`` attribute shrinks) or ``width`` (one position of every
+    group: equal widths in every group)."""
     if attention not in ATTENTION_MODES:
         raise UnsupportedModelError(
             f"unknown attention mode {attention!r}", hint=f"choose one of {', '.join(ATTENTION_MODES)}"

@@ -1,6 +1,6 @@
 """Handlers of the ops that create channels: Conv, ConvTranspose (dense, grouped, depthwise), Gemm, MatMul with a
 constant weight. Their output channels are new elements; their input side records which weight columns each input
-element owns. A grouped conv is pruned by equal widths in every group or by whole groups (``conv_groups``); a
+element owns. A grouped conv is pruned by whole groups or by equal widths in every group (``conv_groups``); a
 depthwise conv's filters are members of their input channel's unit."""
 
 from __future__ import annotations
@@ -46,10 +46,11 @@ def _grouped_conv(a: Analyser, node: onnx.NodeProto, c: _ConvOperands, *, cin, c
     that indexes a group's input positions (axis 1) holds one group's worth. Two ways to keep it a grouped conv,
     chosen by ``Analyser.conv_groups``:
 
+    * ``whole`` (default): all channels of a group (its inputs and outputs) are one unit, so whole groups go; the
+      per-group axis stays and ``group`` counts the surviving groups (:class:`GroupFix`);
     * ``width``: position p of every group is one unit (inputs and outputs alike), so every group loses the same
-      positions; the per-group axis is cut by group 0's positions and ``group`` stays;
-    * ``whole``: all channels of a group (its inputs and outputs) are one unit, so whole groups go; the per-group
-      axis stays and ``group`` counts the surviving groups (:class:`GroupFix`)."""
+      positions; the per-group axis is cut by group 0's positions and ``group`` stays. A unit spans ``g`` channels,
+      so a channel alignment (``round_to``) that ``g`` does not divide rounds to many positions at once."""
     g, w = c.group, a.const(c.weight)
     xin = c.xin
     if xin is None or len(xin) != cin:
