@@ -109,6 +109,9 @@ def _ssdlite():
             d = self.inner([x[0]])[0]
             return d["boxes"], d["scores"], d["labels"]
 
+        def calibrate(self, x):  # every image of the batch (BatchNorm statistics need more than one)
+            self.inner(list(x))
+
     return Boxes(m), ((1, 3, 320, 320), IMAGE), "torchvision"
 
 
@@ -161,7 +164,7 @@ def reestimate_bn(m, spec, batches: int = 3, batch: int = 4) -> bool:
         bn.train()
     with torch.no_grad():
         for _ in range(batches):
-            m(torch.randn(batch, *spec[0][1:]))
+            getattr(m, "calibrate", m)(torch.randn(batch, *spec[0][1:]))
     m.eval()
     return True
 
