@@ -1,5 +1,6 @@
 """Bias correction: after pruning, each consumer's bias absorbs the mean shift of its output,
-b' = b + E[W X_orig] - E[W_K X_K] per output channel, from channel means only (cheaper than the least-squares refit;
+b' = b_orig + E[W_orig X_orig] - E[W_K X_K] per output channel (W_K and X_K: the working model's kept weights and inputs, so
+after another repair, e.g. lsq, it corrects only what that repair left), from channel means only (cheaper than the least-squares refit;
 the mean-shift correction of data-free quantisation and pruning work, e.g. Nagel et al. ICCV 2019). In topological
 order on calibration data (:mod:`carve.pipeline.data.compensate`)."""
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from carve.pipeline.data.compensate import compensate
-from carve.pipeline.graph.consumers import add_bias, consumer_columns, weight_matrix
+from carve.pipeline.graph.consumers import add_bias, bias_vector, consumer_columns, weight_matrix
 from carve.pipeline.graph.model import Model
 from carve.pipeline.pruning.repair import Repair, RepairResult, repairs
 
@@ -39,14 +40,21 @@ class _BiasCorrection:
         acc = self.sums.setdefault(node.name, [0.0, 0.0, 0])
         acc[1] = acc[1] + self._channel_sums(node, working[node.input[0]])[0]
 
+    @staticmethod
+    def _per_channel(node, w: np.ndarray, channels: int) -> np.ndarray:
+        """Cout x channels: a Conv's weight summed over its kernel positions (the weight of a channel's mean)."""
+        return w.reshape(w.shape[0], channels, w.shape[1] // channels).sum(-1) if node.op_type == "Conv" else w
+
     def finish(self, node, model: Model) -> str:
         weight, axis, keep = self.cols[node.name]
         s_o, s_w, n = self.sums.pop(node.name)
         mu_o, mu_w = s_o / n, s_w / n
-        w = weight_matrix(self.original, node, weight, axis)
-        inner = w.shape[1] // len(keep)
-        per_ch = w.reshape(w.shape[0], len(keep), inner).sum(-1) if node.op_type == "Conv" else w
-        delta = per_ch @ mu_o - per_ch[:, keep] @ mu_w[keep]
+        # target: the original's output mean; now: the working model's, with its own (possibly already repaired)
+        # weights and bias, so a chained repair (lsq then bias) corrects what is left instead of undoing the refit
+        target = self._per_channel(node, weight_matrix(self.original, node, weight, axis), len(keep)) @ mu_o
+        now = self._per_channel(node, weight_matrix(model, node, weight, axis), len(keep))[:, keep] @ mu_w[keep]
+        count = len(target)
+        delta = target + bias_vector(self.original, node, count) - now - bias_vector(model, node, count)
         add_bias(model, node, delta)
         return f"{node.name}: bias corrected (mean shift {float(np.abs(delta).mean()):.3g})"
 
