@@ -1,8 +1,8 @@
 """Bias correction: after pruning, each consumer's bias absorbs the mean shift of its output,
-b' = b_orig + E[W_orig X_orig] - E[W_K X_K] per output channel (W_K and X_K: the working model's kept weights and inputs, so
-after another repair, e.g. lsq, it corrects only what that repair left), from channel means only (cheaper than the least-squares refit;
-the mean-shift correction of data-free quantisation and pruning work, e.g. Nagel et al. ICCV 2019). In topological
-order on calibration data (:mod:`carve.pipeline.data.compensate`)."""
+b' = b_orig + E[W_orig X_orig] - E[W_K X_K] per output channel, where W_K and X_K are the working model's kept
+weights and inputs (after another repair, e.g. lsq, it corrects only what that repair left). From channel means only
+(cheaper than the least-squares refit; the mean-shift correction of data-free quantisation and pruning work, e.g.
+Nagel et al. ICCV 2019). In topological order on calibration data (:mod:`carve.pipeline.data.compensate`)."""
 
 from __future__ import annotations
 
