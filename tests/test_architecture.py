@@ -138,6 +138,57 @@ def test_flows_and_cli_reach_plugins_through_registries_only():
             assert not direct, f"{path} imports {direct[0]}"
 
 
+def test_no_plugin_imports_another_plugin():
+    """A plugin reaches what it shares with others through the pipeline layer (carve.pipeline.pruning.scoring,
+    carve.pipeline.graph.fold, carve.pipeline.training.options), never through another plugin's module; a plugin
+    package's ``__init__`` imports only its own modules (to register them)."""
+    bad = []
+    for path in sorted((REPO / "plugins").rglob("*.py")):
+        here = module_name(path)
+        own = here if path.name == "__init__.py" else None
+        for mod, line, _ in imports(path):
+            if not mod.startswith("carve.plugins") or not known(mod) or mod == here:
+                continue
+            if own is not None and (mod == own or mod.startswith(own + ".")):
+                continue
+            if (source_path(mod) / "__init__.py").is_file() and here.startswith(mod + "."):
+                continue  # `from carve.plugins.criteria import x` names the package on the way to x
+            bad.append(f"{path.relative_to(REPO)}:{line}: imports {mod}")
+    assert not bad, "plugins importing plugins:\n" + "\n".join(bad)
+
+
+def _written(target: ast.expr) -> ast.expr | None:
+    """The object whose state an assignment target changes: ``a.b[c] = v`` and ``a.b = v`` change ``a``."""
+    while isinstance(target, ast.Subscript | ast.Attribute):
+        inner = target.value
+        if isinstance(target, ast.Attribute) or isinstance(inner, ast.Attribute):
+            return inner if isinstance(target, ast.Attribute) else inner.value
+        target = inner
+    return None
+
+
+def test_no_plugin_writes_into_the_channel_analysis():
+    """The analysis is shared by every plugin of a run: a plugin memoises in its own module (e.g. a WeakKeyDictionary
+    keyed by the analysis), never by storing attributes or entries into the analysis."""
+    from carve.pipeline.graph.channels import ChannelAnalysis
+
+    assert (
+        not hasattr(ChannelAnalysis, "cache")
+        and "self.cache" not in (REPO / "pipeline/graph/channels/analysis.py").read_text()
+    )
+    bad = []
+    for path in sorted((REPO / "plugins").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            targets += [node.target] if isinstance(node, ast.AugAssign | ast.AnnAssign) else []
+            for t in targets:
+                obj = _written(t)
+                name = obj.attr if isinstance(obj, ast.Attribute) else getattr(obj, "id", None)
+                if name in ("analysis", "an"):
+                    bad.append(f"{path.relative_to(REPO)}:{node.lineno}: writes into {ast.unparse(t)}")
+    assert not bad, "plugins writing into the channel analysis:\n" + "\n".join(bad)
+
+
 def test_no_import_cycles_between_packages():
     """Packages (carve.pipeline.graph.channels, carve.pipeline.measure.backends, carve.plugins.criteria, ...) form no
     cycle through module-level imports."""
