@@ -7,7 +7,7 @@ s_w = |g_w w| with g the loss gradient averaged over a labelled batch (``variant
 s_w = 0.5 w^2 E[g^2] (``variant="fisher"``). A group is a filter (conv) or a row (fully connected).
 Ours: with many calibration batches, s_w = E_batches[|g_w w|] -- the gradient of a converged model averaged over the
 whole set is close to zero, so averaging |g w| per mini-batch is what keeps the first-order term informative
-(measured on ResNet-20: 50% unstructured sparsity kept 15.6% top-1 with the averaged gradient).
+(docs/criteria.md).
 
 * Structured (this criterion, for ``carve prune``): a channel scores S_o = sum_{w in group o} s_w; with ``hcep`` > 0 the
   top ``hcep`` fraction of channels of every layer score +inf and are never pruned (HCEP's keep-the-highest rule).
