@@ -96,6 +96,21 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def output_folder(path, flag: str, hint: str):
+    """``path`` as a folder that exists (made when missing); a file there, or a folder that cannot be made, is a
+    one-line error naming ``flag``."""
+    from pathlib import Path
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise CarveError(f"{flag} {path}: is a file, not a folder", hint=hint)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CarveError(f"{flag} {path}: cannot create the folder ({exc.strerror or exc})") from None
+    return folder
+
+
 def console(quiet: bool = False):
     """A rich console on stdout; quiet prints nothing. Piped output gets a wide page so tables stay one row a line."""
     import os
