@@ -161,3 +161,24 @@ def test_chained_repairs_each_fit_the_original(tiny_resnet_onnx):
     assert lsq < 0.5 * plain
     for chain in ("lsq+bias", "bias+lsq"):
         assert error(chain) <= 1.05 * lsq + 1e-6, chain
+
+
+def test_bias_correction_matches_every_consumers_output_mean(tiny_resnet_onnx):
+    """After bias correction each consumer's output has, per channel, the original's mean on the calibration data:
+    a convolution's mean is its weight on the mean *patch* (digits are centred, so border offsets read less than the
+    channel mean; with channel means the 3x3 convolutions' corrected means were off)."""
+    from carve.pipeline.data.capture import with_outputs
+    from carve.pipeline.graph.consumers import consumer_columns
+    from carve.pipeline.runtime.ort import session
+
+    m, plan, data = pruned_setup(tiny_resnet_onnx)
+    work, _, _ = repair("bias", m, plan, data)
+    x, _ = data.arrays()
+    names = [m.nodes[n].output[0] for n in consumer_columns(plan)]
+    assert any(m.nodes[n].op_type == "Conv" for n in consumer_columns(plan))
+    a = session(with_outputs(m, names)).run(names, {"input": x})
+    b = session(with_outputs(work, names)).run(names, {"input": x})
+    for name, ya, yb in zip(names, a, b):
+        axes = tuple(i for i in range(ya.ndim) if i != 1)
+        scale = np.abs(ya.mean(axes)).max() + 1e-6
+        np.testing.assert_allclose(yb.mean(axes), ya.mean(axes), atol=1e-4 * scale, err_msg=name)
