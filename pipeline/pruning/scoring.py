@@ -14,11 +14,14 @@ from carve.pipeline.pruning.criterion import cosine_distances
 
 
 def filter_rows(arr: np.ndarray, axis: int) -> np.ndarray:
+    """A weight-shaped array as one row per filter: ``axis`` (the output channels) first, the rest flattened."""
     a = np.moveaxis(arr, axis, 0)
     return a.reshape(a.shape[0], -1)
 
 
 def weight_scores(grads: Gradients, name: str, w: np.ndarray, variant: str) -> np.ndarray:
+    """CEP's score of every weight of ``name`` (papers.md section 1): ``taylor`` E_batches[|g w|], ``fisher``
+    0.5 w^2 E[g^2]."""
     if variant == "taylor":
         return (grads.abs[name] * np.abs(w)).astype(np.float64)
     if variant == "fisher":
