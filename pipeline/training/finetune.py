@@ -78,6 +78,7 @@ class FinetuneOptions:
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch CPU threads (default: torch's)
     bn: str = "auto"  # auto | insert | keep | off: BatchNormalization for training (bn_insert)
+    bn_init: str = "teacher"  # inserted BNs' affine: the teacher's channel statistics | identity (bn_insert.matched)
 
     def __post_init__(self) -> None:
         if self.optimizer not in DEFAULTS:
@@ -103,6 +104,8 @@ class FinetuneOptions:
                 raise CarveError(f"`{name}` must be a number >= 0, got {value}")
         Temperature.parse(self.temperature)
         bn_insert.check_mode(self.bn)
+        if self.bn_init not in ("teacher", "identity"):
+            raise CarveError(f"`bn_init` must be teacher or identity, got {self.bn_init!r}")
 
 
 @dataclass
@@ -156,7 +159,7 @@ def finetune(
     if opts.threads:
         torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
-    graph, inserted = _training_graph(student, data, opts)
+    graph, inserted = _training_graph(student, data, opts, teacher)
     net = TorchGraph(graph).to(device)
     frozen = _freeze(net, graph, opts.freeze)
     loss = Loss.compose(opts, student, teacher, data, _check_data(student, data, net, device), device)
@@ -386,14 +389,17 @@ class Meter:
             self.progress("train: epoch", entry["epoch"], self.schedule.epochs, **figures)
 
 
-def _training_graph(student: Model, data: Dataset, opts: FinetuneOptions) -> tuple[Model, list[bn_insert.Inserted]]:
+def _training_graph(
+    student: Model, data: Dataset, opts: FinetuneOptions, teacher: Model | None
+) -> tuple[Model, list[bn_insert.Inserted]]:
     """The graph that trains: the student, or (``bn`` auto on a graph without BatchNormalization, or insert) the
     student with a BatchNormalization after each conv that has none (frozen convs excepted), calibrated on up to 256
     training images; and the inserted BNs."""
     if not bn_insert.decide(opts.bn, student):
         return student, []
     skip = {n.name for n in student.graph.node if any(fnmatch.fnmatchcase(n.name, p) for p in opts.freeze)}
-    return bn_insert.insert(student, data.sample(min(256, len(data)), seed=opts.seed), skip=skip)
+    calib = data.sample(min(256, len(data)), seed=opts.seed)
+    return bn_insert.insert(student, calib, skip=skip, teacher=teacher if opts.bn_init == "teacher" else None)
 
 
 def write_back(
