@@ -110,21 +110,29 @@ def test_a_graph_without_bn_trains_with_inserted_bn_and_keeps_its_structure(tmp_
 
 
 def test_folded_resnet20_recovers_like_the_bn_kept_export(tmp_path, cifar_train, cifar_test, resnet20_weights):
-    """CIFAR ResNet-20 at half its MACs, 30 steps: the folded export with BN re-inserted ends where the BN-kept
-    export does, and far above the same folded graph trained as it is (``bn: keep``)."""
+    """CIFAR ResNet-20 pruned to half its MACs, 30 steps from the same pruned network with its BN kept or folded into
+    the convs: with BN re-inserted the folded graph ends where the BN-kept one does, and far above the same folded
+    graph trained as it is (``bn: keep``). (Pruned apart, the two exports lose different channels: L1 ranks folded
+    filters, which carry BN's scale; that choice is the criterion's, not fine-tuning's.)"""
     from carve import models
     from carve.pipeline.measure.evaluate import evaluate
+    from carve.pipeline.passes import PassContext, build
 
+    models.export("resnet20", tmp_path / "kept.onnx")
+    original = P.load(tmp_path / "kept.onnx")
+    fold = build("fold_bn")
+    pruned = P.prune_model(original, P.PruneOptions(target_macs=0.5, round_to=8)).model
+    graphs = {
+        "kept": (pruned, original),
+        "folded": (fold(pruned, PassContext()).model, fold(original, PassContext()).model),
+    }
+    assert not any(n.op_type == "BatchNormalization" for n in graphs["folded"][0].graph.node)
+    train = load_data(cifar_train, model=original, samples=2000, seed=0)
+    test = load_data(cifar_test, model=original, samples=500, seed=0)
     top1 = {}
-    for export in ("kept", "folded"):
-        models.export("resnet20", tmp_path / f"{export}.onnx", fold_bn=export == "folded")
-        original = P.load(tmp_path / f"{export}.onnx")
-        train = load_data(cifar_train, model=original, samples=2000, seed=0)
-        test = load_data(cifar_test, model=original, samples=500, seed=0)
-        pruned = P.prune_model(original, P.PruneOptions(target_macs=0.5, round_to=8)).model
-        for bn in ("auto", "keep") if export == "folded" else ("auto",):
-            opts = FinetuneOptions(steps=30, batch=64, threads=1, bn=bn)
-            r = finetune(pruned, train, opts, teacher=original)
-            top1[export, bn] = evaluate(r.model, test)["top1"]
-    assert top1["folded", "auto"] >= top1["kept", "auto"] - 0.04, top1
+    for export, bn in (("kept", "auto"), ("folded", "auto"), ("folded", "keep")):
+        student, teacher = graphs[export]
+        r = finetune(student, train, FinetuneOptions(steps=30, batch=64, threads=1, bn=bn), teacher=teacher)
+        top1[export, bn] = evaluate(r.model, test)["top1"]
+    assert top1["folded", "auto"] >= top1["kept", "auto"] - 0.03, top1
     assert top1["folded", "auto"] > top1["folded", "keep"] + 0.15, top1
