@@ -80,6 +80,27 @@ def test_modes_and_bad_options(tmp_path):
         FinetuneOptions(bn="fold").check()
     with pytest.raises(CarveError, match="`bn_init`"):
         FinetuneOptions(bn_init="zero").check()
+    # the recipe key (the finetune and gradual passes read the same options) and the CLI flag
+    from carve.pipeline.cli import main
+    from carve.plugins.passes.finetune import finetune_options
+
+    opts, _ = finetune_options({"bn": "insert", "bn_init": "identity"}, "pass 'finetune'")
+    assert (opts.bn, opts.bn_init) == ("insert", "identity")
+    with pytest.raises(CarveError, match="`bn` must be one of"):
+        finetune_options({"bn": "on"}, "pass 'finetune'")[0].check()
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "finetune",
+                str(tmp_path / "folded.onnx"),
+                "--data",
+                "digits",
+                "--bn",
+                "fold",
+                "-o",
+                str(tmp_path / "o.onnx"),
+            ]
+        )
 
 
 def _digits(model, split: str, n: int | None = None) -> Dataset:

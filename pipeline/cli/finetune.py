@@ -62,6 +62,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="BatchNormalization while training: insert one after each conv for training and fold it back (auto: when "
         "the graph has none, as an eval-mode export folds it), keep the graph as it is, off: running statistics only",
     )
+    p.add_argument(
+        "--bn-init",
+        choices=["teacher", "identity"],
+        default="teacher",
+        help="inserted BNs start from the teacher's channel statistics (what batch statistics give a BN-kept graph) "
+        "or unchanged from the student's",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
