@@ -46,5 +46,9 @@ class BatchNormStatistics(Repair):
             for n in working.graph.node
             if n.op_type == "BatchNormalization" and all(working.is_const(i) for i in n.input[1:5])
         ]
+        if not bns:  # an eval-mode export folded its BN into the convs: fine-tuning puts it back (``bn: auto``)
+            return RepairResult(
+                working, ["no BatchNormalization to re-estimate (folded into the convs?)"], counts={self.name: 0}
+            )
         details = compensate(original, working, bns, _BNStats(), calib, progress=progress, stage=f"{self.name}: layer")
         return RepairResult(working, details)
