@@ -157,3 +157,28 @@ def test_folded_resnet20_recovers_like_the_bn_kept_export(tmp_path, cifar_train,
         top1[export, bn] = evaluate(r.model, test)["top1"]
     assert top1["folded", "auto"] >= top1["kept", "auto"] - 0.03, top1
     assert top1["folded", "auto"] > top1["folded", "keep"] + 0.15, top1
+
+
+def test_bn_repair_on_a_folded_graph_does_what_it_does_with_bn_kept(
+    tmp_path, cifar_train, cifar_test, resnet20_weights
+):
+    """``repairs: [bn]`` re-estimates a BN-kept graph's statistics; on the same pruned network folded it re-normalises
+    the convs to the original's channel statistics, and repairs as much (no training)."""
+    from carve import models
+    from carve.pipeline.measure.evaluate import evaluate
+    from carve.pipeline.passes import PassContext, build
+    from carve.plugins.repairs.bn import BatchNormStatistics
+
+    models.export("resnet20", tmp_path / "kept.onnx")
+    original = P.load(tmp_path / "kept.onnx")
+    calib = load_data(cifar_train, model=original, samples=256, seed=0)
+    test = load_data(cifar_test, model=original, samples=500, seed=0)
+    pruned = P.prune_model(original, P.PruneOptions(target_macs=0.5, round_to=8)).model
+    kept = P.prune_model(original, P.PruneOptions(target_macs=0.5, round_to=8, repairs=["bn"]), calib=calib).model
+    fold = build("fold_bn")
+    folded, folded_original = fold(pruned, PassContext()).model, fold(original, PassContext()).model
+    r = BatchNormStatistics().apply(folded_original, None, folded, calib)
+    assert r.counts == {"bn": sum(n.op_type == "Conv" for n in folded.graph.node)}
+    assert [n.op_type for n in r.model.graph.node] == [n.op_type for n in folded.graph.node]
+    top1 = {k: evaluate(m, test)["top1"] for k, m in (("none", folded), ("kept", kept), ("folded", r.model))}
+    assert top1["folded"] > top1["none"] + 0.15 and top1["folded"] >= top1["kept"] - 0.05, top1

@@ -287,3 +287,33 @@ def describe(mode: str, inserted: list[Inserted], model: Model) -> dict:
     else:
         what = "no BatchNormalization trained"
     return {"mode": mode, "inserted": len(inserted), "graph_batchnorm": kept, "what": what}
+
+
+def recalibrate(working: Model, original: Model, calib: Dataset, *, images: int = 256) -> tuple[Model, int]:
+    """The BN repair for a graph without BN (``repairs: [bn]`` on a folded export): every conv's channels get back
+    the mean and spread the original's same channel has, in topological order — what re-estimating a BN-kept graph's
+    statistics does. A BN is inserted after each conv with the original's statistics as its affine (:func:`matched`),
+    one forward pass in batch-statistics mode over ``images`` calibration images measures every BN's input *after*
+    the corrections upstream of it (running statistics = that batch's), and the BNs are folded back. Returns the
+    repaired copy and how many convs were re-normalised."""
+    import torch
+
+    from carve.pipeline.runtime.torch_graph import TorchGraph
+
+    sample = calib.sample(min(images, len(calib)), seed=0)
+    aug, inserted = insert(working, sample, teacher=original, rescale=False)
+    if not inserted:
+        return working, 0
+    for ins in inserted:  # ONNX momentum 0: the running statistics become the batch's
+        node = aug.nodes[ins.bn]
+        for a in node.attribute:
+            if a.name == "momentum":
+                a.f = 0.0
+    net = TorchGraph(aug, trainable=False)
+    net.train()
+    net.batch_statistics = True
+    x, _ = sample.take(np.arange(len(sample)))
+    with torch.no_grad():
+        net(torch.from_numpy(x))
+    net.write_back(aug, only={i for ins in inserted for i in (ins.mean, ins.var)})
+    return fold_back(aug, working, inserted), len(inserted)
