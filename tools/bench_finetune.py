@@ -230,7 +230,15 @@ def markdown(doc: dict) -> str:
 
 def _paths(rows: list, originals: dict) -> str:
     """Both export paths side by side: per model and target, the top-1 after 3 epochs of defaults."""
-    header = ["model", "export", "BN nodes", "fewer MACs", "top-1 pruned", "top-1 fine-tuned (vs original)", "bn"]
+    header = [
+        "model",
+        "export",
+        "BN nodes",
+        "fewer MACs",
+        "top-1 pruned",
+        "top-1 fine-tuned (vs original)",
+        "BN in training",
+    ]
     body = []
     order = {e: i for i, e in enumerate(EXPORTS)}
     for r in sorted(rows, key=lambda r: (MODELS.index(r["model_name"]), -r["target"], order[r["export"]])):
@@ -241,15 +249,23 @@ def _paths(rows: list, originals: dict) -> str:
             [
                 r["model_name"] + (f" ({top:.2%})" if top is not None else ""),
                 EXPORTS[r["export"]],
-                str(base.get("batchnorm", "-")),
+                str(base.get("batchnorm", "-" if r["export"] == "folded" else "yes")),
                 TARGETS.get(r["target"], f"{r['target']:g}"),
                 f"{r['top1_pruned']:.2%}",
                 f"**{r['top1']:.2%}**{vs}",
-                (r.get("bn") or {}).get("what", "-"),
+                _bn(r.get("bn")),
             ]
         )
     head = "Export paths: L1, one-shot, 3 epochs of defaults, top-1 on all 10,000 test images (original in brackets)"
     return "\n".join([head, "", *table(header, body)])
+
+
+def _bn(bn: dict | None) -> str:
+    if not bn:
+        return "trained as batch norm"  # rows from before the column: the BN-kept graph
+    if bn["inserted"]:
+        return f"{bn['inserted']} inserted, folded back"
+    return "trained as batch norm" if bn["graph_batchnorm"] else "none"
 
 
 def _grid(rows: list, base: float) -> str:
