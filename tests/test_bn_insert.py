@@ -82,7 +82,7 @@ def test_modes_and_bad_options(tmp_path):
         FinetuneOptions(bn_init="zero").check()
     # the recipe key (the finetune and gradual passes read the same options) and the CLI flag
     from carve.pipeline.cli import main
-    from carve.plugins.passes.finetune import finetune_options
+    from carve.pipeline.training.options import finetune_options
 
     opts, _ = finetune_options({"bn": "insert", "bn_init": "identity"}, "pass 'finetune'")
     assert (opts.bn, opts.bn_init) == ("insert", "identity")
