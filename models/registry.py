@@ -60,4 +60,4 @@ def names() -> list[str]:
 
 
 def _load() -> None:
-    from . import cifar_resnet, detector, lenet, torchvision_models, unet, vgg  # noqa: F401
+    from . import cifar_resnet, detector, lenet, torchvision_models, unet, vgg, vit  # noqa: F401
