@@ -183,7 +183,10 @@ def vit_cifar10(
 
 
 # zoo models trained by tools/train_zoo.py into the cache: name in ModelSpec.trained ("cache:NAME") -> cache file
-CACHED = {"vit-cifar10": vit_cache_path}
+CACHED = {
+    "vit-cifar10": lambda: vit_cache_path(),
+    "detector-digits": lambda: cache_dir() / f"detector-digits-seed0-v{CACHE_VERSION}.pt",
+}
 
 
 def trained_in_cache(spec, model: nn.Module, warnings: list[str]) -> tuple[nn.Module, str, list[str]]:
@@ -196,4 +199,6 @@ def trained_in_cache(spec, model: nn.Module, warnings: list[str]) -> tuple[nn.Mo
         return model, "random", warnings
     saved = torch.load(path, weights_only=True)
     model.load_state_dict(saved["state_dict"])
-    return model, f"trained on CIFAR-10 (test top-1 {saved['metrics']['test_acc']:.3f})", warnings
+    m = saved["metrics"]
+    what = f"test top-1 {m['test_acc']:.3f}" if "test_acc" in m else f"test mAP@0.5 {m['test_map50']:.3f}"
+    return model, f"trained: {path.name} ({what})", warnings

@@ -17,11 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from carve.models import train
+    from carve.models import train, train_detector
 
-    trainers = {"vit": train.vit_cifar10}
-    if hasattr(train, "detector_digits"):
-        trainers["detector"] = train.detector_digits
+    trainers = {"vit": train.vit_cifar10, "detector": train_detector.detector_digits}
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("names", nargs="+", choices=sorted(trainers))
     ap.add_argument("--fresh", action="store_true", help="train again even when the cache holds weights")
