@@ -109,22 +109,22 @@ def test_each_loss_is_zero_at_the_teacher_and_pulls_towards_it(loss, shape):
     assert float(losses.distil(loss, teacher.clone(), teacher, 2.0)) == pytest.approx(0.0, abs=1e-5)
     student = (teacher + torch.randn(shape, generator=g)).requires_grad_(True)
     value = losses.distil(loss, student, teacher, 2.0)
-    assert float(value) > 1e-3
     value.backward()
+    assert float(value.detach()) > 1e-3
     stepped = (student - 0.05 * student.grad / student.grad.norm()).detach()
-    assert float(losses.distil(loss, stepped, teacher, 2.0)) < float(value)  # a gradient step comes closer
+    assert float(losses.distil(loss, stepped, teacher, 2.0)) < float(value.detach())  # a gradient step comes closer
 
 
 def test_regression_is_in_units_of_the_teachers_spread_per_channel():
     g = torch.Generator().manual_seed(1)
     t = torch.randn(8, 3, 5, 5, generator=g)
     s = t + 0.3 * torch.randn(8, 3, 5, 5, generator=g)
-    scale = torch.tensor([1.0, 100.0, 0.01]).reshape(1, 3, 1, 1)  # pixels, big logits, small offsets
+    scale = torch.tensor([1.0, 30.0, 0.1]).reshape(1, 3, 1, 1)  # pixels, big logits, small offsets
     for name in ("smooth-l1", "mse"):
         assert float(losses.distil(name, s * scale, t * scale, 1)) == pytest.approx(float(losses.distil(name, s, t, 1)))
     # an unscaled MSE would be ruled by the big channel; this one is not
     spread = losses.spread(t * scale).flatten()
-    assert spread[1] / spread[2] == pytest.approx(1e4, rel=0.2)
+    assert spread[1] / spread[2] == pytest.approx(300, rel=0.3)
     flat = torch.zeros(4, 2, 3)
     assert torch.isfinite(losses.regression(flat + 1e-3, flat))  # a constant teacher does not divide by zero
 
@@ -148,15 +148,19 @@ def test_cli_output_loss_is_checked(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def detector_files(tmp_path_factory):
-    """The zoo detector (random weights: distillation needs none), the same pruned to ~0.6 of its MACs, and a folder
-    of unlabelled 64 x 64 PNG images (digits on canvases)."""
+    """The zoo detector briefly trained on the synthetic detection set (seconds: outputs that vary with the image), the
+    same pruned to ~0.6 of its MACs, and a folder of unlabelled 64 x 64 PNG images (digits on canvases)."""
     from PIL import Image
 
     from carve import models
+    from carve.models.detector import Detector
+    from carve.models.train_detector import train_detector
     from carve.pipeline.data.detection import synthetic
 
     d = tmp_path_factory.mktemp("det")
-    models.export("detector", d / "det.onnx")
+    images, boxes = synthetic(256, seed=4)
+    torch.save(train_detector(Detector(), images, boxes, epochs=2, batch=32).state_dict(), d / "det.pt")
+    models.export("detector", d / "det.onnx", weights=str(d / "det.pt"))
     original = P.load(d / "det.onnx")
     P.save(P.prune_model(original, P.PruneOptions(target_macs=0.6)).model, d / "pruned.onnx")
     images, _ = synthetic(96, seed=3)
@@ -170,7 +174,7 @@ def test_label_free_finetune_of_the_detector_from_an_image_folder(detector_files
     d = detector_files
     out = tmp_path / "ft.onnx"
     args = ["finetune", str(d / "pruned.onnx"), "--teacher", str(d / "det.onnx"), "--data", str(d / "images")]
-    args += ["-o", str(out), "--epochs", "4", "--batch", "16", "--lr", "3e-3", "--threads", "1", "--json"]
+    args += ["-o", str(out), "--epochs", "4", "--batch", "16", "--threads", "1", "--json"]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["data"]["labelled"] is False and summary["losses"]["ce"] == 0
