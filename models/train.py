@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from carve.pipeline.data.augment import Augment
 from carve.pipeline.data.datasets import Dataset, Preprocess, digits_arrays, load_data
 from carve.pipeline.errors import CarveError
-from carve.pipeline.training.augment import Augment
 
 DIGITS_PREPROCESS = Preprocess(size=(32, 32), channels=1, mean=(0.5,), std=(0.5,))
 CACHE_VERSION = 1  # bump when the training recipe changes
@@ -200,5 +200,6 @@ def trained_in_cache(spec, model: nn.Module, warnings: list[str]) -> tuple[nn.Mo
     saved = torch.load(path, weights_only=True)
     model.load_state_dict(saved["state_dict"])
     m = saved["metrics"]
-    what = f"test top-1 {m['test_acc']:.3f}" if "test_acc" in m else f"test mAP@0.5 {m['test_map50']:.3f}"
-    return model, f"trained: {path.name} ({what})", warnings
+    what = f" (test top-1 {m['test_acc']:.3f})" if "test_acc" in m else ""
+    what = f" (test mAP@0.5 {m['test_map50']:.3f})" if "test_map50" in m else what
+    return model, f"trained: {path.name}{what}", warnings

@@ -139,10 +139,16 @@ def train_detector(
 
 
 def detector_digits(
-    seed: int = 0, *, epochs: int = EPOCHS, use_cache: bool = True, log: Callable[[str], None] | None = None
+    seed: int = 0,
+    *,
+    epochs: int = EPOCHS,
+    use_cache: bool = True,
+    log: Callable[[str], None] | None = None,
+    score: Callable[[nn.Module], dict] | None = None,
 ) -> tuple[nn.Module, dict]:
-    """The zoo detector trained on ``detect-digits:train``; its mAP on ``detect-digits:test`` (via ONNX export, as
-    ``carve eval`` measures it). Cached on disk (``$CARVE_CACHE``)."""
+    """The zoo detector trained on ``detect-digits:train``, with ``score(model)``'s figures (``tools/train_zoo.py``
+    gives its mAP on ``detect-digits:test``, measured as ``carve eval`` measures it). Cached on disk
+    (``$CARVE_CACHE``)."""
     from carve.pipeline.data.detection import builtin
 
     path = detector_cache_path(seed)
@@ -155,26 +161,10 @@ def detector_digits(
     images, boxes = builtin("train")
     torch.manual_seed(seed)
     model = train_detector(Detector(), images, boxes, epochs=epochs, seed=seed, log=log)
-    metrics = {"epochs": epochs, "seconds": round(time.perf_counter() - t0, 1), **test_map(model)}
+    metrics = {"epochs": epochs, "seconds": round(time.perf_counter() - t0, 1), **(score(model) if score else {})}
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save({"state_dict": model.state_dict(), "metrics": metrics}, tmp)
         os.replace(tmp, path)
     return model.eval(), {**metrics, "cached": False}
-
-
-def test_map(model: nn.Module) -> dict[str, float]:
-    """mAP of a torch detector on ``detect-digits:test`` (decoded as carve eval decodes the export)."""
-    from carve.pipeline.data.detection import CLASSES, builtin
-    from carve.pipeline.measure.detection import decode, mean_ap, nms
-
-    images, boxes = builtin("test")
-    meta = {"classes": CLASSES, "heads": {h: {"stride": s, "anchors": a} for h, (s, a) in HEADS.items()}}
-    dets = []
-    with torch.no_grad():
-        for k in range(0, len(images), 100):
-            o0, o1 = model(torch.from_numpy(PREPROCESS.apply(images[k : k + 100])))
-            dets += [nms(d) for d in decode({"out0": o0.numpy(), "out1": o1.numpy()}, meta)]
-    m = mean_ap(dets, boxes, CLASSES)
-    return {"test_map50": m["map50"], "test_map50_95": m["map50_95"]}
