@@ -7,8 +7,9 @@ fine-tuned with ``carve finetune``'s defaults.
 * Detector (weights from ``tools/train_zoo.py detector``, trained on ``detect-digits:train``): pruned to 0.5 of its
   MACs, then fine-tuned **label-free**: the training canvases without their boxes, each output distilled with the loss
   chosen for it (its heads are regression tensors: smooth-L1 in units of the teacher's spread). mAP@0.5 on
-  ``detect-digits:test`` (500 canvases of unseen glyphs). Target: within 2 mAP points. The same run with the old loss
-  (softmax KL over each flattened head, ``--output-loss out0=kl``) shows what the per-output choice is worth.
+  ``detect-digits:test`` (500 canvases of unseen glyphs), after 10 epochs (470 steps). Target: within 2 mAP points. The
+  same run with smooth-L1 on the whole heads and with the old loss (softmax KL over each flattened head,
+  ``--output-loss out0=kl``) shows what the per-output choice is worth.
 
 Both models come from ``carve export`` (TorchScript exporter, BN kept). Training on one thread; rows are written as
 they finish, and a rerun skips the rows already in the JSON (``--fresh`` to redo them).
@@ -36,12 +37,20 @@ sys.path.insert(0, str(REPO))
 TOLERANCE = {"vit": 1.5, "detector": 2.0}  # points of top-1 / mAP@0.5 the fine-tuned model may lose
 
 
-def prune(original, target: float):
+def prune(original, target: float) -> tuple:
+    """Pruned to ``target`` of the MACs as ``model_cost`` counts them: the planner's own estimate can land below the
+    target (the ViT: 0.45 when asked for 0.5), so the request is raised until the result is within 1.5% under it."""
     from carve.pipeline.graph.cost import model_cost
     from carve.pipeline.pruning.prune import PruneOptions, prune_model
 
-    report = prune_model(original, PruneOptions(target_macs=target, round_to=4, measure=False, seed=0))
-    return report.model, model_cost(report.model).macs / model_cost(original).macs
+    asked, base = target, model_cost(original).macs
+    for _ in range(4):
+        model = prune_model(original, PruneOptions(target_macs=asked, round_to=4, measure=False, seed=0)).model
+        ratio = model_cost(model).macs / base
+        if target - 0.015 <= ratio <= target + 0.005 or asked >= 0.99:
+            break
+        asked = min(0.99, asked + (target - ratio))
+    return model, ratio, asked
 
 
 def vit_row(tmp: Path, epochs: float, target: float) -> dict:
@@ -57,7 +66,7 @@ def vit_row(tmp: Path, epochs: float, target: float) -> dict:
     original = load(tmp / "vit.onnx")
     train = load_data("shared:data/cifar10/train_subset.npz", model=original, seed=0)
     test = load_data("shared:data/cifar10/test.npz", model=original, seed=1)
-    pruned, macs = prune(original, target)
+    pruned, macs, asked = prune(original, target)
     cpu0 = time.process_time()
     tuned = finetune(pruned, train, FinetuneOptions(epochs=epochs, threads=1), teacher=original)
     base, cut, final = (evaluate(m, test)["top1"] for m in (original, pruned, tuned.model))
@@ -67,6 +76,7 @@ def vit_row(tmp: Path, epochs: float, target: float) -> dict:
         "data": "CIFAR-10 test (10,000)",
         "original": base,
         "macs_ratio": macs,
+        "target_macs_asked": asked,
         "pruned": cut,
         "finetuned": final,
         "loss": "kd (kl) + ce",
@@ -93,11 +103,14 @@ def detector_rows(tmp: Path, epochs: float, target: float, ablation: bool) -> li
     test = load_data("detect-digits:test", model=original)
     train = load_data("detect-digits:train", model=original, seed=0)
     unlabelled = replace(train, boxes=None)  # images alone: nothing but the teacher to learn from
-    pruned, macs = prune(original, target)
+    pruned, macs, asked = prune(original, target)
     mAP = lambda m: evaluate(m, test)["detection"]["map50"]  # noqa: E731
     base, cut = mAP(original), mAP(pruned)
     rows = []
-    variants = [("per-output (smooth-l1 on both heads)", {})]
+    variants = [
+        ("per-output (yolo: objectness-scaled)", {}),
+        ("smooth-l1 on both heads", {"out0": "smooth-l1", "out1": "smooth-l1"}),
+    ]
     if ablation:
         variants.append(("flattened softmax KL (the old loss)", {"out0": "kl", "out1": "kl"}))
     for loss, overrides in variants:
@@ -111,6 +124,7 @@ def detector_rows(tmp: Path, epochs: float, target: float, ablation: bool) -> li
                 "data": "detect-digits:test (500)",
                 "original": base,
                 "macs_ratio": macs,
+                "target_macs_asked": asked,
                 "pruned": cut,
                 "finetuned": mAP(tuned.model),
                 "loss": loss,
@@ -153,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--output", default=str(REPO / "benchmarks" / "recovery.json"))
     ap.add_argument("--models", nargs="+", default=["vit", "detector"], choices=["vit", "detector"])
-    ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--epochs", type=float, default=3.0, help="the ViT's fine-tuning epochs")
+    ap.add_argument("--detector-epochs", type=float, default=10.0, help="the detector's (3,000 images: 470 steps)")
     ap.add_argument("--target", type=float, default=0.5, help="fraction of the MACs kept")
     ap.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the detector's old-loss row")
     ap.add_argument("--fresh", action="store_true", help="redo the rows already in the JSON")
@@ -163,16 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     out = Path(args.output)
     old = json.loads(out.read_text())["rows"] if out.exists() and not args.fresh else []
-    rows = [r for r in old if r["model"] not in args.models or r["epochs"] != args.epochs]
-    settings = {"epochs": args.epochs, "target_macs": args.target, "exporter": "torchscript (BN kept)"}
+    epochs = {"vit": args.epochs, "detector": args.detector_epochs}
+    rows = [r for r in old if r["model"] not in args.models or r["epochs"] == epochs[r["model"]]]  # kept
+    settings = {"epochs": epochs, "target_macs": args.target, "exporter": "torchscript (BN kept)"}
     with tempfile.TemporaryDirectory() as d:
         for name in args.models:
-            if any(r["model"] == name and r["epochs"] == args.epochs for r in old):
-                rows += [r for r in old if r["model"] == name and r["epochs"] == args.epochs]
-                continue
+            if any(r["model"] == name for r in rows):
+                continue  # measured already with these epochs
             new = [vit_row(Path(d), args.epochs, args.target)] if name == "vit" else []
             if name == "detector":
-                new = detector_rows(Path(d), args.epochs, args.target, args.ablation)
+                new = detector_rows(Path(d), args.detector_epochs, args.target, args.ablation)
             rows += new
             for r in new:
                 print(json.dumps({k: v for k, v in r.items() if k != "zoo_training"}), flush=True)

@@ -276,7 +276,7 @@ class Loss:
         if self.teacher is not None:
             t_outs, t_feats = self.teacher(x_np, self.features, [o.output for o in self.outputs])
             terms = [
-                losses.distil(o.loss, s, t_out.to(self.device), t)
+                losses.distil(o.loss, s, t_out.to(self.device), t, **o.params)
                 for o, s, t_out in zip(self.outputs, outs, t_outs)
                 if o.loss != "none"
             ]

@@ -10,6 +10,11 @@
 * Dense maps (segmentation logits N x C x H x W): per-position KL over the channel axis at temperature T, averaged over
   the positions (the pixel-wise distillation of Liu et al., "Structured Knowledge Distillation for Semantic
   Segmentation", CVPR 2019).
+* Raw YOLO heads (N x A(5 + C) x H x W, the layout the model's ``carve.detection`` metadata declares): objectness-scaled
+  distillation (Mehta and Ozturk, "Object detection at 200 Frames Per Second", ECCV workshops 2018): the Bernoulli KL of
+  the objectness at every anchor and cell, and, weighted by the teacher's objectness, the box offsets as regression
+  (smooth-L1 in units of the teacher's spread) and the class logits as KL at temperature T. The offsets and classes of
+  cells where the teacher sees nothing are never decoded, so they are not distilled.
 * Embeddings: 1 - cosine similarity along the feature axis (direction is what retrieval uses; the norm is not).
 * Cross-entropy with the labels, when the data has them.
 * A feature loss on matched intermediate tensors (FitNets-style hints, Romero et al., ICLR 2015): the mean squared
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +42,17 @@ LOSSES = {
     "mse": "boxes / regression: squared error scaled by the teacher's spread",
     "channel-kl": "dense maps: per-position KL over the channel axis at temperature T",
     "cosine": "embeddings: 1 - cosine similarity",
+    "yolo": "raw YOLO heads (carve.detection metadata): objectness KL, boxes and classes weighted by objectness",
     "none": "not distilled",
 }
 # what an output is -> its default loss
-KIND_LOSS = {"logits": "kl", "regression": "smooth-l1", "dense": "channel-kl", "embedding": "cosine"}
+KIND_LOSS = {
+    "logits": "kl",
+    "regression": "smooth-l1",
+    "dense": "channel-kl",
+    "embedding": "cosine",
+    "detection": "yolo",
+}
 
 _NAME_HINTS = [  # (words an output name starts a part with, kind); the first match wins
     ("box|bbox|loc|reg|coord|delta|offset|landmark|depth", "regression"),
@@ -56,13 +68,17 @@ class OutputLoss:
 
     output: str
     loss: str
-    kind: str  # logits | regression | dense | embedding | given
+    kind: str  # logits | regression | dense | embedding | detection | given
     why: str
+    params: dict = field(default_factory=dict, compare=False)  # what the loss needs to know (a YOLO head's layout)
 
 
 def output_kind(model, name: str) -> tuple[str, str]:
-    """(kind, why) of graph output ``name`` of ``model``: its ``carve.outputs`` metadata, an L2 normalisation
-    producing it, its name, then its shape (N x C: logits, N x C x H x W: dense map, anything else: regression)."""
+    """(kind, why) of graph output ``name`` of ``model``: a head its ``carve.detection`` metadata decodes, its
+    ``carve.outputs`` metadata, an L2 normalisation producing it, its name, then its shape (N x C: logits,
+    N x C x H x W: dense map, anything else: regression)."""
+    if name in _heads(model):
+        return "detection", "a YOLO head (carve.detection metadata)"
     declared = _declared(model)
     if name in declared:
         return declared[name], "declared in the model's carve.outputs metadata"
@@ -104,12 +120,19 @@ def output_losses(student, teacher, overrides: dict[str, str] | None = None) -> 
             hint="distil from the model the student was made from (its outputs keep their names)",
         )
     plan = []
+    heads = _heads(student)
     for n in names:
+        params = heads.get(n, {})
         if n in overrides:
-            plan.append(OutputLoss(n, overrides[n], "given", "chosen by the user"))
+            if overrides[n] == "yolo" and not params:
+                raise CarveError(
+                    f"`output_losses` {n}=yolo: the model's carve.detection metadata does not describe {n!r}",
+                    hint="yolo needs the head's anchors and classes (docs/finetune.md)",
+                )
+            plan.append(OutputLoss(n, overrides[n], "given", "chosen by the user", params))
         else:
             kind, why = output_kind(student, n)
-            plan.append(OutputLoss(n, KIND_LOSS[kind], kind, why))
+            plan.append(OutputLoss(n, KIND_LOSS[kind], kind, why, params))
     if all(p.loss == "none" for p in plan):
         raise CarveError("`output_losses`: every output is `none`: nothing to distil")
     return plan
@@ -121,8 +144,11 @@ def check_overrides(overrides: dict[str, str]) -> None:
             raise CarveError(f"`output_losses` {name}={loss}: unknown loss", hint=f"use one of {', '.join(LOSSES)}")
 
 
-def distil(loss: str, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The named distillation loss of one output (``teacher`` carries no gradient)."""
+def distil(loss: str, student: torch.Tensor, teacher: torch.Tensor, temperature: float, **params) -> torch.Tensor:
+    """The named distillation loss of one output (``teacher`` carries no gradient; ``params``: a YOLO head's
+    ``anchors`` and ``classes``)."""
+    if loss == "yolo":
+        return yolo_head(student, teacher, temperature, anchors=params["anchors"], classes=params["classes"])
     if loss == "kl":
         return distillation(student, teacher, temperature)
     if loss in ("smooth-l1", "mse"):
@@ -171,6 +197,26 @@ def channel_distillation(student: torch.Tensor, teacher: torch.Tensor, temperatu
     return per_position.mean() * (t * t)
 
 
+def yolo_head(student: torch.Tensor, teacher: torch.Tensor, temperature: float, *, anchors: int, classes: int):
+    """Objectness-scaled distillation of a raw YOLO head N x A(5 + C) x H x W: Bernoulli KL of the objectness
+    everywhere, plus smooth-L1 of the box offsets (in units of the teacher's spread) and T^2 KL of the class logits,
+    both weighted by the teacher's objectness probability."""
+    n, _, h, w = student.shape
+    s = student.reshape(n, anchors, 5 + classes, h, w)
+    t = teacher.reshape(n, anchors, 5 + classes, h, w)
+    p = torch.sigmoid(t[:, :, 4])
+    obj = F.binary_cross_entropy_with_logits(s[:, :, 4], p) - F.binary_cross_entropy_with_logits(t[:, :, 4], p)
+    weight = p / p.sum().clamp_min(1e-6)  # N A H W, sums to 1
+    scale = spread(t[:, :, :4].transpose(1, 2).reshape(n, 4, -1))  # per box coordinate
+    box = F.smooth_l1_loss(
+        s[:, :, :4] / scale.reshape(1, 1, 4, 1, 1), t[:, :, :4] / scale.reshape(1, 1, 4, 1, 1), reduction="none"
+    ).sum(2)
+    tt = float(temperature)
+    ls, lt = F.log_softmax(s[:, :, 5:] / tt, dim=2), F.log_softmax(t[:, :, 5:] / tt, dim=2)
+    cls = (lt.exp() * (lt - ls)).sum(2) * (tt * tt)
+    return obj + (weight * (box + cls)).sum()
+
+
 def cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """1 - cos(student, teacher) along the feature axis (the channel axis of an N x C x H x W map, else the last),
     averaged over everything else."""
@@ -181,6 +227,16 @@ def cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def feature(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean squared difference relative to the teacher's mean square (scale-free across layers)."""
     return F.mse_loss(student, teacher) / teacher.pow(2).mean().clamp_min(1e-12)
+
+
+def _heads(model) -> dict[str, dict]:
+    """The YOLO heads the ``carve.detection`` metadata describes: output -> {anchors: A, classes: C}."""
+    text = model.metadata().get("carve.detection")
+    try:
+        meta = json.loads(text) if text else {}
+        return {h: {"anchors": len(v["anchors"]), "classes": int(meta["classes"])} for h, v in meta["heads"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def _declared(model) -> dict[str, str]:
