@@ -160,3 +160,34 @@ def test_cache_trained_zoo_weights_are_found_or_reported(tmp_path, monkeypatch):
     det = P.load(models.export("detector", tmp_path / "d.onnx", weights="random").path).metadata()
     assert json.loads(det["carve.detection"])["heads"]["out1"]["stride"] == 8
     assert json.loads(det["carve.outputs"]) == {"out0": "regression", "out1": "regression"}
+
+
+def test_the_readme_accuracy_commands_run_as_written(trained_detector, tmp_path, monkeypatch):
+    """The README's ViT/detector block: the training line is replaced by the quickly trained detector put in the
+    cache, the image folder is made here, and the fine-tune runs one epoch instead of ten."""
+    import re
+    import shlex
+
+    from conftest import REPO
+    from PIL import Image
+
+    from carve.models.train import CACHED
+
+    monkeypatch.setenv("CARVE_CACHE", str(tmp_path / "cache"))
+    path = CACHED["detector-digits"]()
+    path.parent.mkdir(parents=True)
+    net = models.build("detector", weights=str(trained_detector.with_suffix(".pt")))
+    torch.save({"state_dict": net.state_dict(), "metrics": {"test_map50": 0.1}}, path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "canvases").mkdir()
+    for k, im in enumerate(synthetic(64, seed=5)[0]):
+        Image.fromarray(im).save(tmp_path / "canvases" / f"{k}.png")
+    block = next(
+        b for b in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S) if "train_zoo" in b
+    )
+    lines = [ln.split("  #")[0] for ln in block.splitlines() if ln.strip()]
+    assert lines[0].startswith("python tools/train_zoo.py vit detector")
+    for line in lines[1:]:
+        args = shlex.split(line.replace("--epochs 10", "--epochs 1"))
+        assert args[0] == "carve" and main(args[1:]) == 0, line
+    assert "finetune" in P.load(tmp_path / "det_ft.onnx").metadata()["carve.history"]

@@ -58,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=[],
         type=_output_loss,
         metavar="OUTPUT=LOSS",
-        help="the distillation loss of this graph output: kl, smooth-l1, mse, channel-kl, cosine or none (repeatable; "
+        help="the distillation loss of this graph output: kl, smooth-l1, mse, channel-kl, cosine, yolo or none (repeatable; "
         "default: chosen from what each output is, see docs/finetune.md)",
     )
     aug = p.add_argument_group("augmentation")
