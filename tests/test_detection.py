@@ -131,8 +131,10 @@ def test_carve_eval_reports_detection_map(trained_detector, tmp_path, capsys):
     det = acc["detection"]
     assert 0 <= det["map50_95"] <= det["map50"] <= 1 and det["boxes"] == len(boxes)
     assert acc["reference"]["detection"]["map50"] == det["map50"]  # the same model
-    assert main(args) == 0
+    assert main([*args, "-o", str(tmp_path / "eval.json")]) == 0
     assert "mAP@0.5" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "eval.json"), "-o", str(tmp_path / "eval.md")]) == 0
+    assert f"mAP@0.5 {det['map50']:.2%}" in (tmp_path / "eval.md").read_text()
 
 
 def test_eval_of_a_detection_set_needs_the_decoding_metadata(tmp_path, capsys):

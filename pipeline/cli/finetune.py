@@ -58,8 +58,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=[],
         type=_output_loss,
         metavar="OUTPUT=LOSS",
-        help="the distillation loss of this graph output: kl, smooth-l1, mse, channel-kl, cosine, yolo or none (repeatable; "
-        "default: chosen from what each output is, see docs/finetune.md)",
+        help="the distillation loss of this graph output: kl, smooth-l1, mse, channel-kl, cosine, yolo or none "
+        "(repeatable; default: chosen from what each output is, see docs/finetune.md)",
     )
     aug = p.add_argument_group("augmentation")
     aug.add_argument("--crop-pad", type=int, default=4, help="random crop after padding by N pixels (0: none)")
@@ -123,9 +123,13 @@ def run(args: argparse.Namespace) -> int:
     if accuracy:
         final = accuracy["final"]
         line = f"top-1 {final['top1']:.2%}" if "top1" in final else f"{final['samples']} samples"
+        if "detection" in final:
+            line = f"mAP@0.5 {final['detection']['map50']:.2%}"
+            if "detection" in accuracy.get("teacher", {}):
+                line += f" (teacher {accuracy['teacher']['detection']['map50']:.2%})"
         if "teacher" in accuracy and "top1" in accuracy["teacher"]:
             line += f" (teacher {accuracy['teacher']['top1']:.2%})"
-        if "reference" in final:
+        if "top1_agreement" in final.get("reference", {}):
             line += f"; agreement with the teacher {final['reference']['top1_agreement']:.2%}"
         con.print(line + f" on {final['samples']} samples of {args.eval_data}")
     outputs = s["losses"].get("outputs") or {}
