@@ -53,7 +53,7 @@ def prune(original, target: float) -> tuple:
     return model, ratio, asked
 
 
-def vit_row(tmp: Path, epochs: float, target: float) -> dict:
+def vit_row(tmp: Path, epochs: float, target: float, lr: float | None = None) -> dict:
     from carve import models
     from carve.models.train import vit_cifar10
     from carve.pipeline.data.datasets import load_data
@@ -68,7 +68,7 @@ def vit_row(tmp: Path, epochs: float, target: float) -> dict:
     test = load_data("shared:data/cifar10/test.npz", model=original, seed=1)
     pruned, macs, asked = prune(original, target)
     cpu0 = time.process_time()
-    tuned = finetune(pruned, train, FinetuneOptions(epochs=epochs, threads=1), teacher=original)
+    tuned = finetune(pruned, train, FinetuneOptions(epochs=epochs, threads=1, lr=lr), teacher=original)
     base, cut, final = (evaluate(m, test)["top1"] for m in (original, pruned, tuned.model))
     return {
         "model": "vit",
@@ -80,6 +80,7 @@ def vit_row(tmp: Path, epochs: float, target: float) -> dict:
         "pruned": cut,
         "finetuned": final,
         "loss": "kd (kl) + ce",
+        "lr": tuned.summary["options"]["lr"],
         "labels": True,
         "epochs": epochs,
         "train_cpu_min": round((time.process_time() - cpu0) / 60, 2),
@@ -107,11 +108,9 @@ def detector_rows(tmp: Path, epochs: float, target: float, ablation: bool) -> li
     mAP = lambda m: evaluate(m, test)["detection"]["map50"]  # noqa: E731
     base, cut = mAP(original), mAP(pruned)
     rows = []
-    variants = [
-        ("per-output (yolo: objectness-scaled)", {}),
-        ("smooth-l1 on both heads", {"out0": "smooth-l1", "out1": "smooth-l1"}),
-    ]
-    if ablation:
+    variants = [("per-output (yolo: objectness-scaled)", {})]
+    if ablation:  # the same fine-tuning with whole-head losses
+        variants.append(("smooth-l1 on both heads", {"out0": "smooth-l1", "out1": "smooth-l1"}))
         variants.append(("flattened softmax KL (the old loss)", {"out0": "kl", "out1": "kl"}))
     for loss, overrides in variants:
         cpu0 = time.process_time()
@@ -153,7 +152,7 @@ def markdown(doc: dict) -> str:
                 f"{r['macs_ratio']:.1%}",
                 f"{r['pruned']:.2%}",
                 f"**{r['finetuned']:.2%}** ({gap:+.2f})",
-                r["loss"],
+                r["loss"] + (f", lr {r['lr']:g}" if "lr" in r else ""),
                 "yes" if r["labels"] else "none (images only)",
                 r["epochs"],
                 r["train_cpu_min"],
@@ -170,7 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=float, default=3.0, help="the ViT's fine-tuning epochs")
     ap.add_argument("--detector-epochs", type=float, default=10.0, help="the detector's (3,000 images: 470 steps)")
     ap.add_argument("--target", type=float, default=0.5, help="fraction of the MACs kept")
-    ap.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the detector's old-loss row")
+    ap.add_argument(
+        "--vit-lr",
+        type=float,
+        nargs="+",
+        default=[1e-3, 2e-3],
+        help="the ViT's peak learning rates, one row each (1e-3: carve finetune's default; 2e-3: the ViT's training)",
+    )
+    ap.add_argument(
+        "--no-ablation", dest="ablation", action="store_false", help="skip the detector's whole-head loss rows"
+    )
     ap.add_argument("--fresh", action="store_true", help="redo the rows already in the JSON")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
@@ -183,9 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"epochs": epochs, "target_macs": args.target, "exporter": "torchscript (BN kept)"}
     with tempfile.TemporaryDirectory() as d:
         for name in args.models:
-            if any(r["model"] == name for r in rows):
-                continue  # measured already with these epochs
-            new = [vit_row(Path(d), args.epochs, args.target)] if name == "vit" else []
+            done = {r.get("lr") for r in rows if r["model"] == name}  # measured already with these epochs
+            if name == "vit":
+                new = [vit_row(Path(d), args.epochs, args.target, lr) for lr in args.vit_lr if lr not in done]
+            elif done:
+                continue
             if name == "detector":
                 new = detector_rows(Path(d), args.detector_epochs, args.target, args.ablation)
             rows += new
