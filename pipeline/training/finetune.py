@@ -7,16 +7,15 @@ parameters of nodes matched by ``freeze`` stay untouched. After training the val
 the very same graph (no re-export), which must pass the checker, keep its output shapes, hold only finite weights and
 agree with the trained torch module in ONNX Runtime; the fine-tune is recorded in its ``carve.history``.
 
-Loss (:mod:`carve.pipeline.training.losses`, :mod:`carve.pipeline.training.schedule`): distillation from a teacher graph,
-every output with the loss chosen for what it is (class logits: KL at temperature T, SFP's variable temperature as
-``START:END``; boxes, dense maps, embeddings, YOLO heads: their own), cross-entropy when the data has labels, and a
+Loss (:mod:`carve.pipeline.training.losses`, :mod:`carve.pipeline.training.schedule`): distillation from a teacher
+graph, every output with the loss chosen for what it is (class logits: KL at temperature T, SFP's variable temperature
+as ``START:END``; boxes, dense maps, embeddings, YOLO heads: their own), cross-entropy when the data has labels, and a
 feature loss on tensors that exist with the same shape in both graphs. The teacher runs in ONNX Runtime on the CPU
 (cheaper than torch there) and in PyTorch on CUDA. Training: SGD with Nesterov momentum or AdamW, cosine learning rate
 with optional linear warm-up, weight decay on weight tensors only, gradient clipping, random-crop-and-flip augmentation
 (:mod:`carve.pipeline.training.augment`). The data order and augmentation of epoch e come from a generator seeded with
 (seed, e), so a seeded run on the CPU is repeatable, and a run resumed from an epoch checkpoint continues exactly as the
-uninterrupted one would.
-"""
+uninterrupted one would. """
 
 from __future__ import annotations
 
