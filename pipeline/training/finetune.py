@@ -15,7 +15,8 @@ feature loss on tensors that exist with the same shape in both graphs. The teach
 with optional linear warm-up, weight decay on weight tensors only, gradient clipping, random-crop-and-flip augmentation
 (:mod:`carve.pipeline.training.augment`). The data order and augmentation of epoch e come from a generator seeded with
 (seed, e), so a seeded run on the CPU is repeatable, and a run resumed from an epoch checkpoint continues exactly as the
-uninterrupted one would. """
+uninterrupted one would.
+"""
 
 from __future__ import annotations
 
