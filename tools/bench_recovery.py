@@ -88,7 +88,15 @@ def vit_row(tmp: Path, epochs: float, target: float, lr: float | None = None) ->
     }
 
 
-def detector_rows(tmp: Path, epochs: float, target: float, ablation: bool) -> list[dict]:
+# the detector's fine-tuning losses: the per-output default, and whole-head losses to compare it with
+DETECTOR_LOSSES = {
+    "yolo": ("per-output (yolo: objectness-scaled)", {}),
+    "smooth-l1": ("smooth-l1 on both heads", {"out0": "smooth-l1", "out1": "smooth-l1"}),
+    "kl": ("flattened softmax KL (the old loss)", {"out0": "kl", "out1": "kl"}),
+}
+
+
+def detector_rows(tmp: Path, epochs: float, target: float, which: list[str]) -> list[dict]:
     from dataclasses import replace
 
     from carve import models
@@ -108,11 +116,7 @@ def detector_rows(tmp: Path, epochs: float, target: float, ablation: bool) -> li
     mAP = lambda m: evaluate(m, test)["detection"]["map50"]  # noqa: E731
     base, cut = mAP(original), mAP(pruned)
     rows = []
-    variants = [("per-output (yolo: objectness-scaled)", {})]
-    if ablation:  # the same fine-tuning with whole-head losses
-        variants.append(("smooth-l1 on both heads", {"out0": "smooth-l1", "out1": "smooth-l1"}))
-        variants.append(("flattened softmax KL (the old loss)", {"out0": "kl", "out1": "kl"}))
-    for loss, overrides in variants:
+    for loss, overrides in (DETECTOR_LOSSES[k] for k in which):
         cpu0 = time.process_time()
         opts = FinetuneOptions(epochs=epochs, threads=1, flip=False, output_losses=overrides)
         tuned = finetune(pruned, unlabelled, opts, teacher=original)
@@ -177,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the ViT's peak learning rates, one row each (1e-3: carve finetune's default; 2e-3: the ViT's training)",
     )
     ap.add_argument(
-        "--no-ablation", dest="ablation", action="store_false", help="skip the detector's whole-head loss rows"
+        "--detector-loss",
+        nargs="+",
+        default=list(DETECTOR_LOSSES),
+        choices=list(DETECTOR_LOSSES),
+        help="the detector's fine-tuning losses, one row each (default: all)",
     )
     ap.add_argument("--fresh", action="store_true", help="redo the rows already in the JSON")
     ap.add_argument("--markdown", action="store_true")
@@ -188,16 +196,20 @@ def main(argv: list[str] | None = None) -> int:
     old = json.loads(out.read_text())["rows"] if out.exists() and not args.fresh else []
     epochs = {"vit": args.epochs, "detector": args.detector_epochs}
     rows = [r for r in old if r["model"] not in args.models or r["epochs"] == epochs[r["model"]]]  # kept
-    settings = {"epochs": epochs, "target_macs": args.target, "exporter": "torchscript (BN kept)"}
+    settings = {
+        "epochs": epochs,
+        "target_macs": args.target,
+        "exporter": "torchscript (BN kept)",
+        "vit_lr": args.vit_lr,
+    }
     with tempfile.TemporaryDirectory() as d:
         for name in args.models:
-            done = {r.get("lr") for r in rows if r["model"] == name}  # measured already with these epochs
+            done = {r.get("lr", r["loss"]) for r in rows if r["model"] == name}  # measured with these epochs
             if name == "vit":
                 new = [vit_row(Path(d), args.epochs, args.target, lr) for lr in args.vit_lr if lr not in done]
-            elif done:
-                continue
-            if name == "detector":
-                new = detector_rows(Path(d), args.detector_epochs, args.target, args.ablation)
+            else:
+                todo = [k for k in args.detector_loss if DETECTOR_LOSSES[k][0] not in done]
+                new = detector_rows(Path(d), args.detector_epochs, args.target, todo) if todo else []
             rows += new
             for r in new:
                 print(json.dumps({k: v for k, v in r.items() if k != "zoo_training"}), flush=True)
