@@ -17,7 +17,7 @@ from carve.pipeline.config import from_mapping
 from carve.pipeline.errors import CarveError
 from carve.pipeline.graph.model import Model
 from carve.pipeline.training import losses
-from carve.pipeline.training.finetune import FinetuneOptions
+from carve.pipeline.training.finetune import FinetuneOptions, finetune
 
 
 def graph(outputs: dict[str, list], nodes=(), meta: dict[str, str] | None = None) -> Model:
@@ -232,7 +232,7 @@ def test_an_override_changes_the_loss_of_one_output(detector_files):
     student, teacher = P.load(d / "pruned.onnx"), P.load(d / "det.onnx")
     data = P.load_data(str(d / "images"), model=teacher, samples=32)
     opts = FinetuneOptions(steps=2, batch=16, threads=1, output_losses={"out1": "none"})
-    r = P.finetune(student, data, opts, teacher=teacher)
+    r = finetune(student, data, opts, teacher=teacher)
     assert r.summary["losses"]["outputs"]["out1"] == {"loss": "none", "kind": "given", "why": "chosen by the user"}
     assert r.summary["losses"]["outputs"]["out0"]["kind"] == "detection"
     assert onnx.checker.check_model(r.model.proto) is None
