@@ -24,6 +24,10 @@ def spec(name: str) -> ModelSpec:
 
 def has_trained_weights(name: str) -> bool:
     s = get_spec(name)
+    if s.trained and s.trained.startswith("cache:"):
+        from .train import CACHED
+
+        return CACHED[s.trained.split(":", 1)[1]]().is_file()
     return s.trained == "digits" or shared_checkpoint(s) is not None
 
 

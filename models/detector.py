@@ -1,7 +1,8 @@
 """A small single-stage detector in the YOLO style: Conv/BN/SiLU backbone, CSP blocks that Split a tensor on the
 channel axis and Concat the halves back after bottlenecks, an FPN-like neck (Resize upsampling + Concat), and two
 prediction heads. Exercises Split/Concat on the channel axis, SiLU = x * sigmoid(x), residual bottlenecks, and
-several graph outputs."""
+several graph outputs. Its weights are trained by ``python tools/train_zoo.py detector`` on carve's synthetic digit
+detection set (:mod:`carve.models.train_detector`); its heads decode as YOLOv3's (``carve.detection`` metadata)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .registry import ModelSpec, register
+
+# (stride, anchors w x h in pixels) per head: out0 on the stride-4 map, out1 on the stride-8 map; sized for the
+# synthetic digit-detection set (digits 14-30 pixels tall) the detector is trained on
+HEADS = {"out0": (4, [[9, 15], [13, 19], [17, 23]]), "out1": (8, [[20, 25], [24, 29], [28, 33]])}
 
 
 class ConvBNSiLU(nn.Module):
@@ -69,7 +74,7 @@ class Detector(nn.Module):
 register(
     ModelSpec(
         name="detector",
-        description="small YOLO-style detector, 3x64x64, two heads",
+        description="small YOLO-style detector, 3x64x64, two heads (trained on synthetic digit detection)",
         input_shape=(3, 64, 64),
         num_classes=8,
         family="detection",
@@ -77,5 +82,15 @@ register(
         build=lambda size: Detector(),
         resizable=True,
         outputs=["out0", "out1"],
+        # raw YOLO heads: box offsets, objectness and class logits per anchor and cell, not a distribution over channels
+        output_kinds={"out0": "regression", "out1": "regression"},
+        detection={
+            "format": "yolo-anchors",
+            "classes": 8,
+            "heads": {h: {"stride": s, "anchors": a} for h, (s, a) in HEADS.items()},
+        },
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        trained="cache:detector-digits",
     )
 )

@@ -90,6 +90,10 @@ def export(
             }
         ),
     }
+    if spec.output_kinds:  # what each output is: fine-tuning picks its distillation loss from it
+        meta["carve.outputs"] = json.dumps(spec.output_kinds)
+    if spec.detection and input_size in (None, shape[1]):  # anchors are in pixels of the trained input size
+        meta["carve.detection"] = json.dumps(spec.detection)
     for k, v in meta.items():
         p = proto.metadata_props.add()
         p.key, p.value = k, v

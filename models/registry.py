@@ -25,6 +25,8 @@ class ModelSpec:
     trained: str | None = None  # how trained weights are obtained: "shared:<file glob>" or "digits"
     outputs: list[str] = field(default_factory=lambda: ["logits"])
     resizable: bool = False  # whether input_size may change the input
+    output_kinds: dict[str, str] = field(default_factory=dict)  # output -> logits | regression | dense | embedding
+    detection: dict | None = None  # how to decode the heads (carve.detection metadata, pipeline/measure/detection.py)
 
     def input(self, input_size: int | None = None) -> tuple[int, int, int]:
         c, h, w = self.input_shape
@@ -60,4 +62,4 @@ def names() -> list[str]:
 
 
 def _load() -> None:
-    from . import cifar_resnet, detector, lenet, torchvision_models, unet, vgg  # noqa: F401
+    from . import cifar_resnet, detector, lenet, torchvision_models, unet, vgg, vit  # noqa: F401

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carve.pipeline.data.datasets import Dataset, Preprocess, digits_arrays
+from carve.pipeline.data.augment import Augment
+from carve.pipeline.data.datasets import Dataset, Preprocess, digits_arrays, load_data
+from carve.pipeline.errors import CarveError
 
 DIGITS_PREPROCESS = Preprocess(size=(32, 32), channels=1, mean=(0.5,), std=(0.5,))
 CACHE_VERSION = 1  # bump when the training recipe changes
@@ -32,7 +35,9 @@ def digits(split: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     model.eval()
     with torch.no_grad():
-        return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+        pred = [model(torch.from_numpy(x[k : k + 500])).argmax(1).numpy() for k in range(0, len(x), 500)]
+    pred = np.concatenate(pred)
+    return float((pred == y).mean())
 
 
 def train(
@@ -44,11 +49,19 @@ def train(
     lr: float = 2e-3,
     batch: int = 64,
     seed: int = 0,
+    weight_decay: float = 0.0,
+    augment: Augment | None = None,
+    label_smoothing: float = 0.0,
+    log: Callable[[str], None] | None = None,
 ) -> nn.Module:
-    """Adam with a cosine schedule; deterministic for a seed (single-threaded, fixed shuffling)."""
+    """Adam (AdamW with ``weight_decay``) with a one-cycle schedule, optional crop-and-flip ``augment`` and label
+    smoothing; deterministic for a seed (single-threaded, fixed shuffling)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    if weight_decay:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * -(-len(x) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
@@ -56,14 +69,17 @@ def train(
     torch.set_num_threads(1)
     try:
         model.train()
-        for _ in range(epochs):
+        for epoch in range(epochs):
             order = torch.from_numpy(rng.permutation(len(x)))
             for k in range(0, len(x), batch):
                 idx = order[k : k + batch]
+                xb = torch.from_numpy(augment(x[idx.numpy()], rng)) if augment else xt[idx]
                 opt.zero_grad()
-                F.cross_entropy(model(xt[idx]), yt[idx]).backward()
+                F.cross_entropy(model(xb), yt[idx], label_smoothing=label_smoothing).backward()
                 opt.step()
                 sched.step()
+            if log:
+                log(f"epoch {epoch + 1}/{epochs}")
     finally:
         torch.set_num_threads(threads)
     return model.eval()
@@ -101,3 +117,89 @@ def lenet5_digits(seed: int = 0, *, use_cache: bool = True) -> tuple[nn.Module, 
         "cached": cached,
     }
     return model.eval(), metrics
+
+
+VIT_EPOCHS = 15
+
+
+def vit_cache_path(seed: int = 0) -> Path:
+    """Where :func:`vit_cifar10` keeps the trained ViT (``carve export vit`` reads it from there)."""
+    return cache_dir() / f"vit-cifar10-seed{seed}-v{CACHE_VERSION}.pt"
+
+
+def cifar10(split: str, preprocess: Preprocess) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 from ../shared (``train``: the 10,000-image subset, ``test``: all 10,000), preprocessed."""
+    from carve.pipeline.data.shared import missing_reason, shared_file
+
+    name = {"train": "train_subset.npz", "test": "test.npz"}[split]
+    if shared_file("data", "cifar10", name) is None:
+        raise CarveError(f"CIFAR-10 {split}: {missing_reason('data', 'cifar10', name)}", hint="set $CARVE_SHARED")
+    x, y = load_data(f"shared:data/cifar10/{name}", preprocess=preprocess).arrays()
+    return x, y
+
+
+def vit_cifar10(
+    seed: int = 0, *, epochs: int = VIT_EPOCHS, use_cache: bool = True, log: Callable[[str], None] | None = None
+) -> tuple[nn.Module, dict]:
+    """The zoo's ViT trained on the CIFAR-10 train subset (AdamW, one-cycle, crop and flip, label smoothing 0.1),
+    its test top-1 on all 10,000 test images. Cached on disk (``$CARVE_CACHE``): a few CPU-minutes the first time."""
+    from .vit import CIFAR_MEAN, CIFAR_STD, ViT
+
+    pre = Preprocess(size=(32, 32), channels=3, mean=CIFAR_MEAN, std=CIFAR_STD)
+    path = vit_cache_path(seed)
+    t0 = time.perf_counter()
+    if use_cache and path.is_file():
+        model = ViT()
+        model.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+        return model.eval(), {**torch.load(path, weights_only=True)["metrics"], "cached": True}
+    xtr, ytr = cifar10("train", pre)
+    torch.manual_seed(seed)
+    model = train(
+        ViT(),
+        xtr,
+        ytr,
+        epochs=epochs,
+        lr=2e-3,
+        batch=128,
+        seed=seed,
+        weight_decay=0.05,
+        augment=Augment(pad=4, flip=True),
+        label_smoothing=0.1,
+        log=log,
+    )
+    xte, yte = cifar10("test", pre)
+    metrics = {
+        "train_acc": accuracy(model, xtr, ytr),
+        "test_acc": accuracy(model, xte, yte),
+        "epochs": epochs,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"state_dict": model.state_dict(), "metrics": metrics}, tmp)
+        os.replace(tmp, path)
+    return model.eval(), {**metrics, "cached": False}
+
+
+# zoo models trained by tools/train_zoo.py into the cache: name in ModelSpec.trained ("cache:NAME") -> cache file
+CACHED = {
+    "vit-cifar10": lambda: vit_cache_path(),
+    "detector-digits": lambda: cache_dir() / f"detector-digits-seed0-v{CACHE_VERSION}.pt",
+}
+
+
+def trained_in_cache(spec, model: nn.Module, warnings: list[str]) -> tuple[nn.Module, str, list[str]]:
+    """Weights a tool trained into the cache, or random weights with a warning saying how to train them."""
+    path = CACHED[spec.trained.split(":", 1)[1]]()
+    if not path.is_file():
+        warnings.append(
+            f"no trained weights at {path}; random weights used (train them: python tools/train_zoo.py {spec.name})"
+        )
+        return model, "random", warnings
+    saved = torch.load(path, weights_only=True)
+    model.load_state_dict(saved["state_dict"])
+    m = saved["metrics"]
+    what = f" (test top-1 {m['test_acc']:.3f})" if "test_acc" in m else ""
+    what = f" (test mAP@0.5 {m['test_map50']:.3f})" if "test_map50" in m else what
+    return model, f"trained: {path.name}{what}", warnings

@@ -66,6 +66,10 @@ def with_weights(spec: ModelSpec, model: nn.Module, weights: str) -> tuple[nn.Mo
         trained, metrics = lenet5_digits()
         model.load_state_dict(trained.state_dict())
         return model, f"trained on digits (test accuracy {metrics['test_acc']:.3f})", warnings
+    if spec.trained and spec.trained.startswith("cache:"):
+        from .train import trained_in_cache
+
+        return trained_in_cache(spec, model, warnings)
     ckpt = shared_checkpoint(spec)
     if ckpt is not None:
         load_state(model, ckpt)

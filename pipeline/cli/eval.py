@@ -1,4 +1,5 @@
-"""``carve eval MODEL --data DATA``: top-1/top-5 on labelled data and agreement with a reference model."""
+"""``carve eval MODEL --data DATA``: top-1/top-5 on labelled data, detection mAP on a detection set (boxes), and
+agreement with a reference model."""
 
 from __future__ import annotations
 
@@ -41,13 +42,24 @@ def run(args: argparse.Namespace) -> int:
     line = f"{args.model}: {result['samples']} samples"
     if "top1" in result:
         line += f", top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%}"
+    if "detection" in result:
+        d = result["detection"]
+        line += f", {d['boxes']} boxes: mAP@0.5 {d['map50']:.2%}, mAP@0.5:0.95 {d['map50_95']:.2%}"
     con.print(line)
+    if "detection" in result.get("reference", {}):
+        d = result["reference"]["detection"]
+        con.print(f"{args.reference}: mAP@0.5 {d['map50']:.2%}, mAP@0.5:0.95 {d['map50_95']:.2%}")
+        return _done(con, args)
     if "reference" in result:
         r = result["reference"]
         extra = f", reference top-1 {r['top1']:.2%}" if "top1" in r else ""
         con.print(
             f"agreement with {args.reference}: top-1 {r['top1_agreement']:.2%}, mean KL {r['kl_mean']:.4f}{extra}"
         )
+    return _done(con, args)
+
+
+def _done(con, args: argparse.Namespace) -> int:
     if args.output:
         con.print(f"wrote {args.output}")
     return 0

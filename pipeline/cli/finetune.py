@@ -51,6 +51,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="also match this intermediate tensor of student and teacher (same shape in both; repeatable)",
     )
     loss.add_argument("--feature-weight", type=float, default=1.0)
+    loss.add_argument(
+        "--output-loss",
+        dest="output_losses",
+        action="append",
+        default=[],
+        type=_output_loss,
+        metavar="OUTPUT=LOSS",
+        help="the distillation loss of this graph output: kl, smooth-l1, mse, channel-kl, cosine, yolo or none "
+        "(repeatable; default: chosen from what each output is, see docs/finetune.md)",
+    )
     aug = p.add_argument_group("augmentation")
     aug.add_argument("--crop-pad", type=int, default=4, help="random crop after padding by N pixels (0: none)")
     aug.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip (e.g. digits)")
@@ -79,6 +89,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _output_loss(text: str) -> tuple[str, str]:
+    from carve.pipeline.training.losses import LOSSES
+
+    name, sep, loss = text.rpartition("=")
+    if not sep or not name or loss not in LOSSES:
+        raise argparse.ArgumentTypeError(f"{text!r}: give OUTPUT=LOSS with LOSS one of {', '.join(LOSSES)}")
+    return name, loss
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
@@ -87,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from carve.pipeline.flows.finetune import finetune_file
     from carve.pipeline.training.finetune import FinetuneOptions
 
-    opts = from_args(FinetuneOptions, args)
+    opts = from_args(FinetuneOptions, args, output_losses=dict(args.output_losses))
     opts.check()
     con = console(args.quiet or args.json)
     with _TrainingProgress(con, enabled=not (args.quiet or args.json)) as show:
@@ -118,11 +137,18 @@ def run(args: argparse.Namespace) -> int:
     if accuracy:
         final = accuracy["final"]
         line = f"top-1 {final['top1']:.2%}" if "top1" in final else f"{final['samples']} samples"
+        if "detection" in final:
+            line = f"mAP@0.5 {final['detection']['map50']:.2%}"
+            if "detection" in accuracy.get("teacher", {}):
+                line += f" (teacher {accuracy['teacher']['detection']['map50']:.2%})"
         if "teacher" in accuracy and "top1" in accuracy["teacher"]:
             line += f" (teacher {accuracy['teacher']['top1']:.2%})"
-        if "reference" in final:
+        if "top1_agreement" in final.get("reference", {}):
             line += f"; agreement with the teacher {final['reference']['top1_agreement']:.2%}"
         con.print(line + f" on {final['samples']} samples of {args.eval_data}")
+    outputs = s["losses"].get("outputs") or {}
+    if len(outputs) > 1 or any(o["loss"] != "kl" for o in outputs.values()):
+        con.print("distilled: " + ", ".join(f"{n} {o['loss']} ({o['why']})" for n, o in outputs.items()))
     con.print(
         f"verified: checker, output shapes, finite weights; ONNX Runtime equals the trained module "
         f"(max relative {s['torch_vs_ort']['max_rel']:.1e})"

@@ -7,6 +7,10 @@ Sources (:func:`load_data`):
 * a folder of images with one sub-folder per class (read with Pillow);
 * ``digits``, ``digits:train`` or ``digits:test``: scikit-learn's ``load_digits`` (1,797 real 8x8 handwritten digits,
   shipped inside scikit-learn, so it works on a fresh clone without any download), resized to the model's input;
+* a folder of images with no sub-folders: unlabelled images (distillation needs no labels: detectors, segmenters);
+* ``detect-digits:train`` / ``detect-digits:test``: carve's synthetic detection set (digits on canvases, with
+  boxes: :mod:`carve.pipeline.data.detection`); an ``.npz`` with ``images`` and ``boxes`` rows
+  ``(image, class, x1, y1, x2, y2)`` is a detection set too, and ``carve eval`` reports its mAP;
 * ``shared:<path>``: a file under the shared data folder (``$CARVE_SHARED``, else ``../shared`` beside the checkout),
   e.g. ``shared:data/cifar10/test.npz``, so recipes need no machine-specific path.
 
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +135,7 @@ class Dataset:
     name: str
     preprocess: Preprocess = field(default_factory=Preprocess)
     indices: np.ndarray | None = None  # the sample actually used
+    boxes: np.ndarray | None = None  # detection ground truth: rows (image, class, x1, y1, x2, y2) over ``images``
 
     def __len__(self) -> int:
         return len(self.images) if self.indices is None else len(self.indices)
@@ -143,7 +148,7 @@ class Dataset:
         idx = self._idx()
         if n is None or n >= len(idx):
             order = np.random.default_rng(seed).permutation(len(idx))
-            return Dataset(self.images, self.labels, self.name, self.preprocess, idx[order])
+            return replace(self, indices=idx[order])
         rng = np.random.default_rng(seed)
         if self.labels is None:
             pick = rng.choice(len(idx), size=n, replace=False)
@@ -154,7 +159,7 @@ class Dataset:
             # round-robin over classes: balanced, and every prefix of the order is balanced too
             order = [p[k] for k in range(max(len(p) for p in per)) for p in per if k < len(p)]
             pick = np.array(order[:n])
-        return Dataset(self.images, self.labels, self.name, self.preprocess, idx[np.sort(pick)])
+        return replace(self, indices=idx[np.sort(pick)])
 
     def batches(self, batch_size: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         idx = self._idx()
@@ -180,7 +185,7 @@ class Dataset:
         return {
             "name": self.name,
             "samples": len(self),
-            "labelled": self.labels is not None,
+            "labelled": self.labels is not None or self.boxes is not None,
             "preprocess": self.preprocess.to_dict(),
         }
 
@@ -228,6 +233,11 @@ def load_data(
         split = text.split(":", 1)[1] if ":" in text else "all"
         images, labels = digits_arrays(split, seed=0)
         ds = Dataset(images, labels, text, pre)
+    elif text.startswith("detect-digits:"):
+        from carve.pipeline.data.detection import builtin
+
+        images, boxes = builtin(text.split(":", 1)[1])
+        ds = Dataset(images, None, text, pre, boxes=boxes)
     else:
         path = Path(source)
         if not path.exists():
@@ -247,7 +257,7 @@ def load_data(
         raise CarveError(f"{source}: holds no images")
     _check_values(ds, text)
     if model is not None:
-        _check_fit(ds, pre, text, builtin=text == "digits" or text.startswith("digits:"))
+        _check_fit(ds, pre, text, builtin=text == "digits" or text.startswith(("digits:", "detect-digits:")))
     return ds.sample(samples, seed)
 
 
@@ -295,6 +305,10 @@ def _load_npz(path: Path, pre: Preprocess) -> Dataset:
         raise CarveError(f"{path}: no image array (expected a key named images, x or data; found {sorted(keys)})")
     lab_key = next((k for k in ("labels", "y", "targets") if k in keys), None)
     images = z[img_key]
+    if "boxes" in keys:  # a detection set: ground-truth boxes instead of class labels
+        from carve.pipeline.data.detection import check_boxes
+
+        return Dataset(images, None, str(path), pre, boxes=check_boxes(z["boxes"], len(images), str(path)))
     labels = z[lab_key].astype(np.int64).reshape(-1) if lab_key else None
     if labels is not None and len(labels) != len(images):
         raise CarveError(f"{path}: {len(images)} images but {len(labels)} labels")

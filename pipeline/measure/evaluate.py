@@ -1,7 +1,8 @@
 """Accuracy on labelled data and agreement with a reference model: what ``carve eval`` reports.
 
-Top-1 / top-5 need labels; agreement with a reference (usually the unpruned model) needs none: the fraction of inputs
-where both predict the same class, and the mean KL divergence KL(reference || model) of their softmax outputs.
+Top-1 / top-5 need labels; a detection set (boxes) gets mAP instead (:mod:`carve.pipeline.measure.detection`).
+Agreement with a reference (usually the unpruned model) needs none: the fraction of inputs where both predict the
+same class, and the mean KL divergence KL(reference || model) of their softmax outputs.
 """
 
 from __future__ import annotations
@@ -53,6 +54,18 @@ def evaluate(model: Model, data: Dataset, *, reference: Model | None = None, thr
     """The ``accuracy`` report section for ``model`` on ``data``."""
     if reference is not None:
         same_input(model, reference)
+    if data.boxes is not None:  # a detection set: mAP against its boxes, for the model and the reference
+        from carve.pipeline.measure.detection import evaluate_detection
+
+        out = {
+            "data": data.describe(),
+            "samples": len(data),
+            "detection": evaluate_detection(model, data, threads=threads),
+        }
+        if reference is not None:
+            ref = {"source": str(reference.source) if reference.source else None}
+            out["reference"] = {**ref, "detection": evaluate_detection(reference, data, threads=threads)}
+        return out
     logits = predict(model, data, threads=threads)
     if logits.ndim != 2:
         logits = logits.reshape(len(logits), -1)

@@ -152,9 +152,14 @@ def _acc_line(name: str, r: dict) -> str:
     parts = [f"`{name}`"]
     if "top1" in r:
         parts.append(f"top-1 {r['top1']:.2%}, top-5 {r['top5']:.2%}")
+    if "detection" in r:
+        parts.append(f"mAP@0.5 {r['detection']['map50']:.2%}, mAP@0.5:0.95 {r['detection']['map50_95']:.2%}")
     if "reference" in r:
         ref = r["reference"]
-        parts.append(f"agreement with the reference {ref['top1_agreement']:.2%} (KL {ref['kl_mean']:.4f})")
+        if "detection" in ref:
+            parts.append(f"the reference's mAP@0.5 {ref['detection']['map50']:.2%}")
+        else:
+            parts.append(f"agreement with the reference {ref['top1_agreement']:.2%} (KL {ref['kl_mean']:.4f})")
     return f"- {': '.join([parts[0], '; '.join(parts[1:])])} on {r.get('samples', '?')} samples"
 
 

@@ -9,8 +9,9 @@ agree with the trained torch module in ONNX Runtime; the fine-tune is recorded i
 with no BatchNormalization to train (an eval-mode export folds it into the convs) gets one per conv for the training
 only, folded back at the end (:mod:`carve.pipeline.training.bn_insert`; option ``bn``).
 
-Loss (:mod:`carve.pipeline.training.losses`, :mod:`carve.pipeline.training.schedule`): distillation from a teacher graph
-at temperature T (SFP's variable temperature as ``START:END``), cross-entropy when the data has labels, and an optional
+Loss (:mod:`carve.pipeline.training.losses`, :mod:`carve.pipeline.training.schedule`): distillation from a teacher
+graph, every output with the loss chosen for what it is (class logits: KL at temperature T, SFP's variable temperature
+as ``START:END``; boxes, dense maps, embeddings, YOLO heads: their own), cross-entropy when the data has labels, and a
 feature loss on tensors that exist with the same shape in both graphs. The teacher runs in ONNX Runtime on the CPU
 (cheaper than torch there) and in PyTorch on CUDA. Training: SGD with Nesterov momentum or AdamW, cosine learning rate
 with optional linear warm-up, weight decay on weight tensors only, gradient clipping, random-crop-and-flip augmentation
@@ -39,7 +40,7 @@ from carve.pipeline.graph.history import record
 from carve.pipeline.graph.model import Model
 from carve.pipeline.graph.shapes import verify_structure
 from carve.pipeline.progress import Progress
-from carve.pipeline.training import bn_insert
+from carve.pipeline.training import bn_insert, losses
 from carve.pipeline.training.augment import Augment
 from carve.pipeline.training.schedule import Temperature, cosine_lr
 
@@ -69,6 +70,7 @@ class FinetuneOptions:
     kd: float = 1.0  # weight of the distillation loss (when there is a teacher)
     ce: float | None = None  # weight of the cross-entropy (default: 1 when the data has labels, else 0)
     features: list[str] = field(default_factory=list)  # tensors matched between student and teacher
+    output_losses: dict[str, str] = field(default_factory=dict)  # output name -> loss (losses.LOSSES); else chosen
     feature_weight: float = 1.0
     clip: float = 5.0  # gradient norm clipping (0: off)
     crop_pad: int = 4  # random-crop padding in pixels (0: no crop)
@@ -106,6 +108,7 @@ class FinetuneOptions:
         bn_insert.check_mode(self.bn)
         if self.bn_init not in ("teacher", "identity"):
             raise CarveError(f"`bn_init` must be teacher or identity, got {self.bn_init!r}")
+        losses.check_overrides(self.output_losses)
 
 
 @dataclass
@@ -168,6 +171,8 @@ def finetune(
     optim, params = optimizer(net, opts)
     key = run_key(student, data, opts)
     state = _load_checkpoint(checkpoint, key, net, optim, device) if resume else TrainState()
+    if eval_data is not None and eval_data.labels is None:
+        eval_data = None  # per-epoch top-1 needs labels (the flow still reports agreement with the teacher at the end)
     teacher_top1 = _top1_teacher(loss.teacher, eval_data) if eval_data is not None and loss.teacher else None
     meter = Meter(progress, schedule)
     net.train()
@@ -242,6 +247,7 @@ class Loss:
     features: list[str]
     feature_weight: float
     device: str
+    outputs: list[losses.OutputLoss] = field(default_factory=list)  # the distillation loss of every output
 
     @classmethod
     def compose(
@@ -265,22 +271,27 @@ class Loss:
             _check_features(student, teacher, opts.features)
         run = _Teacher(teacher, device, opts.threads) if teacher is not None else None
         temperature = Temperature.parse(opts.temperature)
-        return cls(run, temperature, opts.kd, ce, list(opts.features), opts.feature_weight, device)
+        plan = losses.output_losses(student, teacher, opts.output_losses) if teacher is not None else []
+        return cls(run, temperature, opts.kd, ce, list(opts.features), opts.feature_weight, device, plan)
 
     def __call__(self, net, x_np: np.ndarray, y_np, t: float):
         """(loss, its parts) of one batch at temperature ``t``."""
         import torch
 
-        from carve.pipeline.training import losses
-
         x = torch.from_numpy(x_np).to(self.device)
         out, feats = net(x, capture=self.features) if self.features else (net(x), {})
-        logits = out[0] if isinstance(out, tuple) else out
+        outs = list(out) if isinstance(out, tuple) else [out]
+        logits = outs[0]
         loss = torch.zeros((), device=self.device)
         parts = {}
         if self.teacher is not None:
-            t_logits, t_feats = self.teacher(x_np, self.features)
-            parts["kd"] = losses.distillation(logits, t_logits.to(self.device), t)
+            t_outs, t_feats = self.teacher(x_np, self.features, [o.output for o in self.outputs])
+            terms = [
+                losses.distil(o.loss, s, t_out.to(self.device), t, **o.params)
+                for o, s, t_out in zip(self.outputs, outs, t_outs)
+                if o.loss != "none"
+            ]
+            parts["kd"] = sum(terms) / len(terms)  # the mean over the distilled outputs
             loss = loss + self.kd * parts["kd"]
             if self.features:
                 pairs = [(feats[n], t_feats[n].to(self.device)) for n in self.features]
@@ -455,7 +466,12 @@ def summarise(
         "device": device,
         "data": {**data.describe(), "fingerprint": key["data"]},
         "teacher": source,
-        "losses": {"kd": opts.kd if teacher is not None else 0.0, "ce": loss.ce, "features": opts.features},
+        "losses": {
+            "kd": opts.kd if teacher is not None else 0.0,
+            "ce": loss.ce,
+            "features": opts.features,
+            "outputs": {o.output: {"loss": o.loss, "kind": o.kind, "why": o.why} for o in loss.outputs},
+        },
         "options": asdict(opts),
         "history": state.history,
         "resumed_from_epoch": state.resumed_from,
@@ -549,14 +565,18 @@ class _Teacher:
 
             self.net = TorchGraph(model, trainable=False).eval().to(device)
 
-    def __call__(self, x: np.ndarray, features: list[str]):
+    def __call__(self, x: np.ndarray, features: list[str], outputs: list[str] | None = None):
+        """The teacher's ``outputs`` (a list; its first output alone when None) and captured ``features``."""
         import torch
 
+        names = list(outputs) if outputs else [self.model.output_names[0]]
         if self.device != "cpu":
             with torch.no_grad():
                 xt = torch.from_numpy(x).to(self.device)
                 out, feats = self.net(xt, capture=features) if features else (self.net(xt), {})
-            return (out[0] if isinstance(out, tuple) else out), feats
+            out = dict(zip(self.model.output_names, out if isinstance(out, tuple) else (out,)))
+            got = [out[n] for n in names]
+            return (got if outputs else got[0]), feats
         sess = self.sessions.get(tuple(features))
         if sess is None:
             from carve.pipeline.data.capture import with_outputs
@@ -564,9 +584,10 @@ class _Teacher:
 
             proto = with_outputs(self.model, list(features)) if features else self.model.proto
             sess = self.sessions[tuple(features)] = session(proto, threads=self.threads)
-        names = [self.model.output_names[0], *features]
-        outs = sess.run(names, {self.model.input_names[0]: x})
-        return torch.from_numpy(outs[0]), {n: torch.from_numpy(v) for n, v in zip(features, outs[1:])}
+        outs = sess.run([*names, *features], {self.model.input_names[0]: x})
+        got = [torch.from_numpy(v) for v in outs[: len(names)]]
+        feats = {n: torch.from_numpy(v) for n, v in zip(features, outs[len(names) :])}
+        return (got if outputs else got[0]), feats
 
 
 def _top1_student(net, data: Dataset, device: str) -> float:
