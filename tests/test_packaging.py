@@ -82,3 +82,11 @@ def test_import_carve_gives_the_public_api_and_nothing_else_is_installed(tmp_pat
     generic, api, zoo = r.stdout.splitlines()
     assert generic == "[]"  # no `pipeline`, `plugins` or `models` next to the user's own packages
     assert api == "True" and zoo.startswith("['")
+
+
+def test_every_public_name_of_the_facade_resolves():
+    import carve
+
+    for name in carve._LAZY:
+        assert getattr(carve, name) is not None, name
+    assert carve.finetune.__module__ == "carve.pipeline.training.finetune"
