@@ -12,6 +12,7 @@ import pytest
 from conftest import _tiny_resnet, export_torch
 
 from carve.pipeline.cli import main
+from carve.pipeline.errors import CarveError
 from carve.pipeline.graph import load
 from carve.pipeline.graph.history import history
 from carve.pipeline.graph.precision import is_quantized, kernel_census
@@ -219,3 +220,92 @@ def test_kernel_census_verdicts():
     c = kernel_census(graph("QLinearConv", "FusedConv", "DequantizeLinear"))
     assert c["verdict"] == "mixed" and c["float_compute_ops"] == {"FusedConv": 1}
     assert kernel_census(graph("DequantizeLinear", "Conv"))["verdict"] == "float"
+
+
+def test_trt_plans_explicit_int8_without_a_gpu(model, tmp_path, digits_rgb):
+    """TensorRT builds a QDQ model strongly typed as it is (explicit INT8), which needs symmetric INT8 Q/DQ: the plan
+    says so, and refuses ORT's CPU default (UINT8 activations) with the hint, all without TensorRT or a GPU."""
+    from carve.pipeline.measure.backends import EngineConfig
+    from carve.pipeline.measure.backends.trt import build_plan, engine_key
+
+    calib = ["--calib", str(digits_rgb["train"]), "--samples", "32", "-q"]
+    s8, u8 = tmp_path / "s8.onnx", tmp_path / "u8.onnx"
+    assert main(["quantize", str(model), "-o", str(s8), "--activations", "int8", *calib]) == 0
+    assert main(["quantize", str(model), "-o", str(u8), *calib]) == 0
+    plan = build_plan(EngineConfig(batch=8), "10.13.0", onnx.load(s8))
+    assert plan.explicit_int8 and plan.strongly_typed_flag and not plan.fp16_graph
+    fp32 = build_plan(EngineConfig(batch=8), "10.13.0", onnx.load(model))
+    assert not fp32.explicit_int8
+    assert engine_key(b"m", "10.13.0", "H100", plan) != engine_key(b"m", "10.13.0", "H100", fp32)
+    with pytest.raises(CarveError, match="symmetric INT8") as exc:
+        build_plan(EngineConfig(), "11.0.0", onnx.load(u8))
+    assert "--activations int8" in exc.value.hint
+    with pytest.raises(CarveError, match="FP16 graph of a QDQ model"):
+        build_plan(EngineConfig(precision="fp16"), "10.13.0", onnx.load(s8))
+
+
+def test_openvino_backend_runs_fp32_fp16_and_int8(model, tmp_path, digits_rgb):
+    pytest.importorskip("openvino", reason="OpenVINO is an optional extra: pip install 'carve[openvino]'")
+    from carve.pipeline.measure.backends import EngineConfig, build
+
+    q = tmp_path / "q.onnx"
+    assert (
+        main(["quantize", str(model), "-o", str(q), "--calib", str(digits_rgb["train"]), "--samples", "64", "-q"]) == 0
+    )
+    x = np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    ref = run(load(model), {"input": x})[0]
+    e = build("openvino", model, EngineConfig(batch=2, threads=1))
+    info = e.info()
+    assert info["properties_applied"]["INFERENCE_NUM_THREADS"] == "1"
+    assert info["properties_applied"]["NUM_STREAMS"] == "1"
+    assert info["inference_precision"] == "float32"
+    assert sum(info["int8_layers"].values()) == 0
+    np.testing.assert_allclose(e.outputs({"input": x})[0], ref, rtol=1e-3, atol=1e-4)
+    assert e.time(3) > 0
+    h = build("openvino", model, EngineConfig(batch=2, threads=2, precision="fp16")).info()
+    assert h["properties_requested"]["INFERENCE_PRECISION_HINT"] == "f16"
+    assert h["properties_applied"]["INFERENCE_NUM_THREADS"] == "2"
+    # what the CPU really runs is read back: f16 where it has FP16 arithmetic, else bf16 or f32
+    assert h["inference_precision"] in ("float16", "bfloat16", "float32")
+    i8 = build("openvino", q, EngineConfig(batch=2, threads=1))
+    assert i8.info()["int8_layers"]["Convolution"] == 5  # the QDQ convolutions ran in INT8
+    # on real data OpenVINO's INT8 agrees with ONNX Runtime's INT8 run of the same QDQ model
+    from carve.pipeline.data.datasets import Preprocess, load_data
+
+    m = load(model)
+    real, _ = load_data(digits_rgb["test"], model=m, preprocess=Preprocess.for_model(m), samples=2).arrays()
+    ort_int8 = run(load(q), {"input": real})[0]
+    assert np.abs(i8.outputs({"input": real})[0] - ort_int8).max() < 0.1 * np.abs(ort_int8).max()
+
+
+def test_openvino_missing_is_exit_1_with_the_install_hint(model, tmp_path, monkeypatch, capsys):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_openvino(name, *a, **k):
+        if name == "openvino" or name.startswith("openvino."):
+            raise ImportError("No module named 'openvino'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    assert main(["bench", str(model), str(model), "--backend", "openvino"]) == 1
+    err = capsys.readouterr().err
+    assert "openvino" in err and "pip install 'carve[openvino]'" in err and "Traceback" not in err
+
+
+def test_openvino_compile_config_without_openvino():
+    from carve.pipeline.measure.backends import EngineConfig
+    from carve.pipeline.measure.backends.openvino import compile_config
+
+    c = compile_config(EngineConfig(threads=2, precision="fp16"))
+    assert c == {
+        "INFERENCE_NUM_THREADS": 2,
+        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "f16",
+    }
+    with pytest.raises(CarveError, match="CPU plugin only"):
+        compile_config(EngineConfig(device="cuda"))
+    with pytest.raises(CarveError, match="fp32 or fp16"):
+        compile_config(EngineConfig(precision="int8"))

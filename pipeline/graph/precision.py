@@ -122,3 +122,24 @@ def kernel_census(proto: onnx.ModelProto) -> dict[str, object]:
     else:
         verdict = "float"
     return {"integer_ops": integer, "float_compute_ops": float_compute, "qdq_ops": qdq, "verdict": verdict}
+
+
+def asymmetric_qdq(proto: onnx.ModelProto) -> list[str]:
+    """Q/DQ nodes whose zero point is not an all-zero INT8 tensor (UINT8 or asymmetric quantization): what
+    TensorRT's explicit quantization refuses."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    bad = []
+    for n in proto.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        zp = inits.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if zp is None:
+            # without a zero point QuantizeLinear produces UINT8 unless told otherwise (opset 21 output_dtype)
+            out_type = next((a.i for a in n.attribute if a.name == "output_dtype"), 0)
+            if n.op_type == "QuantizeLinear" and out_type != onnx.TensorProto.INT8:
+                bad.append(n.name)
+            continue
+        arr = numpy_helper.to_array(zp)
+        if arr.dtype != np.int8 or arr.any():
+            bad.append(n.name)
+    return bad

@@ -6,7 +6,7 @@ folded weight), feeds the calibration batches through a ``CalibrationDataReader`
 
 * weights: per-channel, symmetric INT8 (``WeightSymmetric``; ``reduce_range`` 7-bit weights for CPUs without VNNI);
 * activations: per-tensor, UINT8 asymmetric (ONNX Runtime's and OpenVINO's CPU recommendation) or INT8 symmetric
-  (what TensorRT's explicit quantization requires);
+  (what TensorRT's explicit quantization requires; biases then stay FP32, as TensorRT takes no INT32 bias Q/DQ);
 * calibration: ``minmax``, ``entropy`` or ``percentile`` (ONNX Runtime's calibrators).
 
 Calibration runs once: ONNX Runtime's calibration cache (``calibration_cache_path``) keeps the tensor ranges, so
@@ -218,6 +218,8 @@ class Quantizer:
         act = QuantType.QUInt8 if s.activations == "uint8" else QuantType.QInt8
         out = self.dir / "quantized.onnx"
         extra = {"WeightSymmetric": True, "ActivationSymmetric": s.activations == "int8"}
+        if s.activations == "int8":  # for TensorRT: it takes INT8 Q/DQ only, so biases stay float (no INT32 bias)
+            extra["QuantizeBias"] = False
         try:
             with _quiet_ort_logging():
                 quantize_static(
