@@ -309,3 +309,15 @@ def test_openvino_compile_config_without_openvino():
         compile_config(EngineConfig(device="cuda"))
     with pytest.raises(CarveError, match="fp32 or fp16"):
         compile_config(EngineConfig(precision="int8"))
+
+
+def test_ort_engine_reports_the_integer_kernels(model, tmp_path, digits_rgb):
+    from carve.pipeline.measure.backends import EngineConfig, build
+
+    q = tmp_path / "q.onnx"
+    assert (
+        main(["quantize", str(model), "-o", str(q), "--calib", str(digits_rgb["train"]), "--samples", "32", "-q"]) == 0
+    )
+    info = build("ort", q, EngineConfig(batch=2)).info()
+    assert info["int8_kernels"]["verdict"] == "integer" and info["int8_kernels"]["integer_ops"]["QLinearConv"] == 5
+    assert "int8_kernels" not in build("ort", model, EngineConfig(batch=2)).info()
