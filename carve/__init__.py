@@ -39,6 +39,8 @@ _LAZY = {
     "PruneReport": ("carve.pipeline.pruning.report", "PruneReport"),
     "model_cost": ("carve.pipeline.graph.cost", "model_cost"),
     "load_data": ("carve.pipeline.data.datasets", "load_data"),
+    "quantize": ("carve.pipeline.flows.quantize", "quantize_model"),
+    "quantize_file": ("carve.pipeline.flows.quantize", "quantize_file"),
 }
 
 

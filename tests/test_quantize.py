@@ -321,3 +321,16 @@ def test_ort_engine_reports_the_integer_kernels(model, tmp_path, digits_rgb):
     info = build("ort", q, EngineConfig(batch=2)).info()
     assert info["int8_kernels"]["verdict"] == "integer" and info["int8_kernels"]["integer_ops"]["QLinearConv"] == 5
     assert "int8_kernels" not in build("ort", model, EngineConfig(batch=2)).info()
+
+
+def test_python_api(model, tmp_path, digits_rgb):
+    import carve
+
+    m = carve.load(model)
+    calib = carve.load_data(digits_rgb["train"], model=m, samples=64)
+    q, summary = carve.quantize(m, calib, method="percentile")
+    assert is_quantized(q) and summary["calibration"] == "percentile"
+    assert history(q)[-1]["step"] == "quantize" and not is_quantized(m)  # the input model is left alone
+    out = tmp_path / "q.onnx"
+    s = carve.quantize_file(model, out, calib, keep_fp32=["/fc/Gemm"])
+    assert [k["node"] for k in s["kept_fp32"]] == ["/fc/Gemm"] and is_quantized(load(out))
