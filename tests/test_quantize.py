@@ -334,3 +334,30 @@ def test_python_api(model, tmp_path, digits_rgb):
     out = tmp_path / "q.onnx"
     s = carve.quantize_file(model, out, calib, keep_fp32=["/fc/Gemm"])
     assert [k["node"] for k in s["kept_fp32"]] == ["/fc/Gemm"] and is_quantized(load(out))
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_the_readme_quantization_commands_run(tmp_path, monkeypatch, capsys):
+    """The README's Quantization block, as written (bench lines with short measurements)."""
+    import re
+    import shlex
+
+    from conftest import REPO
+
+    from carve.pipeline.data.shared import shared_dir
+
+    shared = shared_dir()
+    if shared is None or not (shared / "data" / "cifar10" / "train_subset.npz").exists():
+        pytest.skip("the block reads ../shared/data/cifar10 (set CARVE_SHARED or put the data at ../shared)")
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    block = next(b for b in blocks if "carve quantize" in b)
+    monkeypatch.chdir(tmp_path)
+    for line in [ln for ln in block.splitlines() if ln.strip()]:
+        args = shlex.split(line.split("  #")[0].replace("../shared", str(shared)))
+        if args[1] == "bench":
+            args += ["--rounds", "3", "--min-round-ms", "5", "--warmup-ms", "10", "--no-memory"]
+        assert main(args[1:]) == 0, line
+    out = capsys.readouterr().out
+    assert "top-1 FP32" in out and "integer kernels" in out
+    assert is_quantized(load(tmp_path / "r20_p_int8.onnx"))
