@@ -338,7 +338,38 @@ def markdown(doc: dict) -> str:
             ],
             rows,
         )
+    lines += ["", *targets(doc)]
     return "\n".join(lines)
+
+
+def targets(doc: dict) -> list[str]:
+    """Issue 23's targets, each met or missed by how much (from the JSON, so the README cannot disagree)."""
+    out = []
+    acc, sp = doc.get("accuracy", {}), doc.get("speed", {})
+    if "resnet56" in acc:
+        d = acc["resnet56"]["drop_points"]["int8"]
+        out.append(
+            f"- INT8 within 0.5 point of FP32 top-1 on ResNet-56 (512 calibration images): "
+            f"{'met' if d <= 0.5 else f'missed by {d - 0.5:.2f}'} ({d:+.2f} points)."
+        )
+    for name, r in acc.items():
+        d = r["drop_points"]["pruned_int8"]
+        out.append(
+            f"- pruned (0.5 MACs, {r['finetune_epochs']:g}-epoch fine-tune) + INT8 within 1.5 points of the FP32 "
+            f"original on {name}: {'met' if d <= 1.5 else f'missed by {d - 1.5:.2f}'} ({d:+.2f} points)."
+        )
+    for name in ("resnet50", "resnet18"):
+        if name not in sp:
+            continue
+        got = {k: t["pruned_int8"]["speedup"][0] for k, t in sp[name]["timings"].items() if k.startswith("ort t1 ")}
+        for k, v in got.items():
+            out.append(
+                f"- pruned + INT8 >= 3.5x faster than FP32 on {name}, {k}: "
+                f"{'met' if v >= 3.5 else f'missed ({v:.2f}x)'}."
+            )
+    engines = {k.split()[0] for r in sp.values() for k in r["timings"]}
+    out.append(f"- OpenVINO beside ONNX Runtime for every row: {'met' if 'openvino' in engines else 'missed'}.")
+    return out
 
 
 def main() -> None:
