@@ -247,7 +247,7 @@ def update(output: Path, key: str, name: str, value: dict, meta: dict) -> None:
     from carve.pipeline.measure.environment import environment
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(output) + ".lock"):
+    with FileLock(str(Path(tempfile.gettempdir()) / f"bench-int8-{output.name}.lock")):
         doc = json.loads(output.read_text()) if output.is_file() else {"benchmark": "int8"}
         doc["environment"] = {**environment(), "cpu_flags": cpu_flags()}
         doc.update(meta)
