@@ -209,7 +209,7 @@ class OrtEngine(Engine):
         source: str | bytes = str(model)
         self.fp32_fallback: list[str] | None = None
         self.int8_kernels: dict | None = None
-        from carve.pipeline.graph.precision import is_quantized, kernel_census
+        from carve.pipeline.graph.precision import is_quantized
 
         quantized = is_quantized(proto)
         with tempfile.TemporaryDirectory(prefix="carve-ort-") as tmp:
@@ -235,12 +235,7 @@ class OrtEngine(Engine):
                     f"ONNX Runtime could not load {provider} here (session runs on {self.session.get_providers()})",
                     hint="install onnxruntime-gpu with a matching CUDA, or use `device=cpu`",
                 )
-            if so.optimized_model_filepath and Path(so.optimized_model_filepath).is_file():
-                optimized = onnx.load(so.optimized_model_filepath, load_external_data=False)
-                if config.precision == "fp16":
-                    self.fp32_fallback = fallback_ops(optimized)
-                if quantized:
-                    self.int8_kernels = kernel_census(optimized)
+            self._read_optimized(so.optimized_model_filepath, quantized)
         self.effective = {k: dict(v) for k, v in self.session.get_provider_options().items()}
         self.unreported = check_applied(requested, self.effective)
         self.cuda_graphs = bool(config.cuda_graphs) and provider != "CPUExecutionProvider"
@@ -270,6 +265,20 @@ class OrtEngine(Engine):
             else:
                 for out in self.session.get_outputs():
                     self.binding.bind_output(out.name, "cuda")
+
+    def _read_optimized(self, path: str, quantized: bool) -> None:
+        """What the optimised graph ORT wrote says: FP16 ops run in FP32, integer kernels of a QDQ model."""
+        import onnx
+
+        from carve.pipeline.graph.precision import kernel_census
+
+        if not path or not Path(path).is_file():
+            return
+        optimized = onnx.load(path, load_external_data=False)
+        if self.config.precision == "fp16":
+            self.fp32_fallback = fallback_ops(optimized)
+        if quantized:
+            self.int8_kernels = kernel_census(optimized)
 
     def run(self) -> None:
         if self.gpu:
