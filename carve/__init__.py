@@ -41,6 +41,8 @@ _LAZY = {
     "load_data": ("carve.pipeline.data.datasets", "load_data"),
     "finetune": ("carve.pipeline.training.finetune", "finetune"),
     "FinetuneOptions": ("carve.pipeline.training.finetune", "FinetuneOptions"),
+    "quantize": ("carve.pipeline.flows.quantize", "quantize_model"),
+    "quantize_file": ("carve.pipeline.flows.quantize", "quantize_file"),
 }
 
 

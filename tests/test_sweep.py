@@ -58,6 +58,15 @@ def write(tmp_path, text: str, name: str = "s.yaml"):
         (("  target:", "  finetune_epochs: [-1]\n  target:"), "axes: finetune_epochs must be at least 0"),
         (("  target:", "  repair: [none, [lsq, {bn: {bogus: 1}}]]\n  target:"), "repair 'bn' has no option 'bogus'"),
         (("  target:", "  repair: [lsq, lsq]\n  target:"), "axes.repair: repeated values"),
+        (("  target:", "  quantize: [none, fp8]\n  target:"), "axes.quantize: 'fp8' is not one of none, int8"),
+        (
+            (
+                "data: {calib: digits:train, eval: digits:test, samples: 64}\naxes:",
+                "data: {eval: digits:test}\naxes:\n  quantize: [int8]",
+            ),
+            "int8 needs `data.calib`",
+        ),
+        (("prune: {round_to: 1}", "prune: {round_to: 1}\nquantize: {method: nosuch}"), "quantize: `method` must be"),
     ],
 )
 def test_invalid_sweeps_name_the_key(tmp_path, edit, message):
@@ -215,6 +224,26 @@ def test_a_fine_tuning_point_runs_prune_then_finetune(tmp_path):
     assert rec["id"] == "l1-uniform-macs0.5-none-ft1"
     assert [p["pass"] for p in rec["report"]["passes"]] == ["prune", "finetune"]
     assert rec["macs_ratio"] <= 0.5 + 1e-9 and rec["pareto"] is True  # the only point is on the front
+
+
+def test_the_quantize_axis_spans_precision(tmp_path):
+    """`quantize: [none, int8]`: the same pruned point in FP32 and INT8 (a quantize pass last), both timed against the
+    FP32 original, both in the Pareto computation; the report says which precision each row is."""
+    text = TINY.replace("criterion: [l1, fpgm]", "criterion: [l1]").replace("values: [0.5, 0.0001]", "values: [0.5]")
+    text = text.replace("  target:", "  quantize: [none, int8]\n  target:")
+    sweep = load_sweep(write(tmp_path, text))
+    assert [p.id for p in expand(sweep)] == ["l1-uniform-macs0.5-none-ft0", "l1-uniform-macs0.5-none-ft0-int8"]
+    results = run_sweep(sweep, tmp_path / "out", executor=LocalExecutor(inline=True))
+    fp32, int8 = results["points"]
+    assert fp32["status"] == int8["status"] == "ok", (fp32.get("error"), int8.get("error"))
+    assert [p["pass"] for p in int8["report"]["passes"]] == ["prune", "quantize"]
+    assert [p["pass"] for p in fp32["report"]["passes"]] == ["prune"]
+    assert int8["point"]["quantize"] == "int8" and int8["top1"] > 0.5
+    assert results["summary"]["pareto"]
+    md = tmp_path / "sweep.md"
+    assert main(["report", str(tmp_path / "out" / "results.json"), "-o", str(md)]) == 0
+    rows = [line for line in md.read_text().splitlines() if "`l1-uniform" in line]
+    assert sorted(" INT8 " in r for r in rows) == [False, True]
 
 
 def test_report_refuses_a_sweep_merged_with_other_reports(tmp_path, capsys):

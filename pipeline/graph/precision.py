@@ -63,3 +63,83 @@ def _rename(nodes, old: str, new: str, *, outputs: bool) -> None:
             for i, name in enumerate(names):
                 if name == old:
                     names[i] = new
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# INT8 (QDQ) facts: what carve needs to know about a quantized graph without running it
+
+QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+# integer kernels a runtime may have turned a QDQ model into (ONNX Runtime's optimised graph, contrib ops included)
+INTEGER_OPS = {
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+    "QGemm",
+    "QLinearAdd",
+    "QLinearMul",
+    "QLinearGlobalAveragePool",
+    "QLinearAveragePool",
+    "QLinearConcat",
+    "QLinearSigmoid",
+    "QLinearLeakyRelu",
+    "QLinearSoftmax",
+    "QLinearReduceMean",
+    "QLinearWhere",
+    "DynamicQuantizeMatMul",
+}
+# float ops whose cost dominates a CNN: run in FP32 in a quantized model, they are the fallback that matters
+COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+FLOAT_KERNELS = COMPUTE_OPS | {"FusedConv", "FusedGemm", "FusedMatMul"}  # ORT's fused float versions count too
+
+
+def quantization_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The Q/DQ and integer-kernel nodes of a graph (empty for a float model)."""
+    return [n for n in proto.graph.node if n.op_type in QUANT_OPS or n.op_type in INTEGER_OPS]
+
+
+def is_quantized(model: Model | onnx.ModelProto) -> bool:
+    proto = model.proto if isinstance(model, Model) else model
+    return bool(quantization_nodes(proto))
+
+
+def kernel_census(proto: onnx.ModelProto) -> dict[str, object]:
+    """What an (optimised) graph runs: integer kernels by op type, float compute ops, and the Q/DQ pairs left.
+
+    ``verdict``: ``integer`` when every compute op became an integer kernel, ``mixed`` when some stayed float,
+    ``float`` when none did (a QDQ model run by dequantising to FP32 everywhere)."""
+    ops: dict[str, int] = {}
+    for n in proto.graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    integer = {k: v for k, v in sorted(ops.items()) if k in INTEGER_OPS}
+    float_compute = {k: v for k, v in sorted(ops.items()) if k in FLOAT_KERNELS}
+    qdq = {k: v for k, v in sorted(ops.items()) if k in QUANT_OPS}
+    if integer and not float_compute:
+        verdict = "integer"
+    elif integer:
+        verdict = "mixed"
+    else:
+        verdict = "float"
+    return {"integer_ops": integer, "float_compute_ops": float_compute, "qdq_ops": qdq, "verdict": verdict}
+
+
+def asymmetric_qdq(proto: onnx.ModelProto) -> list[str]:
+    """Q/DQ nodes whose zero point is not an all-zero INT8 tensor (UINT8 or asymmetric quantization): what
+    TensorRT's explicit quantization refuses."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    bad = []
+    for n in proto.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        zp = inits.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if zp is None:
+            # without a zero point QuantizeLinear produces UINT8 unless told otherwise (opset 21 output_dtype)
+            out_type = next((a.i for a in n.attribute if a.name == "output_dtype"), 0)
+            if n.op_type == "QuantizeLinear" and out_type != onnx.TensorProto.INT8:
+                bad.append(n.name)
+            continue
+        arr = numpy_helper.to_array(zp)
+        if arr.dtype != np.int8 or arr.any():
+            bad.append(n.name)
+    return bad

@@ -22,9 +22,9 @@ def to_markdown(doc: dict, *, title: str = "carve sweep") -> str:
         f"{summary['failed']} failed ({s.get('executor', 'local')} executor). Pareto-optimal points (higher "
         f"{acc}, lower latency) are marked **\\***.",
         "",
-        "| | point | criterion | allocator | target | repair | fine-tune epochs | MACs | params | top-1 | "
+        "| | point | criterion | allocator | target | repair | fine-tune epochs | precision | MACs | params | top-1 | "
         "agreement | latency ms | speed-up (95% CI) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ok = [p for p in doc["points"] if p["status"] == "ok"]
     ok.sort(key=lambda p: p["latency_ms"])
@@ -33,7 +33,8 @@ def to_markdown(doc: dict, *, title: str = "carve sweep") -> str:
         star = "**\\***" if p.get("pareto") else ""
         out.append(
             f"| {star} | `{p['id']}` | {a['criterion']} | {a['allocator']} | "
-            f"{a['target_kind']} {a['target']:g} | {a['repair']} | {a['finetune_epochs']:g} | {p['macs_ratio']:.1%} | "
+            f"{a['target_kind']} {a['target']:g} | {a['repair']} | {a['finetune_epochs']:g} | "
+            f"{'INT8' if a.get('quantize', 'none') == 'int8' else 'FP32'} | {p['macs_ratio']:.1%} | "
             f"{p['params_ratio']:.1%} | {_pct(p.get('top1'))} | {_pct(p.get('top1_agreement'))} | "
             f"{p['latency_ms']:.4g} | {sp['median']:.2f}x ({sp['ci_low']:.2f}-{sp['ci_high']:.2f}) |"
         )

@@ -31,6 +31,8 @@ def point_recipe(sweep: Sweep, point: Point, output: Path) -> Recipe:
     passes: list[tuple[str, dict[str, Any]]] = [("prune", prune)]
     if point.finetune_epochs > 0:
         passes.append(("finetune", {**sweep.finetune, "epochs": point.finetune_epochs}))
+    if point.quantize == "int8":  # prune -> repair / fine-tune -> quantize, the order that works
+        passes.append(("quantize", dict(sweep.quantize)))
     return Recipe(
         path=sweep.path,
         model=sweep.model,

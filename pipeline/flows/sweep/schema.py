@@ -36,6 +36,7 @@ class SweepFile:
     data: dict[str, Any] | None = None
     prune: dict[str, Any] | None = None
     finetune: dict[str, Any] | None = None
+    quantize: dict[str, Any] | None = None  # options of the quantize pass of `axes.quantize: int8` points
     seed: int = 0
     name: str | None = None
 
@@ -49,6 +50,10 @@ class AxesSection:
     allocator: list[str] = field(default_factory=lambda: ["uniform"])
     repair: list[Any] = field(default_factory=lambda: ["none"])  # each value a repair list: none, lsq+bn, [lsq, bn]
     finetune_epochs: list[float] = field(default_factory=lambda: [0.0], metadata=bounds(ge=0))
+    quantize: list[str] = field(default_factory=lambda: ["none"])  # none | int8 (the quantize pass last)
+
+
+QUANTIZE_VALUES = ("none", "int8")
 
 
 @dataclass
@@ -63,7 +68,9 @@ class TargetAxis:
 class Sweep:
     path: Path
     model: str  # zoo:NAME or an absolute ONNX path
-    axes: dict[str, list[Any]]  # criterion, allocator, target (Target), repair (repair lists), finetune_epochs
+    axes: dict[
+        str, list[Any]
+    ]  # criterion, allocator, target (Target), repair (repair lists), finetune_epochs, quantize
     target_kind: str
     data: dict[str, Any] = field(default_factory=dict)  # paths made absolute; digits and shared: as written
     prune: dict[str, Any] = field(default_factory=dict)
@@ -71,6 +78,7 @@ class Sweep:
     bench: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     name: str = ""
+    quantize: dict[str, Any] = field(default_factory=dict)
 
     def axes_json(self) -> dict[str, Any]:
         """The axes as plain data (targets as their values, repair lists spelled), with the target kind."""
@@ -96,6 +104,7 @@ class Point:
     target: Target
     repairs: tuple[RepairStep, ...]
     finetune_epochs: float
+    quantize: str = "none"
 
     @property
     def repair(self) -> str:
@@ -105,6 +114,8 @@ class Point:
     def id(self) -> str:
         ft = f"{self.finetune_epochs:g}"
         parts = [self.criterion, self.allocator, f"{self.target.kind}{self.target.value:g}", self.repair, f"ft{ft}"]
+        if self.quantize != "none":  # FP32 points keep the ids they always had
+            parts.append(self.quantize)
         return re.sub(r"[^A-Za-z0-9.+=-]+", "_", "-".join(parts))
 
     def axes(self) -> dict[str, Any]:
@@ -115,6 +126,7 @@ class Point:
             "target": self.target.value,
             "repair": self.repair,
             "finetune_epochs": self.finetune_epochs,
+            "quantize": self.quantize,
         }
 
 
@@ -153,7 +165,11 @@ def _axes(path: Path, doc: Any) -> tuple[dict[str, list[Any]], str]:
         "target": targets,
         "repair": repairs,
         "finetune_epochs": _unique(f"{path}: axes.finetune_epochs", a.finetune_epochs),
+        "quantize": _unique(f"{path}: axes.quantize", [str(q) for q in a.quantize]),
     }
+    for q in axes["quantize"]:
+        if q not in QUANTIZE_VALUES:
+            raise CarveError(f"{path}: axes.quantize: {q!r} is not one of {', '.join(QUANTIZE_VALUES)}")
     return axes, target.kind
 
 
@@ -194,6 +210,16 @@ def load_sweep(path: str | Path) -> Sweep:
     needs_calib = [s.name for r in axes["repair"] for s in r if "calib" in s.build().needs]
     if needs_calib and "calib" not in data:
         raise CarveError(f"{path}: axes.repair ({needs_calib[0]}) needs `data.calib` (it reads calibration data)")
+    if "int8" in axes["quantize"] and "calib" not in data:
+        raise CarveError(f"{path}: axes.quantize int8 needs `data.calib` (INT8 calibration data)")
+    quantize = dict(top.quantize or {})
+    if quantize:
+        from carve.pipeline.passes import build
+
+        try:
+            build("quantize", **quantize)
+        except CarveError as exc:
+            raise CarveError(f"{path}: quantize: {exc.message}") from None
     prune = dict(top.prune or {})
     owned = sorted(set(prune) & AXIS_OWNED)
     if owned:
@@ -217,6 +243,7 @@ def load_sweep(path: str | Path) -> Sweep:
         bench=bench,
         seed=top.seed,
         name=str(top.name or path.stem),
+        quantize=quantize,
     )
 
 
@@ -224,8 +251,8 @@ def expand(sweep: Sweep) -> list[Point]:
     """Every combination of the axes, in the order the file lists them."""
     a = sweep.axes
     return [
-        Point(c, al, t, r, e)
-        for c, al, t, r, e in itertools.product(
-            a["criterion"], a["allocator"], a["target"], a["repair"], a["finetune_epochs"]
+        Point(c, al, t, r, e, q)
+        for c, al, t, r, e, q in itertools.product(
+            a["criterion"], a["allocator"], a["target"], a["repair"], a["finetune_epochs"], a.get("quantize", ["none"])
         )
     ]

@@ -11,7 +11,8 @@ outputs for agreement checks, and reports what it knows about memory and its own
 
 Backends: ``ort`` (CPU everywhere; CUDA / TensorRT execution providers where they load), ``trt`` (TensorRT 10/11,
 ``tensorrt`` imported only in :mod:`carve.pipeline.measure.backends.trt`), ``torch-cuda`` (the ONNX graph run by PyTorch
-on a GPU) and ``torch-cpu`` (the same runner on the CPU, for numerics and machines without a GPU).
+on a GPU), ``torch-cpu`` (the same runner on the CPU, for numerics and machines without a GPU) and ``openvino``
+(OpenVINO's CPU plugin, ``openvino`` imported only in :mod:`carve.pipeline.measure.backends.openvino`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ backends: Registry[type[Backend]] = Registry(
         "carve.pipeline.measure.backends.ort",
         "carve.pipeline.measure.backends.trt",
         "carve.pipeline.measure.backends.torch_cuda",
+        "carve.pipeline.measure.backends.openvino",
     ],
 )
 

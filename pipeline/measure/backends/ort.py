@@ -10,6 +10,9 @@ What the engine reports is what ran:
   compute, FP32 inputs and outputs). ONNX Runtime runs an FP16 op it has no FP16 kernel for in FP32 between inserted
   casts; those ops are listed in ``info()["fp32_fallback_ops"]`` (from the optimised graph ORT writes), so an "fp16"
   figure says how much of it was not;
+* a QDQ (INT8) model on the CPU: ``info()["int8_kernels"]`` counts the integer kernels (QLinearConv, QGemm, ...)
+  and the float compute ops in the optimised graph ORT writes
+  (:func:`carve.pipeline.graph.precision.kernel_census`), so an "INT8" figure says whether integer kernels ran;
 * provider options are built by :func:`provider_options` — CUDA EP: cuDNN convolution algorithm search
   (``EXHAUSTIVE`` unless told otherwise), ``enable_cuda_graph``; TensorRT EP: FP16, engine cache, timing cache, CUDA
   graphs, workspace, builder optimisation level, one optimisation profile for the batch — plus the user's
@@ -205,7 +208,13 @@ class OrtEngine(Engine):
                 Path(requested[0][1][key]).mkdir(parents=True, exist_ok=True)
         source: str | bytes = str(model)
         self.fp32_fallback: list[str] | None = None
+        self.int8_kernels: dict | None = None
+        from carve.pipeline.graph.precision import is_quantized
+
+        quantized = is_quantized(proto)
         with tempfile.TemporaryDirectory(prefix="carve-ort-") as tmp:
+            if quantized and provider == "CPUExecutionProvider":  # which integer kernels the QDQ pairs became
+                so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
             if config.precision == "fp16":
                 from carve.pipeline.graph.precision import to_fp16
 
@@ -226,8 +235,7 @@ class OrtEngine(Engine):
                     f"ONNX Runtime could not load {provider} here (session runs on {self.session.get_providers()})",
                     hint="install onnxruntime-gpu with a matching CUDA, or use `device=cpu`",
                 )
-            if so.optimized_model_filepath and Path(so.optimized_model_filepath).is_file():
-                self.fp32_fallback = fallback_ops(onnx.load(so.optimized_model_filepath, load_external_data=False))
+            self._read_optimized(so.optimized_model_filepath, quantized)
         self.effective = {k: dict(v) for k, v in self.session.get_provider_options().items()}
         self.unreported = check_applied(requested, self.effective)
         self.cuda_graphs = bool(config.cuda_graphs) and provider != "CPUExecutionProvider"
@@ -257,6 +265,20 @@ class OrtEngine(Engine):
             else:
                 for out in self.session.get_outputs():
                     self.binding.bind_output(out.name, "cuda")
+
+    def _read_optimized(self, path: str, quantized: bool) -> None:
+        """What the optimised graph ORT wrote says: FP16 ops run in FP32, integer kernels of a QDQ model."""
+        import onnx
+
+        from carve.pipeline.graph.precision import kernel_census
+
+        if not path or not Path(path).is_file():
+            return
+        optimized = onnx.load(path, load_external_data=False)
+        if self.config.precision == "fp16":
+            self.fp32_fallback = fallback_ops(optimized)
+        if quantized:
+            self.int8_kernels = kernel_census(optimized)
 
     def run(self) -> None:
         if self.gpu:
@@ -291,6 +313,8 @@ class OrtEngine(Engine):
         }
         if self.fp32_fallback is not None:
             d["fp32_fallback_ops"] = self.fp32_fallback
+        if self.int8_kernels is not None:
+            d["int8_kernels"] = self.int8_kernels
         if self.unreported:
             d["options_not_reported"] = self.unreported
         return d

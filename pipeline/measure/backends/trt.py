@@ -45,10 +45,12 @@ class BuildPlan:
     builder_level: int
     batch: int
     cuda_graphs: bool
+    explicit_int8: bool = False  # a QDQ model: INT8 where its Q/DQ say (strongly typed, no INT8 builder flag)
 
     def key_fields(self) -> dict:
         return {
             "precision": self.precision,
+            "explicit_int8": self.explicit_int8,
             "workspace": self.workspace_bytes,
             "level": self.builder_level,
             "batch": self.batch,
@@ -62,7 +64,10 @@ def trt_major(version: str) -> int:
         raise CarveError(f"unrecognised TensorRT version {version!r}") from None
 
 
-def build_plan(config: EngineConfig, trt_version: str) -> BuildPlan:
+def build_plan(config: EngineConfig, trt_version: str, proto=None) -> BuildPlan:
+    """The build for ``config`` on this TensorRT version; ``proto`` (the ONNX model) decides explicit INT8: a QDQ
+    model is built strongly typed as it is (its Q/DQ layers set the INT8 precision; TensorRT 10+ takes no INT8 flag
+    for it), which needs symmetric INT8 Q/DQ (zero point 0: ``carve quantize --activations int8``)."""
     major = trt_major(trt_version)
     if major < 10:
         raise MissingDependencyError(f"TensorRT {trt_version} is too old; carve supports TensorRT 10 and 11")
@@ -70,6 +75,23 @@ def build_plan(config: EngineConfig, trt_version: str) -> BuildPlan:
         raise CarveError(f"TensorRT precision must be fp32 or fp16, got {config.precision!r}")
     if not 0 <= config.builder_level <= 5:
         raise CarveError(f"TensorRT builder optimisation level must be 0-5, got {config.builder_level}")
+    explicit = False
+    if proto is not None:
+        from carve.pipeline.graph.precision import asymmetric_qdq, is_quantized
+
+        explicit = is_quantized(proto)
+        bad = asymmetric_qdq(proto) if explicit else []
+        if bad:
+            raise CarveError(
+                f"TensorRT's explicit INT8 needs symmetric INT8 Q/DQ (zero point 0); node {bad[0]!r} "
+                f"({len(bad)} in all) has a UINT8 or non-zero zero point",
+                hint="quantize for TensorRT with `carve quantize --activations int8`",
+            )
+        if explicit and config.precision == "fp16":
+            raise CarveError(
+                "an FP16 graph of a QDQ model is not built (its scales would become FP16)",
+                hint="measure the INT8 model with `precision=fp32`: its float parts stay FP32",
+            )
     return BuildPlan(
         precision=config.precision,
         fp16_graph=config.precision == "fp16",
@@ -78,6 +100,7 @@ def build_plan(config: EngineConfig, trt_version: str) -> BuildPlan:
         builder_level=config.builder_level,
         batch=config.batch,
         cuda_graphs=True if config.cuda_graphs is None else bool(config.cuda_graphs),
+        explicit_int8=explicit,
     )
 
 
@@ -153,8 +176,8 @@ class TrtEngine(Engine):
         if not torch.cuda.is_available():
             raise MissingDependencyError("the TensorRT backend needs a CUDA GPU, and torch sees none")
         self.trt, self.torch, self.config = trt, torch, config
-        self.plan = build_plan(config, trt.__version__)
         m = load(model)
+        self.plan = build_plan(config, trt.__version__, m.proto)
         self.weight_bytes = m.weight_bytes()
         from carve.pipeline.graph.precision import to_fp16
 
@@ -300,6 +323,7 @@ class TrtEngine(Engine):
             "engine_cached": self.cached,
             "precision": self.plan.precision,
             "fp16_graph": self.plan.fp16_graph,
+            "explicit_int8": self.plan.explicit_int8,
             "cuda_graphs": self.graph is not None,
             "builder_level": self.plan.builder_level,
             "workspace_bytes": self.plan.workspace_bytes,
