@@ -12,8 +12,11 @@ from carve.pipeline.data.shared import missing_reason, shared_file
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # No test depends on the host CPU: the capability carve plans for (ONNX Runtime's default channel alignment) is pinned
-# to an AVX2-only CPU for every test and the commands they spawn; tests of the AVX-512 branch set their own.
-os.environ["CARVE_CPU_FLAGS"] = "sse4_2 avx avx2 fma"
+# for every test and the commands they spawn, to an AVX2-only CPU unless CARVE_CPU_FLAGS is set already (.ci/run
+# reruns the tests that depend on it with AVX-512 flags); tests of one branch set their own.
+AVX2_FLAGS = "sse4_2 avx avx2 fma"
+AVX512_FLAGS = "sse4_2 avx avx2 fma avx512f avx512bw avx512vl"
+os.environ.setdefault("CARVE_CPU_FLAGS", AVX2_FLAGS)
 
 
 def need_shared(*parts: str) -> Path:
