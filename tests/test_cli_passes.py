@@ -85,14 +85,17 @@ def test_recipe_run_and_thresholds(model, tmp_path, digits_rgb, capsys):
         "passes:\n  - prune: {criterion: l1, target_macs: 0.6, round_to: 2, fuse: lsq}\n  - merge: {when: macs}\n"
         "thresholds: {max_macs: 0.6}\n"
     )
+    capsys.readouterr()
     assert main(["run", str(recipe), "--keep-intermediate", str(tmp_path / "steps")]) == 0
+    assert "thresholds passed (max_macs 0.6); exit 0" in capsys.readouterr().out  # the verdict, also when it passes
     report = json.loads((tmp_path / "out.onnx.report.json").read_text())
     assert report["cost"]["macs_ratio"] <= 0.6 and report["thresholds"]["passed"]
     assert sorted(p.name for p in (tmp_path / "steps").iterdir()) == ["01_prune.onnx", "02_merge.onnx"]
     recipe.write_text(recipe.read_text().replace("max_macs: 0.6", "max_macs: 0.1"))
     capsys.readouterr()
     assert main(["run", str(recipe), "-o", str(tmp_path / "rep2.json")]) == 1
-    assert "threshold not met" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "thresholds failed (max_macs 0.1): macs ratio" in out and "exit 1" in out
 
 
 def test_recipe_errors_name_the_key(tmp_path, capsys):

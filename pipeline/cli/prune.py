@@ -140,7 +140,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     eng.add_argument("--device", help="ort: cpu | cuda | tensorrt execution provider (default cpu)")
     eng.add_argument("--threads", type=positive_int, help="CPU threads (default 1)")
     eng.add_argument("--batch", type=positive_int, help="batch size (default 1)")
-    eng.add_argument("--precision", choices=["fp32", "fp16"])
+    eng.add_argument("--precision", choices=["fp32", "fp16"], help="engine precision (default fp32)")
     eng.add_argument(
         "--no-measure",
         dest="measure",
@@ -162,7 +162,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_input_shape_arg(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=run, option_flags={"repairs": "--repair", "allocator_options": "--allocator-opt"})
 
 

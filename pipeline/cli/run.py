@@ -11,7 +11,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run", help="run a recipe (YAML): passes, evaluation, measurement, thresholds", description=__doc__
     )
-    p.add_argument("recipe", help="recipe file (see docs/recipes.md)")
+    p.add_argument("recipe", help="recipe file (see docs/passes.md, section Recipes)")
     p.add_argument("--keep-intermediate", metavar="DIR", help="write the model after every pass into DIR")
     p.add_argument(
         "--out-dir",
@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="where to write the report JSON (default: the recipe's `report`, else <output>.report.json)",
     )
     p.add_argument("--json", action="store_true", help="print the report JSON")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=run)
 
 
@@ -101,9 +101,20 @@ def run(args: argparse.Namespace) -> int:
                 con.print(f"top-1 {o['top1']:.2%} -> {f['top1']:.2%}")
             con.print(f"top-1 agreement with the original {f['reference']['top1_agreement']:.2%}")
         con.print(f"wrote {recipe.output} and {report_path}")
-        for msg in failures:
-            con.print(f"[red]threshold not met: {msg}[/red]")
+        con.print(threshold_verdict(recipe.thresholds, failures))
     return 1 if failures else 0
+
+
+def threshold_verdict(limits: dict, failures: list[str]) -> str:
+    """The recipe's verdict in one line: which thresholds were checked and whether they held."""
+    if not limits and not failures:
+        return "thresholds: none set (the recipe's `thresholds` section); exit 0"
+    names = ", ".join(f"{k} {v}" for k, v in limits.items())
+    if not failures:
+        return f"[green]thresholds passed[/green] ({names}); exit 0"
+    return f"[red]thresholds failed[/red] ({names or 'none set: a measured slow-down fails'}): " + (
+        "; ".join(failures) + "; exit 1"
+    )
 
 
 def _same_path(a: Path, b: Path) -> bool:

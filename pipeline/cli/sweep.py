@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="run on a Ray cluster: `auto` (the running cluster), `local` (start one here) or ray://HOST:PORT",
     )
     p.add_argument("--dry-run", action="store_true", help="list the points and exit")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=run)
 
 
