@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -113,7 +114,6 @@ def run(args: argparse.Namespace) -> int:
         )
     s = results["summary"]
     con.print(f"{s['ok']} of {s['points']} points done, {s['failed']} failed; Pareto front: {', '.join(s['pareto'])}")
-    con.print(
-        f"wrote {args.out_dir}/results.json (carve report {args.out_dir}/results.json -o sweep.md --plots plots/)"
-    )
+    results_json = Path(args.out_dir) / "results.json"  # `--out-dir sweep/` must not print sweep//results.json
+    con.print(f"wrote {results_json} (carve report {results_json} -o sweep.md --plots plots/)")
     return 1 if s["ok"] == 0 else 0

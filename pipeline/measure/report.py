@@ -287,6 +287,9 @@ def plots(doc: dict, directory: str | Path) -> list[Path]:
             mac_label = None  # the MAC line is the same for every thread count: label it once
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xscale("log", base=2)
+    batches = sorted({r["batch"] for r in results})
+    ax.set_xticks(batches, [str(b) for b in batches])  # the batch sizes as integers, not 2^0 ... 2^3
+    ax.minorticks_off()
     ax.set_xlabel("batch size")
     ax.set_ylabel("speed-up of B over A")
     ax.legend(fontsize=7)

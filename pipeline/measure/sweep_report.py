@@ -76,8 +76,10 @@ def plots(doc: dict, directory: str | Path) -> list[Path]:
         [p["latency_ms"] for p in front], [p[acc] * 100 for p in front], c="tab:red", s=30, label="Pareto-optimal"
     )
     ax.step([p["latency_ms"] for p in front], [p[acc] * 100 for p in front], where="post", c="tab:red", lw=1, alpha=0.7)
-    for p in front:
+    labels = [
         ax.annotate(p["id"], (p["latency_ms"], p[acc] * 100), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for p in front
+    ]
     ref, orig = doc["objective"].get("latency_ms_reference"), ok[0].get(f"{acc}_original")
     if ref and orig is not None:
         ax.scatter([ref], [orig * 100], marker="*", c="black", s=60, label="original")
@@ -86,7 +88,26 @@ def plots(doc: dict, directory: str | Path) -> list[Path]:
     ax.set_title(doc["sweep"]["name"], fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
+    separate_labels(fig, labels)
     p = directory / "pareto.png"
     fig.savefig(p, dpi=120)
     plt.close(fig)
     return [p]
+
+
+def separate_labels(fig, labels: list, *, step: float = 7.0, tries: int = 12) -> None:
+    """Move point labels apart where they overlap: each label in turn is shifted (in points: up, down, further up,
+    ...) until its box overlaps no label placed before it and stays inside the figure."""
+    renderer = fig.canvas.get_renderer()
+    fig_box = fig.bbox
+    placed = []
+    for label in labels:
+        x0, y0 = label.xyann
+        for k in range(tries + 1):
+            dy = step * ((k + 1) // 2) * (1 if k % 2 else -1) if k else 0.0
+            label.xyann = (x0, y0 + dy)
+            box = label.get_window_extent(renderer)
+            inside = box.y0 >= fig_box.y0 and box.y1 <= fig_box.y1
+            if inside and not any(box.overlaps(other) for other in placed):
+                break
+        placed.append(label.get_window_extent(renderer))
