@@ -109,8 +109,13 @@ def run(args: argparse.Namespace) -> int:
         if "teacher" in accuracy and "top1" in accuracy["teacher"]:
             line += f" (teacher {accuracy['teacher']['top1']:.2%})"
         if "reference" in final:
-            line += f"; agreement with the teacher {final['reference']['top1_agreement']:.2%}"
-        con.print(line + f" on {final['samples']} samples of {args.eval_data}")
+            who = "the teacher" if args.teacher else "the model before fine-tuning"
+            line += f"; top-1 agreement with {who} {final['reference']['top1_agreement']:.2%}"
+        if "held_back" in accuracy:
+            where = f"{final['samples']} images of {args.data} held back from training (--eval chooses other data)"
+        else:
+            where = f"{final['samples']} samples of {args.eval_data}"
+        con.print(f"{line} on {where}")
     con.print(
         f"verified: checker, output shapes, finite weights; ONNX Runtime equals the trained module "
         f"(max relative {s['torch_vs_ort']['max_rel']:.1e})"
