@@ -35,7 +35,7 @@ def test_bench_report_gate(zoo_dir, tmp_path, capsys):
     )
     assert rc == 0
     out = capsys.readouterr().out
-    assert "speed-up (95% CI)" in out and "wrote" in out
+    assert "speed-up: median of paired ratios (95% CI)" in out and "wrote" in out
     doc = json.loads(report.read_text())
     assert [r["batch"] for r in doc["results"]] == [1, 4]
     md = tmp_path / "report.md"

@@ -63,14 +63,17 @@ def run(args: argparse.Namespace) -> int:
     con.print(
         f"{args.model}: {prof.get('groups')} prunable groups, {prof.get('subgraphs_timed')} distinct subgraphs, "
         f"{prof.get('candidates_timed')} widths timed in {prof.get('seconds')} s ({prof.get('clock')} clock, "
-        f"{prof.get('rounds')} interleaved rounds each); whole model {table.model_ms:.3f} ms"
+        f"{prof.get('rounds')} interleaved rounds each); whole model {table.model_ms:.3f} ms. Each group's layers "
+        "(producers, per-channel ops, consumers) timed alone, as a fraction of the whole model's time: groups share "
+        "layers and a cut-out subgraph has its own overhead, so these overlap and need not sum to 100%"
     )
     for g in table.groups:
         if g.measured_as is not None:
             continue
         fast = sorted({sum(g.candidates[i]) for i in g.fast()}, reverse=True)
         con.print(
-            f"  group {g.group} ({sum(g.slices)} ch, {g.share:.1%} of the model): fast widths "
+            f"  group {g.group} ({sum(g.slices)} ch; its layers alone {g.share * table.model_ms:.3f} ms = "
+            f"{g.share:.1%} of the whole model's time): fast widths "
             f"{', '.join(map(str, fast[:12]))}{' ...' if len(fast) > 12 else ''}"
         )
     err = table.error

@@ -34,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from carve.pipeline.cli._common import command_line, console
     from carve.pipeline.flows.sweep import LocalExecutor, expand, load_sweep, run_sweep
+    from carve.pipeline.measure.report import ab_text
 
     sweep = load_sweep(args.sweep)
     points = expand(sweep)
@@ -65,10 +66,17 @@ def run(args: argparse.Namespace) -> int:
         if rec["status"] != "ok":
             return f"{p.id}: [red]failed[/red] ({rec['error']})"
         acc = f"top-1 {rec['top1']:.2%}" if rec.get("top1") is not None else f"agreement {rec['top1_agreement']:.2%}"
-        return (
-            f"{p.id}: {acc}, MACs {rec['macs_ratio']:.1%}, {rec['latency_ms_measured']:.3f} ms "
-            f"({rec['speedup']['median']:.2f}x), {rec['seconds']:.0f}s"
+        sp = rec["speedup"]
+        figures = ab_text(
+            rec["latency_ms_original"],
+            rec["latency_ms_measured"],
+            sp["median"],
+            (sp["ci_low"], sp["ci_high"]),
+            rec.get("clock"),
+            a="original",
+            b="pruned",
         )
+        return f"{p.id}: {acc}, MACs {rec['macs_ratio']:.1%}, {figures}, {rec['seconds']:.0f}s"
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
