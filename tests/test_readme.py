@@ -28,6 +28,20 @@ def test_first_lines_are_setup_plus_demo_and_the_test_command():
     assert test_command.split("#")[0].strip() in ci  # .ci/run runs exactly the README's test command
 
 
+def test_ci_reruns_the_cpu_dependent_tests_as_on_an_avx512_cpu():
+    """The test command pins an AVX2 CPU (conftest); CI reruns the tests marked `cpu_capability` with AVX-512 flags,
+    and an outer CARVE_CPU_FLAGS is what the tests run with."""
+    import os
+
+    from conftest import AVX512_FLAGS
+
+    ci = (REPO / ".ci" / "run").read_text().replace("\\\n", " ")
+    rerun = next(ln for ln in ci.splitlines() if "-m cpu_capability" in ln)
+    assert f'CARVE_CPU_FLAGS="{AVX512_FLAGS}"' in rerun and "avx512f" in AVX512_FLAGS
+    assert os.environ["CARVE_CPU_FLAGS"]  # pinned for every test (AVX2 unless set outside)
+    assert "CARVE_CPU_FLAGS" in README
+
+
 def test_demo(tmp_path, capsys):
     assert main(["demo", "--quick", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
