@@ -191,6 +191,8 @@ class PassManager:
                 ins.after(p, model, result, ctx)
             results.append(result)
             model = result.model
+            if ctx.progress:  # said as it finishes too: a display never stays at 0/1 after the pass
+                ctx.progress(f"pass {p.name}", k + 1, len(self.passes))
         return model, results
 
 

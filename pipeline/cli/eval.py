@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from carve.pipeline.cli._common import console, emit_json
+    from carve.pipeline.cli._progress import show_progress
     from carve.pipeline.data.datasets import Preprocess, load_data
     from carve.pipeline.graph import check_output_path, load
     from carve.pipeline.measure.evaluate import evaluate
@@ -33,7 +34,10 @@ def run(args: argparse.Namespace) -> int:
     data = load_data(
         args.data, model=model, preprocess=Preprocess.for_model(model), samples=args.samples, seed=args.seed
     )
-    result = {"model": args.model, **evaluate(model, data, reference=reference, threads=args.threads)}
+    quiet = bool(args.json)
+    with show_progress("carve eval", console(quiet), quiet=quiet) as progress:
+        accuracy = evaluate(model, data, reference=reference, threads=args.threads, progress=progress)
+    result = {"model": args.model, **accuracy}
     doc = {"schema_version": 1, "kind": "carve.eval", "accuracy": result}
     if emit_json(args, doc):
         return 0

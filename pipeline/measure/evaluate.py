@@ -49,11 +49,12 @@ def same_input(model: Model, reference: Model) -> None:
         )
 
 
-def evaluate(model: Model, data: Dataset, *, reference: Model | None = None, threads: int = 2) -> dict:
-    """The ``accuracy`` report section for ``model`` on ``data``."""
+def evaluate(model: Model, data: Dataset, *, reference: Model | None = None, threads: int = 2, progress=None) -> dict:
+    """The ``accuracy`` report section for ``model`` on ``data``; ``progress`` hears ``evaluate: images`` (and
+    ``evaluate reference: images``) done of the total."""
     if reference is not None:
         same_input(model, reference)
-    logits = predict(model, data, threads=threads)
+    logits = predict(model, data, threads=threads, progress=progress, stage="evaluate: images")
     if logits.ndim != 2:
         logits = logits.reshape(len(logits), -1)
     out: dict = {"data": data.describe(), "samples": int(len(logits))}
@@ -62,7 +63,8 @@ def evaluate(model: Model, data: Dataset, *, reference: Model | None = None, thr
         out["top1"] = topk(logits, labels, 1)
         out["top5"] = topk(logits, labels, 5)
     if reference is not None:
-        ref = predict(reference, data, threads=threads).reshape(len(logits), -1)
+        ref = predict(reference, data, threads=threads, progress=progress, stage="evaluate reference: images")
+        ref = ref.reshape(len(logits), -1)
         out["reference"] = {"source": str(reference.source) if reference.source else None, **agreement(ref, logits)}
         if data.labels is not None:
             out["reference"]["top1"] = topk(ref, data.labels[data._idx()], 1)
