@@ -20,8 +20,8 @@ os.environ.setdefault("CARVE_CPU_FLAGS", AVX2_FLAGS)
 
 # carve branches on the CPU in one place: the default channel alignment (16 with AVX-512, else 8). These modules
 # prune with that default (CLI, recipes, the closed loop, planning); .ci/run reruns them with AVX-512 flags (marker
-# `cpu_capability`). The whole suite passed with AVX-512 flags too (issue 25: 667 passed, 28 min on 2 loaded cores,
-# as long as the AVX2 run itself, so a second full run would double CI).
+# `cpu_capability`, ~3 min). The whole suite passed with AVX-512 flags too (issue 25: 667 passed); it takes 17-28 min
+# on 2 shared cores, as long as the AVX2 run itself, so a second full run would double CI.
 CPU_CAPABILITY_MODULES = {"test_latency.py", "test_planning.py", "test_knapsack.py", "test_cli_core.py"}
 
 

@@ -130,4 +130,4 @@ def test_the_python_api_blocks_run_each_in_an_empty_folder(tmp_path, monkeypatch
         monkeypatch.chdir(folder)
         exec(compile(block, f"README.md python block {k}", "exec"), {})
         written |= {p.name for p in folder.iterdir()}
-    assert {"r20.onnx", "r20_p.onnx", "r20_half.onnx"} <= written
+    assert {"vit.onnx", "r20.onnx", "r20_p.onnx", "r20_half.onnx"} <= written
