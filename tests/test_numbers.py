@@ -68,3 +68,39 @@ def test_the_profile_says_what_a_groups_share_is(tiny_resnet_onnx, tmp_path, cap
     assert "need not sum to 100%" in out
     shares = re.findall(r"its layers alone ([\d.]+) ms = ([\d.]+)% of the whole model's time", out)
     assert shares and "of the model)" not in out
+
+
+def test_the_sweep_report_labels_its_latencies_and_shows_each_points_own_ab():
+    """A sweep point's latency is the common-footing value (reference / speed-up); beside it the point's own A/B
+    medians with their clock, so the progress line's raw figures are in the report too."""
+    from carve.pipeline.measure.sweep_report import to_markdown
+
+    rec = {
+        "id": "l1-uniform-macs0.5-none-e0",
+        "point": {"criterion": "l1", "allocator": "uniform", "target_kind": "macs", "target": 0.5, "repair": "none"}
+        | {"finetune_epochs": 0},
+        "status": "ok",
+        "macs_ratio": 0.5,
+        "params_ratio": 0.5,
+        "top1": 0.9,
+        "top1_original": 0.95,
+        "top1_agreement": 0.92,
+        "measured": "ort b1 t1",
+        "latency_ms_measured": 0.148,
+        "latency_ms_original": 0.152,
+        "clock": "thread-cpu",
+        "speedup": {"median": 1.01, "ci_low": 0.99, "ci_high": 1.03},
+    }
+    doc = {
+        "sweep": {"name": "s", "model": "m.onnx"},
+        "summary": {"points": 1, "ok": 1, "failed": 0, "pareto": [rec["id"]]},
+        "objective": {"accuracy": "top1", "latency_ms_reference": 0.0927, "note": "latency_ms = reference / speed-up"},
+        "points": [{**rec, "latency_ms": 0.0927 / 1.01, "pareto": True}],
+    }
+    table = to_markdown(doc)
+    head = next(ln for ln in table.splitlines() if ln.startswith("| | point"))
+    row = next(ln for ln in table.splitlines() if rec["id"] in ln)
+    cells = dict(zip([c.strip() for c in head.split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["latency ms (reference / speed-up)"] == f"{0.0927 / 1.01:.4g}"
+    assert cells["own A/B: original, pruned ms (medians)"] == "0.152, 0.148 (thread-cpu clock)"
+    assert cells["speed-up: median of paired ratios (95% CI)"] == "1.01x (0.99-1.03)"

@@ -23,8 +23,9 @@ def to_markdown(doc: dict, *, title: str = "carve sweep") -> str:
         f"{acc}, lower latency) are marked **\\***.",
         "",
         "| | point | criterion | allocator | target | repair | fine-tune epochs | MACs | params | top-1 | "
-        "agreement | latency ms | speed-up (95% CI) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "agreement | latency ms (reference / speed-up) | own A/B: original, pruned ms (medians) | "
+        "speed-up: median of paired ratios (95% CI) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ok = [p for p in doc["points"] if p["status"] == "ok"]
     ok.sort(key=lambda p: p["latency_ms"])
@@ -35,7 +36,8 @@ def to_markdown(doc: dict, *, title: str = "carve sweep") -> str:
             f"| {star} | `{p['id']}` | {a['criterion']} | {a['allocator']} | "
             f"{a['target_kind']} {a['target']:g} | {a['repair']} | {a['finetune_epochs']:g} | {p['macs_ratio']:.1%} | "
             f"{p['params_ratio']:.1%} | {_pct(p.get('top1'))} | {_pct(p.get('top1_agreement'))} | "
-            f"{p['latency_ms']:.4g} | {sp['median']:.2f}x ({sp['ci_low']:.2f}-{sp['ci_high']:.2f}) |"
+            f"{p['latency_ms']:.4g} | {_ms(p.get('latency_ms_original'))}, {_ms(p.get('latency_ms_measured'))} "
+            f"({p.get('clock') or 'wall'} clock) | {sp['median']:.2f}x ({sp['ci_low']:.2f}-{sp['ci_high']:.2f}) |"
         )
     first = ok[0] if ok else None
     if first:
@@ -53,6 +55,10 @@ def to_markdown(doc: dict, *, title: str = "carve sweep") -> str:
     if env:
         out += ["", "## Environment", "", "; ".join(f"{k}: {v}" for k, v in env.items() if not isinstance(v, dict))]
     return "\n".join(out) + "\n"
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
 
 
 def plots(doc: dict, directory: str | Path) -> list[Path]:
