@@ -177,19 +177,16 @@ def fallback_ops(optimized) -> list[str]:
 
 
 def missing_provider_hint(provider: str) -> str:
-    """What to do when ``provider`` did not load: install the GPU build only when it is not installed; else say
-    that the installed build found no usable GPU stack here."""
-    from importlib import metadata
+    """What to do when ``provider`` did not load: install ONNX Runtime's GPU build only when the build in use lacks
+    the provider; when it has it, say that it found no usable GPU stack here."""
+    import onnxruntime as ort
 
-    try:
-        gpu_build = metadata.version("onnxruntime-gpu")
-    except metadata.PackageNotFoundError:
-        gpu_build = None
-    if gpu_build is None:
+    if provider not in ort.get_available_providers():
         return "install onnxruntime-gpu (in place of onnxruntime) with a CUDA that matches it, or use `device=cpu`"
     return (
-        f"onnxruntime-gpu {gpu_build} is installed but found no usable {provider.removesuffix('ExecutionProvider')} "
-        "here (no NVIDIA GPU or driver, or the CUDA/cuDNN libraries it was built for are missing); use `device=cpu`"
+        f"this ONNX Runtime {ort.__version__} has the {provider.removesuffix('ExecutionProvider')} provider but found "
+        "no usable GPU here (no NVIDIA GPU or driver, or the CUDA/cuDNN libraries it was built for are missing); "
+        "use `device=cpu`"
     )
 
 
