@@ -163,3 +163,15 @@ def test_every_argument_has_help_and_cited_docs_exist():
         text = " ".join(filter(None, [parser.description, *(a.help for a in parser._actions)]))
         for doc in re.findall(r"docs/[\w./-]+\.md", text):
             assert (repo / doc).is_file(), f"carve {name} --help cites {doc}, which does not exist"
+
+
+def test_output_folders_that_are_files_are_refused(tmp_path, capsys):
+    """`carve demo --out-dir` and `carve report --plots` make their folder, or say in one line why they cannot."""
+    from carve.pipeline.cli import main
+
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    assert main(["demo", "--quick", "--out-dir", str(blocker)]) == 1
+    err = capsys.readouterr().err
+    assert "--out-dir" in err and "is a file, not a folder" in err and "Traceback" not in err
+    assert blocker.read_text() == "a file"
