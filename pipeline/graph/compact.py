@@ -47,14 +47,18 @@ def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
             yield from _nodes(sg)
 
 
-def _compact_graph(graph: onnx.GraphProto, removed: Removed) -> None:
+def _read(graph: onnx.GraphProto) -> set[str]:
+    """Names the graph's nodes read (subgraphs' reads of this scope included) and its outputs."""
     read = {o.name for o in graph.output}
     for n in graph.node:
         read.update(i for i in n.input if i)
         read.update(outer_names(n))
-    dead = [t for t in graph.initializer if t.name not in read]
-    if dead:
-        names = {t.name for t in dead}
+    return read
+
+
+def _drop_initializers(graph: onnx.GraphProto, read: set[str], removed: Removed) -> None:
+    names = {t.name for t in graph.initializer if t.name not in read}
+    if names:
         keep = [t for t in graph.initializer if t.name in read]
         del graph.initializer[:]
         graph.initializer.extend(keep)
@@ -64,22 +68,30 @@ def _compact_graph(graph: onnx.GraphProto, removed: Removed) -> None:
             del graph.input[:]
             graph.input.extend(inputs)
         removed.initializers += sorted(names)
-    sparse = [t for t in graph.sparse_initializer if t.values.name not in read]
+    sparse = {t.values.name for t in graph.sparse_initializer if t.values.name not in read}
     if sparse:
-        names = {t.values.name for t in sparse}
-        keep = [t for t in graph.sparse_initializer if t.values.name not in names]
+        keep = [t for t in graph.sparse_initializer if t.values.name not in sparse]
         del graph.sparse_initializer[:]
         graph.sparse_initializer.extend(keep)
-        removed.initializers += sorted(names)
+        removed.initializers += sorted(sparse)
+
+
+def _drop_value_info(graph: onnx.GraphProto, read: set[str], removed: Removed) -> None:
     present = read | {i.name for i in graph.input} | {t.name for t in graph.initializer}
     for n in graph.node:
         present.update(o for o in n.output if o)
-    stale = [v for v in graph.value_info if v.name not in present]
+    stale = [v.name for v in graph.value_info if v.name not in present]
     if stale:
         keep = [v for v in graph.value_info if v.name in present]
         del graph.value_info[:]
         graph.value_info.extend(keep)
-        removed.value_info += [v.name for v in stale]
+        removed.value_info += stale
+
+
+def _compact_graph(graph: onnx.GraphProto, removed: Removed) -> None:
+    read = _read(graph)
+    _drop_initializers(graph, read, removed)
+    _drop_value_info(graph, read, removed)
     for n in graph.node:
         for sg in _subgraphs(n):
             _compact_graph(sg, removed)
