@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from carve.pipeline.data.batching import first_batch
-from carve.pipeline.errors import CarveError
+from carve.pipeline.errors import CarveError, warn
 from carve.pipeline.graph.history import record
 from carve.pipeline.graph.io import save
 from carve.pipeline.graph.model import Model, check_finite, nonfinite_initializers
@@ -66,6 +66,10 @@ class Pass:
     needs: ClassVar[frozenset[str]] = frozenset()
     description: ClassVar[str] = ""
     records_history: ClassVar[bool] = False  # the pass writes its own carve.history entry (record_pass skips it)
+    # a lossy post-training pass warns when its output's cosine with its input falls below this (None: never; passes
+    # whose loss a later repair or fine-tuning is expected to recover, such as pruning, leave it None)
+    warn_below_cosine: ClassVar[float | None] = None
+    low_cosine_hint: ClassVar[str] = "keep more of the model, or repair / fine-tune it"
 
     def requires(self, model: Model, ctx: PassContext) -> None:
         if "calib" in self.needs and ctx.calib is None:
@@ -135,6 +139,13 @@ class NumericCheck(Instrument):
                 hint="check the pass's options and the calibration data",
             )
         result.error = output_metrics(before[0], after[0])
+        low = p.warn_below_cosine
+        if not p.exact and low is not None and result.error["cosine"] < low:
+            inputs = "calibration" if ctx.calib is not None else "random"
+            warn(
+                f"pass {p.name!r} changed the model's outputs noticeably: cosine {result.error['cosine']:.3f} with "
+                f"its input on {inputs} inputs (below {low}); {p.low_cosine_hint}"
+            )
         if p.exact and not result.error["max_rel"] <= self.rtol:
             raise AssertionError(
                 f"exact pass {p.name!r} changed the model's outputs (relative error {result.error['max_rel']:.3g})"
@@ -180,6 +191,8 @@ class PassManager:
                 ins.after(p, model, result, ctx)
             results.append(result)
             model = result.model
+            if ctx.progress:  # said as it finishes too: a display never stays at 0/1 after the pass
+                ctx.progress(f"pass {p.name}", k + 1, len(self.passes))
         return model, results
 
 

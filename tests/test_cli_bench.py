@@ -35,7 +35,7 @@ def test_bench_report_gate(zoo_dir, tmp_path, capsys):
     )
     assert rc == 0
     out = capsys.readouterr().out
-    assert "speed-up (95% CI)" in out and "wrote" in out
+    assert "speed-up: median of paired ratios (95% CI)" in out and "wrote" in out
     doc = json.loads(report.read_text())
     assert [r["batch"] for r in doc["results"]] == [1, 4]
     md = tmp_path / "report.md"
@@ -96,3 +96,28 @@ def test_bench_refuses_settings_an_engine_cannot_apply(zoo_dir, capsys):
     assert "CUDA graphs exist only on ONNX Runtime's CUDA and TensorRT providers" in err and "Traceback" not in err
     assert main(["bench", m, m, "--backend", "torch-cpu", "--cuda-graphs", "--no-memory", "--rounds", "2"]) == 1
     assert "CUDA graphs need a CUDA device" in capsys.readouterr().err
+
+
+def test_a_cuda_provider_that_cannot_load_is_one_line_with_a_true_hint(tiny_resnet_onnx):
+    """`--device cuda` where ORT's CUDA provider cannot load (no GPU here): carve's one error line and hint, with no
+    ONNX Runtime log before them, and no advice to install a package that is installed."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the CUDA provider may load (tests/test_gpu.py measures it)")
+    m = str(tiny_resnet_onnx)
+    cmd = [sys.executable, "-m", "carve", "bench", m, m, "--device", "cuda", "--rounds", "2", "--no-memory"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("carve bench: error:") and "onnxruntime" not in lines[0].split("error:")[0], r.stderr
+    assert len(lines) == 2 and lines[1].startswith("  hint:"), r.stderr
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():  # the GPU build: nothing to install
+        assert "install onnxruntime-gpu" not in r.stderr and "has the CUDA provider but found no usable GPU" in r.stderr
+    else:  # the plain build: the GPU build is what is missing
+        assert "install onnxruntime-gpu (in place of onnxruntime)" in r.stderr

@@ -139,6 +139,32 @@ def test_usage_errors_exit_2(model_copy):
     assert r.returncode == 2 and "must be in [0, 1)" in r.stderr
 
 
+def _subcommands():
+    import argparse
+
+    from carve.pipeline.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_every_argument_has_help_and_cited_docs_exist():
+    """`carve X --help` explains every argument, and every docs/*.md a help text cites is in the repository."""
+    import argparse
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    for name, parser in _subcommands().items():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flag = action.option_strings[-1] if action.option_strings else action.dest
+            assert action.help, f"carve {name} {flag} has no help"
+        text = " ".join(filter(None, [parser.description, *(a.help for a in parser._actions)]))
+        for doc in re.findall(r"docs/[\w./-]+\.md", text):
+            assert (repo / doc).is_file(), f"carve {name} --help cites {doc}, which does not exist"
+
+
 def test_output_folders_that_are_files_are_refused(tmp_path, capsys):
     """`carve demo --out-dir` and `carve report --plots` make their folder, or say in one line why they cannot."""
     from carve.pipeline.cli import main

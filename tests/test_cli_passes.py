@@ -29,6 +29,21 @@ def test_decompose_then_merge_back(model, tmp_path, capsys):
     assert [h["step"] for h in json.loads(meta["carve.history"])] == ["decompose", "merge"]
 
 
+def test_decompose_warns_when_the_output_moves_far_from_the_original(zoo_dir, tmp_path, capsys):
+    """A low cosine with the original is said on stderr with what to do, in flags; a close one says nothing. (The
+    issue's case: ResNet-20 at energy 0.95 per layer ends at cosine 0.85, and nothing was said.)"""
+    model = zoo_dir / "resnet20.onnx"
+    assert main(["decompose", str(model), "-o", str(tmp_path / "low.onnx"), "--energy", "0.5", "--json"]) == 0
+    captured = capsys.readouterr()
+    cosine = json.loads(captured.out)[0]["error"]["cosine"]
+    assert cosine < 0.95
+    assert f"warning: pass 'decompose' changed the model's outputs noticeably: cosine {cosine:.3f}" in captured.err
+    assert "a higher --energy" in captured.err and "`energy`" not in captured.err
+    assert main(["decompose", str(model), "-o", str(tmp_path / "close.onnx"), "--energy", "0.9999", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[0]["error"]["cosine"] >= 0.95 and "noticeably" not in captured.err
+
+
 def test_decompose_error_needs_calib(model, tmp_path, capsys):
     assert main(["decompose", str(model), "-o", str(tmp_path / "x.onnx"), "--error", "0.1"]) == 1
     assert "needs calibration data" in capsys.readouterr().err
@@ -85,14 +100,17 @@ def test_recipe_run_and_thresholds(model, tmp_path, digits_rgb, capsys):
         "passes:\n  - prune: {criterion: l1, target_macs: 0.6, round_to: 2, fuse: lsq}\n  - merge: {when: macs}\n"
         "thresholds: {max_macs: 0.6}\n"
     )
+    capsys.readouterr()
     assert main(["run", str(recipe), "--keep-intermediate", str(tmp_path / "steps")]) == 0
+    assert "thresholds passed (max_macs 0.6); exit 0" in capsys.readouterr().out  # the verdict, also when it passes
     report = json.loads((tmp_path / "out.onnx.report.json").read_text())
     assert report["cost"]["macs_ratio"] <= 0.6 and report["thresholds"]["passed"]
     assert sorted(p.name for p in (tmp_path / "steps").iterdir()) == ["01_prune.onnx", "02_merge.onnx"]
     recipe.write_text(recipe.read_text().replace("max_macs: 0.6", "max_macs: 0.1"))
     capsys.readouterr()
     assert main(["run", str(recipe), "-o", str(tmp_path / "rep2.json")]) == 1
-    assert "threshold not met" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "thresholds failed (max_macs 0.1): macs ratio" in out and "exit 1" in out
 
 
 def test_recipe_errors_name_the_key(tmp_path, capsys):

@@ -185,6 +185,32 @@ def test_cli_end_to_end(lenet, tmp_path, capsys):
     assert s["options"]["temperature"] == "4:1" and s["accuracy"]["final"]["top1"] > 0.9
 
 
+def test_without_eval_the_agreement_is_printed_on_held_back_images(lenet, tmp_path, capsys):
+    """No --eval: the student's agreement with the teacher on images of --data it was not trained on (the ones
+    --samples left out; else a tenth of them, held out of training)."""
+    from carve.pipeline.data.datasets import load_data
+    from carve.pipeline.flows.finetune import hold_back
+
+    original, pruned = lenet
+    src, teacher = tmp_path / "s.onnx", tmp_path / "t.onnx"
+    P.save(pruned, src)
+    P.save(original, teacher)
+    base = ["finetune", str(src), "--teacher", str(teacher), "--data", "digits:train", "--steps", "2", "--batch", "16"]
+    assert main([*base, "--samples", "200", "-o", str(tmp_path / "a.onnx"), "--json"]) == 0
+    acc = json.loads(capsys.readouterr().out)["accuracy"]
+    assert acc["held_back"] == acc["final"]["samples"] == 1000  # the images --samples left out, at most 1000
+    assert 0.0 <= acc["final"]["reference"]["top1_agreement"] <= 1.0
+    assert main([*base, "-o", str(tmp_path / "b.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "top-1 agreement with the teacher" in out and "held back from training" in out
+    # held-back images are never trained on, in either case
+    for samples in (200, None):
+        train = load_data("digits:train", samples=samples)
+        kept, held = hold_back(train, seed=1)
+        assert len(held) > 0 and not set(kept.indices) & set(held.indices)
+        assert len(kept) == (200 if samples else len(train) - len(held))
+
+
 def test_schedules_and_augmentation():
     t = Temperature.parse("4:1")
     assert (t.at(0), t.at(0.5), t.at(1)) == (4.0, 2.5, 1.0) and Temperature.parse("3").at(0.7) == 3.0

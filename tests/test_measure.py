@@ -103,7 +103,8 @@ def test_report_markdown_and_plots(zoo_dir, tmp_path):
     path.write_text(json.dumps(r))
     doc = load_report(path)
     md = to_markdown(doc)
-    assert "## Latency" in md and "speed-up (95% CI)" in md and "not a speed-up" in md
+    assert "## Latency" in md and "speed-up: median of paired ratios (95% CI)" in md and "ratio of medians" in md
+    assert "not a speed-up" in md
     files = plots(doc, tmp_path / "plots")
     assert [f.name for f in files] == ["latency.png", "speedup.png"] and all(f.stat().st_size > 1000 for f in files)
     ev = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -262,7 +263,7 @@ def readme_sweep_block() -> list[str]:
     return [ln.split("  #")[0].strip() for ln in block.splitlines() if ln.strip()]
 
 
-def test_the_readme_sweep_commands_run_as_written(tmp_path, monkeypatch):
+def test_the_readme_sweep_commands_run_as_written(tmp_path, monkeypatch, capsys):
     """The README's sweep block as CI runs it: the LeNet/digits sweep in the process pool, its report, a resume that
     redoes nothing; the ResNet-56 line is a valid command on a valid sweep file (it needs ../shared and a cluster)."""
     import shlex
@@ -281,6 +282,8 @@ def test_the_readme_sweep_commands_run_as_written(tmp_path, monkeypatch):
             continue
         before = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep" / "points").glob("*.json")}
         assert main(args[1:]) == 0, line
+        if args[1] == "sweep":  # the path as a user would type it (`--out-dir sweep/` once printed sweep//results.json)
+            assert f"wrote {Path('sweep') / 'results.json'} (carve report" in capsys.readouterr().out
         if "--resume" in line:
             after = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep" / "points").glob("*.json")}
             assert after == before and len(after) == 8  # nothing redone

@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="ort: cpu | cuda | tensorrt execution provider (default cpu)")
     p.add_argument("--batch", type=int_list, default=[1], help="batch sizes, e.g. 1,8")
     p.add_argument("--threads", type=int_list, default=[1], help="CPU threads, e.g. 1,2")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="engine precision (default fp32)")
     p.add_argument(
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
@@ -47,7 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--min-round-ms", type=non_negative_float, default=50.0, help="minimum time of one model's round (default 50)"
     )
-    p.add_argument("--warmup-ms", type=non_negative_float, default=300.0)
+    p.add_argument(
+        "--warmup-ms", type=non_negative_float, default=300.0, help="untimed runs of each model first (default 300)"
+    )
     p.add_argument("--isolate", action="store_true", help="run each model in its own process")
     p.add_argument(
         "--clock",
@@ -63,17 +65,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", help="agreement on these inputs (an .npz/.npy, a folder, or digits) instead of random")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the fresh-process memory runs")
-    p.add_argument("--no-agreement", dest="agreement", action="store_false")
+    p.add_argument(
+        "--no-agreement", dest="agreement", action="store_false", help="skip comparing the two models' outputs"
+    )
     p.add_argument(
         "--by-op",
         action="store_true",
         help="ort: break each model's kernel time down by op type with ONNX Runtime's profiler (first batch and "
         "thread count; --rounds profiled runs each) and show the share table",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for random inputs and the bootstrap (default 0)")
     p.add_argument("-o", "--output", help="report JSON (default: print the summary only)")
     p.add_argument("--json", action="store_true", help="print the report JSON")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=run)
 
 

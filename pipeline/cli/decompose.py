@@ -12,8 +12,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "decompose", help="low-rank split of convolutions and linear layers (basis + coefficients)", description=__doc__
     )
-    p.add_argument("model")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("model", help="the ONNX model to decompose (never overwritten)")
+    p.add_argument("-o", "--output", required=True, help="where to write the decomposed ONNX file")
     rank = p.add_mutually_exclusive_group()
     rank.add_argument("--energy", type=float, help="keep this fraction of each layer's spectral energy (default 0.95)")
     rank.add_argument(
@@ -35,12 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="which layers: all (convs and MatMul/Gemm, default), conv (convs only), spatial (k x k convs, k > 1), "
         "linear (MatMul/Gemm only)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling --calib data (default 0)")
     add_calib_args(p)
     add_input_shape_arg(p)
     p.add_argument("-v", "--verbose", action="store_true", help="print every layer's decision")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=run)
 
 

@@ -14,8 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="an .npz/.npy file, a folder of class sub-folders, or `digits`")
     p.add_argument("--reference", help="the model to compare with (e.g. the unpruned original)")
     p.add_argument("--samples", type=positive_int, help="evaluate on this many samples (seeded, class-balanced)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="seed for choosing --samples images (default 0)")
+    p.add_argument("--threads", type=positive_int, default=2, help="ONNX Runtime CPU threads (default 2)")
     p.add_argument("-o", "--output", help="write the result as a report section (JSON) that `carve report` renders")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
@@ -23,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from carve.pipeline.cli._common import console, emit_json
+    from carve.pipeline.cli._progress import show_progress
     from carve.pipeline.data.datasets import Preprocess, load_data
     from carve.pipeline.graph import check_output_path, load
     from carve.pipeline.measure.evaluate import evaluate
@@ -34,7 +35,10 @@ def run(args: argparse.Namespace) -> int:
     data = load_data(
         args.data, model=model, preprocess=Preprocess.for_model(model), samples=args.samples, seed=args.seed
     )
-    result = {"model": args.model, **evaluate(model, data, reference=reference, threads=args.threads)}
+    quiet = bool(args.json)
+    with show_progress("carve eval", console(quiet), quiet=quiet) as progress:
+        accuracy = evaluate(model, data, reference=reference, threads=args.threads, progress=progress)
+    result = {"model": args.model, **accuracy}
     doc = {"schema_version": 1, "kind": "carve.eval", "accuracy": result}
     if emit_json(args, doc):
         return 0

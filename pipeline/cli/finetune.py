@@ -26,13 +26,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     how = p.add_argument_group("how long")
     how.add_argument("--epochs", type=float, default=3.0, help="passes over the data (default 3)")
     how.add_argument("--steps", type=int, help="optimiser steps instead of --epochs")
-    how.add_argument("--batch", type=positive_int, default=64)
+    how.add_argument("--batch", type=positive_int, default=64, help="training batch size (default 64)")
     opt = p.add_argument_group("optimiser")
     opt.add_argument(
         "--optimizer", choices=["adamw", "sgd"], default="adamw", help="AdamW (default), or SGD with Nesterov momentum"
     )
     opt.add_argument("--lr", type=float, help="peak learning rate, cosine schedule (default: AdamW 1e-3, SGD 5e-3)")
-    opt.add_argument("--momentum", type=float, default=0.9)
+    opt.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     opt.add_argument("--weight-decay", type=float, help="on weight tensors only (default: AdamW 0.02, SGD 5e-4)")
     opt.add_argument("--warmup", type=float, default=0.0, help="linear warm-up, a fraction of all steps")
     opt.add_argument("--clip", type=float, default=5.0, help="gradient norm clipping (0: off)")
@@ -50,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="TENSOR",
         help="also match this intermediate tensor of student and teacher (same shape in both; repeatable)",
     )
-    loss.add_argument("--feature-weight", type=float, default=1.0)
+    loss.add_argument("--feature-weight", type=float, default=1.0, help="weight of the --feature loss (default 1.0)")
     loss.add_argument(
         "--output-loss",
         dest="output_losses",
@@ -79,13 +79,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="inserted BNs start from the teacher's channel statistics (what batch statistics give a BN-kept graph) "
         "or unchanged from the student's",
     )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="torch device (default auto: cuda if present)"
+    )
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling, shuffling and augmentation (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint an interrupted run left")
     p.add_argument("--keep-checkpoint", action="store_true", help="keep OUT.ckpt after a finished run")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=run)
 
 
@@ -143,9 +145,14 @@ def run(args: argparse.Namespace) -> int:
                 line += f" (teacher {accuracy['teacher']['detection']['map50']:.2%})"
         if "teacher" in accuracy and "top1" in accuracy["teacher"]:
             line += f" (teacher {accuracy['teacher']['top1']:.2%})"
-        if "top1_agreement" in final.get("reference", {}):
-            line += f"; agreement with the teacher {final['reference']['top1_agreement']:.2%}"
-        con.print(line + f" on {final['samples']} samples of {args.eval_data}")
+        if "reference" in final:
+            who = "the teacher" if args.teacher else "the model before fine-tuning"
+            line += f"; top-1 agreement with {who} {final['reference']['top1_agreement']:.2%}"
+        if "held_back" in accuracy:
+            where = f"{final['samples']} images of {args.data} held back from training (--eval chooses other data)"
+        else:
+            where = f"{final['samples']} samples of {args.eval_data}"
+        con.print(f"{line} on {where}")
     outputs = s["losses"].get("outputs") or {}
     if len(outputs) > 1 or any(o["loss"] != "kl" for o in outputs.values()):
         con.print("distilled: " + ", ".join(f"{n} {o['loss']} ({o['why']})" for n, o in outputs.items()))

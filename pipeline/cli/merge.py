@@ -11,8 +11,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "merge", help="exact merging: BN folding, basis+coefficient pairs, linear chains", description=__doc__
     )
-    p.add_argument("model")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("model", help="the ONNX model to merge (never overwritten)")
+    p.add_argument("-o", "--output", required=True, help="where to write the merged ONNX file")
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNormalization into the preceding layers first")
     p.add_argument(
         "--when",
@@ -24,9 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="ort", help="backend for --when slower (default ort)")
     p.add_argument("--threads", type=positive_int, default=1, help="threads for --when slower timing")
     p.add_argument("--batch", type=positive_int, default=1, help="batch size for --when slower timing")
-    p.add_argument("-v", "--verbose", action="store_true")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every candidate's decision")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=run)
 
 

@@ -9,7 +9,7 @@ import json
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plugins", help="list criteria, allocators and passes", description=__doc__)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the registry as JSON")
     p.set_defaults(func=run)
 
 

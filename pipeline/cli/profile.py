@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="ort: cpu | cuda | tensorrt execution provider (default cpu)")
     p.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1)")
     p.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="engine precision (default fp32)")
     p.add_argument("--step", type=positive_int, default=8, help="candidate widths: multiples of N near the top (8)")
     p.add_argument("--rounds", type=positive_int, default=7, help="interleaved rounds per measurement (default 7)")
     p.add_argument("--min-round-ms", type=float, default=5.0, help="each engine's share of a round (default 5 ms)")
@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-cache", dest="cache", action="store_false", help="measure even when a cached table fits")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=run)
 
 
@@ -63,14 +63,17 @@ def run(args: argparse.Namespace) -> int:
     con.print(
         f"{args.model}: {prof.get('groups')} prunable groups, {prof.get('subgraphs_timed')} distinct subgraphs, "
         f"{prof.get('candidates_timed')} widths timed in {prof.get('seconds')} s ({prof.get('clock')} clock, "
-        f"{prof.get('rounds')} interleaved rounds each); whole model {table.model_ms:.3f} ms"
+        f"{prof.get('rounds')} interleaved rounds each); whole model {table.model_ms:.3f} ms. Each group's layers "
+        "(producers, per-channel ops, consumers) timed alone, as a fraction of the whole model's time: groups share "
+        "layers and a cut-out subgraph has its own overhead, so these overlap and need not sum to 100%"
     )
     for g in table.groups:
         if g.measured_as is not None:
             continue
         fast = sorted({sum(g.candidates[i]) for i in g.fast()}, reverse=True)
         con.print(
-            f"  group {g.group} ({sum(g.slices)} ch, {g.share:.1%} of the model): fast widths "
+            f"  group {g.group} ({sum(g.slices)} ch; its layers alone {g.share * table.model_ms:.3f} ms = "
+            f"{g.share:.1%} of the whole model's time): fast widths "
             f"{', '.join(map(str, fast[:12]))}{' ...' if len(fast) > 12 else ''}"
         )
     err = table.error

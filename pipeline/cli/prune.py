@@ -147,7 +147,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     eng.add_argument("--device", help="ort: cpu | cuda | tensorrt execution provider (default cpu)")
     eng.add_argument("--threads", type=positive_int, help="CPU threads (default 1)")
     eng.add_argument("--batch", type=positive_int, help="batch size (default 1)")
-    eng.add_argument("--precision", choices=["fp32", "fp16"])
+    eng.add_argument("--precision", choices=["fp32", "fp16"], help="engine precision (default fp32)")
     eng.add_argument(
         "--no-measure",
         dest="measure",
@@ -169,7 +169,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_input_shape_arg(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=run, option_flags={"repairs": "--repair", "allocator_options": "--allocator-opt"})
 
 
@@ -275,6 +275,8 @@ def engine_defaults(args: argparse.Namespace) -> None:
 
 def latency_lines(report) -> list[str]:
     """The prune report's speed lines: predicted, measured beside the original, the closed loop's steps."""
+    from carve.pipeline.measure.report import ab_text
+
     lat = report.latency
     if lat is None:
         return []
@@ -288,10 +290,10 @@ def latency_lines(report) -> list[str]:
     if m is not None:
         s, (lo, hi) = m.speedup, m.ci
         word = "faster" if s >= 1 else "slower"
+        figures = ab_text(m.a_ms, m.b_ms, s, (lo, hi), m.clock, a="original", b="pruned")
         text = (
-            f"measured on {lat.engine} ({m.clock or 'wall'} clock, interleaved): {m.b_ms:.3f} ms vs "
-            f"{m.a_ms:.3f} ms original: {s:.2f}x {word} (95% CI {lo:.2f}-{hi:.2f}), latency ratio "
-            f"{m.ratio:.3f} beside a MAC ratio of {report.macs_ratio:.3f}"
+            f"measured on {lat.engine}, interleaved: {figures}: {word}; latency ratio {m.ratio:.3f} (median of "
+            f"paired ratios) beside a MAC ratio of {report.macs_ratio:.3f}"
         )
         if report.channels_removed == 0:
             text += " (nothing was removed: the original meets the target)"

@@ -12,7 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-o", "--output", help="Markdown file (default: stdout)")
     p.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR")
-    p.add_argument("--title", default="carve report")
+    p.add_argument("--title", default="carve report", help="the Markdown heading (default: carve report)")
     p.set_defaults(func=run)
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
+import sys
 from pathlib import Path
 
 
@@ -11,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run", help="run a recipe (YAML): passes, evaluation, measurement, thresholds", description=__doc__
     )
-    p.add_argument("recipe", help="recipe file (see docs/recipes.md)")
+    p.add_argument("recipe", help="recipe file (see docs/passes.md, section Recipes)")
     p.add_argument("--keep-intermediate", metavar="DIR", help="write the model after every pass into DIR")
     p.add_argument(
         "--out-dir",
@@ -23,8 +26,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--report",
         help="where to write the report JSON (default: the recipe's `report`, else <output>.report.json)",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from the last pass an interrupted run finished (kept in OUTPUT.resume/ until the run is done)",
+    )
     p.add_argument("--json", action="store_true", help="print the report JSON")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=run)
 
 
@@ -32,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from carve.pipeline.cli._common import command_line, console
     from carve.pipeline.cli._progress import show_progress
     from carve.pipeline.errors import CarveError
-    from carve.pipeline.flows.recipe import bench_recipe, check_thresholds, load_recipe, run_recipe
+    from carve.pipeline.flows.recipe import bench_recipe, check_thresholds, load_recipe, resume_dir, run_recipe
     from carve.pipeline.graph import atomic_write, check_output_path, save
 
     recipe = load_recipe(args.recipe)
@@ -62,12 +70,14 @@ def run(args: argparse.Namespace) -> int:
     check_output_path(recipe.output, *inputs)
     check_output_path(report_path, *inputs, recipe.output)
     con = console(args.quiet or args.json)
-    with show_progress("carve run", con, quiet=args.quiet or args.json) as progress:
+    with show_progress("carve run", con, quiet=args.quiet or args.json) as progress, _say_resume(args, recipe):
         original, final, report = run_recipe(
             recipe,
             keep_intermediate=Path(args.keep_intermediate) if args.keep_intermediate else None,
             progress=progress,
             command=command_line(),
+            steps_dir=resume_dir(recipe),
+            resume=args.resume,
         )
         save(final, recipe.output, check_inputs=inputs)
         if recipe.bench:
@@ -77,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     report["thresholds"] = {"limits": recipe.thresholds, "failures": failures, "passed": not failures}
     with atomic_write(report_path, inputs=[*inputs, recipe.output]) as f:
         json.dump(report, f, indent=1, default=str)
+    shutil.rmtree(resume_dir(recipe), ignore_errors=True)  # done: nothing left to resume
     if args.json:
         print(json.dumps(report, indent=1, default=str))
     else:
@@ -101,9 +112,38 @@ def run(args: argparse.Namespace) -> int:
                 con.print(f"top-1 {o['top1']:.2%} -> {f['top1']:.2%}")
             con.print(f"top-1 agreement with the original {f['reference']['top1_agreement']:.2%}")
         con.print(f"wrote {recipe.output} and {report_path}")
-        for msg in failures:
-            con.print(f"[red]threshold not met: {msg}[/red]")
+        con.print(threshold_verdict(recipe.thresholds, failures))
     return 1 if failures else 0
+
+
+@contextlib.contextmanager
+def _say_resume(args: argparse.Namespace, recipe):
+    """On Ctrl-C (or an error) after some passes finished: where they are kept and how to go on from there."""
+    from carve.pipeline.flows.recipe import resume_dir
+
+    try:
+        yield
+    except BaseException:
+        kept = sorted(resume_dir(recipe).glob("*.onnx")) if resume_dir(recipe).is_dir() else []
+        if kept:
+            print(
+                f"carve run: {len(kept)} finished pass(es) kept in {resume_dir(recipe)}; "
+                f"`carve run {args.recipe} --resume` goes on from there",
+                file=sys.stderr,
+            )
+        raise
+
+
+def threshold_verdict(limits: dict, failures: list[str]) -> str:
+    """The recipe's verdict in one line: which thresholds were checked and whether they held."""
+    if not limits and not failures:
+        return "thresholds: none set (the recipe's `thresholds` section); exit 0"
+    names = ", ".join(f"{k} {v}" for k, v in limits.items())
+    if not failures:
+        return f"[green]thresholds passed[/green] ({names}); exit 0"
+    return f"[red]thresholds failed[/red] ({names or 'none set: a measured slow-down fails'}): " + (
+        "; ".join(failures) + "; exit 1"
+    )
 
 
 def _same_path(a: Path, b: Path) -> bool:

@@ -10,8 +10,8 @@ from carve.pipeline.cli._common import add_calib_args, fraction
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sparsify", help="zero weights (CEP / magnitude; unstructured or 2:4)", description=__doc__)
-    p.add_argument("model")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("model", help="the ONNX model to sparsify (never overwritten)")
+    p.add_argument("-o", "--output", required=True, help="where to write the sparsified ONNX file")
     p.add_argument("--sparsity", type=fraction, default=0.5, help="fraction of weights to zero (unstructured)")
     p.add_argument(
         "--criterion",
@@ -21,11 +21,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--variant", choices=["taylor", "fisher"], default="taylor", help="CEP's weight error term")
     p.add_argument("--hcep", type=fraction, default=0.0, help="HCEP: always keep this top fraction of every filter")
-    p.add_argument("--pattern", choices=["unstructured", "2:4"], default="unstructured")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--pattern",
+        choices=["unstructured", "2:4"],
+        default="unstructured",
+        help="which weights may be zeroed: any, or 2 of every 4 (default unstructured)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling --calib data (default 0)")
     add_calib_args(p)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=run)
 
 

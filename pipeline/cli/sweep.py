@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,13 +27,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="run on a Ray cluster: `auto` (the running cluster), `local` (start one here) or ray://HOST:PORT",
     )
     p.add_argument("--dry-run", action="store_true", help="list the points and exit")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from carve.pipeline.cli._common import command_line, console
     from carve.pipeline.flows.sweep import LocalExecutor, expand, load_sweep, run_sweep
+    from carve.pipeline.measure.report import ab_text
 
     sweep = load_sweep(args.sweep)
     points = expand(sweep)
@@ -64,10 +66,17 @@ def run(args: argparse.Namespace) -> int:
         if rec["status"] != "ok":
             return f"{p.id}: [red]failed[/red] ({rec['error']})"
         acc = f"top-1 {rec['top1']:.2%}" if rec.get("top1") is not None else f"agreement {rec['top1_agreement']:.2%}"
-        return (
-            f"{p.id}: {acc}, MACs {rec['macs_ratio']:.1%}, {rec['latency_ms_measured']:.3f} ms "
-            f"({rec['speedup']['median']:.2f}x), {rec['seconds']:.0f}s"
+        sp = rec["speedup"]
+        figures = ab_text(
+            rec["latency_ms_original"],
+            rec["latency_ms_measured"],
+            sp["median"],
+            (sp["ci_low"], sp["ci_high"]),
+            rec.get("clock"),
+            a="original",
+            b="pruned",
         )
+        return f"{p.id}: {acc}, MACs {rec['macs_ratio']:.1%}, {figures}, {rec['seconds']:.0f}s"
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -113,7 +122,6 @@ def run(args: argparse.Namespace) -> int:
         )
     s = results["summary"]
     con.print(f"{s['ok']} of {s['points']} points done, {s['failed']} failed; Pareto front: {', '.join(s['pareto'])}")
-    con.print(
-        f"wrote {args.out_dir}/results.json (carve report {args.out_dir}/results.json -o sweep.md --plots plots/)"
-    )
+    results_json = Path(args.out_dir) / "results.json"  # `--out-dir sweep/` must not print sweep//results.json
+    con.print(f"wrote {results_json} (carve report {results_json} -o sweep.md --plots plots/)")
     return 1 if s["ok"] == 0 else 0

@@ -129,12 +129,24 @@ def capture(
 
 
 def predict(
-    model: Model | onnx.ModelProto, data: Dataset, *, batch_size: int = 128, threads: int | None = None
+    model: Model | onnx.ModelProto,
+    data: Dataset,
+    *,
+    batch_size: int = 128,
+    threads: int | None = None,
+    progress=None,
+    stage: str = "predict: images",
 ) -> np.ndarray:
     """The model's first output over the whole dataset (N x classes); a static-batch model runs in chunks of its
-    batch, the last one padded and cut back (:mod:`carve.pipeline.data.batching`)."""
+    batch, the last one padded and cut back (:mod:`carve.pipeline.data.batching`). ``progress`` hears ``stage`` with
+    the images done of ``len(data)``."""
 
     sess = session(model, threads=threads or 2)
     name = sess.get_inputs()[0].name
-    outs = [sess.run(None, {name: x})[0][:n] for x, _, n in model_batches(model, data, batch_size, pad_last=True)]
+    outs, done = [], 0
+    for x, _, n in model_batches(model, data, batch_size, pad_last=True):
+        outs.append(sess.run(None, {name: x})[0][:n])
+        done += n
+        if progress is not None:
+            progress(stage, done, len(data))
     return np.concatenate(outs)

@@ -6,11 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from carve.pipeline.data.datasets import Preprocess, load_data
+import numpy as np
+
+from carve.pipeline.data.datasets import Dataset, Preprocess, load_data
 from carve.pipeline.graph.io import check_output_path, load, save
 from carve.pipeline.measure.evaluate import evaluate
 from carve.pipeline.progress import Progress
 from carve.pipeline.training.finetune import FinetuneOptions, FinetuneResult, finetune
+
+HELD_BACK = 1000  # images kept out of training for the agreement check when no evaluation data is given
 
 
 def checkpoint_path(output: str | Path) -> Path:
@@ -35,8 +39,9 @@ def finetune_file(
     progress: Progress | None = None,
     command: str | None = None,
 ) -> tuple[FinetuneResult, dict[str, Any] | None]:
-    """Fine-tune the model at ``student_path`` and save it to ``output``; returns the result and, with ``eval_data``,
-    the final accuracy of student and teacher in ONNX Runtime."""
+    """Fine-tune the model at ``student_path`` and save it to ``output``; returns the result and the final accuracy of
+    student and teacher in ONNX Runtime on ``eval_data``, or without it the student's agreement with the teacher (the
+    starting model when there is none) on images of ``data`` held back from training (:func:`hold_back`)."""
     check_output_path(output, student_path, teacher_path, data if Path(data).exists() else None)
     ckpt = checkpoint_path(output)
     check_output_path(ckpt, student_path, teacher_path)
@@ -44,11 +49,12 @@ def finetune_file(
     teacher = load(teacher_path) if teacher_path else None
     pre = preprocess or Preprocess.for_model(student)
     train = load_data(data, model=student, preprocess=pre, samples=samples, seed=opts.seed)
-    evalset = (
-        load_data(eval_data, model=student, preprocess=pre, samples=eval_samples, seed=opts.seed + 1)
-        if eval_data
-        else None
-    )
+    held = None
+    if eval_data:
+        evalset = load_data(eval_data, model=student, preprocess=pre, samples=eval_samples, seed=opts.seed + 1)
+    else:  # without --eval: agreement with the teacher on images of the training data not trained on
+        train, held = hold_back(train, seed=opts.seed + 1)
+        evalset = None
     result = finetune(
         student,
         train,
@@ -65,7 +71,34 @@ def finetune_file(
         ckpt.unlink(missing_ok=True)
     accuracy = None
     if evalset is not None:
-        accuracy = {"final": evaluate(result.model, evalset, reference=teacher)}
+        accuracy = {"final": evaluate(result.model, evalset, reference=teacher), "data": str(eval_data)}
         if teacher is not None:
             accuracy["teacher"] = evaluate(teacher, evalset)
+    elif held is not None:
+        reference = teacher if teacher is not None else load(student_path)  # the model fine-tuning started from
+        accuracy = {
+            "final": evaluate(result.model, held, reference=reference),
+            "data": str(data),
+            "held_back": len(held),
+        }
     return result, accuracy
+
+
+def hold_back(train: Dataset, *, limit: int = HELD_BACK, seed: int = 0) -> tuple[Dataset, Dataset | None]:
+    """Images to check the result on when no evaluation data is given: up to ``limit`` of the data's images that the
+    sample left out, else a tenth of the sample (at most ``limit``) taken out of training. None when the data is too
+    small to spare any (under 20 images)."""
+    idx = np.arange(len(train.images)) if train.indices is None else train.indices
+    rest = np.setdiff1d(np.arange(len(train.images)), idx)
+    if len(rest):
+        pick = np.sort(np.random.default_rng(seed).permutation(rest)[:limit])
+        return train, Dataset(train.images, train.labels, train.name, train.preprocess, pick)
+    if len(idx) < 20:
+        return train, None
+    n = min(len(idx) // 10, limit)
+    order = np.random.default_rng(seed).permutation(len(idx))
+    keep, held = np.sort(idx[order[n:]]), np.sort(idx[order[:n]])
+    return (
+        Dataset(train.images, train.labels, train.name, train.preprocess, keep),
+        Dataset(train.images, train.labels, train.name, train.preprocess, held),
+    )

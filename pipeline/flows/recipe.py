@@ -211,8 +211,35 @@ def resolve_model(recipe: Recipe, workdir: Path):
     return load(recipe.model_path())
 
 
-def run_recipe(recipe: Recipe, *, keep_intermediate: Path | None = None, progress=None, command: str | None = None):
-    """Run every pass, evaluate, (optionally) benchmark, check thresholds. Returns (final model, report dict)."""
+def resume_dir(recipe: Recipe) -> Path:
+    """Where a recipe run keeps each finished pass's model and result until the run is done: ``<output>.resume``."""
+    return recipe.output.with_name(recipe.output.name + ".resume")
+
+
+def _step_key(recipe: Recipe, original_digest: str, k: int) -> str:
+    """What a finished pass's output depends on: the input model, the data, the seed and the passes up to it."""
+    import hashlib
+    import json
+
+    spec = {"model": original_digest, "data": recipe.data, "seed": recipe.seed, "passes": recipe.passes[: k + 1]}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_recipe(
+    recipe: Recipe,
+    *,
+    keep_intermediate: Path | None = None,
+    progress=None,
+    command: str | None = None,
+    steps_dir: Path | None = None,
+    resume: bool = False,
+):
+    """Run every pass, evaluate, (optionally) benchmark, check thresholds. Returns (original, final model, report).
+
+    With ``steps_dir`` each finished pass's model and result are written there (``01_prune.onnx`` and ``.json``) as
+    soon as it finishes; with ``resume`` the passes whose outputs are there, made from the same model, data, seed and
+    passes, are not run again: the run goes on from the last finished one. ``progress`` hears ``recipe: pass`` k of n
+    (with the pass's name) before and after each pass, and the passes' own stages."""
 
     check_output_path(recipe.output, *recipe.inputs())
     with tempfile.TemporaryDirectory(prefix="carve-recipe-") as tmp:
@@ -255,7 +282,7 @@ def run_recipe(recipe: Recipe, *, keep_intermediate: Path | None = None, progres
         command=command,
         progress=progress,
     )
-    final, results = PassManager(pass_objs, instruments).run(original, ctx)
+    final, results = _run_passes(recipe, pass_objs, instruments, original, ctx, steps_dir, resume)
     if not any(r.changed for r in results):
         check_runs(final)  # nothing changed, so nothing was checked: the file written must still run
     for p, r in zip(pass_objs, results):
@@ -288,8 +315,58 @@ def run_recipe(recipe: Recipe, *, keep_intermediate: Path | None = None, progres
         },
     }
     if ev is not None:
-        report["accuracy"] = {"original": evaluate(original, ev), "final": evaluate(final, ev, reference=original)}
+        if progress:
+            progress("evaluate original and final")
+        report["accuracy"] = {
+            "original": evaluate(original, ev, progress=progress),
+            "final": evaluate(final, ev, reference=original, progress=progress),
+        }
     return original, final, report
+
+
+def _run_passes(recipe, pass_objs, instruments, original, ctx, steps_dir: Path | None, resume: bool):
+    """The passes one by one, each finished one kept in ``steps_dir`` (and taken from there with ``resume``)."""
+    import hashlib
+    import json
+
+    from carve.pipeline.graph.io import atomic_write
+    from carve.pipeline.passes import PassResult
+
+    say = ctx.progress or (lambda *a, **k: None)
+    digest = hashlib.sha256(original.proto.SerializeToString()).hexdigest() if steps_dir is not None else ""
+    model, results, n = original, [], len(pass_objs)
+    for k, p in enumerate(pass_objs):
+        stem = steps_dir / f"{k + 1:02d}_{p.name}" if steps_dir is not None else None
+        key = _step_key(recipe, digest, k) if stem is not None else None
+        record_path = stem.with_suffix(".json") if stem is not None else None
+        if resume and record_path is not None and record_path.is_file() and stem.with_suffix(".onnx").is_file():
+            rec = json.loads(record_path.read_text())
+            if rec.get("key") == key:
+                model = load(stem.with_suffix(".onnx"))
+                results.append(
+                    PassResult(model, rec["changed"], rec["details"], rec["summary"], rec["seconds"], rec["error"])
+                )
+                say("recipe: pass", k + 1, n, name=p.name, resumed="finished before")
+                continue
+        say("recipe: pass", k, n, name=p.name)
+        model, (result,) = PassManager([p], instruments).run(model, ctx)
+        results.append(result)
+        if stem is not None:
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            save(model, stem.with_suffix(".onnx"))
+            rec = {
+                "key": key,
+                "pass": p.name,
+                "changed": result.changed,
+                "details": result.details,
+                "summary": result.summary,
+                "seconds": result.seconds,
+                "error": result.error,
+            }
+            with atomic_write(record_path) as f:
+                json.dump(rec, f, indent=1, default=str)
+        say("recipe: pass", k + 1, n, name=p.name, seconds=round(result.seconds, 1))
+    return model, results
 
 
 BENCH_KEYS = {

@@ -24,6 +24,7 @@ from carve.pipeline.errors import CarveError, first_line
 from carve.pipeline.files import atomic_write as atomic_file
 from carve.pipeline.files import check_writable, publish, same_file, staging_dir
 from carve.pipeline.graph.canonical import prepare
+from carve.pipeline.graph.compact import compact
 from carve.pipeline.graph.model import Model, attr, itemsize, tensor_nbytes
 from carve.pipeline.graph.shapes import check
 
@@ -312,10 +313,16 @@ def save(
     external_data: bool | None = None,
     check_inputs: Iterable[str | os.PathLike | None] = (),
 ) -> Path:
-    """Write a model atomically. External data (``<name>.data`` next to it) when the source had it or when >1.8 GB."""
+    """Write a model atomically. External data (``<name>.data`` next to it) when the source had it or when >1.8 GB.
+
+    What nothing reads is removed first, from the model itself (:func:`carve.pipeline.graph.compact.compact`: unused
+    initializers, stale ``value_info``, unused opset imports), so that no written model carries dead weights."""
     proto = model.proto if isinstance(model, Model) else model
     source = model.source if isinstance(model, Model) else None
     out = check_output_path(path, source, *check_inputs)
+    removed = compact(proto)
+    if isinstance(model, Model) and removed.initializers:
+        model.forget_initializers(removed.initializers)
     if external_data is None:
         had_external = isinstance(model, Model) and model.external_data
         external_data = had_external or sum(tensor_nbytes(t) for t in proto.graph.initializer) > 1_800_000_000

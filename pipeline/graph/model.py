@@ -97,6 +97,12 @@ class Model:
         old.CopyFrom(new)
         self._arrays[name] = arr
 
+    def forget_initializers(self, names: Iterable[str]) -> None:
+        """Drop ``names`` from the index after they were removed from the graph (nothing read them)."""
+        for name in names:
+            self.init.pop(name, None)
+            self._arrays.pop(name, None)
+
     def add_initializer(self, name: str, arr: np.ndarray) -> str:
         name = self.unique_name(name)
         t = numpy_helper.from_array(np.ascontiguousarray(arr).reshape(np.shape(arr)), name)

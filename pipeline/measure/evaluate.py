@@ -50,8 +50,9 @@ def same_input(model: Model, reference: Model) -> None:
         )
 
 
-def evaluate(model: Model, data: Dataset, *, reference: Model | None = None, threads: int = 2) -> dict:
-    """The ``accuracy`` report section for ``model`` on ``data``."""
+def evaluate(model: Model, data: Dataset, *, reference: Model | None = None, threads: int = 2, progress=None) -> dict:
+    """The ``accuracy`` report section for ``model`` on ``data``; ``progress`` hears ``evaluate: images`` (and
+    ``evaluate reference: images``) done of the total."""
     if reference is not None:
         same_input(model, reference)
     if data.boxes is not None:  # a detection set: mAP against its boxes, for the model and the reference
@@ -66,7 +67,7 @@ def evaluate(model: Model, data: Dataset, *, reference: Model | None = None, thr
             ref = {"source": str(reference.source) if reference.source else None}
             out["reference"] = {**ref, "detection": evaluate_detection(reference, data, threads=threads)}
         return out
-    logits = predict(model, data, threads=threads)
+    logits = predict(model, data, threads=threads, progress=progress, stage="evaluate: images")
     if logits.ndim != 2:
         logits = logits.reshape(len(logits), -1)
     out: dict = {"data": data.describe(), "samples": int(len(logits))}
@@ -75,7 +76,8 @@ def evaluate(model: Model, data: Dataset, *, reference: Model | None = None, thr
         out["top1"] = topk(logits, labels, 1)
         out["top5"] = topk(logits, labels, 5)
     if reference is not None:
-        ref = predict(reference, data, threads=threads).reshape(len(logits), -1)
+        ref = predict(reference, data, threads=threads, progress=progress, stage="evaluate reference: images")
+        ref = ref.reshape(len(logits), -1)
         out["reference"] = {"source": str(reference.source) if reference.source else None, **agreement(ref, logits)}
         if data.labels is not None:
             out["reference"]["top1"] = topk(ref, data.labels[data._idx()], 1)

@@ -23,8 +23,9 @@ def to_markdown(doc: dict, *, title: str = "carve sweep") -> str:
         f"{acc}, lower latency) are marked **\\***.",
         "",
         "| | point | criterion | allocator | target | repair | fine-tune epochs | precision | MACs | params | top-1 | "
-        "agreement | latency ms | speed-up (95% CI) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "agreement | latency ms (reference / speed-up) | own A/B: original, pruned ms (medians) | "
+        "speed-up: median of paired ratios (95% CI) |",
+        "|" + "---|" * 15,
     ]
     ok = [p for p in doc["points"] if p["status"] == "ok"]
     ok.sort(key=lambda p: p["latency_ms"])
@@ -36,7 +37,8 @@ def to_markdown(doc: dict, *, title: str = "carve sweep") -> str:
             f"{a['target_kind']} {a['target']:g} | {a['repair']} | {a['finetune_epochs']:g} | "
             f"{'INT8' if a.get('quantize', 'none') == 'int8' else 'FP32'} | {p['macs_ratio']:.1%} | "
             f"{p['params_ratio']:.1%} | {_pct(p.get('top1'))} | {_pct(p.get('top1_agreement'))} | "
-            f"{p['latency_ms']:.4g} | {sp['median']:.2f}x ({sp['ci_low']:.2f}-{sp['ci_high']:.2f}) |"
+            f"{p['latency_ms']:.4g} | {_ms(p.get('latency_ms_original'))}, {_ms(p.get('latency_ms_measured'))} "
+            f"({p.get('clock') or 'wall'} clock) | {sp['median']:.2f}x ({sp['ci_low']:.2f}-{sp['ci_high']:.2f}) |"
         )
     first = ok[0] if ok else None
     if first:
@@ -54,6 +56,10 @@ def to_markdown(doc: dict, *, title: str = "carve sweep") -> str:
     if env:
         out += ["", "## Environment", "", "; ".join(f"{k}: {v}" for k, v in env.items() if not isinstance(v, dict))]
     return "\n".join(out) + "\n"
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
 
 
 def plots(doc: dict, directory: str | Path) -> list[Path]:
@@ -77,8 +83,10 @@ def plots(doc: dict, directory: str | Path) -> list[Path]:
         [p["latency_ms"] for p in front], [p[acc] * 100 for p in front], c="tab:red", s=30, label="Pareto-optimal"
     )
     ax.step([p["latency_ms"] for p in front], [p[acc] * 100 for p in front], where="post", c="tab:red", lw=1, alpha=0.7)
-    for p in front:
+    labels = [
         ax.annotate(p["id"], (p["latency_ms"], p[acc] * 100), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for p in front
+    ]
     ref, orig = doc["objective"].get("latency_ms_reference"), ok[0].get(f"{acc}_original")
     if ref and orig is not None:
         ax.scatter([ref], [orig * 100], marker="*", c="black", s=60, label="original")
@@ -87,7 +95,26 @@ def plots(doc: dict, directory: str | Path) -> list[Path]:
     ax.set_title(doc["sweep"]["name"], fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
+    separate_labels(fig, labels)
     p = directory / "pareto.png"
     fig.savefig(p, dpi=120)
     plt.close(fig)
     return [p]
+
+
+def separate_labels(fig, labels: list, *, step: float = 7.0, tries: int = 12) -> None:
+    """Move point labels apart where they overlap: each label in turn is shifted (in points: up, down, further up,
+    ...) until its box overlaps no label placed before it and stays inside the figure."""
+    renderer = fig.canvas.get_renderer()
+    fig_box = fig.bbox
+    placed = []
+    for label in labels:
+        x0, y0 = label.xyann
+        for k in range(tries + 1):
+            dy = step * ((k + 1) // 2) * (1 if k % 2 else -1) if k else 0.0
+            label.xyann = (x0, y0 + dy)
+            box = label.get_window_extent(renderer)
+            inside = box.y0 >= fig_box.y0 and box.y1 <= fig_box.y1
+            if inside and not any(box.overlaps(other) for other in placed):
+                break
+        placed.append(label.get_window_extent(renderer))

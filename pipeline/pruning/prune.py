@@ -24,6 +24,7 @@ import yaml
 from carve.pipeline.config import bounds, from_mapping, validate
 from carve.pipeline.errors import CarveError, UnreachableTarget, warn
 from carve.pipeline.graph.channels import ChannelAnalysis, analyse
+from carve.pipeline.graph.cost import model_cost
 from carve.pipeline.graph.history import record
 from carve.pipeline.graph.model import Model, check_finite, nonfinite_initializers
 from carve.pipeline.graph.plan import Plan
@@ -189,6 +190,7 @@ def prune_model(
     if not inplace:
         model = model.copy()
     built = [(step.name, step.build()) for step in steps]
+    given = model_cost(model)  # the model as given: zero biases added below are not the user's parameters
     if any("biases" in r.needs for _, r in built):
         ensure_biases(model)  # e.g. a refit's intercept needs a bias that is cut with its layer
     report("analyse")
@@ -225,6 +227,7 @@ def prune_model(
     report("surgery")
     done = cut(work, p, inplace=True)
     out = PruneReport.of(done, p, target, repairs=repaired, calibration=calib.describe() if calib is not None else None)
+    out.before = given  # one parameter count of the original everywhere (bench, inspect, report count the file)
     if check_ref is not None:
         report("verify in ONNX Runtime")
         v = verify_equal(check_ref, done.model)

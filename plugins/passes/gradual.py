@@ -29,6 +29,7 @@ from carve.pipeline.graph.model import Model
 from carve.pipeline.measure.evaluate import evaluate
 from carve.pipeline.measure.oracle import MeasuredLatency
 from carve.pipeline.passes import Pass, PassContext, PassResult, passes
+from carve.pipeline.progress import silent
 from carve.pipeline.pruning.prune import PruneOptions, legacy_repairs, prune_model
 from carve.pipeline.pruning.targets import Target
 from carve.pipeline.training.finetune import finetune
@@ -98,18 +99,32 @@ class Gradual(Pass):
         macs0 = model_cost(model).macs
         current, steps, details = model, [], []
         latency_ratio = 1.0  # measured latency of the current model / the input's (the product of the steps')
+        say = ctx.progress or silent
+        n = len(self.keep)
         for k, keep in enumerate(self.keep, 1):
+            say("gradual: step", k - 1, n, keep=keep, doing="prune")
             if self.kind == "latency":  # of the current model's latency, as measured so far
                 opts = replace(self.base, target_latency=min(keep / latency_ratio, 1.0))
                 oracle = MeasuredLatency.for_options(opts, progress=ctx.progress)
-                report = prune_model(current, opts, calib=ctx.calib, command=ctx.command, latency=oracle)
+                report = prune_model(
+                    current, opts, calib=ctx.calib, command=ctx.command, latency=oracle, progress=ctx.progress
+                )
                 latency_ratio *= report.latency.measured.ratio
             else:
                 fraction = keep * macs0 / model_cost(current).macs  # of the current model's MACs
                 opts = replace(self.base, target_macs=min(fraction, 1.0))
-                report = prune_model(current, opts, calib=ctx.calib, command=ctx.command)
+                report = prune_model(current, opts, calib=ctx.calib, command=ctx.command, progress=ctx.progress)
             pruned = report.model
-            tuned = finetune(pruned, ctx.train, self.ft_opts, teacher=teacher, eval_data=None, command=ctx.command)
+            say("gradual: step", k - 1, n, keep=keep, doing="fine-tune")
+            tuned = finetune(
+                pruned,
+                ctx.train,
+                self.ft_opts,
+                teacher=teacher,
+                eval_data=None,
+                command=ctx.command,
+                progress=ctx.progress,
+            )
             current = tuned.model
             cost = model_cost(current)
             step: dict[str, Any] = {
@@ -123,8 +138,9 @@ class Gradual(Pass):
                 "finetune": {"steps": tuned.summary["steps"], "seconds": tuned.summary["seconds"]},
             }
             if ctx.eval is not None:
-                step["top1_pruned"] = evaluate(pruned, ctx.eval).get("top1")
-                step["top1"] = evaluate(current, ctx.eval).get("top1")
+                say("gradual: step", k - 1, n, keep=keep, doing="evaluate")
+                step["top1_pruned"] = evaluate(pruned, ctx.eval, progress=ctx.progress).get("top1")
+                step["top1"] = evaluate(current, ctx.eval, progress=ctx.progress).get("top1")
             if ctx.workdir is not None:
                 ctx.workdir.mkdir(parents=True, exist_ok=True)
                 step["model"] = str(save(current, ctx.workdir / f"step{k}.onnx"))
@@ -132,4 +148,5 @@ class Gradual(Pass):
             acc = f", top-1 {step['top1_pruned']:.2%} pruned -> {step['top1']:.2%} fine-tuned" if "top1" in step else ""
             lat = f", latency {latency_ratio:.1%} (measured)" if self.kind == "latency" else ""
             details.append(f"step {k}: MACs {step['macs_ratio']:.1%}{lat} of the input{acc}")
+            say("gradual: step", k, n, keep=keep, macs=f"{step['macs_ratio']:.1%}", top1=step.get("top1"))
         return PassResult(current, True, details, {"steps": steps, "schedule": self.keep})

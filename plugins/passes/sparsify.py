@@ -125,6 +125,8 @@ def sparsify(
 @passes.register("sparsify")
 class Sparsify(Pass):
     description = "zero the least important weights (magnitude or CEP; unstructured or 2:4); shapes unchanged"
+    warn_below_cosine = 0.95
+    low_cosine_hint = "zero fewer weights (a lower `sparsity`), or repair / fine-tune"
 
     def __init__(
         self,

@@ -132,6 +132,7 @@ def record_ok(sweep: Sweep, built: Built, bench: dict, seconds: float) -> dict:
         "measured": f"{first['backend']} b{first['batch']} t{first['threads']}",
         "latency_ms_measured": first["b"]["median_ms"],
         "latency_ms_original": first["a"]["median_ms"],
+        "clock": first["a"].get("engine", {}).get("clock"),
         "speedup": {k: first["speedup"][k] for k in ("median", "ci_low", "ci_high")},
         "timed": bench.get("timed"),  # [start, end] of the measurement (Unix time)
         "model": f"models/{p.id}.onnx",

@@ -179,6 +179,20 @@ def fallback_ops(optimized) -> list[str]:
     return sorted({n.op_type for n in nodes if not n.name.startswith(INSERTED_CAST) and set(n.input) & casts})
 
 
+def missing_provider_hint(provider: str) -> str:
+    """What to do when ``provider`` did not load: install ONNX Runtime's GPU build only when the build in use lacks
+    the provider; when it has it, say that it found no usable GPU stack here."""
+    import onnxruntime as ort
+
+    if provider not in ort.get_available_providers():
+        return "install onnxruntime-gpu (in place of onnxruntime) with a CUDA that matches it, or use `device=cpu`"
+    return (
+        f"this ONNX Runtime {ort.__version__} has the {provider.removesuffix('ExecutionProvider')} provider but found "
+        "no usable GPU here (no NVIDIA GPU or driver, or the CUDA/cuDNN libraries it was built for are missing); "
+        "use `device=cpu`"
+    )
+
+
 class OrtEngine(Engine):
     def __init__(self, model: str | Path, config: EngineConfig) -> None:
         import onnx
@@ -222,9 +236,16 @@ class OrtEngine(Engine):
                 if provider != "TensorrtExecutionProvider":  # TensorRT's compiled nodes cannot be written out
                     so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
             try:
-                self.session = ort.InferenceSession(
-                    source, so, providers=[p for p, _ in requested], provider_options=[o for _, o in requested]
-                )
+                if provider != "CPUExecutionProvider":
+                    # a GPU provider that cannot load is logged by ORT's default logger in many red lines before
+                    # carve's one-line error below; keep them out (carve says what failed)
+                    ort.set_default_logger_severity(4)
+                try:
+                    self.session = ort.InferenceSession(
+                        source, so, providers=[p for p, _ in requested], provider_options=[o for _, o in requested]
+                    )
+                finally:
+                    ort.set_default_logger_severity(3)
             except Exception as exc:
                 raise CarveError(
                     f"{model}: ONNX Runtime could not build a {provider} session with {config.precision} "
@@ -233,7 +254,7 @@ class OrtEngine(Engine):
             if self.session.get_providers()[0] != provider:
                 raise MissingDependencyError(
                     f"ONNX Runtime could not load {provider} here (session runs on {self.session.get_providers()})",
-                    hint="install onnxruntime-gpu with a matching CUDA, or use `device=cpu`",
+                    hint=missing_provider_hint(provider),
                 )
             self._read_optimized(so.optimized_model_filepath, quantized)
         self.effective = {k: dict(v) for k, v in self.session.get_provider_options().items()}
