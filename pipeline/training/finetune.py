@@ -616,9 +616,13 @@ def _load_checkpoint(path, key: dict, net, optim, device: str) -> TrainState:
     if path is None or not Path(path).is_file():
         raise CarveError(f"`resume`: no checkpoint at {path}", hint="run without `resume` to start from the beginning")
     try:
-        ck = torch.load(path, map_location=device, weights_only=False)
+        # data only: a checkpoint is user-supplied bytes, and a pickle can run code as it loads (issue 21)
+        ck = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
-        raise CarveError(f"{path}: not a readable carve checkpoint ({type(exc).__name__})") from None
+        raise CarveError(
+            f"{path}: not a readable carve checkpoint ({type(exc).__name__}); carve reads checkpoints as data only",
+            hint="a checkpoint that holds code (pickled objects) is refused; start without `resume`",
+        ) from None
     if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION:
         raise CarveError(f"{path}: not a carve fine-tuning checkpoint (or from another carve version)")
     for what in ("model", "data", "options"):
