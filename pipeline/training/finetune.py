@@ -22,7 +22,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -593,21 +592,21 @@ def _agreement(net, model: Model, data: Dataset, device: str) -> dict[str, float
 def _save_checkpoint(path, key: dict, net, optim, state: TrainState) -> None:
     import torch
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(
-        {
-            "version": CHECKPOINT_VERSION,
-            "key": key,
-            "epoch": state.epoch,
-            "step": state.step,
-            "history": state.history,
-            "params": {k: v.detach().cpu() for k, v in net.params.items()},
-            "optimizer": optim.state_dict(),
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
+    from carve.pipeline.files import atomic_write
+
+    with atomic_write(path, "wb") as f:  # staged, fsynced, renamed: a kill leaves the old checkpoint or the new
+        torch.save(
+            {
+                "version": CHECKPOINT_VERSION,
+                "key": key,
+                "epoch": state.epoch,
+                "step": state.step,
+                "history": state.history,
+                "params": {k: v.detach().cpu() for k, v in net.params.items()},
+                "optimizer": optim.state_dict(),
+            },
+            f,
+        )
 
 
 def _load_checkpoint(path, key: dict, net, optim, device: str) -> TrainState:
