@@ -37,9 +37,11 @@ def finetune_file(
 ) -> tuple[FinetuneResult, dict[str, Any] | None]:
     """Fine-tune the model at ``student_path`` and save it to ``output``; returns the result and, with ``eval_data``,
     the final accuracy of student and teacher in ONNX Runtime."""
-    check_output_path(output, student_path, teacher_path, data if Path(data).exists() else None)
+    # every file the command reads is an input: the student, the teacher, the training and the evaluation data
+    inputs = [student_path, teacher_path, data, eval_data]
+    check_output_path(output, *inputs)
     ckpt = checkpoint_path(output)
-    check_output_path(ckpt, student_path, teacher_path)
+    check_output_path(ckpt, *inputs)
     student = load(student_path)
     teacher = load(teacher_path) if teacher_path else None
     pre = preprocess or Preprocess.for_model(student)

@@ -134,6 +134,10 @@ class Recipe:
             files.append(self.model_path())
         for key in ("calib", "eval", "train"):
             src = self.data_source(key)
+            if isinstance(src, str) and src.startswith("shared:"):  # a file under $CARVE_SHARED is an input too
+                from carve.pipeline.data.shared import shared_file
+
+                src = shared_file(*[p for p in src[len("shared:") :].split("/") if p])
             if isinstance(src, Path):
                 files.append(src)
         return files

@@ -16,7 +16,6 @@ a file is written safely (staging that a SIGKILL cannot leave behind for long, f
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -27,7 +26,7 @@ import onnx
 
 from carve.pipeline.errors import CarveError, first_line
 from carve.pipeline.files import atomic_write as atomic_file
-from carve.pipeline.files import check_writable, fsync_dir, publish, same_file, staging_dir
+from carve.pipeline.files import check_writable, content_hash, fsync_dir, publish, same_file, staging_dir
 from carve.pipeline.graph.canonical import prepare
 from carve.pipeline.graph.model import Model, attr, itemsize, tensor_nbytes
 from carve.pipeline.graph.shapes import check
@@ -287,6 +286,13 @@ def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike | Model
             if inp.source is None:
                 continue
             inp = inp.source
+        if isinstance(inp, str) and inp.startswith("shared:"):  # a data source under $CARVE_SHARED is a file too
+            from carve.pipeline.data.shared import shared_file
+
+            found = shared_file(*[p for p in inp[len("shared:") :].split("/") if p])
+            if found is None:
+                continue
+            inp = found
         inp = Path(inp)
         if same_file(out, inp):
             raise CarveError(
@@ -356,14 +362,6 @@ def _point_at(model_file: Path, location: str) -> None:
     model_file.write_bytes(proto.SerializeToString())
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def _write_model(proto: onnx.ModelProto, out: Path, external_data: bool, keep: set[Path] = frozenset()) -> None:
     # Everything is written into a private staging folder next to the target, then renamed into place, so a
     # failure leaves neither a partial model nor a partial data file behind; a kill leaves the staging folder, which
@@ -390,7 +388,7 @@ def _write_model(proto: onnx.ModelProto, out: Path, external_data: bool, keep: s
         old = _old_data_files(out)
         data_name = None
         if external_data and staged_data.exists():
-            data_name = f"{out.name}.{_digest(staged_data)}.data"
+            data_name = f"{out.name}.{content_hash(staged_data)}.data"
             _point_at(tmp_model, data_name)
             publish(staged_data, parent / data_name)
         publish(tmp_model, out)

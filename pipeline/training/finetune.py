@@ -39,7 +39,7 @@ from carve.pipeline.progress import Progress
 from carve.pipeline.training.augment import Augment
 from carve.pipeline.training.schedule import Temperature, cosine_lr
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: keyed by the weights' content and the teacher (issue 21)
 
 
 # Per-optimiser defaults, chosen on ResNet-56 pruned to 0.5 of its MACs (L1, no repair: 15.2% top-1), 3 epochs of the
@@ -155,7 +155,7 @@ def finetune(
     loss = Loss.compose(opts, student, teacher, data, _check_data(student, data, net, device), device)
     schedule = Schedule.of(opts, len(data))
     optim, params = optimizer(net, opts)
-    key = run_key(student, data, opts)
+    key = run_key(student, data, opts, teacher)
     state = _load_checkpoint(checkpoint, key, net, optim, device) if resume else TrainState()
     teacher_top1 = _top1_teacher(loss.teacher, eval_data) if eval_data is not None and loss.teacher else None
     meter = Meter(progress, schedule)
@@ -291,10 +291,22 @@ class TrainState:
     resumed_from: int | None = None
 
 
-def run_key(student: Model, data: Dataset, opts: FinetuneOptions) -> dict[str, Any]:
-    """What a checkpoint must have been made for to continue this run: the model, the data and the options."""
+def model_digest(model: Model) -> str:
+    """A digest of a model's content: its graph (nodes, initializer names and shapes) and every weight's bytes."""
+    h = hashlib.sha256(repr(fingerprint(model)).encode())
+    for t in model.graph.initializer:
+        arr = model.array(t.name)
+        h.update(f"{t.name}|{arr.dtype}|{arr.shape}".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_key(student: Model, data: Dataset, opts: FinetuneOptions, teacher: Model | None = None) -> dict[str, Any]:
+    """What a checkpoint must have been made for to continue this run: the model and the teacher (by content), the
+    data and every option that changes the result."""
     return {
-        "model": hashlib.sha256(repr(fingerprint(student)).encode()).hexdigest()[:16],
+        "model": model_digest(student),
+        "teacher": None if teacher is None else model_digest(teacher),
         "data": data_fingerprint(data),
         "options": {k: v for k, v in asdict(opts).items() if k not in ("threads", "device")},
     }
@@ -622,16 +634,44 @@ def _load_checkpoint(path, key: dict, net, optim, device: str) -> TrainState:
             f"{path}: not a readable carve checkpoint ({type(exc).__name__}); carve reads checkpoints as data only",
             hint="a checkpoint that holds code (pickled objects) is refused; start without `resume`",
         ) from None
-    if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION:
+    if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION or not isinstance(ck.get("key"), dict):
         raise CarveError(f"{path}: not a carve fine-tuning checkpoint (or from another carve version)")
-    for what in ("model", "data", "options"):
+    for what in ("model", "teacher", "data", "options"):
         if ck["key"].get(what) != key[what]:
             raise CarveError(
                 f"{path}: the checkpoint was made for another {what}; it cannot continue this run",
-                hint="delete it, or give the same model, data and options as the interrupted run",
+                hint="delete it, or give the same model, teacher, data and options as the interrupted run",
             )
+    _check_checkpoint(path, ck, net)
     with torch.no_grad():
         for k, v in ck["params"].items():
             net.params[k].copy_(v.to(device))
-    optim.load_state_dict(ck["optimizer"])
+    try:
+        optim.load_state_dict(ck["optimizer"])
+    except Exception as exc:
+        raise CarveError(f"{path}: the optimizer state does not fit this run ({type(exc).__name__})") from None
     return TrainState(ck["epoch"], ck["step"], list(ck["history"]), resumed_from=ck["epoch"])
+
+
+def _check_checkpoint(path, ck: dict, net) -> None:
+    """The checkpoint's schema: counters, history, and exactly the trained tensors by name, shape and dtype (a tensor
+    of another shape would broadcast into the weight instead of failing)."""
+    import torch
+
+    for k in ("epoch", "step"):
+        v = ck.get(k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise CarveError(f"{path}: `{k}` is {v!r}, not a count")
+    if not isinstance(ck.get("history"), list) or not isinstance(ck.get("optimizer"), dict):
+        raise CarveError(f"{path}: `history` or `optimizer` is missing or malformed")
+    params = ck.get("params")
+    if not isinstance(params, dict) or set(params) != set(net.params):
+        names = sorted(set(params) ^ set(net.params)) if isinstance(params, dict) else []
+        raise CarveError(f"{path}: the checkpoint's tensors are not this model's ({names[:3] or 'no tensors'})")
+    for name, v in params.items():
+        own = net.params[name]
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(own.shape) or v.dtype != own.dtype:
+            got = f"{tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise CarveError(f"{path}: tensor {name!r} is {got}, the model's is {tuple(own.shape)} {own.dtype}")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CarveError(f"{path}: tensor {name!r} holds NaN or Inf")
