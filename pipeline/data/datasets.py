@@ -269,6 +269,14 @@ def _check_values(ds: Dataset, where: str) -> None:
         raise CarveError(
             f"{where}: {bad} image(s) hold NaN or Inf values", hint="clean the data (carve never feeds them)"
         )
+    if ds.images.dtype.itemsize > 4 and np.issubdtype(ds.images.dtype, np.floating):
+        # models compute in float32: a float64 pixel beyond its range becomes Inf on the way in
+        big = float(np.abs(ds.images).max(initial=0.0))
+        if big > float(np.finfo(np.float32).max):
+            raise CarveError(
+                f"{where}: pixel values up to {big:.3g} overflow float32 (the models' precision)",
+                hint="scale the images to 0..255 or 0..1 before saving them",
+            )
 
 
 def _check_fit(ds: Dataset, pre: Preprocess, where: str, *, builtin: bool) -> None:

@@ -146,12 +146,28 @@ def finetune(
             f"{data.name}: has no labels and no teacher was given: nothing to learn from",
             hint="give a teacher (the original model: distillation needs no labels) or labelled data",
         )
+    _check_input_weights(student, "the model")
+    if teacher is not None:
+        from carve.pipeline.measure.evaluate import same_input
+
+        same_input(student, teacher, purpose="distillation")
+        _check_input_weights(teacher, "the teacher")
+    if eval_data is not None and eval_data.labels is None:
+        from carve.pipeline.errors import warn
+
+        warn(f"{eval_data.name}: has no labels, so top-1 cannot be measured on it; it is not evaluated per epoch")
+        eval_data = None
     device = _device(opts.device)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
     net = TorchGraph(student).to(device)
     frozen = _freeze(net, student, opts.freeze)
+    if not any(p.requires_grad for p in net.params.values()):
+        raise CarveError(
+            f"`freeze` {' '.join(opts.freeze)} freezes every trained weight: nothing is left to train",
+            hint="freeze fewer nodes (`carve inspect` lists the node names)",
+        )
     loss = Loss.compose(opts, student, teacher, data, _check_data(student, data, net, device), device)
     schedule = Schedule.of(opts, len(data))
     optim, params = optimizer(net, opts)
@@ -570,6 +586,18 @@ def _top1_teacher(teacher: _Teacher, data: Dataset) -> float:
         correct += int((out.reshape(len(x), -1).argmax(1).cpu().numpy() == y).sum())
         total += len(x)
     return correct / max(total, 1)
+
+
+def _check_input_weights(model: Model, what: str) -> None:
+    """NaN or Inf in a weight given to train is the input's fault, named as such (not "diverged" a step later)."""
+    for t in model.graph.initializer:
+        arr = model.array(t.name)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise CarveError(
+                f"{model.source or what}: weight {t.name!r} of {what} holds {bad} NaN/Inf value(s) before training",
+                hint="the file is damaged, or was written by a training run that blew up; export it again",
+            )
 
 
 def _check_finite(model: Model) -> None:
