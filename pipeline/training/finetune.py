@@ -664,7 +664,7 @@ def _load_checkpoint(path, key: dict, net, optim, device: str) -> TrainState:
         ) from None
     if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION or not isinstance(ck.get("key"), dict):
         raise CarveError(f"{path}: not a carve fine-tuning checkpoint (or from another carve version)")
-    for what in ("model", "teacher", "data", "options"):
+    for what in ("model", "data", "options", "teacher"):
         if ck["key"].get(what) != key[what]:
             raise CarveError(
                 f"{path}: the checkpoint was made for another {what}; it cannot continue this run",
