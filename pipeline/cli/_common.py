@@ -139,14 +139,17 @@ def require(condition: bool, message: str, hint: str | None = None) -> None:
 
 def key_values(text: str) -> dict:
     """``key=value`` -> {key: value}, the value read as a YAML scalar (numbers, booleans, strings)."""
-    import yaml
-
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    from carve.pipeline.bounded_yaml import load_yaml
+    from carve.pipeline.errors import CarveError
+
     key, value = text.split("=", 1)
     try:
-        return {key.strip(): yaml.safe_load(value)}
-    except yaml.YAMLError:
+        return {key.strip(): load_yaml(value, f"`{key.strip()}`")}
+    except CarveError as exc:
+        if "YAML" in exc.message and "not valid YAML" not in exc.message:
+            raise argparse.ArgumentTypeError(exc.message) from None
         return {key.strip(): value}
 
 

@@ -35,8 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from carve.pipeline.bounded_yaml import load_yaml
 from carve.pipeline.config import bounds, field_names, from_mapping
 from carve.pipeline.data.datasets import Preprocess, load_data
 from carve.pipeline.errors import CarveError
@@ -157,9 +156,10 @@ def read_mapping(path: Path, kind: str, keys: str) -> dict[str, Any]:
     if not path.is_file():
         raise CarveError(f"{path}: no such {kind} file")
     try:
-        doc = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        text = path.read_text()
+    except UnicodeDecodeError as exc:
         raise CarveError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    doc = load_yaml(text, str(path))  # bounded: sizes, depth and alias expansion (issue 21)
     if not isinstance(doc, dict):
         raise CarveError(f"{path}: a {kind} is a mapping with {keys}")
     return doc
