@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 from dataclasses import asdict, dataclass, field
@@ -122,6 +123,7 @@ class LatencyTable:
             raise CarveError(f"{where}: not a carve latency table", hint="make one with `carve profile MODEL -o F`")
         if doc.get("schema") != SCHEMA:
             raise CarveError(f"{where}: latency table schema {doc.get('schema')} (this carve reads {SCHEMA})")
+        check_table(doc, where)
         groups = [GroupTable(**g) for g in doc["groups"]]
         fields = {k: doc[k] for k in ("key", "model_ms", "interactions", "error", "profile", "scale") if k in doc}
         return cls(groups=groups, **fields)
@@ -141,8 +143,11 @@ class LatencyTable:
             raise CarveError(f"{path}: no such latency table", hint="make one with `carve profile MODEL -o FILE`")
         try:
             doc = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CarveError(f"{path}: not a readable latency table ({exc})") from None
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON, or bytes that are not text (an .onnx given)
+            raise CarveError(
+                f"{path}: not a readable latency table ({str(exc).splitlines()[0][:120]})",
+                hint="make one with `carve profile MODEL -o FILE`",
+            ) from None
         return cls.from_json(doc, where=str(path))
 
     def check(self, key: dict[str, Any], *, where: str = "the latency table") -> None:
@@ -161,6 +166,78 @@ class LatencyTable:
                 hint="profile the model you prune: `carve profile MODEL -o FILE`",
             )
         return BoundTable(self, analysis)
+
+
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_num(v: Any, *, low: float = 0.0, strict: bool = False) -> bool:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return ok and (v > low if strict else v >= low)
+
+
+_GROUP_FIELDS = {"group", "slices", "candidates", "ratio", "share", "nodes", "measured_as"}
+
+
+def check_table(doc: dict, where: str) -> None:
+    """The latency table's schema, at the door: every field present with its type and range (finite positive
+    latencies and ratios, candidates that fit their slices), or one line naming the field (issue 21)."""
+
+    def bad(what: str) -> CarveError:
+        return CarveError(f"{where}: {what}", hint="make the table again with `carve profile MODEL -o FILE`")
+
+    key = doc.get("key")
+    if not isinstance(key, dict) or not isinstance(key.get("model"), str):
+        raise bad("`key` must be a mapping naming the model's structure (`key.model`)")
+    for k in ("backend", "device", "precision"):
+        if not isinstance(key.get(k), str):
+            raise bad(f"`key.{k}` must be a string, not {key.get(k)!r}")
+    for k in ("threads", "batch"):
+        if not _is_int(key.get(k), 1):
+            raise bad(f"`key.{k}` must be a positive whole number, not {key.get(k)!r}")
+    if not _is_num(doc.get("model_ms"), strict=True):
+        raise bad(f"`model_ms` must be a finite latency above 0, not {doc.get('model_ms')!r}")
+    if not _is_num(doc.get("scale", 1.0), strict=True):
+        raise bad(f"`scale` must be a finite number above 0, not {doc.get('scale')!r}")
+    for k in ("error", "profile"):
+        if not isinstance(doc.get(k, {}), dict):
+            raise bad(f"`{k}` must be a mapping")
+    groups = doc.get("groups")
+    if not isinstance(groups, list):
+        raise bad("`groups` must be a list")
+    for i, g in enumerate(groups):
+        at = f"groups[{i}]"
+        if not isinstance(g, dict) or not {"group", "slices", "candidates", "ratio", "share"} <= set(g):
+            raise bad(f"{at} must have group, slices, candidates, ratio and share")
+        if set(g) - _GROUP_FIELDS:
+            raise bad(f"{at} has unknown field {sorted(set(g) - _GROUP_FIELDS)[0]!r}")
+        if not _is_int(g["group"]) or not (g.get("measured_as") is None or _is_int(g["measured_as"])):
+            raise bad(f"{at}.group must be a group number")
+        slices = g["slices"]
+        if not isinstance(slices, list) or not slices or not all(_is_int(n, 1) for n in slices):
+            raise bad(f"{at}.slices must be a non-empty list of positive channel counts")
+        cands, ratio = g["candidates"], g["ratio"]
+        if not isinstance(cands, list) or not cands:
+            raise bad(f"{at}.candidates must be a non-empty list")
+        for c in cands:
+            if not (isinstance(c, list) and len(c) == len(slices) and all(_is_int(k) for k in c)):
+                raise bad(f"{at}.candidates: {c!r} is not kept units per slice ({len(slices)} whole numbers)")
+            if any(k > n for k, n in zip(c, slices)):
+                raise bad(f"{at}.candidates: {c!r} keeps more than the slices {slices} hold")
+        if not isinstance(ratio, list) or len(ratio) != len(cands) or not all(_is_num(r, strict=True) for r in ratio):
+            raise bad(f"{at}.ratio must be one finite latency ratio above 0 per candidate")
+        if not _is_num(g["share"]):
+            raise bad(f"{at}.share must be a finite fraction, not {g['share']!r}")
+        if not isinstance(g.get("nodes", []), list) or not all(isinstance(n, str) for n in g.get("nodes", [])):
+            raise bad(f"{at}.nodes must be a list of node names")
+    inter = doc.get("interactions", [])
+    ok = isinstance(inter, list) and all(
+        isinstance(t, list) and len(t) == 3 and _is_int(t[0]) and _is_int(t[1]) and _is_num(t[2], low=-math.inf)
+        for t in inter
+    )
+    if not ok:
+        raise bad("`interactions` must be a list of [group, group, finite share]")
 
 
 class BoundTable:
@@ -302,7 +379,11 @@ def cached(key: dict[str, Any]) -> LatencyTable | None:
         return None
     try:
         table = LatencyTable.from_json(json.loads(path.read_text()), where=str(path))
-    except (CarveError, OSError, json.JSONDecodeError, TypeError, KeyError):
+    except (CarveError, OSError, ValueError, TypeError, KeyError) as exc:
+        from carve.pipeline.errors import first_line, warn
+
+        msg = exc.message.removeprefix(f"{path}: ") if isinstance(exc, CarveError) else first_line(exc)
+        warn(f"{path}: a damaged cached latency table ({msg[:160]}); it is measured again")
         return None
     return table if table.key == key else None
 
