@@ -151,7 +151,11 @@ def finetune(
         from carve.pipeline.measure.evaluate import same_input
 
         same_input(student, teacher, purpose="distillation")
+        _same_batch(student, teacher)
         _check_input_weights(teacher, "the teacher")
+        from carve.pipeline.runtime.ort import check_runs
+
+        check_runs(teacher, what="the teacher")  # it runs in ONNX Runtime: a refusal is the file's, named
     if eval_data is not None and eval_data.labels is None:
         from carve.pipeline.errors import warn
 
@@ -586,6 +590,22 @@ def _top1_teacher(teacher: _Teacher, data: Dataset) -> float:
         correct += int((out.reshape(len(x), -1).argmax(1).cpu().numpy() == y).sum())
         total += len(x)
     return correct / max(total, 1)
+
+
+def _same_batch(student: Model, teacher: Model) -> None:
+    """The teacher runs on the student's batches: a static batch it declares must be the student's."""
+
+    def batch(m: Model):
+        dims = m.proto.graph.input[0].type.tensor_type.shape.dim if len(m.proto.graph.input) else []
+        return dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else None
+
+    t, s = batch(teacher), batch(student)
+    if t is not None and t != s:
+        raise CarveError(
+            f"{teacher.source or 'the teacher'}: declares a static batch of {t}, but the student "
+            f"{'takes any batch' if s is None else f'has batch {s}'}; the teacher runs on the student's batches",
+            hint="export the teacher with a dynamic batch (or the student's)",
+        )
 
 
 def _check_input_weights(model: Model, what: str) -> None:
