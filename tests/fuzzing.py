@@ -79,8 +79,9 @@ def check_written(path: Path) -> None:
             raise BrokenPromise(f"{path.name}: outputs NaN/Inf on random inputs")
 
 
-def check(args: list[str], folder: Path, output: Path | None) -> Outcome:
-    """Run ``carve ARGS`` and hold it to the promises (see the module docstring)."""
+def check(args: list[str], folder: Path, output: Path | None, *, state: Path | None = None) -> Outcome:
+    """Run ``carve ARGS`` and hold it to the promises (see the module docstring). ``state`` is a file the command
+    both reads and owns (``--resume``'s checkpoint): it may change or go only when the command succeeds."""
     before = {p.name: digest(p) for p in folder.iterdir() if p.is_file() and p != output}
     old = digest(output) if output is not None and output.exists() else None  # an old output: kept, or replaced
     rc, out, err = invoke(args)
@@ -90,6 +91,9 @@ def check(args: list[str], folder: Path, output: Path | None) -> Outcome:
     if "Traceback" in err or "internal error" in err:
         raise BrokenPromise(f"{where}: {err}")
     after = {p.name: digest(p) for p in folder.iterdir() if p.is_file() and p.name in before}
+    if state is not None and rc == 0:
+        before.pop(state.name, None)
+        after.pop(state.name, None)
     if after != before:
         changed = sorted(k for k in before if after.get(k) != before[k])
         raise BrokenPromise(f"{where}: changed its inputs {changed}")

@@ -274,7 +274,7 @@ def case_checkpoint(b, folder: Path, rng) -> Outcome:
         torch.save(ck, ckpt)
     _maybe_old_output(output, b["model"], rng)
     args = ["finetune", str(model), "--teacher", str(model), "--data", str(b["data"]), *QUICK, "--resume"]
-    return check([*args, "-o", str(output)], folder, output)
+    return check([*args, "-o", str(output)], folder, output, state=ckpt)
 
 
 def case_teacher(b, folder: Path, rng) -> Outcome:

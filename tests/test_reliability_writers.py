@@ -162,6 +162,17 @@ for i in range(100000):
     with atomic_write({out!r}) as f:
         json.dump({{"schema_version": 1, "n": i, "pad": "x" * 200000}}, f)
 """,
+    "sweep-record": """
+import json
+from pathlib import Path
+from carve.pipeline.files import atomic_write
+from carve.pipeline.flows.sweep.executor import point_path
+out = Path({out!r})
+print("ready", flush=True)
+for i in range(100000):
+    with atomic_write(out) as f:  # as run_sweep writes points/<id>.json
+        json.dump({{"id": "p", "status": "ok", "n": i, "pad": "x" * 200000}}, f)
+""",
     "checkpoint": """
 import torch
 from carve.pipeline.training.finetune import _save_checkpoint, TrainState
@@ -182,10 +193,11 @@ def _whole(kind: str, out: Path) -> bool:
     if kind.startswith("model"):
         _fingerprint(out)
         return True
-    if kind == "report":
+    if kind in ("report", "sweep-record"):
         import json
 
-        return json.loads(out.read_text())["schema_version"] == 1
+        doc = json.loads(out.read_text())
+        return doc.get("schema_version") == 1 or doc.get("status") == "ok"
     import torch
 
     return torch.load(out, weights_only=True)["params"]["w"].shape == (256, 256)
