@@ -398,3 +398,23 @@ def test_finetune_never_writes_over_its_teacher_or_data(lenet, tmp_path, capsys)
         rc, _, err = run(["finetune", str(lenet), "-o", str(out), "--data", str(data), "--teacher", str(lenet)], capsys)
         assert rc == 1 and "never overwrites its input" in one_error(err, rc)
     assert (data.read_bytes(), lenet.read_bytes()) == before
+
+
+# -- issue 21, class 5: the quick A/B's word agrees with its numbers ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("a_ms", "b_ms", "lo", "hi", "word"),
+    [
+        (276.058, 277.707, 0.99, 1.18, "no measurable change"),  # the issue's case: it printed "1.10x faster"
+        (10.0, 8.0, 1.1, 1.4, "faster"),
+        (10.0, 12.0, 0.7, 0.9, "slower"),
+        (10.0, 10.5, 1.02, 1.2, "no measurable change (the medians and the per-round ratios disagree)"),
+        (10.0, 9.5, 0.8, 0.95, "no measurable change (the medians and the per-round ratios disagree)"),
+        (10.0, 9.0, 0.95, 1.3, "no measurable change"),
+    ],
+)
+def test_the_ab_verdict_agrees_with_the_numbers_it_prints(a_ms, b_ms, lo, hi, word):
+    from carve.pipeline.cli.prune import ab_verdict
+
+    assert ab_verdict(a_ms, b_ms, lo, hi) == word

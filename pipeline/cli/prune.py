@@ -280,18 +280,18 @@ def latency_lines(report) -> list[str]:
     m = lat.measured
     if m is not None:
         s, (lo, hi) = m.speedup, m.ci
-        word = "faster" if s >= 1 else "slower"
+        word = ab_verdict(m.a_ms, m.b_ms, lo, hi)
         text = (
             f"measured on {lat.engine} ({m.clock or 'wall'} clock, interleaved): {m.b_ms:.3f} ms vs "
-            f"{m.a_ms:.3f} ms original: {s:.2f}x {word} (95% CI {lo:.2f}-{hi:.2f}), latency ratio "
+            f"{m.a_ms:.3f} ms original: {word} (speed-up {s:.2f}x, 95% CI {lo:.2f}-{hi:.2f}), latency ratio "
             f"{m.ratio:.3f} beside a MAC ratio of {report.macs_ratio:.3f}"
         )
         if report.channels_removed == 0:
             text += " (nothing was removed: the original meets the target)"
-        elif hi < 1.0:
+        elif word == "slower":
             text = f"[red]{text}: THE PRUNED MODEL IS SLOWER THAN THE ORIGINAL[/red]"
-        elif s < 1.0:
-            text = f"[yellow]{text}: not measurably faster[/yellow]"
+        elif word != "faster":
+            text = f"[yellow]{text}[/yellow]"
         lines.append(text)
     loop = lat.loop
     if loop is not None:
@@ -309,6 +309,17 @@ def latency_lines(report) -> list[str]:
                 f"({loop.error:.0%}) after {len(loop.steps)} measurement(s)[/yellow]"
             )
     return lines
+
+
+def ab_verdict(a_ms: float, b_ms: float, lo: float, hi: float) -> str:
+    """The word for a quick A/B that agrees with every number printed beside it (issue 21): "faster" or "slower" only
+    when the interval of per-round speed-ups excludes 1 *and* the medians point the same way; "no measurable change"
+    when the interval holds 1; the medians and the rounds disagreeing is said as such."""
+    if lo <= 1.0 <= hi:
+        return "no measurable change"
+    if lo > 1.0:
+        return "faster" if b_ms < a_ms else "no measurable change (the medians and the per-round ratios disagree)"
+    return "slower" if b_ms > a_ms else "no measurable change (the medians and the per-round ratios disagree)"
 
 
 def slower_than_asked(report) -> bool:
