@@ -418,3 +418,22 @@ def test_the_ab_verdict_agrees_with_the_numbers_it_prints(a_ms, b_ms, lo, hi, wo
     from carve.pipeline.cli.prune import ab_verdict
 
     assert ab_verdict(a_ms, b_ms, lo, hi) == word
+
+
+@pytest.mark.parametrize(
+    ("passes", "needle"),
+    [
+        ("[{prune: {criterion: bogus}}]", "unknown criterion 'bogus'"),
+        ("[{prune: {criterion_options: {bogus: 1}}}]", "has no option 'bogus'"),
+        ("[{finetune: {epochs: .nan}}]", "finite"),
+        ("[{prune: {repairs: [glue]}}]", "glue"),
+        ("[nosuch]", "unknown pass"),
+    ],
+)
+def test_run_validates_every_pass_before_creating_folders(lenet, tmp_path, capsys, passes, needle):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {lenet}\noutput: sub/dir/o.onnx\npasses: {passes}\n")
+    rc, _, err = run(["run", str(recipe)], capsys)
+    line = one_error(err, rc)
+    assert rc == 1 and needle in line and str(recipe) in line
+    assert not (tmp_path / "sub").exists()

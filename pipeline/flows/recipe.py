@@ -208,6 +208,29 @@ def load_recipe(path: str | Path) -> Recipe:
     return r
 
 
+def check_pass(name: str, opts: dict[str, Any], *, has_calib: bool) -> None:
+    """Everything about one pass that can be checked before any work (issue 21): its options, and for ``prune`` the
+    criterion and its options, the allocator for the target, the repairs. Raises the pass's CarveError."""
+    built = build(name, **opts)
+    if name == "prune":
+        from carve.pipeline.pruning.criterion import criteria
+
+        o = built.opts
+        o.check(object() if has_calib else None)
+        criteria.get(o.criterion)(**o.criterion_options)
+        for step in o.repair_steps():
+            step.build()
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Validate every pass of a recipe before anything is created, each error naming the recipe file."""
+    for k, (name, opts) in enumerate(recipe.passes):
+        try:
+            check_pass(name, opts, has_calib=recipe.data.get("calib") is not None)
+        except CarveError as exc:
+            raise CarveError(f"{recipe.path}: passes[{k}] ({name}): {exc.message}", hint=exc.hint) from None
+
+
 def resolve_model(recipe: Recipe, workdir: Path):
     """Load the recipe's model: an ONNX path, or ``zoo:NAME`` exported into ``workdir``."""
     spec = recipe.model

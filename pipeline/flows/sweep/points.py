@@ -76,8 +76,7 @@ def check_points(sweep: Sweep, points: list[Point]) -> None:
     """Validate every point as its run would, before any point runs (docs/sweep.md: validation comes first): each
     pass's options, the criterion and its options, the allocator for the target, the repairs, the fine-tuning
     budget. Each distinct pass configuration is checked once."""
-    from carve.pipeline.passes import build
-    from carve.pipeline.pruning.criterion import criteria
+    from carve.pipeline.flows.recipe import check_pass
 
     seen: set[tuple[str, str]] = set()
     for p in points:
@@ -87,13 +86,7 @@ def check_points(sweep: Sweep, points: list[Point]) -> None:
                 continue
             seen.add(key)
             try:
-                built = build(name, **opts)
-                if name == "prune":
-                    o = built.opts
-                    o.check(object() if "calib" in sweep.data else None)
-                    criteria.get(o.criterion)(**o.criterion_options)
-                    for step in o.repair_steps():
-                        step.build()
+                check_pass(name, opts, has_calib="calib" in sweep.data)
             except CarveError as exc:
                 raise CarveError(f"{sweep.path}: point {p.id}: {exc.message}", hint=exc.hint) from None
 
