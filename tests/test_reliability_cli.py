@@ -400,7 +400,7 @@ def test_finetune_never_writes_over_its_teacher_or_data(lenet, tmp_path, capsys)
     assert (data.read_bytes(), lenet.read_bytes()) == before
 
 
-# -- issue 21, class 5: the quick A/B's word agrees with its numbers ----------------------------------------------------
+# -- issue 21, class 5: the quick A/B's word agrees with its numbers --------------------------------------------------
 
 
 @pytest.mark.parametrize(
