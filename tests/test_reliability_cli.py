@@ -242,8 +242,22 @@ def test_bench_with_too_few_rounds_for_the_gate_is_refused_by_the_gate(lenet, tm
         ["bench", "M", "M", "--min-round-ms", "-1"],
         ["bench", "M", "M", "--warmup-ms", "-5"],
         ["prune", "M", "-o", "O", "--mean", "nan"],
+        ["prune", "M", "-o", "O", "--target-latency", "1e400ms"],
+        ["profile", "M", "--min-round-ms", "-1"],
+        ["profile", "M", "--min-round-ms", "nan"],
     ],
-    ids=["ridge", "fuse-gate", "ratio+target-macs", "ratio+target-params", "min-round-ms", "warmup-ms", "mean"],
+    ids=[
+        "ridge",
+        "fuse-gate",
+        "ratio+target-macs",
+        "ratio+target-params",
+        "min-round-ms",
+        "warmup-ms",
+        "mean",
+        "1e400ms",
+        "profile-min-round-ms",
+        "profile-min-round-ms-nan",
+    ],
 )
 def test_nonsense_numbers_are_usage_errors(lenet, tmp_path, args, capsys):
     args = [str(lenet) if a == "M" else str(tmp_path / "o.onnx") if a == "O" else a for a in args]

@@ -197,3 +197,10 @@ def test_unlabelled_eval_data_says_so_instead_of_top1_zero(lenet, tmp_path, caps
     rc, out, err = _run([*args, "-o", str(tmp_path / "o.onnx")], capsys)
     assert rc == 0, err
     assert "top-1 0.00%" not in out and "has no labels" in err
+
+
+@pytest.mark.parametrize("epochs", ["nan", "inf", "-1", "1e400"])
+def test_nonsense_epochs_are_refused(lenet, tmp_path, capsys, epochs):
+    args = ["finetune", str(lenet / "l5.onnx"), "--data", "digits:train", "--epochs", epochs, "-q"]
+    rc, _, err = _run([*args, "-o", str(tmp_path / "o.onnx")], capsys)
+    assert rc in (1, 2) and "--epochs" in _one_error(err) and not (tmp_path / "o.onnx").exists()
