@@ -131,3 +131,14 @@ def test_data_files_get_a_schema_check_at_the_door(tmp_path, capsys, images, lab
         assert rc == 1 and needle in err, err
         _one_line_naming(err, bad)
         assert not (tmp_path / "o.onnx").exists()
+
+
+def test_export_never_writes_over_its_weights_file(tmp_path, capsys):
+    """Issue 21, class 2: every file a command reads is an input of the output check (here `--weights`)."""
+    from carve.models import build
+
+    w = tmp_path / "w.th"
+    torch.save({"state_dict": build("lenet5").state_dict()}, w)
+    before = w.read_bytes()
+    rc, err = _run(["export", "lenet5", "--weights", str(w), "-o", str(w)], capsys)
+    assert rc == 1 and "never overwrites its input" in err and w.read_bytes() == before, err
