@@ -142,3 +142,11 @@ def test_validation_catches_every_per_point_failure_before_any_point_runs(tmp_pa
     line = _one_error(err)
     assert rc == 1 and needle in line and str(path) in line, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["-.inf", "5", "[a]", "{x: 1}", "true"])
+def test_a_data_source_that_is_not_a_name_is_one_line(tmp_path, capsys, value):
+    """Found by the files fuzz family: `data: {calib: -.inf}` was an exit 3."""
+    path = write(tmp_path, ONE.format(model="zoo:lenet5").replace("calib: digits:train", f"calib: {value}"))
+    rc, err = _run(["sweep", str(path), "--out-dir", str(tmp_path / "out"), "--dry-run"], capsys)
+    assert rc == 1 and "calib" in _one_error(err)

@@ -34,6 +34,8 @@ MUTATIONS = {
     "interactions bad": lambda d: d.update(interactions=[[0, 1]]),
     "scale zero": lambda d: d.update(scale=0),
     "boolean share": lambda d: d["groups"][0].update(share=True),
+    "absurd ratio": lambda d: d["groups"][0]["ratio"].__setitem__(0, 2**63),  # found by the fuzz suite: exit 3
+    "absurd model_ms": lambda d: d.update(model_ms=1e300),
 }
 
 

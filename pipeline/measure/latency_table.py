@@ -172,9 +172,15 @@ def _is_int(v: Any, low: int = 0) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
-def _is_num(v: Any, *, low: float = 0.0, strict: bool = False) -> bool:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _is_num(v: Any, *, low: float = 0.0, strict: bool = False, high: float = math.inf) -> bool:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= high
     return ok and (v > low if strict else v >= low)
+
+
+# physical bounds: a narrower layer is not a thousand times slower than at full width, a group's subgraph not a
+# thousand times the model, a model not slower than a day per inference (a table beyond them is not a measurement)
+RATIO_MAX = SHARE_MAX = 1e3
+MODEL_MS_MAX = 8.64e7
 
 
 _GROUP_FIELDS = {"group", "slices", "candidates", "ratio", "share", "nodes", "measured_as"}
@@ -196,9 +202,9 @@ def check_table(doc: dict, where: str) -> None:
     for k in ("threads", "batch"):
         if not _is_int(key.get(k), 1):
             raise bad(f"`key.{k}` must be a positive whole number, not {key.get(k)!r}")
-    if not _is_num(doc.get("model_ms"), strict=True):
+    if not _is_num(doc.get("model_ms"), strict=True, high=MODEL_MS_MAX):
         raise bad(f"`model_ms` must be a finite latency above 0, not {doc.get('model_ms')!r}")
-    if not _is_num(doc.get("scale", 1.0), strict=True):
+    if not _is_num(doc.get("scale", 1.0), strict=True, high=SHARE_MAX):
         raise bad(f"`scale` must be a finite number above 0, not {doc.get('scale')!r}")
     for k in ("error", "profile"):
         if not isinstance(doc.get(k, {}), dict):
@@ -225,15 +231,21 @@ def check_table(doc: dict, where: str) -> None:
                 raise bad(f"{at}.candidates: {c!r} is not kept units per slice ({len(slices)} whole numbers)")
             if any(k > n for k, n in zip(c, slices)):
                 raise bad(f"{at}.candidates: {c!r} keeps more than the slices {slices} hold")
-        if not isinstance(ratio, list) or len(ratio) != len(cands) or not all(_is_num(r, strict=True) for r in ratio):
-            raise bad(f"{at}.ratio must be one finite latency ratio above 0 per candidate")
-        if not _is_num(g["share"]):
+        if not isinstance(ratio, list) or len(ratio) != len(cands):
+            raise bad(f"{at}.ratio must be one latency ratio per candidate")
+        if not all(_is_num(r, strict=True, high=RATIO_MAX) for r in ratio):
+            raise bad(f"{at}.ratio must hold latency ratios in (0, {RATIO_MAX:g}]; got {ratio[:4]!r}...")
+        if not _is_num(g["share"], high=SHARE_MAX):
             raise bad(f"{at}.share must be a finite fraction, not {g['share']!r}")
         if not isinstance(g.get("nodes", []), list) or not all(isinstance(n, str) for n in g.get("nodes", [])):
             raise bad(f"{at}.nodes must be a list of node names")
     inter = doc.get("interactions", [])
     ok = isinstance(inter, list) and all(
-        isinstance(t, list) and len(t) == 3 and _is_int(t[0]) and _is_int(t[1]) and _is_num(t[2], low=-math.inf)
+        isinstance(t, list)
+        and len(t) == 3
+        and _is_int(t[0])
+        and _is_int(t[1])
+        and _is_num(t[2], low=-SHARE_MAX, high=SHARE_MAX)
         for t in inter
     )
     if not ok:

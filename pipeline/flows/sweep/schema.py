@@ -169,6 +169,8 @@ def _data(path: Path, doc: dict[str, Any] | None) -> dict[str, Any]:
     from_mapping(DataSection, data, where=f"{path}: data")
     for key in ("calib", "eval", "train"):
         v = data.get(key)
+        if v is not None and not isinstance(v, str):
+            raise CarveError(f"{path}: data.{key} must name a data file, a folder, digits or shared:PATH; got {v!r}")
         if v is not None and not str(v).startswith(("digits", "shared:")):  # as written: load_data resolves them
             p = Path(v) if Path(v).is_absolute() else path.parent / v
             data[key] = str(p.resolve())
