@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from carve.pipeline.bounded_yaml import MAX_NODES, load_yaml
 from carve.pipeline.cli import main
+from carve.pipeline.config import MAX_NODES, load_yaml
 from carve.pipeline.errors import CarveError
 
 

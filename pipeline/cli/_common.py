@@ -151,7 +151,7 @@ def key_values(text: str) -> dict:
     """``key=value`` -> {key: value}, the value read as a YAML scalar (numbers, booleans, strings)."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    from carve.pipeline.bounded_yaml import load_yaml
+    from carve.pipeline.config import load_yaml
     from carve.pipeline.errors import CarveError
 
     key, value = text.split("=", 1)

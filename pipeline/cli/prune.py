@@ -170,11 +170,12 @@ def run(args: argparse.Namespace) -> int:
     from carve.pipeline.cli._common import command_line, console, load_calib
     from carve.pipeline.cli._progress import show_progress
     from carve.pipeline.config import from_args
+    from carve.pipeline.data.shared import data_input
     from carve.pipeline.flows.prune import prune_file
     from carve.pipeline.graph import check_output_path, load
     from carve.pipeline.pruning.prune import PruneOptions
 
-    check_output_path(args.output, args.model, args.calib, args.lut)
+    check_output_path(args.output, args.model, data_input(args.calib), args.lut)
     engine_defaults(args)
     args.repairs = repair_list(args)
     opts = from_args(PruneOptions, args)

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from carve.pipeline.data.datasets import Preprocess, load_data
+from carve.pipeline.data.shared import data_input
 from carve.pipeline.graph.io import check_output_path, load, save
-from carve.pipeline.measure.evaluate import evaluate
+from carve.pipeline.measure.evaluate import evaluate, same_input
 from carve.pipeline.progress import Progress
 from carve.pipeline.training.finetune import FinetuneOptions, FinetuneResult, finetune
 
@@ -38,12 +39,14 @@ def finetune_file(
     """Fine-tune the model at ``student_path`` and save it to ``output``; returns the result and, with ``eval_data``,
     the final accuracy of student and teacher in ONNX Runtime."""
     # every file the command reads is an input: the student, the teacher, the training and the evaluation data
-    inputs = [student_path, teacher_path, data, eval_data]
+    inputs = [student_path, teacher_path, data_input(data), data_input(eval_data)]
     check_output_path(output, *inputs)
     ckpt = checkpoint_path(output)
     check_output_path(ckpt, *inputs)
     student = load(student_path)
     teacher = load(teacher_path) if teacher_path else None
+    if teacher is not None:
+        same_input(student, teacher, purpose="distillation")  # distillation compares outputs on the same images
     pre = preprocess or Preprocess.for_model(student)
     train = load_data(data, model=student, preprocess=pre, samples=samples, seed=opts.seed)
     evalset = (

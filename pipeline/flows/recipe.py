@@ -35,8 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from carve.pipeline.bounded_yaml import load_yaml
-from carve.pipeline.config import bounds, field_names, from_mapping
+from carve.pipeline.config import bounds, field_names, from_mapping, load_yaml
 from carve.pipeline.data.datasets import Preprocess, load_data
 from carve.pipeline.errors import CarveError
 from carve.pipeline.graph import check_output_path, load, save

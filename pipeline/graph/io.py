@@ -286,13 +286,6 @@ def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike | Model
             if inp.source is None:
                 continue
             inp = inp.source
-        if isinstance(inp, str) and inp.startswith("shared:"):  # a data source under $CARVE_SHARED is a file too
-            from carve.pipeline.data.shared import shared_file
-
-            found = shared_file(*[p for p in inp[len("shared:") :].split("/") if p])
-            if found is None:
-                continue
-            inp = found
         inp = Path(inp)
         if same_file(out, inp):
             raise CarveError(

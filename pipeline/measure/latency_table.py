@@ -186,22 +186,21 @@ MODEL_MS_MAX = 8.64e7
 _GROUP_FIELDS = {"group", "slices", "candidates", "ratio", "share", "nodes", "measured_as"}
 
 
+class _Bad:
+    """A schema error of one table file: one line naming the file and the field, and how to get a good table."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __call__(self, what: str) -> CarveError:
+        return CarveError(f"{self.where}: {what}", hint="make the table again with `carve profile MODEL -o FILE`")
+
+
 def check_table(doc: dict, where: str) -> None:
     """The latency table's schema, at the door: every field present with its type and range (finite positive
     latencies and ratios, candidates that fit their slices), or one line naming the field (issue 21)."""
-
-    def bad(what: str) -> CarveError:
-        return CarveError(f"{where}: {what}", hint="make the table again with `carve profile MODEL -o FILE`")
-
-    key = doc.get("key")
-    if not isinstance(key, dict) or not isinstance(key.get("model"), str):
-        raise bad("`key` must be a mapping naming the model's structure (`key.model`)")
-    for k in ("backend", "device", "precision"):
-        if not isinstance(key.get(k), str):
-            raise bad(f"`key.{k}` must be a string, not {key.get(k)!r}")
-    for k in ("threads", "batch"):
-        if not _is_int(key.get(k), 1):
-            raise bad(f"`key.{k}` must be a positive whole number, not {key.get(k)!r}")
+    bad = _Bad(where)
+    _check_key(doc.get("key"), bad)
     if not _is_num(doc.get("model_ms"), strict=True, high=MODEL_MS_MAX):
         raise bad(f"`model_ms` must be a finite latency above 0, not {doc.get('model_ms')!r}")
     if not _is_num(doc.get("scale", 1.0), strict=True, high=SHARE_MAX):
@@ -213,43 +212,60 @@ def check_table(doc: dict, where: str) -> None:
     if not isinstance(groups, list):
         raise bad("`groups` must be a list")
     for i, g in enumerate(groups):
-        at = f"groups[{i}]"
-        if not isinstance(g, dict) or not {"group", "slices", "candidates", "ratio", "share"} <= set(g):
-            raise bad(f"{at} must have group, slices, candidates, ratio and share")
-        if set(g) - _GROUP_FIELDS:
-            raise bad(f"{at} has unknown field {sorted(set(g) - _GROUP_FIELDS)[0]!r}")
-        if not _is_int(g["group"]) or not (g.get("measured_as") is None or _is_int(g["measured_as"])):
-            raise bad(f"{at}.group must be a group number")
-        slices = g["slices"]
-        if not isinstance(slices, list) or not slices or not all(_is_int(n, 1) for n in slices):
-            raise bad(f"{at}.slices must be a non-empty list of positive channel counts")
-        cands, ratio = g["candidates"], g["ratio"]
-        if not isinstance(cands, list) or not cands:
-            raise bad(f"{at}.candidates must be a non-empty list")
-        for c in cands:
-            if not (isinstance(c, list) and len(c) == len(slices) and all(_is_int(k) for k in c)):
-                raise bad(f"{at}.candidates: {c!r} is not kept units per slice ({len(slices)} whole numbers)")
-            if any(k > n for k, n in zip(c, slices)):
-                raise bad(f"{at}.candidates: {c!r} keeps more than the slices {slices} hold")
-        if not isinstance(ratio, list) or len(ratio) != len(cands):
-            raise bad(f"{at}.ratio must be one latency ratio per candidate")
-        if not all(_is_num(r, strict=True, high=RATIO_MAX) for r in ratio):
-            raise bad(f"{at}.ratio must hold latency ratios in (0, {RATIO_MAX:g}]; got {ratio[:4]!r}...")
-        if not _is_num(g["share"], high=SHARE_MAX):
-            raise bad(f"{at}.share must be a finite fraction, not {g['share']!r}")
-        if not isinstance(g.get("nodes", []), list) or not all(isinstance(n, str) for n in g.get("nodes", [])):
-            raise bad(f"{at}.nodes must be a list of node names")
+        _check_group(g, f"groups[{i}]", bad)
     inter = doc.get("interactions", [])
-    ok = isinstance(inter, list) and all(
-        isinstance(t, list)
-        and len(t) == 3
-        and _is_int(t[0])
-        and _is_int(t[1])
-        and _is_num(t[2], low=-SHARE_MAX, high=SHARE_MAX)
-        for t in inter
-    )
-    if not ok:
+    if not isinstance(inter, list) or not all(_is_interaction(t) for t in inter):
         raise bad("`interactions` must be a list of [group, group, finite share]")
+
+
+def _check_key(key: Any, bad: _Bad) -> None:
+    if not isinstance(key, dict) or not isinstance(key.get("model"), str):
+        raise bad("`key` must be a mapping naming the model's structure (`key.model`)")
+    for k in ("backend", "device", "precision"):
+        if not isinstance(key.get(k), str):
+            raise bad(f"`key.{k}` must be a string, not {key.get(k)!r}")
+    for k in ("threads", "batch"):
+        if not _is_int(key.get(k), 1):
+            raise bad(f"`key.{k}` must be a positive whole number, not {key.get(k)!r}")
+
+
+def _is_interaction(t: Any) -> bool:
+    if not (isinstance(t, list) and len(t) == 3):
+        return False
+    return _is_int(t[0]) and _is_int(t[1]) and _is_num(t[2], low=-SHARE_MAX, high=SHARE_MAX)
+
+
+def _check_group(g: Any, at: str, bad: _Bad) -> None:
+    if not isinstance(g, dict) or not {"group", "slices", "candidates", "ratio", "share"} <= set(g):
+        raise bad(f"{at} must have group, slices, candidates, ratio and share")
+    if set(g) - _GROUP_FIELDS:
+        raise bad(f"{at} has unknown field {sorted(set(g) - _GROUP_FIELDS)[0]!r}")
+    if not _is_int(g["group"]) or not (g.get("measured_as") is None or _is_int(g["measured_as"])):
+        raise bad(f"{at}.group must be a group number")
+    slices = g["slices"]
+    if not isinstance(slices, list) or not slices or not all(_is_int(n, 1) for n in slices):
+        raise bad(f"{at}.slices must be a non-empty list of positive channel counts")
+    _check_candidates(g["candidates"], slices, at, bad)
+    ratio = g["ratio"]
+    if not isinstance(ratio, list) or len(ratio) != len(g["candidates"]):
+        raise bad(f"{at}.ratio must be one latency ratio per candidate")
+    if not all(_is_num(r, strict=True, high=RATIO_MAX) for r in ratio):
+        raise bad(f"{at}.ratio must hold latency ratios in (0, {RATIO_MAX:g}]; got {ratio[:4]!r}...")
+    if not _is_num(g["share"], high=SHARE_MAX):
+        raise bad(f"{at}.share must be a finite fraction, not {g['share']!r}")
+    nodes = g.get("nodes", [])
+    if not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes):
+        raise bad(f"{at}.nodes must be a list of node names")
+
+
+def _check_candidates(cands: Any, slices: list[int], at: str, bad: _Bad) -> None:
+    if not isinstance(cands, list) or not cands:
+        raise bad(f"{at}.candidates must be a non-empty list")
+    for c in cands:
+        if not (isinstance(c, list) and len(c) == len(slices) and all(_is_int(k) for k in c)):
+            raise bad(f"{at}.candidates: {c!r} is not kept units per slice ({len(slices)} whole numbers)")
+        if any(k > n for k, n in zip(c, slices)):
+            raise bad(f"{at}.candidates: {c!r} keeps more than the slices {slices} hold")
 
 
 class BoundTable:

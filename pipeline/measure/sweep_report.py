@@ -33,26 +33,28 @@ def check_sweep_doc(doc: dict, where: str) -> None:
     if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
         raise bad("`points` must be a list of point records")
     for i, p in enumerate(points):
-        at = f"points[{i}]"
         if not isinstance(p.get("id"), str) or p.get("status") not in ("ok", "failed"):
-            raise bad(f"{at} needs an `id` and a `status` (ok or failed)")
-        if p["status"] != "ok":
-            continue
-        a, sp = p.get("point"), p.get("speedup")
-        if not isinstance(a, dict) or not all(k in a for k in ("criterion", "allocator", "target_kind", "repair")):
-            raise bad(f"{at}.point must give criterion, allocator, target_kind, target, repair, finetune_epochs")
-        if not _num(a.get("target")) or not _num(a.get("finetune_epochs")):
-            raise bad(f"{at}.point.target and finetune_epochs must be numbers")
-        if not isinstance(sp, dict) or not all(_num(sp.get(k)) for k in ("median", "ci_low", "ci_high")):
-            raise bad(f"{at}.speedup needs median, ci_low and ci_high as numbers")
-        for k in ("macs_ratio", "params_ratio", "latency_ms"):
-            if not _num(p.get(k)):
-                raise bad(f"{at}.{k} must be a number, not {p.get(k)!r}")
-        for k in ("top1", "top1_agreement", "top1_original"):
-            if not (p.get(k) is None or _num(p[k])):
-                raise bad(f"{at}.{k} must be a number or null")
-        if not isinstance(p.get("measured", ""), str):
-            raise bad(f"{at}.measured must be text")
+            raise bad(f"points[{i}] needs an `id` and a `status` (ok or failed)")
+        if p["status"] == "ok":
+            _check_done_point(p, f"points[{i}]", bad)
+
+
+def _check_done_point(p: dict, at: str, bad) -> None:
+    a, sp = p.get("point"), p.get("speedup")
+    if not isinstance(a, dict) or not all(k in a for k in ("criterion", "allocator", "target_kind", "repair")):
+        raise bad(f"{at}.point must give criterion, allocator, target_kind, target, repair, finetune_epochs")
+    if not _num(a.get("target")) or not _num(a.get("finetune_epochs")):
+        raise bad(f"{at}.point.target and finetune_epochs must be numbers")
+    if not isinstance(sp, dict) or not all(_num(sp.get(k)) for k in ("median", "ci_low", "ci_high")):
+        raise bad(f"{at}.speedup needs median, ci_low and ci_high as numbers")
+    for k in ("macs_ratio", "params_ratio", "latency_ms"):
+        if not _num(p.get(k)):
+            raise bad(f"{at}.{k} must be a number, not {p.get(k)!r}")
+    for k in ("top1", "top1_agreement", "top1_original"):
+        if not (p.get(k) is None or _num(p[k])):
+            raise bad(f"{at}.{k} must be a number or null")
+    if not isinstance(p.get("measured", ""), str):
+        raise bad(f"{at}.measured must be text")
 
 
 def _pct(x: float | None) -> str:

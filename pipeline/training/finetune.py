@@ -148,9 +148,6 @@ def finetune(
         )
     _check_input_weights(student, "the model")
     if teacher is not None:
-        from carve.pipeline.measure.evaluate import same_input
-
-        same_input(student, teacher, purpose="distillation")
         _same_batch(student, teacher)
         _check_input_weights(teacher, "the teacher")
         from carve.pipeline.runtime.ort import check_runs
