@@ -14,7 +14,23 @@ from carve.pipeline.pruning.allocator import balance_lockstep
 from carve.pipeline.runtime import ort as ortutil
 
 
-class G:
+class Names:
+    """What the graph builders (:class:`G`, ``tgraphs.TG``) share: fresh tensor names and constant initializers."""
+
+    _n: int
+    inits: list[onnx.TensorProto]
+
+    def name(self, base: str) -> str:
+        self._n += 1
+        return f"{base}{self._n}"
+
+    def const(self, arr, base: str = "c") -> str:
+        name = self.name(base)
+        self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+
+class G(Names):
     """Build a graph op by op. Channel counts are tracked so layers can be chained without bookkeeping."""
 
     def __init__(self, shape=(1, 3, 8, 8), *, opset: int = 17, seed: int = 0, dynamic_batch: bool = True) -> None:
@@ -26,15 +42,6 @@ class G:
         dims = ["N", *shape[1:]] if dynamic_batch else list(shape)
         self.inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)]
         self._n = 0
-
-    def name(self, base: str) -> str:
-        self._n += 1
-        return f"{base}{self._n}"
-
-    def const(self, arr, base: str = "c") -> str:
-        name = self.name(base)
-        self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
-        return name
 
     def weight(self, *shape, base: str = "w") -> str:
         return self.const(self.rng.standard_normal(shape).astype(np.float32) * 0.5, base)

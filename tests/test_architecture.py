@@ -138,6 +138,57 @@ def test_flows_and_cli_reach_plugins_through_registries_only():
             assert not direct, f"{path} imports {direct[0]}"
 
 
+def test_no_plugin_imports_another_plugin():
+    """A plugin reaches what it shares with others through the pipeline layer (carve.pipeline.pruning.scoring,
+    carve.pipeline.graph.fold, carve.pipeline.training.options), never through another plugin's module; a plugin
+    package's ``__init__`` imports only its own modules (to register them)."""
+    bad = []
+    for path in sorted((REPO / "plugins").rglob("*.py")):
+        here = module_name(path)
+        own = here if path.name == "__init__.py" else None
+        for mod, line, _ in imports(path):
+            if not mod.startswith("carve.plugins") or not known(mod) or mod == here:
+                continue
+            if own is not None and (mod == own or mod.startswith(own + ".")):
+                continue
+            if (source_path(mod) / "__init__.py").is_file() and here.startswith(mod + "."):
+                continue  # `from carve.plugins.criteria import x` names the package on the way to x
+            bad.append(f"{path.relative_to(REPO)}:{line}: imports {mod}")
+    assert not bad, "plugins importing plugins:\n" + "\n".join(bad)
+
+
+def _written(target: ast.expr) -> ast.expr | None:
+    """The object whose state an assignment target changes: ``a.b[c] = v`` and ``a.b = v`` change ``a``."""
+    while isinstance(target, ast.Subscript | ast.Attribute):
+        inner = target.value
+        if isinstance(target, ast.Attribute) or isinstance(inner, ast.Attribute):
+            return inner if isinstance(target, ast.Attribute) else inner.value
+        target = inner
+    return None
+
+
+def test_no_plugin_writes_into_the_channel_analysis():
+    """The analysis is shared by every plugin of a run: a plugin memoises in its own module (e.g. a WeakKeyDictionary
+    keyed by the analysis), never by storing attributes or entries into the analysis."""
+    from carve.pipeline.graph.channels import ChannelAnalysis
+
+    assert (
+        not hasattr(ChannelAnalysis, "cache")
+        and "self.cache" not in (REPO / "pipeline/graph/channels/analysis.py").read_text()
+    )
+    bad = []
+    for path in sorted((REPO / "plugins").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            targets += [node.target] if isinstance(node, ast.AugAssign | ast.AnnAssign) else []
+            for t in targets:
+                obj = _written(t)
+                name = obj.attr if isinstance(obj, ast.Attribute) else getattr(obj, "id", None)
+                if name in ("analysis", "an"):
+                    bad.append(f"{path.relative_to(REPO)}:{node.lineno}: writes into {ast.unparse(t)}")
+    assert not bad, "plugins writing into the channel analysis:\n" + "\n".join(bad)
+
+
 def test_no_import_cycles_between_packages():
     """Packages (carve.pipeline.graph.channels, carve.pipeline.measure.backends, carve.plugins.criteria, ...) form no
     cycle through module-level imports."""
@@ -255,3 +306,73 @@ def test_only_the_history_module_reads_or_writes_history_metadata():
         if text in keys
     ]
     assert not bad, "history metadata handled outside graph/history.py:\n" + "\n".join(bad)
+
+
+# -- complexity -------------------------------------------------------------------------------------------------------
+
+COMPLEXITY_LIMIT = 30  # tools/complexity.py's LIMIT; the README's development section shows where the code stands
+
+
+def test_no_function_exceeds_the_complexity_limit():
+    """McCabe complexity as radon counts it (the dev extra installs radon), over pipeline/, plugins/ and models/."""
+    import pytest
+
+    pytest.importorskip("radon", reason="radon (the dev extra) measures complexity: pip install -e '.[dev]'")
+    from radon.complexity import cc_visit
+
+    over = []
+    for folder in ("pipeline", "plugins", "models"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for fn in cc_visit(path.read_text()):
+                for f in [fn, *getattr(fn, "closures", [])]:
+                    if type(f).__name__ == "Function" and f.complexity > COMPLEXITY_LIMIT:
+                        over.append(f"{path.relative_to(REPO)}:{f.lineno} {f.name}: {f.complexity}")
+    assert not over, f"functions above cyclomatic complexity {COMPLEXITY_LIMIT} (split them):\n" + "\n".join(over)
+
+
+# -- stale prose ------------------------------------------------------------------------------------------------------
+
+NUMBER = r"~?\d+(?:\.\d+)?(?:\s?[-–]\s?\d+(?:\.\d+)?)?"
+# what a benchmark figure looks like in prose: an accuracy, a ratio that says faster/slower, a time something took,
+# or a sentence that says it measured something and gives a figure with a unit
+FIGURE = re.compile(
+    rf"{NUMBER}\s?%\s+top-[15]|top-[15]\s+(?:of\s+)?{NUMBER}\s?%"
+    rf"|{NUMBER}\s?[x×]\s+(?:faster|slower|cheaper|smaller|quicker)"
+    rf"|(?:took|turned|ran|runs in|ran in)\s+(?:a\s+)?{NUMBER}\s?(?:ms|s|min)\b"
+    rf"|\bmeasured(?: on| at| here| once|:)[^.;]*?\b{NUMBER}\s?(?:%|x\b|ms\b|s\b)",
+    re.I,
+)
+
+
+def test_docstrings_quote_no_benchmark_figures():
+    """Measured figures go stale in code: they belong in docs/ next to the committed JSON that produced them. Flags
+    the obvious quotes (an accuracy, an N-times-faster, a time something took, "measured ... 12 ms") in the
+    docstrings of pipeline/, plugins/ and models/; design constants (a 5% tolerance) are not measurements."""
+    bad = []
+    for d in ("pipeline", "plugins", "models"):
+        for path in sorted((REPO / d).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                    continue
+                doc = " ".join((ast.get_docstring(node, clean=False) or "").split())
+                bad += [f"{path.relative_to(REPO)}: ...{m.group(0)}..." for m in FIGURE.finditer(doc)]
+    assert not bad, "benchmark figures quoted in docstrings (move them to docs/):\n" + "\n".join(bad)
+
+
+def test_the_figure_rule_catches_what_it_should():
+    quotes = [
+        "on ResNet-56 the stream turned a 100-370 s least-squares repair into 6-7 s",
+        "(measured on ResNet-20: 50% unstructured sparsity kept 15.6% top-1)",
+        "which is ~30x cheaper than inferring",
+        "multi-threaded BLAS was 10-100x slower on them",
+    ]
+    design = [
+        "when the measured latency misses the target by more than 5%",
+        "at most 5%, and at least 3%",
+        "``0.5`` or ``50%``",
+        "a 3x3 kernel",
+        "4ms or 800us",
+        "top-1 agreement",
+    ]
+    assert all(FIGURE.search(q) for q in quotes)
+    assert not any(FIGURE.search(d) for d in design)

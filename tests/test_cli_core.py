@@ -138,3 +138,15 @@ def test_usage_errors_exit_2(model_copy):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     r = carve("prune", str(model_copy), "-o", "x.onnx", "--ratio", "1.5")
     assert r.returncode == 2 and "must be in [0, 1)" in r.stderr
+
+
+def test_output_folders_that_are_files_are_refused(tmp_path, capsys):
+    """`carve demo --out-dir` and `carve report --plots` make their folder, or say in one line why they cannot."""
+    from carve.pipeline.cli import main
+
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    assert main(["demo", "--quick", "--out-dir", str(blocker)]) == 1
+    err = capsys.readouterr().err
+    assert "--out-dir" in err and "is a file, not a folder" in err and "Traceback" not in err
+    assert blocker.read_text() == "a file"

@@ -11,8 +11,9 @@ from carve.pipeline.graph.bn import folded_filters
 from carve.pipeline.pruning.allocator import allocators
 from carve.pipeline.pruning.criterion import ScoreContext, criteria
 from carve.pipeline.pruning.planner import plan
+from carve.pipeline.pruning.scoring import kernel_dispersion
 from carve.plugins.criteria.apbm import entropy, kl_importance, similarity_distributions
-from carve.plugins.criteria.simfp import kernel_dispersion, redundancy_scores
+from carve.plugins.criteria.simfp import redundancy_scores
 
 
 def layer_with_filters(filters: np.ndarray, *, bn: bool = False):

@@ -20,7 +20,7 @@ from carve.pipeline.errors import CarveError, UnreachableTarget
 from carve.pipeline.graph.cost import CostModel, model_cost
 from carve.pipeline.pruning.allocator import allocators
 from carve.pipeline.pruning.cost_table import CostTable
-from carve.plugins.allocators.global_rank import layer_counts, normalised
+from carve.pipeline.pruning.scoring import layer_counts, normalised
 
 
 def resnet_stream(blocks: int = 3, width: int = 16, inner: int = 16):

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from graphs import Names
+from onnx import TensorProto, helper
 
 
-class TG:
+class TG(Names):
     def __init__(
         self,
         tokens: int = 6,
@@ -36,15 +37,7 @@ class TG:
             self.shape["x"] = [batch, *image]
         self._n = 0
 
-    # basics -----------------------------------------------------------------------------------------------------
-    def name(self, base: str) -> str:
-        self._n += 1
-        return f"{base}{self._n}"
-
-    def const(self, arr, base: str = "c") -> str:
-        name = self.name(base)
-        self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
-        return name
+    # basics (name, const: graphs.Names) -------------------------------------------------------------------------
 
     def ints(self, values) -> str:
         return self.const(np.array(values, dtype=np.int64), "shape")

@@ -53,14 +53,6 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def positive_float(text: str) -> float:
-    """A finite number > 0."""
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be above 0: {text!r}")
-    return value
-
-
 def input_shape(text: str) -> tuple[int, ...]:
     """``3x224x224`` (channels x height x width; the batch stays as the model declares it) or ``1x3x224x224``."""
     try:
@@ -112,6 +104,21 @@ def int_list(text: str) -> list[int]:
     if len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"a value is repeated: {text!r}")
     return values
+
+
+def output_folder(path, flag: str, hint: str):
+    """``path`` as a folder that exists (made when missing); a file there, or a folder that cannot be made, is a
+    one-line error naming ``flag``."""
+    from pathlib import Path
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise CarveError(f"{flag} {path}: is a file, not a folder", hint=hint)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CarveError(f"{flag} {path}: cannot create the folder ({exc.strerror or exc})") from None
+    return folder
 
 
 def console(quiet: bool = False):

@@ -8,7 +8,6 @@ the original in ONNX Runtime.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from carve.pipeline.cli._common import fraction
 
@@ -29,9 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     import carve.models as models
-    from carve.pipeline.cli._common import command_line, console
+    from carve.pipeline.cli._common import command_line, console, output_folder
     from carve.pipeline.data.datasets import load_data
-    from carve.pipeline.errors import CarveError
     from carve.pipeline.graph import atomic_write, load, save
     from carve.pipeline.graph.channels import analyse
     from carve.pipeline.graph.cost import model_cost
@@ -40,13 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from carve.pipeline.pruning.prune import PruneOptions, prune_model
 
     con = console()
-    out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():
-        raise CarveError(f"--out-dir {out}: is a file, not a folder", hint="give a folder for the demo's files")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CarveError(f"--out-dir {out}: cannot create the folder ({exc.strerror or exc})") from None
+    out = output_folder(args.out_dir, "--out-dir", "give a folder for the demo's files")
     con.rule("1. train LeNet-5 on scikit-learn's digits and export it")
     from carve.models.train import lenet5_digits
 

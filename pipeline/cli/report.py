@@ -59,17 +59,10 @@ def run(args: argparse.Namespace) -> int:
 
 def check_plot_dir(directory: str, reports: list[str], output: str | None) -> None:
     """--plots names a folder (made when missing); never a file, and the plots never land on an input."""
-    from pathlib import Path
 
-    from carve.pipeline.errors import CarveError
+    from carve.pipeline.cli._common import output_folder
     from carve.pipeline.graph import check_output_path
 
-    d = Path(directory)
-    if d.exists() and not d.is_dir():
-        raise CarveError(f"--plots {directory}: is a file, not a folder", hint="give a folder for the PNG plots")
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CarveError(f"--plots {directory}: cannot create the folder ({exc.strerror or exc})") from None
+    d = output_folder(directory, "--plots", "give a folder for the PNG plots")
     for name in ("latency.png", "speedup.png"):
         check_output_path(d / name, *reports, output)

@@ -15,9 +15,8 @@ upstream repair. Two runners give the same fixed point:
   from the input for every level: L levels cost ~L/2 forward passes per model. It is the fallback when the stream's
   frontier would not fit the memory budget (large inputs times many samples) and the reference the tests compare with.
 
-Measured (docs/passes.md): on ResNet-56 the stream turned a 100-370 s least-squares repair into 6-7 s and a 457 s BN
-re-estimation into 4-11 s on the 2-core development machine. The small BLAS products of the repairs run
-single-threaded (``threadpoolctl``): on shared cores multi-threaded OpenBLAS/OpenMP was 10-100x slower on them.
+What the stream gained over the level runner, and why the small BLAS products of the repairs run single-threaded
+(``threadpoolctl``; multi-threaded OpenBLAS/OpenMP collapses on shared cores), is measured in docs/passes.md.
 """
 
 from __future__ import annotations
@@ -89,7 +88,7 @@ def _single_threaded_blas():
     from threadpoolctl import threadpool_limits
 
     # the Gram products are tall-skinny GEMMs of a few ms each: multi-threaded BLAS is slower on them, and collapses
-    # (10-100x) when the other core is busy
+    # when the other core is busy (docs/passes.md)
     with threadpool_limits(1):
         yield
 
@@ -220,11 +219,8 @@ def run_stream(
     # preprocessed once, shared by both models; in chunks of a static batch when the model has one
     batches = [x for x, _, _ in model_batches(working, data, batch_size)]
     wstream = _Stream(working, batches)
-    ostream = _Stream(original, batches) if work.needs_original else None
-    from_original = {n.name: work.original_tensors(n) for n in todo} if ostream else {}
+    ostream, from_original = _original_stream(original, batches, todo, work)
     producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
-    if ostream is not None:
-        ostream.pinned = {t for names in from_original.values() for t in names}
     details: list[str] = []
     done: set[str] = set()
     while len(done) < len(todo):
@@ -238,23 +234,48 @@ def run_stream(
             ostream.advance(
                 max([stop] + [producer[t] + 1 for n in ready for t in from_original[n.name] if t in producer])
             )
-        for b in range(len(batches)):
-            for n in ready:
-                if ostream is not None:
-                    work.observe(n, b, ostream.tensors(from_original[n.name], b))
-                work.accumulate(n, b, wstream.tensors(work.tensors(n), b))
-        for n in ready:
-            line = work.finish(n, working)
-            if line:
-                details.append(line)
-            done.add(n.name)
-            if ostream is not None:
-                ostream.pinned.difference_update(from_original[n.name])
-        if ostream is not None:
-            ostream.drop()
+        details += _compensate_ready(ready, work, working, wstream, ostream, from_original, len(batches))
+        done.update(n.name for n in ready)
         if progress:
             progress(stage, len(done), len(todo))
     return details
+
+
+def _original_stream(
+    original: Model, batches: list[np.ndarray], todo: list[onnx.NodeProto], work: Work
+) -> tuple[_Stream | None, dict[str, list[str]]]:
+    """The original model's stream (None when the job does not read it) with the tensors each target needs of it
+    pinned, and those tensors per target."""
+    if not work.needs_original:
+        return None, {}
+    stream = _Stream(original, batches)
+    from_original = {n.name: work.original_tensors(n) for n in todo}
+    stream.pinned = {t for names in from_original.values() for t in names}
+    return stream, from_original
+
+
+def _compensate_ready(
+    ready: list[onnx.NodeProto],
+    work: Work,
+    working: Model,
+    wstream: _Stream,
+    ostream: _Stream | None,
+    from_original: dict[str, list[str]],
+    n_batches: int,
+) -> list[str]:
+    """Feed every batch of the ready targets to ``work``, then finish them (their new parameters go into ``working``)
+    and unpin what the original stream kept for them. Returns the report lines."""
+    for b in range(n_batches):
+        for n in ready:
+            if ostream is not None:
+                work.observe(n, b, ostream.tensors(from_original[n.name], b))
+            work.accumulate(n, b, wstream.tensors(work.tensors(n), b))
+    lines = [line for n in ready if (line := work.finish(n, working))]
+    if ostream is not None:
+        for n in ready:
+            ostream.pinned.difference_update(from_original[n.name])
+        ostream.drop()
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------------------

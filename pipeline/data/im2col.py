@@ -64,14 +64,6 @@ def conv_geometry(model: Model, node: onnx.NodeProto, x_shape) -> dict:
     }
 
 
-def n_rows(model: Model, node: onnx.NodeProto, x_shape) -> int:
-    """How many rows :func:`rows` gives for an input of ``x_shape``."""
-    if node.op_type == "Conv":
-        g = conv_geometry(model, node, x_shape)
-        return int(x_shape[0]) * g["oh"] * g["ow"]
-    return int(np.prod(x_shape[:-1]))
-
-
 def patch_rows(
     model: Model,
     node: onnx.NodeProto,

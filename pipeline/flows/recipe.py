@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from carve.pipeline.config import bounds, field_names, from_mapping, load_yaml
+from carve.pipeline.config import bounds, from_mapping, load_yaml
 from carve.pipeline.data.datasets import Preprocess, load_data
 from carve.pipeline.errors import CarveError
 from carve.pipeline.graph import check_output_path, load, save
@@ -88,11 +88,6 @@ class Thresholds:
     max_params: float | None = field(default=None, metadata=bounds(ge=0))
     max_slowdown: float | None = field(default=None, metadata=bounds(ge=0, lt=1))
     min_speedup: float | None = field(default=None, metadata=bounds(gt=0))
-
-
-TOP_KEYS = set(field_names(RecipeFile))
-DATA_KEYS = set(field_names(DataSection))
-THRESHOLD_KEYS = set(field_names(Thresholds))
 
 
 @dataclass

@@ -45,6 +45,13 @@ def write_matrix(model: Model, node: onnx.NodeProto, weight: str, axis: int, m: 
     model.set_array(weight, arr.astype(dtype))
 
 
+def bias_vector(model: Model, node: onnx.NodeProto, count: int) -> np.ndarray:
+    """The consumer's bias as a float64 vector of ``count`` outputs (zeros when it has none, e.g. MatMul)."""
+    if node.op_type != "MatMul" and len(node.input) > 2 and node.input[2]:
+        return model.array(node.input[2]).astype(np.float64).reshape(-1)
+    return np.zeros(count)
+
+
 def add_bias(model: Model, node: onnx.NodeProto, delta: np.ndarray) -> None:
     if node.op_type == "MatMul":
         return  # no bias input: the intercept is dropped (documented limitation)

@@ -1,5 +1,6 @@
 """Static shapes and the ONNX checker, both run on a *skeleton* of the model: the large initializers replaced by
-typed graph inputs, which is ~30x cheaper than inferring or checking the full model and gives the same answer.
+typed graph inputs, which is much cheaper than inferring or checking the full model (no weights are read or copied)
+and gives the same answer.
 
 Shapes are inferred for the model's *declared input*, completed where the declaration leaves a dimension open:
 ``carve.input_shape`` metadata (``--input-shape``), else ``carve.preprocess`` (written by ``carve export``), else a

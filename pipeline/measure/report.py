@@ -17,7 +17,6 @@ from typing import Any
 from carve.pipeline.errors import CarveError
 
 SCHEMA_VERSION = 1
-KNOWN_KINDS = {"carve.bench", "carve.eval", "carve.run", "carve.sweep"}
 
 
 def load_report(path: str | Path) -> dict:

@@ -123,10 +123,6 @@ def _reading_scale(an, node_name: str, scale: dict[str, np.ndarray], ids: np.nda
     return np.ones(len(ids))
 
 
-def get(name: str, **options: Any) -> Criterion:
-    return criteria.get(name)(**options)
-
-
 def pairwise_distances(x: np.ndarray) -> np.ndarray:
     """Euclidean distances between the rows of ``x`` (via the Gram matrix: O(n^2 d) in one matmul)."""
     sq = (x * x).sum(1)

@@ -3,7 +3,9 @@
 A repair works on the *working* model: the original with the plan's removed consumer columns zeroed (which computes
 exactly what the pruned model will compute). It may change the consumers' kept columns and biases, or statistics such
 as BatchNorm's, but never which channels go. Surgery then cuts the working model, and verification checks that the
-pruned model equals it. Repairs run in the order given; each sees the previous one's working model.
+pruned model equals it. Repairs run in the order given; each sees the previous one's working model (its
+inputs carry the earlier repairs) but fits against the *original's* outputs and parameters, so a chain never does
+worse on its data than its last refit alone (``lsq`` then ``bias`` corrects what the refit left, not the refit).
 
     @repairs.register("lsq")
     class LeastSquares(Repair):

@@ -36,8 +36,8 @@ An unsupported op raises a :class:`CarveError` naming the node and the supported
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -220,13 +220,36 @@ class StaticGraph(nn.Module):
         raise CarveError("a StaticGraph cannot be moved: move the TorchGraph, then call .static() again")
 
 
+class Step(NamedTuple):
+    """One recorded node: its kernel, the slots it reads and writes, whether it returns one tensor, and the node it
+    comes from (name and op type)."""
+
+    fn: Callable
+    ins: list[int]
+    outs: list[int]
+    single: bool
+    name: str
+    op: str
+
+
+class Replay(NamedTuple):
+    """One step of a :class:`Program`: a :class:`Step` with the slots it is the last reader of (freed after it)."""
+
+    fn: Callable
+    ins: tuple[int, ...]
+    outs: tuple[int, ...]
+    dead: tuple[int, ...]
+    single: bool
+    name: str
+
+
 class Program:
     """Recorded kernels and the slots they read and write. ``template`` holds the constants (device tensors made once
-    at recording) and ``None`` elsewhere; ``steps`` are ``(kernel, input slots, output slots, dead slots, single)``."""
+    at recording) and ``None`` elsewhere; ``steps`` are :class:`Replay` tuples."""
 
     def __init__(
         self,
-        steps: list[tuple],
+        steps: list[Replay],
         template: list[Any],
         input_slots: list[int],
         param_slots: list[tuple[int, str]],
@@ -238,7 +261,7 @@ class Program:
         self.steps, self.template = steps, template
         self.input_slots, self.param_slots, self.output_slots = input_slots, param_slots, output_slots
         self.names, self.host, self.why_dynamic = names, host, why_dynamic
-        self.node_names = [s[5] for s in steps]
+        self.node_names = [s.name for s in steps]
 
     @property
     def replayable(self) -> bool:
@@ -296,7 +319,7 @@ class _Recorder:
         self.host: dict[str, np.ndarray] = dict(graph.consts)
         self.dev: dict[str, tuple[torch.Tensor, int]] = {}
         self.made: dict[tuple, int] = {}
-        self.steps: list[list | None] = []
+        self.steps: list[Step | None] = []
         self.producer: dict[str, int] = {}  # tensor -> index of the step that computes it
 
     # -- what builders call ----------------------------------------------------------------------------------------
@@ -363,9 +386,9 @@ class _Recorder:
         self.steps = [s for s in self.steps if s is not None]  # steps a fusion replaced
         last: dict[int, int] = {}
         for k, step in enumerate(self.steps):
-            for s in step[1]:
+            for s in step.ins:
                 last[s] = k
-            for s in step[2]:
+            for s in step.outs:
                 last.setdefault(s, k)  # produced and never read: dead right away
         keep = set(output_slots) | self.consts | {s for s, _ in param_slots} | {0, 1}
         dead: list[list[int]] = [[] for _ in self.steps]
@@ -373,8 +396,8 @@ class _Recorder:
             if s not in keep:
                 dead[k].append(s)
         steps = [
-            (fn, tuple(ins), tuple(outs), tuple(dead[k]), single, name)
-            for k, (fn, ins, outs, single, name, _) in enumerate(self.steps)
+            Replay(st.fn, tuple(st.ins), tuple(st.outs), tuple(dead[k]), st.single, st.name)
+            for k, st in enumerate(self.steps)
         ]
         template = [v if i in self.consts else None for i, v in enumerate(self.values)]
         names = {name: s for name, (_, s) in self.dev.items()}
@@ -388,40 +411,25 @@ class _Recorder:
         for x, s in (n.inputs, n.inputs[::-1]):
             k = self.producer.get(s)
             step = self.steps[k] if k is not None else None
-            if step is None or step[5] != "Sigmoid" or self.g.uses.get(s) != 1 or x not in self.dev:
+            if step is None or step.op != "Sigmoid" or self.g.uses.get(s) != 1 or x not in self.dev:
                 continue
-            if step[1] != [self.dev[x][1]]:
+            if step.ins != [self.dev[x][1]]:
                 continue
             self.steps[k] = None
             out = F.silu(self.dev[x][0])
             slot = self.slot(out)
             self.dev[n.outputs[0]] = (out, slot)
-            self.steps.append([F.silu, [self.dev[x][1]], [slot], True, n.name, "SiLU"])
+            self.steps.append(Step(F.silu, [self.dev[x][1]], [slot], True, n.name, "SiLU"))
             self.producer[n.outputs[0]] = len(self.steps) - 1
             return True
         return False
 
     def node(self, n: Node) -> None:
-        g = self.g
         if self.fuse_silu(n):
             return
-        args = ARGS[n.op]
-        ins: list[In] = []
-        for i, name in enumerate(n.inputs):
-            host, tensor = None, None
-            if not name:
-                pass
-            elif i in args and name in g.arg_values:
-                host = g.arg_values[name]
-            elif name in self.host:
-                host = self.host[name]
-            elif name in self.dev:
-                tensor = self.dev[name][0]
-            else:
-                raise CarveError(f"{n.op} {n.name!r}: input {name!r} is not produced by any node or initializer")
-            ins.append(In(n, name, host, tensor, self.read))
+        ins = self.node_inputs(n)
         try:
-            built = OPS[n.op](g, n, ins)
+            built = OPS[n.op](self.g, n, ins)
             if isinstance(built, Folded):
                 self.set_host(n, built.values)
                 return
@@ -437,23 +445,51 @@ class _Recorder:
                 vals = vals if isinstance(vals, (list, tuple)) else [vals]
                 self.set_host(n, [v.detach().cpu().numpy() for v in vals])
                 return
-            device = dev_ops[0].device
-            fdtype = next((t.dtype for t in dev_ops if t.is_floating_point()), None)
-            in_slots = []
-            for o in ops:
-                if isinstance(o, Const):
-                    in_slots.append(self.constant(o.value, None, device, fdtype))
-                elif o >= len(ins) or not ins[o].present:
-                    in_slots.append(0)
-                elif ins[o].tensor is not None:
-                    in_slots.append(self.dev[ins[o].name][1])
-                else:
-                    in_slots.append(self.constant(ins[o].host, ins[o].name, device, fdtype))
+            in_slots = self.operand_slots(ops, ins, dev_ops)
             out = built.fn(*[self.values[s] for s in in_slots])
         except CarveError:
             raise
         except Exception as exc:
             raise RuntimeError(f"{n.op} {n.name!r}: {exc}") from exc
+        self.add_step(n, built.fn, in_slots, out)
+
+    def node_inputs(self, n: Node) -> list[In]:
+        """The node's inputs as its builder sees them: host values (arguments, folded constants) or device tensors."""
+        g, args, ins = self.g, ARGS[n.op], []
+        for i, name in enumerate(n.inputs):
+            host, tensor = None, None
+            if not name:
+                pass
+            elif i in args and name in g.arg_values:
+                host = g.arg_values[name]
+            elif name in self.host:
+                host = self.host[name]
+            elif name in self.dev:
+                tensor = self.dev[name][0]
+            else:
+                raise CarveError(f"{n.op} {n.name!r}: input {name!r} is not produced by any node or initializer")
+            ins.append(In(n, name, host, tensor, self.read))
+        return ins
+
+    def operand_slots(self, ops, ins: list[In], dev_ops: list[torch.Tensor]) -> list[int]:
+        """The slot of each kernel operand: device tensors where they are, host values and constants made into
+        device constants (once) on the device and in the float type of the device operands."""
+        device = dev_ops[0].device
+        fdtype = next((t.dtype for t in dev_ops if t.is_floating_point()), None)
+        in_slots = []
+        for o in ops:
+            if isinstance(o, Const):
+                in_slots.append(self.constant(o.value, None, device, fdtype))
+            elif o >= len(ins) or not ins[o].present:
+                in_slots.append(0)
+            elif ins[o].tensor is not None:
+                in_slots.append(self.dev[ins[o].name][1])
+            else:
+                in_slots.append(self.constant(ins[o].host, ins[o].name, device, fdtype))
+        return in_slots
+
+    def add_step(self, n: Node, fn: Callable, in_slots: list[int], out: Any) -> None:
+        """Keep the kernel's outputs in slots (unnamed ones in slot 1) and append its :class:`Step`."""
         single = not isinstance(out, (list, tuple))
         outs = [out] if single else list(out)
         out_slots = []
@@ -466,7 +502,7 @@ class _Recorder:
                 out_slots.append(1)
         if not single and len(out_slots) < len(outs):
             out_slots += [1] * (len(outs) - len(out_slots))
-        self.steps.append([built.fn, in_slots, out_slots, single, n.name, n.op])
+        self.steps.append(Step(fn, in_slots, out_slots, single, n.name, n.op))
         for name in n.outputs:
             if name:
                 self.producer[name] = len(self.steps) - 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from carve.pipeline.errors import CarveError
-from carve.pipeline.graph.model import Model
 from carve.pipeline.runtime.ort import random_feeds, run, run_checked
 
 
@@ -25,11 +24,6 @@ def output_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, fl
     if x.ndim == 2 and x.shape[1] > 1:
         out["top1_agreement"] = float((x.argmax(1) == y.argmax(1)).mean())
     return out
-
-
-def output_error(a: Model, b: Model, feeds: dict[str, np.ndarray]) -> dict[str, float]:
-    """:func:`output_metrics` of the first outputs of ``a`` and ``b`` on ``feeds``."""
-    return output_metrics(run(a, feeds)[0], run(b, feeds)[0])
 
 
 def compare_outputs(reference, candidate, *, seed: int = 0, batch: int = 2) -> dict[str, float]:

@@ -12,18 +12,23 @@ bisection.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from carve.pipeline.graph.bn import folded_filters
 from carve.pipeline.graph.channels import ChannelAnalysis, Kind
 from carve.pipeline.pruning.allocator import Allocation, Allocator, allocators, remove_by_rate
-from carve.plugins.criteria.simfp import kernel_dispersion
+from carve.pipeline.pruning.scoring import kernel_dispersion
+
+# this plugin's own memo: KD per group of an analysis, dropped with the analysis
+_dispersion: weakref.WeakKeyDictionary[ChannelAnalysis, np.ndarray] = weakref.WeakKeyDictionary()
 
 
 def group_dispersion(analysis: ChannelAnalysis) -> np.ndarray:
     """KD per group (NaN for groups without filters, e.g. input or pad-only groups)."""
-    if "dispersion" in analysis.cache:
-        return analysis.cache["dispersion"]
+    if analysis in _dispersion:
+        return _dispersion[analysis]
     num = np.zeros(len(analysis.groups))
     den = np.zeros(len(analysis.groups))
     for src in analysis.producers((Kind.OUT,)):
@@ -33,7 +38,7 @@ def group_dispersion(analysis: ChannelAnalysis) -> np.ndarray:
         num[g] += src.count * kernel_dispersion(folded_filters(analysis, src))
         den[g] += src.count
     kd = np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
-    analysis.cache["dispersion"] = kd
+    _dispersion[analysis] = kd
     return kd
 
 

@@ -10,52 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from carve.pipeline.errors import CarveError
-from carve.pipeline.graph.channels import ChannelAnalysis
 from carve.pipeline.pruning.allocator import Allocation, Allocator, aligned_removal, allocators, remove_lowest
-
-
-def layer_counts(analysis: ChannelAnalysis) -> np.ndarray:
-    """Per group: how many layers' weights its channels cut (as filters or as input columns). A residual stream's
-    channel passes through every block of its stage; a block's inner channel through two layers."""
-    group_of = np.empty(analysis.n_units, dtype=np.int64)
-    for g in analysis.groups:
-        group_of[g.units] = g.id
-    layers: list[set[str]] = [set() for _ in analysis.groups]
-    for rec in analysis.slice_records:
-        if rec.role in ("out", "in"):
-            for gid in np.unique(group_of[analysis.unit_of[rec.ids]]):
-                layers[int(gid)].add(rec.node)
-    return np.array([max(len(s), 1) for s in layers], dtype=np.float64)
-
-
-def normalised(analysis: ChannelAnalysis, scores: np.ndarray, frozen: np.ndarray, norm: str) -> np.ndarray:
-    """Scores on one scale across groups: divided by the group's mean (``mean``) or max, or ranks within the group;
-    ``layers``: the mean-normalised score times the number of layers the group's channels pass through (so a
-    channel that many layers read and write counts for all of them, as it does in a loss-based score)."""
-    if norm == "layers":
-        counts = layer_counts(analysis)
-        out = normalised(analysis, scores, frozen, "mean")
-        for g in analysis.groups:
-            out[g.units] *= counts[g.id]
-        return out
-    out = np.zeros_like(scores, dtype=np.float64)
-    for g in analysis.groups:
-        u = g.units[~frozen[g.units]]
-        if not len(u):
-            continue
-        s = scores[u].astype(np.float64)
-        if norm == "mean":
-            d = float(np.abs(s).mean())
-            out[u] = s / d if d > 0 else 0.0
-        elif norm == "max":
-            d = float(np.abs(s).max())
-            out[u] = s / d if d > 0 else 0.0
-        elif norm == "rank":
-            out[u] = (np.argsort(np.argsort(s, kind="stable"), kind="stable") + 0.5) / len(s)
-        else:
-            raise CarveError(f"unknown norm {norm!r}; valid: mean, max, rank, layers")
-    return out
+from carve.pipeline.pruning.scoring import normalised
 
 
 @allocators.register("global")

@@ -38,7 +38,7 @@ import numpy as np
 
 from carve.pipeline.errors import CarveError, UnreachableTarget
 from carve.pipeline.pruning.allocator import Allocation, Allocator, allocators
-from carve.plugins.allocators.global_rank import normalised
+from carve.pipeline.pruning.scoring import normalised
 
 
 def solve_mckp(values: list[np.ndarray], costs: list[np.ndarray], budget: float, bins: int = 2000) -> list[int] | None:

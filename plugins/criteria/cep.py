@@ -7,7 +7,7 @@ s_w = |g_w w| with g the loss gradient averaged over a labelled batch (``variant
 s_w = 0.5 w^2 E[g^2] (``variant="fisher"``). A group is a filter (conv) or a row (fully connected).
 Ours: with many calibration batches, s_w = E_batches[|g_w w|] -- the gradient of a converged model averaged over the
 whole set is close to zero, so averaging |g w| per mini-batch is what keeps the first-order term informative
-(measured on ResNet-20: 50% unstructured sparsity kept 15.6% top-1 with the averaged gradient).
+(docs/criteria.md).
 
 * Structured (this criterion, for ``carve prune``): a channel scores S_o = sum_{w in group o} s_w; with ``hcep`` > 0 the
   top ``hcep`` fraction of channels of every layer score +inf and are never pruned (HCEP's keep-the-highest rule).
@@ -15,9 +15,10 @@ whole set is close to zero, so averaging |g w| per mini-batch is what keeps the 
   calibration data, measured unit by unit (the unit's consumer columns zeroed, which is exactly what pruning it does;
   PyTorch runner, ``samples`` images). One forward pass over the sample per prunable unit: exact, and slow on big
   models. HCEP applies per unit of every layer's producers as above.
-* Unstructured (``carve sparsify --criterion cep``, :func:`weight_mask`): within each group, weights with
-  s_w < lambda * mean(s over the group) are zeroed, except the group's top ``hcep`` fraction; lambda is found by
-  bisection for a target sparsity. Zeroed weights give no dense-kernel speed-up: carve reports sparsity, not latency.
+* Unstructured (``carve sparsify --criterion cep``, :func:`carve.pipeline.pruning.scoring.weight_mask`): within
+  each group, weights with s_w < lambda * mean(s over the group) are zeroed, except the group's top ``hcep`` fraction;
+  lambda is found by bisection for a target sparsity. Zeroed weights give no dense-kernel speed-up: carve reports
+  sparsity, not latency.
 """
 
 from __future__ import annotations
@@ -27,20 +28,10 @@ from collections import defaultdict
 import numpy as np
 
 from carve.pipeline.data.batching import model_batches
-from carve.pipeline.data.gradients import Gradients, check_labels, weight_gradients
+from carve.pipeline.data.gradients import check_labels, weight_gradients
 from carve.pipeline.errors import CarveError
 from carve.pipeline.pruning.criterion import Criterion, ScoreContext, criteria
-from carve.plugins.criteria.taylor import filter_rows
-
-
-def weight_scores(grads: Gradients, name: str, w: np.ndarray, variant: str) -> np.ndarray:
-    if variant == "taylor":
-        return (grads.abs[name] * np.abs(w)).astype(np.float64)
-    if variant == "fisher":
-        return (0.5 * w.astype(np.float64) ** 2 * grads.sq[name]).astype(np.float64)
-    if variant == "delta":
-        raise CarveError("cep variant delta scores whole channels (carve prune); for weights use taylor or fisher")
-    raise CarveError(f"cep: unknown variant {variant!r}; valid: taylor, fisher, delta")
+from carve.pipeline.pruning.scoring import filter_rows, weight_scores
 
 
 def delta_loss(ctx: ScoreContext, samples: int | None) -> np.ndarray:
@@ -122,15 +113,3 @@ class CEP(Criterion):
             scores[s.start : s.start + s.count] = group
         ctx.extra["cep_loss"] = grads.loss
         return scores
-
-
-def weight_mask(w: np.ndarray, s: np.ndarray, axis: int, lam: float, hcep: float) -> np.ndarray:
-    """Keep-mask of CEP's grouped thresholds: s_w >= lambda * mean(group), plus each group's top ``hcep``."""
-    rows = filter_rows(s, axis)
-    keep = rows >= lam * rows.mean(axis=1, keepdims=True)
-    if hcep > 0:
-        k = max(1, int(np.ceil(hcep * rows.shape[1])))
-        top = np.argsort(-rows, axis=1)[:, :k]
-        np.put_along_axis(keep, top, True, axis=1)
-    moved = np.moveaxis(s, axis, 0).shape
-    return np.moveaxis(keep.reshape(moved), 0, axis)

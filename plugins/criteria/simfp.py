@@ -14,7 +14,8 @@ which it stopped being its cluster's best member (the layer's overall best score
 k highest scores keeps exactly the k cluster representatives. An exact duplicate or positive multiple of a stronger
 filter merges at distance 0 and goes first. Filters under ``tau`` score below everything else.
 
-:func:`kernel_dispersion` (mean pairwise cosine distance of a layer's filters) feeds the ``dispersion`` allocator.
+:func:`carve.pipeline.pruning.scoring.kernel_dispersion` (mean pairwise cosine distance of a layer's filters) feeds
+the ``dispersion`` allocator.
 """
 
 from __future__ import annotations
@@ -50,15 +51,6 @@ def redundancy_scores(w: np.ndarray, linkage: str = "average") -> np.ndarray:
         lost[lose] = model.distances_[k]
         best.append(win)
     return lost
-
-
-def kernel_dispersion(w: np.ndarray) -> float:
-    """Mean pairwise cosine distance of a layer's filters: low = similar kernels = redundant layer."""
-    n = len(w)
-    if n < 2:
-        return 0.0
-    d = cosine_distances(w)
-    return float(d.sum() / (n * (n - 1)))
 
 
 @criteria.register("simfp")

@@ -12,11 +12,7 @@ import numpy as np
 
 from carve.pipeline.data.gradients import weight_gradients
 from carve.pipeline.pruning.criterion import Criterion, ScoreContext, criteria
-
-
-def filter_rows(arr: np.ndarray, axis: int) -> np.ndarray:
-    a = np.moveaxis(arr, axis, 0)
-    return a.reshape(a.shape[0], -1)
+from carve.pipeline.pruning.scoring import filter_rows
 
 
 def bias_of(model, source):

@@ -31,9 +31,9 @@ from onnx import helper
 from carve.pipeline.data.im2col import patches
 from carve.pipeline.errors import CarveError
 from carve.pipeline.graph import Model, attr
+from carve.pipeline.graph.fold import fold_batchnorms
 from carve.pipeline.graph.rewrite import finish, replace_nodes
 from carve.pipeline.passes import Pass, PassContext, PassResult, passes
-from carve.plugins.passes.fold_bn import FoldBN
 
 
 @dataclass
@@ -195,11 +195,10 @@ class Decompose(Pass):
         return frozenset({"calib"}) if self.error is not None else frozenset()
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        folded = FoldBN().run(model, ctx)
-        m = folded.model if folded.changed else model.copy()
+        m, n_folded, _ = fold_batchnorms(model)
         nodes = _candidates(m, self.include, self.exclude, self.kernels)
         if not nodes:
-            return PassResult(m, folded.changed, ["no group-1 convolution to decompose"], {"decomposed": 0})
+            return PassResult(m, n_folded > 0, ["no group-1 convolution to decompose"], {"decomposed": 0})
         layers = analyse_layers(m, nodes, ctx.calib)
         ranks = self.choose_ranks(m, layers)
         details, done = [], 0
@@ -223,7 +222,7 @@ class Decompose(Pass):
             "macs_layers_after": macs_after,
             "data_aware": ctx.calib is not None,
         }
-        return PassResult(m, done > 0 or folded.changed, details, summary)
+        return PassResult(m, done > 0 or n_folded > 0, details, summary)
 
     def rank(self, lay: Layer, eta: float) -> tuple[int | None, str]:
         r = lay.rank_for_energy(eta, self.round_to)

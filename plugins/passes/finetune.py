@@ -7,20 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from carve.pipeline.config import from_mapping
-from carve.pipeline.errors import CarveError
 from carve.pipeline.graph.model import Model
 from carve.pipeline.passes import Pass, PassContext, PassResult, passes
-from carve.pipeline.training.finetune import FinetuneOptions, finetune
-
-
-def finetune_options(options: dict[str, Any], where: str) -> tuple[FinetuneOptions, str]:
-    """FinetuneOptions from a recipe mapping, plus its ``teacher`` choice (original | none)."""
-    options = dict(options)
-    teacher = str(options.pop("teacher", "original"))
-    if teacher not in ("original", "none"):
-        raise CarveError(f"{where}: teacher must be original or none, got {teacher!r}")
-    return from_mapping(FinetuneOptions, options, where=where), teacher
+from carve.pipeline.training.finetune import finetune
+from carve.pipeline.training.options import finetune_options
 
 
 @passes.register("finetune")

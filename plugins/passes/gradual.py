@@ -32,7 +32,7 @@ from carve.pipeline.passes import Pass, PassContext, PassResult, passes
 from carve.pipeline.pruning.prune import PruneOptions, legacy_repairs, prune_model
 from carve.pipeline.pruning.targets import Target
 from carve.pipeline.training.finetune import finetune
-from carve.plugins.passes.finetune import finetune_options
+from carve.pipeline.training.options import finetune_options
 
 
 def keep_schedule(

@@ -95,29 +95,32 @@ def find_pairs(model: Model) -> list[Pair]:
             pairs.append(Pair("conv-flatten-gemm", nodes))
             used.update(n.name for n in nodes)
             continue
-        if (
-            len(b.input) < 2
-            or not _private(model, b.input[1])
-            or (b.input[2:3] and b.input[2] and not _private(model, b.input[2]))
-        ):
-            continue
-        kind = None
-        if a.op_type == b.op_type == "Conv" and int(attr(a, "group", 1)) == 1 and int(attr(b, "group", 1)) == 1:
-            if _is_pointwise(model, b):
-                kind = "conv-1x1"
-            elif _is_pointwise(model, a) and (not any(conv_pads(model, b)) or not _has_bias(model, a)):
-                kind = "1x1-conv"
-        elif (
-            a.op_type in ("Gemm", "MatMul")
-            and b.op_type in ("Gemm", "MatMul")
-            and model.shape(out) is not None
-            and len(model.shape(out)) == 2
-        ):
-            kind = "gemm-gemm"
+        kind = _pair_kind(model, a, b)
         if kind:
             pairs.append(Pair(kind, [a, b]))
             used.update({a.name, b.name})
     return pairs
+
+
+def _pair_kind(model: Model, a: onnx.NodeProto, b: onnx.NodeProto) -> str | None:
+    """How two linear nodes in a row merge (``conv-1x1``, ``1x1-conv``, ``gemm-gemm``), or None when they do not
+    (``b``'s parameters must be private constants; convolutions ungrouped; a matrix product on 2-D activations)."""
+    if (
+        len(b.input) < 2
+        or not _private(model, b.input[1])
+        or (b.input[2:3] and b.input[2] and not _private(model, b.input[2]))
+    ):
+        return None
+    if a.op_type == b.op_type == "Conv" and int(attr(a, "group", 1)) == 1 and int(attr(b, "group", 1)) == 1:
+        if _is_pointwise(model, b):
+            return "conv-1x1"
+        if _is_pointwise(model, a) and (not any(conv_pads(model, b)) or not _has_bias(model, a)):
+            return "1x1-conv"
+        return None
+    shape = model.shape(a.output[0])
+    if a.op_type in ("Gemm", "MatMul") and b.op_type in ("Gemm", "MatMul") and shape is not None and len(shape) == 2:
+        return "gemm-gemm"
+    return None
 
 
 def _conv_as_fc(model: Model, a: onnx.NodeProto, flat: onnx.NodeProto) -> list[onnx.NodeProto] | None:

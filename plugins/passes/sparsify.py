@@ -23,7 +23,7 @@ from carve.pipeline.data.gradients import weight_gradients
 from carve.pipeline.errors import CarveError
 from carve.pipeline.graph.model import Model
 from carve.pipeline.passes import Pass, PassContext, PassResult, passes
-from carve.plugins.criteria.cep import weight_mask, weight_scores
+from carve.pipeline.pruning.scoring import weight_mask, weight_scores
 
 
 @dataclass

@@ -25,7 +25,7 @@ import onnx
 from carve.pipeline.config import bounds
 from carve.pipeline.data.compensate import compensate
 from carve.pipeline.data.im2col import from_uvc, patch_rows, uvc_matrix
-from carve.pipeline.graph.consumers import add_bias, consumer_columns, weight_matrix, write_matrix
+from carve.pipeline.graph.consumers import add_bias, bias_vector, consumer_columns, weight_matrix, write_matrix
 from carve.pipeline.graph.model import Model
 from carve.pipeline.pruning.repair import Repair, RepairResult, repairs
 
@@ -116,7 +116,11 @@ class _LSQ:
             model.set_array(weight, from_uvc(new, model.array(weight).shape).astype(model.array(weight).dtype))
         else:
             write_matrix(model, node, weight, axis, new)
-        add_bias(model, node, sol[d])
+        # the intercept was fitted to the original's outputs without the original's bias: the new bias is
+        # b_orig + intercept, whatever an earlier repair left in the working model's bias
+        add_bias(
+            model, node, bias_vector(self.original, node, w.shape[0]) + sol[d] - bias_vector(model, node, w.shape[0])
+        )
         return f"{node.name}: refit {int(k.sum())} of {len(k)} input columns by least squares"
 
 

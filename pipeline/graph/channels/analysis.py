@@ -55,7 +55,6 @@ class ChannelAnalysis:
         # tensors whose channels lie on one axis; blocks (channels split over several axes: attention heads) apart
         self.tensors: dict[str, Chan] = {k: v for k, v in a.chan.items() if isinstance(v, Chan)}
         self.blocks: dict[str, Block] = {k: v for k, v in a.chan.items() if isinstance(v, Block)}
-        self.cache: dict = {}  # derived data that plugins memoise (e.g. kernel dispersion per group)
         self._solve(a)
 
     # -- solving -------------------------------------------------------------------------------------------------

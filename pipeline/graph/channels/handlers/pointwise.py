@@ -169,11 +169,7 @@ def _elementwise(a: Analyser, node: onnx.NodeProto) -> None:
     out_shape = a.model.shape(out)
     axes = set(aligned.values())
     if len(axes) > 1:
-        for _, c in chans:
-            if c is not None:
-                a.freeze(c.ids, f"{q(node)} combines tensors whose channels lie on different axes")
-        first = next(c for _, c in chans if c is not None)
-        a.set(out, Chan(r_out - (a.rank(ins[0]) or r_out) + first.axis, first.ids))
+        _mixed_axes(a, node, chans, r_out)
         return
     axis = axes.pop()
     width = max(len(c) for _, c in chans if c is not None)
@@ -189,20 +185,36 @@ def _elementwise(a: Analyser, node: onnx.NodeProto) -> None:
     for c in full[1:]:
         a.union(ref, c.ids)
     for i, c in chans:
-        if c is not None:
-            continue
-        val = a.const(i)
-        shp = a.model.shape(i)
-        r = len(shp) if shp is not None else None
-        cax = None if r is None else axis - (r_out - r)
-        dim = None if (shp is None or cax is None or cax < 0) else shp[cax]
-        if cax is not None and (cax < 0 or dim == 1):
-            continue  # broadcast along the channels: no coupling
-        if val is not None and dim == width:
-            a.cut(i, cax, ref, node, "param")
-        else:
-            a.freeze(ref, f"{q(node)} combines them with {i!r}, whose channels carve does not track")
+        if c is None:
+            _untracked_operand(a, node, i, axis, r_out, width, ref)
     a.set(out, Chan(axis, ref))
+
+
+def _mixed_axes(a: Analyser, node: onnx.NodeProto, chans: list, r_out: int) -> None:
+    """Operands whose channels lie on different axes: all frozen; the output follows the first operand's."""
+    for _, c in chans:
+        if c is not None:
+            a.freeze(c.ids, f"{q(node)} combines tensors whose channels lie on different axes")
+    first = next(c for _, c in chans if c is not None)
+    first_input = next(i for i in node.input if i)
+    a.set(node.output[0], Chan(r_out - (a.rank(first_input) or r_out) + first.axis, first.ids))
+
+
+def _untracked_operand(
+    a: Analyser, node: onnx.NodeProto, i: str, axis: int, r_out: int, width: int, ref: np.ndarray
+) -> None:
+    """An operand without tracked channels: no coupling when it broadcasts along the channel axis, a parameter cut
+    with the channels when it is a constant of their width, else the channels are frozen."""
+    shp = a.model.shape(i)
+    r = len(shp) if shp is not None else None
+    cax = None if r is None else axis - (r_out - r)
+    dim = None if (shp is None or cax is None or cax < 0) else shp[cax]
+    if cax is not None and (cax < 0 or dim == 1):
+        return  # broadcast along the channels: no coupling
+    if a.const(i) is not None and dim == width:
+        a.cut(i, cax, ref, node, "param")
+    else:
+        a.freeze(ref, f"{q(node)} combines them with {i!r}, whose channels carve does not track")
 
 
 def _elementwise_blocks(a: Analyser, node: onnx.NodeProto) -> None:

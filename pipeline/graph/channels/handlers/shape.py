@@ -233,47 +233,53 @@ def shape_refs(model: Model, name: str, reader: onnx.NodeProto, input_idx: int =
     if node is None or depth == 0:
         return None
     if node.op_type == "Concat":
-        out = []
-        for k, i in enumerate(node.input):
-            p = shape_refs(model, i, node, k, depth - 1)
-            if p is None:
-                return None
-            out += p
-        return out
+        parts = [shape_refs(model, i, node, k, depth - 1) for k, i in enumerate(node.input)]
+        return None if any(p is None for p in parts) else [e for p in parts for e in p]
     if node.op_type == "Reshape" and model.is_const(node.input[1]) and model.array(node.input[1]).tolist() == [-1]:
         return shape_refs(model, node.input[0], node, 0, depth - 1)  # a 1-D shape stays itself
     if node.op_type in ("Unsqueeze", "Cast", "Identity", "Squeeze", "Reshape"):
         inner = shape_refs(model, node.input[0], node, 0, depth - 1)
         return inner if inner is not None and len(inner) <= 1 else None
-    if node.op_type == "Where":
-        return _where_refs(model, node, depth)
-    if node.op_type == "Shape":
-        r = len(model.shape(node.input[0]) or ())
-        start = int(attr(node, "start", 0)) % (r + 1) if r else 0
-        end = attr(node, "end")
-        end = r if end is None else (int(end) % (r + 1) if int(end) < 0 else min(int(end), r))
-        return [Entry(None, (node.input[0], k)) for k in range(start, end)]
-    if node.op_type == "Mul" and len(node.input) == 2:
-        k = next((j for j in (0, 1) if model.is_const(node.input[j]) and model.array(node.input[j]).size == 1), None)
-        if k is None:
-            return None
-        inner = shape_refs(model, node.input[1 - k], node, 1 - k, depth - 1)
-        v = int(np.ravel(model.array(node.input[k]))[0])
-        if inner is None or len(inner) != 1 or inner[0].dim is None or v <= 0:
-            return None
-        e = inner[0]
-        return [Entry(None, e.dim, None, e.scale * v, (*e.factors, (node.name, k, 0, v)))]
-    if node.op_type in ("Gather", "Slice"):
-        src = shape_refs(model, node.input[0], node, 0, depth - 1)
-        if src is None or any(not model.is_const(i) for i in node.input[1:] if i):
-            return None
-        if node.op_type == "Gather":
-            idx = np.ravel(model.array(node.input[1]))
-            return [src[int(k) % len(src)] for k in idx]
-        starts, ends = (int(np.ravel(model.array(node.input[k]))[0]) for k in (1, 2))
-        step = int(np.ravel(model.array(node.input[4]))[0]) if len(node.input) > 4 and node.input[4] else 1
-        return src[slice(starts, ends, step)]
-    return None
+    readers = {"Where": _where_refs, "Shape": _shape_op_refs, "Mul": _mul_refs, "Gather": _index_refs}
+    reader = readers.get("Gather" if node.op_type == "Slice" else node.op_type)
+    return reader(model, node, depth) if reader is not None else None
+
+
+def _shape_op_refs(model: Model, node: onnx.NodeProto, depth: int):
+    """``Shape(x)`` (with ``start``/``end``): the dims of ``x``, read at run time."""
+    r = len(model.shape(node.input[0]) or ())
+    start = int(attr(node, "start", 0)) % (r + 1) if r else 0
+    end = attr(node, "end")
+    end = r if end is None else (int(end) % (r + 1) if int(end) < 0 else min(int(end), r))
+    return [Entry(None, (node.input[0], k)) for k in range(start, end)]
+
+
+def _mul_refs(model: Model, node: onnx.NodeProto, depth: int):
+    """A run-time dim times a positive scalar constant (``x.size(1) * 2``): one entry that records the factor."""
+    if len(node.input) != 2:
+        return None
+    k = next((j for j in (0, 1) if model.is_const(node.input[j]) and model.array(node.input[j]).size == 1), None)
+    if k is None:
+        return None
+    inner = shape_refs(model, node.input[1 - k], node, 1 - k, depth - 1)
+    v = int(np.ravel(model.array(node.input[k]))[0])
+    if inner is None or len(inner) != 1 or inner[0].dim is None or v <= 0:
+        return None
+    e = inner[0]
+    return [Entry(None, e.dim, None, e.scale * v, (*e.factors, (node.name, k, 0, v)))]
+
+
+def _index_refs(model: Model, node: onnx.NodeProto, depth: int):
+    """``Gather`` or ``Slice`` with constant indices of a shape tensor: the entries picked."""
+    src = shape_refs(model, node.input[0], node, 0, depth - 1)
+    if src is None or any(not model.is_const(i) for i in node.input[1:] if i):
+        return None
+    if node.op_type == "Gather":
+        idx = np.ravel(model.array(node.input[1]))
+        return [src[int(k) % len(src)] for k in idx]
+    starts, ends = (int(np.ravel(model.array(node.input[k]))[0]) for k in (1, 2))
+    step = int(np.ravel(model.array(node.input[4]))[0]) if len(node.input) > 4 and node.input[4] else 1
+    return src[slice(starts, ends, step)]
 
 
 def _where_refs(model: Model, node: onnx.NodeProto, depth: int):

@@ -114,9 +114,7 @@ def _split(a: Analyser, node: onnx.NodeProto, c: Layout, r: int | None) -> None:
         return
     sizes = _split_sizes(a, node, len(c))
     if sizes is None:
-        a.freeze(c.ids, f"{q(node)} splits the channel axis by sizes computed at run time")
-        for o in node.output:
-            a.opaque(o, node.name, f"split by {q(node)}")
+        _split_at_run_time(a, node, c.ids, "the channel axis")
         return
     bounds = np.cumsum([0, *sizes])
     segments = [c.ids[bounds[k] : bounds[k + 1]] for k in range(len(sizes))]
@@ -125,15 +123,20 @@ def _split(a: Analyser, node: onnx.NodeProto, c: Layout, r: int | None) -> None:
     a.fixes.append(SplitFix(node.name, segments))
 
 
+def _split_at_run_time(a: Analyser, node: onnx.NodeProto, ids: np.ndarray, what: str) -> None:
+    """A Split whose sizes are known only at run time: its input's channels are frozen, its outputs opaque."""
+    a.freeze(ids, f"{q(node)} splits {what} by sizes computed at run time")
+    for o in node.output:
+        a.opaque(o, node.name, f"split by {q(node)}")
+
+
 def _split_block(a: Analyser, node: onnx.NodeProto, c: Block, axis: int) -> None:
     """A block split along one of its axes (fused QKV: ``[3, heads, head_dim]`` along the first; C2PSA's per-head
     ``[q | k | v]`` along the last): each output carries its part of the block."""
     k = c.axes.index(axis)
     sizes = _split_sizes(a, node, c.ids.shape[k])
     if sizes is None:
-        a.freeze(c.ids, f"{q(node)} splits attention heads by sizes computed at run time")
-        for o in node.output:
-            a.opaque(o, node.name, f"split by {q(node)}")
+        _split_at_run_time(a, node, c.ids, "attention heads")
         return
     bounds = np.cumsum([0, *sizes])
     segments = [np.take(c.ids, np.arange(bounds[j], bounds[j + 1]), axis=k) for j in range(len(sizes))]
