@@ -53,6 +53,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0 (``profile --min-round-ms``: a round of no time measures nothing)."""
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be above 0: {text!r}")
+    return value
+
+
 def input_shape(text: str) -> tuple[int, ...]:
     """``3x224x224`` (channels x height x width; the batch stays as the model declares it) or ``1x3x224x224``."""
     try:
