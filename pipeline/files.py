@@ -36,11 +36,15 @@ def _marker_text(folder: Path) -> str:
 
 
 def _is_ours(folder: Path) -> bool:
-    """A staging folder carve made: a real folder (not a symlink) holding the marker that names it."""
+    """A staging folder carve made: a real folder (not a symlink) holding the marker that names it, or holding only
+    a marker cut short (a kill while the marker itself was written: nothing else can be in it yet)."""
     if folder.is_symlink() or not folder.is_dir():
         return False
     try:
-        return (folder / MARKER).read_text() == _marker_text(folder)
+        text = (folder / MARKER).read_text()
+        if text == _marker_text(folder):
+            return True
+        return [p.name for p in folder.iterdir()] == [MARKER] and _marker_text(folder).startswith(text)
     except (OSError, UnicodeDecodeError):
         return False
 

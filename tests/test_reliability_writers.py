@@ -258,9 +258,12 @@ def test_staging_clean_up_never_removes_a_users_file_of_that_name(tmp_path, tiny
     (ours / "m.onnx").write_bytes(b"half")
     empty = tmp_path / f".carve-{pid}-empty"
     empty.mkdir()
+    cut = tmp_path / f".carve-{pid}-cut"  # killed while its marker was written (found by the random-kill test)
+    cut.mkdir()
+    (cut / MARKER).write_text("carve stag")
     save(load(tiny_resnet_onnx), tmp_path / "q.onnx")
     assert user_file.read_text() == "mine" and (user_dir / "cat.jpg").exists() and (forged / "keep").exists()
-    assert link.is_symlink() and not ours.exists() and not empty.exists()
+    assert link.is_symlink() and not ours.exists() and not empty.exists() and not cut.exists()
     assert clean_stale_staging(tmp_path) == []
 
 
