@@ -61,12 +61,13 @@ def test_one_output_channel_conv_is_not_depthwise():
     assert src.kind == Kind.OUT
 
 
-def test_grouped_conv_is_frozen_with_reason():
+def test_grouped_conv_transpose_is_frozen_with_reason():
+    # grouped Conv is prunable (tests/test_grouped.py); grouped ConvTranspose is refused by name
     g = G()
     a = g.relu(g.conv("x", 8))
-    b = g.conv(a, 8, group=2)
+    b = g.op("ConvTranspose", [a, g.weight(8, 4, 2, 2)], channels=8, group=2, kernel_shape=[2, 2], strides=[2, 2])
     y = g.conv(g.relu(b), 4)
-    assert_frozen(g, [y], a, "grouped Conv")
+    assert_frozen(g, [y], a, "grouped ConvTranspose")
 
 
 def test_conv_transpose():

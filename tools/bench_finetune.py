@@ -1,12 +1,18 @@
-"""Benchmark fine-tuning: CIFAR ResNet-56 (trained weights) pruned with L1 and Taylor to 1.5x, 2x and 3x fewer MACs,
-then recovered by distillation fine-tuning on the 10,000-image train subset, one-shot (prune, then fine-tune) and
-gradual (three prune + fine-tune rounds with the same number of epochs in all). Top-1 on all 10,000 test images of the
-JPEG copy (the unpruned model: 83.20%), images/s, CPU and wall time; each run trains on one thread, ``--jobs`` runs at a
-time. Rows are written as they finish; a rerun skips the rows already in the JSON (``--fresh`` to redo them).
+"""Benchmark fine-tuning: CIFAR ResNet-56 (and ResNet-20; trained weights) pruned with L1 and Taylor to 1.5x, 2x and
+3x fewer MACs, then recovered by distillation fine-tuning on the 10,000-image train subset, one-shot (prune, then
+fine-tune) and gradual (three prune + fine-tune rounds with the same number of epochs in all). Top-1 on all 10,000 test
+images of the JPEG copy, images/s, CPU and wall time; each run trains on one thread, ``--jobs`` runs at a time. Rows
+are written as they finish; a rerun skips the rows already in the JSON (``--fresh`` to redo them).
+
+Two export paths (``--exports``): ``bn-kept``, the zoo's export (``carve export``: BatchNormalization stays a node), and
+``folded``, ``torch.onnx.export`` of the model in eval mode (``TrainingMode.EVAL``, what a plain export does: every BN
+folded into its conv), which fine-tuning trains with BN re-inserted (``--bn``, default auto).
 
     python tools/bench_finetune.py                       # -> benchmarks/finetune.json
     python tools/bench_finetune.py --criteria l1 --targets 0.5 --epochs 2 -o /tmp/ft.json   # a quick subset
     python tools/bench_finetune.py --markdown            # also print the README table
+    python tools/bench_finetune.py --models resnet56 resnet20 --exports bn-kept folded --criteria l1 \
+        --targets 0.667 0.5 --modes one-shot --epochs 3           # the export-path rows (issue 26)
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 TARGETS = {0.667: "1.5x", 0.5: "2x", 0.333: "3x"}
+MODELS = ("resnet56", "resnet20")
+EXPORTS = {"bn-kept": "zoo export, BN kept", "folded": "eval-mode torch.onnx.export, BN folded"}
+MAIN = ("resnet56", "bn-kept")  # the headline grid
 
 
 def run_one(job: dict) -> dict:
@@ -54,7 +63,7 @@ def run_one(job: dict) -> dict:
     else:
         keep = keep_schedule(job["target"], steps=job["rounds"])
         rounds = [(k, job["epochs"] / job["rounds"]) for k in keep]
-    current, pruned_top1, images, train_cpu = original, None, 0, 0.0
+    current, pruned_top1, images, train_cpu, bn = original, None, 0, 0.0, None
     for keep, epochs in rounds:
         fraction = min(1.0, keep * macs0 / model_cost(current).macs)
         po = PruneOptions(criterion=job["criterion"], target_macs=fraction, round_to=8, seed=0)
@@ -64,10 +73,13 @@ def run_one(job: dict) -> dict:
         t0 = time.process_time()
         result = finetune(current, train, FinetuneOptions(epochs=epochs, **opts), teacher=original)
         train_cpu += time.process_time() - t0
-        current, images = result.model, images + result.summary["images"]
+        current, images, bn = result.model, images + result.summary["images"], result.summary["bn"]
     cost = model_cost(current)
     return {
-        **{k: job[k] for k in ("criterion", "target", "mode", "epochs")},
+        **{k: job[k] for k in ("model_name", "export", "criterion", "target", "mode", "epochs")},
+        "bn": bn,
+        "nodes": len(current.graph.node),
+        "original_nodes": len(original.graph.node),
         "rounds": len(rounds),
         "macs_ratio": cost.macs / macs0,
         "params": cost.params,
@@ -87,6 +99,9 @@ def main() -> None:
     from carve.pipeline.measure.evaluate import evaluate
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=["resnet56"], choices=list(MODELS))
+    ap.add_argument("--exports", nargs="*", default=["bn-kept"], choices=list(EXPORTS))
+    ap.add_argument("--bn", default=None, help="fine-tuning's bn option (default: the finetune default, auto)")
     ap.add_argument("--criteria", nargs="*", default=["l1", "taylor"])
     ap.add_argument("--targets", nargs="*", type=float, default=list(TARGETS))
     ap.add_argument("--modes", nargs="*", default=["one-shot", "gradual"])
@@ -100,21 +115,38 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     train, test = shared_file("data", "cifar10", "train_subset.npz"), shared_file("data", "cifar10", "test.npz")
-    if train is None or test is None or not models.has_trained_weights("resnet56"):
-        sys.exit("bench_finetune needs the CIFAR data and ResNet-56 weights: " + missing_reason("data", "cifar10"))
+    if train is None or test is None or not all(models.has_trained_weights(m) for m in args.models):
+        sys.exit("bench_finetune needs the CIFAR data and ResNet weights: " + missing_reason("data", "cifar10"))
     out = Path(args.output)
     old = json.loads(out.read_text()) if out.exists() and not args.fresh else {}
-    rows = list(old.get("rows", []))
-    done = {(r["criterion"], r["target"], r["mode"]) for r in rows}
-    finetune_opts = {k: v for k, v in (("lr", args.lr), ("optimizer", args.optimizer)) if v is not None}
+    rows = [_keyed(r) for r in old.get("rows", [])]
+    done = {_key(r) for r in rows}
+    options = (("lr", args.lr), ("optimizer", args.optimizer), ("bn", args.bn))
+    finetune_opts = {k: v for k, v in options if v is not None}
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        model = Path(tmp) / "resnet56.onnx"
-        models.export("resnet56", model)
-        base = old.get("original") or {"top1": evaluate(load(model), _test(test, model))["top1"]}
+        originals = dict(old.get("originals") or {})
+        if old.get("original") and "resnet56/bn-kept" not in originals:
+            originals["resnet56/bn-kept"] = old["original"]
+        paths = {}
+        for name in args.models:
+            for export in args.exports:
+                path = paths[name, export] = Path(tmp) / f"{name}-{export}.onnx"
+                models.export(name, path, fold_bn=export == "folded")
+                g = load(path)
+                originals.setdefault(
+                    f"{name}/{export}",
+                    {
+                        "top1": evaluate(g, _test(test, path))["top1"],
+                        "batchnorm": sum(n.op_type == "BatchNormalization" for n in g.graph.node),
+                        "conv": sum(n.op_type == "Conv" for n in g.graph.node),
+                    },
+                )
         jobs = [
             {
-                "model": str(model),
+                "model": str(paths[name, export]),
+                "model_name": name,
+                "export": export,
                 "train": str(train),
                 "test": str(test),
                 "criterion": c,
@@ -124,10 +156,12 @@ def main() -> None:
                 "rounds": args.rounds,
                 "finetune": finetune_opts,
             }
+            for name in args.models
+            for export in args.exports
             for c in args.criteria
             for t in args.targets
             for m in args.modes
-            if (c, t, m) not in done
+            if (name, export, c, t, m) not in done
         ]
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             futures = {pool.submit(run_one, j): j for j in jobs}
@@ -135,9 +169,18 @@ def main() -> None:
                 row = f.result()
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-                doc = _doc(started, base, rows, args, old)
+                doc = _doc(started, originals, rows, args, old)
                 write(doc, out, markdown, False)
-    write(_doc(started, base, rows, args, old), out, markdown, args.markdown)
+    write(_doc(started, originals, rows, args, old), out, markdown, args.markdown)
+
+
+def _keyed(row: dict) -> dict:
+    """Rows written before the export-path column were ResNet-56, BN kept."""
+    return {"model_name": "resnet56", "export": "bn-kept", **row}
+
+
+def _key(row: dict) -> tuple:
+    return (row["model_name"], row["export"], row["criterion"], row["target"], row["mode"])
 
 
 def _test(path, model_path):
@@ -147,14 +190,23 @@ def _test(path, model_path):
     return load_data(path, model=load(model_path), seed=1)
 
 
-def _doc(started: float, base: dict, rows: list, args, old: dict) -> dict:
-    keys = [(c, t, m) for c in ("l1", "taylor") for t in TARGETS for m in ("one-shot", "gradual")]
-    rows = sorted(rows, key=lambda r: keys.index(k) if (k := (r["criterion"], r["target"], r["mode"])) in keys else 99)
+def _doc(started: float, originals: dict, rows: list, args, old: dict) -> dict:
+    keys = [
+        (n, e, c, t, m)
+        for n in MODELS
+        for e in EXPORTS
+        for c in ("l1", "taylor")
+        for t in TARGETS
+        for m in ("one-shot", "gradual")
+    ]
+    rows = sorted(rows, key=lambda r: keys.index(k) if (k := _key(r)) in keys else 999)
     return document(
         "finetune",
         started - (old.get("seconds") or 0),
-        model="resnet56 (CIFAR-10, trained weights)",
-        original=base,
+        model="CIFAR-10 ResNet-56 / ResNet-20 (trained weights)",
+        exports=EXPORTS,
+        original=originals.get("resnet56/bn-kept"),
+        originals=originals,
         data={"train": "train_subset.npz (10,000 images)", "test": "test.npz (all 10,000 images)"},
         method=f"prune (L1 or Taylor on 256 training images, uniform, round-to 8) to the MAC target, then "
         f"distillation fine-tuning from the unpruned model ({args.epochs:g} epochs in all; gradual: "
@@ -165,7 +217,58 @@ def _doc(started: float, base: dict, rows: list, args, old: dict) -> dict:
 
 
 def markdown(doc: dict) -> str:
-    base = doc["original"]["top1"]
+    """The README table: the ResNet-56 BN-kept grid, then the export-path rows (both exports of each model)."""
+    originals = doc.get("originals") or {"resnet56/bn-kept": doc["original"]}
+    grid = [r for r in doc["rows"] if (r.get("model_name", "resnet56"), r.get("export", "bn-kept")) == MAIN]
+    paths = [r for r in doc["rows"] if r.get("mode") == "one-shot" and r.get("criterion") == "l1"]
+    paths = [r for r in paths if r.get("target") in (0.5, 0.667)]
+    out = [_grid(grid, originals["resnet56/bn-kept"]["top1"])]
+    if any(r.get("export") == "folded" for r in paths):
+        out += ["", _paths(paths, originals)]
+    return "\n".join(out)
+
+
+def _paths(rows: list, originals: dict) -> str:
+    """Both export paths side by side: per model and target, the top-1 after 3 epochs of defaults."""
+    header = [
+        "model",
+        "export",
+        "BN nodes",
+        "fewer MACs",
+        "top-1 pruned",
+        "top-1 fine-tuned (vs original)",
+        "BN in training",
+    ]
+    body = []
+    order = {e: i for i, e in enumerate(EXPORTS)}
+    for r in sorted(rows, key=lambda r: (MODELS.index(r["model_name"]), -r["target"], order[r["export"]])):
+        base = originals.get(f"{r['model_name']}/{r['export']}", {})
+        top = base.get("top1")
+        vs = f" ({(r['top1'] - top) * 100:+.2f})" if top is not None else ""
+        body.append(
+            [
+                r["model_name"] + (f" ({top:.2%})" if top is not None else ""),
+                EXPORTS[r["export"]],
+                str(base.get("batchnorm", "-" if r["export"] == "folded" else "yes")),
+                TARGETS.get(r["target"], f"{r['target']:g}"),
+                f"{r['top1_pruned']:.2%}",
+                f"**{r['top1']:.2%}**{vs}",
+                _bn(r.get("bn")),
+            ]
+        )
+    head = "Export paths: L1, one-shot, 3 epochs of defaults, top-1 on all 10,000 test images (original in brackets)"
+    return "\n".join([head, "", *table(header, body)])
+
+
+def _bn(bn: dict | None) -> str:
+    if not bn:
+        return "trained as batch norm"  # rows from before the column: the BN-kept graph
+    if bn["inserted"]:
+        return f"{bn['inserted']} inserted, folded back"
+    return "trained as batch norm" if bn["graph_batchnorm"] else "none"
+
+
+def _grid(rows: list, base: float) -> str:
     rows = [
         [
             r["criterion"],
@@ -178,7 +281,7 @@ def markdown(doc: dict) -> str:
             f"{r['train_cpu_min']:.1f} / {r['wall_min']:.1f}",
             f"{r['images_per_s']:.0f}" if r.get("images_per_s") else "-",
         ]
-        for r in doc["rows"]
+        for r in rows
     ]
     header = [
         "criterion",
@@ -191,7 +294,9 @@ def markdown(doc: dict) -> str:
         "train CPU / wall min",
         "images/s (1 thread)",
     ]
-    head = f"ResNet-56 on CIFAR-10 (JPEG copy), original top-1 {base:.2%} on all 10,000 test images"
+    head = (
+        f"ResNet-56 (zoo export, BN kept) on CIFAR-10 (JPEG copy), original top-1 {base:.2%} on all 10,000 test images"
+    )
     return "\n".join([head, "", *table(header, rows)])
 
 

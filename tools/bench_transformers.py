@@ -103,13 +103,20 @@ PACKAGES = {"transformers": "transformers", "ultralytics": "ultralytics", "timm"
 
 
 def export(name: str, path: Path, exporter: str = "torchscript") -> str:
-    import onnx
     import torch
 
     torch.manual_seed(0)
     m, spec, source = MODELS[name]()
+    return export_built(m, spec, source, path, exporter)
+
+
+def export_built(m, spec, source: str, path: Path, exporter: str = "torchscript") -> str:
+    """Export a built model (a builder's ``(module, input spec, source)``) to ``path``; returns the source."""
+    import onnx
+    import torch
+
     m.eval()
-    if source == "transformers" and name.startswith("bert"):
+    if spec[0][1] == "ids":
         args = (torch.randint(0, 30522, spec[0][0]), torch.ones(spec[1][0], dtype=torch.long))
         names = ["input_ids", "attention_mask"]
     else:

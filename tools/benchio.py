@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import Any
 
 
-def speedups(a: Path, b: Path, batches: list[int], rounds: int) -> dict[str, dict]:
-    """Per batch size: both medians and B's speed-up over A with its 95% CI (interleaved rounds, 1 thread)."""
+def speedups(a: Path, b: Path, batches: list[int], rounds: int, clock: str = "wall") -> dict[str, dict]:
+    """Per batch size: both medians and B's speed-up over A with its 95% CI (interleaved rounds, 1 thread; ``clock``
+    as ``carve bench --clock``: the thread's CPU time is steadier on a shared machine)."""
     from carve.pipeline.measure.compare import compare
     from carve.pipeline.measure.config import MeasureConfig
 
-    config = MeasureConfig(batch=batches, threads=[1], rounds=rounds, min_round_ms=50, memory=False, agreement=False)
+    config = MeasureConfig(
+        batch=batches, threads=[1], rounds=rounds, min_round_ms=50, memory=False, agreement=False, clock=clock
+    )
     return {
         str(res["batch"]): {
             "a_ms": res["a"]["median_ms"],

@@ -64,6 +64,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="agreement on these inputs (an .npz/.npy, a folder, or digits) instead of random")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the fresh-process memory runs")
     p.add_argument("--no-agreement", dest="agreement", action="store_false")
+    p.add_argument(
+        "--by-op",
+        action="store_true",
+        help="ort: break each model's kernel time down by op type with ONNX Runtime's profiler (first batch and "
+        "thread count; --rounds profiled runs each) and show the share table",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", help="report JSON (default: print the summary only)")
     p.add_argument("--json", action="store_true", help="print the report JSON")
@@ -107,6 +113,12 @@ def run(args: argparse.Namespace) -> int:
         con.print(line)
     if "agreement" in report:
         con.print(render_agreement(report)[0])
+    if "by_op" in report:
+        from carve.pipeline.measure.op_profile import by_op_table
+
+        con.print("")
+        for line in by_op_table(report):
+            con.print(line)
     if args.output:
         con.print(f"wrote {args.output}")
     return 0

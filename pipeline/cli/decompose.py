@@ -1,4 +1,5 @@
-"""``carve decompose MODEL -o OUT``: split convolutions into a low-rank basis conv and a 1x1 coefficient conv (EDP)."""
+"""``carve decompose MODEL -o OUT``: split convolutions into a low-rank basis conv and a 1x1 coefficient conv, and
+MatMul/Gemm layers into a basis and a coefficient MatMul/Gemm (EDP)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from carve.pipeline.cli._common import add_calib_args, add_input_shape_arg, frac
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "decompose", help="low-rank split of convolutions (basis + 1x1 coefficients)", description=__doc__
+        "decompose", help="low-rank split of convolutions and linear layers (basis + coefficients)", description=__doc__
     )
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
@@ -28,7 +29,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include", action="append", default=[], metavar="NODE_PATTERN", help="only these convs")
     p.add_argument("--exclude", action="append", default=[], metavar="NODE_PATTERN", help="never these convs")
     p.add_argument(
-        "--kernels", choices=["all", "spatial"], default="all", help="spatial: leave 1x1 convs alone (default: all)"
+        "--kernels",
+        choices=["all", "conv", "spatial", "linear"],
+        default="all",
+        help="which layers: all (convs and MatMul/Gemm, default), conv (convs only), spatial (k x k convs, k > 1), "
+        "linear (MatMul/Gemm only)",
     )
     p.add_argument("--seed", type=int, default=0)
     add_calib_args(p)

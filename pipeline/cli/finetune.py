@@ -55,6 +55,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     aug.add_argument("--crop-pad", type=int, default=4, help="random crop after padding by N pixels (0: none)")
     aug.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip (e.g. digits)")
     p.add_argument("--freeze", action="append", default=[], metavar="NODE_PATTERN", help="leave these nodes' weights")
+    p.add_argument(
+        "--bn",
+        choices=["auto", "insert", "keep", "off"],
+        default="auto",
+        help="BatchNormalization while training: insert one after each conv for training and fold it back (auto: when "
+        "the graph has none, as an eval-mode export folds it), keep the graph as it is, off: running statistics only",
+    )
+    p.add_argument(
+        "--bn-init",
+        choices=["teacher", "identity"],
+        default="teacher",
+        help="inserted BNs start from the teacher's channel statistics (what batch statistics give a BN-kept graph) "
+        "or unchanged from the student's",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)

@@ -19,6 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="heads",
         help="the units of an attention: whole heads (default) or per-head widths (as `carve prune --attention`)",
     )
+    p.add_argument(
+        "--conv-groups",
+        choices=["whole", "width"],
+        default="whole",
+        help="the units of a grouped conv: whole groups (default) or equal widths in every group (as `carve prune`)",
+    )
     add_input_shape_arg(p)
     p.set_defaults(func=run)
 
@@ -41,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from carve.pipeline.graph.shapes import unknown_conv_outputs
 
     model = load(args.model, input_shape=args.input_shape)
-    info = overview(model, analyse(model, attention=args.attention))
+    info = overview(model, analyse(model, attention=args.attention, conv_groups=args.conv_groups))
     unknown = unknown_conv_outputs(model)
     info["summary"]["unknown_output_sizes"] = unknown
     if unknown:

@@ -108,6 +108,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="the units of an attention: whole heads (default), or per-head widths of Q/K and of V/out, the same "
         "in every head",
     )
+    which.add_argument(
+        "--conv-groups",
+        choices=["whole", "width"],
+        default="whole",
+        help="the units of a grouped (not depthwise) conv: whole groups (default; its group count shrinks), or equal "
+        "widths in every group",
+    )
     which.add_argument("--seed", type=int, default=0, help="seed for random criteria and sampling")
     add_calib_args(p)
     rep = p.add_argument_group("repair (no training; `carve plugins` lists the repairs and their options)")

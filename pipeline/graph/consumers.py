@@ -25,6 +25,8 @@ def consumer_columns(plan: Plan) -> dict[str, tuple[str, int, np.ndarray]]:
         node = an.model.nodes[rec.node]
         if node.op_type == "Gemm" and (float(attr(node, "alpha", 1.0)) != 1 or float(attr(node, "beta", 1.0)) != 1):
             continue  # scaled Gemms keep plain pruning
+        if node.op_type == "Conv" and int(attr(node, "group", 1)) != 1:
+            continue  # grouped convs (pruned by equal widths) too: their columns are per group, not im2col rows
         if node.op_type in ("Conv", "Gemm", "MatMul"):
             out[rec.node] = (rec.tensor, rec.axis, keep)
     return out

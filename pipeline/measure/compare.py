@@ -1,8 +1,9 @@
 """``carve bench``: measure two models side by side on the same engine and write the report (docs/report-schema.md):
 latency per configuration (:mod:`carve.pipeline.measure.ab`), memory in fresh processes
-(:mod:`carve.pipeline.measure.memory`), agreement (:mod:`carve.pipeline.measure.agreement`), the models' costs, and the
-environment. The MAC ratio is reported beside the measured speed-up, with their product, the speed-up efficiency; a MAC
-ratio is never called a speed-up."""
+(:mod:`carve.pipeline.measure.memory`), agreement (:mod:`carve.pipeline.measure.agreement`), the models' costs, the
+environment, and with ``by_op`` each model's kernel time by op type (:mod:`carve.pipeline.measure.op_profile`). The
+MAC ratio is reported beside the measured speed-up, with their product, the speed-up efficiency; a MAC ratio is never
+called a speed-up."""
 
 from __future__ import annotations
 
@@ -102,6 +103,11 @@ def compare(
     for p in (a, b):
         if not p.is_file():
             raise CarveError(f"{p}: no such model file")
+    if cfg.by_op and cfg.backend != "ort":
+        raise CarveError(
+            f"`by_op` uses ONNX Runtime's profiler and needs `backend=ort`, not {cfg.backend!r}",
+            hint="measure the op breakdown with the ort backend (its cpu, cuda or tensorrt device)",
+        )
     models = {"a": load(a), "b": load(b)}
     check_runnable(a, models["a"], b, models["b"], cfg.batch)
     info = {"a": model_info(a, models["a"]), "b": model_info(b, models["b"])}
@@ -142,6 +148,13 @@ def compare(
             }
             for key, p in (("a", a), ("b", b))
         }
+    if cfg.by_op:
+        from carve.pipeline.measure.op_profile import op_profile
+
+        if progress:
+            progress("time by op type (ONNX Runtime's profiler)")
+        ec = cfg.engine_config(cfg.batch[0], cfg.threads[0])
+        report["by_op"] = {key: op_profile(p, ec, runs=cfg.rounds) for key, p in (("a", a), ("b", b))}
     if cfg.agreement:
         if progress:
             progress("agreement")

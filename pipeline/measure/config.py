@@ -32,6 +32,7 @@ class MeasureConfig:
     seed: int = 0
     memory: bool = True
     agreement: bool = True
+    by_op: bool = False  # ort: each model's kernel time by op type (ONNX Runtime's profiler), first batch/threads
     data: str | None = None  # agreement inputs from a data file instead of random
     agreement_samples: int = field(default=256, metadata=bounds(ge=1))
     max_samples_kept: int = field(default=400, metadata=bounds(ge=1))  # latencies kept per model (for plots)

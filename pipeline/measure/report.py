@@ -205,10 +205,19 @@ SECTIONS: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "results": ("Latency", render_results),
     "memory": ("Memory", render_memory),
     "agreement": ("Agreement", render_agreement),
+    "by_op": ("Time by op type", lambda d: _by_op_table(d)),
     "accuracy": ("Accuracy", render_accuracy),
     "thresholds": ("Thresholds", render_thresholds),
     "environment": ("Environment", render_environment),
 }
+
+
+def _by_op_table(doc: dict) -> list[str]:
+    from carve.pipeline.measure.op_profile import by_op_table
+
+    return by_op_table(doc)
+
+
 SKIP = {"schema_version", "kind", "created", "command", "settings", "accuracy_more"}
 
 

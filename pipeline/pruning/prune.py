@@ -54,6 +54,8 @@ class PruneOptions:
     exclude: list[str] = field(default_factory=list)
     # the units of an attention: whole heads, or per-head widths of Q/K and of V/out (same count in every head)
     attention: str = field(default="heads", metadata=bounds(choices=("heads", "width")))
+    # the units of a grouped conv: whole groups (``group`` shrinks) or one position of every group (equal widths)
+    conv_groups: str = field(default="whole", metadata=bounds(choices=("whole", "width")))
     seed: int = 0
     criterion_options: dict[str, Any] = field(default_factory=dict)
     allocator_options: dict[str, Any] = field(default_factory=dict)
@@ -162,6 +164,12 @@ def prune_model(
             "a latency target needs measurements on the target engine",
             hint="use carve.pipeline.flows.prune.prune_measured(...) or pass latency=MeasuredLatency(...)",
         )
+    if (target.kind == "latency" or opts.lut) and opts.conv_groups != "whole":
+        raise CarveError(
+            "a latency table profiles grouped convs by whole groups; `conv_groups=width` cannot use one (a latency "
+            "target or `lut`)",
+            hint="use `conv_groups=whole` (the default), or a MAC or parameter target with equal widths",
+        )
     report = progress or silent
     had_nonfinite = nonfinite_initializers(model)  # the input's own (e.g. a Clip bound of inf) are not ours
     if not inplace:
@@ -170,7 +178,7 @@ def prune_model(
     if any("biases" in r.needs for _, r in built):
         ensure_biases(model)  # e.g. a refit's intercept needs a bias that is cut with its layer
     report("analyse")
-    analysis = analyse(model, attention=opts.attention)
+    analysis = analyse(model, attention=opts.attention, conv_groups=opts.conv_groups)
     report(f"score and plan ({opts.criterion}, {opts.allocator or 'default allocator'})")
     scores = score(
         analysis, opts.criterion, options=opts.criterion_options, calib=calib, seed=opts.seed, progress=progress

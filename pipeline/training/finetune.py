@@ -5,7 +5,9 @@ parameters, BatchNormalization nodes train as batch norm (batch statistics; runn
 momentum), and a graph whose BN was folded trains its folded convs. Non-float initializers (shapes, axes) and the
 parameters of nodes matched by ``freeze`` stay untouched. After training the values are written back into a copy of
 the very same graph (no re-export), which must pass the checker, keep its output shapes, hold only finite weights and
-agree with the trained torch module in ONNX Runtime; the fine-tune is recorded in its ``carve.history``.
+agree with the trained torch module in ONNX Runtime; the fine-tune is recorded in its ``carve.history``. A graph
+with no BatchNormalization to train (an eval-mode export folds it into the convs) gets one per conv for the training
+only, folded back at the end (:mod:`carve.pipeline.training.bn_insert`; option ``bn``).
 
 Loss (:mod:`carve.pipeline.training.losses`, :mod:`carve.pipeline.training.schedule`): distillation from a teacher graph
 at temperature T (SFP's variable temperature as ``START:END``), cross-entropy when the data has labels, and an optional
@@ -36,6 +38,7 @@ from carve.pipeline.graph.history import record
 from carve.pipeline.graph.model import Model
 from carve.pipeline.graph.shapes import verify_structure
 from carve.pipeline.progress import Progress
+from carve.pipeline.training import bn_insert
 from carve.pipeline.training.augment import Augment
 from carve.pipeline.training.schedule import Temperature, cosine_lr
 
@@ -73,6 +76,8 @@ class FinetuneOptions:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch CPU threads (default: torch's)
+    bn: str = "auto"  # auto | insert | keep | off: BatchNormalization for training (bn_insert)
+    bn_init: str = "teacher"  # inserted BNs' affine: the teacher's channel statistics | identity (bn_insert.matched)
 
     def __post_init__(self) -> None:
         if self.optimizer not in DEFAULTS:
@@ -97,6 +102,9 @@ class FinetuneOptions:
             if not value >= 0 or not math.isfinite(value):
                 raise CarveError(f"`{name}` must be a number >= 0, got {value}")
         Temperature.parse(self.temperature)
+        bn_insert.check_mode(self.bn)
+        if self.bn_init not in ("teacher", "identity"):
+            raise CarveError(f"`bn_init` must be teacher or identity, got {self.bn_init!r}")
 
 
 @dataclass
@@ -162,22 +170,24 @@ def finetune(
     if opts.threads:
         torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
-    net = TorchGraph(student).to(device)
-    frozen = _freeze(net, student, opts.freeze)
-    if not any(p.requires_grad for p in net.params.values()):
+    schedule = Schedule.of(opts, len(data))
+    # no step, nothing to train: the student as it is (the written bytes stay the same)
+    graph, inserted = _training_graph(student, data, opts, teacher) if schedule.total else (student, [])
+    net = TorchGraph(graph).to(device)
+    frozen = _freeze(net, graph, opts.freeze)
+    if schedule.total and not any(p.requires_grad for p in net.params.values()):
         raise CarveError(
             f"`freeze` {' '.join(opts.freeze)} freezes every trained weight: nothing is left to train",
             hint="freeze fewer nodes (`carve inspect` lists the node names)",
         )
     loss = Loss.compose(opts, student, teacher, data, _check_data(student, data, net, device), device)
-    schedule = Schedule.of(opts, len(data))
     optim, params = optimizer(net, opts)
     key = run_key(student, data, opts, teacher)
     state = _load_checkpoint(checkpoint, key, net, optim, device) if resume else TrainState()
     teacher_top1 = _top1_teacher(loss.teacher, eval_data) if eval_data is not None and loss.teacher else None
     meter = Meter(progress, schedule)
     net.train()
-    net.batch_statistics = True
+    net.batch_statistics = opts.bn != "off"
     for epoch in range(state.epoch, schedule.epochs):
         entry = train_epoch(net, optim, params, loss, data, opts, schedule, state, epoch, meter)
         if eval_data is not None:
@@ -191,8 +201,9 @@ def finetune(
         meter.epoch(entry)
     net.batch_statistics = False
     net.eval()
-    result, agreement = write_back(net, student, frozen, data, device)
+    result, agreement = write_back(net, student, frozen, data, device, graph, inserted)
     summary = summarise(opts, state, meter, loss, device, data, key, teacher, frozen, agreement)
+    summary["bn"] = bn_insert.describe(opts.bn, inserted, student)
     record(result, "finetune", summary, command=command)
     return FinetuneResult(result, summary)
 
@@ -407,14 +418,38 @@ class Meter:
             self.progress("train: epoch", entry["epoch"], self.schedule.epochs, **figures)
 
 
-def write_back(net, student: Model, frozen: set[str], data: Dataset, device: str) -> tuple[Model, dict[str, float]]:
-    """The trained values written into a copy of the student graph, checked (checker and output shapes, finite
-    weights, ONNX Runtime against the torch module); the copy and the agreement."""
+def _training_graph(
+    student: Model, data: Dataset, opts: FinetuneOptions, teacher: Model | None
+) -> tuple[Model, list[bn_insert.Inserted]]:
+    """The graph that trains: the student, or (``bn`` auto on a graph without BatchNormalization, or insert) the
+    student with a BatchNormalization after each conv that has none (frozen convs excepted), calibrated on up to 256
+    training images; and the inserted BNs."""
+    if not bn_insert.decide(opts.bn, student):
+        return student, []
+    skip = {n.name for n in student.graph.node if any(fnmatch.fnmatchcase(n.name, p) for p in opts.freeze)}
+    calib = data.sample(min(256, len(data)), seed=opts.seed)
+    return bn_insert.insert(student, calib, skip=skip, teacher=teacher if opts.bn_init == "teacher" else None)
+
+
+def write_back(
+    net,
+    student: Model,
+    frozen: set[str],
+    data: Dataset,
+    device: str,
+    graph: Model | None = None,
+    inserted: list[bn_insert.Inserted] | None = None,
+) -> tuple[Model, dict[str, float]]:
+    """The trained values written into a copy of the student graph (``graph``, the graph that trained when BNs were
+    ``inserted``, with them folded back into their convs), checked (checker and output shapes, finite weights, ONNX
+    Runtime against the torch module); the copy and the agreement."""
     import torch
 
-    result = student.copy()
+    result = (graph or student).copy()
     with torch.no_grad():
         net.write_back(result, only=[n for n in net.param_of if n not in frozen])
+    if inserted:
+        result = bn_insert.fold_back(result, student, inserted)
     verify_structure({n: student.shape(n) for n in student.output_names}, result, what="fine-tuning")
     _check_finite(result)
     return result, _agreement(net, result, data, device)
@@ -565,7 +600,7 @@ class _Teacher:
 def _top1_student(net, data: Dataset, device: str) -> float:
     import torch
 
-    was_training = net.training
+    was_training, statistics = net.training, net.batch_statistics
     net.eval()
     net.batch_statistics = False
     correct, total = 0, 0
@@ -576,7 +611,7 @@ def _top1_student(net, data: Dataset, device: str) -> float:
             correct += int((out.reshape(len(x), -1).argmax(1).cpu().numpy() == y).sum())
             total += len(x)
     net.train(was_training)
-    net.batch_statistics = was_training
+    net.batch_statistics = statistics
     return correct / max(total, 1)
 
 

@@ -20,12 +20,29 @@ from carve.pipeline.pruning.criterion import Criterion, ScoreContext, criteria
 
 
 def coefficient_consumer(model, node):
-    """The 1x1 coefficient conv that alone reads a basis conv's output, or None."""
+    """The 1x1 coefficient conv (or MatMul/Gemm after a linear basis) that alone reads a basis layer's output, or
+    None."""
     users = model.consumers.get(node.output[0], [])
-    if len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != node.output[0]:
+    if len(users) != 1 or users[0].input[0] != node.output[0]:
         return None
     w = model.shape(users[0].input[1])
+    if users[0].op_type in ("MatMul", "Gemm") and node.op_type == users[0].op_type:
+        return users[0] if w is not None and len(w) == 2 and model.is_const(users[0].input[1]) else None
+    if users[0].op_type != "Conv":
+        return None
     return users[0] if w is not None and tuple(w[2:]) == (1, 1) else None
+
+
+def coefficients(model, coeff) -> np.ndarray:
+    """The coefficient matrix A (Cout x r) of a coefficient layer."""
+    w = model.array(coeff.input[1]).astype(np.float64)
+    if coeff.op_type == "Conv":
+        return w[:, :, 0, 0]
+    return w if coeff.op_type == "Gemm" and coeff_trans_b(coeff) else w.T
+
+
+def coeff_trans_b(node) -> bool:
+    return any(a.name == "transB" and a.i for a in node.attribute)
 
 
 @criteria.register("edp")
@@ -39,7 +56,7 @@ class EDP(Criterion):
             node = model.nodes[src.name]
             coeff = coefficient_consumer(model, node) if node.name.endswith("_basis") else None
             if coeff is not None:
-                a = model.array(coeff.input[1]).astype(np.float64)[:, :, 0, 0]  # Cout x r
+                a = coefficients(model, coeff)  # Cout x r
                 s = np.linalg.norm(a, axis=0)
             else:
                 s = np.linalg.norm(an.filters(src).astype(np.float64), axis=1)

@@ -1,4 +1,6 @@
-"""Low-rank decomposition of convolutions: a k x k conv becomes a basis conv (rank r) and a 1x1 coefficient conv.
+"""Low-rank decomposition of convolutions and linear layers: a k x k conv becomes a basis conv (rank r) and a 1x1
+coefficient conv; a MatMul or Gemm with a constant weight (a transformer's MLP and projections, a classifier) becomes a
+basis MatMul/Gemm to r features and a coefficient MatMul/Gemm back.
 
 Efficient Decomposition and Pruning (EDP, IEEE TNNLS 32(10):4499-4513, 2021, doi 10.1109/TNNLS.2020.3018177) replaces
 a layer by a compressed-aware block of a basis layer and a coefficient layer and trains it; carve applies the block
@@ -12,9 +14,13 @@ post-training (papers.md section 2):
   patches on the calibration set, so the discarded tail is exactly the output error on that data (data-aware SVD;
   B = S_r^1/2 V_r^T L^-1); or by bisection of a common energy level to meet a global ``target_macs`` fraction;
 * a layer is left alone when its rank would not beat the break-even r < Cout Cin k^2 / (Cin k^2 + Cout) (the pair
-  would cost more MACs than the conv), and the pass says so. Ranks round up to ``round_to``.
+  would cost more MACs than the conv), and the pass says so. Ranks round up to ``round_to``;
+* a linear layer y = x W (+ c) is the k = 1 case with M = W^T (alpha folded in): basis weight (S_r^1/2 V_r^T)^T, K x r,
+  coefficient weight (U_r S_r^1/2)^T, r x N, which keeps the Gemm's C and beta; its "patches" are the input rows.
+  ``kernels`` picks the layers: ``all`` (convs and linear layers), ``conv``, ``spatial`` (k x k convs with k > 1),
+  ``linear`` (MatMul/Gemm only).
 
-The rank-r channels between the two convs are ordinary channels to the channel analysis: ``carve prune`` can remove
+The rank-r channels between the two layers are ordinary channels to the channel analysis: ``carve prune`` can remove
 them (criterion ``edp`` scores them by coefficient norms), and ``merge`` multiplies the pair back (W' = A B).
 """
 
@@ -35,11 +41,14 @@ from carve.pipeline.graph.fold import fold_batchnorms
 from carve.pipeline.graph.rewrite import finish, replace_nodes
 from carve.pipeline.passes import Pass, PassContext, PassResult, passes
 
+KERNELS = ("all", "conv", "spatial", "linear")
+LINEAR = ("MatMul", "Gemm")
+
 
 @dataclass
 class Layer:
     node: onnx.NodeProto
-    w: np.ndarray  # Cout x Cin x k x k (float64)
+    w: np.ndarray  # Cout x Cin x k x k (float64); a linear layer's M = W^T: N x K
     u: np.ndarray
     s: np.ndarray
     vt: np.ndarray
@@ -71,16 +80,28 @@ class Layer:
         return (r * self.d + self.cout * r) * self.hw
 
 
+def _linear(model: Model, n: onnx.NodeProto) -> bool:
+    """A MatMul of an activation by a constant 2-D weight, or a Gemm with a constant B that reads A as it is."""
+    if n.op_type not in LINEAR or len(n.input) < 2 or not model.is_const(n.input[1]) or model.is_const(n.input[0]):
+        return False
+    w = model.shape(n.input[1])
+    return w is not None and len(w) == 2 and not (n.op_type == "Gemm" and attr(n, "transA", 0))
+
+
 def _candidates(model: Model, include: list[str], exclude: list[str], kernels: str) -> list[onnx.NodeProto]:
     out = []
     for n in model.graph.node:
-        if n.op_type != "Conv" or int(attr(n, "group", 1)) != 1 or not model.is_const(n.input[1]):
-            continue
         if n.name.endswith(("_basis", "_coeff")):
             continue
-        w = model.shape(n.input[1])
-        if w is None or len(w) != 4 or (kernels == "spatial" and w[2:] == (1, 1)):
-            continue
+        if n.op_type in LINEAR:
+            if kernels not in ("all", "linear") or not _linear(model, n):
+                continue
+        else:
+            if kernels == "linear" or n.op_type != "Conv" or int(attr(n, "group", 1)) != 1:
+                continue
+            w = model.shape(n.input[1]) if model.is_const(n.input[1]) else None
+            if w is None or len(w) != 4 or (kernels == "spatial" and w[2:] == (1, 1)):
+                continue
         if include and not any(fnmatch.fnmatchcase(n.name, p) for p in include):
             continue
         if any(fnmatch.fnmatchcase(n.name, p) for p in exclude):
@@ -105,7 +126,9 @@ def _patch_covariances(model: Model, nodes: list[onnx.NodeProto], data, budget_b
 
         def update_batch(self, values, labels) -> None:
             for n in self.group:
-                p = patches(model, n, values[n.input[0]]).astype(np.float64)
+                x = values[n.input[0]]
+                p = patches(model, n, x) if n.op_type == "Conv" else x.reshape(-1, x.shape[-1])
+                p = p.astype(np.float64)
                 self.sum[n.name] = self.sum[n.name] + p.T @ p
                 self.count[n.name] += len(p)
 
@@ -119,7 +142,8 @@ def _patch_covariances(model: Model, nodes: list[onnx.NodeProto], data, budget_b
         chunk.clear()
 
     for n in nodes:
-        d = int(np.prod(model.shape(n.input[1])[1:]))
+        w = model.shape(n.input[1])
+        d = int(np.prod(w[1:])) if n.op_type == "Conv" else int(w[0] if n.op_type == "MatMul" else _k(n, w))
         if size + d * d * 8 > budget_bytes:
             flush()
             size = 0
@@ -129,11 +153,25 @@ def _patch_covariances(model: Model, nodes: list[onnx.NodeProto], data, budget_b
     return covs
 
 
+def _k(n: onnx.NodeProto, w) -> int:
+    """A Gemm's input features: B is K x N, or N x K with transB."""
+    return int(w[1] if attr(n, "transB", 0) else w[0])
+
+
+def linear_matrix(model: Model, n: onnx.NodeProto) -> np.ndarray:
+    """M = W^T (N x K) of a linear layer y = x W, the Gemm's alpha folded in."""
+    w = model.array(n.input[1]).astype(np.float64)
+    if n.op_type == "MatMul":
+        return w.T
+    w = w * float(attr(n, "alpha", 1.0))
+    return w if attr(n, "transB", 0) else w.T
+
+
 def analyse_layers(model: Model, nodes: list[onnx.NodeProto], data=None) -> list[Layer]:
     covs = _patch_covariances(model, nodes, data) if data is not None else {}
     layers = []
     for n in nodes:
-        w = model.array(n.input[1]).astype(np.float64)
+        w = model.array(n.input[1]).astype(np.float64) if n.op_type == "Conv" else linear_matrix(model, n)
         m = w.reshape(w.shape[0], -1)
         l_inv = None
         if n.name in covs:
@@ -144,7 +182,8 @@ def analyse_layers(model: Model, nodes: list[onnx.NodeProto], data=None) -> list
             m = m @ lc
         u, s, vt = np.linalg.svd(m, full_matrices=False)
         out = model.shape(n.output[0])
-        hw = int(np.prod([d or 1 for d in out[2:]])) if out else 1
+        positions = (out[2:] if n.op_type == "Conv" else out[1:-1]) if out else ()
+        hw = int(np.prod([d or 1 for d in positions]))
         layers.append(Layer(n, w, u, s, vt, l_inv, hw))
     return layers
 
@@ -161,7 +200,7 @@ def factors(layer: Layer, r: int) -> tuple[np.ndarray, np.ndarray]:
 
 @passes.register("decompose")
 class Decompose(Pass):
-    description = "split k x k convs into a rank-r basis conv and a 1x1 coefficient conv (EDP)"
+    description = "split convs and MatMul/Gemm layers into a rank-r basis and a coefficient layer (EDP)"
 
     def __init__(
         self,
@@ -184,8 +223,8 @@ class Decompose(Pass):
                 raise CarveError(f"decompose: {name} must be in (0, 1], got {v}")
         if error is not None and not 0 <= error < 1:
             raise CarveError(f"decompose: error must be in [0, 1), got {error}")
-        if kernels not in ("all", "spatial"):
-            raise CarveError("decompose: kernels must be 'all' or 'spatial'")
+        if kernels not in KERNELS:
+            raise CarveError(f"decompose: kernels must be one of {', '.join(KERNELS)}; got {kernels!r}")
         self.energy, self.error, self.target_macs = energy, error, target_macs
         self.round_to, self.include, self.exclude = round_to, include or [], exclude or []
         self.kernels, self.break_even = kernels, break_even
@@ -198,7 +237,9 @@ class Decompose(Pass):
         m, n_folded, _ = fold_batchnorms(model)
         nodes = _candidates(m, self.include, self.exclude, self.kernels)
         if not nodes:
-            return PassResult(m, n_folded > 0, ["no group-1 convolution to decompose"], {"decomposed": 0})
+            return PassResult(
+                m, n_folded > 0, ["no group-1 convolution or linear layer to decompose"], {"decomposed": 0}
+            )
         layers = analyse_layers(m, nodes, ctx.calib)
         ranks = self.choose_ranks(m, layers)
         details, done = [], 0
@@ -275,6 +316,9 @@ class Decompose(Pass):
         return {lay.node.name: self.rank(lay, lo) for lay in layers}
 
     def split(self, model: Model, lay: Layer, r: int) -> None:
+        if lay.node.op_type in LINEAR:
+            self.split_linear(model, lay, r)
+            return
         n = lay.node
         b, a = factors(lay, r)
         dtype = model.array(n.input[1]).dtype
@@ -288,5 +332,23 @@ class Decompose(Pass):
         )
         ins = [mid, wa] + ([model.add_initializer(f"{n.name}_coeff_B", bias)] if bias is not None else [])
         coeff = helper.make_node("Conv", ins, [n.output[0]], name=f"{n.name}_coeff", kernel_shape=[1, 1])
+        replace_nodes(model, [n], [basis, coeff])
+        model.refresh(shapes=False)
+
+    def split_linear(self, model: Model, lay: Layer, r: int) -> None:
+        """y = x W (+ c) as (x B) A (+ c): two MatMuls, or two Gemms of which the second keeps C and beta."""
+        n = lay.node
+        b, a = factors(lay, r)
+        dtype = model.array(n.input[1]).dtype
+        wb = model.add_initializer(f"{n.name}_basis_W", b.reshape(r, -1).T.astype(dtype))  # K x r
+        wa = model.add_initializer(f"{n.name}_coeff_W", a.reshape(lay.cout, r).T.astype(dtype))  # r x N
+        mid = model.unique_name(f"{n.name}_basis_out")
+        basis = helper.make_node(n.op_type, [n.input[0], wb], [mid], name=f"{n.name}_basis")
+        if n.op_type == "MatMul":
+            coeff = helper.make_node("MatMul", [mid, wa], [n.output[0]], name=f"{n.name}_coeff")
+        else:
+            c = list(n.input[2:3]) if len(n.input) > 2 and n.input[2] else []
+            beta = {"beta": float(attr(n, "beta", 1.0))} if c else {}
+            coeff = helper.make_node("Gemm", [mid, wa, *c], [n.output[0]], name=f"{n.name}_coeff", **beta)
         replace_nodes(model, [n], [basis, coeff])
         model.refresh(shapes=False)

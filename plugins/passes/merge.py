@@ -8,7 +8,8 @@ any two linear layers with nothing between them (papers.md section 2):
   W'[o] = sum_k B[o, k] A[k],  b' = b_B + B b_A  -- the basis + coefficient pair of ``decompose``;
 * a 1x1 Conv A (stride 1, no padding) then Conv B (group 1): W'[o, :, u, v] = sum_c B[o, c, u, v] A[c, :],
   b' = b_B + sum_{u,v} B[:, :, u, v] b_A -- exact when B pads nothing or A has no bias (padding sees zeros, not b_A);
-* Gemm then Gemm, MatMul then MatMul (constant weights): W' = W_A W_B, b' = b_A W_B + b_B;
+* Gemm then Gemm, MatMul then MatMul (constant weights): W' = W_A W_B, b' = b_A W_B + b_B; two MatMuls with
+  constant 2-D weights at any activation rank (a transformer's decomposed projection on [batch, tokens, features]);
 * a Conv whose kernel covers its whole (unpadded) input, then Flatten and Gemm: the conv is a matrix on the flattened
   input, so Flatten(x) -> Gemm(G M) with bias G b + g.
 
@@ -102,9 +103,15 @@ def find_pairs(model: Model) -> list[Pair]:
     return pairs
 
 
+def _2d(model: Model, node: onnx.NodeProto) -> bool:
+    w = model.shape(node.input[1])
+    return w is not None and len(w) == 2
+
+
 def _pair_kind(model: Model, a: onnx.NodeProto, b: onnx.NodeProto) -> str | None:
-    """How two linear nodes in a row merge (``conv-1x1``, ``1x1-conv``, ``gemm-gemm``), or None when they do not
-    (``b``'s parameters must be private constants; convolutions ungrouped; a matrix product on 2-D activations)."""
+    """How two linear nodes in a row merge (``conv-1x1``, ``1x1-conv``, ``gemm-gemm``, ``matmul-matmul``), or None
+    when they do not (``b``'s parameters must be private constants; convolutions ungrouped; a matrix product on 2-D
+    activations, or two MatMuls with constant 2-D weights at any activation rank)."""
     if (
         len(b.input) < 2
         or not _private(model, b.input[1])
@@ -120,6 +127,8 @@ def _pair_kind(model: Model, a: onnx.NodeProto, b: onnx.NodeProto) -> str | None
     shape = model.shape(a.output[0])
     if a.op_type in ("Gemm", "MatMul") and b.op_type in ("Gemm", "MatMul") and shape is not None and len(shape) == 2:
         return "gemm-gemm"
+    if a.op_type == b.op_type == "MatMul" and _2d(model, a) and _2d(model, b):
+        return "matmul-matmul"  # constant 2-D weights: merges at any activation rank
     return None
 
 
@@ -165,6 +174,10 @@ def merged_nodes(model: Model, pair: Pair) -> tuple[list[onnx.NodeProto], dict[s
         attrs = {x.name: helper.get_attribute_value(x) for x in b.attribute}
         node = helper.make_node("Conv", [a.input[0], base + "_W", base + "_B"], [b.output[0]], name=base, **attrs)
         return [node], {base + "_W": w.astype(dtype), base + "_B": bias.astype(dtype)}
+    if pair.kind == "matmul-matmul":
+        w = model.array(a.input[1]).astype(np.float64) @ model.array(b.input[1]).astype(np.float64)
+        node = helper.make_node("MatMul", [a.input[0], base + "_W"], [b.output[0]], name=base)
+        return [node], {base + "_W": w.astype(dtype)}
     if pair.kind == "gemm-gemm":
         ma, ca = gemm_matrix(model, a)
         mb, cb = gemm_matrix(model, b)

@@ -1,6 +1,8 @@
 """BatchNorm re-estimation: every BatchNormalization's running mean and variance are re-measured on the working model
 (the statistics the pruned network really produces; "AdaBN"-style recalibration, Li et al. 2016), in topological order
-on calibration data, one forward pass of the working model (:mod:`carve.pipeline.data.compensate`)."""
+on calibration data, one forward pass of the working model (:mod:`carve.pipeline.data.compensate`). A graph whose BN
+was folded into its convs gets the same through BNs inserted for the pass and folded back
+(:func:`carve.pipeline.training.bn_insert.recalibrate`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from carve.pipeline.data.capture import ChannelMoments
 from carve.pipeline.data.compensate import compensate
 from carve.pipeline.graph.model import Model
 from carve.pipeline.pruning.repair import Repair, RepairResult, repairs
+from carve.pipeline.training import bn_insert
 
 
 class _BNStats:
@@ -46,5 +49,10 @@ class BatchNormStatistics(Repair):
             for n in working.graph.node
             if n.op_type == "BatchNormalization" and all(working.is_const(i) for i in n.input[1:5])
         ]
+        if not any(n.op_type == "BatchNormalization" for n in working.graph.node):
+            # an eval-mode export folded its BN into the convs: re-normalise the convs instead
+            repaired, n = bn_insert.recalibrate(working, original, calib)
+            detail = f"no BatchNormalization (folded): {n} convs re-normalised to the original's channel statistics"
+            return RepairResult(repaired, [detail], counts={self.name: n})
         details = compensate(original, working, bns, _BNStats(), calib, progress=progress, stage=f"{self.name}: layer")
         return RepairResult(working, details)

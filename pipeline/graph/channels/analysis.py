@@ -35,7 +35,7 @@ from carve.pipeline.errors import UnsupportedModelError
 from carve.pipeline.graph.channels.elements import Block, Chan, Group, Kind, SliceRecord, Source, StatRecord
 from carve.pipeline.graph.channels.fixes import Fix
 from carve.pipeline.graph.channels.handlers import dispatch, q
-from carve.pipeline.graph.channels.state import ATTENTION_MODES, Analyser
+from carve.pipeline.graph.channels.state import ATTENTION_MODES, CONV_GROUP_MODES, Analyser
 from carve.pipeline.graph.model import Model, control_flow_nodes, outer_names
 
 
@@ -52,6 +52,7 @@ class ChannelAnalysis:
         self.stat_records: list[StatRecord] = a.stats
         self.contract_records = a.contracts
         self.attention = a.attention
+        self.conv_groups = a.conv_groups
         # tensors whose channels lie on one axis; blocks (channels split over several axes: attention heads) apart
         self.tensors: dict[str, Chan] = {k: v for k, v in a.chan.items() if isinstance(v, Chan)}
         self.blocks: dict[str, Block] = {k: v for k, v in a.chan.items() if isinstance(v, Block)}
@@ -241,6 +242,7 @@ class ChannelAnalysis:
             "groups": len(self.groups),
             "inexact_groups": len(inexact),
             "attention": self.attention,
+            "conv_groups": self.conv_groups,
             "frozen_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
         }
 
@@ -277,17 +279,23 @@ def fingerprint(model: Model) -> tuple:
     )
 
 
-def analyse(model: Model, *, attention: str = "heads") -> ChannelAnalysis:
+def analyse(model: Model, *, attention: str = "heads", conv_groups: str = "whole") -> ChannelAnalysis:
     """Analyse the channels of a prepared model (:func:`carve.pipeline.graph.load`).
 
     ``attention`` chooses the units of an attention: ``heads`` (whole heads: Q, K and V channels of a head and the
     output projection's rows it feeds) or ``width`` (per-head widths: a Q/K channel pair, or a V channel with its
-    output-projection row, the same number in every head)."""
+    output-projection row, the same number in every head). ``conv_groups`` chooses the units of a grouped (not
+    depthwise) conv: ``whole`` (whole groups: the ``group`` attribute shrinks) or ``width`` (one position of every
+    group: equal widths in every group)."""
     if attention not in ATTENTION_MODES:
         raise UnsupportedModelError(
             f"unknown attention mode {attention!r}", hint=f"choose one of {', '.join(ATTENTION_MODES)}"
         )
-    a = Analyser(model, attention)
+    if conv_groups not in CONV_GROUP_MODES:
+        raise UnsupportedModelError(
+            f"unknown conv_groups mode {conv_groups!r}", hint=f"choose one of {', '.join(CONV_GROUP_MODES)}"
+        )
+    a = Analyser(model, attention, conv_groups)
     for name in model.input_names:
         shp = model.shape(name)
         if shp is not None and len(shp) >= 2 and shp[1] is not None:

@@ -12,12 +12,14 @@ from carve.pipeline.graph.channels.fixes import Fix
 from carve.pipeline.graph.model import Model
 
 ATTENTION_MODES = ("heads", "width")
+CONV_GROUP_MODES = ("whole", "width")
 
 
 class Analyser:
-    def __init__(self, model: Model, attention: str = "heads") -> None:
+    def __init__(self, model: Model, attention: str = "heads", conv_groups: str = "whole") -> None:
         self.model = model
         self.attention = attention  # "heads": whole heads are units; "width": per-head widths of Q/K and V/out
+        self.conv_groups = conv_groups  # grouped convs: "whole": whole groups; "width": equal widths in every group
         self.n = 0
         self.sources: list[Source] = []
         self.chan: dict[str, Chan] = {}

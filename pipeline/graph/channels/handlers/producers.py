@@ -1,6 +1,7 @@
 """Handlers of the ops that create channels: Conv, ConvTranspose (dense, grouped, depthwise), Gemm, MatMul with a
 constant weight. Their output channels are new elements; their input side records which weight columns each input
-element owns."""
+element owns. A grouped conv is pruned by whole groups or by equal widths in every group (``conv_groups``); a
+depthwise conv's filters are members of their input channel's unit."""
 
 from __future__ import annotations
 
@@ -40,17 +41,53 @@ def _conv_operands(a: Analyser, node: onnx.NodeProto) -> _ConvOperands | None:
     return _ConvOperands(w_name, b_name, (int(w.shape[0]), int(w.shape[1])), int(attr(node, "group", 1)), xin)
 
 
-def _dense_conv(a: Analyser, node: onnx.NodeProto, w_name, b_name, xin, *, cin, cout, groups, in_axis, out_axis):
-    """Output channels are new elements (weight axis ``out_axis``); input channels cut axis ``in_axis``. A grouped,
-    non-depthwise conv freezes both sides: its groups would need equal pruning."""
-    out = node.output[0]
-    if groups > 1:
-        reason = f"grouped {q(node)} (group={groups}) would need equal pruning in every group"
+def _grouped_conv(a: Analyser, node: onnx.NodeProto, c: _ConvOperands, *, cin, cout, in_axis, out_axis) -> None:
+    """A grouped (not depthwise) Conv: input channel ``j * cin/g + p`` is position p of group j, and the weight axis
+    that indexes a group's input positions (axis 1) holds one group's worth. Two ways to keep it a grouped conv,
+    chosen by ``Analyser.conv_groups``:
+
+    * ``whole`` (default): all channels of a group (its inputs and outputs) are one unit, so whole groups go; the
+      per-group axis stays and ``group`` counts the surviving groups (:class:`GroupFix`);
+    * ``width``: position p of every group is one unit (inputs and outputs alike), so every group loses the same
+      positions; the per-group axis is cut by group 0's positions and ``group`` stays. A unit spans ``g`` channels,
+      so a channel alignment (``round_to``) that ``g`` does not divide rounds to many positions at once."""
+    g, w = c.group, a.const(c.weight)
+    xin = c.xin
+    if xin is None or len(xin) != cin:
+        why = "are not tracked" if xin is None else f"number {len(xin)}, the weight expects {cin}"
+        reason = f"the input channels of grouped {q(node)} (group={g}) {why}"
         a.freeze_inputs(node, reason)
-        ids = a.new(cout, Kind.OUT, node.name, weight=w_name, axis=out_axis, op=node.op_type)
+        ids = a.new(cout, Kind.OUT, node.name, weight=c.weight, axis=out_axis, op=node.op_type)
         a.freeze(ids, reason)
-        a.set(out, Chan(1, ids))
+        a.set(node.output[0], Chan(1, ids))
         return
+    x = xin.ids.reshape(g, cin // g)
+    ids = a.new(cout, Kind.OUT, node.name, weight=c.weight, axis=out_axis, op=node.op_type)
+    y = ids.reshape(g, cout // g)
+    if a.conv_groups == "width":
+        a.union(np.tile(x[0], g - 1), x[1:])
+        a.union(np.tile(y[0], g - 1), y[1:])
+        a.span(x, g)
+        a.span(y, g)
+    else:
+        a.union(np.repeat(x[:, :1], x.shape[1], axis=1), x)
+        a.union(np.repeat(x[:, :1], y.shape[1], axis=1), y)
+        a.span(x, x.shape[1])
+        a.span(y, y.shape[1])
+        a.fixes.append(GroupFix(node.name, x[:, 0]))
+    for axis, full, per_group in ((in_axis, x, x[0]), (out_axis, y, y[0])):
+        if w.shape[axis] == full.size:
+            a.cut(c.weight, axis, full, node, "in" if axis == in_axis else "out")
+        elif a.conv_groups == "width":  # whole groups keep every position: that axis is not cut
+            a.cut(c.weight, axis, per_group, node, "in" if axis == in_axis else "out")
+    if c.bias:
+        a.cut(c.bias, 0, ids, node, "out")
+    a.set(node.output[0], Chan(1, ids))
+
+
+def _dense_conv(a: Analyser, node: onnx.NodeProto, w_name, b_name, xin, *, cin, cout, in_axis, out_axis):
+    """Output channels are new elements (weight axis ``out_axis``); input channels cut axis ``in_axis``."""
+    out = node.output[0]
     if xin is not None:
         if len(xin) != cin:
             a.freeze(xin.ids, f"{q(node)} expects {cin} input channels, the analysis sees {len(xin)}")
@@ -104,7 +141,10 @@ def _conv(a: Analyser, node: onnx.NodeProto, c: _ConvOperands) -> None:
         ids = np.repeat(ids, m)
         _depthwise(a, node, c.weight, c.bias, ids, m, rows=ids)
         return
-    _dense_conv(a, node, c.weight, c.bias, xin, cin=cin_g * g, cout=cout, groups=g, in_axis=1, out_axis=0)
+    if g > 1:
+        _grouped_conv(a, node, c, cin=cin_g * g, cout=cout, in_axis=1, out_axis=0)
+        return
+    _dense_conv(a, node, c.weight, c.bias, xin, cin=cin_g, cout=cout, in_axis=1, out_axis=0)
 
 
 @_handles_conv("ConvTranspose")
@@ -114,7 +154,12 @@ def _conv_transpose(a: Analyser, node: onnx.NodeProto, c: _ConvOperands) -> None
         # depthwise transposed conv: output channels c*m .. c*m+m-1 come from input channel c (weight is Cin x m)
         _depthwise(a, node, c.weight, c.bias, np.repeat(xin.ids, cout_g), cout_g, rows=xin.ids)
         return
-    _dense_conv(a, node, c.weight, c.bias, xin, cin=cin, cout=cout_g * g, groups=g, in_axis=0, out_axis=1)
+    if g > 1:  # its weight holds one group's outputs (Cin x Cout/g): one filter per output channel is not a slice
+        reason = f"grouped {q(node)} (group={g}): carve prunes grouped Conv, not grouped ConvTranspose"
+        a.freeze_inputs(node, reason)
+        a.opaque(node.output[0], node.name, reason)
+        return
+    _dense_conv(a, node, c.weight, c.bias, xin, cin=cin, cout=cout_g, in_axis=0, out_axis=1)
 
 
 @handles("Gemm")
