@@ -66,7 +66,8 @@ def export(
     from carve.pipeline.graph import check_output_path, save
     from carve.pipeline.version import __version__
 
-    path = check_output_path(path)
+    # the weights file is an input (issue 21): `--weights w.th -o w.th` must not overwrite it
+    path = check_output_path(path, weights if weights not in ("auto", "random") else None)
     spec = get_spec(name)
     shape = spec.input(input_size)
     torch.manual_seed(0)

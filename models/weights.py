@@ -26,9 +26,14 @@ def shared_checkpoint(spec: ModelSpec) -> Path | None:
 def load_state(model: nn.Module, path: Path) -> None:
     """Load a checkpoint (a state dict, or {"state_dict": ...}; keys may carry a ``module.`` prefix), strictly."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        # data only: a .th/.pt file is user-supplied bytes, and a pickle can run code as it loads (issue 21)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CarveError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CarveError(
+            f"{path}: not a readable PyTorch checkpoint, or not data only ({first[:160]})",
+            hint="carve reads weights with torch.load(weights_only=True); save a plain state_dict (tensors only)",
+        ) from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise CarveError(f"{path}: no state dict inside")

@@ -79,9 +79,11 @@ def check_written(path: Path) -> None:
             raise BrokenPromise(f"{path.name}: outputs NaN/Inf on random inputs")
 
 
-def check(args: list[str], folder: Path, output: Path | None) -> Outcome:
-    """Run ``carve ARGS`` and hold it to the promises (see the module docstring)."""
+def check(args: list[str], folder: Path, output: Path | None, *, state: Path | None = None) -> Outcome:
+    """Run ``carve ARGS`` and hold it to the promises (see the module docstring). ``state`` is a file the command
+    both reads and owns (``--resume``'s checkpoint): it may change or go only when the command succeeds."""
     before = {p.name: digest(p) for p in folder.iterdir() if p.is_file() and p != output}
+    old = digest(output) if output is not None and output.exists() else None  # an old output: kept, or replaced
     rc, out, err = invoke(args)
     where = f"carve {' '.join(args)}"
     if rc not in (0, 1, 2):
@@ -89,15 +91,22 @@ def check(args: list[str], folder: Path, output: Path | None) -> Outcome:
     if "Traceback" in err or "internal error" in err:
         raise BrokenPromise(f"{where}: {err}")
     after = {p.name: digest(p) for p in folder.iterdir() if p.is_file() and p.name in before}
+    if state is not None and rc == 0:
+        before.pop(state.name, None)
+        after.pop(state.name, None)
     if after != before:
         changed = sorted(k for k in before if after.get(k) != before[k])
         raise BrokenPromise(f"{where}: changed its inputs {changed}")
     leftovers = [p.name for p in folder.iterdir() if p.name.startswith(".carve-")]
     if leftovers:
         raise BrokenPromise(f"{where}: left staging files {leftovers}")
+    if args[0] == "gate" and rc in (0, 1):  # the gate's verdict (pass, or a regression: exit 1), printed as a table
+        return Outcome("unchanged" if rc == 0 else "verdict", rc, args)
     if rc:
         lines = [ln for ln in err.strip().splitlines() if ln.strip() and ": warning:" not in ln]
-        errors = [k for k, ln in enumerate(lines) if ": error:" in ln]
+        # the gate's unusable input (exit 2) is its own one-line form: `carve gate: unusable input: ...`
+        mark = ": unusable input:" if args[0] == "gate" else ": error:"
+        errors = [k for k, ln in enumerate(lines) if mark in ln]
         if len(errors) != 1:
             raise BrokenPromise(f"{where}: exit {rc} without exactly one error line:\n{err}")
         head, tail = lines[: errors[0]], lines[errors[0] + 1 :]
@@ -105,9 +114,9 @@ def check(args: list[str], folder: Path, output: Path | None) -> Outcome:
         if (head and not usage) or any(not ln.startswith("  hint:") for ln in tail):
             raise BrokenPromise(f"{where}: exit {rc} with more than one line of error:\n{err}")
         message = lines[errors[0]]
-        if output is not None and output.exists():
-            raise BrokenPromise(f"{where}: exit {rc} but wrote {output.name}")
-        return Outcome("usage error" if rc == 2 else "user error", rc, args, message.split(": error: ", 1)[-1])
+        if output is not None and output.exists() and (old is None or digest(output) != old):
+            raise BrokenPromise(f"{where}: exit {rc} but wrote {output.name} (not the old file)")
+        return Outcome("usage error" if rc == 2 else "user error", rc, args, message.split(f"{mark} ", 1)[-1])
     if output is None:
         return Outcome("unchanged", rc, args)
     if not output.exists():

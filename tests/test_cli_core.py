@@ -101,14 +101,15 @@ def bad_inputs(tmp_path: Path, good: Path) -> dict[str, tuple[list[str], str]]:
     from carve.pipeline.graph import load
 
     save(load(good), ext_dir / "ext.onnx", external_data=True)
-    (ext_dir / "ext.onnx.data").unlink()
+    for f in ext_dir.glob("ext.onnx.*.data"):
+        f.unlink()
     cf = control_flow_model(tmp_path / "cf.onnx")
     out = str(tmp_path / "result.onnx")
     return {
         "truncated": (["prune", str(trunc), "-o", out], "truncated.onnx"),
         "not onnx": (["prune", str(text), "-o", out], "notes.onnx"),
         "control flow": (["prune", str(cf), "-o", out], "If 'branchy' is control flow"),
-        "missing external data": (["prune", str(ext_dir / "ext.onnx"), "-o", out], "ext.onnx.data"),
+        "missing external data": (["prune", str(ext_dir / "ext.onnx"), "-o", out], "ext.onnx."),
         "unwritable output": (["prune", str(good), "-o", "/proc/carve/out.onnx"], "does not exist"),
         "output dir missing": (["prune", str(good), "-o", str(tmp_path / "no" / "x.onnx")], "does not exist"),
         "output is input": (["prune", str(good), "-o", str(good)], "never overwrites its input"),

@@ -242,8 +242,22 @@ def test_bench_with_too_few_rounds_for_the_gate_is_refused_by_the_gate(lenet, tm
         ["bench", "M", "M", "--min-round-ms", "-1"],
         ["bench", "M", "M", "--warmup-ms", "-5"],
         ["prune", "M", "-o", "O", "--mean", "nan"],
+        ["prune", "M", "-o", "O", "--target-latency", "1e400ms"],
+        ["profile", "M", "--min-round-ms", "-1"],
+        ["profile", "M", "--min-round-ms", "nan"],
     ],
-    ids=["ridge", "fuse-gate", "ratio+target-macs", "ratio+target-params", "min-round-ms", "warmup-ms", "mean"],
+    ids=[
+        "ridge",
+        "fuse-gate",
+        "ratio+target-macs",
+        "ratio+target-params",
+        "min-round-ms",
+        "warmup-ms",
+        "mean",
+        "1e400ms",
+        "profile-min-round-ms",
+        "profile-min-round-ms-nan",
+    ],
 )
 def test_nonsense_numbers_are_usage_errors(lenet, tmp_path, args, capsys):
     args = [str(lenet) if a == "M" else str(tmp_path / "o.onnx") if a == "O" else a for a in args]
@@ -398,3 +412,42 @@ def test_finetune_never_writes_over_its_teacher_or_data(lenet, tmp_path, capsys)
         rc, _, err = run(["finetune", str(lenet), "-o", str(out), "--data", str(data), "--teacher", str(lenet)], capsys)
         assert rc == 1 and "never overwrites its input" in one_error(err, rc)
     assert (data.read_bytes(), lenet.read_bytes()) == before
+
+
+# -- issue 21, class 5: the quick A/B's word agrees with its numbers --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("a_ms", "b_ms", "lo", "hi", "word"),
+    [
+        (276.058, 277.707, 0.99, 1.18, "no measurable change"),  # the issue's case: it printed "1.10x faster"
+        (10.0, 8.0, 1.1, 1.4, "faster"),
+        (10.0, 12.0, 0.7, 0.9, "slower"),
+        (10.0, 10.5, 1.02, 1.2, "no measurable change (the medians and the per-round ratios disagree)"),
+        (10.0, 9.5, 0.8, 0.95, "no measurable change (the medians and the per-round ratios disagree)"),
+        (10.0, 9.0, 0.95, 1.3, "no measurable change"),
+    ],
+)
+def test_the_ab_verdict_agrees_with_the_numbers_it_prints(a_ms, b_ms, lo, hi, word):
+    from carve.pipeline.cli.prune import ab_verdict
+
+    assert ab_verdict(a_ms, b_ms, lo, hi) == word
+
+
+@pytest.mark.parametrize(
+    ("passes", "needle"),
+    [
+        ("[{prune: {criterion: bogus}}]", "unknown criterion 'bogus'"),
+        ("[{prune: {criterion_options: {bogus: 1}}}]", "has no option 'bogus'"),
+        ("[{finetune: {epochs: .nan}}]", "finite"),
+        ("[{prune: {repairs: [glue]}}]", "glue"),
+        ("[nosuch]", "unknown pass"),
+    ],
+)
+def test_run_validates_every_pass_before_creating_folders(lenet, tmp_path, capsys, passes, needle):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {lenet}\noutput: sub/dir/o.onnx\npasses: {passes}\n")
+    rc, _, err = run(["run", str(recipe)], capsys)
+    line = one_error(err, rc)
+    assert rc == 1 and needle in line and str(recipe) in line
+    assert not (tmp_path / "sub").exists()

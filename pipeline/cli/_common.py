@@ -53,6 +53,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0 (``profile --min-round-ms``: a round of no time measures nothing)."""
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be above 0: {text!r}")
+    return value
+
+
 def input_shape(text: str) -> tuple[int, ...]:
     """``3x224x224`` (channels x height x width; the batch stays as the model declares it) or ``1x3x224x224``."""
     try:
@@ -80,6 +88,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0: {text!r}")
     return value
 
 
@@ -146,14 +164,17 @@ def require(condition: bool, message: str, hint: str | None = None) -> None:
 
 def key_values(text: str) -> dict:
     """``key=value`` -> {key: value}, the value read as a YAML scalar (numbers, booleans, strings)."""
-    import yaml
-
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    from carve.pipeline.config import load_yaml
+    from carve.pipeline.errors import CarveError
+
     key, value = text.split("=", 1)
     try:
-        return {key.strip(): yaml.safe_load(value)}
-    except yaml.YAMLError:
+        return {key.strip(): load_yaml(value, f"`{key.strip()}`")}
+    except CarveError as exc:
+        if "YAML" in exc.message and "not valid YAML" not in exc.message:
+            raise argparse.ArgumentTypeError(exc.message) from None
         return {key.strip(): value}
 
 

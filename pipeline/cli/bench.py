@@ -103,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
     from carve.pipeline.measure.report import render_agreement, render_results
 
     if args.output:
-        check_output_path(args.output, args.a, args.b, args.data)
+        from carve.pipeline.data.shared import data_input
+
+        check_output_path(args.output, args.a, args.b, data_input(args.data))
     get(args.backend).require()
     cfg = from_args(MeasureConfig, args)
     con = console(args.quiet or args.json)

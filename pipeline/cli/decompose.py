@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
     from carve.pipeline.passes import build, passes
 
     p = build("decompose", **options_for(passes.get("decompose"), args))
-    check_output_path(args.output, args.model, args.calib)
+    from carve.pipeline.data.shared import data_input
+
+    check_output_path(args.output, args.model, data_input(args.calib))
     model = load(args.model, input_shape=args.input_shape)
     calib = load_calib(args, model, required="--error" if args.error is not None else False)
     return run_pass(args, [p], model=model, calib=calib)

@@ -29,7 +29,9 @@ def run(args: argparse.Namespace) -> int:
     from carve.pipeline.measure.evaluate import evaluate
 
     if args.output:
-        check_output_path(args.output, args.model, args.reference, args.data)
+        from carve.pipeline.data.shared import data_input
+
+        check_output_path(args.output, args.model, args.reference, data_input(args.data))
     model = load(args.model)
     reference = load(args.reference) if args.reference else None
     data = load_data(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from carve.pipeline.cli._common import positive_int
+from carve.pipeline.cli._common import non_negative_int, positive_float, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,9 +20,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="engine precision (default fp32)")
     p.add_argument("--step", type=positive_int, default=8, help="candidate widths: multiples of N near the top (8)")
     p.add_argument("--rounds", type=positive_int, default=7, help="interleaved rounds per measurement (default 7)")
-    p.add_argument("--min-round-ms", type=float, default=5.0, help="each engine's share of a round (default 5 ms)")
     p.add_argument(
-        "--validate", type=int, default=3, metavar="N", help="whole pruned models measured to state the error (3)"
+        "--min-round-ms", type=positive_float, default=5.0, help="each engine's share of a round (default 5 ms)"
+    )
+    p.add_argument(
+        "--validate",
+        type=non_negative_int,
+        default=3,
+        metavar="N",
+        help="whole pruned models measured to state the error (3)",
     )
     p.add_argument(
         "--clock",

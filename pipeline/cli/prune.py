@@ -177,11 +177,12 @@ def run(args: argparse.Namespace) -> int:
     from carve.pipeline.cli._common import command_line, console, load_calib
     from carve.pipeline.cli._progress import show_progress
     from carve.pipeline.config import from_args
+    from carve.pipeline.data.shared import data_input
     from carve.pipeline.flows.prune import prune_file
     from carve.pipeline.graph import check_output_path, load
     from carve.pipeline.pruning.prune import PruneOptions
 
-    check_output_path(args.output, args.model, args.calib, args.lut)
+    check_output_path(args.output, args.model, data_input(args.calib), args.lut)
     engine_defaults(args)
     args.repairs = repair_list(args)
     opts = from_args(PruneOptions, args)
@@ -289,7 +290,7 @@ def latency_lines(report) -> list[str]:
     m = lat.measured
     if m is not None:
         s, (lo, hi) = m.speedup, m.ci
-        word = "faster" if s >= 1 else "slower"
+        word = ab_verdict(m.a_ms, m.b_ms, lo, hi)
         figures = ab_text(m.a_ms, m.b_ms, s, (lo, hi), m.clock, a="original", b="pruned")
         text = (
             f"measured on {lat.engine}, interleaved: {figures}: {word}; latency ratio {m.ratio:.3f} (median of "
@@ -297,10 +298,10 @@ def latency_lines(report) -> list[str]:
         )
         if report.channels_removed == 0:
             text += " (nothing was removed: the original meets the target)"
-        elif hi < 1.0:
+        elif word == "slower":
             text = f"[red]{text}: THE PRUNED MODEL IS SLOWER THAN THE ORIGINAL[/red]"
-        elif s < 1.0:
-            text = f"[yellow]{text}: not measurably faster[/yellow]"
+        elif word != "faster":
+            text = f"[yellow]{text}[/yellow]"
         lines.append(text)
     loop = lat.loop
     if loop is not None:
@@ -318,6 +319,17 @@ def latency_lines(report) -> list[str]:
                 f"({loop.error:.0%}) after {len(loop.steps)} measurement(s)[/yellow]"
             )
     return lines
+
+
+def ab_verdict(a_ms: float, b_ms: float, lo: float, hi: float) -> str:
+    """The word for a quick A/B that agrees with every number printed beside it (issue 21): "faster" or "slower" only
+    when the interval of per-round speed-ups excludes 1 *and* the medians point the same way; "no measurable change"
+    when the interval holds 1; the medians and the rounds disagreeing is said as such."""
+    if lo <= 1.0 <= hi:
+        return "no measurable change"
+    if lo > 1.0:
+        return "faster" if b_ms < a_ms else "no measurable change (the medians and the per-round ratios disagree)"
+    return "slower" if b_ms > a_ms else "no measurable change (the medians and the per-round ratios disagree)"
 
 
 def slower_than_asked(report) -> bool:

@@ -30,10 +30,24 @@ def run(args: argparse.Namespace) -> int:
 
         raise CarveError("a sweep's results.json is rendered on its own", hint="give one results.json per call")
     doc = docs[0] if len(docs) == 1 else merge(docs)
-    md = to_markdown(doc, title=args.title)
-    if args.plots:
-        written = plots(doc, args.plots)
-        md += "\n" + "\n".join(f"![{p.stem}]({p})" for p in written) + "\n"
+    where = args.reports[0] if len(args.reports) == 1 else "the reports"
+    if doc.get("kind") == "carve.sweep":
+        from carve.pipeline.measure.sweep_report import check_sweep_doc
+
+        check_sweep_doc(doc, where)
+    try:
+        md = to_markdown(doc, title=args.title)
+        if args.plots:
+            written = plots(doc, args.plots)
+            md += "\n" + "\n".join(f"![{p.stem}]({p})" for p in written) + "\n"
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        # a hand-edited or truncated report: a field missing or of the wrong type, named (issue 21)
+        from carve.pipeline.errors import CarveError, first_line
+
+        what = f"field {exc.args[0]!r} missing" if isinstance(exc, KeyError) else first_line(exc)
+        raise CarveError(
+            f"{where}: a malformed report ({what})", hint="render the file carve wrote, unedited"
+        ) from None
     if args.output:
         with atomic_write(args.output, inputs=args.reports) as f:
             f.write(md)

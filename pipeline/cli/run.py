@@ -40,10 +40,18 @@ def run(args: argparse.Namespace) -> int:
     from carve.pipeline.cli._common import command_line, console
     from carve.pipeline.cli._progress import show_progress
     from carve.pipeline.errors import CarveError
-    from carve.pipeline.flows.recipe import bench_recipe, check_thresholds, load_recipe, resume_dir, run_recipe
+    from carve.pipeline.flows.recipe import (
+        bench_recipe,
+        check_recipe,
+        check_thresholds,
+        load_recipe,
+        resume_dir,
+        run_recipe,
+    )
     from carve.pipeline.graph import atomic_write, check_output_path, save
 
     recipe = load_recipe(args.recipe)
+    check_recipe(recipe)  # every pass validated before any folder is created (issue 21)
     if args.out_dir:  # outputs only under --out-dir
         recipe.output = Path(args.out_dir) / recipe.output.name
         recipe.report = Path(args.out_dir) / recipe.report.name if recipe.report else None

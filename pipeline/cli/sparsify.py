@@ -39,11 +39,12 @@ def run(args: argparse.Namespace) -> int:
 
     from carve.pipeline.cli._common import command_line, console, load_calib
     from carve.pipeline.config import options_for
+    from carve.pipeline.data.shared import data_input
     from carve.pipeline.flows.passes import run_passes
     from carve.pipeline.graph import check_output_path, load
     from carve.pipeline.passes import build, passes
 
-    check_output_path(args.output, args.model, args.calib)
+    check_output_path(args.output, args.model, data_input(args.calib))
     model = load(args.model)
     data = load_calib(args, model, required="--criterion cep" if args.criterion == "cep" else False)
     p = build("sparsify", **options_for(passes.get("sparsify"), args))

@@ -250,7 +250,11 @@ def load_data(
         elif path.suffix == ".npz":
             ds = _load_npz(path, pre)
         elif path.suffix == ".npy":
-            ds = Dataset(_np_load(path), None, str(path), pre)
+            images = _np_load(path)
+            if not isinstance(images, np.ndarray):
+                raise CarveError(f"{path}: not a single .npy array")
+            _check_arrays(images, None, path)
+            ds = Dataset(images, None, str(path), pre)
         else:
             raise CarveError(f"{path}: unknown data format {path.suffix!r}", hint="use .npz, .npy or a folder")
     if len(ds) == 0:
@@ -275,6 +279,14 @@ def _check_values(ds: Dataset, where: str) -> None:
         raise CarveError(
             f"{where}: {bad} image(s) hold NaN or Inf values", hint="clean the data (carve never feeds them)"
         )
+    if ds.images.dtype.itemsize > 4 and np.issubdtype(ds.images.dtype, np.floating):
+        # models compute in float32: a float64 pixel beyond its range becomes Inf on the way in
+        big = float(np.abs(ds.images).max(initial=0.0))
+        if big > float(np.finfo(np.float32).max):
+            raise CarveError(
+                f"{where}: pixel values up to {big:.3g} overflow float32 (the models' precision)",
+                hint="scale the images to 0..255 or 0..1 before saving them",
+            )
 
 
 def _check_fit(ds: Dataset, pre: Preprocess, where: str, *, builtin: bool) -> None:
@@ -291,25 +303,68 @@ def _check_fit(ds: Dataset, pre: Preprocess, where: str, *, builtin: bool) -> No
 
 
 def _np_load(path: Path):
+    """A numpy file read as data only: pickled objects (which can run code as they load) are refused (issue 21)."""
     try:
         return np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise CarveError(f"{path}: not a readable numpy file ({exc})") from None
+        raise CarveError(f"{path}: not a readable numpy file, or not data only ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
+
+
+def _npz_array(z, key: str, path: Path) -> np.ndarray:
+    """One array of an .npz, read as data only (the archive is lazy: an object array fails here, not at open)."""
+    try:
+        return z[key]
+    except Exception as exc:
+        raise CarveError(f"{path}: array {key!r} is not readable as data only ({_first_line(exc)})") from None
+
+
+def _check_arrays(images: np.ndarray, labels: np.ndarray | None, path: Path) -> np.ndarray | None:
+    """The schema of a data file, at the door: numeric N x H x W (x C) images with a non-empty picture, and
+    integer labels, one per image. Returns the labels as int64."""
+    kind = images.dtype.kind
+    if kind not in "biuf":
+        raise CarveError(f"{path}: images must be numbers (uint8 or float), not {images.dtype}")
+    if images.ndim not in (3, 4):
+        raise CarveError(
+            f"{path}: images must be N x H x W (grey), N x H x W x C or N x C x H x W; got shape {images.shape}",
+            hint="a single image is an array of shape 1 x H x W (x C)",
+        )
+    if 0 in images.shape[1:]:
+        raise CarveError(f"{path}: images of shape {images.shape[1:]} hold no pixels")
+    if labels is None:
+        return None
+    if labels.dtype.kind not in "biuf":
+        raise CarveError(
+            f"{path}: labels must be class numbers (integers), not {labels.dtype}",
+            hint="map class names to 0, 1, 2, ... before saving",
+        )
+    if labels.dtype.kind == "f" and not (np.isfinite(labels).all() and (labels == np.round(labels)).all()):
+        raise CarveError(f"{path}: labels must be whole class numbers; found fractions, NaN or Inf")
+    return labels.astype(np.int64).reshape(-1)
 
 
 def _load_npz(path: Path, pre: Preprocess) -> Dataset:
     z = _np_load(path)
+    if not hasattr(z, "files"):
+        raise CarveError(f"{path}: not an .npz archive (a single array saved under an .npz name?)")
     keys = set(z.files)
     img_key = next((k for k in ("images", "x", "data", "inputs") if k in keys), None)
     if img_key is None:
         raise CarveError(f"{path}: no image array (expected a key named images, x or data; found {sorted(keys)})")
     lab_key = next((k for k in ("labels", "y", "targets") if k in keys), None)
-    images = z[img_key]
+    images = _npz_array(z, img_key, path)
     if "boxes" in keys:  # a detection set: ground-truth boxes instead of class labels
         from carve.pipeline.data.detection import check_boxes
 
-        return Dataset(images, None, str(path), pre, boxes=check_boxes(z["boxes"], len(images), str(path)))
-    labels = z[lab_key].astype(np.int64).reshape(-1) if lab_key else None
+        _check_arrays(images, None, path)
+        boxes = check_boxes(_npz_array(z, "boxes", path), len(images), str(path))
+        return Dataset(images, None, str(path), pre, boxes=boxes)
+    labels = _check_arrays(images, _npz_array(z, lab_key, path) if lab_key else None, path)
     if labels is not None and len(labels) != len(images):
         raise CarveError(f"{path}: {len(images)} images but {len(labels)} labels")
     return Dataset(images, labels, str(path), pre)

@@ -37,3 +37,11 @@ def missing_reason(*parts: str) -> str:
     if where is None:
         return f"shared data not found (set ${ENV} or put it at ../shared beside the checkout); needs {rel}"
     return f"{where / rel} is missing"
+
+
+def data_input(source: str | os.PathLike | None) -> str | os.PathLike | None:
+    """A data source as the file it reads, for the output-overlap check: ``shared:PATH`` resolved under
+    ``$CARVE_SHARED`` (None when absent), anything else as given."""
+    if isinstance(source, str) and source.startswith("shared:"):
+        return shared_file(*[p for p in source[len("shared:") :].split("/") if p])
+    return source

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 
 from carve.pipeline.data.datasets import Dataset, Preprocess, load_data
+from carve.pipeline.data.shared import data_input
 from carve.pipeline.graph.io import check_output_path, load, save
-from carve.pipeline.measure.evaluate import evaluate
+from carve.pipeline.measure.evaluate import evaluate, same_input
 from carve.pipeline.progress import Progress
 from carve.pipeline.training.finetune import FinetuneOptions, FinetuneResult, finetune
 
@@ -42,11 +43,15 @@ def finetune_file(
     """Fine-tune the model at ``student_path`` and save it to ``output``; returns the result and the final accuracy of
     student and teacher in ONNX Runtime on ``eval_data``, or without it the student's agreement with the teacher (the
     starting model when there is none) on images of ``data`` held back from training (:func:`hold_back`)."""
-    check_output_path(output, student_path, teacher_path, data if Path(data).exists() else None)
+    # every file the command reads is an input: the student, the teacher, the training and the evaluation data
+    inputs = [student_path, teacher_path, data_input(data), data_input(eval_data)]
+    check_output_path(output, *inputs)
     ckpt = checkpoint_path(output)
-    check_output_path(ckpt, student_path, teacher_path)
+    check_output_path(ckpt, *inputs)
     student = load(student_path)
     teacher = load(teacher_path) if teacher_path else None
+    if teacher is not None:
+        same_input(student, teacher, purpose="distillation")  # distillation compares outputs on the same images
     pre = preprocess or Preprocess.for_model(student)
     train = load_data(data, model=student, preprocess=pre, samples=samples, seed=opts.seed)
     held = None

@@ -35,9 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from carve.pipeline.config import bounds, from_mapping
+from carve.pipeline.config import bounds, from_mapping, load_yaml
 from carve.pipeline.data.datasets import Preprocess, load_data
 from carve.pipeline.errors import CarveError
 from carve.pipeline.graph import check_output_path, load, save
@@ -129,6 +127,10 @@ class Recipe:
             files.append(self.model_path())
         for key in ("calib", "eval", "train"):
             src = self.data_source(key)
+            if isinstance(src, str) and src.startswith("shared:"):  # a file under $CARVE_SHARED is an input too
+                from carve.pipeline.data.shared import shared_file
+
+                src = shared_file(*[p for p in src[len("shared:") :].split("/") if p])
             if isinstance(src, Path):
                 files.append(src)
         return files
@@ -148,9 +150,10 @@ def read_mapping(path: Path, kind: str, keys: str) -> dict[str, Any]:
     if not path.is_file():
         raise CarveError(f"{path}: no such {kind} file")
     try:
-        doc = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        text = path.read_text()
+    except UnicodeDecodeError as exc:
         raise CarveError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    doc = load_yaml(text, str(path))  # bounded: sizes, depth and alias expansion (issue 21)
     if not isinstance(doc, dict):
         raise CarveError(f"{path}: a {kind} is a mapping with {keys}")
     return doc
@@ -197,6 +200,29 @@ def load_recipe(path: str | Path) -> Recipe:
     if r.bench is not None:
         bench_config(r)  # refused now, before any work, not after the passes ran
     return r
+
+
+def check_pass(name: str, opts: dict[str, Any], *, has_calib: bool) -> None:
+    """Everything about one pass that can be checked before any work (issue 21): its options, and for ``prune`` the
+    criterion and its options, the allocator for the target, the repairs. Raises the pass's CarveError."""
+    built = build(name, **opts)
+    if name == "prune":
+        from carve.pipeline.pruning.criterion import criteria
+
+        o = built.opts
+        o.check(object() if has_calib else None)
+        criteria.get(o.criterion)(**o.criterion_options)
+        for step in o.repair_steps():
+            step.build()
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Validate every pass of a recipe before anything is created, each error naming the recipe file."""
+    for k, (name, opts) in enumerate(recipe.passes):
+        try:
+            check_pass(name, opts, has_calib=recipe.data.get("calib") is not None)
+        except CarveError as exc:
+            raise CarveError(f"{recipe.path}: passes[{k}] ({name}): {exc.message}", hint=exc.hint) from None
 
 
 def resolve_model(recipe: Recipe, workdir: Path):

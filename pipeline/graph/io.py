@@ -6,14 +6,18 @@ onnx's version) and prepares it for analysis (:func:`carve.pipeline.graph.canoni
 atomically (a private staging folder next to the target, then a rename), keeps external data external, and refuses an
 output that is, or whose external-data file would be, any file an input reads: the input model and every file its
 external data really lives in (the ``location`` of each tensor, not a guessed ``<name>.data``), through ``..``, symlinks
-and hard links alike. :func:`atomic_write` does the same for reports. How a file is written safely (staging that a
-SIGKILL cannot leave behind for long, fsync, the umask's mode) is :mod:`carve.pipeline.files`.
+and hard links alike. External data is written under a name unique to its content (``<out>.<sha256[:16]>.data``),
+renamed into place before the model that references it, and the old pair's data file removed after, so a SIGKILL at
+any instant leaves the old pair or the new pair, whole (issue 21). :func:`atomic_write` does the same for reports. How
+a file is written safely (staging that a SIGKILL cannot leave behind for long, fsync, the umask's mode) is
+:mod:`carve.pipeline.files`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -22,7 +26,7 @@ import onnx
 
 from carve.pipeline.errors import CarveError, first_line
 from carve.pipeline.files import atomic_write as atomic_file
-from carve.pipeline.files import check_writable, publish, same_file, staging_dir
+from carve.pipeline.files import check_writable, content_hash, fsync_dir, publish, same_file, staging_dir
 from carve.pipeline.graph.canonical import prepare
 from carve.pipeline.graph.compact import compact
 from carve.pipeline.graph.model import Model, attr, itemsize, tensor_nbytes
@@ -326,8 +330,9 @@ def save(
     if external_data is None:
         had_external = isinstance(model, Model) and model.external_data
         external_data = had_external or sum(tensor_nbytes(t) for t in proto.graph.initializer) > 1_800_000_000
+    keep = {f for inp in (source, *check_inputs) if inp is not None for f in files_read(inp)}
     try:
-        _write_model(proto, out, external_data)
+        _write_model(proto, out, external_data, keep)
     except OSError as exc:
         raise CarveError(
             f"{out}: could not write the model ({exc.strerror or exc})",
@@ -336,14 +341,37 @@ def save(
     return out
 
 
-def _write_model(proto: onnx.ModelProto, out: Path, external_data: bool) -> None:
+def _old_data_files(out: Path) -> list[Path]:
+    """The external-data files of the model now at ``out`` that are carve's own for that name (``<out>.data`` or
+    ``<out>.<hash>.data``): what replacing the model makes unreferenced. Anything else it reads is left alone."""
+    if not out.is_file():
+        return []
+    own = re.compile(rf"^{re.escape(out.name)}(\.[0-9a-f]{{16}})?\.data$")
+    parent = out.resolve().parent
+    return [f for f in files_read(out)[1:] if f.parent == parent and own.match(f.name)]
+
+
+def _point_at(model_file: Path, location: str) -> None:
+    """Rewrite the ``location`` of every external tensor of the model file (its data stays where it is)."""
+    proto = onnx.load(str(model_file), load_external_data=False)
+    for t in _tensors(proto.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = location
+    model_file.write_bytes(proto.SerializeToString())
+
+
+def _write_model(proto: onnx.ModelProto, out: Path, external_data: bool, keep: set[Path] = frozenset()) -> None:
     # Everything is written into a private staging folder next to the target, then renamed into place, so a
     # failure leaves neither a partial model nor a partial data file behind; a kill leaves the staging folder, which
-    # the next write into this folder removes (carve.pipeline.files).
+    # the next write into this folder removes (carve.pipeline.files). A model with external data is a pair: its data
+    # goes under a name unique to the content, published first (no file the old model reads changes), then the model
+    # (one rename switches old pair to new), then the old data is removed: a kill at any instant leaves a whole pair.
     parent = out.resolve().parent
     with staging_dir(parent) as tmpdir:
         tmp_model = tmpdir / out.name
-        data_name = f"{out.name}.data"
+        staged_data = tmpdir / f"{out.name}.data"
         if external_data:
             copy = onnx.ModelProto()
             copy.CopyFrom(proto)  # save_as_external_data rewrites the proto it is given
@@ -352,14 +380,23 @@ def _write_model(proto: onnx.ModelProto, out: Path, external_data: bool) -> None
                 str(tmp_model),
                 save_as_external_data=True,
                 all_tensors_to_one_file=True,
-                location=data_name,
+                location=staged_data.name,
                 size_threshold=1024,
             )
-            if (tmpdir / data_name).exists():
-                publish(tmpdir / data_name, parent / data_name)
         else:
             tmp_model.write_bytes(proto.SerializeToString())
+        old = _old_data_files(out)
+        data_name = None
+        if external_data and staged_data.exists():
+            data_name = f"{out.name}.{content_hash(staged_data)}.data"
+            _point_at(tmp_model, data_name)
+            publish(staged_data, parent / data_name)
         publish(tmp_model, out)
+        fsync_dir(parent)
+        for f in old:
+            if f.name != data_name and f not in keep:
+                with contextlib.suppress(OSError):
+                    f.unlink()
 
 
 @contextlib.contextmanager

@@ -34,8 +34,9 @@ def agreement(reference: np.ndarray, logits: np.ndarray) -> dict[str, float]:
     return {"top1_agreement": float((reference.argmax(1) == logits.argmax(1)).mean()), "kl_mean": float(kl.mean())}
 
 
-def same_input(model: Model, reference: Model) -> None:
-    """Agreement compares outputs on the same inputs: the two models must take the same input (batch aside)."""
+def same_input(model: Model, reference: Model, *, purpose: str = "agreement") -> None:
+    """Agreement (and distillation) compares outputs on the same inputs: the two models must take the same input
+    (batch aside)."""
 
     def dims(m: Model) -> list[tuple]:
         return [tuple(s[1:]) for s, _ in concrete_input_shapes(m.proto, 1).values()]
@@ -45,7 +46,7 @@ def same_input(model: Model, reference: Model) -> None:
         show = lambda d: ", ".join("x".join(map(str, s)) for s in d)  # noqa: E731
         raise CarveError(
             f"{reference.source or 'the reference'}: takes input {show(b)}, but {model.source or 'the model'} takes "
-            f"{show(a)}; agreement needs two models with the same input",
+            f"{show(a)}; {purpose} needs two models with the same input",
             hint="compare a model with its own pruned / decomposed version",
         )
 

@@ -69,10 +69,11 @@ def _label(r: dict) -> str:
 def _speedup(r: dict, what: str) -> tuple[float, float, float]:
     """(median, low, high) of a result's speed-up, refused unless finite, positive, ordered and from enough rounds."""
     s = r.get("speedup")
-    try:
-        med, lo, hi = float(s["median"]), float(s["ci_low"]), float(s["ci_high"])
-    except (KeyError, TypeError, ValueError):
-        raise CarveError(f"{what}: result {_label(r)} has no usable speed-up (median, ci_low, ci_high)") from None
+    values = [s.get(k) for k in ("median", "ci_low", "ci_high")] if isinstance(s, dict) else []
+    if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        # a number, not a boolean or a string that float() would take ("true" is not a speed-up)
+        raise CarveError(f"{what}: result {_label(r)} has no usable speed-up (median, ci_low, ci_high as numbers)")
+    med, lo, hi = (float(v) for v in values)
     if not all(math.isfinite(v) and v > 0 for v in (med, lo, hi)):
         raise CarveError(f"{what}: result {_label(r)}: speed-up {med} ({lo}-{hi}) is not a finite positive number")
     if not lo <= med <= hi:
@@ -100,6 +101,14 @@ def _results(report: dict, what: str) -> list[dict]:
         raise CarveError(f"{what}: the report has no latency results to judge (is it a `carve bench` report?)")
     if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
         raise CarveError(f"{what}: `results` must be a list of measured configurations")
+    for i, r in enumerate(results):  # the configuration that labels a result: plain values (issue 21)
+        for k in ("backend", "device", "precision"):
+            if r.get(k) is not None and not isinstance(r[k], str):
+                raise CarveError(f"{what}: results[{i}].{k} must be a name, not {r[k]!r}")
+        for k in ("batch", "threads"):
+            v = r.get(k)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise CarveError(f"{what}: results[{i}].{k} must be a positive whole number, not {v!r}")
     return results
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 from dataclasses import asdict, dataclass, field
@@ -122,6 +123,7 @@ class LatencyTable:
             raise CarveError(f"{where}: not a carve latency table", hint="make one with `carve profile MODEL -o F`")
         if doc.get("schema") != SCHEMA:
             raise CarveError(f"{where}: latency table schema {doc.get('schema')} (this carve reads {SCHEMA})")
+        check_table(doc, where)
         groups = [GroupTable(**g) for g in doc["groups"]]
         fields = {k: doc[k] for k in ("key", "model_ms", "interactions", "error", "profile", "scale") if k in doc}
         return cls(groups=groups, **fields)
@@ -141,8 +143,11 @@ class LatencyTable:
             raise CarveError(f"{path}: no such latency table", hint="make one with `carve profile MODEL -o FILE`")
         try:
             doc = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CarveError(f"{path}: not a readable latency table ({exc})") from None
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON, or bytes that are not text (an .onnx given)
+            raise CarveError(
+                f"{path}: not a readable latency table ({str(exc).splitlines()[0][:120]})",
+                hint="make one with `carve profile MODEL -o FILE`",
+            ) from None
         return cls.from_json(doc, where=str(path))
 
     def check(self, key: dict[str, Any], *, where: str = "the latency table") -> None:
@@ -161,6 +166,106 @@ class LatencyTable:
                 hint="profile the model you prune: `carve profile MODEL -o FILE`",
             )
         return BoundTable(self, analysis)
+
+
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_num(v: Any, *, low: float = 0.0, strict: bool = False, high: float = math.inf) -> bool:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= high
+    return ok and (v > low if strict else v >= low)
+
+
+# physical bounds: a narrower layer is not a thousand times slower than at full width, a group's subgraph not a
+# thousand times the model, a model not slower than a day per inference (a table beyond them is not a measurement)
+RATIO_MAX = SHARE_MAX = 1e3
+MODEL_MS_MAX = 8.64e7
+
+
+_GROUP_FIELDS = {"group", "slices", "candidates", "ratio", "share", "nodes", "measured_as"}
+
+
+class _Bad:
+    """A schema error of one table file: one line naming the file and the field, and how to get a good table."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __call__(self, what: str) -> CarveError:
+        return CarveError(f"{self.where}: {what}", hint="make the table again with `carve profile MODEL -o FILE`")
+
+
+def check_table(doc: dict, where: str) -> None:
+    """The latency table's schema, at the door: every field present with its type and range (finite positive
+    latencies and ratios, candidates that fit their slices), or one line naming the field (issue 21)."""
+    bad = _Bad(where)
+    _check_key(doc.get("key"), bad)
+    if not _is_num(doc.get("model_ms"), strict=True, high=MODEL_MS_MAX):
+        raise bad(f"`model_ms` must be a finite latency above 0, not {doc.get('model_ms')!r}")
+    if not _is_num(doc.get("scale", 1.0), strict=True, high=SHARE_MAX):
+        raise bad(f"`scale` must be a finite number above 0, not {doc.get('scale')!r}")
+    for k in ("error", "profile"):
+        if not isinstance(doc.get(k, {}), dict):
+            raise bad(f"`{k}` must be a mapping")
+    groups = doc.get("groups")
+    if not isinstance(groups, list):
+        raise bad("`groups` must be a list")
+    for i, g in enumerate(groups):
+        _check_group(g, f"groups[{i}]", bad)
+    inter = doc.get("interactions", [])
+    if not isinstance(inter, list) or not all(_is_interaction(t) for t in inter):
+        raise bad("`interactions` must be a list of [group, group, finite share]")
+
+
+def _check_key(key: Any, bad: _Bad) -> None:
+    if not isinstance(key, dict) or not isinstance(key.get("model"), str):
+        raise bad("`key` must be a mapping naming the model's structure (`key.model`)")
+    for k in ("backend", "device", "precision"):
+        if not isinstance(key.get(k), str):
+            raise bad(f"`key.{k}` must be a string, not {key.get(k)!r}")
+    for k in ("threads", "batch"):
+        if not _is_int(key.get(k), 1):
+            raise bad(f"`key.{k}` must be a positive whole number, not {key.get(k)!r}")
+
+
+def _is_interaction(t: Any) -> bool:
+    if not (isinstance(t, list) and len(t) == 3):
+        return False
+    return _is_int(t[0]) and _is_int(t[1]) and _is_num(t[2], low=-SHARE_MAX, high=SHARE_MAX)
+
+
+def _check_group(g: Any, at: str, bad: _Bad) -> None:
+    if not isinstance(g, dict) or not {"group", "slices", "candidates", "ratio", "share"} <= set(g):
+        raise bad(f"{at} must have group, slices, candidates, ratio and share")
+    if set(g) - _GROUP_FIELDS:
+        raise bad(f"{at} has unknown field {sorted(set(g) - _GROUP_FIELDS)[0]!r}")
+    if not _is_int(g["group"]) or not (g.get("measured_as") is None or _is_int(g["measured_as"])):
+        raise bad(f"{at}.group must be a group number")
+    slices = g["slices"]
+    if not isinstance(slices, list) or not slices or not all(_is_int(n, 1) for n in slices):
+        raise bad(f"{at}.slices must be a non-empty list of positive channel counts")
+    _check_candidates(g["candidates"], slices, at, bad)
+    ratio = g["ratio"]
+    if not isinstance(ratio, list) or len(ratio) != len(g["candidates"]):
+        raise bad(f"{at}.ratio must be one latency ratio per candidate")
+    if not all(_is_num(r, strict=True, high=RATIO_MAX) for r in ratio):
+        raise bad(f"{at}.ratio must hold latency ratios in (0, {RATIO_MAX:g}]; got {ratio[:4]!r}...")
+    if not _is_num(g["share"], high=SHARE_MAX):
+        raise bad(f"{at}.share must be a finite fraction, not {g['share']!r}")
+    nodes = g.get("nodes", [])
+    if not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes):
+        raise bad(f"{at}.nodes must be a list of node names")
+
+
+def _check_candidates(cands: Any, slices: list[int], at: str, bad: _Bad) -> None:
+    if not isinstance(cands, list) or not cands:
+        raise bad(f"{at}.candidates must be a non-empty list")
+    for c in cands:
+        if not (isinstance(c, list) and len(c) == len(slices) and all(_is_int(k) for k in c)):
+            raise bad(f"{at}.candidates: {c!r} is not kept units per slice ({len(slices)} whole numbers)")
+        if any(k > n for k, n in zip(c, slices)):
+            raise bad(f"{at}.candidates: {c!r} keeps more than the slices {slices} hold")
 
 
 class BoundTable:
@@ -302,7 +407,11 @@ def cached(key: dict[str, Any]) -> LatencyTable | None:
         return None
     try:
         table = LatencyTable.from_json(json.loads(path.read_text()), where=str(path))
-    except (CarveError, OSError, json.JSONDecodeError, TypeError, KeyError):
+    except (CarveError, OSError, ValueError, TypeError, KeyError) as exc:
+        from carve.pipeline.errors import first_line, warn
+
+        msg = exc.message.removeprefix(f"{path}: ") if isinstance(exc, CarveError) else first_line(exc)
+        warn(f"{path}: a damaged cached latency table ({msg[:160]}); it is measured again")
         return None
     return table if table.key == key else None
 

@@ -4,7 +4,57 @@ drawn through them."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_sweep_doc(doc: dict, where: str) -> None:
+    """A sweep's results.json at the door: the sections and, per finished point, the fields the table and the plot
+    read, with their types; one line naming the file and the field (issue 21)."""
+    from carve.pipeline.errors import CarveError
+
+    def bad(what: str) -> CarveError:
+        return CarveError(f"{where}: {what}", hint="render the results.json `carve sweep` wrote, unedited")
+
+    s, obj, summary = doc.get("sweep"), doc.get("objective"), doc.get("summary")
+    if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not isinstance(s.get("model"), str):
+        raise bad("`sweep` must name the sweep and its model (`sweep.name`, `sweep.model`)")
+    if not isinstance(obj, dict) or obj.get("accuracy") not in ("top1", "top1_agreement"):
+        raise bad("`objective.accuracy` must be top1 or top1_agreement")
+    if not (obj.get("latency_ms_reference") is None or _num(obj["latency_ms_reference"])):
+        raise bad("`objective.latency_ms_reference` must be a number")
+    if not isinstance(summary, dict) or not all(_num(summary.get(k)) for k in ("points", "ok", "failed")):
+        raise bad("`summary` must count points, ok and failed")
+    points = doc.get("points")
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise bad("`points` must be a list of point records")
+    for i, p in enumerate(points):
+        if not isinstance(p.get("id"), str) or p.get("status") not in ("ok", "failed"):
+            raise bad(f"points[{i}] needs an `id` and a `status` (ok or failed)")
+        if p["status"] == "ok":
+            _check_done_point(p, f"points[{i}]", bad)
+
+
+def _check_done_point(p: dict, at: str, bad) -> None:
+    a, sp = p.get("point"), p.get("speedup")
+    if not isinstance(a, dict) or not all(k in a for k in ("criterion", "allocator", "target_kind", "repair")):
+        raise bad(f"{at}.point must give criterion, allocator, target_kind, target, repair, finetune_epochs")
+    if not _num(a.get("target")) or not _num(a.get("finetune_epochs")):
+        raise bad(f"{at}.point.target and finetune_epochs must be numbers")
+    if not isinstance(sp, dict) or not all(_num(sp.get(k)) for k in ("median", "ci_low", "ci_high")):
+        raise bad(f"{at}.speedup needs median, ci_low and ci_high as numbers")
+    for k in ("macs_ratio", "params_ratio", "latency_ms"):
+        if not _num(p.get(k)):
+            raise bad(f"{at}.{k} must be a number, not {p.get(k)!r}")
+    for k in ("top1", "top1_agreement", "top1_original"):
+        if not (p.get(k) is None or _num(p[k])):
+            raise bad(f"{at}.{k} must be a number or null")
+    if not isinstance(p.get("measured", ""), str):
+        raise bad(f"{at}.measured must be text")
 
 
 def _pct(x: float | None) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from carve.pipeline.training import bn_insert, losses
 from carve.pipeline.training.augment import Augment
 from carve.pipeline.training.schedule import Temperature, cosine_lr
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: keyed by the weights' content and the teacher (issue 21)
 
 
 # Per-optimiser defaults, chosen on ResNet-56 pruned to 0.5 of its MACs (L1, no repair: 15.2% top-1), 3 epochs of the
@@ -158,6 +157,18 @@ def finetune(
             f"{data.name}: has no labels and no teacher was given: nothing to learn from",
             hint="give a teacher (the original model: distillation needs no labels) or labelled data",
         )
+    _check_input_weights(student, "the model")
+    if teacher is not None:
+        _same_batch(student, teacher)
+        _check_input_weights(teacher, "the teacher")
+        from carve.pipeline.runtime.ort import check_runs
+
+        check_runs(teacher, what="the teacher")  # it runs in ONNX Runtime: a refusal is the file's, named
+    if eval_data is not None and eval_data.labels is None:
+        from carve.pipeline.errors import warn
+
+        warn(f"{eval_data.name}: has no labels, so top-1 cannot be measured on it; it is not evaluated per epoch")
+        eval_data = None
     device = _device(opts.device)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -167,9 +178,14 @@ def finetune(
     graph, inserted = _training_graph(student, data, opts, teacher) if schedule.total else (student, [])
     net = TorchGraph(graph).to(device)
     frozen = _freeze(net, graph, opts.freeze)
+    if schedule.total and not any(p.requires_grad for p in net.params.values()):
+        raise CarveError(
+            f"`freeze` {' '.join(opts.freeze)} freezes every trained weight: nothing is left to train",
+            hint="freeze fewer nodes (`carve inspect` lists the node names)",
+        )
     loss = Loss.compose(opts, student, teacher, data, _check_data(student, data, net, device), device)
     optim, params = optimizer(net, opts)
-    key = run_key(student, data, opts)
+    key = run_key(student, data, opts, teacher)
     state = _load_checkpoint(checkpoint, key, net, optim, device) if resume else TrainState()
     if eval_data is not None and eval_data.labels is None:
         eval_data = None  # per-epoch top-1 needs labels (the flow still reports agreement with the teacher at the end)
@@ -314,10 +330,22 @@ class TrainState:
     resumed_from: int | None = None
 
 
-def run_key(student: Model, data: Dataset, opts: FinetuneOptions) -> dict[str, Any]:
-    """What a checkpoint must have been made for to continue this run: the model, the data and the options."""
+def model_digest(model: Model) -> str:
+    """A digest of a model's content: its graph (nodes, initializer names and shapes) and every weight's bytes."""
+    h = hashlib.sha256(repr(fingerprint(model)).encode())
+    for t in model.graph.initializer:
+        arr = model.array(t.name)
+        h.update(f"{t.name}|{arr.dtype}|{arr.shape}".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_key(student: Model, data: Dataset, opts: FinetuneOptions, teacher: Model | None = None) -> dict[str, Any]:
+    """What a checkpoint must have been made for to continue this run: the model and the teacher (by content), the
+    data and every option that changes the result."""
     return {
-        "model": hashlib.sha256(repr(fingerprint(student)).encode()).hexdigest()[:16],
+        "model": model_digest(student),
+        "teacher": None if teacher is None else model_digest(teacher),
         "data": data_fingerprint(data),
         "options": {k: v for k, v in asdict(opts).items() if k not in ("threads", "device")},
     }
@@ -617,6 +645,34 @@ def _top1_teacher(teacher: _Teacher, data: Dataset) -> float:
     return correct / max(total, 1)
 
 
+def _same_batch(student: Model, teacher: Model) -> None:
+    """The teacher runs on the student's batches: a static batch it declares must be the student's."""
+
+    def batch(m: Model):
+        dims = m.proto.graph.input[0].type.tensor_type.shape.dim if len(m.proto.graph.input) else []
+        return dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else None
+
+    t, s = batch(teacher), batch(student)
+    if t is not None and t != s:
+        raise CarveError(
+            f"{teacher.source or 'the teacher'}: declares a static batch of {t}, but the student "
+            f"{'takes any batch' if s is None else f'has batch {s}'}; the teacher runs on the student's batches",
+            hint="export the teacher with a dynamic batch (or the student's)",
+        )
+
+
+def _check_input_weights(model: Model, what: str) -> None:
+    """NaN or Inf in a weight given to train is the input's fault, named as such (not "diverged" a step later)."""
+    for t in model.graph.initializer:
+        arr = model.array(t.name)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise CarveError(
+                f"{model.source or what}: weight {t.name!r} of {what} holds {bad} NaN/Inf value(s) before training",
+                hint="the file is damaged, or was written by a training run that blew up; export it again",
+            )
+
+
 def _check_finite(model: Model) -> None:
     for t in model.graph.initializer:
         arr = model.array(t.name)
@@ -649,21 +705,21 @@ def _agreement(net, model: Model, data: Dataset, device: str) -> dict[str, float
 def _save_checkpoint(path, key: dict, net, optim, state: TrainState) -> None:
     import torch
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(
-        {
-            "version": CHECKPOINT_VERSION,
-            "key": key,
-            "epoch": state.epoch,
-            "step": state.step,
-            "history": state.history,
-            "params": {k: v.detach().cpu() for k, v in net.params.items()},
-            "optimizer": optim.state_dict(),
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
+    from carve.pipeline.files import atomic_write
+
+    with atomic_write(path, "wb") as f:  # staged, fsynced, renamed: a kill leaves the old checkpoint or the new
+        torch.save(
+            {
+                "version": CHECKPOINT_VERSION,
+                "key": key,
+                "epoch": state.epoch,
+                "step": state.step,
+                "history": state.history,
+                "params": {k: v.detach().cpu() for k, v in net.params.items()},
+                "optimizer": optim.state_dict(),
+            },
+            f,
+        )
 
 
 def _load_checkpoint(path, key: dict, net, optim, device: str) -> TrainState:
@@ -672,19 +728,51 @@ def _load_checkpoint(path, key: dict, net, optim, device: str) -> TrainState:
     if path is None or not Path(path).is_file():
         raise CarveError(f"`resume`: no checkpoint at {path}", hint="run without `resume` to start from the beginning")
     try:
-        ck = torch.load(path, map_location=device, weights_only=False)
+        # data only: a checkpoint is user-supplied bytes, and a pickle can run code as it loads (issue 21)
+        ck = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
-        raise CarveError(f"{path}: not a readable carve checkpoint ({type(exc).__name__})") from None
-    if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION:
+        raise CarveError(
+            f"{path}: not a readable carve checkpoint ({type(exc).__name__}); carve reads checkpoints as data only",
+            hint="a checkpoint that holds code (pickled objects) is refused; start without `resume`",
+        ) from None
+    if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION or not isinstance(ck.get("key"), dict):
         raise CarveError(f"{path}: not a carve fine-tuning checkpoint (or from another carve version)")
-    for what in ("model", "data", "options"):
+    for what in ("model", "data", "options", "teacher"):
         if ck["key"].get(what) != key[what]:
             raise CarveError(
                 f"{path}: the checkpoint was made for another {what}; it cannot continue this run",
-                hint="delete it, or give the same model, data and options as the interrupted run",
+                hint="delete it, or give the same model, teacher, data and options as the interrupted run",
             )
+    _check_checkpoint(path, ck, net)
     with torch.no_grad():
         for k, v in ck["params"].items():
             net.params[k].copy_(v.to(device))
-    optim.load_state_dict(ck["optimizer"])
+    try:
+        optim.load_state_dict(ck["optimizer"])
+    except Exception as exc:
+        raise CarveError(f"{path}: the optimizer state does not fit this run ({type(exc).__name__})") from None
     return TrainState(ck["epoch"], ck["step"], list(ck["history"]), resumed_from=ck["epoch"])
+
+
+def _check_checkpoint(path, ck: dict, net) -> None:
+    """The checkpoint's schema: counters, history, and exactly the trained tensors by name, shape and dtype (a tensor
+    of another shape would broadcast into the weight instead of failing)."""
+    import torch
+
+    for k in ("epoch", "step"):
+        v = ck.get(k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise CarveError(f"{path}: `{k}` is {v!r}, not a count")
+    if not isinstance(ck.get("history"), list) or not isinstance(ck.get("optimizer"), dict):
+        raise CarveError(f"{path}: `history` or `optimizer` is missing or malformed")
+    params = ck.get("params")
+    if not isinstance(params, dict) or set(params) != set(net.params):
+        names = sorted(set(params) ^ set(net.params)) if isinstance(params, dict) else []
+        raise CarveError(f"{path}: the checkpoint's tensors are not this model's ({names[:3] or 'no tensors'})")
+    for name, v in params.items():
+        own = net.params[name]
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(own.shape) or v.dtype != own.dtype:
+            got = f"{tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise CarveError(f"{path}: tensor {name!r} is {got}, the model's is {tuple(own.shape)} {own.dtype}")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CarveError(f"{path}: tensor {name!r} holds NaN or Inf")

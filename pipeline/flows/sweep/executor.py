@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -150,8 +151,42 @@ def point_path(out_dir: Path, pid: str) -> Path:
     return out_dir / "points" / f"{pid}.json"
 
 
+def _number(v: Any, *, low: float = float("-inf"), positive: bool = False) -> bool:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= low
+    return ok and (v > 0 or not positive)
+
+
+def record_problem(rec: Any, point: Point) -> str | None:
+    """Why a stored record cannot be reused (its schema, checked at the door), or None. A hand-edited or foreign
+    record is redone, never trusted into results.json."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    if rec.get("id") != point.id:
+        return f"its id is {rec.get('id')!r}, not {point.id!r}"
+    for key in ("macs_ratio", "params_ratio", "latency_ms_measured", "latency_ms_original", "seconds"):
+        if not _number(rec.get(key), low=0, positive=key.startswith("latency")):
+            return f"`{key}` is {rec.get(key)!r}, not a finite number"
+    sp = rec.get("speedup")
+    if not isinstance(sp, dict) or not all(_number(sp.get(k), positive=True) for k in ("median", "ci_low", "ci_high")):
+        return "`speedup` needs finite positive median, ci_low and ci_high"
+    for key in ("top1", "top1_original", "top1_agreement"):
+        v = rec.get(key)
+        if v is not None and not (_number(v) and 0 <= v <= 1):
+            return f"`{key}` is {v!r}, not a fraction in [0, 1] or null"
+    if rec.get("top1") is None and rec.get("top1_agreement") is None:
+        return "neither `top1` nor `top1_agreement`"
+    if rec.get("model") != f"models/{point.id}.onnx":
+        return f"`model` is {rec.get('model')!r}, not models/{point.id}.onnx"
+    if not isinstance(rec.get("point"), dict) or not isinstance(rec.get("measured"), str):
+        return "`point` or `measured` is missing"
+    return None
+
+
 def done_records(sweep: Sweep, points: list[Point], out_dir: Path) -> dict[str, dict]:
-    """Records of points already done with the same settings (``--resume``). Failed points are run again."""
+    """Records of points already done with the same settings (``--resume``). Failed points are run again; a record
+    whose schema is broken (hand-edited) is run again with a warning."""
+    from carve.pipeline.errors import warn
+
     out: dict[str, dict] = {}
     for p in points:
         f = point_path(out_dir, p.id)
@@ -159,15 +194,34 @@ def done_records(sweep: Sweep, points: list[Point], out_dir: Path) -> dict[str, 
             continue
         try:
             rec = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue  # cannot happen with atomic writes, but a hand-edited file is redone, not trusted
-        if (
-            rec.get("status") == "ok"
-            and rec.get("config_hash") == config_hash(sweep, p)
-            and (out_dir / rec.get("model", "")).is_file()
-        ):
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            warn(f"{f}: not readable JSON; the point is run again")
+            continue
+        if not isinstance(rec, dict) or rec.get("status") != "ok" or rec.get("config_hash") != config_hash(sweep, p):
+            continue
+        problem = record_problem(rec, p)
+        if problem:
+            warn(f"{f}: {problem}; the point is run again")
+        elif (out_dir / rec["model"]).is_file():
             out[p.id] = rec
     return out
+
+
+def check_outputs(sweep: Sweep, points: list[Point], out_dir: Path) -> None:
+    """Before any work: no file the sweep writes (each point's model and record, results.json) is a file it reads
+    (the model, e.g. a previous sweep's best under the same --out-dir, its external data, the data, the sweep)."""
+    from carve.pipeline.graph.io import check_output_path
+
+    inputs = [sweep.path, None if sweep.model.startswith("zoo:") else sweep.model]
+    inputs += [v for k, v in sweep.data.items() if k in ("calib", "eval", "train") and Path(str(v)).exists()]
+    outputs = [out_dir / "results.json"]
+    for p in points:
+        outputs += [out_dir / "models" / f"{p.id}.onnx", point_path(out_dir, p.id)]
+    for out in outputs:
+        if out.parent.is_dir():  # a folder not made yet holds no input
+            check_output_path(out, *inputs)
+    (out_dir / "points").mkdir(parents=True, exist_ok=True)
+    (out_dir / "models").mkdir(parents=True, exist_ok=True)
 
 
 def run_sweep(
@@ -182,9 +236,8 @@ def run_sweep(
     """Run every point not already done, write ``points/<id>.json`` + ``models/<id>.onnx`` as each finishes and
     ``results.json`` at the end. ``on_event(kind, point, record)`` reports "skipped", "started" and "finished"."""
     out_dir = Path(out_dir)
-    (out_dir / "points").mkdir(parents=True, exist_ok=True)
-    (out_dir / "models").mkdir(parents=True, exist_ok=True)
     points = expand(sweep)
+    check_outputs(sweep, points, out_dir)
     executor = executor or LocalExecutor()
     done = done_records(sweep, points, out_dir) if resume else {}
     records: dict[str, dict] = dict(done)

@@ -45,11 +45,52 @@ def point_recipe(sweep: Sweep, point: Point, output: Path) -> Recipe:
     )
 
 
+def fingerprint(source: str) -> str:
+    """What a model or data source holds: the content hash of a file (a model with every external-data file it
+    reads); zoo models, ``digits`` and folders as written."""
+    from carve.pipeline.files import content_hash
+    from carve.pipeline.graph.io import files_read
+
+    text = str(source)
+    if text.startswith("shared:"):
+        from carve.pipeline.data.shared import shared_file
+
+        found = shared_file(*[p for p in text[len("shared:") :].split("/") if p])
+        if found is None:
+            return text
+        text = str(found)
+    path = Path(text)
+    if text.startswith(("zoo:", "digits")) or not path.is_file():
+        return text
+    return "+".join(content_hash(f) for f in files_read(path) if f.is_file())
+
+
 def config_hash(sweep: Sweep, point: Point) -> str:
-    """What decides a point's result: resume reuses a record only when this is unchanged."""
+    """What decides a point's result: resume reuses a record only when this is unchanged. The model and the data are
+    keyed by their content, not their path (issue 21: a model file changed in place is not the same model)."""
     r = point_recipe(sweep, point, Path("x.onnx"))
-    doc = {"model": r.model, "passes": r.passes, "data": r.data, "bench": r.bench, "seed": r.seed}
+    data = {k: [v, fingerprint(v)] if k in ("calib", "eval", "train") else v for k, v in r.data.items()}
+    doc = {"model": [r.model, fingerprint(r.model)], "passes": r.passes, "data": data, "bench": r.bench, "seed": r.seed}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_points(sweep: Sweep, points: list[Point]) -> None:
+    """Validate every point as its run would, before any point runs (docs/sweep.md: validation comes first): each
+    pass's options, the criterion and its options, the allocator for the target, the repairs, the fine-tuning
+    budget. Each distinct pass configuration is checked once."""
+    from carve.pipeline.flows.recipe import check_pass
+
+    seen: set[tuple[str, str]] = set()
+    for p in points:
+        for name, opts in point_recipe(sweep, p, Path("x.onnx")).passes:
+            key = (name, json.dumps(opts, sort_keys=True, default=str))
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                check_pass(name, opts, has_calib="calib" in sweep.data)
+            except CarveError as exc:
+                raise CarveError(f"{sweep.path}: point {p.id}: {exc.message}", hint=exc.hint) from None
 
 
 @dataclass

@@ -24,6 +24,7 @@ from carve.pipeline.training.finetune import FinetuneOptions
 # prune options the axes own: a sweep's `prune:` section may not set them
 AXIS_OWNED = {"criterion", "allocator", "repairs", *OPTION.values(), *LEGACY_REPAIR_KEYS}
 GPU_BACKENDS = {"trt", "torch-cuda"}
+MAX_POINTS = 10_000  # a sweep file expands to at most this many points (issue 21: a 6 KB file made 10 million)
 
 
 @dataclass
@@ -170,6 +171,12 @@ def _axes(path: Path, doc: Any) -> tuple[dict[str, list[Any]], str]:
     for q in axes["quantize"]:
         if q not in QUANTIZE_VALUES:
             raise CarveError(f"{path}: axes.quantize: {q!r} is not one of {', '.join(QUANTIZE_VALUES)}")
+    n = count_points(axes)
+    if n > MAX_POINTS:
+        raise CarveError(
+            f"{path}: axes expand to {n:,} points; a sweep may have at most {MAX_POINTS:,}",
+            hint="split it into several sweeps, or fewer values per axis",
+        )
     return axes, target.kind
 
 
@@ -178,6 +185,8 @@ def _data(path: Path, doc: dict[str, Any] | None) -> dict[str, Any]:
     from_mapping(DataSection, data, where=f"{path}: data")
     for key in ("calib", "eval", "train"):
         v = data.get(key)
+        if v is not None and not isinstance(v, str):
+            raise CarveError(f"{path}: data.{key} must name a data file, a folder, digits or shared:PATH; got {v!r}")
         if v is not None and not str(v).startswith(("digits", "shared:")):  # as written: load_data resolves them
             p = Path(v) if Path(v).is_absolute() else path.parent / v
             data[key] = str(p.resolve())
@@ -232,7 +241,7 @@ def load_sweep(path: str | Path) -> Sweep:
     bench = dict(top.bench)
     bench.setdefault("memory", False)  # memory needs fresh processes per point; ask for it explicitly
     from_mapping(MeasureConfig, bench, where=f"{path}: bench", only=BENCH_KEYS)
-    return Sweep(
+    sweep = Sweep(
         path=path.resolve(),
         model=_model(path, str(top.model)),
         axes=axes,
@@ -245,6 +254,32 @@ def load_sweep(path: str | Path) -> Sweep:
         name=str(top.name or path.stem),
         quantize=quantize,
     )
+    points = expand(sweep)
+    _check_ids(path, points)
+    from carve.pipeline.flows.sweep.points import check_points  # (points builds on this module)
+
+    check_points(sweep, points)
+    return sweep
+
+
+def count_points(axes: dict[str, list[Any]]) -> int:
+    n = 1
+    for key in ("criterion", "allocator", "target", "repair", "finetune_epochs", "quantize"):
+        n *= len(axes.get(key) or [None])
+    return n
+
+
+def _check_ids(path: Path, points: list[Point]) -> None:
+    """Each point's id names its record and model file: two points with one id would overwrite each other."""
+    seen: dict[str, Point] = {}
+    for p in points:
+        if p.id in seen:
+            raise CarveError(
+                f"{path}: two points get the id {p.id!r} ({seen[p.id].axes()} and {p.axes()}); their records and "
+                "models would overwrite each other",
+                hint="make axis values differ in their first 6 significant digits (ids print numbers with %g)",
+            )
+        seen[p.id] = p
 
 
 def expand(sweep: Sweep) -> list[Point]:
