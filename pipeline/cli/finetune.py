@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
                 line += f" (teacher {accuracy['teacher']['detection']['map50']:.2%})"
         if "teacher" in accuracy and "top1" in accuracy["teacher"]:
             line += f" (teacher {accuracy['teacher']['top1']:.2%})"
-        if "reference" in final:
+        if "top1_agreement" in final.get("reference", {}):
             who = "the teacher" if args.teacher else "the model before fine-tuning"
             line += f"; top-1 agreement with {who} {final['reference']['top1_agreement']:.2%}"
         if "held_back" in accuracy:

@@ -13,8 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quantize", help="INT8 (QDQ) through ONNX Runtime's quantizer, loss measured", description=__doc__
     )
-    p.add_argument("model")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("model", help="the FP32 ONNX model to quantize (pruned or not); it is never overwritten")
+    p.add_argument("-o", "--output", required=True, help="where the QDQ INT8 model is written (atomically)")
     p.add_argument(
         "--calibration",
         dest="method",
@@ -45,13 +45,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-tensor-weights", dest="per_channel", action="store_false", help="one weight scale per tensor")
     p.add_argument("--reduce-range", action="store_true", help="7-bit weights (CPUs without VNNI)")
     p.add_argument("--include", action="append", metavar="NODE_PATTERN", help="quantize only these nodes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling the calibration images (default 0)")
     add_calib_args(p)
     add_input_shape_arg(p)
     p.add_argument("-v", "--verbose", action="store_true", help="print the per-node sensitivity ranking")
     p.add_argument("--report", metavar="JSON", help="write the pass's summary (agreement, kept nodes, kernels)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=run, option_flags={"keep_fp32": "--keep-fp32", "method": "--calibration"})
 
 
