@@ -11,9 +11,11 @@ images: FP32, INT8 (512 calibration images from the training subset), pruned + d
 pruned model + INT8.
 
 Models: ResNet-18, ResNet-50, MobileNetV2 and the zoo detector are random weights with BatchNorm re-estimated on 256
-CIFAR images resized to their input (no ImageNet here); YOLOv8n needs ultralytics, which is not installed here, so the
-zoo detector stands in for it. Exports: carve's zoo export (TorchScript exporter, opset 17, BN unfused: ORT's
-quantization pre-processing folds it into the convs). INT8: ``carve quantize`` defaults (minmax, per-channel
+CIFAR images resized to their input (no ImageNet here). YOLOv8n (``--models yolov8n``, needs the ``coverage`` extra's
+ultralytics) is built from ``yolov8n.yaml`` by tools/bench_coverage.py's builder (nothing downloaded), random weights
+with BatchNorm re-estimated on random batches as bench_coverage does, 640x640 input. Exports: carve's zoo export /
+bench_coverage's (TorchScript exporter, opset 17, BN unfused: ORT's quantization pre-processing folds it into the
+convs). INT8: ``carve quantize`` defaults (minmax, per-channel
 symmetric INT8 weights, per-tensor UINT8 activations). Pruning: L1, uniform, ``target_macs=0.5``, ``round_to=16``
 (8 for the CIFAR ResNets).
 
@@ -37,7 +39,9 @@ from benchio import table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SPEED_MODELS = ["resnet20", "resnet56", "resnet18", "mobilenet_v2", "detector", "resnet50"]
+SPEED_MODELS = ["resnet20", "resnet56", "resnet18", "mobilenet_v2", "detector", "resnet50", "yolov8n"]
+# not in carve's zoo: built by tools/bench_coverage.py's builders (optional ``coverage`` extra)
+BUILT = {"yolov8n"}
 CIFAR = ["resnet20", "resnet56"]
 VARIANTS = ["fp32", "int8", "pruned", "pruned_int8"]
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
@@ -80,6 +84,9 @@ def bn_recalibrate(net, images: np.ndarray) -> None:
 
 def export_fp32(name: str, out: Path, calib_npz: Path) -> None:
     """The zoo export; random-weight models get their BatchNorm statistics re-estimated first."""
+    if name in BUILT:
+        export_built_model(name, out)
+        return
     from carve import models
     from carve.models.export import to_onnx
     from carve.pipeline.data.datasets import Preprocess, load_data
@@ -100,6 +107,18 @@ def export_fp32(name: str, out: Path, calib_npz: Path) -> None:
         proto.metadata_props.add(key=p.key, value=p.value if p.key != "carve.weights" else "random, BN re-estimated")
     out.unlink()
     save(proto, out)
+
+
+def export_built_model(name: str, out: Path) -> None:
+    """A model of tools/bench_coverage.py (built from its config, random weights, BatchNorm re-estimated there)."""
+    import torch
+    from bench_coverage import MODELS, reestimate_bn
+    from bench_transformers import export_built
+
+    torch.manual_seed(0)
+    m, spec, source = MODELS[name]()
+    reestimate_bn(m, spec)
+    export_built(m, spec, source, out)
 
 
 def prune(src: Path, dst: Path, round_to: int) -> float:
