@@ -305,6 +305,13 @@ def markdown(doc: dict) -> str:
         ["model", "engine threads batch", "FP32 ms", "INT8", "pruned 0.5", "pruned + INT8"],
         rows,
     )
+    for name, r in doc.get("speed", {}).items():
+        if "separate_run" in r:  # a row merged from another run of this script
+            run = r["separate_run"]
+            lines += [
+                "",
+                f"{name}: from a separate run ({run['command']}; load average {run['load_average']}).",
+            ]
     lines.append("")
     rows = []
     for name, r in doc.get("speed", {}).items():
