@@ -98,3 +98,20 @@ def test_eval_shows_progress(tiny_resnet_onnx, digits_rgb, capsys):
     assert main(["eval", str(tiny_resnet_onnx), "--data", str(digits_rgb["test"]), "--samples", "200"]) == 0
     err = capsys.readouterr().err
     assert "carve eval: evaluate: images" in err and "200/200" in err
+
+
+def test_a_failed_pass_keeps_one_error_line_and_says_how_to_resume_as_a_hint(recipe, tmp_path, monkeypatch, capsys):
+    from carve.pipeline.errors import CarveError
+    from carve.plugins.passes.merge import Merge
+
+    def refused(self, model, ctx):
+        raise CarveError("merge refused", hint="try another pass")
+
+    monkeypatch.setattr(Merge, "run", refused)
+    assert main(["run", str(recipe), "-q"]) == 1
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ": warning:" not in ln]
+    kept = tmp_path / "out" / "final.onnx.resume"
+    # the error is the first line (nothing before it) and every line under it is a hint
+    assert lines[0] == "carve run: error: merge refused" and lines[1] == "  hint: try another pass"
+    assert lines[2] == f"  hint: 1 finished pass(es) kept in {kept}; `carve run {recipe} --resume` goes on from there"
+    assert len(lines) == 3

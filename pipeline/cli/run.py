@@ -9,6 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from carve.pipeline.errors import CarveError
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -129,16 +131,24 @@ def _say_resume(args: argparse.Namespace, recipe):
     """On Ctrl-C (or an error) after some passes finished: where they are kept and how to go on from there."""
     from carve.pipeline.flows.recipe import resume_dir
 
+    def note() -> str | None:
+        kept = sorted(resume_dir(recipe).glob("*.onnx")) if resume_dir(recipe).is_dir() else []
+        if not kept:
+            return None
+        return (
+            f"{len(kept)} finished pass(es) kept in {resume_dir(recipe)}; "
+            f"`carve run {args.recipe} --resume` goes on from there"
+        )
+
     try:
         yield
+    except CarveError as exc:  # the error stays one line; where to go on from is a hint under it
+        if text := note():
+            exc.hint = f"{exc.hint}\n  hint: {text}" if exc.hint else text
+        raise
     except BaseException:
-        kept = sorted(resume_dir(recipe).glob("*.onnx")) if resume_dir(recipe).is_dir() else []
-        if kept:
-            print(
-                f"carve run: {len(kept)} finished pass(es) kept in {resume_dir(recipe)}; "
-                f"`carve run {args.recipe} --resume` goes on from there",
-                file=sys.stderr,
-            )
+        if text := note():
+            print(f"carve run: {text}", file=sys.stderr)
         raise
 
 
