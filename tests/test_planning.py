@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from graphs import G, analyse_proto
+from hypothesis import given
+from hypothesis import strategies as st
 
 from carve.pipeline.errors import CarveError
 from carve.pipeline.pruning.allocator import kept_width
@@ -25,10 +27,24 @@ from carve.pipeline.pruning.targets import Target
         (16, 0.99, 1, 1, 1),
         (64, 0.0, 8, 1, 64),
         (17, 0.5, 1, 1, 9),
+        (40, 0.5, 16, 1, 16),  # asked 20: 16 is nearer than 32 (rounding up kept 80% of a narrow stem)
+        (80, 0.5, 16, 1, 48),  # asked 40, halfway between 32 and 48: the wider
+        (40, 0.9, 16, 1, 16),  # never below one multiple
+        (7, 0.5, 8, 1, 7),  # narrower than one multiple: kept whole
     ],
 )
 def test_kept_width(n, ratio, round_to, keep_min, expected):
     assert kept_width(n, ratio, round_to, keep_min) == expected
+
+
+@given(st.integers(1, 700), st.floats(0.0, 0.99), st.sampled_from([1, 2, 4, 8, 16, 32]))
+def test_kept_width_is_the_nearest_aligned_width(n, ratio, round_to):
+    keep = kept_width(n, ratio, round_to)
+    asked = n * (1.0 - ratio)
+    aligned = sorted({w for w in range(round_to, n + 1, round_to)} | {n})
+    assert keep in aligned
+    if round_to > 1 and n > round_to:  # no aligned width is nearer the asked one than the kept width
+        assert all(abs(keep - asked) <= abs(w - asked) + 1e-9 for w in aligned if w >= round_to)
 
 
 def chain(widths=(16, 24, 12)):

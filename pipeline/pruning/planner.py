@@ -8,9 +8,9 @@
 (:mod:`carve.pipeline.pruning.allocator`) decide how many units each slice of each group loses to meet the
 :class:`~carve.pipeline.pruning.targets.Target`. The built-in ``uniform`` allocator removes the same fraction of every
 slice (a slice is the set of units of a group that appear in exactly the same tensors, so every tensor shrinks by the
-same ratio), rounds the kept width up to a multiple of ``round_to`` (channel alignment for the engine's kernels) and
-never keeps fewer than ``keep_min`` channels. Frozen units are never removed. Criteria and allocators are reached
-through their registries (by name) or given configured.
+same ratio), rounds the kept width to the nearest multiple of ``round_to`` (channel alignment for the engine's
+kernels) and never keeps fewer than ``keep_min`` channels. Frozen units are never removed. Criteria and allocators are
+reached through their registries (by name) or given configured.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Uniform allocation: every slice of every group loses the same fraction of its units, lowest scores first.
 
-The kept width is rounded up to a multiple of ``round_to`` (kernels run fastest on aligned widths) and is at least
-``keep_min``; frozen units are kept and counted in the width. If too few units are prunable to reach an aligned width,
-fewer are removed so the width stays aligned.
+The kept width is rounded to the nearest multiple of ``round_to`` (kernels run fastest on aligned widths) and is at
+least ``keep_min``; frozen units are kept and counted in the width. If too few units are prunable to reach an aligned
+width, fewer are removed so the width stays aligned.
 """
 
 from __future__ import annotations
