@@ -20,7 +20,8 @@ The models' builders reuse ``tools/bench_transformers.py``'s (ViT/DeiT/Swin/Mobi
 YOLO11n). Needs the optional ``coverage`` extra (``pip install -e .[coverage]``: timm, transformers, ultralytics,
 torchvision); a model whose package is missing is recorded as skipped. Results are written after every model, and
 ``--models`` reruns only those models, keeping the others' results from the existing file. The machine is shared: the
-JSON records the load average before and after.
+JSON records the load average before and after, and per model the 1-minute load average when its timing began (timing
+holds the sweeps' timing lock, :func:`carve.pipeline.flows.sweep.timing_lock`).
 
     python tools/bench_coverage.py                          # -> benchmarks/coverage.json
     python tools/bench_coverage.py --models regnety_004 resnext26ts --rounds 5 --markdown
@@ -188,6 +189,16 @@ def frozen_by_macs(model, an) -> dict[str, dict]:
     return {k: {**v, "macs_share": round(v["macs_share"], 4)} for k, v in top}
 
 
+def timed(a: Path, b: Path, rounds: int) -> dict:
+    """B's speed-up over A (batch 1, 1 thread, the thread's CPU clock) under the sweeps' timing lock, so that no
+    carve sweep on this machine times at the same moment; with the 1-minute load average when timing began."""
+    from carve.pipeline.flows.sweep import timing_lock
+
+    with timing_lock():
+        load = round(os.getloadavg()[0], 2)
+        return {**speedups(a, b, [1], rounds, clock="cpu")["1"], "load_average": load}
+
+
 def run_one(name: str, tmp: Path, rounds: int) -> dict:
     import torch
 
@@ -237,14 +248,14 @@ def run_one(name: str, tmp: Path, rounds: int) -> dict:
     if report.inexact is not None:
         ix = report.inexact
         out["inexact"] = {"units": ix.units, "groups": ix.groups, **(ix.error or {})}
-    out["speed"] = speedups(src, dst, [1], rounds, clock="cpu")["1"]
+    out["speed"] = timed(src, dst, rounds)
     if name in GROUPED:  # the other way to prune a grouped conv: equal widths in every group
         width = prune_measured(load(src), PruneOptions(ratio=0.5, conv_groups="width", measure=False), inplace=True)
         save(width.model, dst)
         out["equal_widths"] = {
             "mac_ratio": round(width.macs_ratio, 4),
             "verify_max_abs": width.verify.max_abs_diff,
-            "speed": speedups(src, dst, [1], rounds, clock="cpu")["1"],
+            "speed": timed(src, dst, rounds),
         }
     out["seconds"] = round(time.time() - started, 1)
     return out
@@ -347,12 +358,15 @@ def markdown(doc: dict) -> str:
         rows,
     )
     la = doc.get("load_average", {})
+    timed_at = [r["speed"]["load_average"] for r in doc["models"].values() if "load_average" in r.get("speed", {})]
+    during = f", {min(timed_at)}-{max(timed_at)} while timing" if timed_at else ""
     lines.append("")
     lines.append(
         f"{len(doc['models'])} models, random weights built from configs (BatchNorm statistics re-estimated on random "
         f"batches), TorchScript exporter (opset 17); `carve prune --ratio 0.5` defaults; ORT CPU, 1 thread, batch 1, "
         f"{doc['settings']['rounds']} interleaved rounds timed by the thread's CPU time on {env.get('cpu', '?')}; "
-        f"load average {la.get('before', ['?'])[0]} before, {la.get('after', ['?'])[0]} after (shared machine). "
+        f"load average {la.get('before', ['?'])[0]} before, {la.get('after', ['?'])[0]} after{during} "
+        "(shared machine). "
         "Reported error of an inexact (LayerNorm) removal: the output's max relative distance to the original with the "
         "removed channels zeroed, before any repair. Grouped convs are pruned by whole groups (the default); "
         "'equal widths': `--conv-groups width`, measured in the same run."
