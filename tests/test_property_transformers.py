@@ -7,15 +7,19 @@ LayerNorm-normalised group; a head whose output-projection rows are zero is remo
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from graphs import analyse_proto, assert_exact, manual_plan, random_removal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tgraphs import TG
 
 from carve.pipeline.graph.channels import analyse
+from carve.pipeline.graph.cost import CostModel, model_cost
 from carve.pipeline.graph.plan import Plan
 from carve.pipeline.graph.surgery import prune, reference
+from carve.pipeline.pruning.cost_table import CostTable
 from carve.pipeline.pruning.planner import Widths, plan
+from carve.pipeline.pruning.targets import Target
 from carve.pipeline.runtime import ort as ortutil
 from carve.pipeline.runtime.verify import compare_outputs
 
@@ -177,3 +181,40 @@ def test_removing_a_head_with_zero_output_rows_changes_nothing(seed, heads, hd, 
     feeds = ortutil.random_feeds(model, batch=2, seed=seed)
     a, b = ortutil.run(model, feeds)[0], ortutil.run(pruned, feeds)[0]
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * max(1.0, float(np.abs(a).max())))
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(proto=transformer(), seed=st.integers(0, 1000), p=st.floats(0.0, 0.9), mode=st.sampled_from(["heads", "width"]))
+def test_cost_model_counts_attention_products_as_the_pruned_model_does(proto, seed, p, mode):
+    """The planner's MACs (CostModel, and the knapsack's CostTable from it) equal what model_cost counts on the pruned
+    model, attention's activation products (q @ k^T, attn @ v) included: one cost model, not two."""
+    model, _ = analyse_proto(proto)
+    an = analyse(model, attention=mode)
+    removed = random_removal(an, np.random.default_rng(seed), p)
+    real = model_cost(prune(model, manual_plan(an, removed)))
+    assert CostModel(an)(removed) == (real.params, real.macs)
+    assert CostTable(an, "macs").predict(removed) == pytest.approx(real.macs / model_cost(model).macs, abs=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["heads", "width"])
+@pytest.mark.parametrize("allocator", ["uniform", "knapsack"])
+def test_a_mac_target_on_a_vit_like_graph_lands_at_the_target(mode, allocator):
+    """ViT-like: 64 tokens, width 32, two pre-LN blocks of 4 heads x 8 with fused QKV, where the attention products
+    are a third of the MACs. Asking half the MACs gives half, as model_cost counts the result (the planner once left
+    attention products out of its estimate and landed at 0.45)."""
+    g = TG(tokens=64, channels=8, seed=0)
+    x = g.linear("x", 32)
+    for _ in range(2):
+        x = g.block(x, 4, 8)
+    model, _ = analyse_proto(g.model([g.head(g.layer_norm(x, "fused"))]))
+    an = analyse(model, attention=mode)
+    products = sum(c.macs for c in model_cost(model).nodes.values() if c.op == "MatMul" and c.name in _products(model))
+    assert products > 0.25 * model_cost(model).macs
+    p = plan(an, Target("macs", 0.5), scores="l1", allocator=allocator, widths=Widths(round_to=4))
+    achieved = model_cost(prune(model, p)).macs / model_cost(model).macs
+    assert achieved == pytest.approx(p.options["achieved_macs"], abs=1e-4)  # the plan states it to 4 digits
+    assert 0.45 < achieved <= 0.5 + 1e-9
+
+
+def _products(model) -> set[str]:
+    return {n.name for n in model.graph.node if n.op_type == "MatMul" and not any(model.is_const(i) for i in n.input)}

@@ -87,12 +87,43 @@ def model_cost(model: Model) -> Cost:
     return Cost(params=params, macs=sum(c.macs for c in nodes.values()), nodes=nodes)
 
 
+def activation_products(analysis, base: Cost) -> list[tuple[np.ndarray, int]]:
+    """Per MatMul of two activations (attention's ``q @ k^T`` and ``attn @ v``) whose channels can be pruned: the
+    channel units over its iteration space, flattened, and its MACs. Its MACs scale with the kept fraction of them:
+
+    * channels contracted (Q/K of each head, on the heads and the contracted axis): the iteration space over those
+      axes is the contracted operand's channel array (the larger of the two, the other broadcasts against it);
+    * channels carried (heads on a batch axis, V's channels on a free axis): they are the output's channel layout.
+
+    Widths within a head are pruned in lockstep, so a kept set is rectangular and its size is the product of the kept
+    counts per axis: MACs = M x N x K x batch scale exactly with it, as :func:`model_cost` counts the result."""
+    model = analysis.model
+    contracted: dict[str, np.ndarray] = {}
+    for rec in analysis.contract_records:
+        if rec.node not in contracted or rec.ids.size > contracted[rec.node].size:
+            contracted[rec.node] = rec.ids
+    layouts = {**analysis.tensors, **analysis.blocks}
+    out = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or any(model.is_const(i) for i in node.input[:2]):
+            continue
+        macs = base.nodes[node.name].macs if node.name in base.nodes else 0
+        ids = contracted.get(node.name)
+        if ids is None and node.output[0] in layouts:
+            ids = layouts[node.output[0]].ids
+        if macs and ids is not None and ids.size:
+            out.append((analysis.unit_of[np.asarray(ids).reshape(-1)], macs))
+    return out
+
+
 class CostModel:
     """Params and MACs of the model a removal mask would produce, without doing the surgery.
 
     Pruning never changes spatial sizes, so a Conv/ConvTranspose/Gemm/MatMul's MACs scale exactly with its weight's
-    element count, and every cut tensor's size is the product of its kept counts along the cut axes. Used by the
-    allocators to bisect towards ``--target-macs`` / ``--target-params``.
+    element count, and every cut tensor's size is the product of its kept counts along the cut axes; a MatMul of two
+    activations scales with the kept part of its channels (:func:`activation_products`). Used by the allocators to
+    bisect towards ``--target-macs`` / ``--target-params``, and by the knapsack's MAC table (one cost model: what
+    :func:`model_cost` counts on the pruned model).
     """
 
     def __init__(self, analysis) -> None:
@@ -113,6 +144,8 @@ class CostModel:
             t = model.init[name]
             is_param = name in used and t.data_type in _FLOAT_TYPES
             self.tensors.append((tuple(int(d) for d in t.dims), axes, is_param, weight_macs.get(name, 0)))
+        for units, macs in activation_products(analysis, self.base):
+            self.tensors.append(((len(units),), {0: units}, False, macs))
 
     def __call__(self, removed: np.ndarray) -> tuple[int, int]:
         """(params, MACs) after removing the units in the boolean mask ``removed``."""
