@@ -316,6 +316,13 @@ def markdown(doc: dict) -> str:
         "original with the removed channels zeroed but statistics over every channel, before any repair. Columns 2-7: "
         "the TorchScript exporter (opset 17); the last: the dynamo exporter (opset 18), pruned and verified, not timed."
     )
+    for name, r in doc["models"].items():
+        if "separate_run" in r:  # a row merged from another run of this script
+            run = r["separate_run"]
+            lines += [
+                "",
+                f"{name}: from a separate run ({run['command']}; load average {run['load_average']}; {run['why']}).",
+            ]
     return "\n".join(lines) + "\n"
 
 
