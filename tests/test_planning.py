@@ -31,6 +31,7 @@ from carve.pipeline.pruning.targets import Target
         (80, 0.5, 16, 1, 48),  # asked 40, halfway between 32 and 48: the wider
         (40, 0.9, 16, 1, 16),  # never below one multiple
         (7, 0.5, 8, 1, 7),  # narrower than one multiple: kept whole
+        (65, 0.0078125, 2, 1, 64),  # asked 64.49: 64 is nearer than the whole 65
     ],
 )
 def test_kept_width(n, ratio, round_to, keep_min, expected):

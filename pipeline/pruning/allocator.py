@@ -42,7 +42,7 @@ def kept_width(n: int, ratio: float, round_to: int = 1, keep_min: int = 1) -> in
     ratio's widths were biased toward keeping; the nearest aligned width is as often below the asked one as above."""
     asked = n * (1.0 - ratio)
     keep = math.ceil(asked - 1e-9)
-    if round_to > 1 and keep < n:
+    if round_to > 1 and asked < n - 1e-9:
         below = max(round_to, math.floor(asked / round_to) * round_to)
         above = min(n, below + round_to)
         keep = above if above - asked <= asked - below + 1e-9 else below
