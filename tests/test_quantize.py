@@ -341,6 +341,18 @@ def test_python_api(model, tmp_path, digits_rgb):
     assert [k["node"] for k in s["kept_fp32"]] == ["/fc/Gemm"] and is_quantized(load(out))
 
 
+def test_a_quantized_model_counts_its_int8_weights_as_parameters(model, digits_rgb):
+    import carve
+    from carve.pipeline.graph.cost import model_cost
+    from carve.pipeline.graph.fold import fold_batchnorms
+
+    m = carve.load(model)
+    q, _ = carve.quantize(m, carve.load_data(digits_rgb["train"], model=m, samples=32))
+    folded, _, _ = fold_batchnorms(m)  # quantization folds BN first: the same weights, as INT8, plus no scales
+    assert model_cost(q).params == model_cost(folded).params > 0
+    assert model_cost(q).macs == model_cost(m).macs
+
+
 @pytest.mark.shared
 @pytest.mark.slow
 def test_the_readme_quantization_commands_run(tmp_path, monkeypatch, capsys):
