@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     opt.add_argument(
         "--optimizer", choices=["adamw", "sgd"], default="adamw", help="AdamW (default), or SGD with Nesterov momentum"
     )
-    opt.add_argument("--lr", type=float, help="peak learning rate, cosine schedule (default: AdamW 2e-3, SGD 5e-3)")
+    opt.add_argument("--lr", type=float, help="peak learning rate, cosine schedule (default: AdamW 1e-3, SGD 5e-3)")
     opt.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     opt.add_argument("--weight-decay", type=float, help="on weight tensors only (default: AdamW 0.02, SGD 5e-4)")
     opt.add_argument("--warmup", type=float, default=0.0, help="linear warm-up, a fraction of all steps")
