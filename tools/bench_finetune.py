@@ -53,7 +53,10 @@ def run_one(job: dict) -> dict:
 
     original = load(job["model"])
     train = load_data(job["train"], model=original, seed=0)
-    calib = train.sample(256, seed=0) if job["criterion"] == "taylor" else None
+    from carve.pipeline.pruning.criterion import criteria
+
+    data = criteria.get(job["criterion"]).needs & {"activations", "gradients", "labels"}
+    calib = train.sample(256, seed=0) if data else None  # taylor, energy: 256 training images
     test = load_data(job["test"], model=original, seed=1)
     opts = {k: v for k, v in job["finetune"].items()}
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -208,7 +211,7 @@ def _doc(started: float, originals: dict, rows: list, args, old: dict) -> dict:
         original=originals.get("resnet56/bn-kept"),
         originals=originals,
         data={"train": "train_subset.npz (10,000 images)", "test": "test.npz (all 10,000 images)"},
-        method=f"prune (L1 or Taylor on 256 training images, uniform, round-to 8) to the MAC target, then "
+        method=f"prune (L1; Taylor or energy on 256 training images; uniform, round-to 8) to the MAC target, then "
         f"distillation fine-tuning from the unpruned model ({args.epochs:g} epochs in all; gradual: "
         f"{args.rounds} prune + fine-tune rounds, geometric MAC schedule); one torch thread per run, "
         f"{args.jobs} runs at a time; load average before: {os.getloadavg()[0]:.1f}",
