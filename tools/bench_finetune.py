@@ -35,6 +35,7 @@ TARGETS = {0.667: "1.5x", 0.5: "2x", 0.333: "3x"}
 MODELS = ("resnet56", "resnet20")
 EXPORTS = {"bn-kept": "zoo export, BN kept", "folded": "eval-mode torch.onnx.export, BN folded"}
 MAIN = ("resnet56", "bn-kept")  # the headline grid
+CRITERIA = ("l1", "taylor", "energy")  # row order; energy: the criterion that ranks both exports alike (issue 26)
 
 
 def run_one(job: dict) -> dict:
@@ -198,7 +199,7 @@ def _doc(started: float, originals: dict, rows: list, args, old: dict) -> dict:
         (n, e, c, t, m)
         for n in MODELS
         for e in EXPORTS
-        for c in ("l1", "taylor")
+        for c in CRITERIA
         for t in TARGETS
         for m in ("one-shot", "gradual")
     ]
@@ -223,7 +224,8 @@ def markdown(doc: dict) -> str:
     """The README table: the ResNet-56 BN-kept grid, then the export-path rows (both exports of each model)."""
     originals = doc.get("originals") or {"resnet56/bn-kept": doc["original"]}
     grid = [r for r in doc["rows"] if (r.get("model_name", "resnet56"), r.get("export", "bn-kept")) == MAIN]
-    paths = [r for r in doc["rows"] if r.get("mode") == "one-shot" and r.get("criterion") == "l1"]
+    grid = [r for r in grid if r["criterion"] in ("l1", "taylor")]
+    paths = [r for r in doc["rows"] if r.get("mode") == "one-shot" and r.get("criterion") in ("l1", "energy")]
     paths = [r for r in paths if r.get("target") in (0.5, 0.667)]
     out = [_grid(grid, originals["resnet56/bn-kept"]["top1"])]
     if any(r.get("export") == "folded" for r in paths):
@@ -232,9 +234,10 @@ def markdown(doc: dict) -> str:
 
 
 def _paths(rows: list, originals: dict) -> str:
-    """Both export paths side by side: per model and target, the top-1 after 3 epochs of defaults."""
+    """Both export paths side by side: per model, target and criterion, the top-1 after 3 epochs of defaults."""
     header = [
         "model",
+        "criterion",
         "export",
         "BN nodes",
         "fewer MACs",
@@ -244,13 +247,15 @@ def _paths(rows: list, originals: dict) -> str:
     ]
     body = []
     order = {e: i for i, e in enumerate(EXPORTS)}
-    for r in sorted(rows, key=lambda r: (MODELS.index(r["model_name"]), -r["target"], order[r["export"]])):
+    key = lambda r: (MODELS.index(r["model_name"]), -r["target"], CRITERIA.index(r["criterion"]), order[r["export"]])  # noqa: E731
+    for r in sorted(rows, key=key):
         base = originals.get(f"{r['model_name']}/{r['export']}", {})
         top = base.get("top1")
         vs = f" ({(r['top1'] - top) * 100:+.2f})" if top is not None else ""
         body.append(
             [
                 r["model_name"] + (f" ({top:.2%})" if top is not None else ""),
+                r["criterion"],
                 EXPORTS[r["export"]],
                 str(base.get("batchnorm", "-" if r["export"] == "folded" else "yes")),
                 TARGETS.get(r["target"], f"{r['target']:g}"),
@@ -259,7 +264,10 @@ def _paths(rows: list, originals: dict) -> str:
                 _bn(r.get("bn")),
             ]
         )
-    head = "Export paths: L1, one-shot, 3 epochs of defaults, top-1 on all 10,000 test images (original in brackets)"
+    head = (
+        "Export paths: L1 and energy, one-shot, 3 epochs of defaults, top-1 on all 10,000 test images (original in "
+        "brackets)"
+    )
     return "\n".join([head, "", *table(header, body)])
 
 
