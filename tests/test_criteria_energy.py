@@ -137,3 +137,21 @@ def test_folded_resnet20_energy_picks_the_bn_kept_channels(tmp_path, cifar_train
         opts = P.PruneOptions(criterion=crit, target_macs=0.5, round_to=8, repairs=["bn"])
         top1[crit] = evaluate(P.prune_model(folded, opts, calib=calib).model, test)["top1"]
     assert top1["energy"] > top1["l1"] + 0.1, top1
+
+
+def test_prune_warns_when_l1_ranks_folded_filters():
+    import warnings
+
+    from carve.pipeline.errors import CarveWarning
+
+    def warned(model: Model, criterion: str) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            P.prune_model(model, P.PruneOptions(criterion=criterion, ratio=0.5, round_to=1), calib=_calib(model, 0))
+        return [str(w.message) for w in caught if issubclass(w.category, CarveWarning)]
+
+    folded, _ = analyse_proto(_two_layers().proto)
+    g = G((1, 3, 8, 8), seed=3)
+    kept, _ = analyse_proto(g.model([g.head(g.relu(g.bn(g.conv("x", 6))), classes=3)]))
+    assert any("criterion 'energy'" in w for w in warned(folded, "l1"))
+    assert not any("criterion 'energy'" in w for w in warned(folded, "energy") + warned(kept, "l1"))
