@@ -259,7 +259,7 @@ def folded_warning(model: Model, criterion: str) -> None:
             f"criterion {criterion!r} ranks filters by their size, and this graph has no BatchNormalization (an "
             "eval-mode export folds it into the convs, scaling each filter by BN's gamma / sigma): it removes other "
             "channels than on the BN-kept export; criterion 'energy' (calibration data) ranks both alike "
-            "(docs/finetune.md#pruning-folded-exports)"
+            "(docs/finetune.md#pruning-folded-exports-the-energy-criterion)"
         )
 
 
