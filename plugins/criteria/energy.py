@@ -10,11 +10,10 @@ Zhang, Sun, "Channel Pruning for Accelerating Very Deep Neural Networks", ICCV 2
 
 Why it exists (issue 26): a plain eval-mode ``torch.onnx.export`` folds every BN into its conv, multiplying each filter
 by gamma / sigma. L1 then ranks filters by a product of BN's scale and the raw filter, and picks other channels than on
-the same network exported with BN kept (CIFAR ResNet-20 at 2x fewer MACs: 4 of 8 to 13 of 24 channels differ per
-group; after a BN repair 26% against 48% top-1). This score depends only on what the network computes — the tensors
-the next layers read and the effective weights they read them with — so it is the same on both exports (folding a BN
-changes neither), and unchanged by the rescaling a ReLU network allows (a channel times s > 0, its consumers' columns
-times 1 / s). Channels with no weighted consumer (a group read only by ops without weights) are scored by the energy
+the same network exported with BN kept, which recover worse (measured: docs/finetune.md, "Pruning folded exports").
+This score depends only on what the network computes — the tensors the next layers read and the effective weights they
+read them with — so it is the same on both exports (folding a BN changes neither), and unchanged by the rescaling a
+ReLU network allows (a channel times s > 0, its consumers' columns times 1 / s). Channels with no weighted consumer (a group read only by ops without weights) are scored by the energy
 of their producers' effective filters instead.
 """
 
