@@ -5,11 +5,12 @@ trains badly: fine-tuning a pruned, folded ResNet-56 with the settings that brin
 original top-1 loses ~30 points, because the folded convs lose what BN gave their training (per-channel normalisation
 of the batch, which keeps the effective learning rate of every channel in scale; Ioffe and Szegedy 2015).
 
-So for training only, a BatchNormalization is put back after each convolution that has none (:func:`insert`),
-initialised so that the network is unchanged at step 0: its running mean and variance are the per-channel moments of
-the conv's output on calibration images, its scale ``sqrt(var + eps)`` and its shift the mean, so in inference mode
-``BN(y) = (y - mean) / sqrt(var + eps) * sqrt(var + eps) + mean = y``. The graph then trains as batch norm (batch
-statistics, running statistics updated with the node's momentum), and when training ends every inserted BN is folded
+So for training only, a BatchNormalization is put back after each convolution (and hidden Gemm) that has none
+(:func:`insert`), initialised so that the network is unchanged at step 0: its running mean and variance are the
+per-channel moments of the conv's output on calibration images, its scale ``sqrt(var + eps)`` and its shift the mean,
+so in inference mode ``BN(y) = (y - mean) / sqrt(var + eps) * sqrt(var + eps) + mean = y``. The graph then trains as
+batch norm (batch statistics, running statistics updated with the node's momentum), and when training ends every
+inserted BN is folded
 back into its conv (:func:`fold_back`): ``W' = s W``, ``b' = s (b - mean) + beta`` with ``s = gamma / sqrt(var +
 eps)``, written into a copy of the input graph, which so keeps its structure (a conv without a bias gets one; no node
 is added).

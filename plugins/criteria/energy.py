@@ -13,8 +13,8 @@ by gamma / sigma. L1 then ranks filters by a product of BN's scale and the raw f
 the same network exported with BN kept, which recover worse (measured: docs/finetune.md, "Pruning folded exports").
 This score depends only on what the network computes — the tensors the next layers read and the effective weights they
 read them with — so it is the same on both exports (folding a BN changes neither), and unchanged by the rescaling a
-ReLU network allows (a channel times s > 0, its consumers' columns times 1 / s). Channels with no weighted consumer (a group read only by ops without weights) are scored by the energy
-of their producers' effective filters instead.
+ReLU network allows (a channel times s > 0, its consumers' columns times 1 / s). Channels with no weighted consumer (a
+group read only by ops without weights) are scored by the energy of their producers' effective filters instead.
 """
 
 from __future__ import annotations
