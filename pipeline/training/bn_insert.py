@@ -10,10 +10,9 @@ So for training only, a BatchNormalization is put back after each convolution (a
 per-channel moments of the conv's output on calibration images, its scale ``sqrt(var + eps)`` and its shift the mean,
 so in inference mode ``BN(y) = (y - mean) / sqrt(var + eps) * sqrt(var + eps) + mean = y``. The graph then trains as
 batch norm (batch statistics, running statistics updated with the node's momentum), and when training ends every
-inserted BN is folded
-back into its conv (:func:`fold_back`): ``W' = s W``, ``b' = s (b - mean) + beta`` with ``s = gamma / sqrt(var +
-eps)``, written into a copy of the input graph, which so keeps its structure (a conv without a bias gets one; no node
-is added).
+inserted BN is folded back into its conv (:func:`fold_back`): ``W' = s W``, ``b' = s (b - mean) + beta`` with ``s =
+gamma / sqrt(var + eps)``, written into a copy of the input graph, which so keeps its structure (a conv without a bias
+gets one; no node is added).
 
 Which graphs: :func:`decide` reads the ``bn`` option — ``auto`` inserts when the graph has no BatchNormalization to
 train, ``insert`` always (after the convs that have none), ``keep`` trains the graph as it is, ``off`` inserts nothing
