@@ -205,9 +205,13 @@ def test_bad_input_is_one_line(model, tmp_path, digits_rgb, capsys):
     assert main(["quantize", str(model), "-o", out, *calib, "-q"]) == 0
     assert main(["quantize", out, "-o", str(tmp_path / "qq.onnx"), *calib]) == 1
     assert "already quantized" in capsys.readouterr().err
-    assert main(["prune", out, "-o", str(tmp_path / "p.onnx"), "--ratio", "0.3"]) == 1
-    err = capsys.readouterr().err
-    assert "is quantized" in err and "prune first, then quantize" in err
+    # nor rewritten by any pass that changes weights: INT8 weights behind DequantizeLinear are invisible to them
+    for verb, extra in [("prune", ["--ratio", "0.3"]), ("decompose", []), ("merge", []), ("sparsify", [])]:
+        written = tmp_path / f"{verb}.onnx"
+        assert main([verb, out, "-o", str(written), *extra]) == 1, verb
+        err = capsys.readouterr().err
+        assert "is quantized" in err and f"carve can {verb} FP32 models only" in err, err
+        assert f"{verb} the FP32 model first, then `carve quantize`" in err and not written.exists()
 
 
 def test_kernel_census_verdicts():
@@ -335,6 +339,18 @@ def test_python_api(model, tmp_path, digits_rgb):
     out = tmp_path / "q.onnx"
     s = carve.quantize_file(model, out, calib, keep_fp32=["/fc/Gemm"])
     assert [k["node"] for k in s["kept_fp32"]] == ["/fc/Gemm"] and is_quantized(load(out))
+
+
+def test_a_quantized_model_counts_its_int8_weights_as_parameters(model, digits_rgb):
+    import carve
+    from carve.pipeline.graph.cost import model_cost
+    from carve.pipeline.graph.fold import fold_batchnorms
+
+    m = carve.load(model)
+    q, _ = carve.quantize(m, carve.load_data(digits_rgb["train"], model=m, samples=32))
+    folded, _, _ = fold_batchnorms(m)  # quantization folds BN first: the same weights, as INT8, plus no scales
+    assert model_cost(q).params == model_cost(folded).params > 0
+    assert model_cost(q).macs == model_cost(m).macs
 
 
 @pytest.mark.shared

@@ -2,9 +2,9 @@
 
 MACs count the linear ops that dominate a CNN (Conv, ConvTranspose, Gemm, MatMul) for one sample: symbolic batch
 dimensions count as 1. Elementwise ops, pools and normalisations are not counted. Parameters are the elements of
-floating-point initializers a node reads (weights, biases, BN statistics); an initializer read by several nodes counts
-once in the model total. These are static estimates: a MAC ratio is never a speed-up (see
-:mod:`carve.pipeline.measure.ab`).
+floating-point initializers a node reads (weights, biases, BN statistics; in a QDQ model the quantized weights and
+biases behind DequantizeLinear, not its scales); an initializer read by several nodes counts once in the model total.
+These are static estimates: a MAC ratio is never a speed-up (see :mod:`carve.pipeline.measure.ab`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import onnx
 
 from carve.pipeline.graph import Model, attr
 
+_QDQ = {"QuantizeLinear", "DequantizeLinear"}
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 
@@ -70,20 +71,31 @@ def node_macs(model: Model, node: onnx.NodeProto) -> int:
     return 0
 
 
-def node_params(model: Model, node: onnx.NodeProto) -> int:
-    return sum(
-        _prod(model.init[i].dims)
-        for i in set(node.input)
-        if i in model.init and model.init[i].data_type in _FLOAT_TYPES
-    )
+def _param_names(model: Model) -> set[str]:
+    """The initializers that are parameters: floating-point ones, and in a QDQ model the quantized weights and biases
+    a DequantizeLinear reads, but not the Q/DQ scales and zero points (calibration metadata, not parameters)."""
+    nodes = model.graph.node
+    quant_data = {n.input[0] for n in nodes if n.op_type == "DequantizeLinear"}
+    quant_meta = {n.input[i] for n in nodes if n.op_type in _QDQ for i in (1, 2) if i < len(n.input)}
+    return {
+        name
+        for name, t in model.init.items()
+        if name in quant_data or (t.data_type in _FLOAT_TYPES and name not in quant_meta)
+    }
+
+
+def node_params(model: Model, node: onnx.NodeProto, params: set[str] | None = None) -> int:
+    params = _param_names(model) if params is None else params
+    return sum(_prod(model.init[i].dims) for i in set(node.input) if i in params)
 
 
 def model_cost(model: Model) -> Cost:
+    names = _param_names(model)
     nodes = {}
     for n in model.graph.node:
-        nodes[n.name] = NodeCost(n.name, n.op_type, node_params(model, n), node_macs(model, n))
+        nodes[n.name] = NodeCost(n.name, n.op_type, node_params(model, n, names), node_macs(model, n))
     used = {i for n in model.graph.node for i in n.input}
-    params = sum(_prod(t.dims) for t in model.graph.initializer if t.name in used and t.data_type in _FLOAT_TYPES)
+    params = sum(_prod(t.dims) for t in model.graph.initializer if t.name in used and t.name in names)
     return Cost(params=params, macs=sum(c.macs for c in nodes.values()), nodes=nodes)
 
 

@@ -99,6 +99,20 @@ def quantization_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in proto.graph.node if n.op_type in QUANT_OPS or n.op_type in INTEGER_OPS]
 
 
+def refuse_quantized(model: Model, verb: str) -> None:
+    """A QDQ model is refused by the passes that rewrite weights (prune, decompose, merge, sparsify): its weights are
+    INT8 behind DequantizeLinear, which those passes do not see, and changing them means re-calibrating anyway."""
+    from carve.pipeline.errors import CarveError
+
+    q = quantization_nodes(model.proto)
+    if q:
+        raise CarveError(
+            f"{model.source or 'the model'}: is quantized ({q[0].op_type} node {q[0].name!r}); carve can {verb} "
+            "FP32 models only",
+            hint=f"{verb} the FP32 model first, then `carve quantize` the result",
+        )
+
+
 def is_quantized(model: Model | onnx.ModelProto) -> bool:
     proto = model.proto if isinstance(model, Model) else model
     return bool(quantization_nodes(proto))

@@ -28,6 +28,7 @@ from carve.pipeline.graph.cost import model_cost
 from carve.pipeline.graph.history import record
 from carve.pipeline.graph.model import Model, check_finite, nonfinite_initializers
 from carve.pipeline.graph.plan import Plan
+from carve.pipeline.graph.precision import refuse_quantized
 from carve.pipeline.graph.rewrite import ensure_biases
 from carve.pipeline.graph.surgery import cut, reference, zero_removed
 from carve.pipeline.progress import Progress, silent
@@ -143,19 +144,6 @@ def legacy_repairs(mapping: dict[str, Any], *, where: str) -> dict[str, Any]:
     return mapping
 
 
-def refuse_quantized(model: Model) -> None:
-    """A QDQ model cannot be pruned: its weights are INT8 with per-channel scales, and cutting channels means
-    re-calibrating anyway."""
-    from carve.pipeline.graph.precision import quantization_nodes
-
-    q = quantization_nodes(model.proto)
-    if q:
-        raise CarveError(
-            f"{model.source or 'the model'}: is quantized ({q[0].op_type} node {q[0].name!r}); carve prunes FP32",
-            hint="prune first, then quantize: prune the FP32 model, then `carve quantize` the result",
-        )
-
-
 def prune_model(
     model: Model,
     opts: PruneOptions,
@@ -171,7 +159,7 @@ def prune_model(
     score, plan, each repair layer by layer, surgery, verify. ``latency`` measures
     (:class:`~carve.pipeline.pruning.closed_loop.LatencyOracle`): it gives the latency table for a latency target,
     checks the plan on the engine (closed loop), and measures the result against the original."""
-    refuse_quantized(model)
+    refuse_quantized(model, "prune")
     target = opts.check(calib)
     steps = opts.repair_steps()
     if target.kind == "latency" and latency is None:

@@ -38,6 +38,7 @@ from carve.pipeline.data.im2col import patches
 from carve.pipeline.errors import CarveError
 from carve.pipeline.graph import Model, attr
 from carve.pipeline.graph.fold import fold_batchnorms
+from carve.pipeline.graph.precision import refuse_quantized
 from carve.pipeline.graph.rewrite import finish, replace_nodes
 from carve.pipeline.passes import Pass, PassContext, PassResult, passes
 
@@ -237,6 +238,7 @@ class Decompose(Pass):
         return frozenset({"calib"}) if self.error is not None else frozenset()
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        refuse_quantized(model, "decompose")
         m, n_folded, _ = fold_batchnorms(model)
         nodes = _candidates(m, self.include, self.exclude, self.kernels)
         if not nodes:

@@ -26,6 +26,7 @@ from onnx import helper
 from carve.pipeline.errors import CarveError
 from carve.pipeline.graph import Model, attr
 from carve.pipeline.graph.conv import conv_pads
+from carve.pipeline.graph.precision import refuse_quantized
 from carve.pipeline.graph.rewrite import finish, replace_nodes
 from carve.pipeline.passes import Pass, PassContext, PassResult, passes
 
@@ -243,6 +244,7 @@ class Merge(Pass):
         self.when, self.backend, self.threads, self.batch = when, backend, threads, batch
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        refuse_quantized(model, "merge")
         out = model.copy()
         details, merged, kept = [], 0, set()
         while True:  # a merge can create a new pair (a chain of three convs)

@@ -22,6 +22,7 @@ import numpy as np
 from carve.pipeline.data.gradients import weight_gradients
 from carve.pipeline.errors import CarveError
 from carve.pipeline.graph.model import Model
+from carve.pipeline.graph.precision import refuse_quantized
 from carve.pipeline.passes import Pass, PassContext, PassResult, passes
 from carve.pipeline.pruning.scoring import weight_mask, weight_scores
 
@@ -144,6 +145,7 @@ class Sparsify(Pass):
         return frozenset({"calib"}) if self.options["criterion"] == "cep" else frozenset()
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        refuse_quantized(model, "sparsify")
         res = sparsify(model, data=ctx.calib, **self.options)
         summary = {
             "criterion": self.options["criterion"],
