@@ -235,18 +235,22 @@ def prune_model(
     return out
 
 
+FOLDED_MIN_CONVS = 8  # deep CNNs without BN in the graph are, nearly always, exports that folded it
+
+
 def folded_warning(model: Model, criterion: str) -> None:
-    """A criterion that ranks filters by their stored size, on convs without a BatchNormalization in the graph (an
-    eval-mode export folds BN into the convs, so each filter carries BN's gamma / sigma): say that it ranks other
-    channels than on the BN-kept export, and what does not (issue 26, docs/finetune.md)."""
+    """A criterion that ranks filters by their stored size, on a deep CNN without a BatchNormalization in the graph
+    (an eval-mode export folds BN into the convs, so each filter carries BN's gamma / sigma): say that it ranks other
+    channels than on the BN-kept export, and what does not (issue 26, docs/finetune.md). Shallow nets (LeNet) often
+    never had BN, so fewer than :data:`FOLDED_MIN_CONVS` convs say nothing."""
     if not getattr(criteria.get(criterion), "reads_filter_scale", False):
         return
-    ops = {n.op_type for n in model.graph.node}
-    if "Conv" in ops and "BatchNormalization" not in ops:
+    ops = [n.op_type for n in model.graph.node]
+    if ops.count("Conv") >= FOLDED_MIN_CONVS and "BatchNormalization" not in ops:
         warn(
-            f"criterion {criterion!r} ranks filters by their size, and this graph has no BatchNormalization (an "
-            "eval-mode export folds it into the convs, scaling each filter by BN's gamma / sigma): it removes other "
-            "channels than on the BN-kept export; criterion 'energy' (calibration data) ranks both alike "
+            f"criterion {criterion!r} ranks filters by their size, and this graph has no BatchNormalization: if an "
+            "eval-mode export folded it into the convs, each filter carries BN's gamma / sigma and the ranking is not "
+            "the BN-kept export's; criterion 'energy' (calibration data) ranks both alike "
             "(docs/finetune.md#pruning-folded-exports-the-energy-criterion)"
         )
 
