@@ -136,6 +136,18 @@ def test_hidden_gemms_get_a_bn_that_is_the_identity_and_folds_back_exactly(seed)
     _close(_run(back, x), _run(aug, x))
 
 
+def test_a_layernorm_network_gets_no_bn_after_its_gemms():
+    from graphs import G, analyse_proto
+
+    g = G((1, 3, 3, 3), seed=0)
+    f = g.op("Flatten", ["x"], channels=27, axis=1)
+    h = g.op("Gemm", [f, g.weight(7, 27), g.const(np.zeros(7, np.float32))], channels=7, transB=1)
+    ln = g.op("LayerNormalization", [h, g.const(np.ones(7, np.float32)), g.const(np.zeros(7, np.float32))], axis=-1)
+    h = g.relu(g.op("Gemm", [g.relu(ln), g.weight(7, 5)], channels=5))
+    model = analyse_proto(g.model([g.op("Gemm", [h, g.weight(3, 5)], channels=3, transB=1)]))[0]
+    assert bn_insert.candidates(model) == []
+
+
 def _digits(model, split: str, n: int | None = None) -> Dataset:
     return load_data(f"digits:{split}", model=model, samples=n, seed=0)
 

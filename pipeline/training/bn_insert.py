@@ -34,6 +34,7 @@ from carve.pipeline.graph.model import Model, attr
 
 MODES = ("auto", "insert", "keep", "off")
 NORMS = {"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"}
+OTHER_NORMS = {"LayerNormalization", "GroupNormalization", "InstanceNormalization", "ReduceMean"}  # not a BN network
 EPS = 1e-5
 MOMENTUM = 0.9  # ONNX's: running = momentum * running + (1 - momentum) * batch (torch's 0.1)
 
@@ -71,10 +72,13 @@ def decide(mode: str, model: Model) -> bool:
 def candidates(model: Model, skip: set[str] = frozenset()) -> list[onnx.NodeProto]:
     """The layers a BatchNormalization can follow and fold back into: convs, and hidden fully-connected layers (a
     Gemm whose output is no graph output: the dynamo exporter folds ``BatchNorm1d`` into the ``Linear`` before it,
-    the TorchScript one keeps it; a BN on the logits would only distort them). Each with a private constant weight
-    (and bias), an output no normalisation reads; nodes named in ``skip`` (frozen ones) excluded."""
+    the TorchScript one keeps it; a BN on the logits would only distort them). A graph that normalises with LayerNorm
+    (the ONNX op or its ReduceMean decomposition) or GroupNorm was never a BN network: its Gemms get none. Each with a
+    private constant weight (and bias), an output no normalisation reads; nodes named in ``skip`` (frozen ones)
+    excluded."""
     out = []
     outputs = {o.name for o in model.graph.output}
+    gemms = not any(n.op_type in OTHER_NORMS for n in model.graph.node)
     for n in model.graph.node:
         if n.op_type not in ("Conv", "Gemm") or n.name in skip or len(n.output) != 1:
             continue
@@ -83,7 +87,7 @@ def candidates(model: Model, skip: set[str] = frozenset()) -> list[onnx.NodeProt
             continue
         if n.op_type == "Conv" and model.array(w).ndim < 3:
             continue
-        if n.op_type == "Gemm" and not _foldable_gemm(model, n, outputs):
+        if n.op_type == "Gemm" and not (gemms and _foldable_gemm(model, n, outputs)):
             continue
         b = n.input[2] if len(n.input) > 2 and n.input[2] else None
         if b is not None and (not model.is_const(b) or len(model.consumers.get(b, [])) != 1):
