@@ -85,6 +85,7 @@ def run_one(job: dict) -> dict:
     cost = model_cost(current)
     return {
         **{k: job[k] for k in ("model_name", "export", "criterion", "target", "mode", "epochs")},
+        **({"seed": job["seed"]} if job.get("seed") else {}),
         "bn": bn,
         "nodes": len(current.graph.node),
         "original_nodes": len(original.graph.node),
@@ -118,6 +119,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the finetune default)")
     ap.add_argument("--optimizer", default=None)
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    ap.add_argument(
+        "--seeds", nargs="*", type=int, default=[0], help="fine-tuning seeds (rows per seed; the tables show seed 0)"
+    )
     ap.add_argument("--fresh", action="store_true", help="redo rows already in the output")
     ap.add_argument("-o", "--output", default=str(REPO / "benchmarks" / "finetune.json"))
     ap.add_argument("--markdown", action="store_true")
@@ -162,14 +166,16 @@ def main() -> None:
                 "mode": m,
                 "epochs": args.epochs,
                 "rounds": args.rounds,
-                "finetune": finetune_opts,
+                "finetune": {**finetune_opts, **({"seed": seed} if seed else {})},
+                "seed": seed,
             }
+            for seed in args.seeds
             for name in args.models
             for export in args.exports
             for c in args.criteria
             for t in args.targets
             for m in args.modes
-            if (name, export, c, t, m) not in done
+            if (name, export, c, t, m, seed) not in done
         ]
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             futures = {pool.submit(run_one, j): j for j in jobs}
@@ -188,7 +194,7 @@ def _keyed(row: dict) -> dict:
 
 
 def _key(row: dict) -> tuple:
-    return (row["model_name"], row["export"], row["criterion"], row["target"], row["mode"])
+    return (row["model_name"], row["export"], row["criterion"], row["target"], row["mode"], row.get("seed", 0))
 
 
 def _test(path, model_path):
@@ -207,7 +213,7 @@ def _doc(started: float, originals: dict, rows: list, args, old: dict) -> dict:
         for t in TARGETS
         for m in ("one-shot", "gradual")
     ]
-    rows = sorted(rows, key=lambda r: keys.index(k) if (k := _key(r)) in keys else 999)
+    rows = sorted(rows, key=lambda r: (keys.index(k[:5]) if (k := _key(r))[:5] in keys else 999, k[5]))
     return document(
         "finetune",
         started - (old.get("seconds") or 0),
@@ -227,17 +233,21 @@ def _doc(started: float, originals: dict, rows: list, args, old: dict) -> dict:
 def markdown(doc: dict) -> str:
     """The README table: the ResNet-56 BN-kept grid, then the export-path rows (both exports of each model)."""
     originals = doc.get("originals") or {"resnet56/bn-kept": doc["original"]}
-    grid = [r for r in doc["rows"] if (r.get("model_name", "resnet56"), r.get("export", "bn-kept")) == MAIN]
+    seeds: dict[tuple, list[float]] = {}
+    for r in doc["rows"]:
+        seeds.setdefault(_key(_keyed(r))[:5], []).append(r["top1"])
+    rows = [r for r in doc["rows"] if not r.get("seed")]  # the tables: seed 0; other seeds give the spread
+    grid = [r for r in rows if (r.get("model_name", "resnet56"), r.get("export", "bn-kept")) == MAIN]
     grid = [r for r in grid if r["criterion"] in ("l1", "taylor")]
-    paths = [r for r in doc["rows"] if r.get("mode") == "one-shot" and r.get("criterion") in ("l1", "energy")]
+    paths = [r for r in rows if r.get("mode") == "one-shot" and r.get("criterion") in ("l1", "energy")]
     paths = [r for r in paths if r.get("target") in (0.5, 0.667)]
     out = [_grid(grid, originals["resnet56/bn-kept"]["top1"])]
     if any(r.get("export") == "folded" for r in paths):
-        out += ["", _paths(paths, originals)]
+        out += ["", _paths(paths, originals, seeds)]
     return "\n".join(out)
 
 
-def _paths(rows: list, originals: dict) -> str:
+def _paths(rows: list, originals: dict, seeds: dict[tuple, list[float]]) -> str:
     """Both export paths side by side: per model, target and criterion, the top-1 after 3 epochs of defaults."""
     header = [
         "model",
@@ -248,6 +258,7 @@ def _paths(rows: list, originals: dict) -> str:
         "top-1 pruned",
         "top-1 fine-tuned (vs original)",
         "BN in training",
+        "seeds: mean (min-max)",
     ]
     body = []
     order = {e: i for i, e in enumerate(EXPORTS)}
@@ -266,6 +277,7 @@ def _paths(rows: list, originals: dict) -> str:
                 f"{r['top1_pruned']:.2%}",
                 f"**{r['top1']:.2%}**{vs}",
                 _bn(r.get("bn")),
+                _spread(seeds.get(_key(r)[:5], [])),
             ]
         )
     head = (
@@ -273,6 +285,13 @@ def _paths(rows: list, originals: dict) -> str:
         "brackets)"
     )
     return "\n".join([head, "", *table(header, body)])
+
+
+def _spread(top1: list[float]) -> str:
+    """Top-1 over the fine-tuning seeds run for one configuration: their number, mean and range."""
+    if len(top1) < 2:
+        return "-"
+    return f"{len(top1)}: {sum(top1) / len(top1):.2%} ({min(top1):.2%}-{max(top1):.2%})"
 
 
 def _bn(bn: dict | None) -> str:
