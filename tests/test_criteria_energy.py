@@ -41,8 +41,10 @@ def test_energy_is_the_same_with_bn_kept_and_folded_on_random_cnns(proto, seed):
     an_f, fold = _scores(folded, calib)
     assert an_k.n_units == an_f.n_units
     np.testing.assert_allclose(fold, kept, rtol=1e-3, atol=1e-5 * max(float(np.abs(kept).max()), 1e-12))
-    if n:  # the same channels go
-        assert (plan(an_k, 0.5, scores=_S(kept)).removed == plan(an_f, 0.5, scores=_S(fold)).removed).all()
+    if n:  # the same channels go (up to exact ties, which float rounding may order either way)
+        rk, rf = plan(an_k, 0.5, scores=_S(kept)).removed, plan(an_f, 0.5, scores=_S(fold)).removed
+        assert rk.sum() == rf.sum()
+        assert kept[rk].sum() == pytest.approx(kept[rf].sum(), rel=1e-4, abs=1e-6 * max(float(kept.max()), 1e-12))
 
 
 def _S(values: np.ndarray) -> Scores:
