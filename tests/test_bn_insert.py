@@ -103,6 +103,51 @@ def test_modes_and_bad_options(tmp_path):
         )
 
 
+def _mlp(seed: int) -> Model:
+    """x -> Flatten -> Gemm(transB=1) -> Relu -> Gemm(transB=0, no bias) -> Relu -> Gemm (logits, a graph output)."""
+    from graphs import G, analyse_proto
+
+    g = G((1, 3, 3, 3), seed=seed)
+    f = g.op("Flatten", ["x"], channels=27, axis=1)
+    h = g.relu(g.op("Gemm", [f, g.weight(7, 27), g.const(np.full(7, 0.3, np.float32))], channels=7, transB=1))
+    h = g.relu(g.op("Gemm", [h, g.weight(7, 5)], channels=5))
+    return analyse_proto(g.model([g.op("Gemm", [h, g.weight(3, 5)], channels=3, transB=1)]))[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hidden_gemms_get_a_bn_that_is_the_identity_and_folds_back_exactly(seed):
+    """A dynamo export folds BatchNorm1d into the Linear before it: hidden Gemms (weights [out, in] or [in, out], with
+    or without a bias) get a BN too, the logits layer none; insertion and fold-back are the identity, fold-back is
+    exact for any BN values (along the right axis of each weight)."""
+    model = _mlp(seed)
+    rng = np.random.default_rng(seed)
+    calib = Dataset(rng.integers(0, 256, (16, 3, 3, 3), dtype=np.uint8), None, "random", Preprocess.for_model(model))
+    x = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    want = _run(model, x)
+    aug, inserted = bn_insert.insert(model, calib)
+    assert [i.axis for i in inserted] == [0, 1]
+    _close(_run(aug, x), want)
+    for ins in inserted:
+        c = len(aug.array(ins.mean))
+        aug.set_array(ins.scale, rng.uniform(-2, 2, c).astype(np.float32))
+        aug.set_array(ins.shift, rng.standard_normal(c).astype(np.float32))
+    back = bn_insert.fold_back(aug, model, inserted)
+    assert [n.op_type for n in back.graph.node] == [n.op_type for n in model.graph.node]
+    _close(_run(back, x), _run(aug, x))
+
+
+def test_a_layernorm_network_gets_no_bn_after_its_gemms():
+    from graphs import G, analyse_proto
+
+    g = G((1, 3, 3, 3), seed=0)
+    f = g.op("Flatten", ["x"], channels=27, axis=1)
+    h = g.op("Gemm", [f, g.weight(7, 27), g.const(np.zeros(7, np.float32))], channels=7, transB=1)
+    ln = g.op("LayerNormalization", [h, g.const(np.ones(7, np.float32)), g.const(np.zeros(7, np.float32))], axis=-1)
+    h = g.relu(g.op("Gemm", [g.relu(ln), g.weight(7, 5)], channels=5))
+    model = analyse_proto(g.model([g.op("Gemm", [h, g.weight(3, 5)], channels=3, transB=1)]))[0]
+    assert bn_insert.candidates(model) == []
+
+
 def _digits(model, split: str, n: int | None = None) -> Dataset:
     return load_data(f"digits:{split}", model=model, samples=n, seed=0)
 
@@ -117,6 +162,8 @@ def test_a_graph_without_bn_trains_with_inserted_bn_and_keeps_its_structure(tmp_
     original = P.load(tmp_path / "lenet5.onnx")
     pruned = P.prune_model(original, P.PruneOptions(ratio=0.6)).model
     convs = sum(n.op_type == "Conv" for n in pruned.graph.node)
+    layers = convs + 2  # and the two hidden fully-connected layers (not the logits)
+    assert [n.op_type for n in bn_insert.candidates(pruned)] == ["Conv"] * convs + ["Gemm"] * 2
     top1 = {}
     for bn in ("auto", "keep"):
         opts = FinetuneOptions(steps=20, batch=32, flip=False, threads=1, bn=bn)
@@ -126,7 +173,7 @@ def test_a_graph_without_bn_trains_with_inserted_bn_and_keeps_its_structure(tmp_
         assert [n.op_type for n in r.model.graph.node] == [n.op_type for n in pruned.graph.node]
         assert r.summary["torch_vs_ort"]["max_rel"] < 1e-3
         assert history(r.model)[-1]["summary"]["bn"] == s
-        assert s["inserted"] == (convs if bn == "auto" else 0) and s["mode"] == bn
+        assert s["inserted"] == (layers if bn == "auto" else 0) and s["mode"] == bn
     assert top1["auto"] >= top1["keep"] - 0.01, top1
 
 

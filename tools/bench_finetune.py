@@ -13,6 +13,10 @@ folded into its conv), which fine-tuning trains with BN re-inserted (``--bn``, d
     python tools/bench_finetune.py --markdown            # also print the README table
     python tools/bench_finetune.py --models resnet56 resnet20 --exports bn-kept folded --criteria l1 \
         --targets 0.667 0.5 --modes one-shot --epochs 3           # the export-path rows (issue 26)
+    python tools/bench_finetune.py --models resnet20 resnet56 --exports folded bn-kept --criteria energy \
+        --targets 0.5 0.667 --modes one-shot --epochs 3           # the same with the energy criterion
+
+``energy`` and ``taylor`` score on 256 training images.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ TARGETS = {0.667: "1.5x", 0.5: "2x", 0.333: "3x"}
 MODELS = ("resnet56", "resnet20")
 EXPORTS = {"bn-kept": "zoo export, BN kept", "folded": "eval-mode torch.onnx.export, BN folded"}
 MAIN = ("resnet56", "bn-kept")  # the headline grid
+CRITERIA = ("l1", "taylor", "energy")  # row order; energy: the criterion that ranks both exports alike (issue 26)
 
 
 def run_one(job: dict) -> dict:
@@ -53,7 +58,10 @@ def run_one(job: dict) -> dict:
 
     original = load(job["model"])
     train = load_data(job["train"], model=original, seed=0)
-    calib = train.sample(256, seed=0) if job["criterion"] == "taylor" else None
+    from carve.pipeline.pruning.criterion import criteria
+
+    data = criteria.get(job["criterion"]).needs & {"activations", "gradients", "labels"}
+    calib = train.sample(256, seed=0) if data else None  # taylor, energy: 256 training images
     test = load_data(job["test"], model=original, seed=1)
     opts = {k: v for k, v in job["finetune"].items()}
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -77,6 +85,7 @@ def run_one(job: dict) -> dict:
     cost = model_cost(current)
     return {
         **{k: job[k] for k in ("model_name", "export", "criterion", "target", "mode", "epochs")},
+        **({"seed": job["seed"]} if job.get("seed") else {}),
         "bn": bn,
         "nodes": len(current.graph.node),
         "original_nodes": len(original.graph.node),
@@ -110,6 +119,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the finetune default)")
     ap.add_argument("--optimizer", default=None)
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    ap.add_argument(
+        "--seeds", nargs="*", type=int, default=[0], help="fine-tuning seeds (rows per seed; the tables show seed 0)"
+    )
     ap.add_argument("--fresh", action="store_true", help="redo rows already in the output")
     ap.add_argument("-o", "--output", default=str(REPO / "benchmarks" / "finetune.json"))
     ap.add_argument("--markdown", action="store_true")
@@ -154,14 +166,16 @@ def main() -> None:
                 "mode": m,
                 "epochs": args.epochs,
                 "rounds": args.rounds,
-                "finetune": finetune_opts,
+                "finetune": {**finetune_opts, **({"seed": seed} if seed else {})},
+                "seed": seed,
             }
+            for seed in args.seeds
             for name in args.models
             for export in args.exports
             for c in args.criteria
             for t in args.targets
             for m in args.modes
-            if (name, export, c, t, m) not in done
+            if (name, export, c, t, m, seed) not in done
         ]
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             futures = {pool.submit(run_one, j): j for j in jobs}
@@ -180,7 +194,7 @@ def _keyed(row: dict) -> dict:
 
 
 def _key(row: dict) -> tuple:
-    return (row["model_name"], row["export"], row["criterion"], row["target"], row["mode"])
+    return (row["model_name"], row["export"], row["criterion"], row["target"], row["mode"], row.get("seed", 0))
 
 
 def _test(path, model_path):
@@ -195,11 +209,11 @@ def _doc(started: float, originals: dict, rows: list, args, old: dict) -> dict:
         (n, e, c, t, m)
         for n in MODELS
         for e in EXPORTS
-        for c in ("l1", "taylor")
+        for c in CRITERIA
         for t in TARGETS
         for m in ("one-shot", "gradual")
     ]
-    rows = sorted(rows, key=lambda r: keys.index(k) if (k := _key(r)) in keys else 999)
+    rows = sorted(rows, key=lambda r: (keys.index(k[:5]) if (k := _key(r))[:5] in keys else 999, k[5]))
     return document(
         "finetune",
         started - (old.get("seconds") or 0),
@@ -208,7 +222,7 @@ def _doc(started: float, originals: dict, rows: list, args, old: dict) -> dict:
         original=originals.get("resnet56/bn-kept"),
         originals=originals,
         data={"train": "train_subset.npz (10,000 images)", "test": "test.npz (all 10,000 images)"},
-        method=f"prune (L1 or Taylor on 256 training images, uniform, round-to 8) to the MAC target, then "
+        method=f"prune (L1; Taylor or energy on 256 training images; uniform, round-to 8) to the MAC target, then "
         f"distillation fine-tuning from the unpruned model ({args.epochs:g} epochs in all; gradual: "
         f"{args.rounds} prune + fine-tune rounds, geometric MAC schedule); one torch thread per run, "
         f"{args.jobs} runs at a time; load average before: {os.getloadavg()[0]:.1f}",
@@ -219,45 +233,65 @@ def _doc(started: float, originals: dict, rows: list, args, old: dict) -> dict:
 def markdown(doc: dict) -> str:
     """The README table: the ResNet-56 BN-kept grid, then the export-path rows (both exports of each model)."""
     originals = doc.get("originals") or {"resnet56/bn-kept": doc["original"]}
-    grid = [r for r in doc["rows"] if (r.get("model_name", "resnet56"), r.get("export", "bn-kept")) == MAIN]
-    paths = [r for r in doc["rows"] if r.get("mode") == "one-shot" and r.get("criterion") == "l1"]
+    seeds: dict[tuple, list[float]] = {}
+    for r in doc["rows"]:
+        seeds.setdefault(_key(_keyed(r))[:5], []).append(r["top1"])
+    rows = [r for r in doc["rows"] if not r.get("seed")]  # the tables: seed 0; other seeds give the spread
+    grid = [r for r in rows if (r.get("model_name", "resnet56"), r.get("export", "bn-kept")) == MAIN]
+    grid = [r for r in grid if r["criterion"] in ("l1", "taylor")]
+    paths = [r for r in rows if r.get("mode") == "one-shot" and r.get("criterion") in ("l1", "energy")]
     paths = [r for r in paths if r.get("target") in (0.5, 0.667)]
     out = [_grid(grid, originals["resnet56/bn-kept"]["top1"])]
     if any(r.get("export") == "folded" for r in paths):
-        out += ["", _paths(paths, originals)]
+        out += ["", _paths(paths, originals, seeds)]
     return "\n".join(out)
 
 
-def _paths(rows: list, originals: dict) -> str:
-    """Both export paths side by side: per model and target, the top-1 after 3 epochs of defaults."""
+def _paths(rows: list, originals: dict, seeds: dict[tuple, list[float]]) -> str:
+    """Both export paths side by side: per model, target and criterion, the top-1 after 3 epochs of defaults."""
     header = [
         "model",
+        "criterion",
         "export",
         "BN nodes",
         "fewer MACs",
         "top-1 pruned",
         "top-1 fine-tuned (vs original)",
         "BN in training",
+        "seeds: mean (min-max)",
     ]
     body = []
     order = {e: i for i, e in enumerate(EXPORTS)}
-    for r in sorted(rows, key=lambda r: (MODELS.index(r["model_name"]), -r["target"], order[r["export"]])):
+    key = lambda r: (MODELS.index(r["model_name"]), -r["target"], CRITERIA.index(r["criterion"]), order[r["export"]])  # noqa: E731
+    for r in sorted(rows, key=key):
         base = originals.get(f"{r['model_name']}/{r['export']}", {})
         top = base.get("top1")
         vs = f" ({(r['top1'] - top) * 100:+.2f})" if top is not None else ""
         body.append(
             [
                 r["model_name"] + (f" ({top:.2%})" if top is not None else ""),
+                r["criterion"],
                 EXPORTS[r["export"]],
                 str(base.get("batchnorm", "-" if r["export"] == "folded" else "yes")),
                 TARGETS.get(r["target"], f"{r['target']:g}"),
                 f"{r['top1_pruned']:.2%}",
                 f"**{r['top1']:.2%}**{vs}",
                 _bn(r.get("bn")),
+                _spread(seeds.get(_key(r)[:5], [])),
             ]
         )
-    head = "Export paths: L1, one-shot, 3 epochs of defaults, top-1 on all 10,000 test images (original in brackets)"
+    head = (
+        "Export paths: L1 and energy, one-shot, 3 epochs of defaults, top-1 on all 10,000 test images (original in "
+        "brackets)"
+    )
     return "\n".join([head, "", *table(header, body)])
+
+
+def _spread(top1: list[float]) -> str:
+    """Top-1 over the fine-tuning seeds run for one configuration: their number, mean and range."""
+    if len(top1) < 2:
+        return "-"
+    return f"{len(top1)}: {sum(top1) / len(top1):.2%} ({min(top1):.2%}-{max(top1):.2%})"
 
 
 def _bn(bn: dict | None) -> str:

@@ -69,8 +69,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--bn",
         choices=["auto", "insert", "keep", "off"],
         default="auto",
-        help="BatchNormalization while training: insert one after each conv for training and fold it back (auto: when "
-        "the graph has none, as an eval-mode export folds it), keep the graph as it is, off: running statistics only",
+        help="BatchNormalization while training: insert one after each conv (and hidden Gemm) for training and fold "
+        "it back (auto: when the graph has none, as an eval-mode export folds it), keep the graph as it is, off: "
+        "running statistics only",
     )
     p.add_argument(
         "--bn-init",

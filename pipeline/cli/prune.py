@@ -75,7 +75,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     which = p.add_argument_group("which channels")
     which.add_argument(
-        "--criterion", default="l1", help="importance criterion (`carve plugins` lists them); default l1"
+        "--criterion",
+        default="l1",
+        help="importance criterion (`carve plugins` lists them); default l1. On an eval-mode export (BN folded into "
+        "the convs) use energy with --calib: it ranks channels as on the BN-kept export",
     )
     which.add_argument(
         "--criterion-opt",

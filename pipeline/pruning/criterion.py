@@ -49,6 +49,9 @@ class Criterion(Plugin):
 
     kind: ClassVar[str] = "criterion"
     needs: ClassVar[frozenset[str]] = frozenset({"weights"})
+    # ranks filters by their size as stored: on a graph whose BatchNormalization an exporter folded into the convs
+    # that size carries BN's gamma / sigma, and the ranking is not the BN-kept graph's (prune warns; issue 26)
+    reads_filter_scale: ClassVar[bool] = False
 
     def element_scores(self, ctx: ScoreContext) -> np.ndarray:
         raise NotImplementedError

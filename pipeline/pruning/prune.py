@@ -183,6 +183,7 @@ def prune_model(
         ensure_biases(model)  # e.g. a refit's intercept needs a bias that is cut with its layer
     report("analyse")
     analysis = analyse(model, attention=opts.attention, conv_groups=opts.conv_groups)
+    folded_warning(model, opts.criterion)
     report(f"score and plan ({opts.criterion}, {opts.allocator or 'default allocator'})")
     scores = score(
         analysis, opts.criterion, options=opts.criterion_options, calib=calib, seed=opts.seed, progress=progress
@@ -232,6 +233,26 @@ def prune_model(
         out.latency = latency_report(latency, None, p, table, loop)
     record(done.model, "prune", out.recorded(), command=command)
     return out
+
+
+FOLDED_MIN_CONVS = 8  # deep CNNs without BN in the graph are, nearly always, exports that folded it
+
+
+def folded_warning(model: Model, criterion: str) -> None:
+    """A criterion that ranks filters by their stored size, on a deep CNN without a BatchNormalization in the graph
+    (an eval-mode export folds BN into the convs, so each filter carries BN's gamma / sigma): say that it ranks other
+    channels than on the BN-kept export, and what does not (issue 26, docs/finetune.md). Shallow nets (LeNet) often
+    never had BN, so fewer than :data:`FOLDED_MIN_CONVS` convs say nothing."""
+    if not getattr(criteria.get(criterion), "reads_filter_scale", False):
+        return
+    ops = [n.op_type for n in model.graph.node]
+    if ops.count("Conv") >= FOLDED_MIN_CONVS and "BatchNormalization" not in ops:
+        warn(
+            f"criterion {criterion!r} ranks filters by their size, and this graph has no BatchNormalization: if an "
+            "eval-mode export folded it into the convs, each filter carries BN's gamma / sigma and the ranking is not "
+            "the BN-kept export's; criterion 'energy' (calibration data) ranks both alike "
+            "(docs/finetune.md#pruning-folded-exports-the-energy-criterion)"
+        )
 
 
 def run_repairs(

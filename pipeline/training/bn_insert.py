@@ -5,14 +5,14 @@ trains badly: fine-tuning a pruned, folded ResNet-56 with the settings that brin
 original top-1 loses ~30 points, because the folded convs lose what BN gave their training (per-channel normalisation
 of the batch, which keeps the effective learning rate of every channel in scale; Ioffe and Szegedy 2015).
 
-So for training only, a BatchNormalization is put back after each convolution that has none (:func:`insert`),
-initialised so that the network is unchanged at step 0: its running mean and variance are the per-channel moments of
-the conv's output on calibration images, its scale ``sqrt(var + eps)`` and its shift the mean, so in inference mode
-``BN(y) = (y - mean) / sqrt(var + eps) * sqrt(var + eps) + mean = y``. The graph then trains as batch norm (batch
-statistics, running statistics updated with the node's momentum), and when training ends every inserted BN is folded
-back into its conv (:func:`fold_back`): ``W' = s W``, ``b' = s (b - mean) + beta`` with ``s = gamma / sqrt(var +
-eps)``, written into a copy of the input graph, which so keeps its structure (a conv without a bias gets one; no node
-is added).
+So for training only, a BatchNormalization is put back after each convolution (and hidden Gemm) that has none
+(:func:`insert`), initialised so that the network is unchanged at step 0: its running mean and variance are the
+per-channel moments of the conv's output on calibration images, its scale ``sqrt(var + eps)`` and its shift the mean,
+so in inference mode ``BN(y) = (y - mean) / sqrt(var + eps) * sqrt(var + eps) + mean = y``. The graph then trains as
+batch norm (batch statistics, running statistics updated with the node's momentum), and when training ends every
+inserted BN is folded back into its conv (:func:`fold_back`): ``W' = s W``, ``b' = s (b - mean) + beta`` with ``s =
+gamma / sqrt(var + eps)``, written into a copy of the input graph, which so keeps its structure (a conv without a bias
+gets one; no node is added).
 
 Which graphs: :func:`decide` reads the ``bn`` option — ``auto`` inserts when the graph has no BatchNormalization to
 train, ``insert`` always (after the convs that have none), ``keep`` trains the graph as it is, ``off`` inserts nothing
@@ -34,6 +34,7 @@ from carve.pipeline.graph.model import Model, attr
 
 MODES = ("auto", "insert", "keep", "off")
 NORMS = {"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"}
+OTHER_NORMS = {"LayerNormalization", "GroupNormalization", "InstanceNormalization", "ReduceMean"}  # not a BN network
 EPS = 1e-5
 MOMENTUM = 0.9  # ONNX's: running = momentum * running + (1 - momentum) * batch (torch's 0.1)
 
@@ -50,6 +51,7 @@ class Inserted:
     shift: str
     mean: str
     var: str
+    axis: int = 0  # the weight's output-channel axis (a Gemm with transB=0 holds W as [in, out]: 1)
 
 
 def check_mode(mode: str) -> None:
@@ -68,14 +70,24 @@ def decide(mode: str, model: Model) -> bool:
 
 
 def candidates(model: Model, skip: set[str] = frozenset()) -> list[onnx.NodeProto]:
-    """The convs a BatchNormalization can follow and fold back into: 4-d output with a known channel count, a private
-    constant weight (and bias), an output no normalisation reads; nodes named in ``skip`` (frozen ones) excluded."""
+    """The layers a BatchNormalization can follow and fold back into: convs, and hidden fully-connected layers (a
+    Gemm whose output is no graph output: the dynamo exporter folds ``BatchNorm1d`` into the ``Linear`` before it,
+    the TorchScript one keeps it; a BN on the logits would only distort them). A graph that normalises with LayerNorm
+    (the ONNX op or its ReduceMean decomposition) or GroupNorm was never a BN network: its Gemms get none. Each with a
+    private constant weight (and bias), an output no normalisation reads; nodes named in ``skip`` (frozen ones)
+    excluded."""
     out = []
+    outputs = {o.name for o in model.graph.output}
+    gemms = not any(n.op_type in OTHER_NORMS for n in model.graph.node)
     for n in model.graph.node:
-        if n.op_type != "Conv" or n.name in skip or len(n.output) != 1:
+        if n.op_type not in ("Conv", "Gemm") or n.name in skip or len(n.output) != 1:
             continue
         w = n.input[1]
-        if not model.is_const(w) or len(model.consumers.get(w, [])) != 1 or model.array(w).ndim < 3:
+        if not model.is_const(w) or len(model.consumers.get(w, [])) != 1:
+            continue
+        if n.op_type == "Conv" and model.array(w).ndim < 3:
+            continue
+        if n.op_type == "Gemm" and not (gemms and _foldable_gemm(model, n, outputs)):
             continue
         b = n.input[2] if len(n.input) > 2 and n.input[2] else None
         if b is not None and (not model.is_const(b) or len(model.consumers.get(b, [])) != 1):
@@ -86,6 +98,30 @@ def candidates(model: Model, skip: set[str] = frozenset()) -> list[onnx.NodeProt
             continue
         out.append(n)
     return out
+
+
+def _foldable_gemm(model: Model, n: onnx.NodeProto, outputs: set[str]) -> bool:
+    """A hidden Gemm a per-output-channel scale and shift fold into: plain ``A W + b`` (alpha = beta = 1, A not
+    transposed), a 2-d weight, a bias of one value per output (or none), its output read by further layers."""
+    if n.output[0] in outputs or attr(n, "transA", 0) or attr(n, "alpha", 1.0) != 1.0 or attr(n, "beta", 1.0) != 1.0:
+        return False
+    w = model.array(n.input[1])
+    if w.ndim != 2 or not model.consumers.get(n.output[0]):
+        return False
+    b = n.input[2] if len(n.input) > 2 and n.input[2] else None
+    return b is None or (model.is_const(b) and model.array(b).size == w.shape[_out_axis(n)])
+
+
+def _out_axis(node: onnx.NodeProto) -> int:
+    """The output-channel axis of a layer's weight: 0 for a conv and a Gemm with transB=1, 1 for ``A @ W``."""
+    return 1 if node.op_type == "Gemm" and not attr(node, "transB", 0) else 0
+
+
+def _per_channel(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    """A per-output-channel vector shaped to broadcast over a weight of ``ndim`` dims along ``axis``."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.reshape(shape)
 
 
 def channel_moments(model: Model, tensors: list[str], data: Dataset, batch: int = 64) -> ChannelMoments:
@@ -129,11 +165,12 @@ def insert(
             continue
         y = node.output[0]
         mean, var = moments.mean(y), np.maximum(moments.var(y), 0.0)
-        c = _channel_scale(out.array(node.input[1])) if rescale else np.ones(len(mean))
+        axis = _out_axis(node)
+        c = _channel_scale(np.moveaxis(out.array(node.input[1]), axis, 0)) if rescale else np.ones(len(mean))
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         if rescale:
             w = out.array(node.input[1]).astype(np.float64)
-            out.set_array(node.input[1], (w / c.reshape(-1, *[1] * (w.ndim - 1))).astype(np.float32))
+            out.set_array(node.input[1], (w / _per_channel(c, w.ndim, axis)).astype(np.float32))
             if bias:
                 out.set_array(bias, (out.array(bias).astype(np.float64) / c).astype(np.float32))
         # BN(y / c) with mean m / c and variance v / c^2 is y exactly when gamma = sqrt(v + eps c^2), beta = m
@@ -154,7 +191,7 @@ def insert(
         nodes.append(
             helper.make_node("BatchNormalization", [pre, *names], [y], bn_name, epsilon=EPS, momentum=MOMENTUM)
         )
-        added.append(Inserted(node.name, bn_name, node.input[1], bias, *names))
+        added.append(Inserted(node.name, bn_name, node.input[1], bias, *names, axis=axis))
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     out.refresh(shapes=False)
@@ -260,11 +297,11 @@ def fold_back(trained: Model, original: Model, inserted: list[Inserted]) -> Mode
         )
         s = gamma / np.sqrt(var + float(attr(bn, "epsilon", EPS)))
         w = trained.array(ins.weight).astype(np.float64)
-        b = trained.array(ins.bias).astype(np.float64) if ins.bias else np.zeros(len(w))
-        out.set_array(ins.weight, (w * s.reshape(-1, *[1] * (w.ndim - 1))).astype(np.float32))
+        b = trained.array(ins.bias).astype(np.float64).reshape(-1) if ins.bias else np.zeros(w.shape[ins.axis])
+        out.set_array(ins.weight, (w * _per_channel(s, w.ndim, ins.axis)).astype(np.float32))
         folded = (s * (b - mean) + beta).astype(np.float32)
         if ins.bias:
-            out.set_array(ins.bias, folded)
+            out.set_array(ins.bias, folded.reshape(trained.array(ins.bias).shape))
         else:
             conv = out.consumers[ins.weight][0]  # a private weight: its one reader (names may be empty)
             while len(conv.input) < 3:

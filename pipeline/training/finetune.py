@@ -433,8 +433,8 @@ def _training_graph(
     student: Model, data: Dataset, opts: FinetuneOptions, teacher: Model | None
 ) -> tuple[Model, list[bn_insert.Inserted]]:
     """The graph that trains: the student, or (``bn`` auto on a graph without BatchNormalization, or insert) the
-    student with a BatchNormalization after each conv that has none (frozen convs excepted), calibrated on up to 256
-    training images; and the inserted BNs."""
+    student with a BatchNormalization after each conv and hidden Gemm that has none (frozen ones excepted), calibrated
+    on up to 256 training images; and the inserted BNs."""
     if not bn_insert.decide(opts.bn, student):
         return student, []
     skip = {n.name for n in student.graph.node if any(fnmatch.fnmatchcase(n.name, p) for p in opts.freeze)}

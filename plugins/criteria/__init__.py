@@ -1,3 +1,3 @@
 """Built-in importance criteria; importing this package registers them (one criterion family per module)."""
 
-from carve.plugins.criteria import apbm, aura, cep, edp, fpgm, hrank, magnitude, random, simfp, slimming, taylor  # noqa: F401
+from carve.plugins.criteria import apbm, aura, cep, edp, energy, fpgm, hrank, magnitude, random, simfp, slimming, taylor  # noqa: F401

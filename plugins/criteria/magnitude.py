@@ -14,6 +14,7 @@ from carve.pipeline.pruning.criterion import Criterion, ScoreContext, consumer_s
 @criteria.register("l1")
 class L1(Criterion):
     description = "sum of |w| of each filter (Li et al. 2017)"
+    reads_filter_scale = True
 
     def element_scores(self, ctx: ScoreContext) -> np.ndarray:
         fn = lambda w: np.abs(w).sum(axis=1)  # noqa: E731
@@ -23,6 +24,7 @@ class L1(Criterion):
 @criteria.register("l2")
 class L2(Criterion):
     description = "Euclidean norm of each filter"
+    reads_filter_scale = True
 
     def element_scores(self, ctx: ScoreContext) -> np.ndarray:
         fn = lambda w: np.sqrt((w * w).sum(axis=1))  # noqa: E731
