@@ -369,6 +369,8 @@ def test_the_readme_quantization_commands_run(tmp_path, monkeypatch, capsys):
         pytest.skip("the block reads ../shared/data/cifar10 (set CARVE_SHARED or put the data at ../shared)")
     blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
     block = next(b for b in blocks if "carve quantize" in b)
+    if "openvino" in block:
+        pytest.importorskip("openvino", reason="the block benches on OpenVINO (pip install 'carve[openvino]')")
     monkeypatch.chdir(tmp_path)
     for line in [ln for ln in block.splitlines() if ln.strip()]:
         args = shlex.split(line.split("  #")[0].replace("../shared", str(shared)))
