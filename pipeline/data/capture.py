@@ -35,7 +35,8 @@ class Reducer(Protocol):
 
 @dataclass
 class ChannelMoments:
-    """Per-channel count, mean and variance of captured tensors (channel axis 1), merged batch by batch.
+    """Per-channel count, mean and variance of captured tensors (channel axis 1, or the one ``axes`` names for a
+    tensor, e.g. -1 for a MatMul's ``[N, T, C]`` input), merged batch by batch.
 
     Each batch's mean and sum of squared deviations (M2) are merged into the running ones with the parallel update
     of Chan, Golub and LeVeque: stable even where the mean is large against the spread, which E[x^2] - E[x]^2 is not.
@@ -44,9 +45,13 @@ class ChannelMoments:
     count: dict[str, int] = field(default_factory=dict)
     means: dict[str, np.ndarray] = field(default_factory=dict)
     m2: dict[str, np.ndarray] = field(default_factory=dict)
+    axes: dict[str, int] = field(default_factory=dict)
 
     def update(self, name: str, value: np.ndarray, labels: np.ndarray | None = None) -> None:
-        """Merge a batch with its channels on axis 1 (N x C x ...)."""
+        """Merge a batch with its channels on axis 1 (N x C x ...) or on the tensor's axis in ``axes``."""
+        axis = self.axes.get(name, 1) % value.ndim
+        if axis != 1:
+            value = np.moveaxis(value, axis, 1)
         axes = (0, *range(2, value.ndim))
         n_b = value.size // value.shape[1]
         if n_b == 0:
@@ -77,6 +82,10 @@ class ChannelMoments:
     def var(self, name: str) -> np.ndarray:
         """Population variance (what BatchNormalization's running variance estimates)."""
         return self.m2[name] / self.count[name]
+
+    def second_moment(self, name: str) -> np.ndarray:
+        """E[x^2] per channel."""
+        return self.var(name) + self.means[name] ** 2
 
 
 def with_outputs(model: Model, names: list[str], *, only: bool = False) -> onnx.ModelProto:

@@ -146,6 +146,7 @@ class CostModel:
         for rec in analysis.slice_records:
             cuts.setdefault(rec.tensor, {}).setdefault(rec.axis, analysis.unit_of[rec.ids])
         used = {i for n in model.graph.node for i in n.input}
+        params = _param_names(model)
         self.tensors: list[tuple[tuple[int, ...], dict[int, np.ndarray], bool, int]] = []
         # per cut initializer: (dims, {axis: units}, is_param, MACs of the nodes whose weight it is)
         weight_macs: dict[str, int] = {}
@@ -154,7 +155,7 @@ class CostModel:
                 weight_macs[n.input[1]] = weight_macs.get(n.input[1], 0) + self.base.nodes[n.name].macs
         for name, axes in cuts.items():
             t = model.init[name]
-            is_param = name in used and t.data_type in _FLOAT_TYPES
+            is_param = name in used and name in params
             self.tensors.append((tuple(int(d) for d in t.dims), axes, is_param, weight_macs.get(name, 0)))
         for units, macs in activation_products(analysis, self.base):
             self.tensors.append(((len(units),), {0: units}, False, macs))

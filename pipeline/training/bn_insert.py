@@ -34,7 +34,7 @@ from carve.pipeline.graph.model import Model, attr
 
 MODES = ("auto", "insert", "keep", "off")
 NORMS = {"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"}
-OTHER_NORMS = {"LayerNormalization", "GroupNormalization", "InstanceNormalization", "ReduceMean"}  # not a BN network
+OTHER_NORMS = (NORMS - {"BatchNormalization"}) | {"ReduceMean"}  # LayerNorm decomposed too: not a BN network
 EPS = 1e-5
 MOMENTUM = 0.9  # ONNX's: running = momentum * running + (1 - momentum) * batch (torch's 0.1)
 

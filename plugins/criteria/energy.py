@@ -19,37 +19,17 @@ group read only by ops without weights) are scored by the energy of their produc
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 
-from carve.pipeline.data.capture import capture
+from carve.pipeline.data.capture import ChannelMoments, capture
 from carve.pipeline.graph.bn import bn_scale_shift, folded_filters, following_bn
 from carve.pipeline.graph.model import attr
 from carve.pipeline.pruning.criterion import Criterion, ScoreContext, criteria
 
 
-class _SecondMoment:
-    """Per-channel E[x^2] of captured tensors, the channel on a given axis."""
-
-    def __init__(self, axes: dict[str, int]) -> None:
-        self.axes = axes
-        self.sums: dict[str, np.ndarray] = {}
-        self.count: dict[str, int] = defaultdict(int)
-
-    def update(self, name: str, value: np.ndarray, labels) -> None:
-        axis = self.axes[name] % value.ndim
-        v = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1).astype(np.float64)
-        self.sums[name] = self.sums.get(name, 0.0) + np.einsum("ij,ij->i", v, v)
-        self.count[name] += v.shape[1]
-
-    def energy(self, name: str) -> np.ndarray:
-        return self.sums[name] / max(self.count[name], 1)
-
-
 def _reading(model, rec):
-    """(activation tensor, its channel axis, output axis of the weight after moving the input axis first) of a
-    consumer record, or None where the columns cannot be matched to one activation's channels."""
+    """(activation tensor, its channel axis) of a consumer record, or None where the columns cannot be matched to one
+    activation's channels."""
     node = model.nodes[rec.node]
     if not model.is_const(rec.tensor):
         return None
@@ -93,12 +73,12 @@ class Energy(Criterion):
             if found is None or len(rec.ids) != np.moveaxis(model.array(rec.tensor), rec.axis, 0).shape[0]:
                 continue
             reads.append((rec, *found))
-        moments = _SecondMoment({x: axis for _, x, axis in reads})
+        moments = ChannelMoments(axes={x: axis for _, x, axis in reads})
         if reads:
             capture(model, sorted(moments.axes), ctx.calib, moments, progress=ctx.progress)
         scores = np.zeros(an.n_elements)
         for rec, x, _ in reads:
-            e = moments.energy(x)
+            e = moments.second_moment(x)
             if len(e) != len(rec.ids):  # the tensor's channels are not the weight's columns (a reshape between)
                 continue
             np.add.at(scores, rec.ids, e * _effective_columns(model, rec))
