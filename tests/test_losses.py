@@ -191,6 +191,9 @@ def detector_files(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("det")
     images, boxes = synthetic(256, seed=4)
+    # the detector's initial weights (train_detector seeds only its own training): unseeded, the held-out check below
+    # failed about one run in three; over initial seeds 0-9, 9 met its 20% margin (seed 1: 7%)
+    torch.manual_seed(0)
     torch.save(train_detector(Detector(), images, boxes, epochs=2, batch=32).state_dict(), d / "det.pt")
     models.export("detector", d / "det.onnx", weights=str(d / "det.pt"))
     original = P.load(d / "det.onnx")
